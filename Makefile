@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CWT_VENV := .venv-cwt
+STAMP  := $(VENV)/.installed
+CWT_STAMP := $(CWT_VENV)/.installed
+
+.PHONY: run test lint unit fuzz bench clean venv
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# python-cwt 3.3.0 requires cbor2 < 6 while the project needs cbor2 6.x, so the
+# cwt interoperability checks run in their own environment (tests/interop).
+$(CWT_STAMP):
+	$(PYTHON) -m venv $(CWT_VENV)
+	$(CWT_VENV)/bin/python -m pip install --quiet 'cwt==3.3.0' 'cbor2<6'
+	touch $@
+
+venv: $(STAMP) $(CWT_STAMP)
+
+run: $(STAMP)
+	$(PY) -m simulators.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check agent hw simulators tests
+	$(VENV)/bin/mypy
+
+unit: $(STAMP) $(CWT_STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test: lint unit
+
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q -p no:cacheprovider -m fuzz tests/agent/test_fuzz.py
+
+bench: $(STAMP)
+	$(PY) tests/bench/run.py
+
+clean:
+	rm -rf $(VENV) $(CWT_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

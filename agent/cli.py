@@ -1,0 +1,273 @@
+"""``licagent``: the device-side command-line tool (init, info, status, request, apply, check, journal).
+
+Exit codes are a contract (see agent.errors and the README). Time comes from
+the system clock, or from ``LICAGENT_TIME`` (POSIX seconds or ISO 8601) when
+set, the way faketime would set it, so that clock faults can be staged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent.cose import PublicKey
+from agent.errors import EXIT_OK, LicensingError, NotLicensedError, StorageError, UsageError
+from agent.identity import FactsProvider
+from agent.messages import Action
+from agent.service import MODELS, Agent, iso
+from agent.store import FileOps, atomic_write
+
+__all__ = ["main", "parse_time"]
+
+PROG = "licagent"
+
+
+def parse_time(text: str) -> int:
+    """POSIX seconds, an ISO 8601 date-time, or an ISO date (meaning the end of that day, UTC)."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        if len(text) == 10:
+            d = datetime.fromisoformat(text).replace(tzinfo=UTC)
+            return int(d.timestamp()) + 86399
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise UsageError(f"cannot read time {text!r}: use ISO 8601 or POSIX seconds") from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp())
+
+
+def _clock() -> int:
+    fake = os.environ.get("LICAGENT_TIME")
+    if fake:
+        return parse_time(fake)
+    return int(time.time())
+
+
+def facts_provider(path: str | None) -> FactsProvider:
+    path = path or os.environ.get("LICAGENT_FACTS")
+    if path:
+        from hw.facts import load_facts_file
+
+        return load_facts_file(Path(path))
+    from hw.facts import LinuxFactsProvider
+
+    return LinuxFactsProvider()
+
+
+def write_output(path: str, data: bytes) -> None:
+    """Write a file the user asked for, atomically (no half-written file on a stick)."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise UsageError(f"cannot write {path}: folder {p.parent} does not exist")
+    atomic_write(FileOps(), p.absolute(), data, 0o644)
+
+
+def read_input(path: str, limit: int) -> bytes:
+    """Read a file once, capped: the bytes read are the bytes verified and applied."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError as exc:
+        raise UsageError(f"no such file: {path}") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc}") from exc
+    return data
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=False))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="License agent of a BMS automation server.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--state", required=True, metavar="DIR", help="license store directory")
+        sp.add_argument("--facts", metavar="FILE",
+                        help="hardware facts JSON (simulated servers; default: read this machine, "
+                             "or $LICAGENT_FACTS)")
+        return sp
+
+    sp = cmd("init", "provision a new license store with a fresh device key")
+    sp.add_argument("--model", required=True, choices=MODELS)
+    sp.add_argument("--serial", metavar="SN")
+    sp.add_argument("--trust", required=True, metavar="VENDOR_PUBKEY_FILE",
+                    help="PEM public key of the vendor (repeat for several)", action="append")
+    sp.add_argument("--alg", choices=("Ed25519", "ES256"), default="Ed25519",
+                    help="device key algorithm (default Ed25519)")
+
+    sp = cmd("info", "write or show the signed device-information file")
+    sp.add_argument("--out", metavar="FILE")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("status", "show the installed licenses")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("request", "create a signed request file")
+    sp.add_argument("action", choices=[a.value for a in Action])
+    sp.add_argument("--feature", action="append", default=[], metavar="F")
+    sp.add_argument("--out", required=True, metavar="FILE")
+
+    sp = cmd("apply", "verify a vendor response file and apply it")
+    sp.add_argument("response", metavar="RESPONSE_FILE")
+    sp.add_argument("--receipt-out", metavar="FILE")
+
+    sp = cmd("check", "is FEATURE licensed now? (exit 0 yes, 1 no)")
+    sp.add_argument("feature", metavar="FEATURE")
+
+    sp = cmd("journal", "print or verify the audit journal")
+    sp.add_argument("--verify", action="store_true")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("trust-update", "install a new set of vendor keys signed by a trusted key")
+    sp.add_argument("update", metavar="TRUST_UPDATE_FILE")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    agent = Agent(Path(args.state), facts_provider(args.facts), clock=_clock)
+    c = args.command
+    if c == "init":
+        keys = []
+        for t in args.trust:
+            try:
+                keys.append(PublicKey.from_pem(Path(t).read_bytes()))
+            except OSError as exc:
+                raise UsageError(f"cannot read trust key {t}: {exc}") from exc
+        from agent.cose import ALG_EDDSA, ALG_ES256
+
+        store = agent.init(args.model, args.serial, keys,
+                           ALG_ES256 if args.alg == "ES256" else ALG_EDDSA)
+        print(f"initialised {args.model} store in {args.state}")
+        print(f"device_id {store.state.device_id}")
+        return EXIT_OK
+    if c == "info":
+        data, info = agent.info()
+        if args.out:
+            write_output(args.out, data)
+        if args.json:
+            _print_json({
+                "kind": "device-info",
+                "device_id": info.device_id,
+                "model": info.model,
+                "serial": info.serial,
+                "host_id": info.host_id,
+                "hardware": info.hardware,
+                "sequence": info.sequence,
+                "state_digest": info.state_digest.hex(),
+                "licenses": [{"feature": x.feature, "count": x.count,
+                              "not_before": iso(x.not_before), "not_after": iso(x.not_after)}
+                             for x in info.licenses],
+                "created": iso(info.created),
+            })
+        elif args.out:
+            print(f"wrote device information of {info.device_id} to {args.out}")
+        else:
+            print(f"device_id {info.device_id}\nmodel     {info.model}\nserial    {info.serial}\n"
+                  f"host_id   {info.host_id}\nsequence  {info.sequence}\n"
+                  f"licenses  {len(info.licenses)}")
+        return EXIT_OK
+    if c == "status":
+        st = agent.status()
+        if args.json:
+            _print_json(st)
+        else:
+            print(f"device {st['device_id']} ({st['model']}), sequence {st['sequence']}")
+            if not st["licenses"]:
+                print("  no licenses installed")
+            for lic in st["licenses"]:
+                window = f"{lic['not_before'] or '-'} .. {lic['not_after'] or 'perpetual'}"
+                state = "ok" if lic["licensed_now"] else "NOT VALID NOW"
+                print(f"  {lic['feature']:<24} count {lic['count']:<6} {window}  {state}")
+            for o in st["outstanding_requests"]:
+                print(f"  outstanding {o['action']} request {o['nonce'][:12]}… "
+                      f"(sequence {o['sequence']})")
+            for w in st["warnings"]:
+                print(f"  warning: {w}")
+        return EXIT_OK
+    if c == "request":
+        data = agent.request(Action(args.action), args.feature)
+        write_output(args.out, data)
+        print(f"wrote {args.action} request to {args.out}")
+        return EXIT_OK
+    if c == "apply":
+        res, warn = agent.apply(read_input(args.response, agent.limits.max_file))
+        if args.receipt_out:
+            write_output(args.receipt_out, res.receipt)
+        if res.already_applied:
+            print(f"already applied: this response made sequence {res.response.sequence}; "
+                  f"nothing changed")
+        else:
+            parts = [f"{ch.op.value} {ch.feature}" for ch in res.response.changes] or ["no changes"]
+            print(f"applied response: sequence {res.response.base_sequence} -> "
+                  f"{res.response.sequence}: {', '.join(parts)}")
+        if args.receipt_out:
+            print(f"wrote receipt to {args.receipt_out}")
+        if warn:
+            print(f"{PROG}: warning: {warn}", file=sys.stderr)
+        return EXIT_OK
+    if c == "check":
+        r = agent.check(args.feature)
+        print(r.message)
+        if not r.licensed:
+            raise NotLicensedError(r.message)
+        return EXIT_OK
+    if c == "journal":
+        rep = agent.journal()
+        if args.json:
+            _print_json([{"n": e.n, "time": iso(e.time), "event": e.event,
+                          "data": _jsonable(e.data), "digest": e.digest.hex()}
+                         for e in rep.entries])
+        elif not args.verify:
+            for e in rep.entries:
+                print(f"{e.n:>5} {iso(e.time)} {e.event:<13} {json.dumps(_jsonable(e.data))}")
+        if args.verify:
+            tail = f"; {rep.torn_tail} bytes of a torn last record" if rep.torn_tail else ""
+            print(f"journal OK: {len(rep.entries)} entries, hash chain and MACs verified{tail}",
+                  file=sys.stderr if args.json else sys.stdout)
+        return EXIT_OK
+    if c == "trust-update":
+        upd = agent.trust_update(read_input(args.update, agent.limits.max_file))
+        print(f"trusted keys replaced (version {upd.version}): "
+              f"{', '.join(k.kid.hex()[:16] for k in upd.keys)}")
+        return EXIT_OK
+    raise UsageError(f"unknown command {c}")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except NotLicensedError:
+        return NotLicensedError.exit_code
+    except LicensingError as err:
+        print(f"{PROG}: {err.reason}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

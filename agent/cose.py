@@ -1,0 +1,345 @@
+"""Minimal COSE_Sign1 (RFC 9052) with Ed25519 and ES256, on cbor2 and cryptography only.
+
+Strict CBOR decoding lives here too: every byte string from outside goes
+through :func:`strict_loads`, which caps size, depth, refuses indefinite
+lengths, duplicate map keys and every semantic tag (no regex, no bignums,
+no shared values).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from agent.errors import MalformedError, TrustError
+
+__all__ = [
+    "ALG_EDDSA",
+    "ALG_ES256",
+    "COSE_SIGN1_TAG",
+    "PublicKey",
+    "SigningKey",
+    "Sign1",
+    "canonical",
+    "decode_sign1",
+    "sign1",
+    "strict_loads",
+]
+
+COSE_SIGN1_TAG = 18
+ALG_EDDSA = -8
+ALG_ES256 = -7
+ALG_NAMES = {ALG_EDDSA: "EdDSA", ALG_ES256: "ES256"}
+
+# COSE header labels
+HDR_ALG = 1
+HDR_CONTENT_TYPE = 3
+HDR_KID = 4
+
+#: CBOR nesting allowed in any file (our deepest legitimate file nests 6 levels)
+MAX_DEPTH = 16
+
+
+def _reject_tag(decoder: Any) -> Any:
+    raise ValueError("semantic tags are not allowed here")
+
+
+# cbor2 decodes these tags into Python objects (datetimes, bignums, regular
+# expressions, shared references...). None is legitimate in our files.
+_SEMANTIC = {t: _reject_tag for t in (*range(0, 64), 256, 258, 260, 261, 262, 263, 270, 1004,
+                                       55799)}
+
+
+def _tag_of(args: tuple[Any, ...]) -> cbor2.CBORTag:
+    # cbor2 5.x calls tag_hook(decoder, tag); 6.x calls tag_hook(tag, immutable)
+    for a in args:
+        if isinstance(a, cbor2.CBORTag):
+            return a
+    raise ValueError("tag hook called without a tag")
+
+
+def _tag_hook_reject(*args: Any) -> Any:
+    raise ValueError(f"CBOR tag {_tag_of(args).tag} is not allowed here")
+
+
+def strict_loads(data: bytes, *, max_size: int, allow_sign1_tag: bool = False) -> Any:
+    """Decode one CBOR item from ``data`` with every safety limit on.
+
+    Raises:
+        MalformedError: too large, not well-formed, trailing bytes, or uses a
+            feature this project refuses.
+    """
+    if len(data) > max_size:
+        raise MalformedError(f"input is {len(data)} bytes, larger than the {max_size}-byte limit")
+    semantic = dict(_SEMANTIC)
+    if allow_sign1_tag:
+        semantic.pop(COSE_SIGN1_TAG, None)
+
+        def tag_hook(*args: Any) -> Any:
+            tag = _tag_of(args)
+            if tag.tag != COSE_SIGN1_TAG:
+                raise ValueError(f"CBOR tag {tag.tag} is not allowed here")
+            return tag
+    else:
+        tag_hook = _tag_hook_reject
+    # loads() ignores trailing bytes, so decode through a stream and check the end.
+    import io
+
+    fp = io.BytesIO(data)
+    try:
+        dec = cbor2.CBORDecoder(
+            fp,
+            tag_hook=tag_hook,
+            semantic_decoders=semantic,
+            max_depth=MAX_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            strict_hashable_types=False,
+        )
+        obj = dec.decode()
+    except cbor2.CBORDecodeError as exc:
+        raise MalformedError(f"not well-formed CBOR: {exc}") from exc
+    except (RecursionError, MemoryError, OverflowError) as exc:
+        raise MalformedError(f"CBOR rejected: {type(exc).__name__}") from exc
+    if fp.tell() != len(data):
+        raise MalformedError(f"{len(data) - fp.tell()} trailing bytes after the CBOR item")
+    return obj
+
+
+def canonical(obj: object) -> bytes:
+    """Deterministic CBOR encoding (RFC 8949 core deterministic: sorted keys, shortest forms)."""
+    return cbor2.dumps(obj, canonical=True)
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A verification key: algorithm plus raw public key bytes.
+
+    Raw means the 32-byte Ed25519 key, or the 65-byte uncompressed P-256 point.
+    ``kid`` is the SHA-256 of the raw bytes, so the device ID (its hex form) and
+    the COSE key ID of a device key are the same thing.
+    """
+
+    alg: int
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if self.alg == ALG_EDDSA:
+            if len(self.raw) != 32:
+                raise MalformedError("an Ed25519 public key is 32 bytes")
+        elif self.alg == ALG_ES256:
+            if len(self.raw) != 65 or self.raw[0] != 4:
+                raise MalformedError("a P-256 public key is a 65-byte uncompressed point")
+        else:
+            raise MalformedError(f"unsupported COSE algorithm {self.alg}")
+
+    @property
+    def kid(self) -> bytes:
+        return hashlib.sha256(self.raw).digest()
+
+    @property
+    def alg_name(self) -> str:
+        return ALG_NAMES[self.alg]
+
+    def verify(self, signature: bytes, message: bytes) -> None:
+        """Raise :class:`TrustError` unless ``signature`` is valid over ``message``."""
+        try:
+            if self.alg == ALG_EDDSA:
+                ed25519.Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, message)
+            else:
+                if len(signature) != 64:
+                    raise TrustError("ES256 signature must be 64 bytes (r || s)")
+                r = int.from_bytes(signature[:32], "big")
+                s = int.from_bytes(signature[32:], "big")
+                pub = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), self.raw)
+                pub.verify(encode_dss_signature(r, s), message, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature as exc:
+            raise TrustError("signature does not verify") from exc
+        except ValueError as exc:  # invalid point encoding
+            raise TrustError(f"public key unusable: {exc}") from exc
+
+    def to_pem(self) -> bytes:
+        key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+        if self.alg == ALG_EDDSA:
+            key = ed25519.Ed25519PublicKey.from_public_bytes(self.raw)
+        else:
+            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), self.raw)
+        return key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> PublicKey:
+        try:
+            key = serialization.load_pem_public_key(data)
+        except ValueError as exc:
+            raise MalformedError(f"not a PEM public key: {exc}") from exc
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            return cls(ALG_EDDSA, key.public_bytes_raw())
+        if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+            return cls(
+                ALG_ES256,
+                key.public_bytes(
+                    serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+                ),
+            )
+        raise MalformedError("only Ed25519 and P-256 public keys are supported")
+
+
+class SigningKey:
+    """A private key that signs COSE_Sign1 messages."""
+
+    def __init__(self, key: ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> None:
+        self._key = key
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            self.public = PublicKey(ALG_EDDSA, key.public_key().public_bytes_raw())
+        else:
+            if not isinstance(key.curve, ec.SECP256R1):
+                raise MalformedError("only P-256 ECDSA keys are supported")
+            self.public = PublicKey(
+                ALG_ES256,
+                key.public_key().public_bytes(
+                    serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+                ),
+            )
+
+    @classmethod
+    def generate(cls, alg: int = ALG_EDDSA) -> SigningKey:
+        if alg == ALG_EDDSA:
+            return cls(ed25519.Ed25519PrivateKey.generate())
+        if alg == ALG_ES256:
+            return cls(ec.generate_private_key(ec.SECP256R1()))
+        raise MalformedError(f"unsupported COSE algorithm {alg}")
+
+    @classmethod
+    def from_pem(cls, data: bytes) -> SigningKey:
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise MalformedError(f"not an unencrypted PEM private key: {exc}") from exc
+        if isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
+            return cls(key)
+        raise MalformedError("only Ed25519 and P-256 private keys are supported")
+
+    def to_pem(self) -> bytes:
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def secret_digest(self, label: bytes) -> bytes:
+        """A key derived from the private key for ``label`` (used for the store MAC)."""
+        raw = self._key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return hashlib.sha256(b"licagent-derive\x00" + label + b"\x00" + raw).digest()
+
+    def sign(self, message: bytes) -> bytes:
+        if isinstance(self._key, ed25519.Ed25519PrivateKey):
+            return self._key.sign(message)
+        der = self._key.sign(message, ec.ECDSA(hashes.SHA256()))
+        r, s = decode_dss_signature(der)
+        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def _sig_structure(protected: bytes, payload: bytes) -> bytes:
+    return cbor2.dumps(["Signature1", protected, b"", payload])
+
+
+def sign1(payload: bytes, key: SigningKey, content_type: str) -> bytes:
+    """Wrap ``payload`` in a tagged COSE_Sign1 signed by ``key``.
+
+    The protected header carries ``alg`` (1), ``content type`` (3) and ``kid`` (4).
+    """
+    protected = canonical(
+        {HDR_ALG: key.public.alg, HDR_CONTENT_TYPE: content_type, HDR_KID: key.public.kid}
+    )
+    signature = key.sign(_sig_structure(protected, payload))
+    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
+
+
+@dataclass(frozen=True)
+class Sign1:
+    """A decoded but not yet verified COSE_Sign1 envelope.
+
+    ``payload`` is the exact byte string that was signed; nothing is re-encoded.
+    """
+
+    protected_raw: bytes
+    alg: int
+    kid: bytes
+    content_type: str | None
+    payload: bytes
+    signature: bytes
+
+    def verify_with(self, key: PublicKey) -> bytes:
+        """Verify against ``key`` and return the signed payload bytes."""
+        if key.alg != self.alg:
+            raise TrustError(
+                f"file is signed with {ALG_NAMES.get(self.alg, self.alg)} but the key "
+                f"is {key.alg_name}"
+            )
+        key.verify(self.signature, _sig_structure(self.protected_raw, self.payload))
+        return self.payload
+
+    def verify(self, lookup: Callable[[bytes], PublicKey]) -> tuple[PublicKey, bytes]:
+        """Find the key for this message's kid with ``lookup`` and verify."""
+        key = lookup(self.kid)
+        return key, self.verify_with(key)
+
+
+def decode_sign1(data: bytes, *, max_size: int) -> Sign1:
+    """Parse the COSE_Sign1 envelope of ``data`` (size-capped, strict), without verifying.
+
+    Only the envelope and the small protected header are decoded here; the
+    payload stays an opaque byte string until its signature has been checked.
+    """
+    obj = strict_loads(data, max_size=max_size, allow_sign1_tag=True)
+    if not isinstance(obj, cbor2.CBORTag) or obj.tag != COSE_SIGN1_TAG:
+        raise MalformedError("not a tagged COSE_Sign1 message (CBOR tag 18)")
+    v = obj.value
+    if not isinstance(v, list | tuple) or len(v) != 4:
+        raise MalformedError("COSE_Sign1 must be an array of 4 items")
+    protected_raw, unprotected, payload, signature = v
+    if not isinstance(protected_raw, bytes) or not isinstance(unprotected, Mapping):
+        raise MalformedError("COSE_Sign1 headers have the wrong types")
+    if not isinstance(payload, bytes):
+        raise MalformedError("COSE_Sign1 payload must be attached (a byte string)")
+    if not isinstance(signature, bytes):
+        raise MalformedError("COSE_Sign1 signature must be a byte string")
+    protected = strict_loads(protected_raw, max_size=1024) if protected_raw else {}
+    if not isinstance(protected, dict):
+        raise MalformedError("protected header must be a map")
+    if any(k in unprotected for k in (HDR_ALG, HDR_KID, HDR_CONTENT_TYPE)):
+        raise MalformedError("alg, kid and content type must be in the protected header only")
+    alg = protected.get(HDR_ALG)
+    kid = protected.get(HDR_KID)
+    ctype = protected.get(HDR_CONTENT_TYPE)
+    if alg not in ALG_NAMES:
+        raise TrustError(f"unsupported or missing COSE algorithm {alg!r} (EdDSA or ES256 only)")
+    if not isinstance(kid, bytes) or not 1 <= len(kid) <= 64:
+        raise MalformedError("protected header has no usable kid")
+    if ctype is not None and not isinstance(ctype, str | int):
+        raise MalformedError("content type must be text or an integer")
+    return Sign1(
+        protected_raw=protected_raw,
+        alg=alg,
+        kid=kid,
+        content_type=ctype if isinstance(ctype, str) else None,
+        payload=payload,
+        signature=signature,
+    )

@@ -1,0 +1,158 @@
+"""One exception hierarchy for the whole project, split by whose fault it is.
+
+Every error maps to exactly one documented exit code of ``licagent``:
+
+==== ===========================================================
+code meaning
+==== ===========================================================
+0    success
+1    not licensed (``check``) or any other failure
+2    usage error
+3    malformed input
+4    signature or trust failure
+5    not for this device, or a store copied from other hardware
+6    replay, stale, too new, or no such outstanding request
+7    expired, not yet valid, or clock set back
+8    storage or store-integrity failure
+==== ===========================================================
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "AlreadyAppliedError",
+    "ClockSetBackError",
+    "CopiedStoreError",
+    "ExpiredError",
+    "IntegrityError",
+    "LicensingError",
+    "MalformedError",
+    "NotLicensedError",
+    "NotYetValidError",
+    "SequenceError",
+    "StaleError",
+    "StorageError",
+    "TooNewError",
+    "TrustError",
+    "UnknownRequestError",
+    "UsageError",
+    "ValidityError",
+    "WrongDeviceError",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+class LicensingError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    exit_code = EXIT_FAILURE
+    #: short machine-readable refusal class, shown in JSON output and the journal
+    reason = "failure"
+
+
+class NotLicensedError(LicensingError):
+    """A feature is not licensed now."""
+
+    exit_code = 1
+    reason = "not-licensed"
+
+
+class UsageError(LicensingError):
+    """The caller asked for something that makes no sense (bad flags, missing store)."""
+
+    exit_code = 2
+    reason = "usage"
+
+
+class MalformedError(LicensingError):
+    """Input that is not a well-formed file of this project (size, CBOR, schema)."""
+
+    exit_code = 3
+    reason = "malformed"
+
+
+class TrustError(LicensingError):
+    """Bad signature, unknown key, key outside its validity window, wrong algorithm."""
+
+    exit_code = 4
+    reason = "untrusted"
+
+
+class WrongDeviceError(LicensingError):
+    """The file is bound to another device."""
+
+    exit_code = 5
+    reason = "wrong-device"
+
+
+class CopiedStoreError(WrongDeviceError):
+    """The license store belongs to other hardware (it was copied here)."""
+
+    reason = "copied-store"
+
+
+class SequenceError(LicensingError):
+    """The file does not fit the signed chain of states at this point."""
+
+    exit_code = 6
+    reason = "sequence"
+
+
+class AlreadyAppliedError(SequenceError):
+    """Replay: this response was applied before (and is not the latest one)."""
+
+    reason = "replay"
+
+
+class StaleError(SequenceError):
+    """The response was issued against an older state than the installed one (rollback)."""
+
+    reason = "stale"
+
+
+class TooNewError(SequenceError):
+    """The response builds on a state this device has not reached: one is missing."""
+
+    reason = "too-new"
+
+
+class UnknownRequestError(SequenceError):
+    """The response answers no outstanding request of this device."""
+
+    reason = "no-such-request"
+
+
+class ValidityError(LicensingError):
+    """Time-related refusal."""
+
+    exit_code = 7
+    reason = "validity"
+
+
+class ExpiredError(ValidityError):
+    reason = "expired"
+
+
+class NotYetValidError(ValidityError):
+    reason = "not-yet-valid"
+
+
+class ClockSetBackError(ValidityError):
+    reason = "clock-set-back"
+
+
+class StorageError(LicensingError):
+    """The store could not be read or written (disk full, I/O error, failed fsync)."""
+
+    exit_code = 8
+    reason = "storage"
+
+
+class IntegrityError(StorageError):
+    """The stored state fails its integrity check and no good copy is left."""
+
+    reason = "store-integrity"

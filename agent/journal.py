@@ -1,0 +1,137 @@
+"""Append-only audit journal: hash-chained, MAC-protected entries, one fsync per entry.
+
+File format: a sequence of records, each a 4-byte big-endian length followed
+by that many bytes of canonical CBOR::
+
+    entry = {"n": uint, "time": uint, "event": tstr, "data": any,
+             "prev": bstr .size 32, "mac": bstr .size 32}
+
+``prev`` is the SHA-256 of the previous record's CBOR bytes (32 zero bytes for
+the first); ``mac`` is HMAC-SHA256 with a key derived from the device key over
+the entry without ``mac``. A record cut short by a crash (a torn tail) is
+reported by :meth:`Journal.verify` and cut off before the next append.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.cose import canonical, strict_loads
+from agent.errors import IntegrityError, MalformedError, StorageError
+
+if TYPE_CHECKING:
+    from agent.store import FileOps
+
+__all__ = ["Journal", "JournalEntry", "JournalReport"]
+
+MAX_RECORD = 64 * 1024
+ZERO = bytes(32)
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    n: int
+    time: int
+    event: str
+    data: Any
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class JournalReport:
+    entries: tuple[JournalEntry, ...]
+    torn_tail: int  # bytes of an incomplete last record, 0 if none
+    good_length: int
+
+
+class Journal:
+    def __init__(self, path: Path, mac_key: bytes, ops: FileOps) -> None:
+        self.path = path
+        self.mac_key = mac_key
+        self.ops = ops
+
+    def _mac(self, body: dict[str, Any]) -> bytes:
+        return hmac.new(self.mac_key, canonical(body), hashlib.sha256).digest()
+
+    def read(self) -> JournalReport:
+        """Read and verify every complete record.
+
+        Raises:
+            IntegrityError: a record fails its MAC, breaks the hash chain or
+                does not decode: the journal was tampered with.
+        """
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return JournalReport((), 0, 0)
+        except OSError as exc:
+            raise StorageError(f"cannot read the journal: {exc}") from exc
+        entries: list[JournalEntry] = []
+        off = 0
+        prev = ZERO
+        while off < len(data):
+            if off + 4 > len(data):
+                break
+            (length,) = struct.unpack(">I", data[off:off + 4])
+            if length > MAX_RECORD:
+                raise IntegrityError(f"journal record {len(entries)} declares {length} bytes")
+            if off + 4 + length > len(data):
+                break
+            raw = data[off + 4: off + 4 + length]
+            try:
+                e = strict_loads(raw, max_size=MAX_RECORD)
+            except MalformedError as exc:
+                raise IntegrityError(f"journal record {len(entries)} does not decode") from exc
+            if not isinstance(e, dict) or set(e) != {"n", "time", "event", "data", "prev", "mac"}:
+                raise IntegrityError(f"journal record {len(entries)} has the wrong fields")
+            mac = e.pop("mac")
+            if not isinstance(mac, bytes) or not hmac.compare_digest(mac, self._mac(e)):
+                raise IntegrityError(f"journal record {len(entries)} fails its MAC (tampered)")
+            if e["prev"] != prev or e["n"] != len(entries):
+                raise IntegrityError(f"journal hash chain broken at record {len(entries)}")
+            prev = hashlib.sha256(raw).digest()
+            entries.append(JournalEntry(e["n"], e["time"], e["event"], e["data"], prev))
+            off += 4 + length
+        return JournalReport(tuple(entries), len(data) - off, off)
+
+    def append(self, event: str, data: Any, now: int) -> JournalEntry:
+        """Append one entry and fsync it; a torn tail from an earlier crash is cut off first."""
+        try:
+            rep = self.read()
+        except IntegrityError:
+            # never append behind a tampered record: verification must keep failing
+            raise
+        prev = rep.entries[-1].digest if rep.entries else ZERO
+        body = {"n": len(rep.entries), "time": now, "event": event, "data": data, "prev": prev}
+        record = canonical({**body, "mac": self._mac(body)})
+        blob = struct.pack(">I", len(record)) + record
+        fd = -1
+        try:
+            fd = self.ops.open(str(self.path), os.O_WRONLY | os.O_CREAT, 0o600)
+            if rep.torn_tail:
+                self.ops.ftruncate(fd, rep.good_length)
+            os.lseek(fd, rep.good_length, os.SEEK_SET)
+            from agent.store import write_all
+
+            write_all(self.ops, fd, blob)
+            self.ops.fsync(fd)
+        except OSError as exc:
+            if fd >= 0:
+                try:
+                    self.ops.ftruncate(fd, rep.good_length)
+                except OSError:
+                    pass
+            raise StorageError(f"could not append to the journal: {exc}") from exc
+        finally:
+            if fd >= 0:
+                try:
+                    self.ops.close(fd)
+                except OSError:
+                    pass
+        return JournalEntry(body["n"], now, event, data, hashlib.sha256(record).digest())

@@ -1,0 +1,660 @@
+"""The signed files of the protocol as frozen dataclasses with explicit CBOR encode/decode.
+
+Every file is a COSE_Sign1 whose payload is a CBOR map with text keys; the
+``kind`` key says which of the classes below it is. Decoding validates types,
+ranges and sizes and raises :class:`~agent.errors.MalformedError` on anything
+else. See docs/protocol.md for the CDDL.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from agent.cose import PublicKey, canonical
+from agent.errors import MalformedError
+
+__all__ = [
+    "MAX_SEQUENCE",
+    "Action",
+    "ChangeOp",
+    "DeviceInfo",
+    "Kind",
+    "License",
+    "LicenseChange",
+    "LicenseInfo",
+    "LicenseInfoEntry",
+    "Receipt",
+    "Request",
+    "Response",
+    "TrustKey",
+    "TrustUpdate",
+    "decode_payload",
+    "state_digest",
+]
+
+FORMAT_VERSION = 1
+#: sequence numbers are unsigned and stay below 2**63 so base+1 never overflows a uint64
+MAX_SEQUENCE = 2**63 - 1
+MAX_TIME = 2**40  # seconds since the epoch; far beyond any real date, far below overflow
+MAX_LIST = 256
+MAX_TEXT = 256
+FEATURE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
+NONCE_LEN = 16
+
+
+class Kind(enum.StrEnum):
+    DEVICE_INFO = "device-info"
+    LICENSE_INFO = "license-info"
+    REQUEST = "request"
+    RESPONSE = "response"
+    RECEIPT = "receipt"
+    TRUST_UPDATE = "trust-update"
+
+    @property
+    def content_type(self) -> str:
+        return f"application/vnd.bms-license.{self.value}+cbor"
+
+
+class Action(enum.StrEnum):
+    ACTIVATE = "activate"
+    RECLAIM = "reclaim"
+    RENEW = "renew"
+
+
+class ChangeOp(enum.StrEnum):
+    ADD = "add"
+    UPDATE = "update"
+    REMOVE = "remove"
+
+
+# ---------------------------------------------------------------- field checks
+
+def _map(obj: object, what: str) -> Mapping[str, Any]:
+    if not isinstance(obj, dict):
+        raise MalformedError(f"{what} must be a map")
+    for k in obj:
+        if not isinstance(k, str):
+            raise MalformedError(f"{what} has a non-text key")
+    return obj
+
+
+def _keys(m: Mapping[str, Any], what: str, required: Iterable[str], optional: Iterable[str] = ()) -> None:
+    req = set(required)
+    allowed = req | set(optional)
+    missing = req - m.keys()
+    if missing:
+        raise MalformedError(f"{what} lacks {', '.join(sorted(missing))}")
+    extra = m.keys() - allowed
+    if extra:
+        raise MalformedError(f"{what} has unknown field {', '.join(sorted(extra))}")
+
+
+def _uint(v: object, what: str, maximum: int = MAX_SEQUENCE) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > maximum:
+        raise MalformedError(f"{what} must be an integer from 0 to {maximum}")
+    return v
+
+
+def _time(v: object, what: str) -> int:
+    return _uint(v, what, MAX_TIME)
+
+
+def _opt_time(v: object, what: str) -> int | None:
+    return None if v is None else _time(v, what)
+
+
+def _text(v: object, what: str, maximum: int = MAX_TEXT) -> str:
+    if not isinstance(v, str) or len(v) > maximum:
+        raise MalformedError(f"{what} must be text of at most {maximum} characters")
+    return v
+
+
+def _bytes(v: object, what: str, length: int | None = None, maximum: int = 1024) -> bytes:
+    if not isinstance(v, bytes):
+        raise MalformedError(f"{what} must be a byte string")
+    if length is not None and len(v) != length:
+        raise MalformedError(f"{what} must be {length} bytes")
+    if len(v) > maximum:
+        raise MalformedError(f"{what} is longer than {maximum} bytes")
+    return v
+
+
+def _list(v: object, what: str, maximum: int = MAX_LIST) -> list[Any]:
+    if not isinstance(v, list):
+        raise MalformedError(f"{what} must be an array")
+    if len(v) > maximum:
+        raise MalformedError(f"{what} has more than {maximum} entries")
+    return v
+
+
+def _device_id(v: object, what: str = "device_id") -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{64}", v):
+        raise MalformedError(f"{what} must be 64 lowercase hex digits")
+    return v
+
+
+def _feature(v: object) -> str:
+    if not isinstance(v, str) or not FEATURE_RE.match(v):
+        raise MalformedError(f"feature name {v!r} is not valid (letters, digits, ._:/-, max 64)")
+    return v
+
+
+def _enum(cls: type[E], v: object, what: str) -> E:
+    try:
+        return cls(v)
+    except ValueError as exc:
+        raise MalformedError(f"{what} {v!r} is not one of {', '.join(e.value for e in cls)}") from exc
+
+
+E = TypeVar("E", bound=enum.Enum)
+
+
+def _pubkey(m: Mapping[str, Any], prefix: str = "device") -> PublicKey:
+    alg = m[f"{prefix}_alg"]
+    raw = m[f"{prefix}_key"]
+    if not isinstance(alg, int) or isinstance(alg, bool):
+        raise MalformedError(f"{prefix}_alg must be an integer")
+    return PublicKey(alg, _bytes(raw, f"{prefix}_key", maximum=65))
+
+
+# ---------------------------------------------------------------- licenses
+
+
+@dataclass(frozen=True, order=True)
+class License:
+    """One installed license: a feature, how many, and when it is valid.
+
+    ``not_before``/``not_after`` are POSIX seconds (UTC) or None for open-ended;
+    ``grace`` seconds extend ``not_after`` for ``check`` with a warning.
+    """
+
+    feature: str
+    count: int
+    not_before: int | None = None
+    not_after: int | None = None
+    grace: int = 0
+
+    def __post_init__(self) -> None:
+        _feature(self.feature)
+        _uint(self.count, "count", 2**32)
+        _opt_time(self.not_before, "not_before")
+        _opt_time(self.not_after, "not_after")
+        _uint(self.grace, "grace", 366 * 86400)
+        if (
+            self.not_before is not None
+            and self.not_after is not None
+            and self.not_after < self.not_before
+        ):
+            raise MalformedError(f"license {self.feature} ends before it starts")
+
+    def to_cbor(self) -> dict[str, Any]:
+        return {
+            "feature": self.feature,
+            "count": self.count,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+            "grace": self.grace,
+        }
+
+    @classmethod
+    def from_cbor(cls, obj: object) -> License:
+        m = _map(obj, "license")
+        _keys(m, "license", ["feature", "count"], ["not_before", "not_after", "grace"])
+        return cls(
+            feature=_feature(m["feature"]),
+            count=_uint(m["count"], "count", 2**32),
+            not_before=_opt_time(m.get("not_before"), "not_before"),
+            not_after=_opt_time(m.get("not_after"), "not_after"),
+            grace=_uint(m.get("grace", 0), "grace", 366 * 86400),
+        )
+
+
+def _licenses(v: object, what: str = "licenses") -> tuple[License, ...]:
+    items = tuple(License.from_cbor(x) for x in _list(v, what))
+    names = [lic.feature for lic in items]
+    if len(set(names)) != len(names):
+        raise MalformedError(f"{what} names a feature twice")
+    return tuple(sorted(items))
+
+
+def state_digest(licenses: Iterable[License]) -> bytes:
+    """SHA-256 over the canonical CBOR of the installed licenses, sorted by feature."""
+    return hashlib.sha256(
+        canonical([lic.to_cbor() for lic in sorted(licenses)])
+    ).digest()
+
+
+@dataclass(frozen=True)
+class LicenseChange:
+    """One change a response makes: add a new feature, update one, or remove one."""
+
+    op: ChangeOp
+    feature: str
+    count: int = 0
+    not_before: int | None = None
+    not_after: int | None = None
+    grace: int = 0
+
+    def __post_init__(self) -> None:
+        self.license()  # validates the fields
+
+    def license(self) -> License:
+        return License(self.feature, self.count, self.not_before, self.not_after, self.grace)
+
+    def to_cbor(self) -> dict[str, Any]:
+        if self.op is ChangeOp.REMOVE:
+            return {"op": self.op.value, "feature": self.feature}
+        return {"op": self.op.value, **self.license().to_cbor()}
+
+    @classmethod
+    def from_cbor(cls, obj: object) -> LicenseChange:
+        m = _map(obj, "change")
+        op = _enum(ChangeOp, m.get("op"), "change op")
+        if op is ChangeOp.REMOVE:
+            _keys(m, "remove change", ["op", "feature"])
+            return cls(op, _feature(m["feature"]))
+        lic = License.from_cbor({k: v for k, v in m.items() if k != "op"})
+        return cls(op, lic.feature, lic.count, lic.not_before, lic.not_after, lic.grace)
+
+
+# ---------------------------------------------------------------- payloads
+
+
+class Payload:
+    """Base of the signed payloads: ``kind`` dispatch and encoding."""
+
+    KIND: ClassVar[Kind]
+
+    def fields(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def encode(self) -> bytes:
+        return canonical({"v": FORMAT_VERSION, "kind": self.KIND.value, **self.fields()})
+
+
+@dataclass(frozen=True)
+class Request(Payload):
+    """A device asks the vendor for a change, on top of its exact current state."""
+
+    KIND: ClassVar[Kind] = Kind.REQUEST
+    device_id: str
+    device_key: PublicKey
+    model: str
+    nonce: bytes
+    sequence: int
+    state_digest: bytes
+    action: Action
+    features: tuple[str, ...]
+    licenses: tuple[License, ...]
+    created: int
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "device_alg": self.device_key.alg,
+            "device_key": self.device_key.raw,
+            "model": self.model,
+            "nonce": self.nonce,
+            "sequence": self.sequence,
+            "state_digest": self.state_digest,
+            "action": self.action.value,
+            "features": list(self.features),
+            "licenses": [lic.to_cbor() for lic in self.licenses],
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_map(cls, m: Mapping[str, Any]) -> Request:
+        _keys(m, "request", ["v", "kind", "device_id", "device_alg", "device_key", "model",
+                             "nonce", "sequence", "state_digest", "action", "features",
+                             "licenses", "created"])
+        return cls(
+            device_id=_device_id(m["device_id"]),
+            device_key=_pubkey(m),
+            model=_text(m["model"], "model", 32),
+            nonce=_bytes(m["nonce"], "nonce", NONCE_LEN),
+            sequence=_uint(m["sequence"], "sequence"),
+            state_digest=_bytes(m["state_digest"], "state_digest", 32),
+            action=_enum(Action, m["action"], "action"),
+            features=tuple(_feature(f) for f in _list(m["features"], "features")),
+            licenses=_licenses(m["licenses"]),
+            created=_time(m["created"], "created"),
+        )
+
+
+@dataclass(frozen=True)
+class Response(Payload):
+    """The vendor's answer to one request: the next link of the device's chain."""
+
+    KIND: ClassVar[Kind] = Kind.RESPONSE
+    device_id: str
+    nonce: bytes
+    base_sequence: int
+    base_digest: bytes
+    sequence: int
+    changes: tuple[LicenseChange, ...]
+    issued: int
+    not_before: int
+    expires: int
+
+    def __post_init__(self) -> None:
+        if self.sequence != self.base_sequence + 1:
+            raise MalformedError(
+                f"response sequence {self.sequence} must be base sequence "
+                f"{self.base_sequence} + 1"
+            )
+        if self.expires < self.not_before:
+            raise MalformedError("response expires before it becomes valid")
+        names = [c.feature for c in self.changes]
+        if len(set(names)) != len(names):
+            raise MalformedError("response changes a feature twice")
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "nonce": self.nonce,
+            "base_sequence": self.base_sequence,
+            "base_digest": self.base_digest,
+            "sequence": self.sequence,
+            "changes": [c.to_cbor() for c in self.changes],
+            "issued": self.issued,
+            "not_before": self.not_before,
+            "expires": self.expires,
+        }
+
+    @classmethod
+    def from_map(cls, m: Mapping[str, Any]) -> Response:
+        _keys(m, "response", ["v", "kind", "device_id", "nonce", "base_sequence", "base_digest",
+                              "sequence", "changes", "issued", "not_before", "expires"])
+        base = _uint(m["base_sequence"], "base_sequence", MAX_SEQUENCE - 1)
+        return cls(
+            device_id=_device_id(m["device_id"]),
+            nonce=_bytes(m["nonce"], "nonce", NONCE_LEN),
+            base_sequence=base,
+            base_digest=_bytes(m["base_digest"], "base_digest", 32),
+            sequence=_uint(m["sequence"], "sequence"),
+            changes=tuple(LicenseChange.from_cbor(c) for c in _list(m["changes"], "changes")),
+            issued=_time(m["issued"], "issued"),
+            not_before=_time(m["not_before"], "not_before"),
+            expires=_time(m["expires"], "expires"),
+        )
+
+
+@dataclass(frozen=True)
+class Receipt(Payload):
+    """Signed by the device after applying a response; proof of what it now holds.
+
+    ``response`` is the exact response file that was applied, so the vendor can
+    check that its own key signed it; ``removed`` lists the licenses that left
+    the device (the proof of a reclaim) and ``state_digest`` the state after.
+    """
+
+    KIND: ClassVar[Kind] = Kind.RECEIPT
+    device_id: str
+    device_key: PublicKey
+    response: bytes
+    response_digest: bytes
+    sequence: int
+    state_digest: bytes
+    applied: tuple[LicenseChange, ...]
+    removed: tuple[License, ...]
+    licenses: tuple[License, ...]
+    applied_at: int
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "device_alg": self.device_key.alg,
+            "device_key": self.device_key.raw,
+            "response": self.response,
+            "response_digest": self.response_digest,
+            "sequence": self.sequence,
+            "state_digest": self.state_digest,
+            "applied": [c.to_cbor() for c in self.applied],
+            "removed": [lic.to_cbor() for lic in self.removed],
+            "licenses": [lic.to_cbor() for lic in self.licenses],
+            "applied_at": self.applied_at,
+        }
+
+    @classmethod
+    def from_map(cls, m: Mapping[str, Any]) -> Receipt:
+        _keys(m, "receipt", ["v", "kind", "device_id", "device_alg", "device_key", "response",
+                             "response_digest", "sequence", "state_digest", "applied",
+                             "removed", "licenses", "applied_at"])
+        return cls(
+            device_id=_device_id(m["device_id"]),
+            device_key=_pubkey(m),
+            response=_bytes(m["response"], "response", maximum=64 * 1024),
+            response_digest=_bytes(m["response_digest"], "response_digest", 32),
+            sequence=_uint(m["sequence"], "sequence"),
+            state_digest=_bytes(m["state_digest"], "state_digest", 32),
+            applied=tuple(LicenseChange.from_cbor(c) for c in _list(m["applied"], "applied")),
+            removed=_licenses(m["removed"], "removed"),
+            licenses=_licenses(m["licenses"]),
+            applied_at=_time(m["applied_at"], "applied_at"),
+        )
+
+
+@dataclass(frozen=True)
+class DeviceInfo(Payload):
+    """Who a server is and what it holds: step 1 of the workflow."""
+
+    KIND: ClassVar[Kind] = Kind.DEVICE_INFO
+    device_id: str
+    device_key: PublicKey
+    model: str
+    serial: str | None
+    host_id: str
+    hardware: Mapping[str, Any]
+    licenses: tuple[License, ...]
+    sequence: int
+    state_digest: bytes
+    created: int
+    agent_version: str = "0"
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "device_alg": self.device_key.alg,
+            "device_key": self.device_key.raw,
+            "model": self.model,
+            "serial": self.serial,
+            "host_id": self.host_id,
+            "hardware": dict(self.hardware),
+            "licenses": [lic.to_cbor() for lic in self.licenses],
+            "sequence": self.sequence,
+            "state_digest": self.state_digest,
+            "created": self.created,
+            "agent_version": self.agent_version,
+        }
+
+    @classmethod
+    def from_map(cls, m: Mapping[str, Any]) -> DeviceInfo:
+        _keys(m, "device-info", ["v", "kind", "device_id", "device_alg", "device_key", "model",
+                                 "serial", "host_id", "hardware", "licenses", "sequence",
+                                 "state_digest", "created", "agent_version"])
+        hw = _map(m["hardware"], "hardware")
+        return cls(
+            device_id=_device_id(m["device_id"]),
+            device_key=_pubkey(m),
+            model=_text(m["model"], "model", 32),
+            serial=None if m["serial"] is None else _text(m["serial"], "serial", 64),
+            host_id=_device_id(m["host_id"], "host_id"),
+            hardware=_hardware(hw),
+            licenses=_licenses(m["licenses"]),
+            sequence=_uint(m["sequence"], "sequence"),
+            state_digest=_bytes(m["state_digest"], "state_digest", 32),
+            created=_time(m["created"], "created"),
+            agent_version=_text(m["agent_version"], "agent_version", 32),
+        )
+
+
+def _hardware(m: Mapping[str, Any]) -> dict[str, Any]:
+    if len(m) > 16:
+        raise MalformedError("hardware has too many fields")
+    out: dict[str, Any] = {}
+    for k, v in m.items():
+        if v is None or isinstance(v, str):
+            out[k] = None if v is None else _text(v, f"hardware.{k}")
+        elif isinstance(v, list):
+            out[k] = [_text(x, f"hardware.{k}") for x in _list(v, f"hardware.{k}", 64)]
+        else:
+            raise MalformedError(f"hardware.{k} must be text, null or a list of text")
+    return out
+
+
+@dataclass(frozen=True)
+class LicenseInfoEntry:
+    """For one server: the installed licenses to reclaim and the ones to install."""
+
+    device_id: str
+    reclaim: tuple[License, ...] = ()
+    install: tuple[License, ...] = ()
+
+    def to_cbor(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "reclaim": [lic.to_cbor() for lic in self.reclaim],
+            "install": [lic.to_cbor() for lic in self.install],
+        }
+
+    @classmethod
+    def from_cbor(cls, obj: object) -> LicenseInfoEntry:
+        m = _map(obj, "license-info entry")
+        _keys(m, "license-info entry", ["device_id", "reclaim", "install"])
+        return cls(
+            device_id=_device_id(m["device_id"]),
+            reclaim=_licenses(m["reclaim"], "reclaim"),
+            install=_licenses(m["install"], "install"),
+        )
+
+
+@dataclass(frozen=True)
+class LicenseInfo(Payload):
+    """Vendor-signed: for one or many servers, what is to be reclaimed or installed."""
+
+    KIND: ClassVar[Kind] = Kind.LICENSE_INFO
+    entries: tuple[LicenseInfoEntry, ...]
+    issued: int
+    expires: int
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "entries": [e.to_cbor() for e in self.entries],
+            "issued": self.issued,
+            "expires": self.expires,
+        }
+
+    def for_device(self, device_id: str) -> LicenseInfoEntry | None:
+        for e in self.entries:
+            if e.device_id == device_id:
+                return e
+        return None
+
+    @classmethod
+    def from_map(cls, m: Mapping[str, Any]) -> LicenseInfo:
+        _keys(m, "license-info", ["v", "kind", "entries", "issued", "expires"])
+        entries = tuple(
+            LicenseInfoEntry.from_cbor(e) for e in _list(m["entries"], "entries", 100_000)
+        )
+        return cls(entries=entries, issued=_time(m["issued"], "issued"),
+                   expires=_time(m["expires"], "expires"))
+
+
+@dataclass(frozen=True)
+class TrustKey:
+    """A vendor key the device trusts, with its validity window."""
+
+    key: PublicKey
+    not_before: int | None = None
+    not_after: int | None = None
+
+    @property
+    def kid(self) -> bytes:
+        return self.key.kid
+
+    def to_cbor(self) -> dict[str, Any]:
+        return {
+            "alg": self.key.alg,
+            "key": self.key.raw,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+        }
+
+    @classmethod
+    def from_cbor(cls, obj: object) -> TrustKey:
+        m = _map(obj, "trusted key")
+        _keys(m, "trusted key", ["alg", "key"], ["not_before", "not_after"])
+        return cls(
+            key=PublicKey(*_alg_key(m)),
+            not_before=_opt_time(m.get("not_before"), "not_before"),
+            not_after=_opt_time(m.get("not_after"), "not_after"),
+        )
+
+
+def _alg_key(m: Mapping[str, Any]) -> tuple[int, bytes]:
+    alg = m["alg"]
+    if not isinstance(alg, int) or isinstance(alg, bool):
+        raise MalformedError("alg must be an integer")
+    return alg, _bytes(m["key"], "key", maximum=65)
+
+
+@dataclass(frozen=True)
+class TrustUpdate(Payload):
+    """Key rotation: the complete new set of vendor keys, signed by a currently trusted key."""
+
+    KIND: ClassVar[Kind] = Kind.TRUST_UPDATE
+    version: int
+    keys: tuple[TrustKey, ...]
+    issued: int
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "keys": [k.to_cbor() for k in self.keys],
+            "issued": self.issued,
+        }
+
+    @classmethod
+    def from_map(cls, m: Mapping[str, Any]) -> TrustUpdate:
+        _keys(m, "trust-update", ["v", "kind", "version", "keys", "issued"])
+        keys = tuple(TrustKey.from_cbor(k) for k in _list(m["keys"], "keys", 16))
+        if not keys:
+            raise MalformedError("a trust update must name at least one key")
+        return cls(version=_uint(m["version"], "version"), keys=keys,
+                   issued=_time(m["issued"], "issued"))
+
+
+_BY_KIND: dict[Kind, Any] = {
+    Kind.REQUEST: Request,
+    Kind.RESPONSE: Response,
+    Kind.RECEIPT: Receipt,
+    Kind.DEVICE_INFO: DeviceInfo,
+    Kind.LICENSE_INFO: LicenseInfo,
+    Kind.TRUST_UPDATE: TrustUpdate,
+}
+
+P = TypeVar("P", bound=Payload)
+
+
+def decode_payload(obj: object, expect: type[P] | None = None) -> Payload:
+    """Turn a decoded payload map into its dataclass; refuse the wrong kind."""
+    m = _map(obj, "payload")
+    if m.get("v") != FORMAT_VERSION:
+        raise MalformedError(f"unsupported format version {m.get('v')!r} (this agent reads 1)")
+    kind = _enum(Kind, m.get("kind"), "kind")
+    cls = _BY_KIND[kind]
+    if expect is not None and cls is not expect:
+        raise MalformedError(f"expected a {expect.KIND.value} file, got a {kind.value} file")
+    result: Payload = cls.from_map(m)
+    return result
+
+
+def licenses_from(seq: Sequence[object]) -> tuple[License, ...]:
+    return _licenses(list(seq))
+

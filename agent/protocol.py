@@ -1,0 +1,566 @@
+"""The device side of the license protocol, with no I/O: bytes, state and ``now`` in; new state out.
+
+Everything that decides whether a file is accepted lives here, so that it can
+be tested exhaustively without disks, clocks or links. The store
+(:mod:`agent.store`) persists the :class:`AgentState` values this module
+returns; the CLI and daemon only move bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from agent.cose import PublicKey, Sign1, SigningKey, canonical, decode_sign1, sign1, strict_loads
+from agent.errors import (
+    AlreadyAppliedError,
+    ClockSetBackError,
+    ExpiredError,
+    MalformedError,
+    NotYetValidError,
+    StaleError,
+    TooNewError,
+    TrustError,
+    UnknownRequestError,
+    UsageError,
+    WrongDeviceError,
+)
+from agent.messages import (
+    NONCE_LEN,
+    Action,
+    ChangeOp,
+    DeviceInfo,
+    Kind,
+    License,
+    LicenseChange,
+    LicenseInfo,
+    Payload,
+    Receipt,
+    Request,
+    Response,
+    TrustKey,
+    TrustUpdate,
+    decode_payload,
+    licenses_from,
+    state_digest,
+)
+
+__all__ = [
+    "AgentState",
+    "ApplyResult",
+    "CheckResult",
+    "Limits",
+    "Outstanding",
+    "Applied",
+    "apply_response",
+    "apply_trust_update",
+    "check_feature",
+    "create_request",
+    "make_device_info",
+    "new_state",
+    "observe_clock",
+    "read_signed",
+    "verify_vendor_file",
+]
+
+AGENT_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every bound the protocol enforces, in one place."""
+
+    max_file: int = 64 * 1024
+    max_outstanding: int = 8
+    max_applied_history: int = 32
+    #: the clock may step back this much (NTP slew, RTC drift) before it counts as set back
+    clock_tolerance: int = 300
+    #: without an apply, the clock high-water mark is persisted at most this often
+    hwm_persist_interval: int = 3600
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class Outstanding:
+    """A request this device signed and is waiting for an answer to."""
+
+    nonce: bytes
+    sequence: int
+    state_digest: bytes
+    action: Action
+    features: tuple[str, ...]
+    created: int
+
+    def to_cbor(self) -> dict[str, Any]:
+        return {
+            "nonce": self.nonce, "sequence": self.sequence, "state_digest": self.state_digest,
+            "action": self.action.value, "features": list(self.features),
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_cbor(cls, m: Mapping[str, Any]) -> Outstanding:
+        return cls(m["nonce"], m["sequence"], m["state_digest"], Action(m["action"]),
+                   tuple(m["features"]), m["created"])
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A response that was applied: kept (bounded) to name replays precisely."""
+
+    nonce: bytes
+    sequence: int
+    response_digest: bytes
+
+    def to_cbor(self) -> list[Any]:
+        return [self.nonce, self.sequence, self.response_digest]
+
+    @classmethod
+    def from_cbor(cls, v: list[Any]) -> Applied:
+        return cls(v[0], v[1], v[2])
+
+
+@dataclass(frozen=True)
+class AgentState:
+    """Everything the trusted store holds besides the private key."""
+
+    device_id: str
+    device_key: PublicKey
+    model: str
+    serial: str | None
+    binding: tuple[str, ...]
+    trust: tuple[TrustKey, ...]
+    trust_version: int = 0
+    sequence: int = 0
+    licenses: tuple[License, ...] = ()
+    outstanding: tuple[Outstanding, ...] = ()
+    applied: tuple[Applied, ...] = ()
+    last_receipt: bytes | None = None
+    clock_hwm: int = 0
+    created: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> bytes:
+        return state_digest(self.licenses)
+
+    @property
+    def last_applied(self) -> Applied | None:
+        return self.applied[-1] if self.applied else None
+
+    def to_cbor(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "device_alg": self.device_key.alg,
+            "device_key": self.device_key.raw,
+            "model": self.model,
+            "serial": self.serial,
+            "binding": list(self.binding),
+            "trust": [k.to_cbor() for k in self.trust],
+            "trust_version": self.trust_version,
+            "sequence": self.sequence,
+            "licenses": [lic.to_cbor() for lic in self.licenses],
+            "outstanding": [o.to_cbor() for o in self.outstanding],
+            "applied": [a.to_cbor() for a in self.applied],
+            "last_receipt": self.last_receipt,
+            "clock_hwm": self.clock_hwm,
+            "created": self.created,
+            "extra": dict(self.extra),
+        }
+
+    def encode(self) -> bytes:
+        return canonical(self.to_cbor())
+
+    @classmethod
+    def from_cbor(cls, m: Mapping[str, Any]) -> AgentState:
+        """Rebuild from the store's CBOR (already MAC-checked, so trusted in shape)."""
+        try:
+            return cls(
+                device_id=m["device_id"],
+                device_key=PublicKey(m["device_alg"], m["device_key"]),
+                model=m["model"],
+                serial=m["serial"],
+                binding=tuple(m["binding"]),
+                trust=tuple(TrustKey.from_cbor(k) for k in m["trust"]),
+                trust_version=m["trust_version"],
+                sequence=m["sequence"],
+                licenses=licenses_from(m["licenses"]),
+                outstanding=tuple(Outstanding.from_cbor(o) for o in m["outstanding"]),
+                applied=tuple(Applied.from_cbor(a) for a in m["applied"]),
+                last_receipt=m["last_receipt"],
+                clock_hwm=m["clock_hwm"],
+                created=m["created"],
+                extra=m.get("extra", {}),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise MalformedError(f"stored state has the wrong shape: {exc}") from exc
+
+
+def new_state(
+    key: PublicKey,
+    model: str,
+    serial: str | None,
+    binding: Iterable[str],
+    trust: Iterable[TrustKey],
+    now: int,
+) -> AgentState:
+    """The state of a freshly provisioned device: no licenses, sequence 0."""
+    trust_t = tuple(trust)
+    if not trust_t:
+        raise UsageError("at least one trusted vendor key is needed")
+    return AgentState(
+        device_id=key.kid.hex(),
+        device_key=key,
+        model=model,
+        serial=serial,
+        binding=tuple(sorted(set(binding))),
+        trust=trust_t,
+        clock_hwm=now,
+        created=now,
+    )
+
+
+# ---------------------------------------------------------------- clock
+
+
+def observe_clock(state: AgentState, now: int, limits: Limits = DEFAULT_LIMITS) -> tuple[AgentState, bool]:
+    """Advance the clock high-water mark; say whether it is worth persisting now.
+
+    Only forward movement of more than ``hwm_persist_interval`` is worth a
+    write, so that frequent ``check`` calls do not wear out flash storage.
+    """
+    if now > state.clock_hwm + limits.hwm_persist_interval:
+        return replace(state, clock_hwm=now), True
+    return state, False
+
+
+def clock_set_back(state: AgentState, now: int, limits: Limits = DEFAULT_LIMITS) -> bool:
+    return now + limits.clock_tolerance < state.clock_hwm
+
+
+# ---------------------------------------------------------------- verification
+
+
+def read_signed(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Sign1:
+    """Size-cap and parse the COSE envelope of a file (no verification yet)."""
+    return decode_sign1(data, max_size=limits.max_file)
+
+
+def _trusted_key(state: AgentState, kid: bytes, now: int) -> PublicKey:
+    for tk in state.trust:
+        if tk.kid == kid:
+            if tk.not_before is not None and now < tk.not_before:
+                raise TrustError(f"vendor key {kid.hex()[:16]} is not valid before {tk.not_before}")
+            if tk.not_after is not None and now > tk.not_after:
+                raise TrustError(f"vendor key {kid.hex()[:16]} expired at {tk.not_after}")
+            return tk.key
+    raise TrustError(f"file is signed by key {kid.hex()[:16]}…, which this device does not trust")
+
+
+def verify_vendor_file(
+    state: AgentState, data: bytes, now: int, expect: type[Payload],
+    limits: Limits = DEFAULT_LIMITS,
+) -> tuple[Payload, Sign1]:
+    """Size cap, signature with a trusted vendor key over the exact bytes, then decode.
+
+    Raises:
+        MalformedError, TrustError: the file is not acceptable at all.
+    """
+    env = read_signed(data, limits)
+    key = _trusted_key(state, env.kid, max(now, state.clock_hwm))
+    payload_bytes = env.verify_with(key)
+    payload = decode_payload(strict_loads(payload_bytes, max_size=limits.max_file), expect)
+    return payload, env
+
+
+# ---------------------------------------------------------------- requests
+
+
+def create_request(
+    state: AgentState,
+    action: Action,
+    features: Iterable[str],
+    nonce: bytes,
+    now: int,
+    key: SigningKey,
+    limits: Limits = DEFAULT_LIMITS,
+) -> tuple[AgentState, bytes, Request]:
+    """Sign a request on top of the current state and remember it as outstanding.
+
+    ``nonce`` must be fresh randomness from the caller (16 bytes).
+
+    Raises:
+        UsageError: reclaim or renew of a feature that is not installed.
+    """
+    if len(nonce) != NONCE_LEN:
+        raise UsageError(f"nonce must be {NONCE_LEN} bytes")
+    if key.public != state.device_key:
+        raise UsageError("signing key does not belong to this device")
+    feats = tuple(dict.fromkeys(features))
+    installed = {lic.feature for lic in state.licenses}
+    if action in (Action.RECLAIM, Action.RENEW):
+        unknown = [f for f in feats if f not in installed]
+        if unknown:
+            raise UsageError(
+                f"cannot {action.value} {', '.join(unknown)}: not installed on this device "
+                f"(installed: {', '.join(sorted(installed)) or 'nothing'})"
+            )
+        if action is Action.RECLAIM and not installed:
+            raise UsageError("nothing to reclaim: no licenses are installed")
+    req = Request(
+        device_id=state.device_id,
+        device_key=state.device_key,
+        model=state.model,
+        nonce=nonce,
+        sequence=state.sequence,
+        state_digest=state.digest,
+        action=action,
+        features=feats,
+        licenses=state.licenses,
+        created=now,
+    )
+    data = sign1(req.encode(), key, Kind.REQUEST.content_type)
+    out = (*state.outstanding, Outstanding(nonce, state.sequence, state.digest, action, feats, now))
+    new = replace(
+        state,
+        outstanding=out[-limits.max_outstanding:],
+        clock_hwm=max(state.clock_hwm, now),
+    )
+    return new, data, req
+
+
+# ---------------------------------------------------------------- responses
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What applying a response did."""
+
+    state: AgentState
+    receipt: bytes
+    response: Response
+    already_applied: bool
+    removed: tuple[License, ...] = ()
+
+
+def _apply_changes(
+    licenses: tuple[License, ...], changes: Iterable[LicenseChange]
+) -> tuple[tuple[License, ...], tuple[License, ...]]:
+    by_name = {lic.feature: lic for lic in licenses}
+    removed: list[License] = []
+    for ch in changes:
+        have = by_name.get(ch.feature)
+        if ch.op is ChangeOp.ADD:
+            if have is not None:
+                raise MalformedError(f"response adds {ch.feature}, which is already installed")
+            by_name[ch.feature] = ch.license()
+        elif ch.op is ChangeOp.UPDATE:
+            if have is None:
+                raise MalformedError(f"response updates {ch.feature}, which is not installed")
+            by_name[ch.feature] = ch.license()
+        else:
+            if have is None:
+                raise MalformedError(f"response removes {ch.feature}, which is not installed")
+            removed.append(by_name.pop(ch.feature))
+    return tuple(sorted(by_name.values())), tuple(removed)
+
+
+def apply_response(
+    state: AgentState,
+    data: bytes,
+    now: int,
+    key: SigningKey,
+    limits: Limits = DEFAULT_LIMITS,
+) -> ApplyResult:
+    """Verify a response file and compute the state after applying it, plus a signed receipt.
+
+    The order is the one the update-security frameworks use: cap the size,
+    verify the signature over the exact bytes with a trusted key, decode,
+    then check binding, chain position and time. Nothing is persisted here.
+
+    Raises:
+        MalformedError, TrustError, WrongDeviceError, SequenceError subclasses,
+        ValidityError subclasses: the refusal classes of docs/protocol.md.
+    """
+    payload, _env = verify_vendor_file(state, data, now, Response, limits)
+    assert isinstance(payload, Response)
+    resp = payload
+    if resp.device_id != state.device_id:
+        raise WrongDeviceError(
+            f"response is for device {resp.device_id[:12]}…, this device is "
+            f"{state.device_id[:12]}…"
+        )
+    digest = hashlib.sha256(data).digest()
+    last = state.last_applied
+    if last is not None and last.response_digest == digest and state.last_receipt is not None:
+        return ApplyResult(state, state.last_receipt, resp, already_applied=True)
+    for a in state.applied:
+        if a.nonce == resp.nonce or a.response_digest == digest:
+            raise AlreadyAppliedError(
+                f"response was already applied (it made sequence {a.sequence}; the device is "
+                f"now at {state.sequence})"
+            )
+    if resp.base_sequence < state.sequence:
+        raise StaleError(
+            f"response builds on sequence {resp.base_sequence}, but the device is already at "
+            f"{state.sequence}: it is older than the installed state"
+        )
+    if resp.base_sequence > state.sequence:
+        raise TooNewError(
+            f"response builds on sequence {resp.base_sequence}, but the device is at "
+            f"{state.sequence}: an earlier response is missing"
+        )
+    pending = next((o for o in state.outstanding if o.nonce == resp.nonce), None)
+    if pending is None:
+        raise UnknownRequestError(
+            f"response answers request nonce {resp.nonce.hex()[:12]}…, which is not an "
+            f"outstanding request of this device"
+        )
+    if resp.base_digest != state.digest or pending.state_digest != resp.base_digest:
+        raise StaleError(
+            "response was issued against a different installed state (state digest differs)"
+        )
+    if clock_set_back(state, now, limits):
+        raise ClockSetBackError(
+            f"clock reads {now}, earlier than {state.clock_hwm} already seen: clock set back"
+        )
+    if now < resp.not_before:
+        raise NotYetValidError(f"response is not valid before {resp.not_before} (now {now})")
+    if now > resp.expires:
+        raise ExpiredError(f"response expired at {resp.expires} (now {now})")
+    licenses, removed = _apply_changes(state.licenses, resp.changes)
+    new_digest = state_digest(licenses)
+    receipt = Receipt(
+        device_id=state.device_id,
+        device_key=state.device_key,
+        response=data,
+        response_digest=digest,
+        sequence=resp.sequence,
+        state_digest=new_digest,
+        applied=resp.changes,
+        removed=removed,
+        licenses=licenses,
+        applied_at=now,
+    )
+    receipt_bytes = sign1(receipt.encode(), key, Kind.RECEIPT.content_type)
+    applied = (*state.applied, Applied(resp.nonce, resp.sequence, digest))
+    new = replace(
+        state,
+        sequence=resp.sequence,
+        licenses=licenses,
+        outstanding=(),
+        applied=applied[-limits.max_applied_history:],
+        last_receipt=receipt_bytes,
+        clock_hwm=max(state.clock_hwm, now),
+    )
+    return ApplyResult(new, receipt_bytes, resp, already_applied=False, removed=removed)
+
+
+# ---------------------------------------------------------------- trust rotation
+
+
+def apply_trust_update(
+    state: AgentState, data: bytes, now: int, limits: Limits = DEFAULT_LIMITS
+) -> tuple[AgentState, TrustUpdate]:
+    """Replace the trusted vendor keys with a set signed by a currently trusted key."""
+    payload, _env = verify_vendor_file(state, data, now, TrustUpdate, limits)
+    assert isinstance(payload, TrustUpdate)
+    if payload.version <= state.trust_version:
+        raise StaleError(
+            f"trust update version {payload.version} is not newer than the installed "
+            f"version {state.trust_version}"
+        )
+    return replace(state, trust=payload.keys, trust_version=payload.version,
+                   clock_hwm=max(state.clock_hwm, now)), payload
+
+
+# ---------------------------------------------------------------- license checks
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    feature: str
+    licensed: bool
+    message: str
+    license: License | None = None
+    in_grace: bool = False
+    clock_set_back: bool = False
+
+
+def check_feature(
+    state: AgentState, feature: str, now: int, limits: Limits = DEFAULT_LIMITS
+) -> CheckResult:
+    """Is ``feature`` licensed at ``now``?
+
+    A clock set back never extends a license: the time used is the later of
+    ``now`` and the highest time the device has seen.
+    """
+    back = clock_set_back(state, now, limits)
+    t = max(now, state.clock_hwm)
+    lic = next((x for x in state.licenses if x.feature == feature), None)
+    note = " (clock set back: using the latest time seen)" if back else ""
+    if lic is None:
+        return CheckResult(feature, False, f"{feature}: not licensed{note}", None, False, back)
+    if lic.count <= 0:
+        return CheckResult(feature, False, f"{feature}: count is 0{note}", lic, False, back)
+    if lic.not_before is not None and t < lic.not_before:
+        return CheckResult(feature, False, f"{feature}: not valid yet{note}", lic, False, back)
+    if lic.not_after is not None and t > lic.not_after:
+        if t <= lic.not_after + lic.grace:
+            return CheckResult(
+                feature, True,
+                f"{feature}: licensed, count {lic.count}, IN GRACE PERIOD (expired, grace "
+                f"ends in {lic.not_after + lic.grace - t} s){note}",
+                lic, True, back,
+            )
+        return CheckResult(feature, False, f"{feature}: expired{note}", lic, False, back)
+    return CheckResult(feature, True, f"{feature}: licensed, count {lic.count}{note}", lic,
+                       False, back)
+
+
+# ---------------------------------------------------------------- device information
+
+
+def make_device_info(
+    state: AgentState, hardware: Mapping[str, Any], host: str, now: int, key: SigningKey
+) -> tuple[bytes, DeviceInfo]:
+    info = DeviceInfo(
+        device_id=state.device_id,
+        device_key=state.device_key,
+        model=state.model,
+        serial=state.serial,
+        host_id=host,
+        hardware=hardware,
+        licenses=state.licenses,
+        sequence=state.sequence,
+        state_digest=state.digest,
+        created=now,
+        agent_version=AGENT_VERSION,
+    )
+    return sign1(info.encode(), key, Kind.DEVICE_INFO.content_type), info
+
+
+def self_signed_payload(data: bytes, expect: type[Payload], limits: Limits = DEFAULT_LIMITS) -> tuple[Payload, PublicKey]:
+    """Verify a file signed by the device key that it carries (request, receipt, device info).
+
+    The key is inside the payload, so the payload is decoded (strictly, size
+    capped) before the signature check; the key is then bound to the kid in
+    the protected header and to the device ID (both its SHA-256).
+    """
+    env = read_signed(data, limits)
+    payload = decode_payload(strict_loads(env.payload, max_size=limits.max_file), expect)
+    key: PublicKey = payload.device_key  # type: ignore[attr-defined]
+    if env.kid != key.kid:
+        raise TrustError("file's kid does not match the device key inside it")
+    if payload.device_id != key.kid.hex():  # type: ignore[attr-defined]
+        raise TrustError("device_id is not the SHA-256 of the device key")
+    env.verify_with(key)
+    return payload, key
+
+
+def license_info_for(info: LicenseInfo, device_id: str) -> Any:
+    return info.for_device(device_id)

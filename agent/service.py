@@ -1,0 +1,198 @@
+"""The agent's operations on one state directory: the pure protocol joined to the store.
+
+This is the layer the ``licagent`` CLI and (later) the daemon call. Each
+operation takes the store lock, loads the last good state, checks the
+hardware binding, runs the pure protocol step and persists the result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent import protocol
+from agent.cose import PublicKey, SigningKey
+from agent.errors import LicensingError
+from agent.identity import FactsProvider, HardwareFacts, host_id
+from agent.journal import JournalReport
+from agent.messages import Action, TrustKey, TrustUpdate
+from agent.protocol import DEFAULT_LIMITS, ApplyResult, CheckResult, Limits
+from agent.store import FileOps, Store, store_lock
+
+__all__ = ["Agent", "iso", "status_dict"]
+
+MODELS = ("AS-P", "AS-B", "Edge-Server")
+
+
+def iso(t: int | None) -> str | None:
+    """POSIX seconds as ISO 8601 UTC (``2026-11-28T00:00:00Z``), None stays None."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def status_dict(state: protocol.AgentState, now: int, warnings: Iterable[str] = ()) -> dict[str, Any]:
+    """The JSON of ``licagent status --json`` (and ``licadmin status --json``)."""
+    return {
+        "device_id": state.device_id,
+        "model": state.model,
+        "serial": state.serial,
+        "sequence": state.sequence,
+        "state_digest": state.digest.hex(),
+        "licenses": [
+            {
+                "feature": lic.feature,
+                "count": lic.count,
+                "not_before": iso(lic.not_before),
+                "not_after": iso(lic.not_after),
+                "grace_seconds": lic.grace,
+                "licensed_now": protocol.check_feature(state, lic.feature, now).licensed,
+            }
+            for lic in state.licenses
+        ],
+        "outstanding_requests": [
+            {"nonce": o.nonce.hex(), "action": o.action.value, "features": list(o.features),
+             "sequence": o.sequence, "created": iso(o.created)}
+            for o in state.outstanding
+        ],
+        "trusted_keys": [
+            {"kid": k.kid.hex(), "alg": k.key.alg_name, "not_before": iso(k.not_before),
+             "not_after": iso(k.not_after)}
+            for k in state.trust
+        ],
+        "clock_high_water": iso(state.clock_hwm),
+        "clock_set_back": protocol.clock_set_back(state, now),
+        "warnings": list(warnings),
+    }
+
+
+def _wall_clock() -> int:
+    return int(time.time())
+
+
+@dataclass
+class Agent:
+    """Operations on the license store in ``directory``.
+
+    Args:
+        directory: the state directory.
+        facts: where hardware facts come from (``hw.facts`` providers).
+        clock: returns POSIX seconds; the only source of time.
+        ops: file syscalls (fault injection in tests).
+    """
+
+    directory: Path
+    facts: FactsProvider
+    clock: Callable[[], int] = _wall_clock
+    ops: FileOps | None = None
+    limits: Limits = DEFAULT_LIMITS
+
+    def hardware(self) -> HardwareFacts:
+        return self.facts.read()
+
+    @contextmanager
+    def _open(self) -> Iterator[tuple[Store, int]]:
+        now = self.clock()
+        with store_lock(self.directory):
+            store = Store.open(
+                self.directory, self.hardware().binding_facts(), ops=self.ops, now=now
+            )
+            yield store, now
+
+    # ------------------------------------------------------------ operations
+
+    def init(self, model: str, serial: str | None, trust: Iterable[PublicKey],
+             alg: int | None = None) -> Store:
+        now = self.clock()
+        hw = self.hardware()
+        if serial and not hw.serial:
+            hw = replace(hw, serial=serial)
+        hw = replace(hw, model=model)
+        key = SigningKey.generate() if alg is None else SigningKey.generate(alg)
+        state = protocol.new_state(
+            key.public, model, serial or hw.serial, hw.binding_facts(),
+            [TrustKey(k) for k in trust], now,
+        )
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with store_lock(self.directory):
+            return Store.create(self.directory, key, state, self.ops)
+
+    def state(self) -> tuple[protocol.AgentState, list[str], int]:
+        with self._open() as (store, now):
+            return store.state, store.report.warnings, now
+
+    def status(self) -> dict[str, Any]:
+        st, warnings, now = self.state()
+        return status_dict(st, now, warnings)
+
+    def info(self) -> tuple[bytes, Any]:
+        with self._open() as (store, now):
+            hw = self.hardware()
+            hw_map = hw.as_dict()
+            hw_map["model"] = store.state.model
+            data, info = protocol.make_device_info(
+                store.state, hw_map, host_id(store.state.binding), now, store.key
+            )
+            return data, info
+
+    def request(self, action: Action, features: Iterable[str]) -> bytes:
+        with self._open() as (store, now):
+            new, data, req = protocol.create_request(
+                store.state, action, features, os.urandom(16), now, store.key, self.limits
+            )
+            store.commit(new, "request", {"action": action.value, "nonce": req.nonce.hex(),
+                                          "sequence": req.sequence,
+                                          "features": list(req.features)}, now)
+            return data
+
+    def apply(self, data: bytes) -> tuple[ApplyResult, str | None]:
+        """Verify and apply a response; returns the result and a journal warning if any."""
+        with self._open() as (store, now):
+            try:
+                res = protocol.apply_response(store.state, data, now, store.key, self.limits)
+            except LicensingError as err:
+                store.record_refusal(err, "apply", now)
+                raise
+            if res.already_applied:
+                try:
+                    store.journal.append("reapply", {"sequence": res.response.sequence}, now)
+                except LicensingError:
+                    pass
+                return res, None
+            warn = store.commit(res.state, "apply", {
+                "sequence": res.state.sequence,
+                "nonce": res.response.nonce.hex(),
+                "state_digest": res.state.digest.hex(),
+                "changes": [c.to_cbor() for c in res.response.changes],
+                "removed": [lic.feature for lic in res.removed],
+            }, now)
+            return res, warn
+
+    def check(self, feature: str) -> CheckResult:
+        with self._open() as (store, now):
+            res = protocol.check_feature(store.state, feature, now, self.limits)
+            new, persist = protocol.observe_clock(store.state, now, self.limits)
+            if persist:
+                store.save(new)
+            return res
+
+    def trust_update(self, data: bytes) -> TrustUpdate:
+        with self._open() as (store, now):
+            try:
+                new, upd = protocol.apply_trust_update(store.state, data, now, self.limits)
+            except LicensingError as err:
+                store.record_refusal(err, "trust-update", now)
+                raise
+            store.commit(new, "trust-update", {"version": upd.version,
+                                               "kids": [k.kid.hex() for k in upd.keys]}, now)
+            return upd
+
+    def journal(self) -> JournalReport:
+        with self._open() as (store, _now):
+            return store.journal.read()

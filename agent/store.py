@@ -1,0 +1,380 @@
+"""The trusted license store on disk: atomic, MAC-protected, bound to its hardware.
+
+Layout of a state directory::
+
+    device.key   the device's private key (PEM PKCS#8, mode 0600); never leaves the store
+    state.0      slot 0 } the state alternates between two slots, each written with the
+    state.1      slot 1 } recipe below and holding two MAC-protected copies of the state
+    journal.log  append-only, hash-chained, MAC-protected audit journal
+    lock         advisory lock so that the daemon and CLI calls never interleave
+
+Write recipe (per slot): temporary file in the same directory, write, fsync,
+close, ``os.replace``, fsync the directory. Each syscall goes through
+:class:`FileOps`, so tests can fail or crash at every step.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import hmac
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.cose import SigningKey, canonical, strict_loads
+from agent.errors import (
+    CopiedStoreError,
+    IntegrityError,
+    LicensingError,
+    MalformedError,
+    StorageError,
+    UsageError,
+)
+from agent.identity import check_binding
+from agent.journal import Journal
+from agent.protocol import AgentState
+
+__all__ = ["FileOps", "LoadReport", "Store"]
+
+SLOT_MAGIC = "licagent-store"
+SLOT_VERSION = 1
+MAX_SLOT = 1024 * 1024
+KEY_FILE = "device.key"
+SLOTS = ("state.0", "state.1")
+JOURNAL_FILE = "journal.log"
+LOCK_FILE = "lock"
+
+
+class FileOps:
+    """The syscalls of the write recipe, one method each (overridden by fault-injection tests)."""
+
+    def open(self, path: str, flags: int, mode: int = 0o600) -> int:
+        return os.open(path, flags, mode)
+
+    def write(self, fd: int, data: bytes) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def ftruncate(self, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)
+
+
+def write_all(ops: FileOps, fd: int, data: bytes) -> None:
+    off = 0
+    while off < len(data):
+        n = ops.write(fd, data[off:])
+        if n <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        off += n
+
+
+def fsync_dir(ops: FileOps, directory: Path) -> None:
+    fd = ops.open(str(directory), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        ops.fsync(fd)
+    finally:
+        ops.close(fd)
+
+
+def atomic_write(ops: FileOps, path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves exactly the old or the new file.
+
+    A failure at any step raises :class:`StorageError` (never retried: after a
+    failed fsync the kernel may have dropped the dirty pages) and leaves no
+    temporary file behind.
+    """
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = -1
+    try:
+        fd = ops.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_TRUNC, mode)
+        write_all(ops, fd, data)
+        ops.fsync(fd)
+        ops.close(fd)
+        fd = -1
+        ops.replace(str(tmp), str(path))
+        fsync_dir(ops, path.parent)
+    except OSError as exc:
+        if fd >= 0:
+            try:
+                ops.close(fd)
+            except OSError:
+                pass
+        try:
+            ops.unlink(str(tmp))
+        except OSError:
+            pass
+        raise StorageError(
+            f"could not write {path.name}: {exc.strerror or exc} (errno {exc.errno}); "
+            f"the previous state is kept"
+        ) from exc
+
+
+@dataclass
+class LoadReport:
+    """What loading found: which slot, and every anomaly worth telling the operator."""
+
+    slot: int
+    generation: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def _mac(key: bytes, generation: int, state_bytes: bytes) -> bytes:
+    msg = canonical([SLOT_MAGIC, SLOT_VERSION, generation, state_bytes])
+    return hmac.new(key, msg, hashlib.sha256).digest()
+
+
+def encode_slot(key: bytes, generation: int, state_bytes: bytes) -> bytes:
+    mac = _mac(key, generation, state_bytes)
+    copy = [SLOT_MAGIC, SLOT_VERSION, generation, state_bytes, mac]
+    # two identical copies: a flipped bit or a torn tail in one leaves the other intact
+    return canonical([copy, copy])
+
+
+def decode_slot(key: bytes, data: bytes) -> tuple[int, bytes, list[str]]:
+    """Return (generation, state bytes, warnings) from the first copy whose MAC holds."""
+    warnings: list[str] = []
+    copies: list[Any] = []
+    try:
+        outer = strict_loads(data, max_size=MAX_SLOT)
+        if isinstance(outer, list):
+            copies = outer[:2]
+    except MalformedError as exc:
+        warnings.append(f"slot does not decode as a whole ({exc})")
+    if not copies:
+        copies = _salvage_copies(data)
+    for i, c in enumerate(copies):
+        if (
+            isinstance(c, list) and len(c) == 5 and c[0] == SLOT_MAGIC and c[1] == SLOT_VERSION
+            and isinstance(c[2], int) and isinstance(c[3], bytes) and isinstance(c[4], bytes)
+            and hmac.compare_digest(_mac(key, c[2], c[3]), c[4])
+        ):
+            if i:
+                warnings.append("first copy of the slot is damaged; the second copy was used")
+            return c[2], c[3], warnings
+    raise IntegrityError("no copy in the slot passes its integrity check")
+
+
+def _salvage_copies(data: bytes) -> list[Any]:
+    """Find a copy in a damaged slot file: try decoding from each plausible offset."""
+    import cbor2
+
+    found: list[Any] = []
+    magic = canonical(SLOT_MAGIC)
+    start = 0
+    while len(found) < 2:
+        i = data.find(magic, start)
+        if i < 1:
+            if i == 0:
+                start = 1
+                continue
+            break
+        try:
+            obj = cbor2.loads(data[i - 1:], max_depth=4, allow_indefinite=False,
+                              allow_duplicate_keys=False)
+            found.append(obj)
+        except Exception:  # noqa: BLE001 - salvage is best effort; MAC decides
+            pass
+        start = i + 1
+    return found
+
+
+class Store:
+    """A device's trusted store in a directory. Use :meth:`open` or :meth:`create`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        key: SigningKey,
+        state: AgentState,
+        generation: int,
+        slot: int,
+        ops: FileOps,
+        report: LoadReport,
+    ) -> None:
+        self.directory = directory
+        self.key = key
+        self.state = state
+        self.generation = generation
+        self.slot = slot
+        self.ops = ops
+        self.report = report
+        self.mac_key = key.secret_digest(b"store-mac")
+        self.journal = Journal(directory / JOURNAL_FILE, key.secret_digest(b"journal-mac"), ops)
+
+    # ------------------------------------------------------------ creation / loading
+
+    @classmethod
+    def create(
+        cls, directory: Path, key: SigningKey, state: AgentState, ops: FileOps | None = None
+    ) -> Store:
+        ops = ops or FileOps()
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if any((directory / n).exists() for n in (KEY_FILE, *SLOTS)):
+            raise UsageError(
+                f"{directory} already holds a license store; refusing to overwrite it"
+            )
+        atomic_write(ops, directory / KEY_FILE, key.to_pem(), 0o600)
+        store = cls(directory, key, state, 0, 1, ops, LoadReport(1, 0))
+        store.save(state)
+        store.journal.append("init", {"device_id": state.device_id, "model": state.model,
+                                       "sequence": state.sequence}, state.created)
+        return store
+
+    @classmethod
+    def open(
+        cls, directory: Path, binding_facts: tuple[str, ...] | None = None,
+        ops: FileOps | None = None, now: int = 0,
+    ) -> Store:
+        """Load the last good state; check it still sits on the same hardware.
+
+        Args:
+            binding_facts: the hardware's facts now; None skips the binding check
+                (used only by tests that look at the raw store).
+
+        Raises:
+            UsageError: no store in ``directory``.
+            IntegrityError: no slot passes its integrity check (never reset to empty).
+            CopiedStoreError: the store was copied from other hardware.
+        """
+        ops = ops or FileOps()
+        key_path = directory / KEY_FILE
+        try:
+            pem = key_path.read_bytes()
+        except FileNotFoundError as exc:
+            raise UsageError(
+                f"no license store in {directory} (run 'licagent init' first)"
+            ) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read {key_path}: {exc}") from exc
+        try:
+            key = SigningKey.from_pem(pem)
+        except MalformedError as exc:
+            raise IntegrityError(f"device key {key_path} is damaged: {exc}") from exc
+        mac_key = key.secret_digest(b"store-mac")
+        best: tuple[int, int, bytes] | None = None
+        warnings: list[str] = []
+        for idx, name in enumerate(SLOTS):
+            p = directory / name
+            try:
+                data = p.read_bytes()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                warnings.append(f"{name} unreadable: {exc}")
+                continue
+            try:
+                gen, sb, w = decode_slot(mac_key, data)
+            except IntegrityError as exc:
+                warnings.append(f"{name} is damaged ({exc}); ignored")
+                continue
+            warnings.extend(f"{name}: {x}" for x in w)
+            if best is None or gen > best[0]:
+                best = (gen, idx, sb)
+        if best is None:
+            raise IntegrityError(
+                f"no intact license state in {directory}: both slots are missing or fail their "
+                f"integrity check. The store is NOT reset; restore it from a backup or "
+                f"re-provision the device with the vendor."
+            )
+        gen, idx, sb = best
+        try:
+            state = AgentState.from_cbor(strict_loads(sb, max_size=MAX_SLOT))
+        except MalformedError as exc:
+            raise IntegrityError(f"stored state does not decode: {exc}") from exc
+        if state.device_key != key.public:
+            raise IntegrityError("stored state belongs to a different device key")
+        other = directory / SLOTS[1 - idx]
+        if warnings and other.exists():
+            warnings.append(f"using {SLOTS[idx]} (generation {gen}), the last good state")
+        store = cls(directory, key, state, gen, idx, ops, LoadReport(idx, gen, warnings))
+        if warnings:
+            store.journal.append("recovered", {"warnings": warnings, "generation": gen}, now)
+        if binding_facts is not None:
+            store._check_binding(binding_facts, now)
+        return store
+
+    def _check_binding(self, facts: tuple[str, ...], now: int) -> None:
+        chk = check_binding(self.state.binding, facts)
+        if not chk.ok:
+            self.journal.append("refused", {"reason": "copied-store",
+                                            "missing": list(chk.missing),
+                                            "added": list(chk.added)}, now)
+            raise CopiedStoreError(
+                f"this license store belongs to other hardware: only {chk.matched} of "
+                f"{chk.total} identifying facts match (missing: {', '.join(chk.missing)}). "
+                f"A store copied to another server is refused; ask the vendor to re-issue."
+            )
+        if chk.changed:
+            from dataclasses import replace
+
+            self.commit(replace(self.state, binding=tuple(sorted(set(facts)))), "rebind",
+                        {"missing": list(chk.missing), "added": list(chk.added),
+                         "matched": chk.matched, "total": chk.total}, now)
+            self.report.warnings.append(
+                f"hardware changed ({', '.join(chk.missing)} gone, {', '.join(chk.added)} new); "
+                f"store re-bound"
+            )
+
+    # ------------------------------------------------------------ writing
+
+    def save(self, state: AgentState) -> None:
+        """Persist ``state`` into the older slot; on success it becomes the current state."""
+        gen = self.generation + 1
+        slot = 1 - self.slot
+        data = encode_slot(self.mac_key, gen, state.encode())
+        atomic_write(self.ops, self.directory / SLOTS[slot], data)
+        self.state, self.generation, self.slot = state, gen, slot
+
+    def commit(self, state: AgentState, event: str, details: dict[str, Any], now: int) -> str | None:
+        """Save, then journal. Returns a warning if only the journal write failed.
+
+        The state is the commit point; the journal records it afterwards, so a
+        journal failure cannot undo an apply whose receipt the caller may use.
+        """
+        self.save(state)
+        try:
+            self.journal.append(event, details, now)
+        except StorageError as exc:
+            return f"state saved, but the audit journal could not be written: {exc}"
+        return None
+
+    def record_refusal(self, err: LicensingError, what: str, now: int) -> None:
+        """Journal a refusal; the license state itself stays untouched."""
+        try:
+            self.journal.append("refused", {"what": what, "reason": err.reason,
+                                            "message": str(err)[:300]}, now)
+        except StorageError:
+            pass
+
+
+@contextmanager
+def store_lock(directory: Path) -> Iterator[None]:
+    """Exclusive advisory lock on a state directory for one operation."""
+    if not directory.is_dir():
+        yield
+        return
+    try:
+        fd = os.open(str(directory / LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot open lock file in {directory}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

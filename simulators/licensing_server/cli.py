@@ -1,0 +1,119 @@
+"""``licserver``: the vendor side, minimal: key generation, issuing responses, checking receipts."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.cli import parse_time, read_input, write_output
+from agent.cose import ALG_EDDSA, ALG_ES256, PublicKey, SigningKey
+from agent.errors import EXIT_OK, LicensingError, StorageError, UsageError
+from agent.store import FileOps, atomic_write
+from simulators.licensing_server.vendor import DAY, Grant, Vendor, verify_receipt
+
+__all__ = ["main", "parse_grant"]
+
+PROG = "licserver"
+GRANT_RE = re.compile(r"^(?P<feature>[^=@\s]+)=(?P<count>\d+)(?:@(?P<expiry>\S+))?$")
+
+
+def parse_grant(text: str) -> Grant:
+    """``FEATURE=COUNT[@EXPIRY]``; EXPIRY is an ISO date (end of that day, UTC) or date-time."""
+    m = GRANT_RE.match(text)
+    if not m:
+        raise UsageError(f"--grant {text!r}: expected FEATURE=COUNT or FEATURE=COUNT@EXPIRY")
+    expiry = m["expiry"]
+    return Grant(m["feature"], int(m["count"]), parse_time(expiry) if expiry else None)
+
+
+def _now() -> int:
+    fake = os.environ.get("LICSERVER_TIME") or os.environ.get("LICAGENT_TIME")
+    return parse_time(fake) if fake else int(time.time())
+
+
+def _load_key(path: str) -> SigningKey:
+    try:
+        return SigningKey.from_pem(Path(path).read_bytes())
+    except OSError as exc:
+        raise UsageError(f"cannot read vendor key {path}: {exc}") from exc
+
+
+def _load_pub(path: str) -> PublicKey:
+    try:
+        return PublicKey.from_pem(Path(path).read_bytes())
+    except OSError as exc:
+        raise UsageError(f"cannot read public key {path}: {exc}") from exc
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Vendor licensing server (simulator).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sp = sub.add_parser("keygen", help="create a vendor signing key pair")
+    sp.add_argument("--out", required=True, metavar="DIR")
+    sp.add_argument("--alg", choices=("Ed25519", "ES256"), default="Ed25519")
+    sp = sub.add_parser("issue", help="answer a request file with a signed response")
+    sp.add_argument("--key", required=True, metavar="KEYFILE")
+    sp.add_argument("--request", required=True, metavar="REQ")
+    sp.add_argument("--grant", action="append", default=[], metavar="FEATURE=COUNT[@EXPIRY]")
+    sp.add_argument("--remove", action="append", default=[], metavar="FEATURE")
+    sp.add_argument("--valid-days", type=int, default=30,
+                    help="how long the response may be applied (default 30 days)")
+    sp.add_argument("--out", required=True, metavar="RESP")
+    sp = sub.add_parser("verify-receipt", help="check a device's receipt (exit 0 only if genuine)")
+    sp.add_argument("--trust", required=True, action="append", metavar="VENDOR_PUBKEY_FILE")
+    sp.add_argument("receipt", metavar="RECEIPT_FILE")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "keygen":
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / "vendor.key").exists():
+            raise UsageError(f"{out / 'vendor.key'} exists; refusing to overwrite a signing key")
+        key = SigningKey.generate(ALG_ES256 if args.alg == "ES256" else ALG_EDDSA)
+        ops = FileOps()
+        atomic_write(ops, out.absolute() / "vendor.key", key.to_pem(), 0o600)
+        atomic_write(ops, out.absolute() / "vendor.pub", key.public.to_pem(), 0o644)
+        print(f"wrote {out / 'vendor.key'} (mode 0600) and {out / 'vendor.pub'}")
+        print(f"kid {key.public.kid.hex()}")
+        return EXIT_OK
+    if args.command == "issue":
+        vendor = Vendor(_load_key(args.key))
+        grants = [parse_grant(g) for g in args.grant]
+        if args.valid_days < 1:
+            raise UsageError("--valid-days must be at least 1")
+        data = vendor.issue(read_input(args.request, 64 * 1024), grants, args.remove, _now(),
+                            args.valid_days * DAY)
+        write_output(args.out, data)
+        print(f"wrote response to {args.out}")
+        return EXIT_OK
+    if args.command == "verify-receipt":
+        trusted = [_load_pub(t) for t in args.trust]
+        rc = verify_receipt(read_input(args.receipt, 128 * 1024), trusted)
+        removed = ", ".join(f"{x.feature}={x.count}" for x in rc.removed) or "nothing"
+        print(f"genuine receipt from device {rc.device_id}: sequence {rc.sequence}, "
+              f"removed {removed}")
+        return EXIT_OK
+    raise UsageError(f"unknown command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except StorageError as err:
+        print(f"{PROG}: {err.reason}: {err}", file=sys.stderr)
+        return err.exit_code
+    except LicensingError as err:
+        print(f"{PROG}: {err.reason}: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

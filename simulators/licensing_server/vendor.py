@@ -1,0 +1,192 @@
+"""The vendor's signing side: turns verified device requests into signed responses.
+
+:class:`Vendor` is also the signing simulator the tests use to stage attacks
+(python-tuf's RepositorySimulator idea): sign for another device, late, stale,
+with the wrong key, by overriding fields of an otherwise correct response.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agent.cose import PublicKey, SigningKey, sign1, strict_loads
+from agent.errors import MalformedError, TrustError, UsageError
+from agent.messages import (
+    Action,
+    ChangeOp,
+    DeviceInfo,
+    License,
+    LicenseChange,
+    LicenseInfo,
+    LicenseInfoEntry,
+    Payload,
+    Receipt,
+    Request,
+    Response,
+    TrustKey,
+    TrustUpdate,
+    decode_payload,
+    state_digest,
+)
+from agent.protocol import Limits, read_signed, self_signed_payload
+
+__all__ = ["Grant", "Vendor", "verify_receipt"]
+
+DAY = 86400
+
+
+@dataclass(frozen=True)
+class Grant:
+    """FEATURE=COUNT[@EXPIRY] from the command line."""
+
+    feature: str
+    count: int
+    not_after: int | None = None
+    not_before: int | None = None
+    grace: int = 0
+
+
+class Vendor:
+    """Signs responses, license information and trust updates with one vendor key."""
+
+    def __init__(self, key: SigningKey) -> None:
+        self.key = key
+
+    @property
+    def public(self) -> PublicKey:
+        return self.key.public
+
+    @staticmethod
+    def read_request(data: bytes) -> Request:
+        """Verify a request file (signed by the device key it carries) and decode it."""
+        payload, _key = self_signed_payload(data, Request)
+        assert isinstance(payload, Request)
+        if state_digest(payload.licenses) != payload.state_digest:
+            raise MalformedError("request's license list does not match its state digest")
+        return payload
+
+    def changes_for(
+        self, req: Request, grants: Iterable[Grant], removes: Iterable[str]
+    ) -> tuple[LicenseChange, ...]:
+        installed = {lic.feature: lic for lic in req.licenses}
+        changes: list[LicenseChange] = []
+        for g in grants:
+            op = ChangeOp.UPDATE if g.feature in installed else ChangeOp.ADD
+            changes.append(LicenseChange(op, g.feature, g.count, g.not_before, g.not_after,
+                                         g.grace))
+        rem = list(removes)
+        if not changes and not rem and req.action is Action.RECLAIM:
+            rem = list(req.features) or list(installed)
+        for f in rem:
+            if f not in installed:
+                raise UsageError(f"cannot remove {f}: the device does not have it installed")
+            changes.append(LicenseChange(ChangeOp.REMOVE, f))
+        if not changes:
+            raise UsageError("nothing to issue: give --grant FEATURE=COUNT or --remove FEATURE")
+        return tuple(changes)
+
+    def response_for(
+        self,
+        req: Request,
+        changes: Iterable[LicenseChange],
+        now: int,
+        valid_for: int = 30 * DAY,
+        **overrides: Any,
+    ) -> Response:
+        """The correct response to ``req``; ``overrides`` replace fields (to stage attacks)."""
+        fields: dict[str, Any] = dict(
+            device_id=req.device_id,
+            nonce=req.nonce,
+            base_sequence=req.sequence,
+            base_digest=req.state_digest,
+            sequence=req.sequence + 1,
+            changes=tuple(changes),
+            issued=now,
+            not_before=max(0, now - 300),
+            expires=now + valid_for,
+        )
+        fields.update(overrides)
+        if "base_sequence" in overrides and "sequence" not in overrides:
+            fields["sequence"] = fields["base_sequence"] + 1
+        return Response(**fields)
+
+    def sign(self, payload: Payload) -> bytes:
+        return sign1(payload.encode(), self.key, payload.KIND.content_type)
+
+    def issue(
+        self, request: bytes, grants: Iterable[Grant] = (), removes: Iterable[str] = (),
+        now: int = 0, valid_for: int = 30 * DAY,
+    ) -> bytes:
+        req = self.read_request(request)
+        return self.sign(self.response_for(req, self.changes_for(req, grants, removes), now,
+                                           valid_for))
+
+    def trust_update(self, keys: Iterable[TrustKey], version: int, now: int) -> bytes:
+        return self.sign(TrustUpdate(version=version, keys=tuple(keys), issued=now))
+
+    def license_info(
+        self, entries: Mapping[str, tuple[Iterable[License], Iterable[License]]], now: int,
+        valid_for: int = 30 * DAY,
+    ) -> bytes:
+        """Sign license information: per device ID, (licenses to reclaim, licenses to install)."""
+        info = LicenseInfo(
+            entries=tuple(
+                LicenseInfoEntry(dev, tuple(sorted(rc)), tuple(sorted(inst)))
+                for dev, (rc, inst) in sorted(entries.items())
+            ),
+            issued=now,
+            expires=now + valid_for,
+        )
+        return self.sign(info)
+
+
+def verify_receipt(data: bytes, trusted: Iterable[PublicKey], limits: Limits | None = None) -> Receipt:
+    """Accept a receipt only if it is genuine.
+
+    Genuine means: signed by the device key it carries (whose SHA-256 is the
+    device ID), answering a response file that one of ``trusted`` vendor keys
+    really signed, for that same device, and consistent with that response.
+
+    Raises:
+        MalformedError, TrustError: with the reason.
+    """
+    lim = limits or Limits()
+    payload, _key = self_signed_payload(data, Receipt, lim)
+    assert isinstance(payload, Receipt)
+    rc = payload
+    env = read_signed(rc.response, lim)
+    keys = {k.kid: k for k in trusted}
+    vk = keys.get(env.kid)
+    if vk is None:
+        raise TrustError("the response inside the receipt was not signed by a trusted vendor key")
+    resp = decode_payload(strict_loads(env.verify_with(vk), max_size=lim.max_file), Response)
+    assert isinstance(resp, Response)
+    if hashlib.sha256(rc.response).digest() != rc.response_digest:
+        raise TrustError("receipt's response digest does not match the response it carries")
+    if resp.device_id != rc.device_id:
+        raise TrustError(
+            f"receipt is signed by device {rc.device_id[:12]}…, but the response was issued to "
+            f"{resp.device_id[:12]}…"
+        )
+    if rc.sequence != resp.sequence:
+        raise TrustError("receipt's sequence is not the one the response set")
+    if tuple(rc.applied) != tuple(resp.changes):
+        raise TrustError("receipt's applied changes differ from the response's")
+    removed = {c.feature for c in resp.changes if c.op is ChangeOp.REMOVE}
+    if {lic.feature for lic in rc.removed} != removed:
+        raise TrustError("receipt does not prove the removals the response asked for")
+    if any(lic.feature in removed for lic in rc.licenses):
+        raise TrustError("receipt still lists a reclaimed license as installed")
+    if state_digest(rc.licenses) != rc.state_digest:
+        raise TrustError("receipt's license list does not match its state digest")
+    return rc
+
+
+def read_device_info(data: bytes) -> DeviceInfo:
+    payload, _ = self_signed_payload(data, DeviceInfo)
+    assert isinstance(payload, DeviceInfo)
+    return payload
+
