@@ -36,7 +36,7 @@ unit: $(STAMP) $(CWT_STAMP)
 test: lint unit
 
 fuzz: $(STAMP)
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q -p no:cacheprovider -m fuzz tests/agent/test_fuzz.py
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q -p no:cacheprovider tests/agent/test_fuzz.py
 
 bench: $(STAMP)
 	$(PY) tests/bench/run.py
