@@ -118,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     sp = cmd("request", "create a signed request file")
     sp.add_argument("action", choices=[a.value for a in Action])
     sp.add_argument("--feature", action="append", default=[], metavar="F")
+    sp.add_argument("--license-info", metavar="FILE",
+                    help="vendor-signed license information: reclaim what it lists for this device")
     sp.add_argument("--out", required=True, metavar="FILE")
 
     sp = cmd("apply", "verify a vendor response file and apply it")
@@ -198,7 +200,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  warning: {w}")
         return EXIT_OK
     if c == "request":
-        data = agent.request(Action(args.action), args.feature)
+        features = list(args.feature)
+        if args.license_info:
+            features += agent.features_from_license_info(
+                read_input(args.license_info, 16 * 1024 * 1024), Action(args.action))
+        data = agent.request(Action(args.action), features)
         write_output(args.out, data)
         print(f"wrote {args.action} request to {args.out}")
         return EXIT_OK

@@ -73,7 +73,9 @@ def _tag_hook_reject(*args: Any) -> Any:
     raise ValueError(f"CBOR tag {_tag_of(args).tag} is not allowed here")
 
 
-def strict_loads(data: bytes, *, max_size: int, allow_sign1_tag: bool = False) -> Any:
+def strict_loads(
+    data: bytes, *, max_size: int, allow_sign1_tag: bool = False, allow_trailing: bool = False
+) -> Any:
     """Decode one CBOR item from ``data`` with every safety limit on.
 
     Raises:
@@ -112,7 +114,7 @@ def strict_loads(data: bytes, *, max_size: int, allow_sign1_tag: bool = False) -
         raise MalformedError(f"not well-formed CBOR: {exc}") from exc
     except (RecursionError, MemoryError, OverflowError) as exc:
         raise MalformedError(f"CBOR rejected: {type(exc).__name__}") from exc
-    if fp.tell() != len(data):
+    if fp.tell() != len(data) and not allow_trailing:
         raise MalformedError(f"{len(data) - fp.tell()} trailing bytes after the CBOR item")
     return obj
 
@@ -321,6 +323,14 @@ def decode_sign1(data: bytes, *, max_size: int) -> Sign1:
         raise MalformedError("COSE_Sign1 payload must be attached (a byte string)")
     if not isinstance(signature, bytes):
         raise MalformedError("COSE_Sign1 signature must be a byte string")
+    # The envelope itself is not signed: accept only its shortest-form encoding, so a
+    # signed message has exactly one file (a re-encoded copy would dodge replay checks).
+    try:
+        reencoded = cbor2.dumps(obj)
+    except (cbor2.CBOREncodeError, ValueError, TypeError) as exc:
+        raise MalformedError(f"COSE_Sign1 envelope cannot be re-encoded: {exc}") from exc
+    if reencoded != data:
+        raise MalformedError("COSE_Sign1 envelope is not in shortest-form CBOR encoding")
     protected = strict_loads(protected_raw, max_size=1024) if protected_raw else {}
     if not isinstance(protected, dict):
         raise MalformedError("protected header must be a map")
@@ -329,7 +339,8 @@ def decode_sign1(data: bytes, *, max_size: int) -> Sign1:
     alg = protected.get(HDR_ALG)
     kid = protected.get(HDR_KID)
     ctype = protected.get(HDR_CONTENT_TYPE)
-    if alg not in ALG_NAMES:
+    # type check first: an array or map as alg is unhashable, and -8.0 == -8
+    if type(alg) is not int or alg not in ALG_NAMES:
         raise TrustError(f"unsupported or missing COSE algorithm {alg!r} (EdDSA or ES256 only)")
     if not isinstance(kid, bytes) or not 1 <= len(kid) <= 64:
         raise MalformedError("protected header has no usable kid")

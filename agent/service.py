@@ -18,10 +18,10 @@ from typing import Any
 
 from agent import protocol
 from agent.cose import PublicKey, SigningKey
-from agent.errors import LicensingError
+from agent.errors import ExpiredError, LicensingError, UsageError
 from agent.identity import FactsProvider, HardwareFacts, host_id
 from agent.journal import JournalReport
-from agent.messages import Action, TrustKey, TrustUpdate
+from agent.messages import Action, LicenseInfo, TrustKey, TrustUpdate
 from agent.protocol import DEFAULT_LIMITS, ApplyResult, CheckResult, Limits
 from agent.store import FileOps, Store, store_lock
 
@@ -192,6 +192,26 @@ class Agent:
             store.commit(new, "trust-update", {"version": upd.version,
                                                "kids": [k.kid.hex() for k in upd.keys]}, now)
             return upd
+
+    def features_from_license_info(self, data: bytes, action: Action) -> list[str]:
+        """This device's features in vendor-signed license information (reclaim or install list).
+
+        Raises:
+            UsageError: the license information names nothing for this device.
+        """
+        with self._open() as (store, now):
+            lim = replace(self.limits, max_file=16 * 1024 * 1024)
+            info, _env = protocol.verify_vendor_file(store.state, data, now, LicenseInfo, lim)
+            assert isinstance(info, LicenseInfo)
+            if now > info.expires:
+                raise ExpiredError(f"license information expired at {iso(info.expires)}")
+            entry = info.for_device(store.state.device_id)
+            if entry is None:
+                raise UsageError(
+                    f"license information names nothing for device {store.state.device_id[:12]}…"
+                )
+            lics = entry.reclaim if action is Action.RECLAIM else entry.install
+            return [lic.feature for lic in lics]
 
     def journal(self) -> JournalReport:
         with self._open() as (store, _now):

@@ -172,8 +172,6 @@ def decode_slot(key: bytes, data: bytes) -> tuple[int, bytes, list[str]]:
 
 def _salvage_copies(data: bytes) -> list[Any]:
     """Find a copy in a damaged slot file: try decoding from each plausible offset."""
-    import cbor2
-
     found: list[Any] = []
     magic = canonical(SLOT_MAGIC)
     start = 0
@@ -185,11 +183,9 @@ def _salvage_copies(data: bytes) -> list[Any]:
                 continue
             break
         try:
-            obj = cbor2.loads(data[i - 1:], max_depth=4, allow_indefinite=False,
-                              allow_duplicate_keys=False)
-            found.append(obj)
-        except Exception:  # noqa: BLE001 - salvage is best effort; MAC decides
-            pass
+            found.append(strict_loads(data[i - 1:], max_size=MAX_SLOT, allow_trailing=True))
+        except MalformedError:
+            pass  # not a copy starting here; the MAC decides for the ones that decode
         start = i + 1
     return found
 

@@ -13,8 +13,15 @@ from pathlib import Path
 from agent.cli import parse_time, read_input, write_output
 from agent.cose import ALG_EDDSA, ALG_ES256, PublicKey, SigningKey
 from agent.errors import EXIT_OK, LicensingError, StorageError, UsageError
+from agent.messages import License
 from agent.store import FileOps, atomic_write
-from simulators.licensing_server.vendor import DAY, Grant, Vendor, verify_receipt
+from simulators.licensing_server.vendor import (
+    DAY,
+    Grant,
+    Vendor,
+    read_device_info,
+    verify_receipt,
+)
 
 __all__ = ["main", "parse_grant"]
 
@@ -64,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--valid-days", type=int, default=30,
                     help="how long the response may be applied (default 30 days)")
     sp.add_argument("--out", required=True, metavar="RESP")
+    sp = sub.add_parser("license-info",
+                        help="sign license information: which installed licenses to reclaim")
+    sp.add_argument("--key", required=True, metavar="KEYFILE")
+    sp.add_argument("--device-info", required=True, action="append", metavar="FILE")
+    sp.add_argument("--reclaim", action="append", default=[], metavar="FEATURE",
+                    help="feature to reclaim where installed (default: every installed license)")
+    sp.add_argument("--out", required=True, metavar="LICENSE_INFO")
     sp = sub.add_parser("verify-receipt", help="check a device's receipt (exit 0 only if genuine)")
     sp.add_argument("--trust", required=True, action="append", metavar="VENDOR_PUBKEY_FILE")
     sp.add_argument("receipt", metavar="RECEIPT_FILE")
@@ -92,6 +106,20 @@ def run(args: argparse.Namespace) -> int:
                             args.valid_days * DAY)
         write_output(args.out, data)
         print(f"wrote response to {args.out}")
+        return EXIT_OK
+    if args.command == "license-info":
+        vendor = Vendor(_load_key(args.key))
+        entries: dict[str, tuple[list[License], list[License]]] = {}
+        for f in args.device_info:
+            info = read_device_info(read_input(f, 64 * 1024))
+            wanted = set(args.reclaim)
+            picked = [x for x in info.licenses if not wanted or x.feature in wanted]
+            entries[info.device_id] = (picked, [])
+        write_output(args.out, vendor.license_info(entries, _now()))
+        for dev, (picked, _) in entries.items():
+            names = ", ".join(x.feature for x in picked) or "nothing"
+            print(f"device {dev[:12]}…: reclaim {names}")
+        print(f"wrote license information to {args.out}")
         return EXIT_OK
     if args.command == "verify-receipt":
         trusted = [_load_pub(t) for t in args.trust]
