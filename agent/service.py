@@ -111,6 +111,10 @@ class Agent:
              alg: int | None = None) -> Store:
         now = self.clock()
         hw = self.hardware()
+        if hw.model and hw.model != model:
+            raise UsageError(f"the hardware reports model {hw.model}, not {model}")
+        if model not in MODELS:
+            raise UsageError(f"unknown model {model!r}: one of {', '.join(MODELS)}")
         if serial and not hw.serial:
             hw = replace(hw, serial=serial)
         hw = replace(hw, model=model)
