@@ -33,10 +33,9 @@ import sys
 from pathlib import Path
 
 import cbor2
+import cwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-
-import cwt
 from cwt import COSEKey
 
 ALGS = {"EdDSA": -8, "ES256": -7}
@@ -57,8 +56,8 @@ def raw_public(pem: bytes) -> bytes:
     raise ValueError("only Ed25519 and P-256 keys are supported")
 
 
-def _header_json(h: dict) -> dict:
-    out = {}
+def _header_json(h: dict[int, object]) -> dict[str, object]:
+    out: dict[str, object] = {}
     for k, v in h.items():
         out[str(k)] = v.hex() if isinstance(v, bytes) else v
     return out
@@ -95,12 +94,12 @@ def sign(payload_path: str, pem_path: str, kid_hex: str, alg_name: str, out: str
     if auto:
         key = COSEKey.from_pem(pem, alg=alg, kid=kid)
         ctx = cwt.COSE.new(alg_auto_inclusion=True, kid_auto_inclusion=True)
-        protected = {3: content_type} if content_type else {}
-        msg = ctx.encode_and_sign(payload, key, protected=protected)
+        auto_protected: dict[int, object] = {3: content_type} if content_type else {}
+        msg = ctx.encode_and_sign(payload, key, protected=auto_protected)
     else:
         key = COSEKey.from_pem(pem, alg=alg)
         ctx = cwt.COSE.new(alg_auto_inclusion=False, kid_auto_inclusion=False)
-        protected = {1: alg, 4: kid}
+        protected: dict[int, object] = {1: alg, 4: kid}
         if content_type:
             protected[3] = content_type
         msg = ctx.encode_and_sign(payload, key, protected=protected, unprotected={})
