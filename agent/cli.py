@@ -1,4 +1,4 @@
-"""``licagent``: the device-side command-line tool (init, info, status, request, apply, check, journal).
+"""``licagent``: the device-side command-line tool (init, info, status, request, apply, check, journal, trust-update).
 
 Exit codes are a contract (see agent.errors and the README). Time comes from
 the system clock, or from ``LICAGENT_TIME`` (POSIX seconds or ISO 8601) when
@@ -209,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.action} request to {args.out}")
         return EXIT_OK
     if c == "apply":
+        if args.receipt_out and not Path(args.receipt_out).absolute().parent.is_dir():
+            raise UsageError(f"cannot write {args.receipt_out}: its folder does not exist")
         res, warn = agent.apply(read_input(args.response, agent.limits.max_file))
         if args.receipt_out:
             write_output(args.receipt_out, res.receipt)

@@ -46,6 +46,7 @@ ALG_NAMES = {ALG_EDDSA: "EdDSA", ALG_ES256: "ES256"}
 HDR_ALG = 1
 HDR_CONTENT_TYPE = 3
 HDR_KID = 4
+HDR_CRIT = 2
 
 #: CBOR nesting allowed in any file (our deepest legitimate file nests 6 levels)
 MAX_DEPTH = 16
@@ -336,6 +337,10 @@ def decode_sign1(data: bytes, *, max_size: int) -> Sign1:
         raise MalformedError("protected header must be a map")
     if any(k in unprotected for k in (HDR_ALG, HDR_KID, HDR_CONTENT_TYPE)):
         raise MalformedError("alg, kid and content type must be in the protected header only")
+    if unprotected:
+        raise MalformedError("the unprotected header must be empty in this project's files")
+    if HDR_CRIT in protected:
+        raise MalformedError("critical header parameters (crit) are not supported")
     alg = protected.get(HDR_ALG)
     kid = protected.get(HDR_KID)
     ctype = protected.get(HDR_CONTENT_TYPE)

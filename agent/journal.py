@@ -50,6 +50,15 @@ class JournalReport:
     good_length: int
 
 
+def _whole_record_at(data: bytes, off: int) -> bool:
+    """Whether a complete journal record (a map with the entry's fields) starts at ``off``."""
+    try:
+        obj = strict_loads(data[off:], max_size=MAX_RECORD + 4, allow_trailing=True)
+    except MalformedError:  # cut short or garbage: not a whole record
+        return False
+    return isinstance(obj, dict) and set(obj) == {"n", "time", "event", "data", "prev", "mac"}
+
+
 class Journal:
     def __init__(self, path: Path, mac_key: bytes, ops: FileOps) -> None:
         self.path = path
@@ -82,6 +91,10 @@ class Journal:
             if length > MAX_RECORD:
                 raise IntegrityError(f"journal record {len(entries)} declares {length} bytes")
             if off + 4 + length > len(data):
+                if _whole_record_at(data, off + 4):
+                    # a crash only cuts the tail short; a complete record behind a length
+                    # that runs past the end means the length prefix was altered
+                    raise IntegrityError(f"journal record {len(entries)} has a damaged length")
                 break
             raw = data[off + 4: off + 4 + length]
             try:

@@ -43,7 +43,7 @@ MAX_SEQUENCE = 2**63 - 1
 MAX_TIME = 2**40  # seconds since the epoch; far beyond any real date, far below overflow
 MAX_LIST = 256
 MAX_TEXT = 256
-FEATURE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}$")
+FEATURE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
 NONCE_LEN = 16
 
 
@@ -139,7 +139,7 @@ def _device_id(v: object, what: str = "device_id") -> str:
 
 
 def _feature(v: object) -> str:
-    if not isinstance(v, str) or not FEATURE_RE.match(v):
+    if not isinstance(v, str) or not FEATURE_RE.fullmatch(v):
         raise MalformedError(f"feature name {v!r} is not valid (letters, digits, ._:/-, max 64)")
     return v
 
@@ -181,7 +181,7 @@ class License:
 
     def __post_init__(self) -> None:
         _feature(self.feature)
-        _uint(self.count, "count", 2**32)
+        _uint(self.count, "count", 2**32 - 1)
         _opt_time(self.not_before, "not_before")
         _opt_time(self.not_after, "not_after")
         _uint(self.grace, "grace", 366 * 86400)
@@ -207,7 +207,7 @@ class License:
         _keys(m, "license", ["feature", "count"], ["not_before", "not_after", "grace"])
         return cls(
             feature=_feature(m["feature"]),
-            count=_uint(m["count"], "count", 2**32),
+            count=_uint(m["count"], "count", 2**32 - 1),
             not_before=_opt_time(m.get("not_before"), "not_before"),
             not_after=_opt_time(m.get("not_after"), "not_after"),
             grace=_uint(m.get("grace", 0), "grace", 366 * 86400),
@@ -645,8 +645,9 @@ P = TypeVar("P", bound=Payload)
 def decode_payload(obj: object, expect: type[P] | None = None) -> Payload:
     """Turn a decoded payload map into its dataclass; refuse the wrong kind."""
     m = _map(obj, "payload")
-    if m.get("v") != FORMAT_VERSION:
-        raise MalformedError(f"unsupported format version {m.get('v')!r} (this agent reads 1)")
+    v = m.get("v")
+    if type(v) is not int or v != FORMAT_VERSION:
+        raise MalformedError(f"unsupported format version {v!r} (this agent reads 1)")
     kind = _enum(Kind, m.get("kind"), "kind")
     cls = _BY_KIND[kind]
     if expect is not None and cls is not expect:

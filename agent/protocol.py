@@ -28,6 +28,7 @@ from agent.errors import (
     WrongDeviceError,
 )
 from agent.messages import (
+    MAX_LIST,
     NONCE_LEN,
     Action,
     ChangeOp,
@@ -62,6 +63,7 @@ __all__ = [
     "new_state",
     "observe_clock",
     "read_signed",
+    "roll_forward",
     "verify_vendor_file",
 ]
 
@@ -273,6 +275,10 @@ def verify_vendor_file(
     env = read_signed(data, limits)
     key = _trusted_key(state, env.kid, max(now, state.clock_hwm))
     payload_bytes = env.verify_with(key)
+    if env.content_type is not None and env.content_type != expect.KIND.content_type:
+        raise MalformedError(
+            f"expected a {expect.KIND.value} file, the header says {env.content_type}"
+        )
     payload = decode_payload(strict_loads(payload_bytes, max_size=limits.max_file), expect)
     return payload, env
 
@@ -430,9 +436,14 @@ def apply_response(
         )
     if now < resp.not_before:
         raise NotYetValidError(f"response is not valid before {resp.not_before} (now {now})")
-    if now > resp.expires:
-        raise ExpiredError(f"response expired at {resp.expires} (now {now})")
+    latest = max(now, state.clock_hwm)  # a clock stepped back within tolerance gains nothing
+    if latest > resp.expires:
+        raise ExpiredError(f"response expired at {resp.expires} (now {latest})")
     licenses, removed = _apply_changes(state.licenses, resp.changes)
+    if len(licenses) > MAX_LIST:
+        raise MalformedError(
+            f"response would leave {len(licenses)} licenses installed; at most {MAX_LIST}"
+        )
     new_digest = state_digest(licenses)
     receipt = Receipt(
         device_id=state.device_id,
@@ -458,6 +469,45 @@ def apply_response(
         clock_hwm=max(state.clock_hwm, now),
     )
     return ApplyResult(new, receipt_bytes, resp, already_applied=False, removed=removed)
+
+
+def roll_forward(state: AgentState, applies: Iterable[Mapping[str, Any]]) -> AgentState:
+    """Redo journaled applies that a damaged or lost state slot no longer holds.
+
+    ``applies`` are the data of the journal's ``apply`` entries (authentic: the
+    journal is MAC-protected with a key derived from the device key). Those
+    with a sequence above the state's are replayed in order; each must land
+    exactly on the state digest the journal recorded.
+
+    Raises:
+        IntegrityError: the journal and the state do not fit together.
+    """
+    from agent.errors import IntegrityError
+
+    for entry in applies:
+        try:
+            seq = entry["sequence"]
+            if not isinstance(seq, int) or seq <= state.sequence:
+                continue
+            if seq != state.sequence + 1:
+                raise IntegrityError(
+                    f"journal jumps from sequence {state.sequence} to {seq}: cannot recover"
+                )
+            changes = tuple(LicenseChange.from_cbor(c) for c in entry["changes"])
+            licenses, _removed = _apply_changes(state.licenses, changes)
+            if state_digest(licenses).hex() != entry["state_digest"]:
+                raise IntegrityError(f"journaled apply of sequence {seq} does not reproduce "
+                                     f"its recorded state digest")
+            nonce = bytes.fromhex(entry["nonce"])
+            rdigest = bytes.fromhex(entry.get("response_digest", "00" * 32))
+        except (KeyError, TypeError, ValueError, MalformedError) as exc:
+            raise IntegrityError(f"journal entry cannot be replayed: {exc}") from exc
+        state = replace(
+            state, sequence=seq, licenses=licenses, outstanding=(),
+            applied=(*state.applied, Applied(nonce, seq, rdigest))[-DEFAULT_LIMITS.max_applied_history:],
+            last_receipt=None,
+        )
+    return state
 
 
 # ---------------------------------------------------------------- trust rotation

@@ -115,8 +115,8 @@ class Agent:
             raise UsageError(f"the hardware reports model {hw.model}, not {model}")
         if model not in MODELS:
             raise UsageError(f"unknown model {model!r}: one of {', '.join(MODELS)}")
-        if serial and not hw.serial:
-            hw = replace(hw, serial=serial)
+        # Bind only to what the hardware itself reports, so that every later read agrees;
+        # a serial typed at provisioning names the device but is no hardware fact.
         hw = replace(hw, model=model)
         key = SigningKey.generate() if alg is None else SigningKey.generate(alg)
         state = protocol.new_state(
@@ -172,6 +172,7 @@ class Agent:
             warn = store.commit(res.state, "apply", {
                 "sequence": res.state.sequence,
                 "nonce": res.response.nonce.hex(),
+                "response_digest": res.state.applied[-1].response_digest.hex(),
                 "state_digest": res.state.digest.hex(),
                 "changes": [c.to_cbor() for c in res.response.changes],
                 "removed": [lic.feature for lic in res.removed],

@@ -37,6 +37,7 @@ from agent.errors import (
 )
 from agent.identity import check_binding
 from agent.journal import Journal
+from agent import protocol
 from agent.protocol import AgentState
 
 __all__ = ["FileOps", "LoadReport", "Store"]
@@ -99,14 +100,16 @@ def atomic_write(ops: FileOps, path: Path, data: bytes, mode: int = 0o600) -> No
     failed fsync the kernel may have dropped the dirty pages) and leaves no
     temporary file behind.
     """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # unique per call: a temp file left by a crashed process whose PID is reused
+    # (daemon restarted after a reboot, PID 1 in a container) must not block O_EXCL forever
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{os.urandom(4).hex()}")
     fd = -1
     try:
         fd = ops.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_TRUNC, mode)
         write_all(ops, fd, data)
         ops.fsync(fd)
-        ops.close(fd)
-        fd = -1
+        closing, fd = fd, -1  # never close twice: after a failed close(2) the fd is gone
+        ops.close(closing)
         ops.replace(str(tmp), str(path))
         fsync_dir(ops, path.parent)
     except OSError as exc:
@@ -190,6 +193,15 @@ def _salvage_copies(data: bytes) -> list[Any]:
     return found
 
 
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Delete temporary files a crashed writer left behind (callers hold the store lock)."""
+    for p in directory.glob(".*.tmp*"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
 class Store:
     """A device's trusted store in a directory. Use :meth:`open` or :meth:`create`."""
 
@@ -227,9 +239,18 @@ class Store:
             )
         atomic_write(ops, directory / KEY_FILE, key.to_pem(), 0o600)
         store = cls(directory, key, state, 0, 1, ops, LoadReport(1, 0))
-        store.save(state)
-        store.journal.append("init", {"device_id": state.device_id, "model": state.model,
-                                       "sequence": state.sequence}, state.created)
+        try:
+            store.save(state)
+            store.journal.append("init", {"device_id": state.device_id, "model": state.model,
+                                           "sequence": state.sequence}, state.created)
+        except StorageError:
+            # a half-provisioned directory would block a retried init: take it all back
+            for n in (SLOTS[0], JOURNAL_FILE, KEY_FILE):
+                try:
+                    (directory / n).unlink()
+                except OSError:
+                    pass
+            raise
         return store
 
     @classmethod
@@ -263,13 +284,16 @@ class Store:
         except MalformedError as exc:
             raise IntegrityError(f"device key {key_path} is damaged: {exc}") from exc
         mac_key = key.secret_digest(b"store-mac")
+        _remove_stale_temporaries(directory)
         best: tuple[int, int, bytes] | None = None
         warnings: list[str] = []
+        missing: list[str] = []
         for idx, name in enumerate(SLOTS):
             p = directory / name
             try:
                 data = p.read_bytes()
             except FileNotFoundError:
+                missing.append(name)
                 continue
             except OSError as exc:
                 warnings.append(f"{name} unreadable: {exc}")
@@ -295,15 +319,46 @@ class Store:
             raise IntegrityError(f"stored state does not decode: {exc}") from exc
         if state.device_key != key.public:
             raise IntegrityError("stored state belongs to a different device key")
-        other = directory / SLOTS[1 - idx]
-        if warnings and other.exists():
+        if missing and gen >= 2:
+            # after two saves both slots exist: one vanished
+            warnings.extend(f"{n} is missing" for n in missing)
+        if warnings:
             warnings.append(f"using {SLOTS[idx]} (generation {gen}), the last good state")
         store = cls(directory, key, state, gen, idx, ops, LoadReport(idx, gen, warnings))
+        if warnings:
+            store._recover_from_journal(now)
         if warnings:
             store.journal.append("recovered", {"warnings": warnings, "generation": gen}, now)
         if binding_facts is not None:
             store._check_binding(binding_facts, now)
         return store
+
+    def _recover_from_journal(self, now: int) -> None:
+        """After falling back to an older slot, redo the applies the journal holds beyond it.
+
+        A rollback would bring reclaimed licenses back, so a state older than
+        the journal is never used as it is: either the journal replays onto it
+        exactly, or the store refuses to run (IntegrityError, exit 8).
+        """
+        applies = [e.data for e in self.journal.read().entries
+                   if e.event == "apply" and isinstance(e.data, dict)]
+        newer = [a for a in applies
+                 if isinstance(a.get("sequence"), int) and a["sequence"] > self.state.sequence]
+        if not newer:
+            return
+        try:
+            recovered = protocol.roll_forward(self.state, newer)
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"the newest license state is lost and the journal cannot restore it ({exc}). "
+                f"Refusing to roll back (reclaimed licenses would come back); restore the store "
+                f"from a backup or re-provision the device with the vendor."
+            ) from exc
+        self.save(recovered)
+        self.journal.append("recovered", {"rolled_forward_to": recovered.sequence}, now)
+        self.report.warnings.append(
+            f"state rolled forward from the journal to sequence {recovered.sequence}"
+        )
 
     def _check_binding(self, facts: tuple[str, ...], now: int) -> None:
         chk = check_binding(self.state.binding, facts)
@@ -319,7 +374,11 @@ class Store:
         if chk.changed:
             from dataclasses import replace
 
-            self.commit(replace(self.state, binding=tuple(sorted(set(facts)))), "rebind",
+            new_binding = set(facts)
+            if not any(f.startswith("model=") for f in new_binding):
+                # the hardware cannot name our model; keep the one bound at provisioning
+                new_binding |= {f for f in self.state.binding if f.startswith("model=")}
+            self.commit(replace(self.state, binding=tuple(sorted(new_binding))), "rebind",
                         {"missing": list(chk.missing), "added": list(chk.added),
                          "matched": chk.matched, "total": chk.total}, now)
             self.report.warnings.append(

@@ -17,6 +17,7 @@ from agent.messages import License
 from agent.store import FileOps, atomic_write
 from simulators.licensing_server.vendor import (
     DAY,
+    RECEIPT_MAX,
     Grant,
     Vendor,
     read_device_info,
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "verify-receipt":
         trusted = [_load_pub(t) for t in args.trust]
-        rc = verify_receipt(read_input(args.receipt, 128 * 1024), trusted)
+        rc = verify_receipt(read_input(args.receipt, RECEIPT_MAX), trusted)
         removed = ", ".join(f"{x.feature}={x.count}" for x in rc.removed) or "nothing"
         print(f"genuine receipt from device {rc.device_id}: sequence {rc.sequence}, "
               f"removed {removed}")

@@ -36,6 +36,8 @@ from agent.protocol import Limits, read_signed, self_signed_payload
 __all__ = ["Grant", "Vendor", "verify_receipt"]
 
 DAY = 86400
+#: a receipt carries the whole response plus the resulting license list
+RECEIPT_MAX = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def verify_receipt(data: bytes, trusted: Iterable[PublicKey], limits: Limits | N
     Raises:
         MalformedError, TrustError: with the reason.
     """
-    lim = limits or Limits()
+    lim = limits or Limits(max_file=RECEIPT_MAX)
     payload, _key = self_signed_payload(data, Receipt, lim)
     assert isinstance(payload, Receipt)
     rc = payload
