@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import protocol
 from agent.cose import SigningKey, canonical, strict_loads
 from agent.errors import (
     CopiedStoreError,
@@ -37,7 +38,6 @@ from agent.errors import (
 )
 from agent.identity import check_binding
 from agent.journal import Journal
-from agent import protocol
 from agent.protocol import AgentState
 
 __all__ = ["FileOps", "LoadReport", "Store"]
