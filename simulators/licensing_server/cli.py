@@ -8,6 +8,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from agent.cli import parse_time, read_input, write_output
@@ -69,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--request", required=True, metavar="REQ")
     sp.add_argument("--grant", action="append", default=[], metavar="FEATURE=COUNT[@EXPIRY]")
     sp.add_argument("--remove", action="append", default=[], metavar="FEATURE")
+    sp.add_argument("--grace-days", type=int, default=0,
+                    help="grace period after each granted license's expiry (default 0)")
     sp.add_argument("--valid-days", type=int, default=30,
                     help="how long the response may be applied (default 30 days)")
     sp.add_argument("--out", required=True, metavar="RESP")
@@ -100,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "issue":
         vendor = Vendor(_load_key(args.key))
-        grants = [parse_grant(g) for g in args.grant]
+        if not 0 <= args.grace_days <= 366:
+            raise UsageError("--grace-days must be from 0 to 366")
+        grants = [replace(parse_grant(g), grace=args.grace_days * DAY) for g in args.grant]
         if args.valid_days < 1:
             raise UsageError("--valid-days must be at least 1")
         data = vendor.issue(read_input(args.request, 64 * 1024), grants, args.remove, _now(),
