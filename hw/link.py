@@ -1,0 +1,286 @@
+"""Links: URL parsing, the byte-stream base class, and the RPC client and server loops over a stream.
+
+A backend that carries bytes (loop, pty, serial, tcp, tls, sim) implements
+:class:`Link`'s two hooks ``_write`` and ``_read``; the public methods own
+timeouts, size caps and error wrapping (the python-can/python-tuf
+template-method shape). :class:`StreamClient` and :func:`serve_stream` then
+run the sans-IO :mod:`hw.rpc` over it.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from agent.errors import UsageError
+from hw.rpc import Op, RpcClient, RpcServer, TransportError
+
+__all__ = [
+    "Link",
+    "LinkURL",
+    "Listener",
+    "ServerClient",
+    "StreamClient",
+    "parse_url",
+    "serve_stream",
+]
+
+
+@dataclass(frozen=True)
+class LinkURL:
+    """A parsed link URL: ``scheme://host:port/path?option=value``."""
+
+    text: str
+    scheme: str
+    host: str
+    port: int | None
+    path: str
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    def option(self, name: str, default: str | None = None) -> str | None:
+        return self.options.get(name, default)
+
+    def check_options(self, allowed: Iterable[str]) -> None:
+        """Refuse any option this backend does not know, naming it."""
+        allowed_set = set(allowed)
+        unknown = sorted(set(self.options) - allowed_set)
+        if unknown:
+            known = ", ".join(sorted(allowed_set)) or "none"
+            raise UsageError(
+                f"{self.scheme}:// does not take option {', '.join(unknown)} (it takes: {known})"
+            )
+
+    def need_port(self) -> int:
+        if self.port is None:
+            raise UsageError(f"{self.text}: a port is needed ({self.scheme}://HOST:PORT)")
+        return self.port
+
+
+def parse_url(text: str) -> LinkURL:
+    """Split a link URL; the scheme decides which backend handles it."""
+    if "://" not in text:
+        raise UsageError(f"{text!r} is not a link URL (expected SCHEME://..., e.g. tcp://HOST:PORT)")
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise UsageError(f"{text}: bad port: {exc}") from exc
+    options: dict[str, str] = {}
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if k in options:
+            raise UsageError(f"{text}: option {k} given twice")
+        options[k] = v
+    return LinkURL(
+        text=text,
+        scheme=parts.scheme.lower(),
+        host=parts.hostname or "",
+        port=port,
+        path=unquote(parts.path),
+        options=options,
+    )
+
+
+# ---------------------------------------------------------------- byte streams
+
+
+class Link(abc.ABC):
+    """A bidirectional byte stream (client or server end)."""
+
+    closed = False
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise TransportError("link is closed")
+        try:
+            self._write(data)
+        except TransportError:
+            raise
+        except OSError as exc:
+            raise TransportError(f"write failed: {exc}") from exc
+
+    def read(self, timeout: float) -> bytes:
+        """Whatever bytes arrive within ``timeout`` seconds (b"" if none).
+
+        Raises:
+            TransportError: the other end is gone.
+        """
+        if self.closed:
+            raise TransportError("link is closed")
+        try:
+            return self._read(max(0.0, timeout))
+        except TransportError:
+            raise
+        except OSError as exc:
+            raise TransportError(f"read failed: {exc}") from exc
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._close()
+
+    @abc.abstractmethod
+    def _write(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def _read(self, timeout: float) -> bytes: ...
+
+    def _close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __enter__(self) -> Link:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- client side
+
+
+class ServerClient(abc.ABC):
+    """What the administration tool can ask a server, whatever the link."""
+
+    @abc.abstractmethod
+    def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
+        """Run one operation; raise RemoteError/TransportError on failure."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __enter__(self) -> ServerClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # conveniences shared by every backend
+    def info(self) -> bytes:
+        return bytes(self.call(Op.GET_INFO)["file"])
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call(Op.GET_STATUS)
+        return result
+
+    def license_info(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call(Op.GET_LICENSE_INFO)
+        return result
+
+    def request(self, action: str, features: Iterable[str] = (),
+                license_info: bytes | None = None) -> bytes:
+        args: dict[str, Any] = {"action": action, "features": list(features)}
+        if license_info is not None:
+            args["license_info"] = license_info
+        return bytes(self.call(Op.CREATE_REQUEST, args)["file"])
+
+    def apply(self, response: bytes) -> dict[str, Any]:
+        result: dict[str, Any] = self.call(Op.APPLY_RESPONSE, {"file": response})
+        return result
+
+    def check(self, feature: str) -> dict[str, Any]:
+        result: dict[str, Any] = self.call(Op.CHECK_FEATURE, {"feature": feature})
+        return result
+
+    def journal(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call(Op.READ_JOURNAL)
+        return result
+
+
+class StreamClient(ServerClient):
+    """The RPC client over a byte-stream link, with timeouts and retries.
+
+    Args:
+        link: an open link.
+        timeout: seconds to wait for each try.
+        tries: how many times one request is sent before giving up.
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(self, link: Link, timeout: float = 2.0, tries: int = 4,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.link = link
+        self.rpc = RpcClient(timeout=timeout, tries=tries)
+        self.clock = clock
+        self.hello_result: dict[str, Any] | None = None
+
+    def _exchange(self, op: str, args: Mapping[str, Any]) -> Any:
+        rid, frame = self.rpc.start(op, args, self.clock())
+        self.link.write(frame)
+        while True:
+            now = self.clock()
+            resend, failed = self.rpc.due(now)
+            for f in failed:
+                if f.id == rid:
+                    assert f.error is not None
+                    raise TransportError(f"{op}: {f.error}")
+            for fr in resend:
+                self.link.write(fr)
+            deadline = self.rpc.next_deadline()
+            wait = 0.05 if deadline is None else max(0.001, min(deadline - now, 0.5))
+            data = self.link.read(wait)
+            if not data:
+                continue
+            for res in self.rpc.receive(data):
+                if res.id == rid:
+                    if not res.ok:
+                        assert res.error is not None
+                        raise res.error
+                    return res.result
+
+    def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
+        if self.hello_result is None and op != Op.HELLO:
+            self.hello_result = self._exchange(Op.HELLO, {"versions": [1]})
+        return self._exchange(op, args or {})
+
+    def close(self) -> None:
+        self.link.close()
+
+
+# ---------------------------------------------------------------- server side
+
+
+def serve_stream(
+    link: Link,
+    handler: Callable[[str, Mapping[str, Any]], Any],
+    stop: threading.Event,
+    poll: float = 0.2,
+    on_corrupt: Callable[[int], None] | None = None,
+) -> None:
+    """Answer RPC requests arriving on ``link`` until ``stop`` is set or the link closes."""
+    server = RpcServer(handler)
+    seen = 0
+    while not stop.is_set():
+        try:
+            data = link.read(poll)
+        except TransportError:
+            return
+        if not data:
+            continue
+        for reply in server.receive(data):
+            try:
+                link.write(reply)
+            except TransportError:
+                return
+        if on_corrupt is not None and server.corrupt_frames != seen:
+            on_corrupt(server.corrupt_frames - seen)
+            seen = server.corrupt_frames
+
+
+class Listener(abc.ABC):
+    """The server end of one ``--listen URL``: serves until stopped."""
+
+    #: the address clients use (a chosen port, a pty path), filled in by start()
+    address: str = ""
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Begin serving in background threads; return once ready."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop accepting, finish or abort in-flight work, release every resource."""
+
