@@ -27,7 +27,7 @@ run: $(STAMP)
 	$(PY) -m simulators.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check agent hw simulators tests
+	$(VENV)/bin/ruff check agent hw simulators tests admin
 	$(VENV)/bin/mypy
 
 unit: $(STAMP) $(CWT_STAMP)

@@ -1,4 +1,4 @@
-"""``licagent``: the device-side command-line tool (init, info, status, request, apply, check, journal, trust-update).
+"""``licagent``: the device-side command-line tool (init, info, status, request, apply, check, journal, trust-update, run).
 
 Exit codes are a contract (see agent.errors and the README). Time comes from
 the system clock, or from ``LICAGENT_TIME`` (POSIX seconds or ISO 8601) when
@@ -135,10 +135,29 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = cmd("trust-update", "install a new set of vendor keys signed by a trusted key")
     sp.add_argument("update", metavar="TRUST_UPDATE_FILE")
+
+    help_ = "serve the store on every --listen URL until SIGTERM (the daemon)"
+    sp = sub.add_parser("run", help=help_, description=help_)
+    sp.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
+    sp.add_argument("--state", metavar="DIR", help="license store directory")
+    sp.add_argument("--listen", action="append", metavar="URL",
+                    help="link to serve, e.g. tcp://0.0.0.0:7700 (repeat for several)")
+    sp.add_argument("--facts", metavar="FILE", help="hardware facts JSON (simulated servers)")
+    sp.add_argument("--max-clients", type=int, metavar="N",
+                    help="connections served at once per listener (default 64)")
+    sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from agent import daemon
+
+        cfg = daemon.resolve_config(
+            Path(args.config) if args.config else None, state=args.state, listen=args.listen,
+            facts=args.facts, max_clients=args.max_clients, log_level=args.log_level)
+        return daemon.serve(Agent(cfg.state, facts_provider(str(cfg.facts) if cfg.facts else None),
+                                  clock=_clock), cfg)
     agent = Agent(Path(args.state), facts_provider(args.facts), clock=_clock)
     c = args.command
     if c == "init":

@@ -1,6 +1,6 @@
 """Sans-IO framing for byte streams (serial, USB CDC, TCP/TLS): COBS, CRC-32, 0x00 delimiter.
 
-A frame on the wire is ``COBS(payload || CRC32(payload)) 0x00``. COBS leaves
+A frame on the wire is ``0x00 COBS(payload || CRC32(payload)) 0x00``. COBS leaves
 no zero byte inside the frame, so a receiver that lost sync (noise, a cable
 plugged in mid-frame) resynchronises at the next zero. The CRC catches noise;
 the signatures inside the payload give authenticity. Overhead: 1 byte per 254
@@ -70,7 +70,9 @@ def cobs_decode(data: bytes) -> bytes:
 def encode_frame(payload: bytes) -> bytes:
     """One frame, ready to write to the link."""
     crc = zlib.crc32(payload).to_bytes(4, "big")
-    return cobs_encode(payload + crc) + b"\x00"
+    # a leading delimiter too: garbage or half a frame left on the line by an earlier
+    # session is closed off at once instead of corrupting this frame (1 byte per frame)
+    return b"\x00" + cobs_encode(payload + crc) + b"\x00"
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class FrameDecoder:
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         # encoded size limit: payload + CRC + COBS overhead
+        self.max_frame = max_frame
         self.max_encoded = max_frame + 4 + (max_frame + 4) // 254 + 2
         self._buf = bytearray()
         self._discarding = False
@@ -139,8 +142,7 @@ class FrameDecoder:
             start = z + 1
         return events
 
-    @staticmethod
-    def _close(encoded: bytes) -> Frame | CorruptFrame:
+    def _close(self, encoded: bytes) -> Frame | CorruptFrame:
         try:
             raw = cobs_decode(encoded)
         except ValueError as exc:
@@ -148,6 +150,9 @@ class FrameDecoder:
         if len(raw) < 4:
             return CorruptFrame("frame shorter than its checksum", len(encoded))
         payload, crc = raw[:-4], raw[-4:]
+        if len(payload) > self.max_frame:
+            return CorruptFrame(f"payload of {len(payload)} bytes exceeds the frame limit",
+                                len(encoded))
         if zlib.crc32(payload).to_bytes(4, "big") != crc:
             return CorruptFrame("checksum mismatch", len(encoded))
         return Frame(payload)

@@ -1,0 +1,369 @@
+"""``licagent run``: serve one license store on every ``--listen`` URL at once until told to stop.
+
+The daemon is a thin edge around :class:`agent.ops.AgentOps`: it starts one
+:class:`hw.link.Listener` per URL, logs one line per operation to stderr,
+tells systemd it is ready (``sd_notify READY=1``) and stops cleanly on
+SIGTERM or SIGINT. Operations run one at a time behind a gate; stopping
+closes the gate first, so an ``apply`` in progress completes and none starts
+afterwards (store writes are atomic in any case).
+
+Configuration comes from a TOML file (``--config``) with the keys of
+:data:`CONFIG_KEYS`; command-line flags override it. Relative paths in the
+file are relative to the file's folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import hw
+from agent.errors import EXIT_OK, LicensingError, UsageError
+from agent.ops import AgentOps
+from agent.service import Agent
+from hw.link import Listener
+from hw.rpc import TransportError
+
+__all__ = [
+    "CONFIG_KEYS",
+    "Daemon",
+    "DaemonConfig",
+    "load_config",
+    "resolve_config",
+    "sd_notify",
+    "serve",
+]
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: key -> what it holds, for the TOML file and its error messages
+CONFIG_KEYS: Mapping[str, str] = {
+    "state": "the license store directory (text)",
+    "listen": "the link URLs to serve (a list of text)",
+    "facts": "a hardware facts JSON file, for simulated servers (text)",
+    "max_clients": "connections served at once per listener (a whole number)",
+    "log_level": f"one of {', '.join(LOG_LEVELS)}",
+}
+#: how long stopping waits for the operation in progress
+STOP_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """What ``licagent run`` serves, after merging the config file and the flags."""
+
+    state: Path
+    listen: tuple[str, ...]
+    facts: Path | None = None
+    max_clients: int | None = None
+    log_level: str = "info"
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read and check a ``licagent.toml``; relative paths become relative to its folder.
+
+    Raises:
+        UsageError: unreadable, not TOML, an unknown key or a wrongly typed value.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
+    unknown = sorted(set(raw) - set(CONFIG_KEYS))
+    if unknown:
+        raise UsageError(f"config file {path}: unknown key {', '.join(unknown)} "
+                         f"(known: {', '.join(CONFIG_KEYS)})")
+
+    def bad(key: str) -> UsageError:
+        return UsageError(f"config file {path}: {key} must be {CONFIG_KEYS[key]}, "
+                          f"not {raw[key]!r}")
+
+    out: dict[str, Any] = {}
+    for key in ("state", "facts"):
+        if key in raw:
+            if not isinstance(raw[key], str) or not raw[key]:
+                raise bad(key)
+            out[key] = path.parent / raw[key]
+    if "listen" in raw:
+        urls = raw["listen"]
+        if isinstance(urls, str):
+            urls = [urls]
+        if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
+            raise bad("listen")
+        out["listen"] = list(urls)
+    if "max_clients" in raw:
+        n = raw["max_clients"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise bad("max_clients")
+        out["max_clients"] = n
+    if "log_level" in raw:
+        if not isinstance(raw["log_level"], str) or raw["log_level"].lower() not in LOG_LEVELS:
+            raise bad("log_level")
+        out["log_level"] = raw["log_level"].lower()
+    return out
+
+
+def resolve_config(config_file: Path | None = None, *, state: str | None = None,
+                   listen: Sequence[str] | None = None, facts: str | None = None,
+                   max_clients: int | None = None, log_level: str | None = None) -> DaemonConfig:
+    """The config file's settings with each given flag in place of the file's value.
+
+    Raises:
+        UsageError: no store or no listen URL from either source, or a bad value.
+    """
+    base = load_config(config_file) if config_file is not None else {}
+    if state is not None:
+        base["state"] = Path(state)
+    if listen:
+        base["listen"] = list(listen)
+    if facts is not None:
+        base["facts"] = Path(facts)
+    if max_clients is not None:
+        if max_clients < 1:
+            raise UsageError(f"--max-clients {max_clients}: must be at least 1")
+        base["max_clients"] = max_clients
+    if log_level is not None:
+        base["log_level"] = log_level
+    if "state" not in base:
+        raise UsageError("no license store given: use --state DIR or state = \"DIR\" in --config")
+    if not base.get("listen"):
+        raise UsageError("nothing to listen on: use --listen URL (e.g. tcp://0.0.0.0:7700) "
+                         "or listen = [...] in --config")
+    return DaemonConfig(
+        state=base["state"],
+        listen=tuple(base["listen"]),
+        facts=base.get("facts"),
+        max_clients=base.get("max_clients"),
+        log_level=base.get("log_level", "info"),
+    )
+
+
+# ---------------------------------------------------------------- systemd
+
+
+def sd_notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Send ``message`` (e.g. ``READY=1``) to systemd's ``$NOTIFY_SOCKET``, if there is one.
+
+    A plain AF_UNIX datagram, as ``sd_notify(3)`` sends it; an address starting
+    with ``@`` is in the abstract namespace.
+
+    Returns:
+        True if sent, False if the daemon does not run under a notify-aware manager.
+
+    Raises:
+        OSError: the socket is named but could not be reached.
+    """
+    env = os.environ if environ is None else environ
+    addr = env.get("NOTIFY_SOCKET", "")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        target = "\0" + addr[1:]
+    elif addr.startswith("/"):
+        target = addr
+    else:
+        raise OSError(f"NOTIFY_SOCKET={addr!r} is neither a path nor an abstract '@' name")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.connect(target)
+        s.sendall(message.encode("utf-8"))
+    return True
+
+
+# ---------------------------------------------------------------- serving
+
+
+class _OperationLog(logging.Formatter):
+    """``2027-01-15T08:00:00.123Z LEVEL message``, always UTC."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s",
+                         "%Y-%m-%dT%H:%M:%S")
+        self.converter = time.gmtime
+
+
+def make_logger(level: str, stream: Any = None) -> logging.Logger:
+    """The daemon's logger: one line per event on stderr (journald adds nothing else)."""
+    log = logging.getLogger("licagent")
+    log.handlers.clear()
+    h = logging.StreamHandler(stream or sys.stderr)
+    h.setFormatter(_OperationLog())
+    log.addHandler(h)
+    log.setLevel(level.upper())
+    log.propagate = False
+    return log
+
+
+class _ListenerOps:
+    """The handler one listener calls: the daemon's gated, logged operations under its name."""
+
+    def __init__(self, daemon: Daemon, name: str) -> None:
+        self.daemon = daemon
+        self.name = name  # the configured URL until the listener knows its real address
+
+    def __call__(self, op: str, args: Mapping[str, Any]) -> Any:
+        return self.daemon.run_op(self.name, op, args)
+
+
+class Daemon:
+    """Every listener of one store, and the gate that serialises their operations.
+
+    Args:
+        agent: the store's operations.
+        config: listen URLs and limits.
+        log: where operation lines go.
+        ctx: passed on to each backend's ``listen`` (e.g. ``fabric`` for loop://).
+    """
+
+    def __init__(self, agent: Agent, config: DaemonConfig, log: logging.Logger,
+                 **ctx: Any) -> None:
+        self.agent = agent
+        self.config = config
+        self.log = log
+        self.ctx = ctx
+        self.listeners: list[Listener] = []
+        self._gate = threading.Lock()
+        self._stopping = False
+        self._detail = threading.local()
+        self.ops = AgentOps(agent, log=self._note)
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called: no operation starts any more."""
+        return self._stopping
+
+    def _note(self, line: str) -> None:
+        getattr(self._detail, "lines", []).append(line)
+
+    def run_op(self, listener: str, op: str, args: Mapping[str, Any]) -> Any:
+        """One operation through the gate, logged as one line naming ``listener``."""
+        self._detail.lines = []
+        with self._gate:
+            if self._stopping:
+                raise TransportError("the license agent is shutting down; "
+                                     "try again once it is back")
+            try:
+                result = self.ops(op, args)
+            except LicensingError as err:
+                self._log_op(listener, op, f"refused {err.reason} (exit {err.exit_code}): "
+                                           f"{err}", logging.INFO)
+                raise
+            except Exception as exc:
+                self.log.exception("%s %s failed", listener, op)
+                raise LicensingError(f"internal error in the license agent: {exc!r}; "
+                                     f"see its log") from exc
+        detail = [d.removeprefix(op).strip() for d in self._detail.lines]
+        if isinstance(result, dict) and "licensed" in result:
+            detail.append(f"feature={result.get('feature')} licensed={result['licensed']}")
+        outcome = " ".join(["ok", *[d for d in detail if d]])
+        self._log_op(listener, op, outcome, logging.DEBUG if op == "hello" else logging.INFO)
+        return result
+
+    def _log_op(self, listener: str, op: str, outcome: str, level: int) -> None:
+        self.log.log(level, "%s %s %s", listener, op, outcome)
+
+    def start(self) -> list[str]:
+        """Create and start every listener; returns their resolved addresses.
+
+        Raises:
+            LicensingError: a bad URL or option, or an address that cannot be served;
+                listeners already started are stopped again.
+        """
+        handlers: list[_ListenerOps] = []
+        listeners: list[Listener] = []
+        extra: dict[str, Any] = dict(self.ctx)
+        if self.config.max_clients is not None:
+            extra["max_clients"] = self.config.max_clients
+        for url in self.config.listen:
+            handlers.append(_ListenerOps(self, url))
+            listeners.append(hw.listen(url, handlers[-1],
+                                       log=lambda line: self.log.info("%s", line), **extra))
+        try:
+            for lst, handler in zip(listeners, handlers, strict=True):
+                lst.start()
+                self.listeners.append(lst)
+                handler.name = lst.address or handler.name
+        except BaseException:
+            self.stop()
+            raise
+        return [lst.address for lst in self.listeners]
+
+    def stop(self) -> None:
+        """Let the operation in progress finish, refuse new ones, and stop every listener."""
+        self._stopping = True  # an operation waiting at the gate from now on is refused
+        got = self._gate.acquire(timeout=STOP_TIMEOUT)  # the one in progress finishes
+        if got:
+            self._gate.release()
+        else:
+            self.log.warning("an operation is still running after %g s; stopping anyway",
+                             STOP_TIMEOUT)
+        for lst in reversed(self.listeners):
+            try:
+                lst.stop()
+            except Exception:
+                self.log.exception("stopping %s failed", lst.address)
+        self.listeners.clear()
+
+
+def serve(agent: Agent, config: DaemonConfig, stop: threading.Event | None = None,
+          out: Any = None) -> int:
+    """Run the daemon in this (main) thread until SIGTERM, SIGINT or ``stop`` is set.
+
+    Prints ``listening URL`` on stdout for each listener once all are ready.
+
+    Returns:
+        0 after a clean stop.
+
+    Raises:
+        LicensingError: the store cannot be opened or an address cannot be served.
+    """
+    log = make_logger(config.log_level)
+    stop = stop or threading.Event()
+    out = out or sys.stdout
+    st = agent.status()  # fail now, with the store's own message, rather than on first use
+    log.info("license store %s: device %s (%s), sequence %d, %d license(s)", config.state,
+             st["device_id"], st["model"], st["sequence"], len(st["licenses"]))
+
+    received: list[str] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        received.append(signal.Signals(signum).name)  # logged by the main loop, not here
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+
+    daemon = Daemon(agent, config, log)
+    addresses = daemon.start()
+    try:
+        for a in addresses:
+            log.info("listening %s", a)
+            print(f"listening {a}", file=out, flush=True)
+        try:
+            sd_notify(f"READY=1\nSTATUS=serving on {', '.join(addresses)}")
+        except OSError as exc:
+            log.warning("could not notify systemd (NOTIFY_SOCKET): %s", exc)
+        while not stop.wait(60):
+            pass
+        log.info("%s, stopping", f"{received[0]} received" if received else "asked to stop")
+    finally:
+        try:
+            sd_notify("STOPPING=1")
+        except OSError:
+            pass
+        daemon.stop()
+    log.info("stopped")
+    return EXIT_OK

@@ -1,0 +1,727 @@
+"""``https://HOST:PORT``: the server operations as an HTTPS API, for site tools and ``curl``.
+
+Options (both sides): ``?cert=FILE&key=FILE`` is this end's certificate and
+key (required for a listener; a client certificate for ``connect``);
+``?ca=FILE`` is the CA to verify the other end with. A listener given ``ca``
+requires a client certificate signed by it; a client without ``ca`` verifies
+the server against the system's trust store. Port 0 lets the listener choose;
+:attr:`HttpsListener.address` then holds the real URL. ``listen`` also takes
+the keyword settings of :class:`HttpsListener` (``log``, ``access_log``,
+``max_body``, ``max_clients``, ``max_pending``, ``busy_wait``, ``idle_timeout``).
+
+Endpoints (files travel as ``application/cbor``, everything else as JSON;
+a client that sends ``Accept: application/cbor`` gets the structured results
+as CBOR instead, with byte strings kept as bytes rather than hex):
+
+=========================  ========================================================
+``GET  /v1/hello``         ``{"version": 1, "device_id": ..., "model": ...}``
+``GET  /v1/status``        the dict of ``licagent status --json``
+``GET  /v1/info``          the signed device-information file (header ``X-Device-Id``)
+``GET  /v1/license-info``  installed licenses, sequence and state digest (JSON)
+``POST /v1/request``       body ``{"action": "activate|reclaim|renew", "features": [...],
+                           "license_info": BASE64}`` as JSON (or the same map as CBOR,
+                           ``license_info`` as bytes, with ``Content-Type: application/cbor``;
+                           any other type is read as JSON, so ``curl --data`` works);
+                           answer: the signed request file
+``POST /v1/apply``         body: the vendor's response file; answer: the signed receipt,
+                           with headers ``X-Already-Applied`` (``true``/``false``),
+                           ``X-Sequence``, ``X-Base-Sequence``, ``X-Changes`` (a JSON list
+                           such as ``["add bacnet"]``) and ``X-Warning`` (a JSON string) if any
+``GET  /v1/check/FEATURE`` ``{"feature", "licensed", "message", "in_grace", "clock_set_back"}``,
+                           always HTTP 200: the answer is the ``licensed`` flag
+``GET  /v1/journal``       ``{"entries": [...], "torn_tail": n, "verified": true}``
+=========================  ========================================================
+
+A refusal is a JSON body ``{"code": EXIT_CODE, "reason": ..., "message": ...}``
+carrying ``licagent``'s exit code, with an HTTP status that fits it: 400 usage
+or malformed, 403 trust, 409 wrong device or sequence, 422 validity, 500
+storage or other failure, 404/405 unknown path or method, 411 no
+Content-Length, 413 body over the limit (256 KiB by default), 503 busy (every
+operation slot stayed taken for ``busy_wait`` seconds; ``Retry-After`` says
+when to try again). :class:`HttpsClient` maps these back to
+:class:`~hw.rpc.RemoteError` so ``licadmin`` exits with the same codes.
+
+Example: ``curl --cacert ca.pem --cert client.pem --key client.key
+https://127.0.0.1:8443/v1/status``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from agent.cose import canonical, strict_loads
+from agent.errors import LicensingError, MalformedError, UsageError
+from hw.link import LinkURL, Listener, ServerClient
+from hw.rpc import Op, RemoteError, TransportError
+
+__all__ = [
+    "DEFAULT_MAX_BODY",
+    "HTTP_STATUS",
+    "HttpsClient",
+    "HttpsListener",
+    "connect",
+    "listen",
+]
+
+OPTIONS = ("ca", "cert", "key")
+DEFAULT_MAX_BODY = 256 * 1024
+#: the largest answer a client reads (a long journal is the biggest)
+MAX_ANSWER = 16 * 1024 * 1024
+CBOR = "application/cbor"
+JSON = "application/json"
+
+#: licagent exit code -> HTTP status of the refusal
+HTTP_STATUS: Mapping[int, int] = {1: 500, 2: 400, 3: 400, 4: 403, 5: 409, 6: 409, 7: 422, 8: 500}
+
+Handler = Callable[[str, Mapping[str, Any]], Any]
+Log = Callable[[str], None]
+
+
+class _Refusal(Exception):
+    """An HTTP-level refusal raised inside a request handler."""
+
+    def __init__(self, status: int, code: int, reason: str, message: str,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.reason = status, code, reason
+        self.headers = dict(headers or {})
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_path(url: LinkURL) -> None:
+    if url.path not in ("", "/"):
+        raise UsageError(f"{url.text}: https:// takes no path (https://HOST:PORT?ca=...)")
+    if not url.host:
+        raise UsageError(f"{url.text}: a host is needed (https://HOST:PORT)")
+
+
+# ---------------------------------------------------------------- server side
+
+
+class _Answer:
+    """What a route returns: status, content type, body and extra headers."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(self, body: bytes, content_type: str, headers: Mapping[str, str] | None = None,
+                 status: int = 200) -> None:
+        self.body, self.content_type, self.status = body, content_type, status
+        self.headers = dict(headers or {})
+
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    """One connection: parses requests, routes them, answers, logs one line per request."""
+
+    server: _TlsHTTPServer
+    protocol_version = "HTTP/1.1"
+    server_version = "licagent-https/1"
+    sys_version = ""
+
+    _status: int | None = None
+    _sent = 0
+
+    # -- routing table: path -> method -> route
+
+    def _routes(self, path: str) -> Mapping[str, Callable[[], _Answer]]:
+        table: dict[str, dict[str, Callable[[], _Answer]]] = {
+            "/v1/hello": {"GET": self._hello},
+            "/v1/status": {"GET": self._status_route},
+            "/v1/info": {"GET": self._info},
+            "/v1/license-info": {"GET": self._license_info},
+            "/v1/request": {"POST": self._request},
+            "/v1/apply": {"POST": self._apply},
+            "/v1/journal": {"GET": self._journal},
+        }
+        if path.startswith("/v1/check/"):
+            return {"GET": self._check}
+        return table.get(path, {})
+
+    def _hello(self) -> _Answer:
+        return self._structured({"version": 1, **(self._op(Op.HELLO, {}) or {})})
+
+    def _status_route(self) -> _Answer:
+        return self._structured(self._op(Op.GET_STATUS, {}))
+
+    def _info(self) -> _Answer:
+        res = self._op(Op.GET_INFO, {})
+        return _Answer(bytes(res["file"]), CBOR, {"X-Device-Id": str(res.get("device_id", ""))})
+
+    def _license_info(self) -> _Answer:
+        return self._structured(self._op(Op.GET_LICENSE_INFO, {}))
+
+    def _request(self) -> _Answer:
+        args = self._request_args(self._body())
+        return _Answer(bytes(self._op(Op.CREATE_REQUEST, args)["file"]), CBOR)
+
+    def _apply(self) -> _Answer:
+        res = self._op(Op.APPLY_RESPONSE, {"file": self._body()})
+        headers = {
+            "X-Already-Applied": "true" if res["already_applied"] else "false",
+            "X-Sequence": str(res["sequence"]),
+            "X-Base-Sequence": str(res["base_sequence"]),
+            "X-Changes": json.dumps(list(res.get("changes", []))),
+        }
+        if res.get("warning"):
+            headers["X-Warning"] = json.dumps(str(res["warning"]))
+        return _Answer(bytes(res["receipt"]), CBOR, headers)
+
+    def _check(self) -> _Answer:
+        raw = self._path[len("/v1/check/"):]
+        if not raw or "/" in raw:  # an encoded %2F is part of the name, a bare / is not
+            raise _Refusal(404, 2, "usage", "name one feature: GET /v1/check/FEATURE")
+        feature = unquote(raw)
+        return self._structured(self._op(Op.CHECK_FEATURE, {"feature": feature}))
+
+    def _journal(self) -> _Answer:
+        return self._structured(self._op(Op.READ_JOURNAL, {}))
+
+    # -- helpers
+
+    @property
+    def _path(self) -> str:
+        return urlsplit(self.path).path
+
+    def _wants_cbor(self) -> bool:
+        return CBOR in self.headers.get("Accept", "")
+
+    def _structured(self, result: Any) -> _Answer:
+        if self._wants_cbor():
+            return _Answer(canonical(result), CBOR)
+        return _Answer(json.dumps(_jsonable(result), indent=2).encode() + b"\n", JSON)
+
+    def _op(self, op: str, args: Mapping[str, Any]) -> Any:
+        srv = self.server
+        if not srv.slots.acquire(timeout=srv.busy_wait):
+            raise _Refusal(503, 1, "busy", "the server is busy with other requests; "
+                                           "try again in a moment", {"Retry-After": "1"})
+        try:
+            return srv.handler(op, args)
+        finally:
+            srv.slots.release()
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise _Refusal(411, 2, "usage", "send the body with a Content-Length "
+                                            "(chunked transfer is not accepted)")
+        length = self._content_length()
+        if length is None:
+            raise _Refusal(411, 2, "usage", "a body with a Content-Length is needed")
+        limit = self.server.max_body
+        if length > limit:
+            self.close_connection = True  # the body stays unread
+            raise _Refusal(413, 3, "too-large",
+                           f"the body of {length} bytes exceeds the {limit}-byte limit")
+        data = self.rfile.read(length)
+        if len(data) != length:
+            self.close_connection = True
+            raise _Refusal(400, 3, "malformed", "the body ended before its Content-Length")
+        return data
+
+    def _content_length(self) -> int | None:
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return None
+        try:
+            n = int(raw)
+        except ValueError:
+            n = -1
+        if n < 0:
+            self.close_connection = True
+            raise _Refusal(400, 2, "usage", f"bad Content-Length {raw!r}")
+        return n
+
+    def _request_args(self, body: bytes) -> dict[str, Any]:
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype == CBOR:
+            obj = strict_loads(body, max_size=self.server.max_body)
+        else:
+            try:
+                obj = json.loads(body)
+            except ValueError as exc:
+                raise MalformedError(f"the request body is not JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise MalformedError('the request body must be a map: {"action": ..., "features": [...]}')
+        unknown = sorted(set(obj) - {"action", "features", "license_info"})
+        if unknown:
+            raise UsageError(f"unknown field {', '.join(map(str, unknown))} in the request body "
+                             "(fields: action, features, license_info)")
+        args: dict[str, Any] = {"action": obj.get("action"), "features": obj.get("features", [])}
+        if "license_info" in obj:
+            li = obj["license_info"]
+            if isinstance(li, str):
+                try:
+                    li = base64.b64decode(li, validate=True)
+                except (binascii.Error, ValueError) as exc:
+                    raise MalformedError("license_info must be base64 in a JSON body") from exc
+            args["license_info"] = li
+        return args
+
+    # -- the request cycle
+
+    def _dispatch(self) -> None:
+        try:
+            if self.command != "POST" and (self._content_length() or 0) > 0:
+                self.close_connection = True  # a body we will not read
+            routes = self._routes(self._path)
+            route = routes.get(self.command)
+            if route is None:
+                if routes:
+                    raise _Refusal(405, 2, "usage", f"{self.command} is not allowed on {self._path}",
+                                   {"Allow": ", ".join(sorted(routes))})
+                raise _Refusal(404, 2, "usage", f"no such endpoint {self._path} "
+                                                "(see GET /v1/status, /v1/info, ...)")
+            answer = route()
+        except _Refusal as r:
+            answer = self._error(r.status, r.code, r.reason, str(r), r.headers)
+        except LicensingError as err:
+            answer = self._error(HTTP_STATUS.get(err.exit_code, 500), err.exit_code, err.reason,
+                                 str(err))
+        except Exception as exc:  # a bug in the handler must not kill the connection thread
+            self.server.log(f"internal error on {self.command} {self._path}: "
+                            f"{type(exc).__name__}: {exc}")
+            answer = self._error(500, 1, "internal", "internal error in the license agent; "
+                                                     "see its log")
+        self._send(answer)
+
+    def _error(self, status: int, code: int, reason: str, message: str,
+               headers: Mapping[str, str] | None = None) -> _Answer:
+        body = json.dumps({"code": code, "reason": reason, "message": message}).encode() + b"\n"
+        return _Answer(body, JSON, headers, status)
+
+    def _send(self, answer: _Answer) -> None:
+        if self.server.stopping.is_set():
+            self.close_connection = True
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.content_type)
+        self.send_header("Content-Length", str(len(answer.body)))
+        self.send_header("Cache-Control", "no-store")
+        for k, v in answer.headers.items():
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(answer.body)
+        self._status, self._sent = answer.status, len(answer.body)
+
+    do_GET = _dispatch
+    do_POST = _dispatch
+
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
+        """Errors the base class finds (bad request line, unknown method) as JSON too."""
+        self.close_connection = True
+        phrase = message or explain or http.client.responses.get(code, "error")
+        self._send(self._error(code, 2, "usage", phrase))
+
+    def handle_one_request(self) -> None:
+        self._status = None
+        super().handle_one_request()
+        if self._status is not None:
+            self.server.access_log(f"{self.client_address[0]} {self._peer()}{self.command or '-'} "
+                            f"{getattr(self, 'path', '-')} {self._status} {self._sent}")
+
+    def _peer(self) -> str:
+        sock = self.connection
+        if not isinstance(sock, ssl.SSLSocket):
+            return ""
+        cert: Any = sock.getpeercert() or {}
+        for rdn in cert.get("subject", ()):
+            for k, v in rdn:
+                if k == "commonName":
+                    return f"cn={v} "
+        return ""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass  # one line per request comes from handle_one_request
+
+    def log_message(self, format: str, *args: Any) -> None:
+        self.server.log(f"{self.client_address[0]} {format % args}")
+
+
+class _TlsHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server that does the TLS handshake in each connection's thread.
+
+    Wrapping in the accepting thread would let one slow handshake stall every
+    other client. Connection threads are not daemons and are joined on close.
+    """
+
+    daemon_threads = False
+    block_on_close = True
+
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, handler: Handler,
+                 log: Log, access_log: Log, max_body: int, max_clients: int, max_pending: int,
+                 busy_wait: float, idle_timeout: float) -> None:
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        self.context = context
+        self.handler = handler
+        self.log = log
+        self.access_log = access_log
+        self.max_body = max_body
+        self.max_clients = max_clients
+        self.busy_wait = busy_wait
+        self.idle_timeout = idle_timeout
+        self.slots = threading.BoundedSemaphore(max_pending)
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.active = 0
+        self.connections: set[socket.socket] = set()
+        super().__init__(address, _RequestHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.lock:
+            full = self.active >= self.max_clients or self.stopping.is_set()
+            if not full:
+                self.active += 1
+        if full:
+            self.log(f"{client_address[0]} refused: {self.max_clients} connections already open")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(self.idle_timeout)
+        self._track(request, True)
+        try:
+            conn = self.context.wrap_socket(request, server_side=True)
+        except (OSError, ValueError) as exc:
+            self.log(f"{client_address[0]} TLS handshake failed: {exc}")
+            return
+        finally:
+            self._track(request, False)
+        self._track(conn, True)
+        try:
+            if not self.stopping.is_set():
+                _RequestHandler(conn, client_address, self)
+        finally:
+            self._track(conn, False)
+            conn.close()
+
+    def _track(self, sock: socket.socket, add: bool) -> None:
+        with self.lock:
+            if add:
+                self.connections.add(sock)
+            else:
+                self.connections.discard(sock)
+
+    def wake_connections(self) -> None:
+        """Unblock every connection thread waiting for its client (stop)."""
+        with self.lock:
+            conns = list(self.connections)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class HttpsListener(Listener):
+    """Serves the operations of ``handler`` over HTTPS until stopped.
+
+    Args:
+        url: ``https://HOST:PORT?cert=&key=[&ca=]``.
+        handler: ``(op, args) -> result``, e.g. :class:`agent.ops.AgentOps`.
+        log: receives one line for each refused or failed connection and internal error.
+        access_log: receives one line per request (peer, method, path, status, size).
+        max_body: largest request body accepted (larger: 413).
+        max_clients: connections served at once; more are closed at once.
+        max_pending: operations running or queued at once; beyond, a request
+            waits up to ``busy_wait`` seconds for a slot, then gets 503.
+        idle_timeout: seconds a connection may stay silent (handshake, keep-alive).
+    """
+
+    def __init__(self, url: LinkURL, handler: Handler, context: ssl.SSLContext,
+                 log: Log | None = None, access_log: Log | None = None,
+                 max_body: int = DEFAULT_MAX_BODY,
+                 max_clients: int = 64, max_pending: int = 16, busy_wait: float = 10.0,
+                 idle_timeout: float = 30.0) -> None:
+        self.url = url
+        self.handler = handler
+        self.context = context
+        self.log: Log = log or (lambda _line: None)
+        self.access_log: Log = access_log or (lambda _line: None)
+        self.max_body = max_body
+        self.max_clients = max_clients
+        self.max_pending = max_pending
+        self.busy_wait = busy_wait
+        self.idle_timeout = idle_timeout
+        self._server: _TlsHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._server is not None:
+            raise UsageError(f"{self.url.text} is already being served")
+        try:
+            server = _TlsHTTPServer(
+                (self.url.host, self.url.need_port()), self.context, self.handler, self.log,
+                self.access_log, self.max_body, self.max_clients, self.max_pending, self.busy_wait,
+                self.idle_timeout)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {self.url.host}:{self.url.port}: {exc}") from exc
+        host, port = server.server_address[:2]
+        self.address = f"https://{_host_port(str(host), int(port))}"
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name=f"https-{port}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.stopping.set()
+        server.shutdown()  # the accept loop ends
+        server.wake_connections()  # keep-alive connections stop waiting for a next request
+        server.server_close()  # closes the socket and joins every connection thread
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def _server_context(url: LinkURL) -> ssl.SSLContext:
+    cert, key, ca = url.option("cert"), url.option("key"), url.option("ca")
+    if not cert or not key:
+        raise UsageError(f"{url.text}: a listener needs its certificate and key "
+                         "(https://HOST:PORT?cert=FILE&key=FILE[&ca=FILE])")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load(ctx, cert, key, ca)
+    if ca:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _load(ctx: ssl.SSLContext, cert: str | None, key: str | None, ca: str | None) -> None:
+    try:
+        if ca:
+            ctx.load_verify_locations(cafile=ca)
+        if cert:
+            ctx.load_cert_chain(cert, key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load TLS files (ca={ca}, cert={cert}, key={key}): {exc}") from exc
+
+
+def listen(url: LinkURL, handler: Handler, **ctx: Any) -> HttpsListener:
+    """The daemon side of ``https://HOST:PORT?cert=&key=[&ca=]``, not yet started."""
+    url.check_options(OPTIONS)
+    _check_path(url)
+    url.need_port()
+    known = {"log", "access_log", "max_body", "max_clients", "max_pending", "busy_wait", "idle_timeout"}
+    return HttpsListener(url, handler, _server_context(url),
+                         **{k: v for k, v in ctx.items() if k in known and v is not None})
+
+
+# ---------------------------------------------------------------- client side
+
+
+class HttpsClient(ServerClient):
+    """The operations over one kept-alive HTTPS connection.
+
+    A call that fails because the server had closed an idle kept-alive
+    connection is sent once more on a new one (nothing had reached the agent).
+
+    Args:
+        url: ``https://HOST:PORT[?ca=&cert=&key=]``.
+        context: TLS settings verifying the server.
+        timeout: seconds for connecting and for each answer.
+    """
+
+    def __init__(self, url: LinkURL, context: ssl.SSLContext, timeout: float = 10.0) -> None:
+        self.url = url
+        self.context = context
+        self.timeout = timeout
+        self.where = f"https://{_host_port(url.host, url.need_port())}"
+        self._conn: http.client.HTTPSConnection | None = None
+        self._ops: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+            Op.HELLO: lambda _a: self._structured("GET", "/v1/hello"),
+            Op.GET_INFO: self._info,
+            Op.GET_STATUS: lambda _a: self._structured("GET", "/v1/status"),
+            Op.GET_LICENSE_INFO: lambda _a: self._structured("GET", "/v1/license-info"),
+            Op.CREATE_REQUEST: self._request,
+            Op.APPLY_RESPONSE: self._apply,
+            Op.CHECK_FEATURE: self._check,
+            Op.READ_JOURNAL: lambda _a: self._structured("GET", "/v1/journal"),
+        }
+
+    def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
+        fn = self._ops.get(op)
+        if fn is None:
+            raise UsageError(f"unknown operation {op!r}")
+        return fn(args or {})
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- operations
+
+    def _info(self, _args: Mapping[str, Any]) -> dict[str, Any]:
+        body, headers = self._exchange("GET", "/v1/info")
+        return {"file": body, "device_id": headers.get("X-Device-Id", "")}
+
+    def _request(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        body, _h = self._exchange("POST", "/v1/request", canonical(dict(args)),
+                                  {"Content-Type": CBOR})
+        return {"file": body}
+
+    def _apply(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        file = args.get("file")
+        if not isinstance(file, bytes):
+            raise UsageError("argument 'file' must be a byte string (the file's content)")
+        body, h = self._exchange("POST", "/v1/apply", file, {"Content-Type": CBOR})
+        try:
+            changes = json.loads(h.get("X-Changes", "[]"))
+            warning = json.loads(h["X-Warning"]) if h.get("X-Warning") else None
+            return {
+                "receipt": body,
+                "already_applied": h.get("X-Already-Applied") == "true",
+                "sequence": int(h.get("X-Sequence", "")),
+                "base_sequence": int(h.get("X-Base-Sequence", "")),
+                "changes": [str(c) for c in changes],
+                "warning": warning,
+            }
+        except (ValueError, TypeError) as exc:
+            raise TransportError(f"{self.where} answered apply without readable "
+                                 f"X-Sequence/X-Changes headers: {exc}") from exc
+
+    def _check(self, args: Mapping[str, Any]) -> Any:
+        feature = args.get("feature")
+        if not isinstance(feature, str) or not feature:
+            raise UsageError("feature must be a name")
+        return self._structured("GET", "/v1/check/" + quote(feature, safe=""))
+
+    # -- HTTP
+
+    def _structured(self, method: str, path: str) -> Any:
+        body, headers = self._exchange(method, path, accept=CBOR)
+        if headers.get("Content-Type", "").split(";")[0].strip() != CBOR:
+            raise TransportError(f"{self.where}{path} did not answer in CBOR")
+        try:
+            return strict_loads(body, max_size=MAX_ANSWER)
+        except MalformedError as exc:
+            raise TransportError(f"{self.where}{path}: unreadable answer: {exc}") from exc
+
+    def _exchange(self, method: str, path: str, body: bytes | None = None,
+                  headers: Mapping[str, str] | None = None,
+                  accept: str = "*/*") -> tuple[bytes, http.client.HTTPMessage]:
+        """One request and its answer; refusals become RemoteError, failures TransportError."""
+        hdrs = {"Accept": accept, **(headers or {})}
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            conn = self._connection()
+            try:
+                conn.request(method, path, body=body, headers=hdrs)
+                resp = conn.getresponse()
+                data = resp.read(MAX_ANSWER + 1)
+                if len(data) > MAX_ANSWER:
+                    self.close()
+                    raise TransportError(f"{self.where}{path}: answer larger than {MAX_ANSWER} bytes")
+                if resp.will_close:
+                    self.close()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    ssl.SSLEOFError) as exc:
+                self.close()
+                if reused and attempt == 1:
+                    continue  # the server had closed the idle connection: try a fresh one
+                raise TransportError(self._explain(exc)) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise TransportError(self._explain(exc)) from exc
+            if resp.status >= 300:
+                raise self._refusal(resp.status, resp.reason, data)
+            return data, resp.headers
+        raise AssertionError("unreachable")
+
+    def _connection(self) -> http.client.HTTPSConnection:
+        if self._conn is None:
+            self._conn = http.client.HTTPSConnection(
+                self.url.host, self.url.need_port(), timeout=self.timeout, context=self.context)
+        return self._conn
+
+    def _explain(self, exc: BaseException) -> str:
+        if isinstance(exc, ConnectionRefusedError):
+            return (f"cannot connect to {self.where}: connection refused "
+                    "(is the license agent listening there?)")
+        if isinstance(exc, TimeoutError):
+            return f"no answer from {self.where} within {self.timeout:g} s"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return (f"cannot verify the TLS certificate of {self.where}: {exc.verify_message} "
+                    "(give the site CA with ?ca=FILE)")
+        if isinstance(exc, ssl.SSLError):
+            hint = ""
+            if not self.url.option("cert"):
+                # TLS 1.3 servers refuse a missing client certificate only after the handshake
+                hint = "; the server may require a client certificate: add ?cert=FILE&key=FILE"
+            return f"TLS with {self.where} failed ({exc.reason or exc.strerror or exc}){hint}"
+        if isinstance(exc, http.client.RemoteDisconnected | ConnectionResetError | BrokenPipeError):
+            return (f"{self.where} closed the connection without an answer "
+                    "(a refused client certificate ends TLS like this too)")
+        return f"talking to {self.where} failed: {exc}"
+
+    def _refusal(self, status: int, phrase: str, data: bytes) -> RemoteError:
+        try:
+            err = json.loads(data)
+        except ValueError:
+            err = None
+        if not isinstance(err, dict) or not isinstance(err.get("message"), str):
+            text = data[:200].decode("utf-8", "replace").strip()
+            return RemoteError(1, "http", f"{self.where} answered HTTP {status} {phrase}"
+                                          + (f": {text}" if text else ""))
+        code = err.get("code")
+        if not isinstance(code, int) or isinstance(code, bool) or not 0 < code < 256:
+            code = 1
+        return RemoteError(code, str(err.get("reason", "remote")), err["message"])
+
+
+def _client_context(url: LinkURL) -> ssl.SSLContext:
+    cert, key, ca = url.option("cert"), url.option("key"), url.option("ca")
+    if key and not cert:
+        raise UsageError(f"{url.text}: ?key= needs ?cert= (the client certificate) too")
+    try:
+        ctx = ssl.create_default_context(cafile=ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the CA file {ca}: {exc}") from exc
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load(ctx, cert, key, None)
+    return ctx
+
+
+def connect(url: LinkURL, timeout: float = 10.0, **_ctx: Any) -> HttpsClient:
+    """A client of ``https://HOST:PORT[?ca=&cert=&key=]``; connects at the first call."""
+    url.check_options(OPTIONS)
+    _check_path(url)
+    url.need_port()
+    return HttpsClient(url, _client_context(url), timeout=timeout)

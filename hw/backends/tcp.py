@@ -1,0 +1,513 @@
+"""``tcp://HOST:PORT`` and ``tls://HOST:PORT``: the RPC over a LAN socket, optionally mutual TLS.
+
+Client options: ``timeout`` (seconds per try and for connecting), and for
+``tls://`` ``ca`` (the CA that signed the server's certificate; the system CAs
+if absent), ``cert`` and ``key`` (the client certificate to present).
+
+Listener options: ``max_clients`` (default 64), ``idle_timeout`` (seconds a
+connection may stay silent, default 300), and for ``tls://`` ``cert`` and
+``key`` (the server certificate, required), ``ca`` (the CA of client
+certificates) and ``require_client_cert`` (default true when ``ca`` is given).
+
+One thread accepts; each connection is served by its own thread running
+:func:`hw.link.serve_stream`, and the TLS handshake happens in that thread, so
+a silent or slow peer never stalls the others.
+
+Busy refusal: a connection beyond ``max_clients`` is answered, by a short-lived
+thread with a hard deadline, with an RPC error to its ``hello`` (reason
+``busy``, exit code 1, "try again later"), then closed; the client sees a
+:class:`~hw.rpc.RemoteError` saying so instead of a bare reset. If even the
+refusers are all busy (a flood), the connection is closed at once.
+
+A TCP or TLS peer cannot lose sync or suffer line noise, so a frame that fails
+its checksum or is not an RPC message means a confused or hostile peer: the
+connection is dropped at the first one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from agent.cose import canonical, strict_loads
+from agent.errors import LicensingError, UsageError
+from hw.framing import Frame, FrameDecoder, encode_frame
+from hw.link import Link, LinkURL, Listener, StreamClient, serve_stream
+from hw.rpc import TransportError
+
+__all__ = [
+    "DEFAULT_MAX_CLIENTS",
+    "SocketLink",
+    "TcpListener",
+    "connect",
+    "listen",
+]
+
+Handler = Callable[[str, Mapping[str, Any]], Any]
+
+DEFAULT_MAX_CLIENTS = 64
+DEFAULT_IDLE_TIMEOUT = 300.0
+#: a TLS handshake, or a refused client's hello, must be done within this many seconds
+HANDSHAKE_TIMEOUT = 10.0
+REFUSE_DEADLINE = 2.0
+MAX_REFUSERS = 8
+#: a peer that does not take our answer within this many seconds is dropped
+WRITE_TIMEOUT = 10.0
+#: connections the kernel holds until accept(); those over max_clients are then refused
+LISTEN_BACKLOG = 128
+
+CLIENT_OPTIONS = {"tcp": ("timeout",), "tls": ("timeout", "ca", "cert", "key")}
+LISTEN_OPTIONS = {
+    "tcp": ("max_clients", "idle_timeout"),
+    "tls": ("max_clients", "idle_timeout", "cert", "key", "ca", "require_client_cert"),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+# ---------------------------------------------------------------- options
+
+
+def _float_option(url: LinkURL, name: str, default: float) -> float:
+    raw = url.option(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise UsageError(f"{url.text}: option {name}={raw!r} must be a positive number of seconds")
+    return value
+
+
+def _int_option(url: LinkURL, name: str, default: int) -> int:
+    raw = url.option(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError(f"{url.text}: option {name}={raw!r} must be a whole number of at least 1")
+    return int(raw)
+
+
+def _bool_option(url: LinkURL, name: str, default: bool) -> bool:
+    raw = url.option(name)
+    if raw is None:
+        return default
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise UsageError(f"{url.text}: option {name}={raw!r} must be true or false")
+
+
+def _host(url: LinkURL) -> str:
+    if not url.host:
+        raise UsageError(f"{url.text}: a host is needed ({url.scheme}://HOST:PORT)")
+    return url.host
+
+
+def _url_of(scheme: str, sockname: tuple[Any, ...]) -> str:
+    host, port = str(sockname[0]), int(sockname[1])
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            host = f"[{host}]"
+    except ValueError:
+        pass
+    return f"{scheme}://{host}:{port}"
+
+
+# ---------------------------------------------------------------- the stream
+
+
+class SocketLink(Link):
+    """A connected (TLS) socket as a :class:`~hw.link.Link`.
+
+    Args:
+        sock: a connected socket, already through its TLS handshake if any.
+        idle_timeout: seconds without any byte from the peer after which reads fail
+            (the server side's defence against peers that hold a slot forever).
+    """
+
+    def __init__(self, sock: socket.socket, idle_timeout: float | None = None,
+                 peer: str = "") -> None:
+        self.sock = sock
+        self.idle_timeout = idle_timeout
+        self.peer = peer
+        self._last_rx = time.monotonic()
+
+    def _write(self, data: bytes) -> None:
+        self.sock.settimeout(WRITE_TIMEOUT)
+        try:
+            self.sock.sendall(data)
+        except TimeoutError as exc:
+            raise TransportError(f"the peer took no data for {WRITE_TIMEOUT:g} s") from exc
+
+    def _read(self, timeout: float) -> bytes:
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            data = self.sock.recv(65536)
+        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
+            if (self.idle_timeout is not None
+                    and time.monotonic() - self._last_rx > self.idle_timeout):
+                raise TransportError(f"no data for {self.idle_timeout:g} s") from None
+            return b""
+        except ValueError as exc:  # an SSL socket closed under us
+            raise TransportError(f"read failed: {exc}") from exc
+        if not data:
+            raise TransportError("the connection was closed by the other end")
+        self._last_rx = time.monotonic()
+        return data
+
+    def _close(self) -> None:
+        _close_socket(self.sock)
+
+
+def _close_socket(sock: socket.socket) -> None:
+    try:
+        # bypass SSLSocket.shutdown: no close_notify exchange with a peer that may be gone
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- client side
+
+
+def _client_context(url: LinkURL) -> ssl.SSLContext:
+    ca, cert, key = url.option("ca"), url.option("cert"), url.option("key")
+    if key and not cert:
+        raise UsageError(f"{url.text}: key= needs cert= (the client certificate)")
+    try:
+        ctx = ssl.create_default_context(cafile=ca or None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert:
+            ctx.load_cert_chain(cert, key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"{url.text}: cannot load the TLS files: {exc}") from exc
+    return ctx
+
+
+def connect(url: LinkURL, timeout: float = 2.0, tries: int = 4, **_ctx: Any) -> StreamClient:
+    """Connect to a ``tcp://`` or ``tls://`` listener.
+
+    Raises:
+        UsageError: an unknown or bad option, unreadable TLS files.
+        TransportError: nothing listens there, or the TLS handshake failed.
+    """
+    url.check_options(CLIENT_OPTIONS[url.scheme])
+    host, port = _host(url), url.need_port()
+    timeout = _float_option(url, "timeout", timeout)
+    ctx = _client_context(url) if url.scheme == "tls" else None
+    try:
+        sock = socket.create_connection((host, port), timeout=max(timeout, 1.0))
+    except OSError as exc:
+        raise TransportError(f"cannot connect to {url.text}: {exc}") from exc
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ctx is not None:
+            sock = ctx.wrap_socket(sock, server_hostname=host)
+    except (OSError, ssl.SSLError) as exc:
+        sock.close()
+        raise TransportError(f"TLS handshake with {url.text} failed: {exc}") from exc
+    return StreamClient(SocketLink(sock, peer=url.text), timeout=timeout, tries=tries)
+
+
+# ---------------------------------------------------------------- server side
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """The listener's settings, read from its URL (and the daemon's defaults)."""
+
+    host: str
+    port: int
+    max_clients: int
+    idle_timeout: float
+    tls: ssl.SSLContext | None
+
+
+def _server_context(url: LinkURL) -> ssl.SSLContext:
+    cert, key, ca = url.option("cert"), url.option("key"), url.option("ca")
+    if not cert or not key:
+        raise UsageError(f"{url.text}: tls:// listeners need cert=PATH and key=PATH "
+                         f"(the server certificate and its key)")
+    require = _bool_option(url, "require_client_cert", bool(ca))
+    if require and not ca:
+        raise UsageError(f"{url.text}: require_client_cert needs ca=PATH "
+                         f"(the CA that signs client certificates)")
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(cert, key)
+        if ca:
+            ctx.load_verify_locations(cafile=ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"{url.text}: cannot load the TLS files: {exc}") from exc
+    return ctx
+
+
+def _busy_reply(decoder: FrameDecoder, data: bytes, message: str) -> bytes | None:
+    """The error answer to the first RPC request in ``data``, if it is there yet."""
+    for ev in decoder.feed(data):
+        if not isinstance(ev, Frame):
+            return b""  # not a client of ours: just close
+        try:
+            msg = strict_loads(ev.payload, max_size=4096)
+        except LicensingError:
+            return b""
+        rid = msg.get("id") if isinstance(msg, dict) else None
+        if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**32:
+            return b""
+        return encode_frame(canonical({"v": 1, "id": rid, "ok": False, "error": {
+            "code": 1, "reason": "busy", "message": message}}))
+    return None
+
+
+@dataclass
+class _Conn:
+    """One admitted connection: its socket (the TLS one once wrapped) and whether it is served."""
+
+    sock: socket.socket
+    serving: bool = False
+
+
+def _shutdown(sock: socket.socket) -> None:
+    """Wake up a thread blocked on ``sock`` (its own thread closes it)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class TcpListener(Listener):
+    """Accepts connections on one address and serves each in its own thread."""
+
+    def __init__(self, url: LinkURL, handler: Handler, config: ListenConfig,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.url = url
+        self.handler = handler
+        self.config = config
+        self.log = log or (lambda _line: None)
+        self.stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._accepter: threading.Thread | None = None
+        self._conns: dict[threading.Thread, _Conn] = {}
+        self._refusers: set[threading.Thread] = set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        cfg = self.config
+        try:
+            infos = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            raise UsageError(f"{self.url.text}: cannot resolve {cfg.host}: {exc}") from exc
+        family, _type, _proto, _name, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            raise TransportError(f"cannot listen on {self.url.text}: {exc}") from exc
+        # accept() wakes up this often to notice stop() where shutdown() does not wake it
+        sock.settimeout(0.2)
+        self._sock = sock
+        self.address = _url_of(self.url.scheme, sock.getsockname())
+        self._accepter = threading.Thread(target=self._accept_loop, daemon=True,
+                                          name=f"accept {self.address}")
+        self._accepter.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self._sock is not None:
+            _shutdown(self._sock)  # wakes accept() at once on Linux
+        if self._accepter is not None:
+            self._accepter.join(timeout=5)
+        if self._sock is not None:
+            self._sock.close()
+        with self._lock:
+            threads = [*self._conns, *self._refusers]
+            handshaking = [c.sock for c in self._conns.values() if not c.serving]
+        for s in handshaking:  # nothing in progress there: do not wait for their timeout
+            _shutdown(s)
+        # serve_stream notices the event within its poll; an operation in progress finishes
+        deadline = time.monotonic() + 10
+        for t in threads:
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
+        with self._lock:
+            stuck = [c.sock for c in self._conns.values()]
+        for s in stuck:  # a peer that will not take our last answer: cut it off
+            _shutdown(s)
+        for t in threads:
+            t.join(timeout=1)
+
+    @property
+    def connections(self) -> int:
+        """Connections admitted and not yet finished (those refused as busy not counted)."""
+        with self._lock:
+            return len(self._conns)
+
+    # ------------------------------------------------------------ threads
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self.stop_event.is_set():
+            try:
+                conn, peer = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self.stop_event.is_set():
+                    return
+                # EMFILE and friends: back off instead of spinning, keep serving the others
+                self.log(f"{self.address}: accept failed: {exc}")
+                self.stop_event.wait(0.5)
+                continue
+            name = _url_of(self.url.scheme, peer).split("://", 1)[1]
+            try:
+                self._admit(conn, name)
+            except (OSError, RuntimeError) as exc:  # a peer already gone; no thread to spare
+                self.log(f"{self.address}: {name}: not admitted: {exc}")
+                conn.close()
+
+    def _admit(self, conn: socket.socket, peer: str) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            busy = len(self._conns) >= self.config.max_clients
+            if busy and len(self._refusers) >= MAX_REFUSERS:
+                self.log(f"{self.address}: {peer}: closed at once, "
+                         f"{self.config.max_clients} clients connected and refusals pending")
+                conn.close()
+                return
+            if busy:
+                t = threading.Thread(target=self._refuse, args=(conn, peer), daemon=True,
+                                     name=f"refuse {peer}")
+                self._refusers.add(t)
+            else:
+                t = threading.Thread(target=self._serve, args=(conn, peer), daemon=True,
+                                     name=f"serve {peer}")
+                self._conns[t] = _Conn(conn)
+            try:
+                t.start()
+            except RuntimeError:
+                self._refusers.discard(t)
+                self._conns.pop(t, None)
+                raise
+
+    def _handshake(self, conn: socket.socket, timeout: float,
+                   record: _Conn | None = None) -> socket.socket:
+        """The TLS handshake (for tls://), bounded by ``timeout``; closes ``conn`` if it fails."""
+        if self.config.tls is None:
+            return conn
+        conn.settimeout(timeout)
+        try:
+            tls = self.config.tls.wrap_socket(conn, server_side=True,
+                                              do_handshake_on_connect=False)
+        except (OSError, ValueError):
+            _close_socket(conn)
+            raise
+        if record is not None:
+            with self._lock:
+                record.sock = tls  # conn is detached now: stop() must reach the TLS socket
+        try:
+            tls.do_handshake()
+        except BaseException:
+            _close_socket(tls)
+            raise
+        return tls
+
+    def _serve(self, conn: socket.socket, peer: str) -> None:
+        me = threading.current_thread()
+        with self._lock:
+            record = self._conns[me]
+        try:
+            try:
+                conn = self._handshake(conn, HANDSHAKE_TIMEOUT, record)
+            except (OSError, ValueError) as exc:
+                if not self.stop_event.is_set():
+                    self.log(f"{self.address}: {peer}: TLS handshake failed: {exc}")
+                return
+            link = SocketLink(conn, idle_timeout=self.config.idle_timeout, peer=peer)
+            with self._lock:
+                record.serving = True
+
+            def dropped(n: int) -> None:
+                self.log(f"{self.address}: {peer}: {n} corrupt frame(s); dropping the connection")
+                link.close()
+
+            try:
+                serve_stream(link, self.handler, self.stop_event, on_corrupt=dropped)
+            except Exception as exc:  # a failing handler must not take the listener down
+                self.log(f"{self.address}: {peer}: connection dropped: {exc!r}")
+            finally:
+                link.close()
+        finally:
+            with self._lock:
+                self._conns.pop(me, None)
+
+    def _refuse(self, conn: socket.socket, peer: str) -> None:
+        deadline = time.monotonic() + REFUSE_DEADLINE
+        message = (f"server busy: {self.config.max_clients} clients are connected "
+                   f"(max_clients); try again later")
+        self.log(f"{self.address}: {peer}: refused, {self.config.max_clients} clients connected")
+        try:
+            conn = self._handshake(conn, REFUSE_DEADLINE)
+            decoder = FrameDecoder(4096)
+            while time.monotonic() < deadline and not self.stop_event.is_set():
+                conn.settimeout(max(0.01, min(0.2, deadline - time.monotonic())))
+                try:
+                    data = conn.recv(4096)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                reply = _busy_reply(decoder, data, message)
+                if reply is not None:
+                    conn.settimeout(max(0.01, deadline - time.monotonic()))
+                    conn.sendall(reply)
+                    break
+        except (OSError, ValueError):
+            pass
+        finally:
+            _close_socket(conn)
+            with self._lock:
+                self._refusers.discard(threading.current_thread())
+
+
+def listen(url: LinkURL, handler: Handler, max_clients: int | None = None,
+           log: Callable[[str], None] | None = None, **_ctx: Any) -> TcpListener:
+    """A not yet started listener for ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (port 0: any).
+
+    Args:
+        max_clients: the default when the URL has no ``max_clients`` option.
+        log: called with one line for each refused or dropped connection.
+
+    Raises:
+        UsageError: an unknown or bad option, missing or unreadable TLS files.
+    """
+    url.check_options(LISTEN_OPTIONS[url.scheme])
+    config = ListenConfig(
+        host=_host(url),
+        port=url.need_port(),
+        max_clients=_int_option(url, "max_clients", max_clients or DEFAULT_MAX_CLIENTS),
+        idle_timeout=_float_option(url, "idle_timeout", DEFAULT_IDLE_TIMEOUT),
+        tls=_server_context(url) if url.scheme == "tls" else None,
+    )
+    return TcpListener(url, handler, config, log)
