@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,8 @@ def parse_time(text: str) -> int:
     text = text.strip()
     if text.lstrip("-").isdigit():
         return int(text)
+    from datetime import UTC, datetime  # only when a date is given: the daemon never needs it
+
     try:
         if len(text) == 10:
             d = datetime.fromisoformat(text).replace(tzinfo=UTC)

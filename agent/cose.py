@@ -8,7 +8,6 @@ no shared values).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from agent.digest import sha256
 from agent.errors import MalformedError, TrustError
 
 __all__ = [
@@ -149,7 +149,7 @@ class PublicKey:
 
     @property
     def kid(self) -> bytes:
-        return hashlib.sha256(self.raw).digest()
+        return sha256(self.raw)
 
     @property
     def alg_name(self) -> str:
@@ -249,7 +249,7 @@ class SigningKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        return hashlib.sha256(b"licagent-derive\x00" + label + b"\x00" + raw).digest()
+        return sha256(b"licagent-derive\x00" + label + b"\x00" + raw)
 
     def sign(self, message: bytes) -> bytes:
         if isinstance(self._key, ed25519.Ed25519PrivateKey):

@@ -14,19 +14,17 @@ file are relative to the file's folder.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import hw
 from agent.errors import EXIT_OK, LicensingError, UsageError
@@ -75,6 +73,8 @@ def load_config(path: Path) -> dict[str, Any]:
     Raises:
         UsageError: unreadable, not TOML, an unknown key or a wrongly typed value.
     """
+    import tomllib  # only with --config: a daemon started by flags never pays for it
+
     try:
         with open(path, "rb") as f:
             raw = tomllib.load(f)
@@ -185,25 +185,64 @@ def sd_notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
 # ---------------------------------------------------------------- serving
 
 
-class _OperationLog(logging.Formatter):
-    """``2027-01-15T08:00:00.123Z LEVEL message``, always UTC."""
-
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s",
-                         "%Y-%m-%dT%H:%M:%S")
-        self.converter = time.gmtime
+DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
+_LEVEL_NAMES = {DEBUG: "DEBUG", INFO: "INFO", WARNING: "WARNING", ERROR: "ERROR"}
 
 
-def make_logger(level: str, stream: Any = None) -> logging.Logger:
+class LogSink(Protocol):
+    """What the daemon logs through (a :class:`OperationLog`, or any ``logging.Logger``)."""
+
+    def log(self, level: int, msg: str, *args: object) -> None: ...
+    def debug(self, msg: str, *args: object) -> None: ...
+    def info(self, msg: str, *args: object) -> None: ...
+    def warning(self, msg: str, *args: object) -> None: ...
+    def exception(self, msg: str, *args: object) -> None: ...
+
+
+class OperationLog:
+    """One line per event, ``2027-01-15T08:00:00.123Z LEVEL message``, always UTC.
+
+    A few lines instead of the logging package, which would cost the daemon about
+    1 MB of resident memory on a controller for features it does not use.
+    """
+
+    def __init__(self, level: str = "info", stream: Any = None) -> None:
+        self.level = {"debug": DEBUG, "info": INFO, "warning": WARNING,
+                      "error": ERROR}[level.lower()]
+        self.stream = stream or sys.stderr
+        self.lock = threading.Lock()
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        if level < self.level:
+            return
+        t = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+        line = f"{stamp} {_LEVEL_NAMES.get(level, level)} {msg % args if args else msg}\n"
+        with self.lock:
+            try:
+                self.stream.write(line)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed stderr must not take the daemon down
+
+    def debug(self, msg: str, *args: object) -> None:
+        self.log(DEBUG, msg, *args)
+
+    def info(self, msg: str, *args: object) -> None:
+        self.log(INFO, msg, *args)
+
+    def warning(self, msg: str, *args: object) -> None:
+        self.log(WARNING, msg, *args)
+
+    def exception(self, msg: str, *args: object) -> None:
+        import traceback
+
+        self.log(ERROR, msg + "\n" + traceback.format_exc().rstrip(), *args)
+
+
+def make_logger(level: str, stream: Any = None) -> OperationLog:
     """The daemon's logger: one line per event on stderr (journald adds nothing else)."""
-    log = logging.getLogger("licagent")
-    log.handlers.clear()
-    h = logging.StreamHandler(stream or sys.stderr)
-    h.setFormatter(_OperationLog())
-    log.addHandler(h)
-    log.setLevel(level.upper())
-    log.propagate = False
-    return log
+    return OperationLog(level, stream)
 
 
 class _ListenerOps:
@@ -227,7 +266,7 @@ class Daemon:
         ctx: passed on to each backend's ``listen`` (e.g. ``fabric`` for loop://).
     """
 
-    def __init__(self, agent: Agent, config: DaemonConfig, log: logging.Logger,
+    def __init__(self, agent: Agent, config: DaemonConfig, log: LogSink,
                  **ctx: Any) -> None:
         self.agent = agent
         self.config = config
@@ -258,7 +297,7 @@ class Daemon:
                 result = self.ops(op, args)
             except LicensingError as err:
                 self._log_op(listener, op, f"refused {err.reason} (exit {err.exit_code}): "
-                                           f"{err}", logging.INFO)
+                                           f"{err}", INFO)
                 raise
             except Exception as exc:
                 self.log.exception("%s %s failed", listener, op)
@@ -268,7 +307,7 @@ class Daemon:
         if isinstance(result, dict) and "licensed" in result:
             detail.append(f"feature={result.get('feature')} licensed={result['licensed']}")
         outcome = " ".join(["ok", *[d for d in detail if d]])
-        self._log_op(listener, op, outcome, logging.DEBUG if op == "hello" else logging.INFO)
+        self._log_op(listener, op, outcome, DEBUG if op == "hello" else INFO)
         return result
 
     def _log_op(self, listener: str, op: str, outcome: str, level: int) -> None:

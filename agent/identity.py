@@ -7,10 +7,11 @@ simulated servers and tests).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from agent.digest import Sha256
 
 __all__ = [
     "BindingCheck",
@@ -76,7 +77,7 @@ class FactsProvider(Protocol):
 
 def host_id(facts: Iterable[str]) -> str:
     """Stable host ID: lowercase hex SHA-256 over the sorted binding facts."""
-    h = hashlib.sha256()
+    h = Sha256()
     for f in sorted(set(facts)):
         h.update(f.encode("utf-8") + b"\n")
     return h.hexdigest()

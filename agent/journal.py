@@ -14,8 +14,6 @@ reported by :meth:`Journal.verify` and cut off before the next append.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import struct
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.cose import canonical, strict_loads
+from agent.digest import equal, hmac_sha256, sha256
 from agent.errors import IntegrityError, MalformedError, StorageError
 
 if TYPE_CHECKING:
@@ -66,7 +65,7 @@ class Journal:
         self.ops = ops
 
     def _mac(self, body: dict[str, Any]) -> bytes:
-        return hmac.new(self.mac_key, canonical(body), hashlib.sha256).digest()
+        return hmac_sha256(self.mac_key, canonical(body))
 
     def read(self) -> JournalReport:
         """Read and verify every complete record.
@@ -104,11 +103,11 @@ class Journal:
             if not isinstance(e, dict) or set(e) != {"n", "time", "event", "data", "prev", "mac"}:
                 raise IntegrityError(f"journal record {len(entries)} has the wrong fields")
             mac = e.pop("mac")
-            if not isinstance(mac, bytes) or not hmac.compare_digest(mac, self._mac(e)):
+            if not isinstance(mac, bytes) or not equal(mac, self._mac(e)):
                 raise IntegrityError(f"journal record {len(entries)} fails its MAC (tampered)")
             if e["prev"] != prev or e["n"] != len(entries):
                 raise IntegrityError(f"journal hash chain broken at record {len(entries)}")
-            prev = hashlib.sha256(raw).digest()
+            prev = sha256(raw)
             entries.append(JournalEntry(e["n"], e["time"], e["event"], e["data"], prev))
             off += 4 + length
         return JournalReport(tuple(entries), len(data) - off, off)
@@ -147,4 +146,4 @@ class Journal:
                     self.ops.close(fd)
                 except OSError:
                     pass
-        return JournalEntry(body["n"], now, event, data, hashlib.sha256(record).digest())
+        return JournalEntry(body["n"], now, event, data, sha256(record))

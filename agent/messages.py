@@ -9,13 +9,13 @@ else. See docs/protocol.md for the CDDL.
 from __future__ import annotations
 
 import enum
-import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from agent.cose import PublicKey, canonical
+from agent.digest import sha256
 from agent.errors import MalformedError
 
 __all__ = [
@@ -224,9 +224,7 @@ def _licenses(v: object, what: str = "licenses") -> tuple[License, ...]:
 
 def state_digest(licenses: Iterable[License]) -> bytes:
     """SHA-256 over the canonical CBOR of the installed licenses, sorted by feature."""
-    return hashlib.sha256(
-        canonical([lic.to_cbor() for lic in sorted(licenses)])
-    ).digest()
+    return sha256(canonical([lic.to_cbor() for lic in sorted(licenses)]))
 
 
 @dataclass(frozen=True)

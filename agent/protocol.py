@@ -8,12 +8,12 @@ returns; the CLI and daemon only move bytes.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.cose import PublicKey, Sign1, SigningKey, canonical, decode_sign1, sign1, strict_loads
+from agent.digest import sha256
 from agent.errors import (
     AlreadyAppliedError,
     ClockSetBackError,
@@ -400,7 +400,7 @@ def apply_response(
             f"response is for device {resp.device_id[:12]}…, this device is "
             f"{state.device_id[:12]}…"
         )
-    digest = hashlib.sha256(data).digest()
+    digest = sha256(data)
     last = state.last_applied
     if last is not None and last.response_digest == digest and state.last_receipt is not None:
         return ApplyResult(state, state.last_receipt, resp, already_applied=True)

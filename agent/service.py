@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ def iso(t: int | None) -> str | None:
     """POSIX seconds as ISO 8601 UTC (``2026-11-28T00:00:00Z``), None stays None."""
     if t is None:
         return None
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def status_dict(state: protocol.AgentState, now: int, warnings: Iterable[str] = ()) -> dict[str, Any]:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
-import hmac
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +26,7 @@ from typing import Any
 
 from agent import protocol
 from agent.cose import SigningKey, canonical, strict_loads
+from agent.digest import equal, hmac_sha256
 from agent.errors import (
     CopiedStoreError,
     IntegrityError,
@@ -139,7 +138,7 @@ class LoadReport:
 
 def _mac(key: bytes, generation: int, state_bytes: bytes) -> bytes:
     msg = canonical([SLOT_MAGIC, SLOT_VERSION, generation, state_bytes])
-    return hmac.new(key, msg, hashlib.sha256).digest()
+    return hmac_sha256(key, msg)
 
 
 def encode_slot(key: bytes, generation: int, state_bytes: bytes) -> bytes:
@@ -165,7 +164,7 @@ def decode_slot(key: bytes, data: bytes) -> tuple[int, bytes, list[str]]:
         if (
             isinstance(c, list) and len(c) == 5 and c[0] == SLOT_MAGIC and c[1] == SLOT_VERSION
             and isinstance(c[2], int) and isinstance(c[3], bytes) and isinstance(c[4], bytes)
-            and hmac.compare_digest(_mac(key, c[2], c[3]), c[4])
+            and equal(_mac(key, c[2], c[3]), c[4])
         ):
             if i:
                 warnings.append("first copy of the slot is damaged; the second copy was used")

@@ -28,18 +28,21 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.cose import canonical, strict_loads
 from agent.errors import LicensingError, UsageError
 from hw.framing import Frame, FrameDecoder, encode_frame
 from hw.link import Link, LinkURL, Listener, StreamClient, serve_stream
 from hw.rpc import TransportError
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
     "DEFAULT_MAX_CLIENTS",
@@ -142,6 +145,12 @@ class SocketLink(Link):
         self.idle_timeout = idle_timeout
         self.peer = peer
         self._last_rx = time.monotonic()
+        # ssl is imported only when a tls:// link exists (it costs ~5 MB of RSS on a
+        # controller that serves plain tcp:// and serial only)
+        ssl_mod = sys.modules.get("ssl")
+        self._quiet: tuple[type[BaseException], ...] = (TimeoutError, BlockingIOError)
+        if ssl_mod is not None and isinstance(sock, ssl_mod.SSLSocket):
+            self._quiet += (ssl_mod.SSLWantReadError,)
 
     def _write(self, data: bytes) -> None:
         self.sock.settimeout(WRITE_TIMEOUT)
@@ -154,7 +163,7 @@ class SocketLink(Link):
         self.sock.settimeout(max(timeout, 0.001))
         try:
             data = self.sock.recv(65536)
-        except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
+        except self._quiet:
             if (self.idle_timeout is not None
                     and time.monotonic() - self._last_rx > self.idle_timeout):
                 raise TransportError(f"no data for {self.idle_timeout:g} s") from None
@@ -186,6 +195,8 @@ def _close_socket(sock: socket.socket) -> None:
 
 
 def _client_context(url: LinkURL) -> ssl.SSLContext:
+    import ssl
+
     ca, cert, key = url.option("ca"), url.option("cert"), url.option("key")
     if key and not cert:
         raise UsageError(f"{url.text}: key= needs cert= (the client certificate)")
@@ -194,7 +205,7 @@ def _client_context(url: LinkURL) -> ssl.SSLContext:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if cert:
             ctx.load_cert_chain(cert, key or None)
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:  # ssl.SSLError is an OSError
         raise UsageError(f"{url.text}: cannot load the TLS files: {exc}") from exc
     return ctx
 
@@ -218,7 +229,7 @@ def connect(url: LinkURL, timeout: float = 2.0, tries: int = 4, **_ctx: Any) -> 
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ctx is not None:
             sock = ctx.wrap_socket(sock, server_hostname=host)
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:  # ssl.SSLError is an OSError
         sock.close()
         raise TransportError(f"TLS handshake with {url.text} failed: {exc}") from exc
     return StreamClient(SocketLink(sock, peer=url.text), timeout=timeout, tries=tries)
@@ -239,6 +250,8 @@ class ListenConfig:
 
 
 def _server_context(url: LinkURL) -> ssl.SSLContext:
+    import ssl
+
     cert, key, ca = url.option("cert"), url.option("key"), url.option("ca")
     if not cert or not key:
         raise UsageError(f"{url.text}: tls:// listeners need cert=PATH and key=PATH "
@@ -254,7 +267,7 @@ def _server_context(url: LinkURL) -> ssl.SSLContext:
         if ca:
             ctx.load_verify_locations(cafile=ca)
             ctx.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:  # ssl.SSLError is an OSError
         raise UsageError(f"{url.text}: cannot load the TLS files: {exc}") from exc
     return ctx
 

@@ -7,12 +7,12 @@ with the wrong key, by overriding fields of an otherwise correct response.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from agent.cose import PublicKey, SigningKey, sign1, strict_loads
+from agent.digest import sha256
 from agent.errors import MalformedError, TrustError, UsageError
 from agent.messages import (
     Action,
@@ -166,7 +166,7 @@ def verify_receipt(data: bytes, trusted: Iterable[PublicKey], limits: Limits | N
         raise TrustError("the response inside the receipt was not signed by a trusted vendor key")
     resp = decode_payload(strict_loads(env.verify_with(vk), max_size=lim.max_file), Response)
     assert isinstance(resp, Response)
-    if hashlib.sha256(rc.response).digest() != rc.response_digest:
+    if sha256(rc.response) != rc.response_digest:
         raise TrustError("receipt's response digest does not match the response it carries")
     if resp.device_id != rc.device_id:
         raise TrustError(

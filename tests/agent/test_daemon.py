@@ -431,3 +431,30 @@ def test_stop_lets_the_apply_in_progress_finish_and_starts_no_other(device: Devi
     assert st["sequence"] == 1 and st["outstanding_requests"] == []
     with pytest.raises(LicensingError):
         hw.connect(address)
+
+
+def test_pty_and_tcp_listeners_of_one_daemon_share_one_store(agentd: Agentd) -> None:
+    """A field engineer on the serial console and a site tool on the LAN see the same server;
+    SIGTERM and a restart lose nothing."""
+    proc = agentd.start("--listen", "pty://", "--listen", "tcp://127.0.0.1:0")
+    serial_url, tcp_url = listening(proc, 2)
+    assert serial_url.startswith("serial:///dev/pts/") and tcp_url.startswith("tcp://127.0.0.1:")
+    with hw.connect(serial_url, timeout=2.0) as console:
+        req = console.request("activate", ["bacnet"])
+        resp = agentd.vendor.issue(req, [Grant("bacnet", 4)], now=T0)
+        out = console.apply(resp)
+        assert out["sequence"] == 1
+    with hw.connect(tcp_url) as lan:
+        assert lan.check("bacnet")["licensed"] is True
+        before = lan.status()
+    assert stop(proc) == 0
+    proc2 = agentd.start("--listen", "pty://")
+    (serial2,) = listening(proc2)
+    with hw.connect(serial2, timeout=2.0) as console:
+        after = console.status()
+        assert after["sequence"] == before["sequence"] == 1
+        assert after["licenses"] == before["licenses"]
+        assert console.apply(resp)["already_applied"] is True
+    assert stop(proc2) == 0
+    log = agentd.log_text()
+    assert "apply-response" in log and "check-feature" in log

@@ -41,6 +41,57 @@ def ms(xs: list[float]) -> str:
     return f"{statistics.median(xs) * 1e3:.2f} ms (p95 {p95 * 1e3:.2f} ms)"
 
 
+BARE = """
+import cbor2, serial, cryptography
+from cryptography.hazmat.primitives.asymmetric import ed25519
+ed25519.Ed25519PrivateKey.generate().sign(b"x")
+import time; time.sleep(0.5)
+print(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+"""
+
+
+def rss_kib(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0])
+
+
+def daemon_rows(tmp: Path, fjson: Path) -> list[tuple[str, str, str]]:
+    """The daemon's start-to-ready time and idle memory against a bare Python floor."""
+    import signal
+    import socket
+
+    bare = int(subprocess.run([sys.executable, "-c", BARE], capture_output=True, text=True,
+                              check=True).stdout)
+    readies: list[float] = []
+    rss: list[int] = []
+    for i in range(5):
+        sock_path = tmp / f"notify{i}"
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.bind(str(sock_path))
+        s.settimeout(30)
+        env = dict(os.environ, LICAGENT_FACTS=str(fjson), NOTIFY_SOCKET=str(sock_path))
+        t = time.perf_counter()
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "licagent"), "run", "--state", str(tmp / "s"),
+             "--listen", "pty://", "--listen", "tcp://127.0.0.1:0"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while b"READY=1" not in s.recv(4096):
+            pass
+        readies.append(time.perf_counter() - t)
+        time.sleep(1.0)
+        rss.append(rss_kib(proc.pid))
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        s.close()
+    r = statistics.median(rss)
+    return [
+        ("daemon start to READY=1 (serial + LAN listeners)", ms(readies),
+         "5 starts; goal under 300 ms"),
+        ("daemon idle RSS (pty + tcp listeners)", f"{r / 1024:.1f} MiB",
+         f"bare Python with cbor2, cryptography, pyserial and one signature: "
+         f"{bare / 1024:.1f} MiB; ratio {r / bare:.2f} (goal at most 1.15)"),
+    ]
+
+
 def main() -> int:
     rows: list[tuple[str, str, str]] = []
     tmp = Path(tempfile.mkdtemp(prefix="licbench-"))
@@ -104,6 +155,11 @@ def main() -> int:
     size = sum(p.stat().st_size for p in (tmp / "s").iterdir())
     rows.append(("store size after 200 applies (slots + journal)", f"{size / 1024:.0f} KiB",
                  "journal dominates; slots hold the last 32 applied response digests"))
+
+    rows += daemon_rows(tmp, fjson)
+    from tests.bench.hal import framing_rows
+
+    rows += framing_rows()
 
     table = ["| measure | result | notes |", "|---|---|---|"]
     table += [f"| {a} | {b} | {c} |" for a, b, c in rows]
