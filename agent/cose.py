@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-    encode_dss_signature,
-)
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+# ECDSA and the serialization module (which drags in SSH, RSA, DSA and cipher code) are
+# imported only when a P-256 key or a PEM conversion is actually used: the daemon on an
+# Ed25519 device never pays for them (about 1.5 MB of resident memory).
 
 from agent.digest import sha256
 from agent.errors import MalformedError, TrustError
@@ -163,6 +165,10 @@ class PublicKey:
             else:
                 if len(signature) != 64:
                     raise TrustError("ES256 signature must be 64 bytes (r || s)")
+                from cryptography.hazmat.primitives import hashes
+                from cryptography.hazmat.primitives.asymmetric import ec
+                from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
                 r = int.from_bytes(signature[:32], "big")
                 s = int.from_bytes(signature[32:], "big")
                 pub = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), self.raw)
@@ -173,6 +179,9 @@ class PublicKey:
             raise TrustError(f"public key unusable: {exc}") from exc
 
     def to_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
         if self.alg == ALG_EDDSA:
             key = ed25519.Ed25519PublicKey.from_public_bytes(self.raw)
@@ -184,6 +193,9 @@ class PublicKey:
 
     @classmethod
     def from_pem(cls, data: bytes) -> PublicKey:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         try:
             key = serialization.load_pem_public_key(data)
         except ValueError as exc:
@@ -200,6 +212,27 @@ class PublicKey:
         raise MalformedError("only Ed25519 and P-256 public keys are supported")
 
 
+#: DER of PKCS#8 PrivateKeyInfo for Ed25519 up to the 32 key bytes (RFC 8410)
+ED25519_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+
+
+def _ed25519_pkcs8_raw(pem: bytes) -> bytes | None:
+    """The 32 key bytes of an unencrypted Ed25519 PKCS#8 PEM, or None if it is not one."""
+    import binascii
+
+    lines = pem.strip().splitlines()
+    if len(lines) < 3 or lines[0] != b"-----BEGIN PRIVATE KEY-----" or (
+            lines[-1] != b"-----END PRIVATE KEY-----"):
+        return None
+    try:
+        der = binascii.a2b_base64(b"".join(lines[1:-1]))
+    except binascii.Error:
+        return None
+    if len(der) != 48 or not der.startswith(ED25519_PKCS8_PREFIX):
+        return None
+    return der[16:]
+
+
 class SigningKey:
     """A private key that signs COSE_Sign1 messages."""
 
@@ -208,6 +241,9 @@ class SigningKey:
         if isinstance(key, ed25519.Ed25519PrivateKey):
             self.public = PublicKey(ALG_EDDSA, key.public_key().public_bytes_raw())
         else:
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric import ec
+
             if not isinstance(key.curve, ec.SECP256R1):
                 raise MalformedError("only P-256 ECDSA keys are supported")
             self.public = PublicKey(
@@ -222,11 +258,19 @@ class SigningKey:
         if alg == ALG_EDDSA:
             return cls(ed25519.Ed25519PrivateKey.generate())
         if alg == ALG_ES256:
+            from cryptography.hazmat.primitives.asymmetric import ec
+
             return cls(ec.generate_private_key(ec.SECP256R1()))
         raise MalformedError(f"unsupported COSE algorithm {alg}")
 
     @classmethod
     def from_pem(cls, data: bytes) -> SigningKey:
+        raw = _ed25519_pkcs8_raw(data)
+        if raw is not None:  # the common case, without the serialization module
+            return cls(ed25519.Ed25519PrivateKey.from_private_bytes(raw))
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as exc:
@@ -236,6 +280,8 @@ class SigningKey:
         raise MalformedError("only Ed25519 and P-256 private keys are supported")
 
     def to_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization
+
         return self._key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -244,16 +290,25 @@ class SigningKey:
 
     def secret_digest(self, label: bytes) -> bytes:
         """A key derived from the private key for ``label`` (used for the store MAC)."""
-        raw = self._key.private_bytes(
-            serialization.Encoding.DER,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        if isinstance(self._key, ed25519.Ed25519PrivateKey):
+            raw = ED25519_PKCS8_PREFIX + self._key.private_bytes_raw()  # = its PKCS#8 DER
+        else:
+            from cryptography.hazmat.primitives import serialization
+
+            raw = self._key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
         return sha256(b"licagent-derive\x00" + label + b"\x00" + raw)
 
     def sign(self, message: bytes) -> bytes:
         if isinstance(self._key, ed25519.Ed25519PrivateKey):
             return self._key.sign(message)
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
         der = self._key.sign(message, ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
