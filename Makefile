@@ -6,7 +6,7 @@ CWT_VENV := .venv-cwt
 STAMP  := $(VENV)/.installed
 CWT_STAMP := $(CWT_VENV)/.installed
 
-.PHONY: run test lint unit fuzz bench clean venv
+.PHONY: run test lint unit fuzz bench clean venv broker
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check agent hw simulators tests admin
 	$(VENV)/bin/mypy
 
-unit: $(STAMP) $(CWT_STAMP)
+# The MQTT tests and benchmarks run a real mosquitto broker on a loopback port;
+# install it on Debian when it is missing (as root, or with sudo if there is one).
+broker:
+	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update && $$SUDO apt-get install -y mosquitto; }
+
+unit: $(STAMP) $(CWT_STAMP) broker
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test: lint unit
@@ -38,7 +45,7 @@ test: lint unit
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q -p no:cacheprovider tests/agent/test_fuzz.py
 
-bench: $(STAMP)
+bench: $(STAMP) broker
 	$(PY) tests/bench/run.py
 
 clean:

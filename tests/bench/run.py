@@ -160,6 +160,9 @@ def main() -> int:
     from tests.bench.hal import framing_rows
 
     rows += framing_rows()
+    from tests.bench.mqtt import mqtt_rows
+
+    rows += mqtt_rows()
 
     table = ["| measure | result | notes |", "|---|---|---|"]
     table += [f"| {a} | {b} | {c} |" for a, b, c in rows]

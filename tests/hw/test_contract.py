@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ class Env:
 
     tmp: Path
     pki: Callable[[], Pki]
+    fixture: Callable[[str], Any] = lambda name: None  # pytest's getfixturevalue
 
 
 Starter = Callable[[AgentOps, Env], tuple[Listener, Callable[[], ServerClient]]]
@@ -78,6 +80,23 @@ def _tls_like(scheme: str) -> Starter:
     return start
 
 
+def _mqtt(ops: AgentOps, env: Env) -> tuple[Listener, Callable[[], ServerClient]]:
+    broker = env.fixture("mosquitto")  # tests/hw/conftest.py: a real mosquitto on loopback
+    lst = listen(f"{broker.url}/contract-{uuid.uuid4().hex[:8]}", ops)
+    lst.start()
+    return lst, lambda: connect(lst.address)
+
+
+def _mqtts(ops: AgentOps, env: Env) -> tuple[Listener, Callable[[], ServerClient]]:
+    broker = env.fixture("mosquitto_tls")  # contrib/mosquitto's TLS + ACL configuration
+    p = broker.pki
+    cert, key = p.client(ops("hello", {})["device_id"])  # the device's own certificate
+    lst = listen(f"{broker.url}/contract?ca={p.ca_cert}&cert={cert}&key={key}", ops)
+    lst.start()
+    return lst, lambda: connect(f"{lst.address}?ca={p.ca_cert}&cert={p.client_cert}"
+                                f"&key={p.client_key}")
+
+
 def _usbdrop(ops: AgentOps, env: Env) -> tuple[Listener, Callable[[], ServerClient]]:
     lst = listen(f"usbdrop://{env.tmp / 'stick'}?always=1&poll=0.05", ops)
     lst.start()
@@ -92,8 +111,10 @@ STARTERS: dict[str, Starter] = {
     "tls": _tls_like("tls"),
     "https": _tls_like("https"),
     "usbdrop": _usbdrop,
-    # further backends join here (mqtt://, mqtts:// with a broker fixture; serial:// on
-    # real hardware and QEMU behind an opt-in marker), and in BACKENDS below
+    "mqtt": _mqtt,
+    "mqtts": _mqtts,
+    # further backends join here (serial:// on real hardware and QEMU behind an opt-in
+    # marker), and in BACKENDS below
 }
 
 
@@ -111,6 +132,8 @@ BACKENDS = [
     _backend("tls", "hw.backends.tcp"),
     _backend("https", "hw.backends.https"),
     _backend("usbdrop", "hw.backends.usbdrop"),
+    _backend("mqtt", "hw.backends.mqtt"),
+    _backend("mqtts", "hw.backends.mqtt"),
 ]
 
 
@@ -124,7 +147,7 @@ def served(request: pytest.FixtureRequest, device: Device,
            tmp_path: Path) -> Iterator[tuple[ServerClient, Device]]:
     """A listener of backend ``request.param`` serving a fresh device, and a client of it."""
     before = set(threading.enumerate())
-    env = Env(tmp_path, lambda: request.getfixturevalue("module_pki"))
+    env = Env(tmp_path, lambda: request.getfixturevalue("module_pki"), request.getfixturevalue)
     lst, make_client = STARTERS[request.param](AgentOps(device.agent), env)
     try:
         client = make_client()
