@@ -1,9 +1,15 @@
-"""``licadmin``: the administration tool: info, status, request, apply and check on a server over a link.
+"""``licadmin``: the administration tool: one server over a link, and the site workflow.
 
-The server is named by a link URL (``--server https://HOST:PORT?ca=FILE``,
+Single-server commands: info, status, request, apply, check. The site
+workflow (issue 5; :mod:`admin.workflow`): gather, license-info, requests,
+upload, send, confirm, the one-go activate and reclaim, assign, and show.
+
+A server is named by a link URL (``--server https://HOST:PORT?ca=FILE``,
 ``tcp://...``, ...; see :mod:`hw`). Exit codes are those of ``licagent``
 (see agent.errors): the server's refusal comes back with its code. A link
-failure (connection refused, timeout, TLS) exits 1 with a message.
+failure (connection refused, timeout, TLS) exits 1 with a message. A
+workflow step where some servers failed and others succeeded exits 10
+(partial).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import hw
+from admin import workflow
 from agent.cli import read_input, write_output
 from agent.errors import EXIT_OK, LicensingError, NotLicensedError, UsageError
 from agent.messages import Action, DeviceInfo
@@ -26,6 +33,9 @@ from hw.link import ServerClient
 __all__ = ["main"]
 
 PROG = "licadmin"
+#: the site workflow's commands (the others talk to one server)
+WORKFLOW = frozenset({"gather", "license-info", "requests", "upload", "send", "confirm",
+                      "activate", "reclaim", "assign", "show"})
 DEFAULT_TIMEOUT = 10.0
 #: vendor-signed license information may list a whole site
 LICENSE_INFO_MAX = 16 * 1024 * 1024
@@ -74,7 +84,188 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = cmd("check", "is FEATURE licensed on the server now? (exit 0 yes, 1 no)")
     sp.add_argument("feature", metavar="FEATURE")
+    _workflow_parsers(sub)
     return p
+
+
+def _jobs(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= workflow.MAX_JOBS:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 to {workflow.MAX_JOBS} servers at once")
+    return n
+
+
+def _workflow_parsers(sub: Any) -> None:
+    """The site workflow (README: the offline activation and reclaim workflow)."""
+
+    def cmd(name: str, help_: str, servers: bool = False,
+            licensing: bool = False) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
+        if servers:
+            sp.add_argument("--server", action="append", default=[], metavar="URL",
+                            help="link URL of a server (repeat for each)")
+            sp.add_argument("--servers", metavar="FILE.toml",
+                            help='the site\'s servers: [[server]] tables with url = "..." '
+                                 'and an optional name = "..."')
+            sp.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT,
+                            metavar="SECONDS",
+                            help=f"how long to wait for each server (default {DEFAULT_TIMEOUT:g})")
+            sp.add_argument("--jobs", type=_jobs, default=workflow.DEFAULT_JOBS, metavar="N",
+                            help=f"servers handled at once (default {workflow.DEFAULT_JOBS})")
+        if licensing:
+            sp.add_argument("--licensing-server", required=True, metavar="URL",
+                            help="the licensing server, e.g. http://127.0.0.1:8400")
+        sp.add_argument("--json", action="store_true", help="print a summary as JSON")
+        return sp
+
+    sp = cmd("gather", "step 1 (site): gather every server's device information into SITE_INFO",
+             servers=True)
+    sp.add_argument("--out", required=True, metavar="SITE_INFO")
+    sp.add_argument("--site", metavar="NAME", help="the site's name (default: from --servers, "
+                                                   "else the file name)")
+    sp = cmd("license-info", "step 2 (online): download the license information for SITE_INFO",
+             licensing=True)
+    sp.add_argument("--site-info", required=True, metavar="SITE_INFO")
+    sp.add_argument("--device", action="append", default=[], metavar="DEVICE_ID",
+                    help="only these servers (default: all in SITE_INFO)")
+    sp.add_argument("--out", required=True, metavar="LICENSE_INFO")
+    sp = cmd("requests", "step 3 (site): each server signs its request from LICENSE_INFO",
+             servers=True)
+    sp.add_argument("--license-info", required=True, metavar="LICENSE_INFO")
+    sp.add_argument("--out-dir", required=True, metavar="REQUESTS")
+    sp = cmd("upload", "step 4 (online): upload the requests, download one response per server",
+             licensing=True)
+    sp.add_argument("--requests", required=True, metavar="REQUESTS")
+    sp.add_argument("--out-dir", required=True, metavar="RESPONSES")
+    sp.add_argument("--receipts", metavar="RECEIPTS",
+                    help="receipts to confirm on the way (default: a receipts folder beside "
+                         "REQUESTS, if there is one)")
+    sp = cmd("send", "step 5 (site): each server applies its own response and returns a receipt",
+             servers=True)
+    sp.add_argument("--responses", required=True, metavar="RESPONSES")
+    sp.add_argument("--receipts-out", required=True, metavar="RECEIPTS")
+    sp = cmd("confirm", "step 6 (online): confirm the receipts; reclaimed licenses become free",
+             licensing=True)
+    sp.add_argument("--receipts", required=True, metavar="RECEIPTS")
+    for name, what in (("activate", "activation"), ("reclaim", "license reclaim")):
+        sp = cmd(name, f"steps 1 to 6 in one go ({what}; this computer online, the servers not)",
+                 servers=True, licensing=True)
+        sp.add_argument("--work-dir", metavar="DIR",
+                        help="keep the files of every step here (default: a temporary folder, "
+                             "kept only if something failed)")
+        if name == "reclaim":
+            sp.add_argument("--feature", action="append", default=[], metavar="F",
+                            help="reclaim these features where installed (default: what the "
+                                 "license information lists)")
+    sp = cmd("assign", "assign licenses of an entitlement to a server, before its activation",
+             licensing=True)
+    sp.add_argument("--entitlement", required=True, metavar="ID")
+    sp.add_argument("--device", required=True, metavar="DEVICE_ID")
+    sp.add_argument("--feature", required=True, action="append", metavar="FEATURE=COUNT")
+    sp = cmd("show", "print any file of this project with its kind, signer and signature verdict")
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--trust", action="append", default=[], metavar="VENDOR_PUB",
+                    help="vendor public key (PEM) to check vendor signatures with")
+
+
+def _feature_count(text: str) -> tuple[str, int]:
+    name, sep, count = text.partition("=")
+    if not sep or not name or not count.isdigit():
+        raise UsageError(f"--feature {text!r}: expected FEATURE=COUNT (the total for the device; "
+                         f"0 releases the assignment)")
+    return name, int(count)
+
+
+def run_workflow(args: argparse.Namespace) -> int:
+    """The workflow commands; each prints its lines (or one JSON document) and returns the code."""
+    c = args.command
+    console = workflow.Console(sys.stdout, quiet=args.json)
+    if c == "show":
+        from admin.show import describe_file, load_trust, render_text
+
+        d = describe_file(args.file, load_trust(args.trust))
+        if args.json:
+            _print_json(d)
+        else:
+            print("\n".join(render_text(d, args.file)))
+        return 4 if d["signature"]["verified"] is False else EXIT_OK
+    licensing = (workflow.licensing_client(args.licensing_server)
+                 if getattr(args, "licensing_server", None) else None)
+    servers: list[workflow.ServerRef] = []
+    site: str | None = None
+    connect = workflow.connector(DEFAULT_TIMEOUT)
+    if hasattr(args, "servers"):
+        servers, site = workflow.servers_from(args.server, args.servers)
+        connect = workflow.connector(args.timeout)
+    if c in ("activate", "reclaim"):
+        assert licensing is not None
+        go = workflow.OneGo(servers, licensing, connect, console, c,
+                            getattr(args, "feature", []), args.work_dir, args.jobs)
+        code, work, kept = go.run()
+        if args.json:
+            _print_json({"command": c, "exit_code": code,
+                         "work_dir": str(work) if kept else None,
+                         "steps": [s.to_json() for s in go.steps]})
+        else:
+            failures = go.failures()
+            if failures:
+                print(f"{'partial' if code == workflow.EXIT_PARTIAL else 'failed'}: "
+                      f"{len(failures)} failure(s):")
+                for line in failures:
+                    print(f"  {line}")
+            if kept:
+                print(f"files of every step are in {work}" + (
+                    "; rerun the failed steps with them" if code != EXIT_OK else ""))
+        return code
+    if c == "assign":
+        assert licensing is not None
+        done = []
+        for f in args.feature:
+            feature, count = _feature_count(f)
+            done.append(licensing.assign(args.entitlement, args.device, feature, count))
+            if not args.json:
+                a = done[-1]
+                print(f"assigned {feature}={count} of entitlement {args.entitlement} "
+                      f"({a.get('product', '-')}) to device {args.device}; "
+                      f"{a.get('free', '-')} left unassigned")
+        if args.json:
+            _print_json({"command": c, "exit_code": EXIT_OK, "assignments": done})
+        return EXIT_OK
+    if c == "gather":
+        res = workflow.gather(servers, args.out, args.site or site, connect, console, args.jobs)
+    elif c == "license-info":
+        assert licensing is not None
+        res = workflow.license_info(args.site_info, args.device, args.out, licensing)
+    elif c == "requests":
+        res = workflow.make_requests(servers, args.license_info, args.out_dir, connect, console,
+                                     args.jobs)
+    elif c == "upload":
+        assert licensing is not None
+        res = workflow.upload(args.requests, args.out_dir, args.receipts, licensing, console)
+    elif c == "send":
+        res = workflow.send(servers, args.responses, args.receipts_out, connect, console,
+                            args.jobs)
+    elif c == "confirm":
+        assert licensing is not None
+        res = workflow.confirm(args.receipts, licensing, console)
+    else:
+        raise UsageError(f"unknown command {c}")
+    if args.json:
+        _print_json(res.to_json())
+        return res.code
+    if c == "send":
+        for line in workflow.table(res.outcomes):
+            print(line)
+    for n in res.notes:
+        print(n)
+    if res.code == workflow.EXIT_PARTIAL:
+        failed = sum(1 for o in res.outcomes if o.status == "failed")
+        print(f"partial: {failed} of {len(res.outcomes)} failed (listed above); "
+              f"the others are done; rerun {c} for the failed ones")
+    return res.code
 
 
 def _print_json(obj: Any) -> None:
@@ -182,6 +373,8 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command in WORKFLOW:
+            return run_workflow(args)
         client: ServerClient = hw.connect(args.server, timeout=args.timeout)
         with client:
             return run(args, client)

@@ -85,6 +85,24 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("verify-receipt", help="check a device's receipt (exit 0 only if genuine)")
     sp.add_argument("--trust", required=True, action="append", metavar="VENDOR_PUBKEY_FILE")
     sp.add_argument("receipt", metavar="RECEIPT_FILE")
+    sp = sub.add_parser("serve", help="run the licensing server's HTTP API over a ledger "
+                                      "(docs/licensing-api.md) until SIGTERM or SIGINT")
+    sp.add_argument("--db", required=True, metavar="FILE", help="SQLite ledger (created if missing)")
+    sp.add_argument("--key", required=True, metavar="KEYFILE")
+    sp.add_argument("--port", required=True, type=int, metavar="N", help="0 picks a free port")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sp.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
+    sp = sub.add_parser("entitle", help="record a purchase in the ledger (adds to an entitlement)")
+    sp.add_argument("--db", required=True, metavar="FILE")
+    sp.add_argument("--entitlement", required=True, metavar="ID")
+    sp.add_argument("--product", required=True, metavar="NAME")
+    sp.add_argument("--feature", required=True, action="append", metavar="FEATURE=COUNT")
+    sp.add_argument("--until", metavar="DATE",
+                    help="subscription end: ISO date (end of that day, UTC) or date-time")
+    sp = sub.add_parser("report", help="show entitlements, assignments, installed licenses and "
+                                       "pending reclaims")
+    sp.add_argument("--db", required=True, metavar="FILE")
+    sp.add_argument("--json", action="store_true")
     return p
 
 
@@ -134,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"genuine receipt from device {rc.device_id}: sequence {rc.sequence}, "
               f"removed {removed}")
         return EXIT_OK
+    if args.command in ("serve", "entitle", "report"):
+        from simulators.licensing_server._commands import run as run_ledger_command
+
+        return run_ledger_command(args, _load_key, _now)
     raise UsageError(f"unknown command {args.command}")
 
 

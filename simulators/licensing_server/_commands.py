@@ -1,0 +1,144 @@
+"""``licserver serve``, ``entitle`` and ``report``: the commands over the SQLite ledger."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agent.cli import parse_time
+from agent.cose import SigningKey
+from agent.errors import EXIT_OK, UsageError
+from simulators.licensing_server.ledger import Ledger
+from simulators.licensing_server.server import serve
+from simulators.licensing_server.vendor import Vendor
+
+__all__ = ["format_report", "parse_feature_count", "run"]
+
+FEATURE_COUNT_RE = re.compile(r"^(?P<feature>[^=\s]+)=(?P<count>\d+)$")
+
+
+def parse_feature_count(text: str) -> tuple[str, int]:
+    """``FEATURE=COUNT``."""
+    m = FEATURE_COUNT_RE.match(text)
+    if not m:
+        raise UsageError(f"--feature {text!r}: expected FEATURE=COUNT, e.g. bacnet=25")
+    return m["feature"], int(m["count"])
+
+
+def run(args: argparse.Namespace, load_key: Callable[[str], SigningKey],
+        clock: Callable[[], int]) -> int:
+    if args.command == "serve":
+        return _serve(args, load_key, clock)
+    if args.command == "entitle":
+        features: dict[str, int] = {}
+        for text in args.feature:
+            f, n = parse_feature_count(text)
+            features[f] = features.get(f, 0) + n
+        until = parse_time(args.until) if args.until else None
+        with Ledger(args.db, clock=clock) as ledger:
+            ent = ledger.entitle(args.entitlement, args.product, features, until)
+        for p in ent["products"]:
+            if p["product"] != args.product:
+                continue
+            for f in p["features"]:
+                if f["feature"] in features:
+                    print(f"{args.entitlement} / {args.product}: {f['feature']} now {f['count']} "
+                          f"(free {f['free']}), until {f['until'] or 'perpetual'}")
+        return EXIT_OK
+    if args.command == "report":
+        if not Path(args.db).is_file():
+            raise UsageError(f"no ledger at {args.db} (licserver entitle or serve creates one)")
+        with Ledger(args.db, clock=clock) as ledger:
+            rep = ledger.report()
+        if args.json:
+            print(json.dumps(rep, indent=2))
+        else:
+            print(format_report(rep), end="")
+        return EXIT_OK
+    raise UsageError(f"unknown command {args.command}")
+
+
+def _serve(args: argparse.Namespace, load_key: Callable[[str], SigningKey],
+           clock: Callable[[], int]) -> int:
+    if not 0 <= args.port <= 65535:
+        raise UsageError("--port must be from 0 to 65535")
+    vendor = Vendor(load_key(args.key))
+    stop = threading.Event()
+
+    def on_signal(_sig: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with Ledger(args.db, vendor, clock=clock) as ledger:
+            log = None if args.quiet else _stderr
+            with serve(ledger, vendor, args.host, args.port, log=log) as srv:
+                print(f"serving {srv.url}", flush=True)
+                while not stop.wait(0.5):
+                    pass
+            print("licserver: stopped", file=sys.stderr, flush=True)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return EXIT_OK
+
+
+def _stderr(line: str) -> None:
+    print(f"licserver: {line}", file=sys.stderr, flush=True)
+
+
+def _short(dev: str) -> str:
+    return dev[:12] + "…"
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    """The text table of ``licserver report``."""
+    out: list[str] = []
+    w = out.append
+    w("entitlements")
+    if not rep["entitlements"]:
+        w("  none (licserver entitle records a purchase)")
+    for e in rep["entitlements"]:
+        for p in e["products"]:
+            w(f"  {e['entitlement']} / {p['product']}")
+            w(f"    {'feature':<24} {'count':>7} {'assigned':>9} {'used':>7} {'free':>7}  until")
+            for f in p["features"]:
+                w(f"    {f['feature']:<24} {f['count']:>7} {f['assigned']:>9} {f['used']:>7} "
+                  f"{f['free']:>7}  {f['until'] or 'perpetual'}")
+    w("assignments")
+    if not rep["assignments"]:
+        w("  none")
+    for a in rep["assignments"]:
+        w(f"  {a['entitlement']} / {a['product']}: {a['feature']}={a['count']} "
+          f"to device {_short(a['device_id'])}")
+    w("installed (as the ledger last saw it)")
+    devices = {d["device_id"]: d for d in rep["devices"]}
+    if not devices:
+        w("  no device seen yet")
+    for dev, d in devices.items():
+        serial = f" {d['serial']}" if d.get("serial") else ""
+        w(f"  device {_short(dev)} ({d['model']}{serial}), sequence {d['sequence']}, "
+          f"from {d['source']}")
+        lics = rep["installed"].get(dev, [])
+        if not lics:
+            w("    nothing installed")
+        for lic in lics:
+            w(f"    {lic['feature']:<24} count {lic['count']:<6} until "
+              f"{lic['not_after'] or 'perpetual'}")
+    w("awaiting confirmation (reclaimed, freed once the receipt arrives)")
+    if not rep["pending_reclaims"]:
+        w("  nothing")
+    for r in rep["pending_reclaims"]:
+        w(f"  device {_short(r['device_id'])}: {r['feature']}={r['count']} "
+          f"(response {r['response_digest'][:12]}…, sequence {r['sequence']}, issued "
+          f"{r['issued']})")
+    w(f"open responses: {rep['open_responses']}; operations recorded: {rep['operations']}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,233 @@
+"""A client of the licensing server's HTTP API (docs/licensing-api.md), for ``licadmin`` and tests.
+
+Every method makes one HTTP exchange on a fresh connection (``http.client``).
+A refusal of the server (a JSON ``{"code", "reason", "message"}`` body with an
+HTTP error status) is raised as :class:`hw.rpc.RemoteError` carrying the
+server's exit code and reason, so a command can exit with it; a failure to
+reach the server or an unreadable answer is :class:`hw.rpc.TransportError`
+(exit 1).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent.cose import canonical, strict_loads
+from agent.errors import MalformedError, UsageError
+from hw.rpc import RemoteError, TransportError
+
+__all__ = ["MAX_ANSWER", "LicensingClient"]
+
+CBOR = "application/cbor"
+JSON = "application/json"
+#: the largest answer read: license information may be up to 16 MiB
+MAX_ANSWER = 16 * 1024 * 1024 + 64 * 1024
+
+
+class LicensingClient:
+    """Talks to ``licserver serve`` at ``url`` (``http://HOST:PORT`` or ``https://HOST:PORT``).
+
+    Args:
+        url: base URL of the licensing server; a path prefix is allowed.
+        timeout: seconds for connecting and for each answer.
+
+    Raises (every method):
+        RemoteError: the server refused (``exit_code``/``reason`` are the server's).
+        TransportError: the server could not be reached or answered nonsense.
+    """
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"licensing server URL {url!r}: expected http://HOST:PORT "
+                             "(or https://HOST:PORT)")
+        try:
+            port = parts.port
+        except ValueError as exc:
+            raise UsageError(f"licensing server URL {url!r}: bad port") from exc
+        self.url = url.rstrip("/")
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = port
+        self.prefix = parts.path.rstrip("/")
+        self.timeout = timeout
+
+    # ------------------------------------------------------------ the workflow
+
+    def license_info(self, site_info: bytes, devices: Sequence[str] | None = None) -> bytes:
+        """``POST /v1/license-info``.
+
+        Args:
+            site_info: the SITE_INFO bundle (CBOR) written by ``licadmin gather``.
+            devices: device IDs to answer for; None or empty means every device in it.
+
+        Returns:
+            The vendor-signed license-information file (bytes, as signed).
+        """
+        body: dict[str, Any] = {"site_info": bytes(site_info)}
+        if devices:
+            body["devices"] = list(devices)
+        data, _ctype = self._exchange("POST", "/v1/license-info", canonical(body), CBOR)
+        return data
+
+    def upload(self, requests: Sequence[bytes], receipts: Sequence[bytes] = ()) -> dict[str, Any]:
+        """``POST /v1/requests``: receipts are confirmed first, then each request answered.
+
+        Returns:
+            A dict (the decoded CBOR answer)::
+
+                {"responses": {device_id: bytes},          # signed response files
+                 "errors": {key: {"code": int, "reason": str, "message": str}},
+                 "receipts": {"accepted": [...], "refused": [...]}}
+
+            ``key`` is the device ID of a request that verified, else ``"#INDEX"``
+            (its position in ``requests``). ``receipts`` has the shape of
+            :meth:`confirm`'s answer.
+        """
+        body: dict[str, Any] = {"requests": [bytes(r) for r in requests]}
+        if receipts:
+            body["receipts"] = [bytes(r) for r in receipts]
+        data, ctype = self._exchange("POST", "/v1/requests", canonical(body), CBOR)
+        answer = self._decode(data, ctype, "/v1/requests")
+        if not isinstance(answer, dict):
+            raise TransportError(f"{self.url}/v1/requests answered something other than a map")
+        return answer
+
+    def confirm(self, receipts: Sequence[bytes]) -> dict[str, Any]:
+        """``POST /v1/receipts``: hand receipts over; verified ones free pending reclaims.
+
+        Returns:
+            ``{"accepted": [{"device_id": str, "sequence": int,
+            "freed": [{"feature": str, "count": int}]}],
+            "refused": [{"index": int, "code": int, "reason": str, "message": str}]}``
+            where ``index`` is the receipt's position in ``receipts``.
+        """
+        body = canonical({"receipts": [bytes(r) for r in receipts]})
+        data, ctype = self._exchange("POST", "/v1/receipts", body, CBOR)
+        return self._object(data, ctype, "/v1/receipts")
+
+    def assign(self, entitlement: str, device: str, feature: str, count: int) -> dict[str, Any]:
+        """``POST /v1/assignments``: assign COUNT of FEATURE of an entitlement to a device.
+
+        Returns:
+            The assignment: ``{"entitlement", "device_id", "feature", "count"}`` where
+            ``count`` is the device's total assignment of that feature from that
+            entitlement after this call, plus ``"free"``: what is left unassigned.
+
+        Raises:
+            RemoteError: exit code 6, reason ``not-entitled`` (HTTP 409) when the
+                entitlement does not hold enough; exit 2 for an unknown entitlement
+                or feature.
+        """
+        body = json.dumps({"entitlement": entitlement, "device_id": device, "feature": feature,
+                           "count": count}).encode()
+        data, ctype = self._exchange("POST", "/v1/assignments", body, JSON)
+        return self._object(data, ctype, "/v1/assignments")
+
+    def entitle(self, entitlement: str, product: str, features: Mapping[str, int],
+                until: str | None = None) -> dict[str, Any]:
+        """``POST /v1/entitlements``: record a purchase (adds to an existing entitlement).
+
+        Args:
+            until: ISO 8601 date or date-time (a date means the end of that day, UTC),
+                or None for perpetual.
+
+        Returns:
+            The entitlement as in :meth:`report`'s ``entitlements`` list.
+        """
+        body = json.dumps({"entitlement": entitlement, "product": product,
+                           "features": dict(features), "until": until}).encode()
+        data, ctype = self._exchange("POST", "/v1/entitlements", body, JSON)
+        return self._object(data, ctype, "/v1/entitlements")
+
+    def report(self) -> dict[str, Any]:
+        """``GET /v1/report``.
+
+        Returns:
+            ``{"entitlements": [{"entitlement", "products": [{"product", "features":
+            [{"feature", "count", "until", "assigned", "free"}]}]}],
+            "assignments": [{"entitlement", "product", "device_id", "feature", "count"}],
+            "installed": {device_id: [{"feature", "count", "not_before", "not_after", "grace"}]},
+            "pending_reclaims": [{"response_digest", "device_id", "sequence", "feature",
+            "count", "entitlement", "issued"}],
+            "devices": [{"device_id", "model", "serial", "sequence", "state_digest",
+            "source", "updated"}],
+            "open_responses": int, "operations": int}``; times are ISO 8601 text or null.
+            ``used`` is what assignments take (the larger of the assigned count and what
+            the device may hold, pending reclaims included); ``free = count - used``.
+        """
+        data, ctype = self._exchange("GET", "/v1/report")
+        return self._object(data, ctype, "/v1/report")
+
+    def health(self) -> dict[str, Any]:
+        """``GET /v1/health``: ``{"ok": true}``."""
+        data, ctype = self._exchange("GET", "/v1/health")
+        return self._object(data, ctype, "/v1/health")
+
+    # ------------------------------------------------------------ HTTP
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self.scheme == "https":
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _exchange(self, method: str, path: str, body: bytes | None = None,
+                  ctype: str | None = None) -> tuple[bytes, str]:
+        """One request; returns the answer body and its content type."""
+        headers = {"Accept": f"{CBOR}, {JSON}"}
+        if ctype:
+            headers["Content-Type"] = ctype
+        conn = self._connection()
+        try:
+            conn.request(method, self.prefix + path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read(MAX_ANSWER + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransportError(self._explain(exc)) from exc
+        finally:
+            conn.close()
+        if len(data) > MAX_ANSWER:
+            raise TransportError(f"{self.url}{path}: answer larger than {MAX_ANSWER} bytes")
+        if resp.status >= 300:
+            raise self._refusal(resp.status, resp.reason, data)
+        return data, resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+
+    def _decode(self, data: bytes, ctype: str, path: str) -> Any:
+        try:
+            if ctype == CBOR:
+                return strict_loads(data, max_size=MAX_ANSWER)
+            return json.loads(data)
+        except (MalformedError, ValueError) as exc:
+            raise TransportError(f"{self.url}{path}: unreadable answer: {exc}") from exc
+
+    def _object(self, data: bytes, ctype: str, path: str) -> dict[str, Any]:
+        obj = self._decode(data, ctype, path)
+        if not isinstance(obj, dict):
+            raise TransportError(f"{self.url}{path} answered something other than an object")
+        return obj
+
+    def _explain(self, exc: BaseException) -> str:
+        if isinstance(exc, ConnectionRefusedError):
+            return (f"cannot connect to the licensing server {self.url}: connection refused "
+                    "(is licserver serve running there?)")
+        if isinstance(exc, TimeoutError):
+            return f"no answer from the licensing server {self.url} within {self.timeout:g} s"
+        return f"talking to the licensing server {self.url} failed: {exc}"
+
+    def _refusal(self, status: int, phrase: str, data: bytes) -> RemoteError:
+        try:
+            err = json.loads(data)
+        except ValueError:
+            err = None
+        if not isinstance(err, dict) or not isinstance(err.get("message"), str):
+            text = data[:200].decode("utf-8", "replace").strip()
+            return RemoteError(1, "http", f"{self.url} answered HTTP {status} {phrase}"
+                                          + (f": {text}" if text else ""))
+        code = err.get("code")
+        if not isinstance(code, int) or isinstance(code, bool) or not 0 < code < 256:
+            code = 1
+        return RemoteError(code, str(err.get("reason", "remote")), err["message"])
