@@ -6,7 +6,7 @@ CWT_VENV := .venv-cwt
 STAMP  := $(VENV)/.installed
 CWT_STAMP := $(CWT_VENV)/.installed
 
-.PHONY: run test lint unit fuzz bench clean venv broker
+.PHONY: run demo-files test lint unit fuzz bench clean venv broker
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ $(CWT_STAMP):
 venv: $(STAMP) $(CWT_STAMP)
 
 run: $(STAMP)
+	$(PY) -m simulators.site_demo
+
+# the same round trip with files carried by hand between licagent and licserver
+demo-files: $(STAMP)
 	$(PY) -m simulators.demo
 
 lint: $(STAMP)
