@@ -145,14 +145,41 @@ def load_servers(path: str) -> tuple[list[ServerRef], str | None]:
 
 
 def servers_from(urls: Sequence[str], servers_file: str | None) -> tuple[list[ServerRef], str | None]:
-    """The servers named by ``--server URL ...`` or ``--servers FILE.toml`` (not both)."""
+    """The servers named by ``--server URL ...`` or ``--servers FILE.toml`` (not both).
+
+    A whole MQTT site, ``mqtt://HOST:PORT/SITE`` (or ``mqtts://``), stands for every device
+    that announced itself there (its retained presence), each as
+    ``mqtt://HOST:PORT/SITE/DEVICE_ID`` with the same options.
+    """
     if urls and servers_file:
         raise UsageError("give either --server URL ... or --servers FILE.toml, not both")
     if servers_file:
-        return load_servers(servers_file)
+        refs, site = load_servers(servers_file)
+        return _distinct(_expand_sites(refs)), site
     if not urls:
         raise UsageError("name the servers: --server URL [--server URL ...] or --servers FILE.toml")
-    return _distinct([ServerRef(u) for u in urls]), None
+    return _distinct(_expand_sites([ServerRef(u) for u in urls])), None
+
+
+def _expand_sites(refs: list[ServerRef]) -> list[ServerRef]:
+    out: list[ServerRef] = []
+    for r in refs:
+        if not r.url.startswith(("mqtt://", "mqtts://")):
+            out.append(r)
+            continue
+        from hw.link import parse_url
+
+        u = parse_url(r.url)
+        if len([p for p in u.path.split("/") if p]) != 1:
+            out.append(r)  # already one device
+            continue
+        from hw.backends.mqtt import discover
+
+        base, _, query = r.url.partition("?")
+        for device_id, model, _online in discover(r.url):
+            url = f"{base.rstrip('/')}/{device_id}" + (f"?{query}" if query else "")
+            out.append(ServerRef(url, f"{r.name or model} {device_id[:12]}"))
+    return out
 
 
 def _distinct(refs: list[ServerRef]) -> list[ServerRef]:

@@ -48,6 +48,7 @@ from hw.backends.mqtt import (
     response_topic,
 )
 from hw.rpc import RemoteError, TransportError
+from simulators.licensing_server.ledger import read_site_info
 from simulators.licensing_server.vendor import Grant, Vendor
 from tests.conftest import T0, Device, Site
 from tests.hw.mosquitto import Broker, free_port
@@ -727,3 +728,26 @@ def test_requests_are_cbor_maps_as_on_every_other_link(mosquitto: Broker, device
         assert body["result"]["device_id"] == lst.device_id
     finally:
         lst.stop()
+
+
+def test_licadmin_gather_finds_a_whole_site_by_its_mqtt_url(
+        mosquitto: Broker, site: Site, tmp_path: Path) -> None:
+    """`licadmin gather --server mqtt://HOST:PORT/SITE` gathers every device that announced
+    itself there, as a real subprocess."""
+    devices = [site.device(), site.device(model="AS-B")]
+    name = site_name()
+    listeners = [serve(mosquitto, AgentOps(d.agent), name) for d in devices]
+    try:
+        out = tmp_path / "site.info"
+        p = subprocess.run(
+            [str(Path(sys.executable).parent / "licadmin"), "gather", "--server",
+             f"{mosquitto.url}/{name}", "--out", str(out), "--json"],
+            capture_output=True, text=True, timeout=120, check=False)
+        assert p.returncode == 0, p.stdout + p.stderr
+        summary = json.loads(p.stdout)
+        assert out.exists()
+        _site, infos = read_site_info(out.read_bytes())
+        assert len(infos) == 2, summary
+    finally:
+        for lst in listeners:
+            lst.stop()
