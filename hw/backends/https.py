@@ -67,6 +67,8 @@ from hw.rpc import Op, RemoteError, TransportError
 __all__ = [
     "DEFAULT_MAX_BODY",
     "HTTP_STATUS",
+    "HttpRefusal",
+    "refusal_from_body",
     "HttpsClient",
     "HttpsListener",
     "connect",
@@ -87,8 +89,8 @@ Handler = Callable[[str, Mapping[str, Any]], Any]
 Log = Callable[[str], None]
 
 
-class _Refusal(Exception):
-    """An HTTP-level refusal raised inside a request handler."""
+class HttpRefusal(Exception):
+    """An HTTP-level refusal raised inside a request handler (status, exit code, reason)."""
 
     def __init__(self, status: int, code: int, reason: str, message: str,
                  headers: Mapping[str, str] | None = None) -> None:
@@ -191,7 +193,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def _check(self) -> _Answer:
         raw = self._path[len("/v1/check/"):]
         if not raw or "/" in raw:  # an encoded %2F is part of the name, a bare / is not
-            raise _Refusal(404, 2, "usage", "name one feature: GET /v1/check/FEATURE")
+            raise HttpRefusal(404, 2, "usage", "name one feature: GET /v1/check/FEATURE")
         feature = unquote(raw)
         return self._structured(self._op(Op.CHECK_FEATURE, {"feature": feature}))
 
@@ -215,7 +217,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def _op(self, op: str, args: Mapping[str, Any]) -> Any:
         srv = self.server
         if not srv.slots.acquire(timeout=srv.busy_wait):
-            raise _Refusal(503, 1, "busy", "the server is busy with other requests; "
+            raise HttpRefusal(503, 1, "busy", "the server is busy with other requests; "
                                            "try again in a moment", {"Retry-After": "1"})
         try:
             return srv.handler(op, args)
@@ -225,20 +227,20 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
-            raise _Refusal(411, 2, "usage", "send the body with a Content-Length "
+            raise HttpRefusal(411, 2, "usage", "send the body with a Content-Length "
                                             "(chunked transfer is not accepted)")
         length = self._content_length()
         if length is None:
-            raise _Refusal(411, 2, "usage", "a body with a Content-Length is needed")
+            raise HttpRefusal(411, 2, "usage", "a body with a Content-Length is needed")
         limit = self.server.max_body
         if length > limit:
             self.close_connection = True  # the body stays unread
-            raise _Refusal(413, 3, "too-large",
+            raise HttpRefusal(413, 3, "too-large",
                            f"the body of {length} bytes exceeds the {limit}-byte limit")
         data = self.rfile.read(length)
         if len(data) != length:
             self.close_connection = True
-            raise _Refusal(400, 3, "malformed", "the body ended before its Content-Length")
+            raise HttpRefusal(400, 3, "malformed", "the body ended before its Content-Length")
         return data
 
     def _content_length(self) -> int | None:
@@ -251,7 +253,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             n = -1
         if n < 0:
             self.close_connection = True
-            raise _Refusal(400, 2, "usage", f"bad Content-Length {raw!r}")
+            raise HttpRefusal(400, 2, "usage", f"bad Content-Length {raw!r}")
         return n
 
     def _request_args(self, body: bytes) -> dict[str, Any]:
@@ -290,12 +292,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
             route = routes.get(self.command)
             if route is None:
                 if routes:
-                    raise _Refusal(405, 2, "usage", f"{self.command} is not allowed on {self._path}",
+                    raise HttpRefusal(405, 2, "usage", f"{self.command} is not allowed on {self._path}",
                                    {"Allow": ", ".join(sorted(routes))})
-                raise _Refusal(404, 2, "usage", f"no such endpoint {self._path} "
+                raise HttpRefusal(404, 2, "usage", f"no such endpoint {self._path} "
                                                 "(see GET /v1/status, /v1/info, ...)")
             answer = route()
-        except _Refusal as r:
+        except HttpRefusal as r:
             answer = self._error(r.status, r.code, r.reason, str(r), r.headers)
         except LicensingError as err:
             answer = self._error(HTTP_STATUS.get(err.exit_code, 500), err.exit_code, err.reason,
@@ -692,18 +694,24 @@ class HttpsClient(ServerClient):
         return f"talking to {self.where} failed: {exc}"
 
     def _refusal(self, status: int, phrase: str, data: bytes) -> RemoteError:
-        try:
-            err = json.loads(data)
-        except ValueError:
-            err = None
-        if not isinstance(err, dict) or not isinstance(err.get("message"), str):
-            text = data[:200].decode("utf-8", "replace").strip()
-            return RemoteError(1, "http", f"{self.where} answered HTTP {status} {phrase}"
-                                          + (f": {text}" if text else ""))
-        code = err.get("code")
-        if not isinstance(code, int) or isinstance(code, bool) or not 0 < code < 256:
-            code = 1
-        return RemoteError(code, str(err.get("reason", "remote")), err["message"])
+        return refusal_from_body(self.where, status, phrase, data)
+
+
+def refusal_from_body(where: str, status: int, phrase: str, data: bytes) -> RemoteError:
+    """The RemoteError an HTTP error answer stands for: its JSON ``code``/``reason``/
+    ``message`` (licagent's exit codes), or a plain HTTP failure (exit 1)."""
+    try:
+        err = json.loads(data)
+    except ValueError:
+        err = None
+    if not isinstance(err, dict) or not isinstance(err.get("message"), str):
+        text = data[:200].decode("utf-8", "replace").strip()
+        return RemoteError(1, "http", f"{where} answered HTTP {status} {phrase}"
+                                      + (f": {text}" if text else ""))
+    code = err.get("code")
+    if not isinstance(code, int) or isinstance(code, bool) or not 0 < code < 256:
+        code = 1
+    return RemoteError(code, str(err.get("reason", "remote")), err["message"])
 
 
 def _client_context(url: LinkURL) -> ssl.SSLContext:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from agent.cose import canonical, strict_loads
 from agent.errors import MalformedError, UsageError
+from hw.backends.https import refusal_from_body
 from hw.rpc import RemoteError, TransportError
 
 __all__ = ["MAX_ANSWER", "LicensingClient"]
@@ -219,15 +220,4 @@ class LicensingClient:
         return f"talking to the licensing server {self.url} failed: {exc}"
 
     def _refusal(self, status: int, phrase: str, data: bytes) -> RemoteError:
-        try:
-            err = json.loads(data)
-        except ValueError:
-            err = None
-        if not isinstance(err, dict) or not isinstance(err.get("message"), str):
-            text = data[:200].decode("utf-8", "replace").strip()
-            return RemoteError(1, "http", f"{self.url} answered HTTP {status} {phrase}"
-                                          + (f": {text}" if text else ""))
-        code = err.get("code")
-        if not isinstance(code, int) or isinstance(code, bool) or not 0 < code < 256:
-            code = 1
-        return RemoteError(code, str(err.get("reason", "remote")), err["message"])
+        return refusal_from_body(self.url, status, phrase, data)

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from agent.cli import parse_time
 from agent.cose import canonical, strict_loads
 from agent.errors import LicensingError, MalformedError, UsageError
-from hw.backends.https import HTTP_STATUS
+from hw.backends.https import HTTP_STATUS, HttpRefusal
 from simulators.licensing_server.ledger import SITE_INFO_MAX, Ledger
 from simulators.licensing_server.vendor import Vendor
 
@@ -59,16 +59,6 @@ class ServerLimits:
     max_clients: int = 64
     #: seconds a client may take to send its request
     idle_timeout: float = 30.0
-
-
-class _Refusal(Exception):
-    """An HTTP-level refusal (unknown path, wrong method, body too large)."""
-
-    def __init__(self, status: int, code: int, reason: str, message: str,
-                 headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.reason = status, code, reason
-        self.headers = dict(headers or {})
 
 
 @dataclass
@@ -190,24 +180,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self, limit: int) -> bytes:
         if self.headers.get("Transfer-Encoding"):
-            raise _Refusal(411, 2, "usage", "send the body with a Content-Length "
+            raise HttpRefusal(411, 2, "usage", "send the body with a Content-Length "
                                             "(chunked transfer is not accepted)")
         raw = self.headers.get("Content-Length")
         if raw is None:
-            raise _Refusal(411, 2, "usage", "a body with a Content-Length is needed")
+            raise HttpRefusal(411, 2, "usage", "a body with a Content-Length is needed")
         try:
             length = int(raw)
         except ValueError:
             length = -1
         if length < 0:
-            raise _Refusal(400, 2, "usage", f"bad Content-Length {raw!r}")
+            raise HttpRefusal(400, 2, "usage", f"bad Content-Length {raw!r}")
         if length > limit:
-            raise _Refusal(413, 3, "too-large",
+            raise HttpRefusal(413, 3, "too-large",
                            f"the body of {length} bytes exceeds the {limit}-byte limit of "
                            f"{self._path}")
         data = self.rfile.read(length)
         if len(data) != length:
-            raise _Refusal(400, 3, "malformed", "the body ended before its Content-Length")
+            raise HttpRefusal(400, 3, "malformed", "the body ended before its Content-Length")
         return data
 
     def _cbor(self, limit: int) -> Any:
@@ -232,12 +222,12 @@ class _Handler(BaseHTTPRequestHandler):
             route = routes.get(self.command)
             if route is None:
                 if routes:
-                    raise _Refusal(405, 2, "usage", f"{self.command} is not allowed on "
+                    raise HttpRefusal(405, 2, "usage", f"{self.command} is not allowed on "
                                    f"{self._path}", {"Allow": ", ".join(sorted(routes))})
-                raise _Refusal(404, 2, "usage", f"no such endpoint {self._path} (see "
+                raise HttpRefusal(404, 2, "usage", f"no such endpoint {self._path} (see "
                                                 "docs/licensing-api.md)")
             answer = route()
-        except _Refusal as r:
+        except HttpRefusal as r:
             answer = self._error(r.status, r.code, r.reason, str(r), r.headers)
         except LicensingError as err:
             answer = self._error(HTTP_STATUS.get(err.exit_code, 500), err.exit_code, err.reason,
