@@ -7,14 +7,12 @@ set, the way faketime would set it, so that clock faults can be staged.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.cose import PublicKey
 from agent.errors import EXIT_OK, LicensingError, NotLicensedError, StorageError, UsageError
@@ -22,6 +20,9 @@ from agent.identity import FactsProvider
 from agent.messages import Action
 from agent.service import MODELS, Agent, iso
 from agent.store import FileOps, atomic_write
+
+if TYPE_CHECKING:
+    import argparse
 
 __all__ = ["main", "parse_time"]
 
@@ -85,11 +86,19 @@ def read_input(path: str, limit: int) -> bytes:
     return data
 
 
+def _dumps(obj: Any, indent: int | None = None) -> str:
+    import json  # not loaded by the daemon, which never prints JSON
+
+    return json.dumps(obj, indent=indent)
+
+
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False))
+    print(_dumps(obj, indent=2))
 
 
 def _parser() -> argparse.ArgumentParser:
+    import argparse  # not for `licagent run`: see fast_run_args
+
     p = argparse.ArgumentParser(prog=PROG, description="License agent of a BMS automation server.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -139,26 +148,87 @@ def _parser() -> argparse.ArgumentParser:
 
     help_ = "serve the store on every --listen URL until SIGTERM (the daemon)"
     sp = sub.add_parser("run", help=help_, description=help_)
-    sp.add_argument("--config", metavar="FILE.toml", help="settings file; flags override it")
-    sp.add_argument("--state", metavar="DIR", help="license store directory")
-    sp.add_argument("--listen", action="append", metavar="URL",
-                    help="link to serve, e.g. tcp://0.0.0.0:7700 (repeat for several)")
-    sp.add_argument("--facts", metavar="FILE", help="hardware facts JSON (simulated servers)")
-    sp.add_argument("--max-clients", type=int, metavar="N",
-                    help="connections served at once per listener (default 64)")
-    sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    for flag, (metavar, kind, text) in RUN_FLAGS.items():
+        if kind == "list":
+            sp.add_argument(flag, action="append", metavar=metavar, help=text)
+        elif kind == "int":
+            sp.add_argument(flag, type=int, metavar=metavar, help=text)
+        elif isinstance(kind, tuple):
+            sp.add_argument(flag, choices=kind, help=text)
+        else:
+            sp.add_argument(flag, metavar=metavar, help=text)
     return p
+
+
+#: ``licagent run``'s flags: flag -> (metavar, kind, help); kind is "text", "list"
+#: (repeatable), "int" or a tuple of choices. Both parsers below are made from it.
+RUN_FLAGS: dict[str, tuple[str, str | tuple[str, ...], str]] = {
+    "--config": ("FILE.toml", "text", "settings file; flags override it"),
+    "--state": ("DIR", "text", "license store directory"),
+    "--listen": ("URL", "list", "link to serve, e.g. tcp://0.0.0.0:7700 (repeat for several)"),
+    "--facts": ("FILE", "text", "hardware facts JSON (simulated servers)"),
+    "--max-clients": ("N", "int", "connections served at once per listener (default 64)"),
+    "--log-level": ("L", ("debug", "info", "warning", "error"), "log level (default info)"),
+}
+
+
+def fast_run_args(argv: Sequence[str]) -> dict[str, Any] | None:
+    """``licagent run``'s arguments without argparse, or None to let argparse handle them.
+
+    The daemon is the one long-lived process on a controller, and argparse (with
+    the shutil, gettext and locale modules its help formatter loads) costs it about
+    1 MB of resident memory. Only a plain, well-formed ``run`` command line is taken
+    here (``--flag VALUE`` or ``--flag=VALUE`` with the exact flags of
+    :data:`RUN_FLAGS`); help, abbreviations, repeated single flags, bad values and
+    every error go to argparse, so messages and exit codes stay argparse's own.
+    """
+    if not argv or argv[0] != "run":
+        return None
+    out: dict[str, Any] = {flag[2:].replace("-", "_"): None for flag in RUN_FLAGS}
+    rest = list(argv[1:])
+    while rest:
+        token = rest.pop(0)
+        flag, eq, value = token.partition("=")
+        if flag not in RUN_FLAGS:
+            return None
+        if not eq:
+            if not rest or rest[0].startswith("-"):
+                return None
+            value = rest.pop(0)
+        _metavar, kind, _help = RUN_FLAGS[flag]
+        key = flag[2:].replace("-", "_")
+        if kind == "list":
+            out[key] = [*(out[key] or []), value]
+            continue
+        if out[key] is not None:
+            return None  # argparse's rule (the last one wins) stays argparse's
+        if kind == "int":
+            if not value.isascii() or not value.isdigit():
+                return None
+            out[key] = int(value)
+        elif isinstance(kind, tuple) and value not in kind:
+            return None
+        else:
+            out[key] = value
+    return out
+
+
+def run_daemon(config: str | None, state: str | None, listen: list[str] | None,
+               facts: str | None, max_clients: int | None, log_level: str | None) -> int:
+    """``licagent run`` once its flags are parsed."""
+    from agent import daemon
+
+    cfg = daemon.resolve_config(
+        Path(config) if config else None, state=state, listen=listen,
+        facts=facts, max_clients=max_clients, log_level=log_level)
+    return daemon.serve(Agent(cfg.state, facts_provider(str(cfg.facts) if cfg.facts else None),
+                              clock=_clock), cfg)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "run":
-        from agent import daemon
-
-        cfg = daemon.resolve_config(
-            Path(args.config) if args.config else None, state=args.state, listen=args.listen,
-            facts=args.facts, max_clients=args.max_clients, log_level=args.log_level)
-        return daemon.serve(Agent(cfg.state, facts_provider(str(cfg.facts) if cfg.facts else None),
-                                  clock=_clock), cfg)
+        return run_daemon(args.config, args.state, args.listen, args.facts, args.max_clients,
+                          args.log_level)
     agent = Agent(Path(args.state), facts_provider(args.facts), clock=_clock)
     c = args.command
     if c == "init":
@@ -260,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
                          for e in rep.entries])
         elif not args.verify:
             for e in rep.entries:
-                print(f"{e.n:>5} {iso(e.time)} {e.event:<13} {json.dumps(_jsonable(e.data))}")
+                print(f"{e.n:>5} {iso(e.time)} {e.event:<13} {_dumps(_jsonable(e.data))}")
         if args.verify:
             tail = f"; {rep.torn_tail} bytes of a torn last record" if rep.torn_tail else ""
             print(f"journal OK: {len(rep.entries)} entries, hash chain and MACs verified{tail}",
@@ -285,9 +355,12 @@ def _jsonable(v: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fast = fast_run_args(argv)
     try:
-        return run(args)
+        if fast is not None:
+            return run_daemon(**fast)
+        return run(_parser().parse_args(argv))
     except NotLicensedError:
         return NotLicensedError.exit_code
     except LicensingError as err:

@@ -9,12 +9,13 @@ no shared values).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from agent.record import record
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -127,7 +128,7 @@ def canonical(obj: object) -> bytes:
     return cbor2.dumps(obj, canonical=True)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PublicKey:
     """A verification key: algorithm plus raw public key bytes.
 
@@ -330,7 +331,7 @@ def sign1(payload: bytes, key: SigningKey, content_type: str) -> bytes:
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Sign1:
     """A decoded but not yet verified COSE_Sign1 envelope.
 

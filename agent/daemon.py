@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
@@ -29,6 +28,7 @@ from typing import Any, Protocol
 import hw
 from agent.errors import EXIT_OK, LicensingError, UsageError
 from agent.ops import AgentOps
+from agent.record import record
 from agent.service import Agent
 from hw.link import Listener
 from hw.rpc import TransportError
@@ -56,7 +56,7 @@ CONFIG_KEYS: Mapping[str, str] = {
 STOP_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DaemonConfig:
     """What ``licagent run`` serves, after merging the config file and the flags."""
 
@@ -303,6 +303,8 @@ class Daemon:
                 self.log.exception("%s %s failed", listener, op)
                 raise LicensingError(f"internal error in the license agent: {exc!r}; "
                                      f"see its log") from exc
+            if op != "hello":
+                release_free_memory()
         detail = [d.removeprefix(op).strip() for d in self._detail.lines]
         if isinstance(result, dict) and "licensed" in result:
             detail.append(f"feature={result.get('feature')} licensed={result['licensed']}")
@@ -356,6 +358,34 @@ class Daemon:
         self.listeners.clear()
 
 
+_trim: Any = None
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``); best effort.
+
+    Starting up (imports, reading the store) and every operation leave freed
+    blocks in the middle of the C heap that glibc keeps resident; on a
+    controller that is most of the daemon's growth over a bare interpreter
+    (measured: 0.8 MB of 24.5 MB after start-up, net of loading ctypes).
+    Returns False where there is no glibc (musl gives memory back by itself).
+    """
+    global _trim
+    if _trim is None:
+        _trim = False
+        try:
+            if os.confstr("CS_GNU_LIBC_VERSION"):
+                import ctypes  # loaded once, only on glibc
+
+                _trim = ctypes.CDLL(None).malloc_trim
+        except (ValueError, OSError, AttributeError, ImportError):
+            _trim = False
+    if _trim is False:
+        return False
+    _trim(0)
+    return True
+
+
 def serve(agent: Agent, config: DaemonConfig, stop: threading.Event | None = None,
           out: Any = None) -> int:
     """Run the daemon in this (main) thread until SIGTERM, SIGINT or ``stop`` is set.
@@ -395,6 +425,7 @@ def serve(agent: Agent, config: DaemonConfig, stop: threading.Event | None = Non
             sd_notify(f"READY=1\nSTATUS=serving on {', '.join(addresses)}")
         except OSError as exc:
             log.warning("could not notify systemd (NOTIFY_SOCKET): %s", exc)
+        release_free_memory()
         while not stop.wait(60):
             pass
         log.info("%s, stopping", f"{received[0]} received" if received else "asked to stop")

@@ -8,10 +8,10 @@ simulated servers and tests).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.digest import Sha256
+from agent.record import field, record
 
 __all__ = [
     "BindingCheck",
@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class HardwareFacts:
     """What the hardware says about itself.
 
@@ -83,7 +83,7 @@ def host_id(facts: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BindingCheck:
     """Outcome of comparing the bound facts with the hardware's facts now."""
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.cose import canonical, strict_loads
 from agent.digest import equal, hmac_sha256, sha256
 from agent.errors import IntegrityError, MalformedError, StorageError
+from agent.record import record
 
 if TYPE_CHECKING:
     from agent.store import FileOps
@@ -33,7 +33,7 @@ MAX_RECORD = 64 * 1024
 ZERO = bytes(32)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class JournalEntry:
     n: int
     time: int
@@ -42,7 +42,7 @@ class JournalEntry:
     digest: bytes
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class JournalReport:
     entries: tuple[JournalEntry, ...]
     torn_tail: int  # bytes of an incomplete last record, 0 if none

@@ -11,12 +11,12 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from agent.cose import PublicKey, canonical
 from agent.digest import sha256
 from agent.errors import MalformedError
+from agent.record import record
 
 __all__ = [
     "MAX_SEQUENCE",
@@ -165,7 +165,7 @@ def _pubkey(m: Mapping[str, Any], prefix: str = "device") -> PublicKey:
 # ---------------------------------------------------------------- licenses
 
 
-@dataclass(frozen=True, order=True)
+@record(frozen=True, order=True)
 class License:
     """One installed license: a feature, how many, and when it is valid.
 
@@ -227,7 +227,7 @@ def state_digest(licenses: Iterable[License]) -> bytes:
     return sha256(canonical([lic.to_cbor() for lic in sorted(licenses)]))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LicenseChange:
     """One change a response makes: add a new feature, update one, or remove one."""
 
@@ -275,7 +275,7 @@ class Payload:
         return canonical({"v": FORMAT_VERSION, "kind": self.KIND.value, **self.fields()})
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Request(Payload):
     """A device asks the vendor for a change, on top of its exact current state."""
 
@@ -325,7 +325,7 @@ class Request(Payload):
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Response(Payload):
     """The vendor's answer to one request: the next link of the device's chain."""
 
@@ -383,7 +383,7 @@ class Response(Payload):
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Receipt(Payload):
     """Signed by the device after applying a response; proof of what it now holds.
 
@@ -438,7 +438,7 @@ class Receipt(Payload):
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DeviceInfo(Payload):
     """Who a server is and what it holds: step 1 of the workflow."""
 
@@ -506,7 +506,7 @@ def _hardware(m: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LicenseInfoEntry:
     """For one server: the installed licenses to reclaim and the ones to install."""
 
@@ -532,7 +532,7 @@ class LicenseInfoEntry:
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LicenseInfo(Payload):
     """Vendor-signed: for one or many servers, what is to be reclaimed or installed."""
 
@@ -564,7 +564,7 @@ class LicenseInfo(Payload):
                    expires=_time(m["expires"], "expires"))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TrustKey:
     """A vendor key the device trusts, with its validity window."""
 
@@ -602,7 +602,7 @@ def _alg_key(m: Mapping[str, Any]) -> tuple[int, bytes]:
     return alg, _bytes(m["key"], "key", maximum=65)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TrustUpdate(Payload):
     """Key rotation: the complete new set of vendor keys, signed by a currently trusted key."""
 

@@ -9,7 +9,6 @@ returns; the CLI and daemon only move bytes.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.cose import PublicKey, Sign1, SigningKey, canonical, decode_sign1, sign1, strict_loads
@@ -47,6 +46,7 @@ from agent.messages import (
     licenses_from,
     state_digest,
 )
+from agent.record import field, record, replace
 
 __all__ = [
     "AgentState",
@@ -70,7 +70,7 @@ __all__ = [
 AGENT_VERSION = "0.1.0"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Limits:
     """Every bound the protocol enforces, in one place."""
 
@@ -86,7 +86,7 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Outstanding:
     """A request this device signed and is waiting for an answer to."""
 
@@ -110,7 +110,7 @@ class Outstanding:
                    tuple(m["features"]), m["created"])
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Applied:
     """A response that was applied: kept (bounded) to name replays precisely."""
 
@@ -126,7 +126,7 @@ class Applied:
         return cls(v[0], v[1], v[2])
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AgentState:
     """Everything the trusted store holds besides the private key."""
 
@@ -342,7 +342,7 @@ def create_request(
 # ---------------------------------------------------------------- responses
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ApplyResult:
     """What applying a response did."""
 
@@ -531,7 +531,7 @@ def apply_trust_update(
 # ---------------------------------------------------------------- license checks
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CheckResult:
     feature: str
     licensed: bool

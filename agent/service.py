@@ -11,7 +11,6 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from agent.identity import FactsProvider, HardwareFacts, host_id
 from agent.journal import JournalReport
 from agent.messages import Action, LicenseInfo, TrustKey, TrustUpdate
 from agent.protocol import DEFAULT_LIMITS, ApplyResult, CheckResult, Limits
+from agent.record import record, replace
 from agent.store import FileOps, Store, store_lock
 
 __all__ = ["Agent", "iso", "status_dict"]
@@ -75,7 +75,7 @@ def _wall_clock() -> int:
     return int(time.time())
 
 
-@dataclass
+@record
 class Agent:
     """Operations on the license store in ``directory``.
 

@@ -20,7 +20,6 @@ import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from agent.errors import (
 from agent.identity import check_binding
 from agent.journal import Journal
 from agent.protocol import AgentState
+from agent.record import field, record
 
 __all__ = ["FileOps", "LoadReport", "Store"]
 
@@ -127,7 +127,7 @@ def atomic_write(ops: FileOps, path: Path, data: bytes, mode: int = 0o600) -> No
         ) from exc
 
 
-@dataclass
+@record
 class LoadReport:
     """What loading found: which slot, and every anomaly worth telling the operator."""
 
@@ -371,7 +371,7 @@ class Store:
                 f"A store copied to another server is refused; ask the vendor to re-issue."
             )
         if chk.changed:
-            from dataclasses import replace
+            from agent.record import replace
 
             new_binding = set(facts)
             if not any(f.startswith("model=") for f in new_binding):

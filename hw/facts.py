@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -272,6 +271,8 @@ def load_facts_file(path: Path) -> StaticFactsProvider:
             or has an unknown key or a wrongly typed value.
     """
     try:
+        import json  # only for simulated servers' facts files
+
         data: object = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:  # ValueError covers JSON and UTF-8 decode errors
         raise UsageError(f"cannot read hardware facts file {path}: {exc}") from exc

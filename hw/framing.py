@@ -9,8 +9,9 @@ plus 6, about 0.5 % for a 4 KiB payload.
 
 from __future__ import annotations
 
-import zlib
-from dataclasses import dataclass
+from binascii import crc32  # zlib's CRC-32 without loading libz
+
+from agent.record import record
 
 __all__ = [
     "DEFAULT_MAX_FRAME",
@@ -69,20 +70,20 @@ def cobs_decode(data: bytes) -> bytes:
 
 def encode_frame(payload: bytes) -> bytes:
     """One frame, ready to write to the link."""
-    crc = zlib.crc32(payload).to_bytes(4, "big")
+    crc = crc32(payload).to_bytes(4, "big")
     # a leading delimiter too: garbage or half a frame left on the line by an earlier
     # session is closed off at once instead of corrupting this frame (1 byte per frame)
     return b"\x00" + cobs_encode(payload + crc) + b"\x00"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Frame:
     """A frame that passed its checksum."""
 
     payload: bytes
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CorruptFrame:
     """Bytes between two delimiters that are not a valid frame (noise, a torn frame)."""
 
@@ -90,7 +91,7 @@ class CorruptFrame:
     length: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class FrameTooLarge:
     """More bytes than the size limit arrived without a delimiter; they were dropped."""
 
@@ -153,7 +154,7 @@ class FrameDecoder:
         if len(payload) > self.max_frame:
             return CorruptFrame(f"payload of {len(payload)} bytes exceeds the frame limit",
                                 len(encoded))
-        if zlib.crc32(payload).to_bytes(4, "big") != crc:
+        if crc32(payload).to_bytes(4, "big") != crc:
             return CorruptFrame("checksum mismatch", len(encoded))
         return Frame(payload)
 

@@ -13,11 +13,11 @@ import abc
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from agent.errors import UsageError
+from agent.record import field, record
 from hw.rpc import Op, RpcClient, RpcServer, TransportError
 
 __all__ = [
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LinkURL:
     """A parsed link URL: ``scheme://host:port/path?option=value``."""
 

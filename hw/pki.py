@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -17,10 +16,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.record import record
+
 __all__ = ["Pki", "make_pki"]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Pki:
     """Paths of the PEM files (keys are mode 0600)."""
 

@@ -24,11 +24,11 @@ import enum
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from agent.cose import canonical, strict_loads
 from agent.errors import LicensingError, MalformedError
+from agent.record import field, record
 from hw.framing import DEFAULT_MAX_FRAME, CorruptFrame, Frame, FrameDecoder, encode_frame
 
 __all__ = [
@@ -89,7 +89,7 @@ def _decode(payload: bytes, max_frame: int) -> Mapping[str, Any]:
 Handler = Callable[[str, Mapping[str, Any]], Any]
 
 
-@dataclass
+@record
 class RpcServer:
     """One connection's server side.
 
@@ -178,7 +178,7 @@ class RpcServer:
 # ---------------------------------------------------------------- client side
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RpcResult:
     """The answer to request ``id``: a result, or the server's error."""
 
@@ -188,14 +188,14 @@ class RpcResult:
     error: RemoteError | None = None
 
 
-@dataclass
+@record
 class _Pending:
     frame: bytes
     deadline: float
     tries: int
 
 
-@dataclass
+@record
 class RpcClient:
     """One connection's client side: request IDs, timeouts and retries, no I/O.
 

@@ -85,7 +85,6 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as _paho_client
@@ -94,6 +93,7 @@ from paho.mqtt.properties import Properties as _PahoProperties
 
 from agent.cose import canonical, strict_loads
 from agent.errors import LicensingError, MalformedError, UsageError
+from agent.record import field, record
 from hw.framing import DEFAULT_MAX_FRAME
 from hw.link import LinkURL, Listener, ServerClient, parse_url
 from hw.rpc import OPS, PROTOCOL_VERSIONS, Op, RemoteError, TransportError
@@ -259,7 +259,7 @@ def _tls_context(url: LinkURL) -> ssl.SSLContext | None:
 # ---------------------------------------------------------------- presence (no I/O)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Presence:
     """What a device's retained presence message says."""
 
@@ -299,7 +299,7 @@ def _error(code: int, reason: str, message: str) -> dict[str, Any]:
     return {"ok": False, "error": {"code": code, "reason": reason, "message": message}}
 
 
-@dataclass
+@record
 class RequestServer:
     """A device's answers to RPC requests arriving by MQTT; remembers recent ones.
 
@@ -423,7 +423,7 @@ def decode_reply(payload: bytes, rid: int, max_payload: int = DEFAULT_MAX_FRAME)
 # ---------------------------------------------------------------- reconnect back-off (no I/O)
 
 
-@dataclass
+@record
 class Backoff:
     """Exponential back-off with jitter: min, 2 x min, ... up to max, each x [0.5, 1.5)."""
 

@@ -37,10 +37,10 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from agent.errors import UsageError
+from agent.record import fields, record, replace
 from hw.link import Link, LinkURL, Listener, StreamClient, serve_stream
 from hw.rpc import TransportError
 
@@ -66,7 +66,7 @@ _CLIENT_OPTIONS = ("timeout", "tries")
 _MAX_DELAY = 10.0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LineFaults:
     """What the line does to bytes; probabilities are in [0, 1]."""
 
@@ -194,7 +194,7 @@ class _Direction:
         self.closed = False
 
 
-@dataclass
+@record
 class SimLine:
     """One connection: ``up`` injects faults client to server, ``down`` server to client."""
 

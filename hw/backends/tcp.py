@@ -32,11 +32,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from agent.cose import canonical, strict_loads
 from agent.errors import LicensingError, UsageError
+from agent.record import record
 from hw.framing import Frame, FrameDecoder, encode_frame
 from hw.link import Link, LinkURL, Listener, StreamClient, serve_stream
 from hw.rpc import TransportError
@@ -238,7 +238,7 @@ def connect(url: LinkURL, timeout: float = 2.0, tries: int = 4, **_ctx: Any) -> 
 # ---------------------------------------------------------------- server side
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ListenConfig:
     """The listener's settings, read from its URL (and the daemon's defaults)."""
 
@@ -289,7 +289,7 @@ def _busy_reply(decoder: FrameDecoder, data: bytes, message: str) -> bytes | Non
     return None
 
 
-@dataclass
+@record
 class _Conn:
     """One admitted connection: its socket (the TLS one once wrapped) and whether it is served."""
 
@@ -325,8 +325,11 @@ class TcpListener(Listener):
 
     def start(self) -> None:
         cfg = self.config
+        # an ASCII name goes in as bytes: a str would load the IDNA codec (and with it
+        # unicodedata, ~250 KB of the daemon's memory) for every listener
+        host: str | bytes = cfg.host.encode("ascii") if cfg.host.isascii() else cfg.host
         try:
-            infos = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM,
+            infos = socket.getaddrinfo(host, cfg.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
         except OSError as exc:
             raise UsageError(f"{self.url.text}: cannot resolve {cfg.host}: {exc}") from exc

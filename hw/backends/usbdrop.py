@@ -66,7 +66,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -74,6 +73,7 @@ from urllib.parse import quote
 from agent.errors import LicensingError, MalformedError, StorageError, UsageError
 from agent.messages import Request
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
+from agent.record import record
 from agent.service import iso
 from agent.store import FileOps, atomic_write, fsync_dir, write_all
 from hw.framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
@@ -119,7 +119,7 @@ _logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------- options
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class MailboxOptions:
     """A parsed ``usbdrop://`` URL."""
 

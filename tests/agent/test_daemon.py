@@ -458,3 +458,19 @@ def test_pty_and_tcp_listeners_of_one_daemon_share_one_store(agentd: Agentd) -> 
     assert stop(proc2) == 0
     log = agentd.log_text()
     assert "apply-response" in log and "check-feature" in log
+
+
+def test_release_free_memory_uses_glibc_when_present() -> None:
+    import os
+
+    from agent.daemon import release_free_memory
+
+    glibc = False
+    try:
+        glibc = bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError):
+        pass
+    blocks = [bytes(4096) for _ in range(2000)]  # ~8 MB of heap, then freed
+    del blocks
+    assert release_free_memory() is glibc
+    assert release_free_memory() is glibc  # loaded once, callable again

@@ -14,7 +14,7 @@ import errno
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from agent import protocol
 from agent.errors import StorageError
 from agent.messages import Action
 from agent.protocol import AgentState
+from agent.record import replace
 from agent.store import JOURNAL_FILE, FileOps, Store
 from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device, Site
