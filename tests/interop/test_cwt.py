@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,34 +27,33 @@ import pytest
 
 from agent.cose import ALG_EDDSA, ALG_ES256, PublicKey, SigningKey, decode_sign1, strict_loads
 from agent.errors import MalformedError, TrustError
-from agent.identity import HardwareFacts
 from agent.messages import (
     Action,
     Kind,
-    License,
-    LicenseInfo,
-    LicenseInfoEntry,
     Response,
     TrustKey,
-    TrustUpdate,
     decode_payload,
 )
-from agent.protocol import DEFAULT_LIMITS
-from agent.service import Agent
-from hw.facts import StaticFactsProvider
-from simulators.licensing_server.vendor import DAY, Grant, Vendor, verify_receipt
-from tests.conftest import Device, Site
+from simulators.licensing_server.vendor import Grant, Vendor, verify_receipt
+from tests.conftest import Site
+from tests.interop.signed_files import (
+    ALG_IDS,
+    ALGS,
+    MAX,
+    SignedFile,
+    add_device,
+    build_files,
+    combo_ids,
+    flip_signature,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CWT_PYTHON = ROOT / ".venv-cwt" / "bin" / "python"
 TOOL = Path(__file__).resolve().with_name("cwt_tool.py")
 
-MAX = DEFAULT_LIMITS.max_file
-ALG_IDS = {ALG_EDDSA: "EdDSA", ALG_ES256: "ES256"}
-ALGS = [ALG_EDDSA, ALG_ES256]
 #: (vendor key, device key): every kind of file is signed with each algorithm once
 COMBOS = [(ALG_EDDSA, ALG_ES256), (ALG_ES256, ALG_EDDSA)]
-COMBO_IDS = [f"vendor-{ALG_IDS[v]}-device-{ALG_IDS[d]}" for v, d in COMBOS]
+COMBO_IDS = combo_ids(COMBOS)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -104,72 +102,11 @@ def cwt_sign(tmp: Path, payload: bytes, key: SigningKey, content_type: str,
     return out.read_bytes()
 
 
-def flip_signature(data: bytes) -> bytes:
-    """``data`` with the last byte of the signature flipped, everything else unchanged."""
-    bad = data[:-1] + bytes([data[-1] ^ 0x01])
-    good_v, bad_v = cbor2.loads(data).value, cbor2.loads(bad).value
-    assert tuple(bad_v[:3]) == tuple(good_v[:3]) and bad_v[3] != good_v[3]
-    return bad
-
-
-def add_device(site: Site, alg: int) -> Device:
-    """Like ``Site.device()``, with the device key's algorithm chosen."""
-    site.n += 1
-    serial = f"SN-CWT{site.n:03d}"
-    facts = StaticFactsProvider(
-        HardwareFacts(model="AS-P", serial=serial, macs=(f"00:80:f4:00:20:{site.n:02x}",))
-    )
-    d = site.root / f"dev{site.n}"
-    agent = Agent(d, facts, clock=site.clock)
-    agent.init("AS-P", serial, [site.vendor.public], alg=alg)
-    return Device(d, site.clock, facts, agent, site.vendor)
-
-
-@dataclass(frozen=True)
-class SignedFile:
-    data: bytes
-    signer: PublicKey
-    payload: bytes  # the exact bytes our code encoded and signed
-
-
-def build_files(root: Path, vendor_alg: int, device_alg: int) -> dict[Kind, SignedFile]:
-    """One file of every kind, produced by the real agent and vendor code."""
-    site = Site(Vendor(SigningKey.generate(vendor_alg)), root)
-    vendor = site.vendor
-    dev = add_device(site, device_alg)
-    device_key = dev.agent.state()[0].device_key
-    assert device_key.alg == device_alg
-
-    info_bytes, info = dev.agent.info()
-    req_bytes = dev.request(Action.ACTIVATE, ["bacnet"])
-    resp_bytes = vendor.issue(req_bytes, [Grant("bacnet", 5)], now=site.clock())
-    result, _ = dev.agent.apply(resp_bytes)
-
-    now = site.clock()
-    lic = License("bacnet", 5)
-    lic_info_bytes = vendor.license_info({info.device_id: ([lic], [])}, now=now)
-    lic_info = LicenseInfo(entries=(LicenseInfoEntry(info.device_id, (lic,), ()),),
-                           issued=now, expires=now + 30 * DAY)
-    keys = (TrustKey(vendor.public), TrustKey(SigningKey.generate().public, not_before=now))
-    trust_bytes = vendor.trust_update(keys, version=2, now=now)
-    trust = TrustUpdate(version=2, keys=keys, issued=now)
-
-    return {
-        Kind.DEVICE_INFO: SignedFile(info_bytes, device_key, info.encode()),
-        Kind.REQUEST: SignedFile(req_bytes, device_key, Vendor.read_request(req_bytes).encode()),
-        Kind.RESPONSE: SignedFile(resp_bytes, vendor.public, result.response.encode()),
-        Kind.RECEIPT: SignedFile(result.receipt, device_key,
-                                 verify_receipt(result.receipt, [vendor.public]).encode()),
-        Kind.LICENSE_INFO: SignedFile(lic_info_bytes, vendor.public, lic_info.encode()),
-        Kind.TRUST_UPDATE: SignedFile(trust_bytes, vendor.public, trust.encode()),
-    }
-
-
 @pytest.fixture(scope="module", params=COMBOS, ids=COMBO_IDS)
 def files(request: pytest.FixtureRequest,
           tmp_path_factory: pytest.TempPathFactory) -> dict[Kind, SignedFile]:
     vendor_alg, device_alg = request.param
-    return build_files(tmp_path_factory.mktemp("cwt"), vendor_alg, device_alg)
+    return build_files(tmp_path_factory.mktemp("cwt"), vendor_alg, device_alg, "CWT")
 
 
 # ---------------------------------------------------------------- our files, read by cwt
@@ -218,7 +155,7 @@ def test_cwt_refuses_our_file_with_another_key(tmp_path: Path, alg: int) -> None
 def test_we_verify_a_cwt_sign1(tmp_path: Path, alg: int) -> None:
     key = SigningKey.generate(alg)
     site = Site(Vendor(key), tmp_path)
-    dev = add_device(site, alg)
+    dev = add_device(site, alg, "CWT")
     req = Vendor.read_request(dev.request(Action.ACTIVATE, ["bacnet"]))
     resp = site.vendor.response_for(
         req, site.vendor.changes_for(req, [Grant("bacnet", 5)], ()), now=site.clock()
@@ -246,7 +183,7 @@ def test_device_applies_a_cwt_signed_response(
 ) -> None:
     vendor = Vendor(SigningKey.generate(vendor_alg))
     site = Site(vendor, tmp_path / "site")
-    dev = add_device(site, device_alg)
+    dev = add_device(site, device_alg, "CWT")
     req = vendor.read_request(dev.request(Action.ACTIVATE, ["bacnet"]))
     resp = vendor.response_for(req, vendor.changes_for(req, [Grant("bacnet", 7)], ()),
                                now=site.clock())
