@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,17 @@ class JournalEntry:
 
 
 @record(frozen=True)
+class _Tail:
+    count: int  # verified records
+    prev: bytes  # digest of the last one (the chain's end)
+    good_length: int  # bytes of whole records
+    torn: int  # bytes of an incomplete last record
+
+
+_FIELDS = frozenset({"n", "time", "event", "data", "prev", "mac"})
+
+
+@record(frozen=True)
 class JournalReport:
     entries: tuple[JournalEntry, ...]
     torn_tail: int  # bytes of an incomplete last record, 0 if none
@@ -55,7 +67,7 @@ def _whole_record_at(data: bytes, off: int) -> bool:
         obj = strict_loads(data[off:], max_size=MAX_RECORD + 4, allow_trailing=True)
     except MalformedError:  # cut short or garbage: not a whole record
         return False
-    return isinstance(obj, dict) and set(obj) == {"n", "time", "event", "data", "prev", "mac"}
+    return isinstance(obj, dict) and set(obj) == _FIELDS
 
 
 class Journal:
@@ -74,59 +86,72 @@ class Journal:
             IntegrityError: a record fails its MAC, breaks the hash chain or
                 does not decode: the journal was tampered with.
         """
+        entries: list[JournalEntry] = []
+        tail = self._scan(entries.append)
+        return JournalReport(tuple(entries), tail.torn, tail.good_length)
+
+    def _scan(self, keep: Callable[[JournalEntry], None] | None = None) -> _Tail:
+        """Verify the journal record by record, holding one record in memory at a time.
+
+        ``keep`` receives each verified entry (``read`` keeps them all; ``append``
+        needs only the chain's end, so a journal of years costs it no memory).
+        """
+        n, prev, good, torn = 0, ZERO, 0, 0
         try:
-            data = self.path.read_bytes()
+            f = open(self.path, "rb")
         except FileNotFoundError:
-            return JournalReport((), 0, 0)
+            return _Tail(0, ZERO, 0, 0)
         except OSError as exc:
             raise StorageError(f"cannot read the journal: {exc}") from exc
-        entries: list[JournalEntry] = []
-        off = 0
-        prev = ZERO
-        while off < len(data):
-            if off + 4 > len(data):
-                break
-            (length,) = struct.unpack(">I", data[off:off + 4])
-            if length > MAX_RECORD:
-                raise IntegrityError(f"journal record {len(entries)} declares {length} bytes")
-            if off + 4 + length > len(data):
-                if _whole_record_at(data, off + 4):
-                    # a crash only cuts the tail short; a complete record behind a length
-                    # that runs past the end means the length prefix was altered
-                    raise IntegrityError(f"journal record {len(entries)} has a damaged length")
-                break
-            raw = data[off + 4: off + 4 + length]
+        with f:
             try:
-                e = strict_loads(raw, max_size=MAX_RECORD)
-            except MalformedError as exc:
-                raise IntegrityError(f"journal record {len(entries)} does not decode") from exc
-            if not isinstance(e, dict) or set(e) != {"n", "time", "event", "data", "prev", "mac"}:
-                raise IntegrityError(f"journal record {len(entries)} has the wrong fields")
-            mac = e.pop("mac")
-            if not isinstance(mac, bytes) or not equal(mac, self._mac(e)):
-                raise IntegrityError(f"journal record {len(entries)} fails its MAC (tampered)")
-            if e["prev"] != prev or e["n"] != len(entries):
-                raise IntegrityError(f"journal hash chain broken at record {len(entries)}")
-            prev = sha256(raw)
-            entries.append(JournalEntry(e["n"], e["time"], e["event"], e["data"], prev))
-            off += 4 + length
-        return JournalReport(tuple(entries), len(data) - off, off)
+                while True:
+                    head = f.read(4)
+                    if len(head) < 4:
+                        torn = len(head)
+                        break
+                    (length,) = struct.unpack(">I", head)
+                    if length > MAX_RECORD:
+                        raise IntegrityError(f"journal record {n} declares {length} bytes")
+                    raw = f.read(length)
+                    if len(raw) < length:
+                        if _whole_record_at(raw, 0):
+                            # a crash only cuts the tail short; a complete record behind a
+                            # length that runs past the end means the length was altered
+                            raise IntegrityError(f"journal record {n} has a damaged length")
+                        torn = 4 + len(raw)
+                        break
+                    try:
+                        e = strict_loads(raw, max_size=MAX_RECORD)
+                    except MalformedError as exc:
+                        raise IntegrityError(f"journal record {n} does not decode") from exc
+                    if not isinstance(e, dict) or set(e) != _FIELDS:
+                        raise IntegrityError(f"journal record {n} has the wrong fields")
+                    mac = e.pop("mac")
+                    if not isinstance(mac, bytes) or not equal(mac, self._mac(e)):
+                        raise IntegrityError(f"journal record {n} fails its MAC (tampered)")
+                    if e["prev"] != prev or e["n"] != n:
+                        raise IntegrityError(f"journal hash chain broken at record {n}")
+                    prev = sha256(raw)
+                    if keep is not None:
+                        keep(JournalEntry(e["n"], e["time"], e["event"], e["data"], prev))
+                    n += 1
+                    good += 4 + length
+            except OSError as exc:
+                raise StorageError(f"cannot read the journal: {exc}") from exc
+        return _Tail(n, prev, good, torn)
 
     def append(self, event: str, data: Any, now: int) -> JournalEntry:
         """Append one entry and fsync it; a torn tail from an earlier crash is cut off first."""
-        try:
-            rep = self.read()
-        except IntegrityError:
-            # never append behind a tampered record: verification must keep failing
-            raise
-        prev = rep.entries[-1].digest if rep.entries else ZERO
-        body = {"n": len(rep.entries), "time": now, "event": event, "data": data, "prev": prev}
+        # the whole chain is verified first: never append behind a tampered record
+        rep = self._scan()
+        body = {"n": rep.count, "time": now, "event": event, "data": data, "prev": rep.prev}
         record = canonical({**body, "mac": self._mac(body)})
         blob = struct.pack(">I", len(record)) + record
         fd = -1
         try:
             fd = self.ops.open(str(self.path), os.O_WRONLY | os.O_CREAT, 0o600)
-            if rep.torn_tail:
+            if rep.torn:
                 self.ops.ftruncate(fd, rep.good_length)
             os.lseek(fd, rep.good_length, os.SEEK_SET)
             from agent.store import write_all

@@ -1,0 +1,59 @@
+"""The journal read record by record: a torn tail at any byte, a damaged length, appends that repair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.errors import IntegrityError
+from agent.journal import Journal
+from agent.store import FileOps
+
+KEY = bytes(range(32))
+
+
+def make(path: Path, n: int) -> Journal:
+    j = Journal(path, KEY, FileOps())
+    for i in range(n):
+        j.append("apply", {"sequence": i, "pad": "x" * (i % 7)}, now=1_800_000_000 + i)
+    return j
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 12), cut=st.integers(0, 10_000))
+def test_a_torn_tail_at_any_byte_is_cut_off_by_the_next_append(tmp_path_factory: pytest.TempPathFactory,
+                                                                n: int, cut: int) -> None:
+    path = tmp_path_factory.mktemp("j") / "journal.log"
+    j = make(path, n)
+    whole = path.read_bytes()
+    full = j.read()
+    cut = cut % (len(whole) + 1)
+    path.write_bytes(whole[:cut])
+    rep = j.read()
+    # every record wholly before the cut survives, nothing else
+    assert rep.good_length <= cut and rep.good_length + rep.torn_tail == cut
+    assert rep.entries == full.entries[:len(rep.entries)]
+    tail = j._scan()
+    assert (tail.count, tail.good_length, tail.torn) == (len(rep.entries), rep.good_length,
+                                                         rep.torn_tail)
+    assert tail.prev == (rep.entries[-1].digest if rep.entries else bytes(32))
+    entry = j.append("check", {}, now=1_900_000_000)
+    after = j.read()
+    assert after.torn_tail == 0 and after.entries[-1] == entry
+    assert entry.n == len(rep.entries)
+
+
+def test_a_length_running_past_the_end_of_a_whole_record_is_tampering(tmp_path: Path) -> None:
+    path = tmp_path / "journal.log"
+    j = make(path, 3)
+    data = bytearray(path.read_bytes())
+    first = int.from_bytes(data[:4], "big")
+    data[:4] = (first + len(data)).to_bytes(4, "big")  # a complete record behind a longer length
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="damaged length"):
+        j.read()
+    with pytest.raises(IntegrityError):
+        j.append("apply", {}, now=1)  # never behind a tampered record
