@@ -55,12 +55,13 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 
 from agent.cose import canonical, strict_loads
-from agent.errors import LicensingError, MalformedError, UsageError
+from agent.errors import MalformedError, UsageError
+from hw.httpjson import CBOR, HTTP_STATUS, JSON, Answer, HttpRefusal, JsonHandler, Route
 from hw.link import LinkURL, Listener, ServerClient
 from hw.rpc import Op, RemoteError, TransportError
 
@@ -79,24 +80,11 @@ OPTIONS = ("ca", "cert", "key")
 DEFAULT_MAX_BODY = 256 * 1024
 #: the largest answer a client reads (a long journal is the biggest)
 MAX_ANSWER = 16 * 1024 * 1024
-CBOR = "application/cbor"
-JSON = "application/json"
 
 #: licagent exit code -> HTTP status of the refusal
-HTTP_STATUS: Mapping[int, int] = {1: 500, 2: 400, 3: 400, 4: 403, 5: 409, 6: 409, 7: 422, 8: 500}
 
 Handler = Callable[[str, Mapping[str, Any]], Any]
 Log = Callable[[str], None]
-
-
-class HttpRefusal(Exception):
-    """An HTTP-level refusal raised inside a request handler (status, exit code, reason)."""
-
-    def __init__(self, status: int, code: int, reason: str, message: str,
-                 headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.reason = status, code, reason
-        self.headers = dict(headers or {})
 
 
 def _jsonable(v: Any) -> Any:
@@ -123,18 +111,7 @@ def _check_path(url: LinkURL) -> None:
 # ---------------------------------------------------------------- server side
 
 
-class _Answer:
-    """What a route returns: status, content type, body and extra headers."""
-
-    __slots__ = ("body", "content_type", "headers", "status")
-
-    def __init__(self, body: bytes, content_type: str, headers: Mapping[str, str] | None = None,
-                 status: int = 200) -> None:
-        self.body, self.content_type, self.status = body, content_type, status
-        self.headers = dict(headers or {})
-
-
-class _RequestHandler(BaseHTTPRequestHandler):
+class _RequestHandler(JsonHandler):
     """One connection: parses requests, routes them, answers, logs one line per request."""
 
     server: _TlsHTTPServer
@@ -142,13 +119,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
     server_version = "licagent-https/1"
     sys_version = ""
 
-    _status: int | None = None
-    _sent = 0
-
     # -- routing table: path -> method -> route
 
-    def _routes(self, path: str) -> Mapping[str, Callable[[], _Answer]]:
-        table: dict[str, dict[str, Callable[[], _Answer]]] = {
+    def routes(self, path: str) -> Mapping[str, Route]:
+        table: dict[str, dict[str, Callable[[], Answer]]] = {
             "/v1/hello": {"GET": self._hello},
             "/v1/status": {"GET": self._status_route},
             "/v1/info": {"GET": self._info},
@@ -161,25 +135,25 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return {"GET": self._check}
         return table.get(path, {})
 
-    def _hello(self) -> _Answer:
+    def _hello(self) -> Answer:
         return self._structured({"version": 1, **(self._op(Op.HELLO, {}) or {})})
 
-    def _status_route(self) -> _Answer:
+    def _status_route(self) -> Answer:
         return self._structured(self._op(Op.GET_STATUS, {}))
 
-    def _info(self) -> _Answer:
+    def _info(self) -> Answer:
         res = self._op(Op.GET_INFO, {})
-        return _Answer(bytes(res["file"]), CBOR, {"X-Device-Id": str(res.get("device_id", ""))})
+        return Answer(bytes(res["file"]), CBOR, headers={"X-Device-Id": str(res.get("device_id", ""))})
 
-    def _license_info(self) -> _Answer:
+    def _license_info(self) -> Answer:
         return self._structured(self._op(Op.GET_LICENSE_INFO, {}))
 
-    def _request(self) -> _Answer:
-        args = self._request_args(self._body())
-        return _Answer(bytes(self._op(Op.CREATE_REQUEST, args)["file"]), CBOR)
+    def _request(self) -> Answer:
+        args = self._request_args(self.read_body(self.server.max_body))
+        return Answer(bytes(self._op(Op.CREATE_REQUEST, args)["file"]), CBOR)
 
-    def _apply(self) -> _Answer:
-        res = self._op(Op.APPLY_RESPONSE, {"file": self._body()})
+    def _apply(self) -> Answer:
+        res = self._op(Op.APPLY_RESPONSE, {"file": self.read_body(self.server.max_body)})
         headers = {
             "X-Already-Applied": "true" if res["already_applied"] else "false",
             "X-Sequence": str(res["sequence"]),
@@ -188,31 +162,27 @@ class _RequestHandler(BaseHTTPRequestHandler):
         }
         if res.get("warning"):
             headers["X-Warning"] = json.dumps(str(res["warning"]))
-        return _Answer(bytes(res["receipt"]), CBOR, headers)
+        return Answer(bytes(res["receipt"]), CBOR, headers=headers)
 
-    def _check(self) -> _Answer:
+    def _check(self) -> Answer:
         raw = self._path[len("/v1/check/"):]
         if not raw or "/" in raw:  # an encoded %2F is part of the name, a bare / is not
             raise HttpRefusal(404, 2, "usage", "name one feature: GET /v1/check/FEATURE")
         feature = unquote(raw)
         return self._structured(self._op(Op.CHECK_FEATURE, {"feature": feature}))
 
-    def _journal(self) -> _Answer:
+    def _journal(self) -> Answer:
         return self._structured(self._op(Op.READ_JOURNAL, {}))
 
     # -- helpers
 
-    @property
-    def _path(self) -> str:
-        return urlsplit(self.path).path
-
     def _wants_cbor(self) -> bool:
         return CBOR in self.headers.get("Accept", "")
 
-    def _structured(self, result: Any) -> _Answer:
+    def _structured(self, result: Any) -> Answer:
         if self._wants_cbor():
-            return _Answer(canonical(result), CBOR)
-        return _Answer(json.dumps(_jsonable(result), indent=2).encode() + b"\n", JSON)
+            return Answer(canonical(result), CBOR)
+        return Answer(json.dumps(_jsonable(result), indent=2).encode() + b"\n", JSON)
 
     def _op(self, op: str, args: Mapping[str, Any]) -> Any:
         srv = self.server
@@ -223,38 +193,6 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return srv.handler(op, args)
         finally:
             srv.slots.release()
-
-    def _body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            raise HttpRefusal(411, 2, "usage", "send the body with a Content-Length "
-                                            "(chunked transfer is not accepted)")
-        length = self._content_length()
-        if length is None:
-            raise HttpRefusal(411, 2, "usage", "a body with a Content-Length is needed")
-        limit = self.server.max_body
-        if length > limit:
-            self.close_connection = True  # the body stays unread
-            raise HttpRefusal(413, 3, "too-large",
-                           f"the body of {length} bytes exceeds the {limit}-byte limit")
-        data = self.rfile.read(length)
-        if len(data) != length:
-            self.close_connection = True
-            raise HttpRefusal(400, 3, "malformed", "the body ended before its Content-Length")
-        return data
-
-    def _content_length(self) -> int | None:
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return None
-        try:
-            n = int(raw)
-        except ValueError:
-            n = -1
-        if n < 0:
-            self.close_connection = True
-            raise HttpRefusal(400, 2, "usage", f"bad Content-Length {raw!r}")
-        return n
 
     def _request_args(self, body: bytes) -> dict[str, Any]:
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -284,61 +222,20 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     # -- the request cycle
 
-    def _dispatch(self) -> None:
-        try:
-            if self.command != "POST" and (self._content_length() or 0) > 0:
-                self.close_connection = True  # a body we will not read
-            routes = self._routes(self._path)
-            route = routes.get(self.command)
-            if route is None:
-                if routes:
-                    raise HttpRefusal(405, 2, "usage", f"{self.command} is not allowed on {self._path}",
-                                   {"Allow": ", ".join(sorted(routes))})
-                raise HttpRefusal(404, 2, "usage", f"no such endpoint {self._path} "
-                                                "(see GET /v1/status, /v1/info, ...)")
-            answer = route()
-        except HttpRefusal as r:
-            answer = self._error(r.status, r.code, r.reason, str(r), r.headers)
-        except LicensingError as err:
-            answer = self._error(HTTP_STATUS.get(err.exit_code, 500), err.exit_code, err.reason,
-                                 str(err))
-        except Exception as exc:  # a bug in the handler must not kill the connection thread
-            self.server.log(f"internal error on {self.command} {self._path}: "
-                            f"{type(exc).__name__}: {exc}")
-            answer = self._error(500, 1, "internal", "internal error in the license agent; "
-                                                     "see its log")
-        self._send(answer)
+    NOT_FOUND_HINT = "(see GET /v1/status, /v1/info, ...)"
+    WHO = "the license agent"
 
-    def _error(self, status: int, code: int, reason: str, message: str,
-               headers: Mapping[str, str] | None = None) -> _Answer:
-        body = json.dumps({"code": code, "reason": reason, "message": message}).encode() + b"\n"
-        return _Answer(body, JSON, headers, status)
+    def before_route(self) -> None:
+        if self.command != "POST" and (self.content_length() or 0) > 0:
+            self.close_connection = True  # a body we will not read
 
-    def _send(self, answer: _Answer) -> None:
+    def send_answer(self, answer: Answer) -> None:
         if self.server.stopping.is_set():
             self.close_connection = True
-        self.send_response(answer.status)
-        self.send_header("Content-Type", answer.content_type)
-        self.send_header("Content-Length", str(len(answer.body)))
-        self.send_header("Cache-Control", "no-store")
-        for k, v in answer.headers.items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(answer.body)
-        self._status, self._sent = answer.status, len(answer.body)
+        super().send_answer(answer)
 
-    do_GET = _dispatch
-    do_POST = _dispatch
-
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        """Errors the base class finds (bad request line, unknown method) as JSON too."""
-        self.close_connection = True
-        phrase = message or explain or http.client.responses.get(code, "error")
-        self._send(self._error(code, 2, "usage", phrase))
+    do_GET = JsonHandler.dispatch
+    do_POST = JsonHandler.dispatch
 
     def handle_one_request(self) -> None:
         self._status = None
@@ -357,12 +254,6 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 if k == "commonName":
                     return f"cn={v} "
         return ""
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass  # one line per request comes from handle_one_request
-
-    def log_message(self, format: str, *args: Any) -> None:
-        self.server.log(f"{self.client_address[0]} {format % args}")
 
 
 class _TlsHTTPServer(ThreadingHTTPServer):

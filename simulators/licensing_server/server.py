@@ -14,27 +14,22 @@ serialises the operations themselves.
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
 
 from agent.cli import parse_time
 from agent.cose import canonical, strict_loads
-from agent.errors import LicensingError, MalformedError, UsageError
-from hw.backends.https import HTTP_STATUS, HttpRefusal
+from agent.errors import MalformedError, UsageError
+from hw.httpjson import CBOR, Answer, JsonHandler, Route, json_answer
 from simulators.licensing_server.ledger import SITE_INFO_MAX, Ledger
 from simulators.licensing_server.vendor import Vendor
 
 __all__ = ["LicensingServer", "ServerLimits", "serve"]
-
-CBOR = "application/cbor"
-JSON = "application/json"
 
 Log = Callable[[str], None]
 
@@ -59,18 +54,6 @@ class ServerLimits:
     max_clients: int = 64
     #: seconds a client may take to send its request
     idle_timeout: float = 30.0
-
-
-@dataclass
-class _Answer:
-    body: bytes
-    content_type: str
-    status: int = 200
-    headers: Mapping[str, str] | None = None
-
-
-def _json(obj: Any, status: int = 200) -> _Answer:
-    return _Answer(json.dumps(obj, indent=2).encode() + b"\n", JSON, status)
 
 
 def _files(obj: Mapping[str, Any], key: str, limit: int, required: bool = True) -> list[bytes]:
@@ -104,7 +87,7 @@ def _fields(obj: object, what: str, required: set[str], optional: set[str] | Non
     return obj
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JsonHandler):
     """One connection, one exchange: route, answer, log one line."""
 
     server: _HTTPServer
@@ -112,7 +95,10 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "licserver/1"
     sys_version = ""
 
-    def _routes(self) -> Mapping[str, Mapping[str, Callable[[], _Answer]]]:
+    NOT_FOUND_HINT = "(see docs/licensing-api.md)"
+    WHO = "the licensing server"
+
+    def routes(self, path: str) -> Mapping[str, Route]:
         return {
             "/v1/license-info": {"POST": self._license_info},
             "/v1/requests": {"POST": self._requests},
@@ -121,11 +107,11 @@ class _Handler(BaseHTTPRequestHandler):
             "/v1/entitlements": {"POST": self._entitlements},
             "/v1/report": {"GET": self._report},
             "/v1/health": {"GET": self._health},
-        }
+        }.get(path, {})
 
     # -- routes
 
-    def _license_info(self) -> _Answer:
+    def _license_info(self) -> Answer:
         body = self._cbor(self.server.limits.max_license_info_body)
         m = _fields(body, "license-info", {"site_info"}, {"devices"})
         site = m["site_info"]
@@ -136,29 +122,29 @@ class _Handler(BaseHTTPRequestHandler):
                                     or not all(isinstance(d, str) for d in devices)):
             raise MalformedError("devices must be a list of device IDs")
         srv = self.server
-        return _Answer(srv.ledger.license_info(site, devices or None, vendor=srv.vendor), CBOR)
+        return Answer(srv.ledger.license_info(site, devices or None, vendor=srv.vendor), CBOR)
 
-    def _requests(self) -> _Answer:
+    def _requests(self) -> Answer:
         lim = self.server.limits
         m = _fields(self._cbor(lim.max_files_body), "requests", {"requests"}, {"receipts"})
         reqs = _files(m, "requests", lim.max_files)
         rcs = _files(m, "receipts", lim.max_files, required=False)
         res = self.server.ledger.upload(reqs, rcs, vendor=self.server.vendor)
-        return _Answer(canonical(res.to_cbor()), CBOR)
+        return Answer(canonical(res.to_cbor()), CBOR)
 
-    def _receipts(self) -> _Answer:
+    def _receipts(self) -> Answer:
         lim = self.server.limits
         m = _fields(self._cbor(lim.max_files_body), "receipts", {"receipts"})
         rcs = _files(m, "receipts", lim.max_files)
-        return _json(self.server.ledger.confirm(rcs, vendor=self.server.vendor))
+        return json_answer(self.server.ledger.confirm(rcs, vendor=self.server.vendor))
 
-    def _assignments(self) -> _Answer:
+    def _assignments(self) -> Answer:
         m = _fields(self._json_body(), "assignments", {"entitlement", "device_id", "feature",
                                                        "count"}, {"product"})
-        return _json(self.server.ledger.assign(m["entitlement"], m["device_id"], m["feature"],
+        return json_answer(self.server.ledger.assign(m["entitlement"], m["device_id"], m["feature"],
                                                m["count"], m.get("product")))
 
-    def _entitlements(self) -> _Answer:
+    def _entitlements(self) -> Answer:
         m = _fields(self._json_body(), "entitlements", {"entitlement", "product", "features"},
                     {"until"})
         features = m["features"]
@@ -167,44 +153,22 @@ class _Handler(BaseHTTPRequestHandler):
         until = m.get("until")
         if until is not None and not isinstance(until, str):
             raise UsageError("until must be an ISO 8601 date or date-time, or null")
-        return _json(self.server.ledger.entitle(m["entitlement"], m["product"], features,
+        return json_answer(self.server.ledger.entitle(m["entitlement"], m["product"], features,
                                                 parse_time(until) if until else None))
 
-    def _report(self) -> _Answer:
-        return _json(self.server.ledger.report())
+    def _report(self) -> Answer:
+        return json_answer(self.server.ledger.report())
 
-    def _health(self) -> _Answer:
-        return _json({"ok": True})
+    def _health(self) -> Answer:
+        return json_answer({"ok": True})
 
     # -- bodies
 
-    def _body(self, limit: int) -> bytes:
-        if self.headers.get("Transfer-Encoding"):
-            raise HttpRefusal(411, 2, "usage", "send the body with a Content-Length "
-                                            "(chunked transfer is not accepted)")
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            raise HttpRefusal(411, 2, "usage", "a body with a Content-Length is needed")
-        try:
-            length = int(raw)
-        except ValueError:
-            length = -1
-        if length < 0:
-            raise HttpRefusal(400, 2, "usage", f"bad Content-Length {raw!r}")
-        if length > limit:
-            raise HttpRefusal(413, 3, "too-large",
-                           f"the body of {length} bytes exceeds the {limit}-byte limit of "
-                           f"{self._path}")
-        data = self.rfile.read(length)
-        if len(data) != length:
-            raise HttpRefusal(400, 3, "malformed", "the body ended before its Content-Length")
-        return data
-
     def _cbor(self, limit: int) -> Any:
-        return strict_loads(self._body(limit), max_size=limit)
+        return strict_loads(self.read_body(limit, f" of {self._path}"), max_size=limit)
 
     def _json_body(self) -> Any:
-        data = self._body(self.server.limits.max_json_body)
+        data = self.read_body(self.server.limits.max_json_body, f" of {self._path}")
         try:
             return json.loads(data)
         except ValueError as exc:
@@ -212,71 +176,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- the exchange
 
-    @property
-    def _path(self) -> str:
-        return urlsplit(self.path).path
-
-    def _dispatch(self) -> None:
-        try:
-            routes = self._routes().get(self._path, {})
-            route = routes.get(self.command)
-            if route is None:
-                if routes:
-                    raise HttpRefusal(405, 2, "usage", f"{self.command} is not allowed on "
-                                   f"{self._path}", {"Allow": ", ".join(sorted(routes))})
-                raise HttpRefusal(404, 2, "usage", f"no such endpoint {self._path} (see "
-                                                "docs/licensing-api.md)")
-            answer = route()
-        except HttpRefusal as r:
-            answer = self._error(r.status, r.code, r.reason, str(r), r.headers)
-        except LicensingError as err:
-            answer = self._error(HTTP_STATUS.get(err.exit_code, 500), err.exit_code, err.reason,
-                                 str(err))
-        except Exception as exc:  # a bug must not kill the connection thread silently
-            self.server.log(f"internal error on {self.command} {self._path}: "
-                            f"{type(exc).__name__}: {exc}")
-            answer = self._error(500, 1, "internal", "internal error in the licensing server; "
-                                                     "see its log")
-        self._send(answer)
-
-    do_GET = _dispatch
-    do_POST = _dispatch
-    do_PUT = _dispatch
-    do_DELETE = _dispatch
-
-    @staticmethod
-    def _error(status: int, code: int, reason: str, message: str,
-               headers: Mapping[str, str] | None = None) -> _Answer:
-        body = json.dumps({"code": code, "reason": reason, "message": message}).encode() + b"\n"
-        return _Answer(body, JSON, status, headers)
-
-    def _send(self, answer: _Answer) -> None:
-        self.send_response(answer.status)
-        self.send_header("Content-Type", answer.content_type)
-        self.send_header("Content-Length", str(len(answer.body)))
-        self.send_header("Cache-Control", "no-store")
-        for k, v in (answer.headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        try:
-            self.wfile.write(answer.body)
-        except OSError:
-            pass  # the client went away; its loss
+    def after_send(self, answer: Answer) -> None:
         self.server.log(f"{self.client_address[0]} {self.command} {self._path} "
                         f"{answer.status} {len(answer.body)}")
 
-    def send_error(self, code: int, message: str | None = None,
-                   explain: str | None = None) -> None:
-        """Errors the base class finds (bad request line, unknown method) as JSON too."""
-        self.close_connection = True
-        phrase = message or explain or http.client.responses.get(code, "error")
-        self._send(self._error(code, 2, "usage", phrase))
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass  # _send logs one line per exchange
-
-    def log_message(self, format: str, *args: Any) -> None:
-        self.server.log(f"{self.client_address[0]} {format % args}")
+    do_GET = JsonHandler.dispatch
+    do_POST = JsonHandler.dispatch
+    do_PUT = JsonHandler.dispatch
+    do_DELETE = JsonHandler.dispatch
 
 
 class _HTTPServer(ThreadingHTTPServer):
