@@ -104,12 +104,14 @@ if TYPE_CHECKING:
 __all__ = [
     "DISCOVER_TIMEOUT",
     "PRESENCE_TIMEOUT",
+    "AnswerMemory",
     "Backoff",
     "MqttClient",
     "MqttListener",
     "MqttLoop",
     "Presence",
     "RequestServer",
+    "answer_request",
     "connect",
     "decode_presence",
     "decode_reply",
@@ -299,6 +301,118 @@ def _error(code: int, reason: str, message: str) -> dict[str, Any]:
     return {"ok": False, "error": {"code": code, "reason": reason, "message": message}}
 
 
+class AnswerMemory:
+    """The answers to recent requests by (response topic, correlation data), oldest dropped.
+
+    Bounded by count and by bytes; thread-safe. One per listener, or one shared by
+    a whole fleet of simulated devices (the response topic names the device, so
+    keys never collide).
+    """
+
+    def __init__(self, count: int = REMEMBER, size: int = 64 * 1024 * 1024) -> None:
+        self.count, self.size = max(1, count), size
+        self.bytes = 0
+        self._lock = threading.Lock()
+        self._recent: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._recent)
+
+    def get(self, key: tuple[str, bytes]) -> bytes | None:
+        with self._lock:
+            out = self._recent.get(key)
+            if out is not None:
+                self._recent.move_to_end(key)
+            return out
+
+    def put(self, key: tuple[str, bytes], answer: bytes) -> None:
+        with self._lock:
+            old = self._recent.pop(key, None)
+            if old is not None:
+                self.bytes -= len(old)
+            self._recent[key] = answer
+            self.bytes += len(answer)
+            while len(self._recent) > self.count or (self.bytes > self.size
+                                                     and len(self._recent) > 1):
+                _k, gone = self._recent.popitem(last=False)
+                self.bytes -= len(gone)
+
+
+#: what :func:`answer_request` did with a request
+HANDLED, REPEAT, DROPPED = "handled", "repeat", "dropped"
+
+
+def answer_request(handler: Handler, site: str, device_id: str, payload: bytes, reply_to: Any,
+                   correlation: Any, memory: AnswerMemory, max_payload: int = DEFAULT_MAX_FRAME,
+                   log: Log | None = None) -> tuple[str, bytes | None]:
+    """What device ``device_id`` answers to a request: ``(HANDLED | REPEAT | DROPPED, answer)``.
+
+    Runs ``handler`` at most once per (``reply_to``, ``correlation``) that
+    ``memory`` still holds; a repeat gets the first answer again. The answer
+    (None when dropped) is published on ``reply_to`` with ``correlation``.
+    """
+    say: Log = log or (lambda _line: None)
+    prefix = f"lic/{site}/{device_id}/resp/"
+    if (not isinstance(reply_to, str) or not reply_to.startswith(prefix)
+            or any(c in reply_to[len(prefix):] for c in "/+#\0")
+            or len(reply_to) == len(prefix)):
+        say(f"mqtt: request without a usable response topic dropped "
+            f"(expected {prefix}CLIENT_ID, got {str(reply_to)[:120]!r})")
+        return DROPPED, None
+    if not isinstance(correlation, bytes) or not 0 < len(correlation) <= MAX_CORRELATION:
+        say("mqtt: request without correlation data dropped")
+        return DROPPED, None
+    key = (reply_to, correlation)
+    cached = memory.get(key)
+    if cached is not None:
+        return REPEAT, cached
+    try:
+        msg = strict_loads(payload, max_size=max_payload)
+    except MalformedError as exc:
+        say(f"mqtt: unreadable request dropped: {exc}")
+        return DROPPED, None
+    rid = msg.get("id") if isinstance(msg, dict) else None
+    if (not isinstance(msg, dict) or not isinstance(rid, int) or isinstance(rid, bool)
+            or not 0 <= rid < 2**32):
+        say("mqtt: a message that is not an RPC request dropped")
+        return DROPPED, None
+    body = _run_request(handler, msg, max_payload, say)
+    out = canonical({"v": 1, "id": rid, **body})
+    if len(out) > max_payload + 1024:
+        out = canonical({"v": 1, "id": rid, **_error(
+            1, "too-large", "the answer is larger than the link's message limit")})
+    memory.put(key, out)
+    return HANDLED, out
+
+
+def _run_request(handler: Handler, msg: Mapping[str, Any], max_payload: int,
+                 log: Log) -> dict[str, Any]:
+    op, args = msg.get("op"), msg.get("args", {})
+    if msg.get("v") not in PROTOCOL_VERSIONS:
+        return _error(2, "version", f"no common protocol version: server speaks "
+                                    f"{list(PROTOCOL_VERSIONS)}, the request is v{msg.get('v')!r}")
+    if not isinstance(op, str) or not isinstance(args, dict):
+        return _error(2, "usage", "op must be text and args a map")
+    if op not in OPS:
+        return _error(2, "usage", f"unknown operation {op!r}")
+    try:
+        if op == Op.HELLO:
+            offered = args.get("versions", [])
+            common = [v for v in PROTOCOL_VERSIONS if isinstance(offered, list) and v in offered]
+            if not common:
+                return _error(2, "version", f"no common protocol version: server speaks "
+                                            f"{list(PROTOCOL_VERSIONS)}, client offered {offered!r}")
+            extra = handler(op, args) or {}
+            return {"ok": True, "result": {"version": max(common),
+                                           "max_frame": max_payload, **extra}}
+        return {"ok": True, "result": handler(op, args)}
+    except LicensingError as err:
+        return _error(err.exit_code, err.reason, str(err))
+    except Exception as exc:  # never let one request take the loop thread down
+        log(f"mqtt: {op} failed: {exc!r}")
+        return _error(1, "internal", f"internal error in the license agent: {exc!r}")
+
+
 @dataclass
 class RequestServer:
     """A device's answers to RPC requests arriving by MQTT; remembers recent ones.
@@ -307,8 +421,9 @@ class RequestServer:
         handler: ``handler(op, args) -> result``; raises LicensingError to answer an error.
         site, device_id: whose requests these are (answers go only under its topics).
         max_payload: largest request accepted.
-        remember: how many answers are kept for repeated requests.
+        remember: how many answers are kept for repeated requests (when no ``memory``).
         log: receives a line for each dropped request and internal error.
+        memory: where answers are remembered (default: its own, of ``remember`` answers).
     """
 
     handler: Handler
@@ -320,7 +435,11 @@ class RequestServer:
     handled: int = 0
     repeats: int = 0
     dropped: int = 0
-    _recent: OrderedDict[tuple[str, bytes], bytes] = field(default_factory=OrderedDict)
+    memory: AnswerMemory | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory is None:
+            self.memory = AnswerMemory(self.remember)
 
     def answer(self, payload: bytes, reply_to: Any, correlation: Any) -> bytes | None:
         """The answer to publish on ``reply_to``, or None to drop the request.
@@ -328,72 +447,16 @@ class RequestServer:
         Runs the handler at most once per (``reply_to``, ``correlation``) among
         the last :attr:`remember` requests; a repeat gets the first answer again.
         """
-        prefix = f"lic/{self.site}/{self.device_id}/resp/"
-        if (not isinstance(reply_to, str) or not reply_to.startswith(prefix)
-                or any(c in reply_to[len(prefix):] for c in "/+#\0")
-                or len(reply_to) == len(prefix)):
-            self.dropped += 1
-            self.log(f"mqtt: request without a usable response topic dropped "
-                     f"(expected {prefix}CLIENT_ID, got {str(reply_to)[:120]!r})")
-            return None
-        if not isinstance(correlation, bytes) or not 0 < len(correlation) <= MAX_CORRELATION:
-            self.dropped += 1
-            self.log("mqtt: request without correlation data dropped")
-            return None
-        key = (reply_to, correlation)
-        cached = self._recent.get(key)
-        if cached is not None:
+        assert self.memory is not None
+        what, out = answer_request(self.handler, self.site, self.device_id, payload, reply_to,
+                                   correlation, self.memory, self.max_payload, self.log)
+        if what == HANDLED:
+            self.handled += 1
+        elif what == REPEAT:
             self.repeats += 1
-            self._recent.move_to_end(key)
-            return cached
-        try:
-            msg = strict_loads(payload, max_size=self.max_payload)
-        except MalformedError as exc:
+        else:
             self.dropped += 1
-            self.log(f"mqtt: unreadable request dropped: {exc}")
-            return None
-        rid = msg.get("id") if isinstance(msg, dict) else None
-        if (not isinstance(msg, dict) or not isinstance(rid, int) or isinstance(rid, bool)
-                or not 0 <= rid < 2**32):
-            self.dropped += 1
-            self.log("mqtt: a message that is not an RPC request dropped")
-            return None
-        body = self._run(msg)
-        self.handled += 1
-        out = canonical({"v": 1, "id": rid, **body})
-        if len(out) > self.max_payload + 1024:
-            out = canonical({"v": 1, "id": rid, **_error(
-                1, "too-large", "the answer is larger than the link's message limit")})
-        self._recent[key] = out
-        while len(self._recent) > self.remember:
-            self._recent.popitem(last=False)
         return out
-
-    def _run(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        op, args = msg.get("op"), msg.get("args", {})
-        if msg.get("v") not in PROTOCOL_VERSIONS:
-            return _error(2, "version", f"no common protocol version: server speaks "
-                                        f"{list(PROTOCOL_VERSIONS)}, the request is v{msg.get('v')!r}")
-        if not isinstance(op, str) or not isinstance(args, dict):
-            return _error(2, "usage", "op must be text and args a map")
-        if op not in OPS:
-            return _error(2, "usage", f"unknown operation {op!r}")
-        try:
-            if op == Op.HELLO:
-                offered = args.get("versions", [])
-                common = [v for v in PROTOCOL_VERSIONS if isinstance(offered, list) and v in offered]
-                if not common:
-                    return _error(2, "version", f"no common protocol version: server speaks "
-                                                f"{list(PROTOCOL_VERSIONS)}, client offered {offered!r}")
-                extra = self.handler(op, args) or {}
-                return {"ok": True, "result": {"version": max(common),
-                                               "max_frame": self.max_payload, **extra}}
-            return {"ok": True, "result": self.handler(op, args)}
-        except LicensingError as err:
-            return _error(err.exit_code, err.reason, str(err))
-        except Exception as exc:  # never let one request take the loop thread down
-            self.log(f"mqtt: {op} failed: {exc!r}")
-            return _error(1, "internal", f"internal error in the license agent: {exc!r}")
 
 
 def decode_reply(payload: bytes, rid: int, max_payload: int = DEFAULT_MAX_FRAME) -> Any:
