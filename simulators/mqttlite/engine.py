@@ -372,7 +372,7 @@ class DeviceEngine:
             _tr, conn = await asyncio.wait_for(self._loop.create_connection(
                 functools.partial(_Conn, self, dev), self.host, self.port, local_addr=local),
                 CONNECT_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.counts["connect_failures"] += 1
             if dev.state == OPENING:
                 self._retry(dev, f"cannot reach the MQTT broker {self.host}:{self.port}: "
