@@ -506,8 +506,13 @@ class Decoder:
         view = memoryview(buf)
         pos, n = 0, len(buf)
         while pos < n:
+            if not buf[pos] >> 4:
+                raise CodecError("reserved packet type 0")
             got = decode_vbi(view, pos + 1, n)
             if got is None:
+                if n - pos > self.max_packet:
+                    raise CodecError(f"packet header alone exceeds the limit of "
+                                     f"{self.max_packet}")
                 break
             length, start = got
             total = start - pos + length
