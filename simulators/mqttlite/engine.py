@@ -499,6 +499,9 @@ class DeviceEngine:
                     conn.transport.abort()
             else:
                 self._broker_max = int(p.properties.get(c.P_MAX_PACKET_SIZE, self._broker_max))
+                server_keepalive = p.properties.get(c.P_SERVER_KEEP_ALIVE)
+                if isinstance(server_keepalive, int) and 0 < server_keepalive < self.keepalive:
+                    self.keepalive = server_keepalive  # the broker's word is final (MQTT 5)
                 # subscribe before announcing: the broker handles both in order, so a client
                 # that sees the presence can send a request at once
                 conn.send(c.Subscribe(dev.next_pid(), ((request_topic(self.site, dev.id), 1),)))

@@ -9,6 +9,7 @@ well-behaved client does (sending the same request twice).
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import hw
+from admin import workflow
 from agent.cose import canonical, strict_loads
 from agent.ops import AgentOps
 from hw.backends.mqtt import discover, request_topic, response_topic
@@ -252,3 +254,28 @@ def test_an_impossible_fleet_is_refused_up_front_with_a_plan() -> None:
         check_capacity(2000, broker_fd_limit=1024)
     assert check_capacity(40_000, raise_limit=False, reserve=-10**6).sources[:2] == (
         "127.0.0.1", "127.0.0.2")  # a loopback broker: more source addresses, planned
+
+
+def test_a_site_url_is_one_broker_session_for_every_device(broker: Broker, site: Site,
+                                                           tmp_path: Path) -> None:
+    """`licadmin`'s site steps reach every device of an mqtt://HOST:PORT/SITE URL through the
+    one MqttSite session that listed them: no device gets a connection of its own."""
+    engine, devices, handlers, name = fleet(broker, site, 20)
+    refs, _site = workflow.servers_from([f"{broker.url}/{name}"], None, 5.0)
+    try:
+        assert len(refs) == 20 and len({id(r.via) for r in refs}) == 1
+        assert {r.device for r in refs} == {dev_id(d) for d in devices}
+
+        def no_connect(url: str) -> Any:
+            raise AssertionError(f"a broker session of its own for {url}")
+        res = workflow.gather(refs, str(tmp_path / "site.info"), None, no_connect,
+                              workflow.Console(io.StringIO()), jobs=2)
+        assert res.code == 0 and res.facts["devices"] == 20
+        assert all(h.ran.count("get-info") == 1 for h in handlers)
+        # a device whose link drops mid-way is asked again once its presence is back
+        site_session = refs[0].via
+        engine.drop_connection(refs[3].device)
+        assert site_session.call(refs[3].device, "get-status")["device_id"] == refs[3].device
+    finally:
+        workflow.close_servers(refs)
+        engine.stop()
