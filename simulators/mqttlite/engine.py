@@ -68,6 +68,8 @@ HANDSHAKE_TIMEOUT = 15.0
 MAX_QUEUE = 32
 #: how often keep-alive is looked after (every connection, one pass)
 TICK = 1.0
+#: log lines passed on per second at most
+LOG_BURST = 20
 
 
 class _Conn(asyncio.Protocol):
@@ -160,7 +162,10 @@ class DeviceEngine:
         if not 5 <= keepalive <= 65535:
             raise ValueError("keepalive must be 5 to 65535 seconds")
         self.keepalive = keepalive
-        self.log: Log = log or (lambda _line: None)
+        self._log: Log = log or (lambda _line: None)
+        self._said = 0
+        self._quiet_since = 0.0
+        self._suppressed = 0
         self.workers = workers
         self.max_connecting = max(1, max_connecting)
         self.sources = tuple(s for s in (sources or ()) if s)
@@ -182,11 +187,27 @@ class DeviceEngine:
         self.counts = {"reconnects": 0, "requests": 0, "repeats": 0, "dropped": 0,
                        "published": 0, "connect_failures": 0, "lost": 0}
 
+    def log(self, line: str) -> None:
+        """Pass ``line`` on, at most :data:`LOG_BURST` lines a second (a broker restart would
+        otherwise bring one line per device); then say how many were left out."""
+        now = time.monotonic()
+        if now - self._quiet_since >= 1.0:
+            if self._suppressed:
+                self._log(f"mqtt: ({self._suppressed} similar lines left out)")
+            self._quiet_since, self._said, self._suppressed = now, 0, 0
+        if self._said >= LOG_BURST:
+            self._suppressed += 1
+            return
+        self._said += 1
+        self._log(line)
+
     # ------------------------------------------------------------ any thread
 
     def add(self, device_id: str, model: str, handler: Handler) -> None:
         """A new device; it connects and announces itself (at once if started, else on start)."""
         _check_level("device ID", device_id)
+        if self._stopped:
+            raise TransportError("the device engine has been stopped")
         if device_id in self._devices:
             raise ValueError(f"device {device_id} is already in this engine")
         if self._loop is not None and len(self._devices) >= self._fd_room:
@@ -372,7 +393,7 @@ class DeviceEngine:
             _tr, conn = await asyncio.wait_for(self._loop.create_connection(
                 functools.partial(_Conn, self, dev), self.host, self.port, local_addr=local),
                 CONNECT_TIMEOUT)
-        except (TimeoutError, OSError) as exc:
+        except Exception as exc:  # refused, unreachable, timed out, a bad source address
             self.counts["connect_failures"] += 1
             if dev.state == OPENING:
                 self._retry(dev, f"cannot reach the MQTT broker {self.host}:{self.port}: "
@@ -530,6 +551,8 @@ class DeviceEngine:
         self._set_state(dev, UP)
         if again:
             self.counts["reconnects"] += 1
+            self.log(f"mqtt: reconnected to {self.host}:{self.port}; presence of "
+                     f"{dev.id[:12]} published again")
 
     def _request(self, dev: _Dev, p: c.Publish) -> None:
         if p.topic != request_topic(self.site, dev.id) or dev.state == GONE:
