@@ -249,6 +249,8 @@ class DeviceEngine:
         plan = check_capacity(len(self._devices), broker_host=self.host,
                               sources=self.sources or None)
         self._fd_room = plan.fd_room
+        if not self.sources and len(plan.sources) > 1:
+            self.sources = plan.sources  # more connections than one address has ports
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mqttlite-op")
         loop = asyncio.new_event_loop()
         self._loop = loop
@@ -311,6 +313,12 @@ class DeviceEngine:
         return {"devices": len(self._devices), "connected": self._ready,
                 "connecting": self._connecting, **self.counts,
                 "remembered": len(self.memory)}
+
+    @property
+    def url(self) -> str:
+        """The site URL clients use (``licadmin gather --server URL``); a device is URL/ID."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"mqtt://{host}:{self.port}/{self.site}"
 
     def ready(self, device_id: str) -> bool:
         d = self._devices.get(device_id)

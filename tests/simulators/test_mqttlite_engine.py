@@ -111,7 +111,8 @@ def test_discover_status_and_apply_through_the_existing_client(broker: Broker,
                                                                site: Site) -> None:
     engine, devices, _handlers, name = fleet(broker, site, 30)
     try:
-        found = discover(f"{broker.url}/{name}")
+        assert engine.url == f"{broker.url}/{name}"
+        found = discover(engine.url)
         assert sorted(d for d, _m, _o in found) == sorted(dev_id(d) for d in devices)
         assert all(online for _d, _m, online in found)
         assert {m for _d, m, _o in found} == {"AS-P", "AS-B", "Edge-Server"}
