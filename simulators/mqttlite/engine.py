@@ -181,6 +181,7 @@ class DeviceEngine:
         self._thread: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._tick: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # connections being opened
         self._broker_max = c.ABSOLUTE_MAX
         self._fd_room = 0
         self._stopped = False
@@ -286,9 +287,12 @@ class DeviceEngine:
                 self._tick.cancel()
             for d in devs:
                 self._close_dev(d, graceful)
+            for t in list(self._tasks):
+                t.cancel()  # closes a socket still connecting
         self._in_loop(close_all)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(d.conn is not None for d in devs):
+        while time.monotonic() < deadline and (self._tasks or
+                                                any(d.conn is not None for d in devs)):
             time.sleep(0.02)
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
@@ -392,7 +396,9 @@ class DeviceEngine:
             if dev.state != QUEUED:
                 continue
             self._set_state(dev, OPENING)
-            self._loop.create_task(self._open(dev))
+            task = self._loop.create_task(self._open(dev))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _open(self, dev: _Dev) -> None:
         assert self._loop is not None

@@ -30,6 +30,7 @@ from admin import workflow
 from agent.cose import canonical, strict_loads
 from agent.ops import AgentOps
 from hw.backends.mqtt import discover, request_topic, response_topic
+from hw.rpc import TransportError
 from simulators.licensing_server.vendor import Grant
 from simulators.mqttlite import CapacityError, DeviceEngine, check_capacity
 from tests.conftest import Device, Site
@@ -280,3 +281,28 @@ def test_a_site_url_is_one_broker_session_for_every_device(broker: Broker, site:
     finally:
         workflow.close_servers(refs)
         engine.stop()
+
+
+def test_an_engine_started_before_its_broker_serves_once_it_is_up(own_broker: Broker,
+                                                                  site: Site) -> None:
+    own_broker.kill()
+    logs: list[str] = []
+    name = f"t{uuid.uuid4().hex[:10]}"
+    engine = DeviceEngine("127.0.0.1", own_broker.port, name, log=logs.append)
+    devices = [site.device() for _ in range(5)]
+    for d in devices:
+        engine.add(dev_id(d), "AS-P", AgentOps(d.agent))
+    engine.start()
+    try:
+        eventually("refused attempts", lambda: engine.stats()["connect_failures"] >= 5)
+        assert engine.wait_ready(1, 0.2) == 0
+        assert any("cannot reach the MQTT broker" in line for line in logs)
+        own_broker.start()
+        assert engine.wait_ready(5, WAIT) == 5
+        assert engine.stats()["reconnects"] == 0  # first connections, only late
+        with hw.connect(f"{engine.url}/{dev_id(devices[2])}") as c:
+            assert c.status()["sequence"] == 0
+    finally:
+        engine.stop()
+    with pytest.raises(TransportError, match="stopped"):
+        engine.add("late", "AS-P", AgentOps(devices[0].agent))
