@@ -306,3 +306,57 @@ def test_an_engine_started_before_its_broker_serves_once_it_is_up(own_broker: Br
         engine.stop()
     with pytest.raises(TransportError, match="stopped"):
         engine.add("late", "AS-P", AgentOps(devices[0].agent))
+
+
+class Overlap:
+    """A slow handler that records how many of its calls ran at once."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.active = 0
+        self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, op: str, args: Mapping[str, Any]) -> Any:
+        with self.lock:
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            time.sleep(0.02)  # as an apply's fsyncs would
+            return self.inner(op, args)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_one_request_at_a_time_per_device_however_many_arrive(broker: Broker,
+                                                              site: Site) -> None:
+    name = f"t{uuid.uuid4().hex[:10]}"
+    engine = DeviceEngine("127.0.0.1", broker.port, name, workers=4)
+    devices = [site.device() for _ in range(2)]
+    handlers = [Overlap(AgentOps(d.agent)) for d in devices]
+    for d, h in zip(devices, handlers, strict=True):
+        engine.add(dev_id(d), "AS-P", h)
+    engine.start()
+    refs: list[workflow.ServerRef] = []
+    try:
+        assert engine.wait_ready(2, WAIT) == 2
+        refs, _site = workflow.servers_from([engine.url], None, 10.0)
+        session = refs[0].via
+        results: list[Any] = []
+
+        def ask(dev: str) -> None:
+            results.append(session.call(dev, "create-request",
+                                        {"action": "activate", "features": []}))
+        threads = [threading.Thread(target=ask, args=(dev_id(d),))
+                   for d in devices for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        assert len(results) == 12
+        assert [h.most for h in handlers] == [1, 1]  # serialised per device
+        assert all(len(d.agent.status()["outstanding_requests"]) == 6 for d in devices)
+    finally:
+        workflow.close_servers(refs)
+        engine.stop()
