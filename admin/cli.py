@@ -198,8 +198,17 @@ def run_workflow(args: argparse.Namespace) -> int:
     site: str | None = None
     connect = workflow.connector(DEFAULT_TIMEOUT)
     if hasattr(args, "servers"):
-        servers, site = workflow.servers_from(args.server, args.servers)
+        servers, site = workflow.servers_from(args.server, args.servers, args.timeout)
         connect = workflow.connector(args.timeout)
+    try:
+        return _run_steps(args, c, console, licensing, servers, site, connect)
+    finally:
+        workflow.close_servers(servers)
+
+
+def _run_steps(args: argparse.Namespace, c: str, console: workflow.Console,
+               licensing: workflow.Licensing | None, servers: list[workflow.ServerRef],
+               site: str | None, connect: workflow.Connect) -> int:
     if c in ("activate", "reclaim"):
         assert licensing is not None
         go = workflow.OneGo(servers, licensing, connect, console, c,

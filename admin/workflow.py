@@ -56,6 +56,7 @@ __all__ = [
     "Outcome",
     "ServerRef",
     "StepResult",
+    "close_servers",
     "confirm",
     "connector",
     "each_server",
@@ -91,6 +92,10 @@ class ServerRef:
 
     url: str
     name: str = ""
+    #: the open :class:`hw.backends.mqtt.MqttSite` this device of a whole MQTT site is
+    #: reached through (one broker session for the site), and its device ID
+    via: Any = field(default=None, compare=False, repr=False)
+    device: str = field(default="", compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -144,42 +149,60 @@ def load_servers(path: str) -> tuple[list[ServerRef], str | None]:
     return _distinct(refs), site
 
 
-def servers_from(urls: Sequence[str], servers_file: str | None) -> tuple[list[ServerRef], str | None]:
+def servers_from(urls: Sequence[str], servers_file: str | None,
+                 timeout: float | None = None) -> tuple[list[ServerRef], str | None]:
     """The servers named by ``--server URL ...`` or ``--servers FILE.toml`` (not both).
 
     A whole MQTT site, ``mqtt://HOST:PORT/SITE`` (or ``mqtts://``), stands for every device
     that announced itself there (its retained presence), each as
-    ``mqtt://HOST:PORT/SITE/DEVICE_ID`` with the same options.
+    ``mqtt://HOST:PORT/SITE/DEVICE_ID`` with the same options; all of them are reached
+    through one broker session (:class:`hw.backends.mqtt.MqttSite`), which
+    :func:`close_servers` closes. ``timeout``: seconds per try on those sessions.
     """
     if urls and servers_file:
         raise UsageError("give either --server URL ... or --servers FILE.toml, not both")
     if servers_file:
         refs, site = load_servers(servers_file)
-        return _distinct(_expand_sites(refs)), site
+        return _distinct(_expand_sites(refs, timeout)), site
     if not urls:
         raise UsageError("name the servers: --server URL [--server URL ...] or --servers FILE.toml")
-    return _distinct(_expand_sites([ServerRef(u) for u in urls])), None
+    return _distinct(_expand_sites([ServerRef(u) for u in urls], timeout)), None
 
 
-def _expand_sites(refs: list[ServerRef]) -> list[ServerRef]:
+def _expand_sites(refs: list[ServerRef], timeout: float | None = None) -> list[ServerRef]:
     out: list[ServerRef] = []
-    for r in refs:
-        if not r.url.startswith(("mqtt://", "mqtts://")):
-            out.append(r)
-            continue
-        from hw.link import parse_url
+    opened: list[Any] = []
+    try:
+        for r in refs:
+            if not r.url.startswith(("mqtt://", "mqtts://")):
+                out.append(r)
+                continue
+            from hw.link import parse_url
 
-        u = parse_url(r.url)
-        if len([p for p in u.path.split("/") if p]) != 1:
-            out.append(r)  # already one device
-            continue
-        from hw.backends.mqtt import discover
+            u = parse_url(r.url)
+            if len([p for p in u.path.split("/") if p]) != 1:
+                out.append(r)  # already one device
+                continue
+            from hw.backends.mqtt import DEFAULT_TIMEOUT, MqttSite
 
-        base, _, query = r.url.partition("?")
-        for device_id, model, _online in discover(r.url):
-            url = f"{base.rstrip('/')}/{device_id}" + (f"?{query}" if query else "")
-            out.append(ServerRef(url, f"{r.name or model} {device_id[:12]}"))
+            site = MqttSite(r.url, timeout=timeout or DEFAULT_TIMEOUT)
+            opened.append(site)
+            base, _, query = r.url.partition("?")
+            for device_id, model, _online in site.devices():
+                url = f"{base.rstrip('/')}/{device_id}" + (f"?{query}" if query else "")
+                out.append(ServerRef(url, f"{r.name or model} {device_id[:12]}", via=site,
+                                     device=device_id))
+    except BaseException:
+        for site in opened:
+            site.close()
+        raise
     return out
+
+
+def close_servers(servers: Iterable[ServerRef]) -> None:
+    """Close the MQTT site sessions :func:`servers_from` opened."""
+    for site in {id(s.via): s.via for s in servers if s.via is not None}.values():
+        site.close()
 
 
 def _distinct(refs: list[ServerRef]) -> list[ServerRef]:
@@ -368,9 +391,10 @@ def each_server(servers: Sequence[ServerRef], job: ServerJob, connect: Connect,
     outcomes = [Outcome(s.label, s.url) for s in servers]
 
     def run(i: int) -> Outcome:
-        o = outcomes[i]
+        o, ref = outcomes[i], servers[i]
         try:
-            with connect(servers[i].url) as client:
+            with (ref.via.client(ref.device) if ref.via is not None
+                  else connect(ref.url)) as client:
                 job(client, o)
         except LicensingError as err:
             o.fail(err)
@@ -378,8 +402,15 @@ def each_server(servers: Sequence[ServerRef], job: ServerJob, connect: Connect,
             o.fail(LicensingError(f"{type(err).__name__}: {err}"))
         return o
 
+    workers = max(1, min(jobs, len(servers), MAX_JOBS))
+    if any(s.via is not None for s in servers):
+        # devices of an MQTT site share one broker session: many requests in flight
+        # cost no connection each, so they go SITE_WINDOW at a time
+        from hw.backends.mqtt import SITE_WINDOW
+
+        workers = max(workers, min(len(servers), SITE_WINDOW))
     with console.progress(title, len(servers)) as done, \
-            ThreadPoolExecutor(max_workers=max(1, min(jobs, len(servers), MAX_JOBS)),
+            ThreadPoolExecutor(max_workers=workers,
                                thread_name_prefix="licadmin") as pool:
         futures = [pool.submit(run, i) for i in range(len(servers))]
         for fut in as_completed(futures):

@@ -104,12 +104,16 @@ if TYPE_CHECKING:
 __all__ = [
     "DISCOVER_TIMEOUT",
     "PRESENCE_TIMEOUT",
+    "AnswerMemory",
     "Backoff",
     "MqttClient",
     "MqttListener",
     "MqttLoop",
+    "MqttSite",
     "Presence",
     "RequestServer",
+    "SITE_WINDOW",
+    "answer_request",
     "connect",
     "decode_presence",
     "decode_reply",
@@ -299,6 +303,118 @@ def _error(code: int, reason: str, message: str) -> dict[str, Any]:
     return {"ok": False, "error": {"code": code, "reason": reason, "message": message}}
 
 
+class AnswerMemory:
+    """The answers to recent requests by (response topic, correlation data), oldest dropped.
+
+    Bounded by count and by bytes; thread-safe. One per listener, or one shared by
+    a whole fleet of simulated devices (the response topic names the device, so
+    keys never collide).
+    """
+
+    def __init__(self, count: int = REMEMBER, size: int = 64 * 1024 * 1024) -> None:
+        self.count, self.size = max(1, count), size
+        self.bytes = 0
+        self._lock = threading.Lock()
+        self._recent: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._recent)
+
+    def get(self, key: tuple[str, bytes]) -> bytes | None:
+        with self._lock:
+            out = self._recent.get(key)
+            if out is not None:
+                self._recent.move_to_end(key)
+            return out
+
+    def put(self, key: tuple[str, bytes], answer: bytes) -> None:
+        with self._lock:
+            old = self._recent.pop(key, None)
+            if old is not None:
+                self.bytes -= len(old)
+            self._recent[key] = answer
+            self.bytes += len(answer)
+            while len(self._recent) > self.count or (self.bytes > self.size
+                                                     and len(self._recent) > 1):
+                _k, gone = self._recent.popitem(last=False)
+                self.bytes -= len(gone)
+
+
+#: what :func:`answer_request` did with a request
+HANDLED, REPEAT, DROPPED = "handled", "repeat", "dropped"
+
+
+def answer_request(handler: Handler, site: str, device_id: str, payload: bytes, reply_to: Any,
+                   correlation: Any, memory: AnswerMemory, max_payload: int = DEFAULT_MAX_FRAME,
+                   log: Log | None = None) -> tuple[str, bytes | None]:
+    """What device ``device_id`` answers to a request: ``(HANDLED | REPEAT | DROPPED, answer)``.
+
+    Runs ``handler`` at most once per (``reply_to``, ``correlation``) that
+    ``memory`` still holds; a repeat gets the first answer again. The answer
+    (None when dropped) is published on ``reply_to`` with ``correlation``.
+    """
+    say: Log = log or (lambda _line: None)
+    prefix = f"lic/{site}/{device_id}/resp/"
+    if (not isinstance(reply_to, str) or not reply_to.startswith(prefix)
+            or any(c in reply_to[len(prefix):] for c in "/+#\0")
+            or len(reply_to) == len(prefix)):
+        say(f"mqtt: request without a usable response topic dropped "
+            f"(expected {prefix}CLIENT_ID, got {str(reply_to)[:120]!r})")
+        return DROPPED, None
+    if not isinstance(correlation, bytes) or not 0 < len(correlation) <= MAX_CORRELATION:
+        say("mqtt: request without correlation data dropped")
+        return DROPPED, None
+    key = (reply_to, correlation)
+    cached = memory.get(key)
+    if cached is not None:
+        return REPEAT, cached
+    try:
+        msg = strict_loads(payload, max_size=max_payload)
+    except MalformedError as exc:
+        say(f"mqtt: unreadable request dropped: {exc}")
+        return DROPPED, None
+    rid = msg.get("id") if isinstance(msg, dict) else None
+    if (not isinstance(msg, dict) or not isinstance(rid, int) or isinstance(rid, bool)
+            or not 0 <= rid < 2**32):
+        say("mqtt: a message that is not an RPC request dropped")
+        return DROPPED, None
+    body = _run_request(handler, msg, max_payload, say)
+    out = canonical({"v": 1, "id": rid, **body})
+    if len(out) > max_payload + 1024:
+        out = canonical({"v": 1, "id": rid, **_error(
+            1, "too-large", "the answer is larger than the link's message limit")})
+    memory.put(key, out)
+    return HANDLED, out
+
+
+def _run_request(handler: Handler, msg: Mapping[str, Any], max_payload: int,
+                 log: Log) -> dict[str, Any]:
+    op, args = msg.get("op"), msg.get("args", {})
+    if msg.get("v") not in PROTOCOL_VERSIONS:
+        return _error(2, "version", f"no common protocol version: server speaks "
+                                    f"{list(PROTOCOL_VERSIONS)}, the request is v{msg.get('v')!r}")
+    if not isinstance(op, str) or not isinstance(args, dict):
+        return _error(2, "usage", "op must be text and args a map")
+    if op not in OPS:
+        return _error(2, "usage", f"unknown operation {op!r}")
+    try:
+        if op == Op.HELLO:
+            offered = args.get("versions", [])
+            common = [v for v in PROTOCOL_VERSIONS if isinstance(offered, list) and v in offered]
+            if not common:
+                return _error(2, "version", f"no common protocol version: server speaks "
+                                            f"{list(PROTOCOL_VERSIONS)}, client offered {offered!r}")
+            extra = handler(op, args) or {}
+            return {"ok": True, "result": {"version": max(common),
+                                           "max_frame": max_payload, **extra}}
+        return {"ok": True, "result": handler(op, args)}
+    except LicensingError as err:
+        return _error(err.exit_code, err.reason, str(err))
+    except Exception as exc:  # never let one request take the loop thread down
+        log(f"mqtt: {op} failed: {exc!r}")
+        return _error(1, "internal", f"internal error in the license agent: {exc!r}")
+
+
 @record
 class RequestServer:
     """A device's answers to RPC requests arriving by MQTT; remembers recent ones.
@@ -307,8 +423,9 @@ class RequestServer:
         handler: ``handler(op, args) -> result``; raises LicensingError to answer an error.
         site, device_id: whose requests these are (answers go only under its topics).
         max_payload: largest request accepted.
-        remember: how many answers are kept for repeated requests.
+        remember: how many answers are kept for repeated requests (when no ``memory``).
         log: receives a line for each dropped request and internal error.
+        memory: where answers are remembered (default: its own, of ``remember`` answers).
     """
 
     handler: Handler
@@ -320,7 +437,11 @@ class RequestServer:
     handled: int = 0
     repeats: int = 0
     dropped: int = 0
-    _recent: OrderedDict[tuple[str, bytes], bytes] = field(default_factory=OrderedDict)
+    memory: AnswerMemory | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory is None:
+            self.memory = AnswerMemory(self.remember)
 
     def answer(self, payload: bytes, reply_to: Any, correlation: Any) -> bytes | None:
         """The answer to publish on ``reply_to``, or None to drop the request.
@@ -328,72 +449,16 @@ class RequestServer:
         Runs the handler at most once per (``reply_to``, ``correlation``) among
         the last :attr:`remember` requests; a repeat gets the first answer again.
         """
-        prefix = f"lic/{self.site}/{self.device_id}/resp/"
-        if (not isinstance(reply_to, str) or not reply_to.startswith(prefix)
-                or any(c in reply_to[len(prefix):] for c in "/+#\0")
-                or len(reply_to) == len(prefix)):
-            self.dropped += 1
-            self.log(f"mqtt: request without a usable response topic dropped "
-                     f"(expected {prefix}CLIENT_ID, got {str(reply_to)[:120]!r})")
-            return None
-        if not isinstance(correlation, bytes) or not 0 < len(correlation) <= MAX_CORRELATION:
-            self.dropped += 1
-            self.log("mqtt: request without correlation data dropped")
-            return None
-        key = (reply_to, correlation)
-        cached = self._recent.get(key)
-        if cached is not None:
+        assert self.memory is not None
+        what, out = answer_request(self.handler, self.site, self.device_id, payload, reply_to,
+                                   correlation, self.memory, self.max_payload, self.log)
+        if what == HANDLED:
+            self.handled += 1
+        elif what == REPEAT:
             self.repeats += 1
-            self._recent.move_to_end(key)
-            return cached
-        try:
-            msg = strict_loads(payload, max_size=self.max_payload)
-        except MalformedError as exc:
+        else:
             self.dropped += 1
-            self.log(f"mqtt: unreadable request dropped: {exc}")
-            return None
-        rid = msg.get("id") if isinstance(msg, dict) else None
-        if (not isinstance(msg, dict) or not isinstance(rid, int) or isinstance(rid, bool)
-                or not 0 <= rid < 2**32):
-            self.dropped += 1
-            self.log("mqtt: a message that is not an RPC request dropped")
-            return None
-        body = self._run(msg)
-        self.handled += 1
-        out = canonical({"v": 1, "id": rid, **body})
-        if len(out) > self.max_payload + 1024:
-            out = canonical({"v": 1, "id": rid, **_error(
-                1, "too-large", "the answer is larger than the link's message limit")})
-        self._recent[key] = out
-        while len(self._recent) > self.remember:
-            self._recent.popitem(last=False)
         return out
-
-    def _run(self, msg: Mapping[str, Any]) -> dict[str, Any]:
-        op, args = msg.get("op"), msg.get("args", {})
-        if msg.get("v") not in PROTOCOL_VERSIONS:
-            return _error(2, "version", f"no common protocol version: server speaks "
-                                        f"{list(PROTOCOL_VERSIONS)}, the request is v{msg.get('v')!r}")
-        if not isinstance(op, str) or not isinstance(args, dict):
-            return _error(2, "usage", "op must be text and args a map")
-        if op not in OPS:
-            return _error(2, "usage", f"unknown operation {op!r}")
-        try:
-            if op == Op.HELLO:
-                offered = args.get("versions", [])
-                common = [v for v in PROTOCOL_VERSIONS if isinstance(offered, list) and v in offered]
-                if not common:
-                    return _error(2, "version", f"no common protocol version: server speaks "
-                                                f"{list(PROTOCOL_VERSIONS)}, client offered {offered!r}")
-                extra = self.handler(op, args) or {}
-                return {"ok": True, "result": {"version": max(common),
-                                               "max_frame": self.max_payload, **extra}}
-            return {"ok": True, "result": self.handler(op, args)}
-        except LicensingError as err:
-            return _error(err.exit_code, err.reason, str(err))
-        except Exception as exc:  # never let one request take the loop thread down
-            self.log(f"mqtt: {op} failed: {exc!r}")
-            return _error(1, "internal", f"internal error in the license agent: {exc!r}")
 
 
 def decode_reply(payload: bytes, rid: int, max_payload: int = DEFAULT_MAX_FRAME) -> Any:
@@ -1293,3 +1358,241 @@ def discover(url: str | LinkURL, timeout: float = DISCOVER_TIMEOUT,
         s.close()
         if own:
             own_loop.stop()
+
+
+# ---------------------------------------------------------------- a whole site, one session
+
+#: requests a site session keeps in flight at once (licadmin's site commands)
+SITE_WINDOW = 256
+
+
+class _SiteCall:
+    __slots__ = ("answer", "cond", "device_id")
+
+    def __init__(self, device_id: str, lock: threading.Lock) -> None:
+        self.device_id = device_id
+        self.cond = threading.Condition(lock)
+        self.answer: bytes | None = None
+
+
+class MqttSite:
+    """Every device of ``mqtt://HOST:PORT/SITE`` through ONE broker session.
+
+    Lists the site as :func:`discover` does (retained presence, then its own
+    marker), and then carries any number of requests to any of its devices at
+    once: answers come back on one subscription, ``lic/SITE/+/resp/CLIENT_ID``,
+    matched by correlation data. :meth:`client` gives one device's
+    :class:`~hw.link.ServerClient`, with :class:`MqttClient`'s retry rules
+    (``timeout`` per try, ``tries``, sent again at once when the device's
+    presence comes back, ``presence_timeout`` while it is away). Thread-safe:
+    ``licadmin`` runs up to :data:`SITE_WINDOW` operations at once on it,
+    where one :class:`MqttClient` per device would open a broker session each.
+
+    Raises (constructor): as :func:`discover`.
+    """
+
+    def __init__(self, url: str | LinkURL, timeout: float = DEFAULT_TIMEOUT,
+                 tries: int = DEFAULT_TRIES, presence_timeout: float = PRESENCE_TIMEOUT,
+                 discover_timeout: float = DISCOVER_TIMEOUT, loop: MqttLoop | None = None) -> None:
+        parsed = parse_url(url) if isinstance(url, str) else url
+        if parsed.scheme not in DEFAULT_PORTS:
+            raise UsageError(f"{parsed.text}: a site session needs an mqtt:// or mqtts:// site URL")
+        parsed.check_options(CLIENT_OPTIONS[parsed.scheme])
+        site, dev = _address(parsed)
+        if dev is not None:
+            raise UsageError(f"{parsed.text} names one device; a site is "
+                             f"{parsed.scheme}://HOST:PORT/{site}")
+        self.url = parsed
+        self.site = site
+        self.host, self.port = _host_port(parsed)
+        self.timeout = _float_option(parsed, "timeout", timeout)
+        self.tries = max(1, tries)
+        self.presence_timeout = _float_option(parsed, "presence_timeout", presence_timeout)
+        discover_timeout = _float_option(parsed, "timeout", discover_timeout)
+        self.client_id = "licadmin-" + os.urandom(8).hex()
+        self._lock = threading.Lock()
+        self._listed = threading.Event()
+        self._marker = os.urandom(16)
+        self._presence: dict[str, Presence] = {}
+        self._online: dict[str, bool] = {}  # absent: not known since the (re)connection
+        self._came_back: dict[str, int] = {}
+        self._calls: dict[bytes, _SiteCall] = {}
+        self._lost: list[str] = []
+        self._closed = False
+        self._loop, self._own = _own_loop(loop, f"licadmin-mqtt {site[:12]}", None)
+        s = _Session(self._loop, self.client_id, self.host, self.port, _keepalive(parsed),
+                     _tls_context(parsed), True)
+        s.on_up = self._up
+        s.on_down = self._down
+        s.on_message = self._message
+        s.on_subscribed = lambda: s.client.publish(_marker_topic(site, self.client_id),
+                                                   self._marker, qos=0)
+        self._session = s
+        try:
+            s.open()
+            deadline = time.monotonic() + discover_timeout
+            _wait_connected(s, discover_timeout)
+            if not self._listed.wait(max(0.0, deadline - time.monotonic())):
+                raise TransportError(
+                    f"the MQTT broker {s.broker} did not list the presence of site {site} within "
+                    f"{discover_timeout:g} s (the broker may refuse this client reading "
+                    f"lic/{site}/+/presence or {_marker_topic(site, self.client_id)})")
+            if self._lost:
+                raise TransportError(f"{self._lost[0]} while listing site {site}; try again")
+        except BaseException:
+            self.close()
+            raise
+
+    def devices(self) -> list[tuple[str, str, bool]]:
+        """``[(device_id, model, online)]`` as the broker listed them, sorted by device ID."""
+        with self._lock:
+            return sorted((p.device_id, p.model, p.online) for p in self._presence.values())
+
+    def client(self, device_id: str) -> ServerClient:
+        """One device of the site; closing it leaves the session open."""
+        _check_level("device ID", device_id, self.url.text)
+        return _SiteDevice(self, device_id)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for call in self._calls.values():
+                call.cond.notify_all()
+        self._session.close()
+        if self._own:
+            self._loop.stop()
+
+    def __enter__(self) -> MqttSite:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- any thread
+
+    def call(self, device_id: str, op: str, args: Mapping[str, Any] | None = None) -> Any:
+        """One operation on one device (see :meth:`MqttClient.call`)."""
+        if self._closed:
+            raise TransportError("the MQTT site session is closed")
+        where = f"device {device_id} at site {self.site} on {self._session.broker}"
+        rid = int.from_bytes(os.urandom(4), "big") % (2**31) + 1
+        payload = canonical({"v": 1, "id": rid, "op": op, "args": dict(args or {})})
+        if len(payload) > DEFAULT_MAX_FRAME + 1024:
+            raise MalformedError(f"request of {len(payload)} bytes exceeds the message limit")
+        corr = os.urandom(16)
+        expiry = math.ceil(self.timeout * self.tries + self.presence_timeout)
+        props = _publish_props(corr, response_topic(self.site, device_id, self.client_id),
+                               expiry)
+        topic = request_topic(self.site, device_id)
+        maybe = (f"the operation may or may not have run there ({Op.APPLY_RESPONSE} can safely "
+                 f"be sent again; status shows the device's sequence)")
+        call = _SiteCall(device_id, self._lock)
+        with self._lock:
+            self._calls[corr] = call
+        try:
+            tries = 0
+            seen_back: int | None = None
+            next_try = 0.0
+            absent_since: float | None = None
+            while True:
+                with self._lock:
+                    now = time.monotonic()
+                    if call.answer is not None:
+                        answer = call.answer
+                        break
+                    if self._closed:
+                        raise TransportError(f"{op}: the site session was closed; {maybe}")
+                    send = False
+                    online = self._online.get(device_id)
+                    if online is not True:
+                        absent_since = absent_since or now
+                        if now - absent_since >= self.presence_timeout:
+                            if device_id not in self._presence:
+                                gone = "did not announce itself (no presence)"
+                            elif online is False:
+                                gone = "went offline (presence online: false)"
+                            else:
+                                gone = "was lost with the broker connection"
+                            raise TransportError(
+                                f"{op}: {where} {gone} and did not come back within "
+                                f"{self.presence_timeout:g} s; {maybe}")
+                        wait = absent_since + self.presence_timeout - now
+                    else:
+                        absent_since = None
+                        back = self._came_back.get(device_id, 0)
+                        if seen_back != back:
+                            send, seen_back = True, back  # it is (back) online
+                        elif now >= next_try:
+                            if tries >= self.tries:
+                                raise TransportError(
+                                    f"{op}: no answer from {where} after {tries} tries of "
+                                    f"{self.timeout:g} s; {maybe}")
+                            send = True
+                        wait = next_try - now
+                    if not send:
+                        call.cond.wait(max(0.001, wait))
+                        continue
+                    tries += 1 if now >= next_try else 0
+                    next_try = now + self.timeout
+                self._session.client.publish(topic, payload, qos=1, properties=props)
+        finally:
+            with self._lock:
+                self._calls.pop(corr, None)
+        return decode_reply(answer, rid)
+
+    # -- loop thread
+
+    def _up(self, _again: bool) -> None:
+        self._session.client.subscribe([
+            (f"lic/{self.site}/+/presence", 0),
+            (f"lic/{self.site}/+/resp/{self.client_id}", 1),
+            (_marker_topic(self.site, self.client_id), 0)])
+
+    def _down(self, why: str) -> None:
+        with self._lock:
+            if not self._listed.is_set():
+                self._lost.append(why)
+                self._listed.set()
+            self._online.clear()  # the broker may have forgotten everything: wait to hear again
+            for call in self._calls.values():
+                call.cond.notify_all()
+
+    def _message(self, msg: Any) -> None:
+        topic = msg.topic
+        if topic.endswith(f"/resp/{self.client_id}"):
+            corr = getattr(getattr(msg, "properties", None), "CorrelationData", None)
+            if not isinstance(corr, bytes):
+                return
+            with self._lock:
+                call = self._calls.get(corr)
+                # the answer must come from the device asked (its topic level)
+                if call is not None and topic == response_topic(self.site, call.device_id,
+                                                                self.client_id):
+                    call.answer = bytes(msg.payload)
+                    call.cond.notify_all()
+            return
+        if topic == _marker_topic(self.site, self.client_id):
+            if bytes(msg.payload) == self._marker:
+                self._listed.set()
+            return
+        p = decode_presence(topic, bytes(msg.payload))
+        if p is None:
+            return
+        with self._lock:
+            if p.online and self._online.get(p.device_id) is not True:
+                self._came_back[p.device_id] = self._came_back.get(p.device_id, 0) + 1
+            self._presence[p.device_id] = p
+            self._online[p.device_id] = p.online
+            for call in self._calls.values():
+                if call.device_id == p.device_id:
+                    call.cond.notify_all()
+
+
+class _SiteDevice(ServerClient):
+    """One device of an :class:`MqttSite` (closing it leaves the site session open)."""
+
+    def __init__(self, site: MqttSite, device_id: str) -> None:
+        self.site, self.device_id = site, device_id
+
+    def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
+        return self.site.call(self.device_id, op, args)

@@ -163,6 +163,9 @@ def main() -> int:
     from tests.bench.mqtt import mqtt_rows
 
     rows += mqtt_rows()
+    from tests.bench.fleet_mqtt import fleet_rows
+
+    rows += fleet_rows()
 
     table = ["| measure | result | notes |", "|---|---|---|"]
     table += [f"| {a} | {b} | {c} |" for a, b, c in rows]
