@@ -31,24 +31,25 @@ class ModelSpec:
 
     name: str
     links: tuple[str, ...]
-    #: serial number: prefix, then YYWW (production year and week) and a 4-digit unit number,
-    #: or for PCs a 10-character service tag
+    #: serial number: prefix, then YYWW (production year and week) and a 5-digit unit number,
+    #: or for PCs ES- and a 10-character service tag
     serial_prefix: str
     oui: str | None  # fixed vendor OUI of the controller family; None: VM-style addresses
     nics: int
     boards: tuple[str, ...]
     firmware: tuple[str, ...]
     machine_id: bool  # a Linux machine ID the agent binds to (PC/VM only)
+    family: int = 0  # address block of the model within its vendor OUI
 
 
 _EBO = ("4.0.4.13", "5.0.3.117", "6.0.2.43", "6.0.4.90")
 MODELS: Mapping[str, ModelSpec] = {
     "AS-P": ModelSpec("AS-P", ("tcp", "pty", "usbdrop", "mqtt", "sim"), "AS-P-", "00:80:f4", 2,
                       ("SXWASPXXX10001", "SXWASPXXX10002"),
-                      tuple(f"EBO AS-P {v} (armv7l)" for v in _EBO), False),
+                      tuple(f"EBO AS-P {v} (armv7l)" for v in _EBO), False, 1),
     "AS-B": ModelSpec("AS-B", ("tcp", "pty", "usbdrop", "mqtt", "sim"), "AS-B-", "00:80:f4", 1,
                       ("SXWASB24X10001", "SXWASB36X10001", "SXWASB36X10002"),
-                      tuple(f"EBO AS-B {v} (armv7l)" for v in _EBO), False),
+                      tuple(f"EBO AS-B {v} (armv7l)" for v in _EBO), False, 2),
     # a PC or VM: the LAN only, no serial console and no USB device port
     "Edge-Server": ModelSpec("Edge-Server", ("tcp", "mqtt", "sim"), "ES-", None, 2,
                              ("KVM Standard PC (Q35 + ICH9, 2009)", "VMware7,1",
@@ -76,15 +77,17 @@ def make_facts(model: str, seed: int, index: int) -> HardwareFacts:
     if spec.oui is not None:
         year, week = rng.randrange(18, 26), rng.randrange(1, 53)
         serial = f"{spec.serial_prefix}{year:02d}{week:02d}{index:05d}"
-        # controllers: consecutive addresses on the board, unique per unit within the fleet
-        block = rng.randrange(64)
-        units = [((block << 16 | (index & 0xFFFF)) * spec.nics + n) for n in range(spec.nics)]
+        # controllers: consecutive addresses on the board; a block per model (and seed),
+        # the unit number below it, so no two units of a fleet share one
+        block = (spec.family * 8 + seed % 8) << 18
+        units = [block | ((index * spec.nics + n) & 0x3FFFF) for n in range(spec.nics)]
         macs = tuple(spec.oui + "".join(f":{u >> s & 0xff:02x}" for s in (16, 8, 0))
                      for u in units)
     else:
         serial = spec.serial_prefix + "".join(rng.choice(_TAG) for _ in range(6)) + f"{index:04d}"
-        macs = tuple(f"52:54:{(index >> 8) & 0xff:02x}:{index & 0xff:02x}:{n:02x}:"
-                     f"{rng.randrange(256):02x}" for n in range(spec.nics))
+        # QEMU/KVM's 52:54:00 prefix; unit number and NIC number keep them unique in the fleet
+        macs = tuple(f"52:54:00:{(index >> 8) & 0xff:02x}:{index & 0xff:02x}:"
+                     f"{n << 5 | rng.randrange(32):02x}" for n in range(spec.nics))
     machine_id = f"{rng.getrandbits(128):032x}" if spec.machine_id else None
     return HardwareFacts(model=model, serial=serial, macs=tuple(sorted(set(macs))),
                          board=rng.choice(spec.boards), firmware=rng.choice(spec.firmware),

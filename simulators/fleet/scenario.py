@@ -41,7 +41,7 @@ TOP_KEYS: Mapping[str, str] = {
 }
 BROKER_KEYS = ("url", "start")
 SERVER_KEYS = ("model", "count", "links", "licenses", "name")
-FAULT_KEYS = ("kind", "at", "server", "link", "seconds")
+FAULT_KEYS = ("kind", "at", "server", "link", "seconds", "step")
 RANDOM_KEYS = ("seed", "every", "count", "kinds", "schedule")
 LOAD_KEYS = ("rate", "ops", "links", "features", "timeout", "sim_line")
 #: fault kind -> what it does (the fleet's inject() implements each)
@@ -80,6 +80,7 @@ class FaultSpec:
     server: str | None = None  # default: one drawn at random (seeded)
     link: str | None = None
     seconds: int | None = None  # clock-jump size
+    step: int | None = None  # power-loss: the store write step that never happens (1-based)
 
 
 @dataclass(frozen=True)
@@ -283,9 +284,10 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
         if secs is not None and (not isinstance(secs, int) or isinstance(secs, bool)
                                  or secs == 0):
             raise c.fail(f"{where} seconds", f"must be a non-zero whole number, not {secs!r}")
+        step = c.integer(e["step"], f"{where} step", 1) if "step" in e else None
         schedule.append(FaultSpec(kind, c.number(e.get("at", 0), f"{where} at"),
                                   c.text(e["server"], f"{where} server") if "server" in e
-                                  else None, link, secs))
+                                  else None, link, secs, step))
 
     ld = c.keys(top.get("load", {}), "[load]", LOAD_KEYS)
     all_links = sorted({lk for g in groups for lk in g.links})
