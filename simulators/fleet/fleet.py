@@ -106,6 +106,11 @@ class _Clients:
         self.open[key] = c
         return c
 
+    def release(self, server: SimServer, link: str) -> None:
+        """Done for now: a console (pty) is closed again so other tools can open it."""
+        if link == "pty":
+            self.drop(server, link)
+
     def drop(self, server: SimServer, link: str) -> None:
         for key in ((server.name, link), (server.name, link + "+faults")):
             c = self.open.pop(key, None)
@@ -392,6 +397,7 @@ class Fleet:
             try:
                 c = self.clients.get(srv, link, self.scenario.load.timeout, faulty=False)
                 c.call("hello", {"versions": [1]})
+                self.clients.release(srv, link)
                 return True
             except LicensingError as exc:
                 self.log(f"{srv.name} {link}: hello failed: {exc}")
@@ -441,6 +447,7 @@ class Fleet:
             return False
         self.latency.add(time.monotonic() - t0)
         self.ops[op] += 1
+        self.clients.release(srv, link)
         return True
 
     def load_once(self) -> bool:

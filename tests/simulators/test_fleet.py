@@ -37,7 +37,7 @@ def scenario(**extra: Any) -> dict[str, Any]:
              "licenses": {"bacnet-ip": 50, "trend-log": 20}},
             {"model": "Edge-Server", "count": 10, "links": ["tcp", "mqtt", "sim"]},
         ],
-        "load": {"sim_line": "drop=0.05&dup=0.05&ber=1e-4&seed=3", "timeout": 4},
+        "load": {"sim_line": "drop=0.02&dup=0.05&ber=1e-6&seed=3", "timeout": 2},
     }
     sc.update(extra)
     return sc
