@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ CLOCK_JUMP = 400 * DAY
 #: an upper bound for servers to come back after a fault (a bound, not a measurement)
 RECOVER_WAIT = 30.0
 LOG_LIMIT = 10_000
+#: clients the fleet keeps open at once (load over many servers reuses the recent ones)
+MAX_CLIENTS = 64
 
 
 class FaultRecord(dict[str, Any]):
@@ -70,7 +72,7 @@ class _Clients:
 
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
-        self.open: dict[tuple[str, str], Any] = {}
+        self.open: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.loop: Any = None
 
     def get(self, server: SimServer, link: str, timeout: float, faulty: bool = True) -> Any:
@@ -85,7 +87,14 @@ class _Clients:
         key = (server.name, link + ("+faults" if faulty else ""))
         c = self.open.get(key)
         if c is not None:
+            self.open.move_to_end(key)
             return c
+        while len(self.open) >= MAX_CLIENTS:  # the least recently used goes
+            _k, old = self.open.popitem(last=False)
+            try:
+                old.close()
+            except Exception:
+                pass
         ctx: dict[str, Any] = {"timeout": timeout / 4, "tries": 4}
         url = server.addresses[link]
         if link == "mqtt":
@@ -174,9 +183,11 @@ class Fleet:
         self.ops: Counter[str] = Counter()
         self.op_failures: Counter[str] = Counter()
         self.latency = Latency()
+        self.link_latency: dict[str, Latency] = {}
         self.lost = 0
         self.started_at = 0.0
         self.ready_at = 0.0
+        self.provisioned_at = 0.0
         self.stopped_at = 0.0
         self.ready = False
         self.not_ready: list[str] = []
@@ -239,6 +250,7 @@ class Fleet:
             if self.scenario.needs_broker:
                 self._broker()
             self._provision()
+            self.provisioned_at = time.monotonic()
             self._serve()
             self.ready = self._wait_reachable(ready_timeout)
             self.ready_at = time.monotonic()
@@ -445,7 +457,9 @@ class Fleet:
                 self.clients.drop(srv, link)
             self.log(f"load {op} {srv.name} {link}: {exc.reason}: {str(exc)[:160]}")
             return False
-        self.latency.add(time.monotonic() - t0)
+        took = time.monotonic() - t0
+        self.latency.add(took)
+        self.link_latency.setdefault(link, Latency()).add(took)
         self.ops[op] += 1
         self.clients.release(srv, link)
         return True
@@ -512,7 +526,8 @@ class Fleet:
             raise UsageError(f"unknown fault kind {fault.kind!r} "
                              f"(known: {', '.join(FAULT_KINDS)})")
         fn = getattr(self, "_fault_" + fault.kind.replace("-", "_"))
-        rec = FaultRecord(time=round(time.monotonic() - self.started_at, 3), kind=fault.kind,
+        since = self.ready_at or self.started_at
+        rec = FaultRecord(time=round(time.monotonic() - since, 3), kind=fault.kind,
                           server=None, link=fault.link, detail="", held=True, checks=[])
         try:
             fn(fault, rec)
@@ -637,7 +652,7 @@ class Fleet:
         moved = licensed()
         srv.clock_offset = base
         after = licensed()
-        rec["detail"] = (f"clock {'+' if jump > 0 else ''}{jump} s and back; licensed before "
+        rec["detail"] = (f"clock {'+' if jump > 0 else ''}{jump / DAY:g} days and back; licensed before "
                          f"{before}, after the jump {moved}, after the return {after}")
         # whichever move went backwards must not license anything that was not licensed
         back_from, back_to = (moved, after) if jump > 0 else (before, moved)
@@ -811,6 +826,9 @@ class Fleet:
             op_failures=dict(self.op_failures),
             served=dict(self.served),
             latency=self.latency,
+            link_latency=self.link_latency,
+            provision_seconds=self.provisioned_at - self.started_at if self.provisioned_at
+            else 0.0,
             messages={"lost": self.lost, "duplicated": line["dups"] + mq.get("repeats", 0),
                       "line_drops": line["drops"], "line_bit_flips": line["bit_flips"],
                       "line_noise_bursts": line["noise_bursts"],

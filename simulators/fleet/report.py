@@ -71,6 +71,8 @@ class Summary:
     faults: list[dict[str, Any]]
     invariants: list[Invariant]
     broker: str | None = None
+    link_latency: dict[str, Latency] = field(default_factory=dict)
+    provision_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -90,6 +92,7 @@ class Summary:
             "servers": {"started": self.servers, "by_model": self.by_model,
                         "by_link": self.by_link, "ready": self.ready},
             "connect": {"seconds": round(self.ready_seconds, 3),
+                        "provision_seconds": round(self.provision_seconds, 3),
                         "rate_per_s": round(self.servers / self.ready_seconds, 1)
                         if self.ready_seconds > 0 else None},
             "run_seconds": round(self.run_seconds, 3),
@@ -100,6 +103,8 @@ class Summary:
                                      for op in sorted({*self.ops, *self.op_failures})},
                            "served_by_servers": self.served},
             "latency_ms": self.latency.percentiles_ms(),
+            "latency_ms_by_link": {k: v.percentiles_ms()
+                                   for k, v in sorted(self.link_latency.items())},
             "messages": self.messages,
             "faults": {"injected": sum(fault_kinds.values()), "by_kind": fault_kinds,
                        "log": self.faults},
@@ -118,7 +123,7 @@ class Summary:
             f"({', '.join(f'{m} {n}' for m, n in self.by_model.items())}); links "
             f"{', '.join(f'{k} {n}' for k, n in sorted(self.by_link.items()))}",
             f"  connect: all reachable {'yes' if self.ready else 'NO'} after "
-            f"{self.ready_seconds:.2f} s"
+            f"{self.ready_seconds:.2f} s (provisioning {self.provision_seconds:.2f} s)"
             + (f" ({j['connect']['rate_per_s']} servers/s)" if j["connect"]["rate_per_s"] else ""),
             f"  run: {self.run_seconds:.1f} s; operations {j['operations']['done']} done, "
             f"{j['operations']['failed']} failed"
@@ -128,6 +133,9 @@ class Summary:
         if lat["count"]:
             lines.append(f"  latency: p50 {lat['p50']} ms, p90 {lat['p90']} ms, p99 {lat['p99']} "
                          f"ms, max {lat['max']} ms ({lat['count']} round trips)")
+            for link, v in j["latency_ms_by_link"].items():
+                lines.append(f"    {link:<8} p50 {v['p50']} ms, p90 {v['p90']} ms, p99 "
+                             f"{v['p99']} ms, max {v['max']} ms ({v['count']})")
         m = self.messages
         lines.append(f"  messages: {m['lost']} lost, {m['duplicated']} duplicated, "
                      f"{m['corrupt_frames']} corrupt frames resynchronised")

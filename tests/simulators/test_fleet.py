@@ -288,3 +288,13 @@ def test_stop_leaves_nothing_behind() -> None:
               "socket:" in p}
     assert not leaked, leaked
 
+
+
+def test_the_example_scenario_is_valid() -> None:
+    from simulators.fleet import load_scenario
+
+    sc = load_scenario(Path(__file__).parents[2] / "simulators" / "fleet" / "examples" /
+                       "plant.toml")
+    assert sc.total == 20 and sc.broker.start and sc.load.rate > 0
+    assert {f.kind for f in sc.schedule} == {"power-loss", "link"}
+    assert set(sc.random_faults.kinds) == set(FAULT_KINDS)
