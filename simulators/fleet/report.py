@@ -138,7 +138,8 @@ class Summary:
                              f"{v['p99']} ms, max {v['max']} ms ({v['count']})")
         m = self.messages
         lines.append(f"  messages: {m['lost']} lost, {m['duplicated']} duplicated, "
-                     f"{m['corrupt_frames']} corrupt frames resynchronised")
+                     f"{m['corrupt_frames']} corrupt frames resynchronised, "
+                     f"{m.get('reconnects', 0)} client reconnects after a link fault")
         lines.append(f"  faults: {j['faults']['injected']} injected"
                      + "".join(f"; {k} {n}" for k, n in j["faults"]["by_kind"].items()))
         for f in self.faults:
