@@ -198,6 +198,7 @@ class Fleet:
         self._started = False
         self._stopped = False
         self._final: list[Invariant] | None = None
+        self._messages: dict[str, int] | None = None
 
     # ------------------------------------------------------------ construction
 
@@ -616,8 +617,9 @@ class Fleet:
         if link not in srv.links:
             raise UsageError(f"{srv.name} has no {link} link")
         rec["link"] = link
-        rec["detail"] = self.links.fault(srv.name, srv.device_id, link,
-                                         self.rng.randbytes(64))
+        # line noise with frame delimiters in it, so the server has to resynchronise
+        noise = bytes(0 if i % 16 == 0 else b for i, b in enumerate(self.rng.randbytes(64)))
+        rec["detail"] = self.links.fault(srv.name, srv.device_id, link, noise)
         if link == "usbdrop":
             ok_out = not self._hello_once(srv, link, timeout=0.5)
             self._check(rec, "pulled-stick-unreachable", ok_out,
@@ -822,8 +824,6 @@ class Fleet:
         by_link = Counter(lk for s in self.servers for lk in s.links)
         ready_s = (self.ready_at - self.started_at) if self.ready_at else 0.0
         end = self.stopped_at or time.monotonic()
-        line = self.links.fabric.counts()
-        mq = self.mqtt.stats() if self.mqtt is not None else {}
         return Summary(
             site=self.scenario.site,
             seed=self.scenario.seed,
@@ -841,16 +841,22 @@ class Fleet:
             link_latency=self.link_latency,
             provision_seconds=self.provisioned_at - self.started_at if self.provisioned_at
             else 0.0,
-            messages={"lost": self.lost, "reconnects": self.reconnects, "duplicated": line["dups"] + mq.get("repeats", 0),
-                      "line_drops": line["drops"], "line_bit_flips": line["bit_flips"],
-                      "line_noise_bursts": line["noise_bursts"],
-                      "corrupt_frames": self.links.corrupt_frames(),
-                      "mqtt_repeats_answered_from_memory": mq.get("repeats", 0),
-                      "mqtt_dropped": mq.get("dropped", 0)},
+            messages=self._messages if self._messages is not None else self._message_counts(),
             faults=list(self.faults),
             invariants=self._final if self._final is not None else self.invariants(),
             broker=self.broker_url,
         )
+
+    def _message_counts(self) -> dict[str, int]:
+        line = self.links.fabric.counts()
+        mq = self.mqtt.stats() if self.mqtt is not None else {}
+        return {"lost": self.lost, "reconnects": self.reconnects,
+                "duplicated": line["dups"] + mq.get("repeats", 0),
+                "line_drops": line["drops"], "line_bit_flips": line["bit_flips"],
+                "line_noise_bursts": line["noise_bursts"],
+                "corrupt_frames": self.links.corrupt_frames(),
+                "mqtt_repeats_answered_from_memory": mq.get("repeats", 0),
+                "mqtt_dropped": mq.get("dropped", 0)}
 
     # ------------------------------------------------------------ stop
 
@@ -861,6 +867,7 @@ class Fleet:
         self._stopped = True
         self.stopped_at = time.monotonic()
         self.clients.close()
+        self._messages = self._message_counts()  # the listeners' counters go with them
         self.links.stop()
         if self.servers and self._final is None:
             try:
