@@ -379,9 +379,18 @@ class Fleet:
                                       f"connected")
             else:
                 self._check_presence(n, timeout)
+        boxes = [s for s in self.servers if "usbdrop" in s.links]
+        if boxes and not self._until(lambda: all(self.links.mailbox_ready(s.name, s.device_id)
+                                                 for s in boxes), timeout):
+            self.not_ready += [f"{s.name} usbdrop (no device-info.cbor on its stick)"
+                               for s in boxes if not self.links.mailbox_ready(s.name,
+                                                                              s.device_id)]
         for srv in self.servers:
             for link in srv.links:
-                if link == "mqtt":
+                # mqtt: listed online above; usbdrop: every mailbox wrote its device
+                # information, and the first one answers an RPC (a round trip costs a poll
+                # cycle over every mailbox, so not one per server)
+                if link == "mqtt" or (link == "usbdrop" and srv is not boxes[0]):
                     continue
                 if not self._hello(srv, link):
                     self.not_ready.append(f"{srv.name} {link}")

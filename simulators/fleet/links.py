@@ -251,6 +251,10 @@ class ServedLinks:
             return f"{len(ends)} simulated line(s) cut"
         raise LicensingError(f"no link fault for {link!r}")
 
+    def mailbox_ready(self, name: str, device_id: str) -> bool:
+        """The server's mailbox has been polled: its device information is on the stick."""
+        return (self.workdir / "usb" / name / device_id / "device-info.cbor").is_file()
+
     def heal(self, name: str) -> None:
         """Put a pulled USB stick back (its mailbox is polled again)."""
         box = self.pulled.pop(name, None)

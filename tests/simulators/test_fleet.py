@@ -298,3 +298,30 @@ def test_the_example_scenario_is_valid() -> None:
     assert sc.total == 20 and sc.broker.start and sc.load.rate > 0
     assert {f.kind for f in sc.schedule} == {"power-loss", "link"}
     assert set(sc.random_faults.kinds) == set(FAULT_KINDS)
+
+
+def test_an_external_broker_and_a_vendor_key_from_files(tmp_path: Path) -> None:
+    from agent.cose import SigningKey
+    from tests.hw.mosquitto import Broker
+
+    key = SigningKey.generate()
+    (tmp_path / "vendor.key").write_bytes(key.to_pem())
+    (tmp_path / "vendor.pub").write_bytes(key.public.to_pem())
+    sc = {"site": "ext", "trust": str(tmp_path / "vendor.pub"),
+          "servers": [{"model": "AS-B", "count": 2, "links": ["mqtt"],
+                       "licenses": {"bacnet-ip": 5}}]}
+    # trust alone cannot issue the licenses the scenario asks for
+    with pytest.raises(UsageError, match="give vendor_key"):
+        Fleet.from_scenario({**sc, "broker": {"url": "mqtt://127.0.0.1:1"}}).start()
+    with Broker.plain(tmp_path / "broker") as broker:
+        sc.update(vendor_key=str(tmp_path / "vendor.key"), broker={"url": broker.url})
+        with Fleet.from_scenario(sc, tmp_path / "fleet") as f:
+            assert f.broker is None and f.broker_url == broker.url
+            rec = f.inject("broker-restart")  # not licsim's broker: not touched
+            assert rec["injected"] is False and "skipped" in rec["detail"]
+            st = f.clients.get(f.servers[0], "mqtt", 4).status()
+            assert st["licenses"][0]["count"] == 5
+            assert st["trusted_keys"][0]["kid"]
+        assert broker.running
+        assert f.summary().ok
+        assert f.summary().to_json()["faults"]["injected"] == 0
