@@ -49,7 +49,7 @@ from simulators.fleet.scenario import (
 from simulators.fleet.server import ServerHandler, SimServer
 from simulators.licensing_server.vendor import Grant, Vendor
 
-__all__ = ["FaultRecord", "Fleet"]
+__all__ = ["FaultRecord", "Fleet", "check_capacity"]
 
 DAY = 86400
 #: a license issued at provisioning runs for this long (so a clock jump can outlive it)
@@ -61,6 +61,58 @@ RECOVER_WAIT = 30.0
 LOG_LIMIT = 10_000
 #: clients the fleet keeps open at once (load over many servers reuses the recent ones)
 MAX_CLIENTS = 64
+
+
+def check_capacity(sc: Scenario) -> dict[str, int]:
+    """Check file descriptors and loopback ports before anything starts (raise the soft fd limit).
+
+    Each tcp listener, pty and MQTT session holds a descriptor in this process, and
+    each MQTT session an ephemeral port towards the broker. A fleet that would run out
+    is refused with a plan instead of failing halfway with "address not available".
+
+    Returns:
+        ``{"fds": needed, "fd_limit": ..., "ports": needed, "port_range": ...}``.
+
+    Raises:
+        UsageError: the fleet does not fit in one process; the message says how to split it.
+    """
+    import math
+    import resource
+
+    per_link = {"tcp": 1, "pty": 1, "mqtt": 1}
+    fds = sum(g.count * sum(per_link.get(lk, 0) for lk in g.links) for g in sc.servers)
+    fds += 3 * MAX_CLIENTS + 100  # clients and their server ends, the broker, logs, slack
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and fds > soft:
+        target = fds if hard == resource.RLIM_INFINITY else min(hard, fds)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    ports = sum(g.count for g in sc.servers if "mqtt" in g.links) + MAX_CLIENTS
+    try:
+        low, high = (int(x) for x in
+                     open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        port_range = high - low + 1
+    except (OSError, ValueError):
+        port_range = 28232  # Linux's default range
+    if soft != resource.RLIM_INFINITY and fds > soft:
+        parts = math.ceil(fds / max(1, soft - 3 * MAX_CLIENTS - 100))
+        raise UsageError(f"this fleet needs about {fds} file descriptors and this process may "
+                         f"open {soft} (hard limit {hard}): split it into {parts} licsim "
+                         f"processes, each with its own site, or raise the limit (ulimit -n)")
+    if ports > port_range:
+        parts = math.ceil(ports / max(1, port_range - MAX_CLIENTS))
+        raise UsageError(f"this fleet needs about {ports} loopback ports towards the broker and "
+                         f"{port_range} ephemeral ports exist (ip_local_port_range): split it "
+                         f"into {parts} licsim processes, each with its own site and broker "
+                         f"address (127.0.0.N)")
+    return {"fds": fds, "fd_limit": int(soft), "ports": ports, "port_range": port_range}
+
+
+class _NoServerFits(Exception):
+    """A random fault found no server it can act on; recorded as skipped."""
 
 
 class FaultRecord(dict[str, Any]):
@@ -250,6 +302,7 @@ class Fleet:
         self._started = True
         self.started_at = time.monotonic()
         try:
+            check_capacity(self.scenario)
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._keys()
             if self.scenario.needs_broker:
@@ -553,6 +606,9 @@ class Fleet:
                           server=None, link=fault.link, detail="", held=True, checks=[])
         try:
             fn(fault, rec)
+        except _NoServerFits as exc:  # e.g. a reclaim where nothing is installed any more
+            rec["detail"] = str(exc)
+            rec["injected"] = False
         except LicensingError as exc:
             if isinstance(exc, UsageError) and rec["server"] is None:
                 raise
@@ -563,8 +619,10 @@ class Fleet:
             rec["detail"] += f" FAILED: internal error {exc!r}"
         rec["injected"] = rec.get("injected", True)
         self.faults.append(rec)
+        outcome = ("not injected" if not rec["injected"] else
+                   "held" if rec["held"] else "BROKEN")
         self.log(f"fault {rec['kind']} {rec['server'] or '-'} {rec['link'] or ''}: "
-                 f"{rec['detail'].strip()} -> {'held' if rec['held'] else 'BROKEN'}")
+                 f"{rec['detail'].strip()} -> {outcome}")
         return rec
 
     def _pick(self, fault: FaultSpec, rec: FaultRecord,
@@ -574,7 +632,8 @@ class Fleet:
         else:
             choices = [s for s in self.servers if want(s)]
             if not choices:
-                raise UsageError(f"no server in this fleet fits a {fault.kind} fault")
+                raise _NoServerFits(f"skipped: no server in this fleet fits a {fault.kind} "
+                                    f"fault" + (f" on {fault.link}" if fault.link else ""))
             srv = self.rng.choice(choices)
         rec["server"] = srv.name
         return srv

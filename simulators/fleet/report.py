@@ -144,7 +144,8 @@ class Summary:
                      + "".join(f"; {k} {n}" for k, n in j["faults"]["by_kind"].items()))
         for f in self.faults:
             lines.append(f"    {f['time']:8.3f} s {f['kind']:<14} {f['server'] or '-':<16} "
-                         f"{'held' if f['held'] else 'BROKEN'}  {f['detail'].strip()[:200]}")
+                         f"{'skipped' if not f.get('injected', True) else 'held' if f['held'] else 'BROKEN'}"
+                         f"  {f['detail'].strip()[:200]}")
         held = sum(1 for i in self.invariants if i.held)
         lines.append(f"  invariants: {held} of {len(self.invariants)} held")
         for i in self.invariants:

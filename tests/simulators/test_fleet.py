@@ -325,3 +325,28 @@ def test_an_external_broker_and_a_vendor_key_from_files(tmp_path: Path) -> None:
         assert broker.running
         assert f.summary().ok
         assert f.summary().to_json()["faults"]["injected"] == 0
+
+
+def test_a_fleet_too_big_for_one_process_is_refused_with_a_plan() -> None:
+    import resource
+
+    from simulators.fleet.fleet import check_capacity
+
+    small = check_capacity(parse_scenario(scenario()))
+    assert small["fds"] < small["fd_limit"] and small["ports"] < small["port_range"]
+    many = parse_scenario({"servers": [{"model": "AS-P", "count": small["port_range"] + 1,
+                                        "links": ["mqtt"]}], "broker": {"url": "mqtt://x:1"}})
+    with pytest.raises(UsageError, match=r"(loopback ports|file descriptors) .* split it into "
+                                         r"\d+ licsim processes"):
+        check_capacity(many)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard file-descriptor limit here")
+    big = parse_scenario({"servers": [{"model": "AS-P", "count": hard,
+                                       "links": ["tcp", "pty"]}]})
+    with pytest.raises(UsageError, match=r"file descriptors .* split it into \d+ licsim"):
+        check_capacity(big)
+    # refused before anything was started: no thread, no folder
+    with pytest.raises(UsageError):
+        Fleet.from_scenario({"servers": [{"model": "AS-P", "count": hard, "links": ["tcp"]}]},
+                            ).start()
