@@ -629,6 +629,10 @@ class Fleet:
               want: Callable[[SimServer], bool] = lambda _s: True) -> SimServer:
         if fault.server is not None:
             srv = self.server(fault.server)
+            if not want(srv):
+                rec["server"] = srv.name
+                raise _NoServerFits(f"skipped: {srv.name} does not fit a {fault.kind} fault "
+                                    f"now ({self._unfit(srv, fault)})")
         else:
             choices = [s for s in self.servers if want(s)]
             if not choices:
@@ -637,6 +641,24 @@ class Fleet:
             srv = self.rng.choice(choices)
         rec["server"] = srv.name
         return srv
+
+    def _unfit(self, srv: SimServer, fault: FaultSpec) -> str:
+        if fault.link is not None and fault.link not in srv.links:
+            return f"it has no {fault.link} link"
+        if self._clock_set_back(srv):
+            return ("its clock is behind the latest time it has seen, so it signs no request "
+                    "until the clock passes that time again")
+        return "nothing installed to reclaim"
+
+    def _clock_set_back(self, srv: SimServer) -> bool:
+        try:
+            return bool(srv.agent().status()["clock_set_back"])
+        except LicensingError:
+            return False
+
+    def _can_request(self, srv: SimServer) -> bool:
+        """A server whose clock was set back refuses to sign requests (rightly)."""
+        return not self._clock_set_back(srv)
 
     @staticmethod
     def _check(rec: FaultRecord, name: str, held: bool, detail: str) -> None:
@@ -651,7 +673,7 @@ class Fleet:
 
     def _fault_power_loss(self, fault: FaultSpec, rec: FaultRecord) -> None:
         assert self.vendor is not None
-        srv = self._pick(fault, rec)
+        srv = self._pick(fault, rec, self._can_request)
         old = self._snapshot(srv)
         grants = dict(old[2]) or {"power-test": 1}
         self.entitled[srv.name] = {**grants, **self.entitled.get(srv.name, {})}
@@ -682,8 +704,6 @@ class Fleet:
     def _fault_link(self, fault: FaultSpec, rec: FaultRecord) -> None:
         srv = self._pick(fault, rec, lambda s: fault.link is None or fault.link in s.links)
         link = fault.link or self.rng.choice(srv.links)
-        if link not in srv.links:
-            raise UsageError(f"{srv.name} has no {link} link")
         rec["link"] = link
         # line noise with frame delimiters in it, so the server has to resynchronise
         noise = bytes(0 if i % 16 == 0 else b for i, b in enumerate(self.rng.randbytes(64)))
@@ -811,7 +831,7 @@ class Fleet:
     def _fault_reclaim(self, fault: FaultSpec, rec: FaultRecord) -> None:
         assert self.vendor is not None
         srv = self._pick(fault, rec, lambda s: bool(self._installed(s)) and (
-            Path(s.directory) / "activation.resp").exists())
+            Path(s.directory) / "activation.resp").exists() and self._can_request(s))
         feature = sorted(self._installed(srv))[0]
         agent = srv.agent()
         req = agent.request(Action.RECLAIM, [feature])

@@ -350,3 +350,24 @@ def test_a_fleet_too_big_for_one_process_is_refused_with_a_plan() -> None:
     with pytest.raises(UsageError):
         Fleet.from_scenario({"servers": [{"model": "AS-P", "count": hard, "links": ["tcp"]}]},
                             ).start()
+
+
+def test_faults_that_do_not_fit_a_server_are_skipped_not_broken() -> None:
+    with Fleet.from_scenario({"servers": [{"model": "AS-P", "count": 2, "links": ["tcp"],
+                                           "licenses": {"bacnet-ip": 5}}]}) as f:
+        assert f.inject(FaultSpec("clock-jump", server="as-p-0001"))["held"]
+        # a server whose clock was set back signs no request (rightly): nothing to stage
+        rec = f.inject(FaultSpec("power-loss", server="as-p-0001"))
+        assert rec["injected"] is False and "clock is behind" in rec["detail"]
+        assert f.inject("reclaim")["server"] == "as-p-0002"
+        rec = f.inject("reclaim")
+        assert rec["injected"] is False and "no server in this fleet fits" in rec["detail"]
+        rec = f.inject(FaultSpec("link", server="as-p-0001", link="pty"))
+        assert rec["injected"] is False and "no pty link" in rec["detail"]
+        with pytest.raises(UsageError, match="no server 'as-p-0009'"):
+            f.inject(FaultSpec("nic-replaced", server="as-p-0009"))
+        with pytest.raises(UsageError, match="unknown fault kind"):
+            f.inject("flood")
+        s = f.summary()
+        assert s.ok and s.to_json()["faults"]["injected"] == 2
+        assert "skipped" in s.to_text()
