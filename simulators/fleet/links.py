@@ -43,7 +43,9 @@ class MqttSessions:
                  log: Log | None = None) -> None:
         from hw.backends.mqtt import MqttLoop
 
-        self.url = f"mqtt://{host}:{port}/{site}?keepalive={keepalive}"
+        self.broker = f"mqtt://{host}:{port}"
+        self.site = site
+        self.url = f"{self.broker}/{site}?keepalive={keepalive}"
         self.log: Log = log or (lambda _line: None)
         self.loop = MqttLoop("fleet-mqtt", log=self.log)
         self.listeners: dict[str, Any] = {}
@@ -51,17 +53,13 @@ class MqttSessions:
     def start(self) -> None:
         self.loop.start()
 
-    def add(self, device_id: str, model: str, handler: Handler) -> str:
-        """Connect a server, publish its presence; returns its client URL.
-
-        ``model`` is announced from the handler's own ``hello`` answer here.
-        """
+    def add(self, device_id: str, model: str, handler: Handler) -> None:
+        """Connect a server and publish its presence (``model`` comes from its ``hello`` here)."""
         from hw.backends.mqtt import listen
 
         lst = listen(parse_url(self.url), handler, log=self.log, loop=self.loop)
         lst.start()
         self.listeners[device_id] = lst
-        return str(lst.address)
 
     def remove(self, device_id: str, graceful: bool = True) -> None:
         """Disconnect a server (its presence becomes offline)."""
@@ -192,7 +190,8 @@ class ServedLinks:
         """Serve one server on one link; returns the URL a client uses."""
         if link == "mqtt":
             assert self.mqtt is not None
-            return self.mqtt.add(device_id, model, handler)
+            self.mqtt.add(device_id, model, handler)
+            return f"{self.mqtt.broker}/{self.mqtt.site}/{device_id}"
         if link == "usbdrop":
             folder = self.workdir / "usb" / name
             folder.mkdir(parents=True, exist_ok=True)
