@@ -153,10 +153,11 @@ class MailboxPoller:
 
     def _run(self) -> None:
         while not self.stop_event.is_set():
+            # the lock is held for the whole round, so a mailbox removed (a stick pulled)
+            # is not polled once more after remove() returns
             with self.lock:
-                boxes = list(self.mailboxes.values())
-            for box in boxes:
-                box.poll_once()  # never raises
+                for box in self.mailboxes.values():
+                    box.poll_once()  # never raises
             self.stop_event.wait(self.interval)
 
     def stop(self) -> None:
