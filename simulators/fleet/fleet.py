@@ -929,6 +929,7 @@ class Fleet:
             link_latency=self.link_latency,
             provision_seconds=self.provisioned_at - self.started_at if self.provisioned_at
             else 0.0,
+            load_rate=self.scenario.load.rate,
             messages=self._messages if self._messages is not None else self._message_counts(),
             faults=list(self.faults),
             invariants=self._final if self._final is not None else self.invariants(),

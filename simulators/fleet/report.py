@@ -73,6 +73,7 @@ class Summary:
     broker: str | None = None
     link_latency: dict[str, Latency] = field(default_factory=dict)
     provision_seconds: float = 0.0
+    load_rate: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -96,6 +97,9 @@ class Summary:
                         "rate_per_s": round(self.servers / self.ready_seconds, 1)
                         if self.ready_seconds > 0 else None},
             "run_seconds": round(self.run_seconds, 3),
+            "load": {"target_per_s": self.load_rate,
+                     "achieved_per_s": round(sum(self.ops.values()) / self.run_seconds, 1)
+                     if self.run_seconds > 0 else None},
             "operations": {"done": sum(self.ops.values()),
                            "failed": sum(self.op_failures.values()),
                            "by_op": {op: {"ok": self.ops.get(op, 0),
@@ -127,6 +131,8 @@ class Summary:
             + (f" ({j['connect']['rate_per_s']} servers/s)" if j["connect"]["rate_per_s"] else ""),
             f"  run: {self.run_seconds:.1f} s; operations {j['operations']['done']} done, "
             f"{j['operations']['failed']} failed"
+            + (f" ({j['load']['achieved_per_s']}/s of {self.load_rate:g}/s asked)"
+               if self.load_rate else "")
             + "".join(f"; {op} {v['ok']}/{v['failed']}"
                       for op, v in j["operations"]["by_op"].items()),
         ]
