@@ -212,9 +212,12 @@ class Fleet:
                  log: Callable[[str], None] | None = None) -> None:
         self.scenario = scenario
         self._own_dir = workdir is None and scenario.state_dir is None
-        self.workdir = Path(workdir or scenario.state_dir
-                            or tempfile.mkdtemp(prefix="licsim-")).resolve()
+        given = workdir or scenario.state_dir
+        # a temporary folder is made by start(), so a fleet never started leaves none
+        self.workdir = Path(given).resolve() if given else Path(tempfile.gettempdir(),
+                                                                 "licsim-unstarted")
         self.keep = keep or not self._own_dir
+        self._made = False
         self._log_fn = log
         self.events: list[str] = []
         self.servers: list[SimServer] = []
@@ -303,6 +306,10 @@ class Fleet:
         self.started_at = time.monotonic()
         try:
             check_capacity(self.scenario)
+            if self._own_dir:
+                self.workdir = Path(tempfile.mkdtemp(prefix="licsim-")).resolve()
+                self.links.workdir = self.workdir
+                self._made = True
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._keys()
             if self.scenario.needs_broker:
@@ -965,7 +972,7 @@ class Fleet:
                 self._final = [Invariant("invariants-checked", False, repr(exc))]
         if self.broker is not None:
             self.broker.stop()
-        if not self.keep:
+        if not self.keep and self._made:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def iter_servers(self, model: str | None = None) -> Iterator[SimServer]:
