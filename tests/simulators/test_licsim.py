@@ -88,9 +88,14 @@ class Licsim:
         return self.proc.returncode, err.decode(errors="replace")
 
     def kill(self) -> None:
+        """SIGTERM (licsim removes its folder and stops its broker), SIGKILL if it hangs."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
+            self.proc.terminate()
+            try:
+                self.proc.communicate(timeout=WAIT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
 
 
 @pytest.fixture
