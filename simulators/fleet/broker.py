@@ -1,0 +1,125 @@
+"""A mosquitto broker that the fleet starts on a free loopback port and can restart (a fault)."""
+
+from __future__ import annotations
+
+import ctypes
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from agent.errors import LicensingError, UsageError
+
+__all__ = ["MosquittoBroker", "mosquitto_path"]
+
+#: an upper bound for the broker to start or stop
+WAIT = 20.0
+
+
+def mosquitto_path() -> str:
+    """The mosquitto binary.
+
+    Raises:
+        UsageError: it is not installed (``make broker`` installs it on Debian).
+    """
+    path = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)),
+        None)
+    if path is None:
+        raise UsageError("mosquitto is not installed: run `make broker` (apt-get install -y "
+                         "mosquitto), or give [broker] url = \"mqtt://HOST:PORT\"")
+    return path
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when licsim dies, so no broker outlives a killed run."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MosquittoBroker:
+    """One mosquitto process on 127.0.0.1 (anonymous, no persistence) in ``directory``."""
+
+    def __init__(self, directory: Path, max_connections: int = -1) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.port = _free_port()
+        self.conf = directory / "mosquitto.conf"
+        self.log = directory / "mosquitto.log"
+        self.conf.write_text("\n".join([
+            "per_listener_settings false",
+            "persistence false",
+            f"user {getpass.getuser()}",
+            f"listener {self.port} 127.0.0.1",
+            f"max_connections {max_connections}",
+            "allow_anonymous true",
+            "max_queued_messages 0",
+            "set_tcp_nodelay true",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "",
+        ]))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        """Start mosquitto and wait until it accepts connections.
+
+        Raises:
+            LicensingError: it exited or did not listen within :data:`WAIT` seconds.
+        """
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([mosquitto_path(), "-c", str(self.conf)], stdout=log,
+                                         stderr=log, stdin=subprocess.DEVNULL,
+                                         preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + WAIT
+        while True:
+            if self.proc.poll() is not None:
+                raise LicensingError(f"mosquitto exited with {self.proc.returncode}: "
+                                     f"{self.log.read_text(errors='replace')[-1000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise LicensingError(f"mosquitto did not listen on port {self.port}") from None
+                time.sleep(0.02)
+
+    def restart(self) -> None:
+        """SIGKILL (every connection drops, nothing retained survives), then start again."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=WAIT)
+        self.start()
+        self.restarts += 1
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=WAIT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=WAIT)
