@@ -35,7 +35,7 @@ from agent.errors import (
 )
 from agent.messages import Action
 from simulators.fleet.broker import MosquittoBroker
-from simulators.fleet.links import MqttSessions, ServedLinks, start_mqtt
+from simulators.fleet.links import ServedLinks, start_mqtt
 from simulators.fleet.models import make_facts, replacement_mac
 from simulators.fleet.power import PowerLoss, PowerLossOps
 from simulators.fleet.report import Invariant, Latency, Summary
@@ -48,6 +48,7 @@ from simulators.fleet.scenario import (
 )
 from simulators.fleet.server import ServerHandler, SimServer
 from simulators.licensing_server.vendor import Grant, Vendor
+from simulators.mqttlite import DeviceEngine
 
 __all__ = ["FaultRecord", "Fleet", "check_capacity"]
 
@@ -61,6 +62,23 @@ RECOVER_WAIT = 30.0
 LOG_LIMIT = 10_000
 #: clients the fleet keeps open at once (load over many servers reuses the recent ones)
 MAX_CLIENTS = 64
+
+
+def rss_kib() -> int:
+    """This process's resident memory now, KiB (0 where /proc cannot tell)."""
+    return _status_kib("VmRSS:")
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident memory, KiB."""
+    return _status_kib("VmHWM:")
+
+
+def _status_kib(key: str) -> int:
+    try:
+        return int(Path("/proc/self/status").read_text().split(key)[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def check_capacity(sc: Scenario) -> dict[str, int]:
@@ -79,36 +97,27 @@ def check_capacity(sc: Scenario) -> dict[str, int]:
     import math
     import resource
 
+    from simulators.mqttlite.limits import port_range, raise_fd_limit
+
     per_link = {"tcp": 1, "pty": 1, "mqtt": 1}
     fds = sum(g.count * sum(per_link.get(lk, 0) for lk in g.links) for g in sc.servers)
     fds += 3 * MAX_CLIENTS + 100  # clients and their server ends, the broker, logs, slack
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and fds > soft:
-        target = fds if hard == resource.RLIM_INFINITY else min(hard, fds)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
+    soft, hard = raise_fd_limit()
     ports = sum(g.count for g in sc.servers if "mqtt" in g.links) + MAX_CLIENTS
-    try:
-        low, high = (int(x) for x in
-                     open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
-        port_range = high - low + 1
-    except (OSError, ValueError):
-        port_range = 28232  # Linux's default range
+    low, high = port_range()
+    port_range_size = high - low + 1
     if soft != resource.RLIM_INFINITY and fds > soft:
         parts = math.ceil(fds / max(1, soft - 3 * MAX_CLIENTS - 100))
         raise UsageError(f"this fleet needs about {fds} file descriptors and this process may "
                          f"open {soft} (hard limit {hard}): split it into {parts} licsim "
                          f"processes, each with its own site, or raise the limit (ulimit -n)")
-    if ports > port_range:
-        parts = math.ceil(ports / max(1, port_range - MAX_CLIENTS))
+    if ports > port_range_size:
+        parts = math.ceil(ports / max(1, port_range_size - MAX_CLIENTS))
         raise UsageError(f"this fleet needs about {ports} loopback ports towards the broker and "
-                         f"{port_range} ephemeral ports exist (ip_local_port_range): split it "
+                         f"{port_range_size} ephemeral ports exist (ip_local_port_range): split it "
                          f"into {parts} licsim processes, each with its own site and broker "
                          f"address (127.0.0.N)")
-    return {"fds": fds, "fd_limit": int(soft), "ports": ports, "port_range": port_range}
+    return {"fds": fds, "fd_limit": int(soft), "ports": ports, "port_range": port_range_size}
 
 
 class _NoServerFits(Exception):
@@ -225,7 +234,7 @@ class Fleet:
         self.served: Counter[str] = Counter()
         self.broker: MosquittoBroker | None = None
         self.broker_url: str | None = scenario.broker.url
-        self.mqtt: MqttSessions | None = None
+        self.mqtt: DeviceEngine | None = None
         self.links = ServedLinks(self.workdir, None, self.log)
         self.clients = _Clients(self)
         self.vendor: Vendor | None = None
@@ -245,6 +254,7 @@ class Fleet:
         self.lost = 0
         self.reconnects = 0
         self.started_at = 0.0
+        self.rss_start = self.rss_ready = 0  # KiB, at start() and once every server is ready
         self.ready_at = 0.0
         self.provisioned_at = 0.0
         self.stopped_at = 0.0
@@ -304,6 +314,7 @@ class Fleet:
             return
         self._started = True
         self.started_at = time.monotonic()
+        self.rss_start = rss_kib()
         try:
             check_capacity(self.scenario)
             if self._own_dir:
@@ -319,6 +330,7 @@ class Fleet:
             self._serve()
             self.ready = self._wait_reachable(ready_timeout)
             self.ready_at = time.monotonic()
+            self.rss_ready = rss_kib()
             self.log(f"ready: {len(self.servers)} servers in "
                      f"{self.ready_at - self.started_at:.2f} s"
                      + ("" if self.ready else f"; NOT reachable: {', '.join(self.not_ready[:5])}"))
@@ -434,7 +446,7 @@ class Fleet:
         self.not_ready = []
         if self.mqtt is not None:
             n = sum(1 for s in self.servers if "mqtt" in s.links)
-            if not self.mqtt.wait_ready(n, timeout):
+            if self.mqtt.wait_ready(n, timeout) < n:
                 self.not_ready.append(f"mqtt: {self.mqtt.stats().get('connected', '?')} of "
                                       f"{n} connected")
             else:
@@ -826,7 +838,7 @@ class Fleet:
             return
         self.broker.restart()
         n = sum(1 for s in self.servers if "mqtt" in s.links)
-        back = bool(self.mqtt.wait_ready(n, RECOVER_WAIT))
+        back = self.mqtt.wait_ready(n, RECOVER_WAIT) >= n
         rec["detail"] = (f"mosquitto killed and started again; "
                          f"{self.mqtt.stats().get('connected', '?')} of {n} sessions reconnected")
         self._check(rec, "sessions-reconnect", back, rec["detail"])
@@ -939,6 +951,8 @@ class Fleet:
             load_rate=self.scenario.load.rate,
             messages=self._messages if self._messages is not None else self._message_counts(),
             faults=list(self.faults),
+            memory={"rss_start_kib": self.rss_start, "rss_ready_kib": self.rss_ready,
+                    "rss_now_kib": rss_kib(), "peak_kib": peak_rss_kib()},
             invariants=self._final if self._final is not None else self.invariants(),
             broker=self.broker_url,
         )

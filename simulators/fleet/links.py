@@ -1,10 +1,8 @@
 """Serving the fleet's servers on their links, with as few threads as the hw backends allow.
 
-* ``mqtt``: :class:`MqttSessions`, every server's session on ONE shared
-  :class:`hw.backends.mqtt.MqttLoop` thread. Its methods are those of the lean
-  ``simulators.mqttlite.DeviceEngine`` (``add``, ``remove``, ``drop_connection``,
-  ``start``, ``stop``, ``wait_ready``, ``stats``), so that engine can take its
-  place in :func:`start_mqtt` alone.
+* ``mqtt``: :class:`simulators.mqttlite.DeviceEngine`, every server's own MQTT
+  session on ONE asyncio loop thread (about 2 KiB a session, where a paho client
+  costs about 20 KiB), speaking the ``mqtt://`` contract of ``hw.backends.mqtt``.
 * ``usbdrop``: one mailbox folder per server, all polled by ONE thread
   (:class:`MailboxPoller` calls each listener's ``poll_once``).
 * ``tcp``, ``pty``, ``sim``: the hw listeners as ``licagent run`` uses them
@@ -22,110 +20,18 @@ from typing import Any
 import hw
 from agent.errors import LicensingError
 from hw.link import Listener, parse_url
+from simulators.mqttlite import DeviceEngine
 
-__all__ = ["MailboxPoller", "MqttSessions", "ServedLinks", "start_mqtt"]
+__all__ = ["MailboxPoller", "ServedLinks", "start_mqtt"]
 
 Handler = Callable[[str, Mapping[str, Any]], Any]
 Log = Callable[[str], None]
 
 
-class MqttSessions:
-    """Every server's MQTT session on one broker and site, driven by one loop thread.
-
-    Args:
-        host, port: the broker.
-        site: the site name (one topic level).
-        keepalive: seconds; the broker announces a silent server offline after 1.5 x this.
-        log: one line per connection change.
-    """
-
-    def __init__(self, host: str, port: int, site: str, keepalive: int = 60,
-                 log: Log | None = None) -> None:
-        from hw.backends.mqtt import MqttLoop
-
-        self.broker = f"mqtt://{host}:{port}"
-        self.site = site
-        self.url = f"{self.broker}/{site}?keepalive={keepalive}"
-        self.log: Log = log or (lambda _line: None)
-        self.loop = MqttLoop("fleet-mqtt", log=self.log)
-        self.listeners: dict[str, Any] = {}
-
-    def start(self) -> None:
-        self.loop.start()
-
-    def add(self, device_id: str, model: str, handler: Handler) -> None:
-        """Connect a server and publish its presence (``model`` comes from its ``hello`` here)."""
-        from hw.backends.mqtt import listen
-
-        lst = listen(parse_url(self.url), handler, log=self.log, loop=self.loop)
-        lst.start()
-        self.listeners[device_id] = lst
-
-    def remove(self, device_id: str, graceful: bool = True) -> None:
-        """Disconnect a server (its presence becomes offline)."""
-        lst = self.listeners.pop(device_id, None)
-        if lst is not None:
-            lst.stop()
-
-    def drop_connection(self, device_id: str) -> bool:
-        """Cut a server's broker connection as a network fault would; it reconnects by itself.
-
-        Returns:
-            False if the server was not connected at that moment.
-        """
-        import socket
-
-        lst = self.listeners.get(device_id)
-        s = getattr(lst, "_session", None)
-        sock = s.client.socket() if s is not None and s.up else None
-        if sock is None:
-            return False
-        try:
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            return False
-        return True
-
-    def connected(self, device_id: str) -> bool:
-        lst = self.listeners.get(device_id)
-        return bool(lst is not None and lst.connected)
-
-    def wait_ready(self, count: int, timeout: float) -> bool:
-        """Wait until ``count`` sessions are connected (True) or ``timeout`` passes (False)."""
-        import time
-
-        deadline = time.monotonic() + timeout
-        while True:
-            up = sum(1 for lst in self.listeners.values() if lst.connected)
-            if up >= count:
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-
-    def stats(self) -> dict[str, int]:
-        """Sessions, those connected, requests handled, repeats answered from memory, dropped."""
-        out = {"sessions": len(self.listeners), "connected": 0, "handled": 0, "repeats": 0,
-               "dropped": 0}
-        for lst in self.listeners.values():
-            out["connected"] += int(lst.connected)
-            srv = lst.server
-            if srv is not None:
-                out["handled"] += srv.handled
-                out["repeats"] += srv.repeats
-                out["dropped"] += srv.dropped
-        return out
-
-    def stop(self) -> None:
-        for dev in list(self.listeners):
-            self.remove(dev)
-        self.loop.stop()
-
-
-def start_mqtt(broker_url: str, site: str, log: Log | None = None) -> MqttSessions:
-    """The fleet's MQTT side: one engine for every server's session (swap point for mqttlite)."""
+def start_mqtt(broker_url: str, site: str, log: Log | None = None) -> DeviceEngine:
+    """The fleet's MQTT side: one engine for every server's session."""
     u = parse_url(broker_url)
-    engine = MqttSessions(u.host or "127.0.0.1", u.port or 1883, site, log=log)
+    engine = DeviceEngine(u.host or "127.0.0.1", u.port or 1883, site, log=log)
     engine.start()
     return engine
 
@@ -176,7 +82,7 @@ class ServedLinks:
         log: one line per link event.
     """
 
-    def __init__(self, workdir: Path, mqtt: MqttSessions | None, log: Log) -> None:
+    def __init__(self, workdir: Path, mqtt: DeviceEngine | None, log: Log) -> None:
         from hw.backends.sim import SimFabric
 
         self.workdir = workdir
@@ -192,7 +98,7 @@ class ServedLinks:
         if link == "mqtt":
             assert self.mqtt is not None
             self.mqtt.add(device_id, model, handler)
-            return f"{self.mqtt.broker}/{self.mqtt.site}/{device_id}"
+            return f"{self.mqtt.url}/{device_id}"
         if link == "usbdrop":
             folder = self.workdir / "usb" / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -216,7 +122,8 @@ class ServedLinks:
         """Make one link of one server fail; returns what was done."""
         if link == "mqtt":
             assert self.mqtt is not None
-            if self.mqtt.drop_connection(device_id):
+            if self.mqtt.ready(device_id):
+                self.mqtt.drop_connection(device_id)
                 return "broker connection dropped; the server reconnects with back-off"
             return "not connected at that moment; nothing to drop"
         if link == "usbdrop":

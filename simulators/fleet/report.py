@@ -74,6 +74,7 @@ class Summary:
     link_latency: dict[str, Latency] = field(default_factory=dict)
     provision_seconds: float = 0.0
     load_rate: float = 0.0
+    memory: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -109,12 +110,20 @@ class Summary:
             "latency_ms": self.latency.percentiles_ms(),
             "latency_ms_by_link": {k: v.percentiles_ms()
                                    for k, v in sorted(self.link_latency.items())},
+            "memory": {**self.memory, "per_server_kib": self._per_server()},
             "messages": self.messages,
             "faults": {"injected": sum(fault_kinds.values()), "by_kind": fault_kinds,
                        "log": self.faults},
             "invariants": [i.to_json() for i in self.invariants],
             "ok": self.ok,
         }
+
+    def _per_server(self) -> float | None:
+        """Resident memory per server beyond the process's start (at start()), once ready."""
+        start, ready = self.memory.get("rss_start_kib", 0), self.memory.get("rss_ready_kib", 0)
+        if not (start and ready and self.servers):
+            return None
+        return round((ready - start) / self.servers, 2)
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, sort_keys=False, default=str)
@@ -142,6 +151,14 @@ class Summary:
             for link, v in j["latency_ms_by_link"].items():
                 lines.append(f"    {link:<8} p50 {v['p50']} ms, p90 {v['p90']} ms, p99 "
                              f"{v['p99']} ms, max {v['max']} ms ({v['count']})")
+        if self.served:
+            lines.append("  served to outside clients and licsim's own: "
+                         + ", ".join(f"{op} {n}" for op, n in sorted(self.served.items())))
+        mem = j["memory"]
+        if mem.get("per_server_kib") is not None:
+            lines.append(f"  memory: {mem['rss_start_kib'] / 1024:.1f} MiB at start, "
+                         f"{mem['rss_ready_kib'] / 1024:.1f} MiB with every server ready = "
+                         f"{mem['per_server_kib']} KiB per server; peak {mem['peak_kib'] / 1024:.1f} MiB")
         m = self.messages
         lines.append(f"  messages: {m['lost']} lost, {m['duplicated']} duplicated, "
                      f"{m['corrupt_frames']} corrupt frames resynchronised, "

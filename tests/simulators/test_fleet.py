@@ -205,6 +205,10 @@ def test_random_faults_and_load_from_the_scenario_are_reproducible(fleet: Fleet)
     assert s["latency_ms"]["count"] == s["operations"]["done"]
     assert s["latency_ms"]["p50"] <= s["latency_ms"]["p90"] <= s["latency_ms"]["p99"] \
         <= s["latency_ms"]["max"]
+    mem = s["memory"]  # measured by the fleet itself: the bench reads it at 10,000 servers
+    assert 0 < mem["rss_start_kib"] <= mem["peak_kib"] and 0 < mem["rss_ready_kib"] <= mem["peak_kib"]
+    assert mem["per_server_kib"] == round((mem["rss_ready_kib"] - mem["rss_start_kib"])
+                                          / s["servers"]["started"], 2)
 
 
 def test_summary_reports_everything_and_all_invariants_hold(fleet: Fleet) -> None:
