@@ -27,6 +27,37 @@ CBOR = "application/cbor"
 JSON = "application/json"
 #: the largest answer read: license information may be up to 16 MiB
 MAX_ANSWER = 16 * 1024 * 1024 + 64 * 1024
+#: files per upload or confirm call, and their bytes: within the server's limits
+#: (ServerLimits.max_files, max_files_body), so a site of any size goes in batches
+BATCH_FILES = 1000
+BATCH_BYTES = 24 * 1024 * 1024
+
+
+def batches(files: Sequence[bytes], max_files: int | None = None,
+            max_bytes: int | None = None) -> list[tuple[int, list[bytes]]]:
+    """``files`` cut into (first index, files) batches of at most ``max_files`` and ``max_bytes``
+    (default :data:`BATCH_FILES`, :data:`BATCH_BYTES`); a larger file goes alone."""
+    max_files = max_files or BATCH_FILES
+    max_bytes = max_bytes or BATCH_BYTES
+    out: list[tuple[int, list[bytes]]] = []
+    start, size = 0, 0
+    cur: list[bytes] = []
+    for i, f in enumerate(files):
+        if cur and (len(cur) >= max_files or size + len(f) > max_bytes):
+            out.append((start, cur))
+            start, cur, size = i, [], 0
+        cur.append(bytes(f))
+        size += len(f)
+    if cur:
+        out.append((start, cur))
+    return out
+
+
+def _merge_confirm(total: dict[str, Any], part: Mapping[str, Any], offset: int) -> None:
+    total.setdefault("accepted", []).extend(part.get("accepted", []))
+    for r in part.get("refused", []):
+        total.setdefault("refused", []).append(
+            {**r, "index": int(r.get("index", 0)) + offset} if isinstance(r, dict) else r)
 
 
 class LicensingClient:
@@ -78,6 +109,9 @@ class LicensingClient:
     def upload(self, requests: Sequence[bytes], receipts: Sequence[bytes] = ()) -> dict[str, Any]:
         """``POST /v1/requests``: receipts are confirmed first, then each request answered.
 
+        Many requests go in batches within the server's limits (:func:`batches`);
+        the answers are merged.
+
         Returns:
             A dict (the decoded CBOR answer)::
 
@@ -89,17 +123,28 @@ class LicensingClient:
             (its position in ``requests``). ``receipts`` has the shape of
             :meth:`confirm`'s answer.
         """
-        body: dict[str, Any] = {"requests": [bytes(r) for r in requests]}
+        total: dict[str, Any] = {"responses": {}, "errors": {}}
         if receipts:
-            body["receipts"] = [bytes(r) for r in receipts]
-        data, ctype = self._exchange("POST", "/v1/requests", canonical(body), CBOR)
-        answer = self._decode(data, ctype, "/v1/requests")
-        if not isinstance(answer, dict):
-            raise TransportError(f"{self.url}/v1/requests answered something other than a map")
-        return answer
+            # receipts first, as one call would have it: freed licenses count for the requests
+            total["receipts"] = self.confirm(receipts)
+        for offset, part in batches(requests):
+            data, ctype = self._exchange("POST", "/v1/requests", canonical({"requests": part}),
+                                         CBOR)
+            answer = self._decode(data, ctype, "/v1/requests")
+            if not isinstance(answer, dict):
+                raise TransportError(f"{self.url}/v1/requests answered something other than a map")
+            total["responses"].update(answer.get("responses", {}))
+            for key, err in dict(answer.get("errors", {})).items():
+                if isinstance(key, str) and key.startswith("#") and key[1:].isdigit():
+                    key = f"#{int(key[1:]) + offset}"  # its position in ``requests``
+                total["errors"][key] = err
+        return total
 
     def confirm(self, receipts: Sequence[bytes]) -> dict[str, Any]:
         """``POST /v1/receipts``: hand receipts over; verified ones free pending reclaims.
+
+        Many receipts go in batches within the server's limits (:func:`batches`);
+        the answers are merged.
 
         Returns:
             ``{"accepted": [{"device_id": str, "sequence": int,
@@ -107,9 +152,12 @@ class LicensingClient:
             "refused": [{"index": int, "code": int, "reason": str, "message": str}]}``
             where ``index`` is the receipt's position in ``receipts``.
         """
-        body = canonical({"receipts": [bytes(r) for r in receipts]})
-        data, ctype = self._exchange("POST", "/v1/receipts", body, CBOR)
-        return self._object(data, ctype, "/v1/receipts")
+        total: dict[str, Any] = {"accepted": [], "refused": []}
+        for offset, part in batches(receipts) or [(0, [])]:
+            body = canonical({"receipts": part})
+            data, ctype = self._exchange("POST", "/v1/receipts", body, CBOR)
+            _merge_confirm(total, self._object(data, ctype, "/v1/receipts"), offset)
+        return total
 
     def assign(self, entitlement: str, device: str, feature: str, count: int) -> dict[str, Any]:
         """``POST /v1/assignments``: assign COUNT of FEATURE of an entitlement to a device.

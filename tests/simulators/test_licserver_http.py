@@ -358,3 +358,30 @@ def test_serve_refuses_a_port_in_use(licserver: Licserver) -> None:
     assert p.returncode == 2 and "cannot listen" in p.stderr
     proc.terminate()
     assert proc.wait(WAIT) == 0
+
+
+def test_a_site_larger_than_one_call_goes_in_batches(tmp_path: Path, vendor: Vendor, site: Site,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """More files than the server takes per call (here 2) are sent in batches and merged;
+    a refusal keeps its position in the whole list."""
+    import simulators.licensing_server.client as client_mod
+
+    led = Ledger(tmp_path / "l.db", vendor, clock=lambda: T0)
+    with serve(led, vendor, limits=ServerLimits(max_files=2)) as srv:
+        monkeypatch.setattr(client_mod, "BATCH_FILES", 2)
+        client = LicensingClient(srv.url)
+        devices = [site.device() for _ in range(4)]
+        client.entitle(E, P, {"bacnet": 4})
+        for d in devices:
+            client.assign(E, dev_id(d), "bacnet", 1)
+        reqs = [d.request(Action.ACTIVATE) for d in devices]
+        bad = bytearray(reqs[2])
+        bad[-1] ^= 1
+        up = client.upload([reqs[0], reqs[1], reqs[3], bytes(bad), reqs[2]])
+        assert set(up["responses"]) == {dev_id(d) for d in devices}
+        assert {k: v["reason"] for k, v in up["errors"].items()} == {"#3": "untrusted"}
+        receipts = [d.agent.apply(bytes(up["responses"][dev_id(d)]))[0].receipt for d in devices]
+        out = client.confirm([receipts[0], b"\xa0", *receipts[1:]])
+        assert sorted(a["device_id"] for a in out["accepted"]) == sorted(dev_id(d) for d in devices)
+        assert [r["index"] for r in out["refused"]] == [1]
+    led.close()
