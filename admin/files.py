@@ -26,6 +26,7 @@ from agent.store import FileOps, atomic_write
 
 __all__ = [
     "LICENSE_INFO_MAX",
+    "per_device_dir",
     "SITE_INFO_MAX",
     "SiteInfo",
     "device_file",
@@ -47,7 +48,14 @@ SITE_INFO_MAX = 16 * 1024 * 1024
 DEVICE_FILE_MAX = 256 * 1024
 MAX_SITE_DEVICES = 100_000
 
-SUFFIX = {"request": ".req", "response": ".resp", "receipt": ".receipt"}
+SUFFIX = {"request": ".req", "response": ".resp", "receipt": ".receipt",
+          "license-info": ".cbor"}
+
+
+def per_device_dir(license_info: str | Path) -> Path:
+    """``LICENSE_INFO.d``: each device's own signed license information, beside the site's."""
+    p = Path(license_info)
+    return p.with_name(p.name + ".d")
 
 
 def now() -> int:

@@ -30,12 +30,14 @@ import hw
 from admin.files import (
     LICENSE_INFO_MAX,
     SITE_INFO_MAX,
+    SUFFIX,
     SiteInfo,
     device_file,
     ensure_dir,
     features_text,
     now,
     peek_payload,
+    per_device_dir,
     read_device_files,
     short,
     verify_device_info,
@@ -478,6 +480,8 @@ class Licensing(Protocol):
     """What the workflow asks the licensing server (simulators.licensing_server.client)."""
 
     def license_info(self, site_info: bytes, devices: Sequence[str] | None = None) -> bytes: ...
+    def license_info_files(self, site_info: bytes, devices: Sequence[str] | None = None
+                           ) -> tuple[bytes, dict[str, bytes]]: ...
     def upload(self, requests: Sequence[bytes], receipts: Sequence[bytes] = ()) -> Any: ...
     def confirm(self, receipts: Sequence[bytes]) -> Any: ...
     def assign(self, entitlement: str, device: str, feature: str, count: int) -> Any: ...
@@ -507,9 +511,22 @@ def license_info(site_info: str, devices: Sequence[str], out: str,
     if unknown:
         raise UsageError(f"--device {', '.join(short(d) for d in unknown)}: not in {site_info} "
                          f"(it holds {', '.join(short(d) for d in sorted(known)) or 'no device'})")
-    answer = licensing.license_info(data, list(devices) or None)
+    answer, own = licensing.license_info_files(data, list(devices) or None)
     info, _kid = peek_payload(answer, LicenseInfo, LICENSE_INFO_MAX)
     assert isinstance(info, LicenseInfo)
+    # each server's own file goes beside the site's (step 3 hands a server only its own)
+    folder = per_device_dir(out)
+    if folder.is_dir():
+        for old in folder.glob("*" + SUFFIX["license-info"]):
+            old.unlink()  # never hand a server a file from an earlier run
+    folder = ensure_dir(folder)
+    for dev, one in own.items():
+        part, _kid = peek_payload(one, LicenseInfo, LICENSE_INFO_MAX)
+        assert isinstance(part, LicenseInfo)
+        if [e.device_id for e in part.entries] != [dev]:
+            raise MalformedError(f"the licensing server's license information for {short(dev)} "
+                                 f"names other devices")
+        write_file(device_file(folder, dev, "license-info"), one)
     write_file(Path(out), answer)
     res = StepResult("license-info")
     entries = []
@@ -519,8 +536,10 @@ def license_info(site_info: str, devices: Sequence[str], out: str,
         entries.append({"device_id": e.device_id,
                         "reclaim": [x.to_cbor() for x in e.reclaim],
                         "install": [x.to_cbor() for x in e.install]})
-    res.notes.append(f"wrote license information for {len(info.entries)} server(s) to {out}")
-    res.facts = {"out": out, "entries": entries, "expires": info.expires}
+    res.notes.append(f"wrote license information for {len(info.entries)} server(s) to {out}, "
+                     f"and each server's own to {folder}")
+    res.facts = {"out": out, "per_device": str(folder), "entries": entries,
+                 "expires": info.expires}
     return res
 
 
@@ -541,12 +560,27 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
     info, _kid = peek_payload(data, LicenseInfo, LICENSE_INFO_MAX)
     assert isinstance(info, LicenseInfo)
     folder = ensure_dir(out_dir)
+    own_dir = per_device_dir(license_info_file)
+
+    def own_file(dev: str) -> bytes:
+        """The server's own license information if step 2 wrote it, else the site's."""
+        path = device_file(own_dir, dev, "license-info")
+        if not path.is_file():
+            return data
+        one = read_input(str(path), LICENSE_INFO_MAX)
+        part, _kid = peek_payload(one, LicenseInfo, LICENSE_INFO_MAX)
+        assert isinstance(part, LicenseInfo)
+        if ([e.device_id for e in part.entries] != [dev]
+                or part.for_device(dev) != info.for_device(dev)):
+            raise UsageError(f"{path} does not match {license_info_file} for this server "
+                             f"(files of different runs?); run license-info again")
+        return one
 
     def job(client: ServerClient, o: Outcome) -> None:
         dev = o.device_id = device_id_of(client)
         entry = info.for_device(dev)
         wanted: list[str] = []
-        li: bytes | None = data
+        li: bytes | None = None
         if mode == "reclaim" and features:
             installed = {x["feature"] for x in client.status()["licenses"]}
             wanted = [f for f in features if f in installed]
@@ -558,9 +592,9 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
             o.skip("not named in the license information")
             return
         elif entry.reclaim:
-            action = Action.RECLAIM
+            action, li = Action.RECLAIM, own_file(dev)
         elif entry.install and mode != "reclaim":
-            action = Action.ACTIVATE
+            action, li = Action.ACTIVATE, own_file(dev)
         else:
             o.skip("nothing to reclaim" if mode == "reclaim" else "nothing to reclaim or install")
             return

@@ -106,6 +106,27 @@ class LicensingClient:
         data, _ctype = self._exchange("POST", "/v1/license-info", canonical(body), CBOR)
         return data
 
+    def license_info_files(self, site_info: bytes, devices: Sequence[str] | None = None
+                           ) -> tuple[bytes, dict[str, bytes]]:
+        """``POST /v1/license-info`` with ``per_device``: the site's file and each device's own.
+
+        Returns:
+            (the vendor-signed file for every device, {device ID: a vendor-signed
+            file naming only that device}).
+        """
+        body: dict[str, Any] = {"site_info": bytes(site_info), "per_device": True}
+        if devices:
+            body["devices"] = list(devices)
+        data, ctype = self._exchange("POST", "/v1/license-info", canonical(body), CBOR)
+        m = self._decode(data, ctype, "/v1/license-info")
+        one = m.get("per_device") if isinstance(m, dict) else None
+        whole = m.get("license_info") if isinstance(m, dict) else None
+        if (not isinstance(whole, bytes) or not isinstance(one, dict)
+                or not all(isinstance(k, str) and isinstance(v, bytes) for k, v in one.items())):
+            raise TransportError(f"{self.url}/v1/license-info answered something other than "
+                                 f"{{license_info: bytes, per_device: {{device: bytes}}}}")
+        return whole, dict(one)
+
     def upload(self, requests: Sequence[bytes], receipts: Sequence[bytes] = ()) -> dict[str, Any]:
         """``POST /v1/requests``: receipts are confirmed first, then each request answered.
 

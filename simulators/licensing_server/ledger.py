@@ -642,6 +642,17 @@ class Ledger:
             MalformedError: no device-information file in the bundle verifies.
             UsageError: ``devices`` names a device the bundle does not hold.
         """
+        return self.license_info_files(site_info, devices, now, vendor, per_device=False)[0]
+
+    def license_info_files(self, site_info: bytes, devices: Sequence[str] | None = None,
+                           now: int | None = None, vendor: Vendor | None = None,
+                           per_device: bool = True) -> tuple[bytes, dict[str, bytes]]:
+        """:meth:`license_info`, plus (``per_device``) one signed file per device naming only it.
+
+        A server is handed only its own file in step 3: the whole site's file grows
+        with the site (about 120 bytes a server) and would not fit a serial frame
+        or an MQTT message beyond a few hundred servers.
+        """
         now = self._now(now)
         signer = self._vendor(vendor)
         _site, files = read_site_info(site_info)
@@ -672,7 +683,10 @@ class Ledger:
             rec["detail"] = (f"{len(entries)} device(s) of {len(files)} file(s); "
                              + "; ".join(f"{d[:12]}: reclaim {len(r)}, install {len(i)}"
                                          for d, (r, i) in entries.items())[:800])
-            return signer.license_info(entries, now, LICENSE_INFO_VALID)
+            whole = signer.license_info(entries, now, LICENSE_INFO_VALID)
+            one = ({dev: signer.license_info({dev: plan}, now, LICENSE_INFO_VALID)
+                    for dev, plan in entries.items()} if per_device else {})
+            return whole, one
 
     # ------------------------------------------------------------ step 4: requests
 

@@ -113,7 +113,7 @@ class _Handler(JsonHandler):
 
     def _license_info(self) -> Answer:
         body = self._cbor(self.server.limits.max_license_info_body)
-        m = _fields(body, "license-info", {"site_info"}, {"devices"})
+        m = _fields(body, "license-info", {"site_info"}, {"devices", "per_device"})
         site = m["site_info"]
         if not isinstance(site, bytes):
             raise MalformedError("site_info must be the SITE_INFO file as a byte string")
@@ -121,8 +121,15 @@ class _Handler(JsonHandler):
         if devices is not None and (not isinstance(devices, list)
                                     or not all(isinstance(d, str) for d in devices)):
             raise MalformedError("devices must be a list of device IDs")
+        per_device = m.get("per_device", False)
+        if not isinstance(per_device, bool):
+            raise MalformedError("per_device must be true or false")
         srv = self.server
-        return Answer(srv.ledger.license_info(site, devices or None, vendor=srv.vendor), CBOR)
+        whole, one = srv.ledger.license_info_files(site, devices or None, vendor=srv.vendor,
+                                                   per_device=per_device)
+        if not per_device:
+            return Answer(whole, CBOR)
+        return Answer(canonical({"license_info": whole, "per_device": one}), CBOR)
 
     def _requests(self) -> Answer:
         lim = self.server.limits

@@ -634,3 +634,42 @@ def test_one_go_with_the_licensing_server_unreachable_keeps_what_it_gathered(
     finally:
         shutil.rmtree(work)
     assert all(s.licenses() == {} for s in ws.servers)
+
+
+def test_each_server_is_handed_only_its_own_license_information(lws: WorkSite) -> None:
+    """Step 2 writes the site's file and, beside it, each server's own (the site's file grows
+    with the site and would not fit a frame); step 3 hands a server only its own."""
+    from agent.cose import decode_sign1, strict_loads
+    from agent.messages import LicenseInfo, decode_payload
+
+    w = lws
+    assign_all(w)
+    toml = w.write_toml()
+    w.run("gather", "--servers", toml, "--out", "site.info")
+    out = w.online("license-info", "--site-info", "site.info", "--out", "li.cbor").stdout
+    assert "each server's own to li.cbor.d" in out
+    own = w.root / "li.cbor.d"
+    assert sorted(p.name for p in own.iterdir()) == sorted(f"{s.device_id}.cbor"
+                                                          for s in w.servers)
+    for s in w.servers:
+        env = decode_sign1((own / f"{s.device_id}.cbor").read_bytes(), max_size=1 << 20)
+        info = decode_payload(strict_loads(env.payload, max_size=1 << 20), LicenseInfo)
+        assert isinstance(info, LicenseInfo)
+        assert [e.device_id for e in info.entries] == [s.device_id]
+    # a damaged own file reaches only its own server, which refuses it; the others go on
+    asb = w.by_name("asb-1")
+    path = own / f"{asb.device_id}.cbor"
+    good = path.read_bytes()
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    p = w.run("requests", "--license-info", "li.cbor", "--servers", toml, "--out-dir", "r1",
+              code=10)
+    assert f"FAILED  asb-1 device {asb.device_id[:12]}…: untrusted: signature does not verify" \
+        in p.stdout
+    assert "ok      asp-1" in p.stdout and "ok      edge-1" in p.stdout
+    # another server's file under this server's name: refused before it is sent
+    path.write_bytes((own / f"{w.by_name('asp-1').device_id}.cbor").read_bytes())
+    p = w.run("requests", "--license-info", "li.cbor", "--servers", toml, "--out-dir", "r2",
+              code=10)
+    assert "FAILED  asb-1" in p.stdout and "does not match li.cbor" in p.stdout
+    path.write_bytes(good)
+    w.run("requests", "--license-info", "li.cbor", "--servers", toml, "--out-dir", "r3")
