@@ -134,6 +134,9 @@ class QemuGuest:
         #: seconds from starting qemu to the agent listening on both ports
         self.ready_seconds = 0.0
         self.lines: collections.deque[str] = collections.deque(maxlen=400)
+        #: every console line since the last start (for run(): commands' output)
+        self.lines_seen: list[str] = []
+        self._token = 0
         self._cond = threading.Condition()
         self._reader: threading.Thread | None = None
         self._console_file: IO[str] | None = None
@@ -218,6 +221,7 @@ class QemuGuest:
         self.port = _free_port()
         self.pty = ""
         self.lines.clear()
+        self.lines_seen = []
         if self.console_path is not None:
             self._console_file = open(self.console_path, "a", encoding="utf-8",  # noqa: SIM115
                                       errors="replace")
@@ -254,6 +258,7 @@ class QemuGuest:
                 if m:
                     self.pty = m.group(1)
                 self.lines.append(line)
+                self.lines_seen.append(line)
                 self._cond.notify_all()
         with self._cond:
             self._cond.notify_all()
@@ -283,6 +288,38 @@ class QemuGuest:
             self.proc.stdin.flush()
         except OSError as exc:
             raise TransportError(f"cannot write to the guest console: {exc}") from exc
+
+    def run(self, *argv: str, timeout: float = 120.0) -> tuple[int, str]:
+        """Run a command in the guest from its service console; its exit code and output.
+
+        Arguments are split on blanks by the guest's shell, so they must not contain any.
+        """
+        if any(not a or any(c.isspace() for c in a) for a in argv):
+            raise UsageError(f"guest command arguments must be non-empty words: {argv!r}")
+        with self._cond:
+            self._token += 1
+            token = f"t{self._token}"
+            start = len(self.lines_seen)
+        self.send_console(" ".join(("exec", token, *argv)))
+        end = re.compile(rf"licguest: end {token} (\d+)$")
+        if not self.wait_for(lambda: any(end.search(x) for x in self.lines_seen[start:]),
+                             timeout):
+            raise TransportError(f"guest command {' '.join(argv)} did not finish in "
+                                 f"{timeout:.0f} s")
+        with self._cond:
+            seen = self.lines_seen[start:]
+        out: list[str] = []
+        inside = False
+        rc = 1
+        for x in seen:
+            if x.endswith(f"licguest: begin {token}"):
+                inside = True
+            elif (m := end.search(x)) is not None:
+                rc = int(m.group(1))
+                break
+            elif inside:
+                out.append(x)
+        return rc, "\n".join(out) + ("\n" if out else "")
 
     # ------------------------------------------------------------ stop
 
