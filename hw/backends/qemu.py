@@ -223,7 +223,7 @@ class QemuGuest:
         self.lines.clear()
         self.lines_seen = []
         if self.console_path is not None:
-            self._console_file = open(self.console_path, "a", encoding="utf-8",  # noqa: SIM115
+            self._console_file = open(self.console_path, "a", encoding="utf-8",
                                       errors="replace")
         t0 = time.monotonic()
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE,
@@ -268,8 +268,8 @@ class QemuGuest:
         deadline = time.monotonic() + timeout
         with self._cond:
             while not predicate():
-                if self.proc is None or self.proc.poll() is not None and not (
-                        self._reader and self._reader.is_alive()):
+                if self.proc is None or (self.proc.poll() is not None and not (
+                        self._reader and self._reader.is_alive())):
                     return bool(predicate())
                 left = deadline - time.monotonic()
                 if left <= 0:

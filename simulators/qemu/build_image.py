@@ -248,7 +248,7 @@ def make_initrd(out: Path, busybox: Path, moddir: Path, kver: str, work: Path) -
     shutil.copy2(HERE / "initramfs-init", init)
     init.chmod(0o755)
     files = sorted(str(p.relative_to(work)) for p in work.rglob("*"))
-    listing = ("\n".join(["."] + files) + "\n").encode()
+    listing = ("\n".join([".", *files]) + "\n").encode()
     with out.open("wb") as f:
         cpio = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
                               input=listing, cwd=work, stdout=f, check=False)
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     (cache / "image.json.tmp").write_text(json.dumps(manifest, indent=1) + "\n")
     (cache / "image.json.tmp").rename(cache / "image.json")
     for old in cache.iterdir():  # earlier builds
-        if old.name.startswith("root-") and old != img or (
+        if (old.name.startswith("root-") and old != img) or (
                 old.name.startswith("base-") and old != base):
             if old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)

@@ -10,7 +10,6 @@ Run alone with ``python tests/bench/qemu.py``. Without a built image the rows sa
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
