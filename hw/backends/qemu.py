@@ -214,10 +214,10 @@ class QemuGuest:
         """
         if self.proc is not None:
             raise RuntimeError("guest already started")
+        self.ensure_state()
         if shutil.which(QEMU) is None:
             raise UsageError(f"qemu:// needs {QEMU} (apt-get install qemu-system-arm; "
                              "`make qemu-image` installs it)")
-        self.ensure_state()
         self.port = _free_port()
         self.pty = ""
         self.lines.clear()
