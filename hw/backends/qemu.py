@@ -452,7 +452,7 @@ def connect(url: LinkURL, timeout: float = 10.0, tries: int = 4, **_ctx: Any) ->
     try:
         guest.start(boot_timeout)
         inner_url = guest.serial_url if link == "serial" else guest.tcp_url
-        inner = hw.connect(f"{inner_url}?timeout={timeout}&tries={tries}")
+        inner = hw.connect(inner_url, timeout=timeout, tries=tries)
     except BaseException:
         guest.kill()
         if cleanup is not None:

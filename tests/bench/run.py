@@ -163,6 +163,9 @@ def main() -> int:
     from tests.bench.mqtt import mqtt_rows
 
     rows += mqtt_rows()
+    from tests.bench.qemu import qemu_rows
+
+    rows += qemu_rows()  # the agent in the emulated arm64 server (after `make qemu-image`)
 
     table = ["| measure | result | notes |", "|---|---|---|"]
     table += [f"| {a} | {b} | {c} |" for a, b, c in rows]

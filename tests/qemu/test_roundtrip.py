@@ -108,3 +108,17 @@ def test_activation_over_serial_and_reclaim_over_lan(
         assert rc == 0 and json.loads(out)["sequence"] == 2
     finally:
         guest.stop()
+
+
+def test_licadmin_boots_the_guest_from_a_qemu_url(tmp_path: Path, qemu_image: Path) -> None:
+    tool("licserver", "keygen", "--out", str(tmp_path / "vendor"))
+    state = tmp_path / "as-b.img"
+    base = f"qemu://arm64?image={qemu_image}&state={state}"
+    first = json.loads(tool("licadmin", "status", "--json", "--server",
+                            f"{base}&trust={tmp_path}/vendor/vendor.pub&model=AS-B"
+                            "&serial=AS-B-33020077&link=serial"))
+    assert first["model"] == "AS-B" and first["serial"] == "AS-B-33020077"
+    # the same state disk, booted again, over the LAN port: the same server, still bound
+    again = json.loads(tool("licadmin", "status", "--json", "--server", f"{base}&link=tcp"))
+    assert again["device_id"] == first["device_id"] and again["sequence"] == 0
+    tool("licadmin", "check", "--server", f"{base}&link=tcp", "bacnet-ip", expect=1)
