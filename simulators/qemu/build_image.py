@@ -113,7 +113,8 @@ def inputs() -> dict[str, str]:
     missing = [p for p, v in versions.items() if not v]
     if missing:
         raise SystemExit(f"qemu-image: no arm64 candidate for {', '.join(missing)}")
-    return {"recipe": RECIPE, "suite": SUITE, "kernel_package": kpkg,
+    initramfs = hashlib.sha256((HERE / "initramfs-init").read_bytes()).hexdigest()[:12]
+    return {"recipe": RECIPE, "suite": SUITE, "kernel_package": kpkg, "initramfs": initramfs,
             "wheels": " ".join(WHEELS), **{f"deb:{k}": v for k, v in versions.items()}}
 
 
@@ -139,6 +140,8 @@ def build_base(base: Path, inp: dict[str, str]) -> None:
     log(f"unpacking {len(archives)} packages (no second stage: no maintainer scripts run)")
     for deb in archives:
         run("dpkg-deb", "-x", deb, rootfs)
+    # provenance: every package version in the guest
+    (tmp / "packages.txt").write_text("".join(d.name + "\n" for d in archives))
     configure_rootfs(rootfs)
 
     log("apt-get download " + inp["kernel_package"] + ":arm64 busybox-static:arm64")
@@ -163,6 +166,8 @@ def build_base(base: Path, inp: dict[str, str]) -> None:
     for whl in sorted(wheels.glob("*.whl")):
         with zipfile.ZipFile(whl) as z:
             z.extractall(site)
+        with (tmp / "packages.txt").open("a") as f:
+            f.write(whl.name + "\n")
 
     kver = inp["kernel_package"].removeprefix("linux-image-")
     moddir = kdir / "lib/modules" / kver

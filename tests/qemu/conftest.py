@@ -27,12 +27,14 @@ GUEST_STATE = "/var/lib/licagent/state"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("LICQEMU_TESTS") == "1":
-        return
+    """Mark this folder's tests `qemu`; skip them unless LICQEMU_TESTS=1 (`make test-qemu`)."""
+    run = os.environ.get("LICQEMU_TESTS") == "1"
     skip = pytest.mark.skip(reason="boots QEMU guests: run with `make test-qemu`")
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(skip)
+            item.add_marker(pytest.mark.qemu)
+            if not run:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -113,3 +115,5 @@ def guest_factory(tmp_path: Path, qemu_image: Path) -> Iterator[Any]:
     yield make
     for g in started:
         g.stop()
+    # nothing leaked: every qemu process has been reaped
+    assert all(g.proc is None for g in started)
