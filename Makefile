@@ -63,7 +63,7 @@ qemu-tools:
 	if [ -n "$$missing" ]; then echo "installing host tools for:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends \
-	    qemu-system-arm qemu-user debootstrap cpio kmod e2fsprogs; fi
+	    qemu-system-arm qemu-user debootstrap debian-archive-keyring cpio kmod e2fsprogs; fi
 
 qemu-image: $(STAMP) qemu-tools
 	$(PY) simulators/qemu/build_image.py

@@ -62,6 +62,8 @@ _OPTIONS = ("image", "state", "trust", "model", "serial", "mac", "time", "memory
 _SAFE = re.compile(r"[A-Za-z0-9._:+-]{1,64}")
 _MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 _PTY = re.compile(r"char device redirected to (\S+) \(label lic\)")
+#: console lines that are not a command's output: the agent daemon's log, kernel messages
+_NOISE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z [A-Z]+ |\[\s*\d+\.\d+\] ")
 
 
 def default_image_dir() -> Path:
@@ -293,6 +295,8 @@ class QemuGuest:
         """Run a command in the guest from its service console; its exit code and output.
 
         Arguments are split on blanks by the guest's shell, so they must not contain any.
+        Lines of the agent daemon's log and kernel messages, which share the console, are
+        left out of the output.
         """
         if any(not a or any(c.isspace() for c in a) for a in argv):
             raise UsageError(f"guest command arguments must be non-empty words: {argv!r}")
@@ -317,7 +321,7 @@ class QemuGuest:
             elif (m := end.search(x)) is not None:
                 rc = int(m.group(1))
                 break
-            elif inside:
+            elif inside and not _NOISE.match(x):
                 out.append(x)
         return rc, "\n".join(out) + ("\n" if out else "")
 
