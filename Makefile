@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CWT_STAMP := $(CWT_VENV)/.installed
 
 .PHONY: run demo-files test lint unit fuzz bench clean venv broker qemu-tools qemu-image \
-	test-qemu test-qemu-user
+	test-qemu test-qemu-user qemu-clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,10 @@ test-qemu: qemu-image
 # (no kernel, no binfmt_misc) running the core tests
 test-qemu-user: qemu-image
 	$(PY) simulators/qemu/user_mode.py -- -q -p no:cacheprovider
+
+# the guest image cache lives outside the repository; `make clean` leaves it alone
+qemu-clean:
+	rm -rf "$${LICQEMU_CACHE:-$$HOME/.cache/bms-licensing/qemu}"
 
 clean:
 	rm -rf $(VENV) $(CWT_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
