@@ -6,7 +6,8 @@ CWT_VENV := .venv-cwt
 STAMP  := $(VENV)/.installed
 CWT_STAMP := $(CWT_VENV)/.installed
 
-.PHONY: run demo-files test lint unit fuzz bench clean venv broker
+.PHONY: run demo-files test lint unit fuzz bench clean venv broker qemu-tools qemu-image \
+	test-qemu test-qemu-user qemu-clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,35 @@ fuzz: $(STAMP)
 
 bench: $(STAMP) broker
 	$(PY) tests/bench/run.py
+
+# The emulated ARM automation server (issue 7): an arm64 Debian bookworm guest built from
+# Debian's packages into $(LICQEMU_CACHE) (outside the repository; reused when present),
+# booted under qemu-system-aarch64 by the qemu:// backend. Host tools come from apt.
+QEMU_TOOLS := qemu-system-aarch64 qemu-aarch64 debootstrap cpio depmod mkfs.ext4 dpkg-deb
+qemu-tools:
+	@missing=; for t in $(QEMU_TOOLS); do command -v $$t >/dev/null || \
+	  test -x /usr/sbin/$$t || test -x /sbin/$$t || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then echo "installing host tools for:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends \
+	    qemu-system-arm qemu-user debootstrap debian-archive-keyring cpio kmod e2fsprogs; fi
+
+qemu-image: $(STAMP) qemu-tools
+	$(PY) simulators/qemu/build_image.py
+
+# the HAL contract suite, activation + reclaim with licadmin/licserver, and power cuts,
+# against the agent in the guest (tests/qemu; `make test` reports them as skipped)
+test-qemu: qemu-image
+	LICQEMU_TESTS=1 $(PY) -m pytest -q -p no:cacheprovider tests/qemu
+
+# the fast lane: the guest's arm64 CPython under qemu-aarch64 user-mode emulation
+# (no kernel, no binfmt_misc) running the core tests
+test-qemu-user: qemu-image
+	$(PY) simulators/qemu/user_mode.py -- -q -p no:cacheprovider
+
+# the guest image cache lives outside the repository; `make clean` leaves it alone
+qemu-clean:
+	rm -rf "$${LICQEMU_CACHE:-$$HOME/.cache/bms-licensing/qemu}"
 
 clean:
 	rm -rf $(VENV) $(CWT_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -29,6 +29,7 @@ BACKENDS: Mapping[str, str] = {
     "usbdrop": "hw.backends.usbdrop",
     "mqtt": "hw.backends.mqtt",
     "mqtts": "hw.backends.mqtt",
+    "qemu": "hw.backends.qemu",
 }
 
 

@@ -166,6 +166,12 @@ def main() -> int:
     from tests.bench.fleet_mqtt import fleet_rows
 
     rows += fleet_rows()
+    from tests.bench.licsim_scale import licsim_rows
+
+    rows += licsim_rows()
+    from tests.bench.qemu import qemu_rows
+
+    rows += qemu_rows()  # the agent in the emulated arm64 server (after `make qemu-image`)
 
     table = ["| measure | result | notes |", "|---|---|---|"]
     table += [f"| {a} | {b} | {c} |" for a, b, c in rows]
