@@ -1,4 +1,11 @@
-"""A mosquitto broker that the fleet starts on a free loopback port and can restart (a fault)."""
+"""A mosquitto broker on a free loopback port, which licsim (and the tests) start and can restart.
+
+:class:`MosquittoBroker` writes a configuration file (``listener PORT 127.0.0.1``,
+anonymous, persistence off, unless given another), runs ``mosquitto -c`` as a
+child process that dies with its parent, waits until it accepts connections,
+and can kill it (every connection drops, nothing retained survives) and start
+it again on the same port. Nothing ever listens on another address.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from pathlib import Path
 
 from agent.errors import LicensingError, UsageError
 
-__all__ = ["MosquittoBroker", "mosquitto_path"]
+__all__ = ["MosquittoBroker", "free_port", "mosquitto_path", "plain_config"]
 
 #: an upper bound for the broker to start or stop
 WAIT = 20.0
@@ -43,35 +50,43 @@ def _die_with_parent() -> None:
         pass
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-class MosquittoBroker:
-    """One mosquitto process on 127.0.0.1 (anonymous, no persistence) in ``directory``."""
+def plain_config(port: int, max_connections: int = -1) -> str:
+    """Anonymous MQTT on 127.0.0.1:``port``, no persistence, warnings and errors logged."""
+    return "\n".join([
+        "per_listener_settings false",
+        "persistence false",
+        f"user {getpass.getuser()}",
+        f"listener {port} 127.0.0.1",
+        f"max_connections {max_connections}",
+        "allow_anonymous true",
+        "max_queued_messages 0",
+        "set_tcp_nodelay true",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "",
+    ])
 
-    def __init__(self, directory: Path, max_connections: int = -1) -> None:
+
+class MosquittoBroker:
+    """One mosquitto process in ``directory``: :func:`plain_config` on a free port by default."""
+
+    def __init__(self, directory: Path, max_connections: int = -1, *, config: str | None = None,
+                 port: int | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        self.port = _free_port()
+        self.port = port or free_port()
         self.conf = directory / "mosquitto.conf"
         self.log = directory / "mosquitto.log"
-        self.conf.write_text("\n".join([
-            "per_listener_settings false",
-            "persistence false",
-            f"user {getpass.getuser()}",
-            f"listener {self.port} 127.0.0.1",
-            f"max_connections {max_connections}",
-            "allow_anonymous true",
-            "max_queued_messages 0",
-            "set_tcp_nodelay true",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "",
-        ]))
+        self.conf.write_text(config if config is not None
+                             else plain_config(self.port, max_connections))
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
@@ -107,11 +122,15 @@ class MosquittoBroker:
                     raise LicensingError(f"mosquitto did not listen on port {self.port}") from None
                 time.sleep(0.02)
 
-    def restart(self) -> None:
-        """SIGKILL (every connection drops, nothing retained survives), then start again."""
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, every connection drops, nothing retained survives."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=WAIT)
+
+    def restart(self) -> None:
+        """:meth:`kill`, then start again on the same port."""
+        self.kill()
         self.start()
         self.restarts += 1
 
@@ -123,3 +142,10 @@ class MosquittoBroker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=WAIT)
+
+    def __enter__(self) -> MosquittoBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

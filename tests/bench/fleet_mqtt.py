@@ -212,7 +212,6 @@ def fleet_rows(n: int = N) -> list[tuple[str, str, str]]:
     root = Path(tempfile.mkdtemp(prefix="licbench-fleet-", dir="/dev/shm"))
     rows: list[tuple[str, str, str]] = []
     broker = Broker.plain(root / "broker")
-    broker.conf.write_text(broker.conf.read_text() + "max_connections -1\n")
     broker.start()
     fleet: _Fleet | None = None
     try:
