@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from agent.errors import EXIT_FAILURE, EXIT_OK, LicensingError, StorageError, UsageError
+from agent.errors import EXIT_FAILURE, EXIT_OK, LicensingError, UsageError
 
 __all__ = ["main"]
 
@@ -112,10 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return run(args)
-    except StorageError as err:
-        print(f"{PROG}: {err.reason}: {err}", file=sys.stderr)
-        return err.exit_code
-    except LicensingError as err:
+    except LicensingError as err:  # storage errors too: exit 8
         print(f"{PROG}: {err.reason}: {err}", file=sys.stderr)
         return err.exit_code
     except OSError as exc:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agent.cli import parse_time, read_input, write_output
 from agent.cose import ALG_EDDSA, ALG_ES256, PublicKey, SigningKey
-from agent.errors import EXIT_OK, LicensingError, StorageError, UsageError
+from agent.errors import EXIT_OK, LicensingError, UsageError
 from agent.messages import License
 from agent.store import FileOps, atomic_write
 from simulators.licensing_server.vendor import (
@@ -163,10 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return run(args)
-    except StorageError as err:
-        print(f"{PROG}: {err.reason}: {err}", file=sys.stderr)
-        return err.exit_code
-    except LicensingError as err:
+    except LicensingError as err:  # storage errors too: exit 8
         print(f"{PROG}: {err.reason}: {err}", file=sys.stderr)
         return err.exit_code
 
