@@ -169,6 +169,9 @@ def main() -> int:
     from tests.bench.licsim_scale import licsim_rows
 
     rows += licsim_rows()
+    from tests.bench.licsim_sites import sites_rows
+
+    rows += sites_rows()  # stretch: 50,000 servers as five licsim processes and brokers
     from tests.bench.qemu import qemu_rows
 
     rows += qemu_rows()  # the agent in the emulated arm64 server (after `make qemu-image`)
