@@ -488,6 +488,44 @@ def decode_reply(payload: bytes, rid: int, max_payload: int = DEFAULT_MAX_FRAME)
 # ---------------------------------------------------------------- reconnect back-off (no I/O)
 
 
+class Retry:
+    """When a client (re)sends a request and when it gives up: one rule for every client.
+
+    A request goes out as soon as the device is online; again, with the same
+    correlation data, when the device's presence comes back (``came_back``
+    changes) or after ``timeout`` seconds without an answer, ``tries`` times in
+    all; the client gives up when the device stays absent ``presence_timeout``
+    seconds. :meth:`step` decides; it does no I/O and keeps no clock.
+    """
+
+    SEND, WAIT, ABSENT, EXHAUSTED = "send", "wait", "absent", "exhausted"
+
+    def __init__(self, timeout: float, tries: int, presence_timeout: float) -> None:
+        self.timeout, self.max_tries, self.presence_timeout = timeout, tries, presence_timeout
+        self.tries = 0
+        self.next_try = 0.0
+        self.seen_back: object = None
+        self.absent_since: float | None = None
+
+    def step(self, now: float, online: bool, came_back: object) -> tuple[str, float]:
+        """(SEND, 0), (WAIT, seconds), (ABSENT, 0) or (EXHAUSTED, 0) at ``now``."""
+        if not online:
+            self.absent_since = self.absent_since or now
+            if now - self.absent_since >= self.presence_timeout:
+                return self.ABSENT, 0.0
+            return self.WAIT, self.absent_since + self.presence_timeout - now
+        self.absent_since = None
+        if self.seen_back != came_back:
+            self.seen_back = came_back  # it is (back) online
+        elif now < self.next_try:
+            return self.WAIT, self.next_try - now
+        elif self.tries >= self.max_tries:
+            return self.EXHAUSTED, 0.0
+        self.tries += 1 if now >= self.next_try else 0
+        self.next_try = now + self.timeout
+        return self.SEND, 0.0
+
+
 @record
 class Backoff:
     """Exponential back-off with jitter: min, 2 x min, ... up to max, each x [0.5, 1.5)."""
@@ -1188,10 +1226,7 @@ class MqttClient(ServerClient):
         with self._cond:
             self._waiting.add(corr)
         try:
-            tries = 0
-            seen_back = None
-            next_try = 0.0
-            absent_since: float | None = None
+            retry = Retry(self.timeout, self.tries, self.presence_timeout)
             while True:
                 with self._cond:
                     now = time.monotonic()
@@ -1200,33 +1235,21 @@ class MqttClient(ServerClient):
                         break
                     if self._closed:
                         raise TransportError(f"{op}: the client was closed; {maybe}")
-                    send = False
-                    if self._online is not True:
-                        absent_since = absent_since or now
-                        if now - absent_since >= self.presence_timeout:
-                            gone = ("went offline (presence online: false)"
-                                    if self._online is False else
-                                    "was lost with the broker connection")
-                            raise TransportError(
-                                f"{op}: {self.where} {gone} and did not come back within "
-                                f"{self.presence_timeout:g} s; {maybe}")
-                        wait = absent_since + self.presence_timeout - now
-                    else:
-                        absent_since = None
-                        if seen_back != self._came_back:
-                            send, seen_back = True, self._came_back  # it is (back) online
-                        elif now >= next_try:
-                            if tries >= self.tries:
-                                raise TransportError(
-                                    f"{op}: no answer from {self.where} after {tries} tries of "
-                                    f"{self.timeout:g} s; {maybe}")
-                            send = True
-                        wait = next_try - now
-                    if not send:
+                    what, wait = retry.step(now, self._online is True, self._came_back)
+                    if what == Retry.ABSENT:
+                        gone = ("went offline (presence online: false)"
+                                if self._online is False else
+                                "was lost with the broker connection")
+                        raise TransportError(
+                            f"{op}: {self.where} {gone} and did not come back within "
+                            f"{self.presence_timeout:g} s; {maybe}")
+                    if what == Retry.EXHAUSTED:
+                        raise TransportError(
+                            f"{op}: no answer from {self.where} after {retry.tries} tries of "
+                            f"{self.timeout:g} s; {maybe}")
+                    if what == Retry.WAIT:
                         self._cond.wait(max(0.001, wait))
                         continue
-                    tries += 1 if now >= next_try else 0
-                    next_try = now + self.timeout
                 self._session.client.publish(topic, payload, qos=1, properties=props)
         finally:
             with self._cond:
@@ -1490,10 +1513,7 @@ class MqttSite:
         with self._lock:
             self._calls[corr] = call
         try:
-            tries = 0
-            seen_back: int | None = None
-            next_try = 0.0
-            absent_since: float | None = None
+            retry = Retry(self.timeout, self.tries, self.presence_timeout)
             while True:
                 with self._lock:
                     now = time.monotonic()
@@ -1502,38 +1522,26 @@ class MqttSite:
                         break
                     if self._closed:
                         raise TransportError(f"{op}: the site session was closed; {maybe}")
-                    send = False
                     online = self._online.get(device_id)
-                    if online is not True:
-                        absent_since = absent_since or now
-                        if now - absent_since >= self.presence_timeout:
-                            if device_id not in self._presence:
-                                gone = "did not announce itself (no presence)"
-                            elif online is False:
-                                gone = "went offline (presence online: false)"
-                            else:
-                                gone = "was lost with the broker connection"
-                            raise TransportError(
-                                f"{op}: {where} {gone} and did not come back within "
-                                f"{self.presence_timeout:g} s; {maybe}")
-                        wait = absent_since + self.presence_timeout - now
-                    else:
-                        absent_since = None
-                        back = self._came_back.get(device_id, 0)
-                        if seen_back != back:
-                            send, seen_back = True, back  # it is (back) online
-                        elif now >= next_try:
-                            if tries >= self.tries:
-                                raise TransportError(
-                                    f"{op}: no answer from {where} after {tries} tries of "
-                                    f"{self.timeout:g} s; {maybe}")
-                            send = True
-                        wait = next_try - now
-                    if not send:
+                    what, wait = retry.step(now, online is True,
+                                            self._came_back.get(device_id, 0))
+                    if what == Retry.ABSENT:
+                        if device_id not in self._presence:
+                            gone = "did not announce itself (no presence)"
+                        elif online is False:
+                            gone = "went offline (presence online: false)"
+                        else:
+                            gone = "was lost with the broker connection"
+                        raise TransportError(
+                            f"{op}: {where} {gone} and did not come back within "
+                            f"{self.presence_timeout:g} s; {maybe}")
+                    if what == Retry.EXHAUSTED:
+                        raise TransportError(
+                            f"{op}: no answer from {where} after {retry.tries} tries of "
+                            f"{self.timeout:g} s; {maybe}")
+                    if what == Retry.WAIT:
                         call.cond.wait(max(0.001, wait))
                         continue
-                    tries += 1 if now >= next_try else 0
-                    next_try = now + self.timeout
                 self._session.client.publish(topic, payload, qos=1, properties=props)
         finally:
             with self._lock:
