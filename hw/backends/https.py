@@ -64,6 +64,7 @@ from agent.errors import MalformedError, UsageError
 from hw.httpjson import CBOR, HTTP_STATUS, JSON, Answer, HttpRefusal, JsonHandler, Route
 from hw.link import LinkURL, Listener, ServerClient
 from hw.rpc import Op, RemoteError, TransportError
+from hw.tls import client_context, server_context
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -404,26 +405,7 @@ class HttpsListener(Listener):
 
 
 def _server_context(url: LinkURL) -> ssl.SSLContext:
-    cert, key, ca = url.option("cert"), url.option("key"), url.option("ca")
-    if not cert or not key:
-        raise UsageError(f"{url.text}: a listener needs its certificate and key "
-                         "(https://HOST:PORT?cert=FILE&key=FILE[&ca=FILE])")
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load(ctx, cert, key, ca)
-    if ca:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def _load(ctx: ssl.SSLContext, cert: str | None, key: str | None, ca: str | None) -> None:
-    try:
-        if ca:
-            ctx.load_verify_locations(cafile=ca)
-        if cert:
-            ctx.load_cert_chain(cert, key or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load TLS files (ca={ca}, cert={cert}, key={key}): {exc}") from exc
+    return server_context(url, "https://HOST:PORT?cert=FILE&key=FILE[&ca=FILE]")
 
 
 def listen(url: LinkURL, handler: Handler, **ctx: Any) -> HttpsListener:
@@ -605,22 +587,9 @@ def refusal_from_body(where: str, status: int, phrase: str, data: bytes) -> Remo
     return RemoteError(code, str(err.get("reason", "remote")), err["message"])
 
 
-def _client_context(url: LinkURL) -> ssl.SSLContext:
-    cert, key, ca = url.option("cert"), url.option("key"), url.option("ca")
-    if key and not cert:
-        raise UsageError(f"{url.text}: ?key= needs ?cert= (the client certificate) too")
-    try:
-        ctx = ssl.create_default_context(cafile=ca or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load the CA file {ca}: {exc}") from exc
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load(ctx, cert, key, None)
-    return ctx
-
-
 def connect(url: LinkURL, timeout: float = 10.0, **_ctx: Any) -> HttpsClient:
     """A client of ``https://HOST:PORT[?ca=&cert=&key=]``; connects at the first call."""
     url.check_options(OPTIONS)
     _check_path(url)
     url.need_port()
-    return HttpsClient(url, _client_context(url), timeout=timeout)
+    return HttpsClient(url, client_context(url), timeout=timeout)

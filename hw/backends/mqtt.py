@@ -97,6 +97,7 @@ from agent.record import field, record
 from hw.framing import DEFAULT_MAX_FRAME
 from hw.link import LinkURL, Listener, ServerClient, parse_url
 from hw.rpc import OPS, PROTOCOL_VERSIONS, Op, RemoteError, TransportError
+from hw.tls import client_context
 
 if TYPE_CHECKING:
     import ssl
@@ -243,21 +244,7 @@ def _keepalive(url: LinkURL) -> int:
 
 
 def _tls_context(url: LinkURL) -> ssl.SSLContext | None:
-    if url.scheme != "mqtts":
-        return None
-    import ssl
-
-    ca, cert, key = url.option("ca"), url.option("cert"), url.option("key")
-    if key and not cert:
-        raise UsageError(f"{url.text}: key= needs cert= (the client certificate)")
-    try:
-        ctx = ssl.create_default_context(cafile=ca or None)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if cert:
-            ctx.load_cert_chain(cert, key or None)
-    except OSError as exc:  # ssl.SSLError is an OSError
-        raise UsageError(f"{url.text}: cannot load the TLS files: {exc}") from exc
-    return ctx
+    return client_context(url) if url.scheme == "mqtts" else None
 
 
 # ---------------------------------------------------------------- presence (no I/O)

@@ -40,6 +40,7 @@ from agent.record import record
 from hw.framing import Frame, FrameDecoder, encode_frame
 from hw.link import Link, LinkURL, Listener, StreamClient, serve_stream
 from hw.rpc import TransportError
+from hw.tls import client_context, server_context
 
 if TYPE_CHECKING:
     import ssl
@@ -194,22 +195,6 @@ def _close_socket(sock: socket.socket) -> None:
 # ---------------------------------------------------------------- client side
 
 
-def _client_context(url: LinkURL) -> ssl.SSLContext:
-    import ssl
-
-    ca, cert, key = url.option("ca"), url.option("cert"), url.option("key")
-    if key and not cert:
-        raise UsageError(f"{url.text}: key= needs cert= (the client certificate)")
-    try:
-        ctx = ssl.create_default_context(cafile=ca or None)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if cert:
-            ctx.load_cert_chain(cert, key or None)
-    except OSError as exc:  # ssl.SSLError is an OSError
-        raise UsageError(f"{url.text}: cannot load the TLS files: {exc}") from exc
-    return ctx
-
-
 def connect(url: LinkURL, timeout: float = 2.0, tries: int = 4, **_ctx: Any) -> StreamClient:
     """Connect to a ``tcp://`` or ``tls://`` listener.
 
@@ -220,7 +205,7 @@ def connect(url: LinkURL, timeout: float = 2.0, tries: int = 4, **_ctx: Any) -> 
     url.check_options(CLIENT_OPTIONS[url.scheme])
     host, port = _host(url), url.need_port()
     timeout = _float_option(url, "timeout", timeout)
-    ctx = _client_context(url) if url.scheme == "tls" else None
+    ctx = client_context(url) if url.scheme == "tls" else None
     try:
         sock = socket.create_connection((host, port), timeout=max(timeout, 1.0))
     except OSError as exc:
@@ -250,26 +235,8 @@ class ListenConfig:
 
 
 def _server_context(url: LinkURL) -> ssl.SSLContext:
-    import ssl
-
-    cert, key, ca = url.option("cert"), url.option("key"), url.option("ca")
-    if not cert or not key:
-        raise UsageError(f"{url.text}: tls:// listeners need cert=PATH and key=PATH "
-                         f"(the server certificate and its key)")
-    require = _bool_option(url, "require_client_cert", bool(ca))
-    if require and not ca:
-        raise UsageError(f"{url.text}: require_client_cert needs ca=PATH "
-                         f"(the CA that signs client certificates)")
-    try:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(cert, key)
-        if ca:
-            ctx.load_verify_locations(cafile=ca)
-            ctx.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
-    except OSError as exc:  # ssl.SSLError is an OSError
-        raise UsageError(f"{url.text}: cannot load the TLS files: {exc}") from exc
-    return ctx
+    return server_context(url, "tls://HOST:PORT?cert=PATH&key=PATH",
+                          _bool_option(url, "require_client_cert", bool(url.option("ca"))))
 
 
 def _busy_reply(decoder: FrameDecoder, data: bytes, message: str) -> bytes | None:

@@ -245,7 +245,7 @@ def test_unknown_options_and_bad_urls_refused(device: Device, pki: Pki) -> None:
         connect("https://127.0.0.1")
     with pytest.raises(UsageError, match="no path"):
         connect("https://127.0.0.1:1/api")
-    with pytest.raises(UsageError, match="cannot load TLS files"):
+    with pytest.raises(UsageError, match="cannot load the TLS files"):
         listen(f"https://127.0.0.1:0?cert={pki.server_cert}&key=/nonexistent", handler)
 
 

@@ -1,0 +1,76 @@
+"""TLS contexts from a link URL's ``ca=``, ``cert=`` and ``key=`` options, for every TLS link.
+
+``tls://``, ``https://`` and ``mqtts://`` take the same three options and build
+their contexts here: TLS 1.2 at least; a client verifies the server against
+``ca`` (else the system's CAs) and presents ``cert``/``key`` when given; a
+server presents ``cert``/``key`` and, with ``ca``, asks clients for a
+certificate from that CA. :mod:`ssl` is imported only when a TLS link is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from agent.errors import UsageError
+
+if TYPE_CHECKING:
+    import ssl
+
+    from hw.link import LinkURL
+
+__all__ = ["client_context", "server_context"]
+
+
+def client_context(url: LinkURL) -> ssl.SSLContext:
+    """The client side: verify the server (``ca=``), present ``cert=``/``key=`` if given.
+
+    Raises:
+        UsageError: ``key=`` without ``cert=``, or a TLS file that cannot be loaded.
+    """
+    import ssl
+
+    ca, cert, key = url.option("ca"), url.option("cert"), url.option("key")
+    if key and not cert:
+        raise UsageError(f"{url.text}: key= needs cert= (the client certificate)")
+    try:
+        ctx = ssl.create_default_context(cafile=ca or None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert:
+            ctx.load_cert_chain(cert, key or None)
+    except OSError as exc:  # ssl.SSLError is an OSError
+        raise UsageError(f"{url.text}: cannot load the TLS files: {exc}") from exc
+    return ctx
+
+
+def server_context(url: LinkURL, usage: str, require_client_cert: bool | None = None
+                   ) -> ssl.SSLContext:
+    """The server side: present ``cert=``/``key=``; with ``ca=``, ask for client certificates.
+
+    Args:
+        usage: how the URL should look, for the error when ``cert``/``key`` are missing.
+        require_client_cert: with ``ca=``, refuse clients without a certificate
+            (default: yes when ``ca=`` is given).
+
+    Raises:
+        UsageError: no certificate or key, a requirement without ``ca=``, or a TLS
+            file that cannot be loaded.
+    """
+    import ssl
+
+    cert, key, ca = url.option("cert"), url.option("key"), url.option("ca")
+    if not cert or not key:
+        raise UsageError(f"{url.text}: a listener needs its certificate and key ({usage})")
+    require = bool(ca) if require_client_cert is None else require_client_cert
+    if require and not ca:
+        raise UsageError(f"{url.text}: require_client_cert needs ca=PATH "
+                         f"(the CA that signs client certificates)")
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(cert, key)
+        if ca:
+            ctx.load_verify_locations(cafile=ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED if require else ssl.CERT_OPTIONAL
+    except OSError as exc:  # ssl.SSLError is an OSError
+        raise UsageError(f"{url.text}: cannot load the TLS files: {exc}") from exc
+    return ctx
