@@ -702,11 +702,13 @@ class Fleet:
         resp = self.vendor.issue(req, [Grant(f, n, not_after=now + SUBSCRIPTION)
                                        for f, n in grants.items()], now=now)
         mid = self._snapshot(srv)  # the request itself moved the state (outstanding nonce)
-        ops = PowerLossOps(fault.step or self.rng.randint(1, 16), random.Random(self.rng.random()))
+        step = fault.step or self.rng.randint(1, self._write_steps(srv, resp))
+        ops = PowerLossOps(step, random.Random(self.rng.random()))
         try:
             srv.agent(ops=ops).apply(resp)
             rec["detail"] = (f"apply finished before write step {ops.crash_at} "
                              f"({ops.calls} steps): no power loss")
+            rec["injected"] = False
         except PowerLoss as exc:
             lost = ops.lose_unsynced()
             rec["detail"] = f"{exc}; {'; '.join(lost) or 'nothing unsynced lost'}"
@@ -719,6 +721,17 @@ class Fleet:
         self._check(rec, "apply-completes", final[0] == mid[0] + 1,
                     f"{'already applied' if res.already_applied else 'applied'}: sequence "
                     f"{final[0]}")
+
+    @staticmethod
+    def _write_steps(srv: SimServer, resp: bytes) -> int:
+        """How many file calls applying ``resp`` makes: counted on a copy of the store, so a
+        random power loss always lands inside the apply."""
+        with tempfile.TemporaryDirectory(prefix="licsim-count-") as tmp:
+            copy = Path(tmp) / "state"
+            shutil.copytree(srv.state_dir, copy)
+            counter = PowerLossOps(1 << 30, random.Random(0))  # never reached: counts only
+            srv.agent(ops=counter, directory=copy).apply(resp)
+            return max(1, counter.calls)
 
     def _fault_link(self, fault: FaultSpec, rec: FaultRecord) -> None:
         srv = self._pick(fault, rec, lambda s: fault.link is None or fault.link in s.links)

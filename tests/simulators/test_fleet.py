@@ -153,6 +153,15 @@ def test_power_loss_at_every_write_step_leaves_old_or_new_state(fleet: Fleet) ->
             steps.add(k)
     assert len(steps) >= 10  # the apply makes that many store writes at least
     assert any("rename" in f["detail"] or "unsynced" in f["detail"] for f in fleet.faults)
+    # a step past the end of the apply stages nothing: recorded as not injected
+    assert all(f["injected"] is ("power lost" in f["detail"]) for f in fleet.faults[-16:])
+
+
+def test_a_random_power_loss_always_lands_inside_the_apply(fleet: Fleet) -> None:
+    for _ in range(6):
+        rec = fleet.inject(FaultSpec("power-loss", server="as-p-0002"))
+        assert rec["held"] and rec["injected"], rec
+        assert "power lost at store write step" in rec["detail"]
 
 
 def test_link_faults_on_every_link_recover(fleet: Fleet) -> None:
