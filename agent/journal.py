@@ -32,6 +32,10 @@ __all__ = ["Journal", "JournalEntry", "JournalReport"]
 
 MAX_RECORD = 64 * 1024
 ZERO = bytes(32)
+#: refusals journalled per hour at most; then one ``refusals-suppressed`` entry, until the
+#: hour has passed: a peer sending garbage cannot grow the journal (or its fsyncs) unbounded
+REFUSALS_PER_HOUR = 60
+REFUSAL_WINDOW = 3600
 
 
 @record(frozen=True)
@@ -49,6 +53,8 @@ class _Tail:
     prev: bytes  # digest of the last one (the chain's end)
     good_length: int  # bytes of whole records
     torn: int  # bytes of an incomplete last record
+    refused: int = 0  # refusals since ``since`` (see _scan)
+    suppressed: bool = False  # a refusals-suppressed entry since ``since``
 
 
 _FIELDS = frozenset({"n", "time", "event", "data", "prev", "mac"})
@@ -90,13 +96,17 @@ class Journal:
         tail = self._scan(entries.append)
         return JournalReport(tuple(entries), tail.torn, tail.good_length)
 
-    def _scan(self, keep: Callable[[JournalEntry], None] | None = None) -> _Tail:
+    def _scan(self, keep: Callable[[JournalEntry], None] | None = None,
+              since: int | None = None) -> _Tail:
         """Verify the journal record by record, holding one record in memory at a time.
 
         ``keep`` receives each verified entry (``read`` keeps them all; ``append``
         needs only the chain's end, so a journal of years costs it no memory).
+        With ``since``, refusals (and a suppression marker) at or after that time
+        are counted.
         """
         n, prev, good, torn = 0, ZERO, 0, 0
+        refused, suppressed = 0, False
         try:
             f = open(self.path, "rb")
         except FileNotFoundError:
@@ -133,18 +143,40 @@ class Journal:
                     if e["prev"] != prev or e["n"] != n:
                         raise IntegrityError(f"journal hash chain broken at record {n}")
                     prev = sha256(raw)
+                    if since is not None and isinstance(e["time"], int) and e["time"] >= since:
+                        refused += e["event"] == "refused"
+                        suppressed = suppressed or e["event"] == "refusals-suppressed"
                     if keep is not None:
                         keep(JournalEntry(e["n"], e["time"], e["event"], e["data"], prev))
                     n += 1
                     good += 4 + length
             except OSError as exc:
                 raise StorageError(f"cannot read the journal: {exc}") from exc
-        return _Tail(n, prev, good, torn)
+        return _Tail(n, prev, good, torn, refused, suppressed)
 
     def append(self, event: str, data: Any, now: int) -> JournalEntry:
         """Append one entry and fsync it; a torn tail from an earlier crash is cut off first."""
         # the whole chain is verified first: never append behind a tampered record
-        rep = self._scan()
+        return self._write(self._scan(), event, data, now)
+
+    def append_refusal(self, data: Any, now: int,
+                       limit: int = REFUSALS_PER_HOUR) -> JournalEntry | None:
+        """Journal a refusal, at most ``limit`` an hour.
+
+        Past the limit one ``refusals-suppressed`` entry says so, and further
+        refusals in that hour are not written (None): the caller's refusal stands
+        all the same. Entries dated after ``now`` count too, so setting the clock
+        back does not reopen the window.
+        """
+        rep = self._scan(since=now - REFUSAL_WINDOW)
+        if rep.refused < limit:
+            return self._write(rep, "refused", data, now)
+        if not rep.suppressed:
+            return self._write(rep, "refusals-suppressed",
+                               {"limit": limit, "window_seconds": REFUSAL_WINDOW}, now)
+        return None
+
+    def _write(self, rep: _Tail, event: str, data: Any, now: int) -> JournalEntry:
         body = {"n": rep.count, "time": now, "event": event, "data": data, "prev": rep.prev}
         record = canonical({**body, "mac": self._mac(body)})
         blob = struct.pack(">I", len(record)) + record

@@ -362,9 +362,9 @@ class Store:
     def _check_binding(self, facts: tuple[str, ...], now: int) -> None:
         chk = check_binding(self.state.binding, facts)
         if not chk.ok:
-            self.journal.append("refused", {"reason": "copied-store",
-                                            "missing": list(chk.missing),
-                                            "added": list(chk.added)}, now)
+            self.journal.append_refusal({"reason": "copied-store",
+                                         "missing": list(chk.missing),
+                                         "added": list(chk.added)}, now)
             raise CopiedStoreError(
                 f"this license store belongs to other hardware: only {chk.matched} of "
                 f"{chk.total} identifying facts match (missing: {', '.join(chk.missing)}). "
@@ -411,8 +411,8 @@ class Store:
     def record_refusal(self, err: LicensingError, what: str, now: int) -> None:
         """Journal a refusal; the license state itself stays untouched."""
         try:
-            self.journal.append("refused", {"what": what, "reason": err.reason,
-                                            "message": str(err)[:300]}, now)
+            self.journal.append_refusal({"what": what, "reason": err.reason,
+                                         "message": str(err)[:300]}, now)
         except StorageError:
             pass
 

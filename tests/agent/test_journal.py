@@ -57,3 +57,23 @@ def test_a_length_running_past_the_end_of_a_whole_record_is_tampering(tmp_path: 
         j.read()
     with pytest.raises(IntegrityError):
         j.append("apply", {}, now=1)  # never behind a tampered record
+
+
+def test_refusals_are_journalled_at_most_so_many_an_hour(tmp_path: Path) -> None:
+    """A peer sending garbage cannot grow the journal without bound: past the limit one
+    marker says so, and the next hour journals refusals again."""
+    j = make(tmp_path / "journal.log", 1)
+    t = 1_800_000_000
+    written = [j.append_refusal({"what": "apply", "reason": "malformed"}, t + i, limit=5)
+               for i in range(12)]
+    assert [w is not None for w in written] == [True] * 6 + [False] * 6
+    events = [e.event for e in j.read().entries]
+    assert events == ["apply"] + ["refused"] * 5 + ["refusals-suppressed"]
+    assert j.read().entries[-1].data == {"limit": 5, "window_seconds": 3600}
+    # a clock set back does not reopen the window
+    assert j.append_refusal({"what": "apply"}, t - 10_000, limit=5) is None
+    # an hour after the last refusals, they are journalled again
+    assert j.append_refusal({"what": "apply"}, t + 11 + 3601, limit=5) is not None
+    assert j.read().entries[-1].event == "refused"
+    # other events are never held back
+    assert j.append("apply", {"sequence": 2}, now=t + 3700).event == "apply"
