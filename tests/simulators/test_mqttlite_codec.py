@@ -176,12 +176,8 @@ def test_values_that_cannot_be_encoded_are_errors() -> None:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    b = Broker.plain(tmp_path_factory.mktemp("mqttlite-codec"))
-    b.start()
-    try:
+    with Broker.plain(tmp_path_factory.mktemp("mqttlite-codec")) as b:
         yield b
-    finally:
-        b.stop()
 
 
 class Raw:

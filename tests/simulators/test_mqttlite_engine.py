@@ -35,29 +35,16 @@ from simulators.licensing_server.vendor import Grant
 from simulators.mqttlite import CapacityError, DeviceEngine, check_capacity
 from tests.conftest import Device, Site
 from tests.hw.mosquitto import Broker
+from tests.hw.test_mqtt import eventually
 
 WAIT = 20.0  # an upper bound for anything to happen; never asserted as a time
 BIN = Path(sys.executable).parent
 
 
-def eventually(what: str, check: Any, wait: float = WAIT) -> Any:
-    deadline = time.monotonic() + wait
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"{what} did not happen"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    b = Broker.plain(tmp_path_factory.mktemp("mqttlite-engine"))
-    b.start()
-    try:
+    with Broker.plain(tmp_path_factory.mktemp("mqttlite-engine")) as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture
