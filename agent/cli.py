@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.cose import PublicKey
+from agent.cose import PublicKey, jsonable
 from agent.errors import EXIT_OK, LicensingError, NotLicensedError, StorageError, UsageError
 from agent.identity import FactsProvider
 from agent.messages import Action
@@ -326,11 +326,11 @@ def run(args: argparse.Namespace) -> int:
         rep = agent.journal()
         if args.json:
             _print_json([{"n": e.n, "time": iso(e.time), "event": e.event,
-                          "data": _jsonable(e.data), "digest": e.digest.hex()}
+                          "data": jsonable(e.data), "digest": e.digest.hex()}
                          for e in rep.entries])
         elif not args.verify:
             for e in rep.entries:
-                print(f"{e.n:>5} {iso(e.time)} {e.event:<13} {_dumps(_jsonable(e.data))}")
+                print(f"{e.n:>5} {iso(e.time)} {e.event:<13} {_dumps(jsonable(e.data))}")
         if args.verify:
             tail = f"; {rep.torn_tail} bytes of a torn last record" if rep.torn_tail else ""
             print(f"journal OK: {len(rep.entries)} entries, hash chain and MACs verified{tail}",
@@ -344,14 +344,6 @@ def run(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {c}")
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.hex()
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
-    return v
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,6 +35,7 @@ __all__ = [
     "SigningKey",
     "Sign1",
     "canonical",
+    "jsonable",
     "decode_sign1",
     "sign1",
     "strict_loads",
@@ -126,6 +127,17 @@ def strict_loads(
 def canonical(obj: object) -> bytes:
     """Deterministic CBOR encoding (RFC 8949 core deterministic: sorted keys, shortest forms)."""
     return cbor2.dumps(obj, canonical=True)
+
+
+def jsonable(v: Any) -> Any:
+    """A decoded CBOR value as JSON can carry it: byte strings as hex, map keys as text."""
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [jsonable(x) for x in v]
+    return v
 
 
 @record(frozen=True)

@@ -59,7 +59,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 from urllib.parse import quote, unquote
 
-from agent.cose import canonical, strict_loads
+from agent.cose import canonical, jsonable, strict_loads
 from agent.errors import MalformedError, UsageError
 from hw.httpjson import CBOR, HTTP_STATUS, JSON, Answer, HttpRefusal, JsonHandler, Route
 from hw.link import LinkURL, Listener, ServerClient
@@ -88,14 +88,6 @@ Handler = Callable[[str, Mapping[str, Any]], Any]
 Log = Callable[[str], None]
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.hex()
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
-    return v
 
 
 def _host_port(host: str, port: int) -> str:
@@ -183,7 +175,7 @@ class _RequestHandler(JsonHandler):
     def _structured(self, result: Any) -> Answer:
         if self._wants_cbor():
             return Answer(canonical(result), CBOR)
-        return Answer(json.dumps(_jsonable(result), indent=2).encode() + b"\n", JSON)
+        return Answer(json.dumps(jsonable(result), indent=2).encode() + b"\n", JSON)
 
     def _op(self, op: str, args: Mapping[str, Any]) -> Any:
         srv = self.server
