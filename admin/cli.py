@@ -23,9 +23,9 @@ from typing import Any
 
 import hw
 from admin import workflow
-from agent.cli import read_input, write_output
+from agent.cli import add_operation_commands, read_input, write_output
 from agent.errors import EXIT_OK, LicensingError, NotLicensedError, UsageError
-from agent.messages import Action, DeviceInfo
+from agent.messages import DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from agent.service import iso
 from hw.link import ServerClient
@@ -64,26 +64,14 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"how long to wait for the server (default {DEFAULT_TIMEOUT:g})")
         return sp
 
-    sp = cmd("info", "fetch the server's signed device-information file")
-    sp.add_argument("--out", metavar="FILE")
-    sp.add_argument("--json", action="store_true")
-
-    sp = cmd("status", "show the server's installed licenses")
-    sp.add_argument("--json", action="store_true")
-
-    sp = cmd("request", "have the server create a signed request file")
-    sp.add_argument("action", choices=[a.value for a in Action])
-    sp.add_argument("--feature", action="append", default=[], metavar="F")
-    sp.add_argument("--license-info", metavar="FILE",
-                    help="vendor-signed license information: request what it lists for the server")
-    sp.add_argument("--out", required=True, metavar="FILE")
-
-    sp = cmd("apply", "send a vendor response file to the server to verify and apply")
-    sp.add_argument("response", metavar="RESPONSE_FILE")
-    sp.add_argument("--receipt-out", metavar="FILE")
-
-    sp = cmd("check", "is FEATURE licensed on the server now? (exit 0 yes, 1 no)")
-    sp.add_argument("feature", metavar="FEATURE")
+    add_operation_commands(cmd, {
+        "info": "fetch the server's signed device-information file",
+        "status": "show the server's installed licenses",
+        "request": "have the server create a signed request file",
+        "license-info": "vendor-signed license information: request what it lists for the server",
+        "apply": "send a vendor response file to the server to verify and apply",
+        "check": "is FEATURE licensed on the server now? (exit 0 yes, 1 no)",
+    })
     _workflow_parsers(sub)
     return p
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +96,32 @@ def _print_json(obj: Any) -> None:
     print(_dumps(obj, indent=2))
 
 
+def add_operation_commands(cmd: Callable[[str, str], argparse.ArgumentParser],
+                           helps: Mapping[str, str]) -> None:
+    """info, status, request, apply and check: licagent runs them on its store and licadmin
+    on a server over a link, with the same arguments and flags (a contract), declared here
+    once. ``cmd(name, help)`` makes a subcommand with the tool's own common flags."""
+    sp = cmd("info", helps["info"])
+    sp.add_argument("--out", metavar="FILE")
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("status", helps["status"])
+    sp.add_argument("--json", action="store_true")
+
+    sp = cmd("request", helps["request"])
+    sp.add_argument("action", choices=[a.value for a in Action])
+    sp.add_argument("--feature", action="append", default=[], metavar="F")
+    sp.add_argument("--license-info", metavar="FILE", help=helps["license-info"])
+    sp.add_argument("--out", required=True, metavar="FILE")
+
+    sp = cmd("apply", helps["apply"])
+    sp.add_argument("response", metavar="RESPONSE_FILE")
+    sp.add_argument("--receipt-out", metavar="FILE")
+
+    sp = cmd("check", helps["check"])
+    sp.add_argument("feature", metavar="FEATURE")
+
+
 def _parser() -> argparse.ArgumentParser:
     import argparse  # not for `licagent run`: see fast_run_args
 
@@ -118,26 +144,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--alg", choices=("Ed25519", "ES256"), default="Ed25519",
                     help="device key algorithm (default Ed25519)")
 
-    sp = cmd("info", "write or show the signed device-information file")
-    sp.add_argument("--out", metavar="FILE")
-    sp.add_argument("--json", action="store_true")
-
-    sp = cmd("status", "show the installed licenses")
-    sp.add_argument("--json", action="store_true")
-
-    sp = cmd("request", "create a signed request file")
-    sp.add_argument("action", choices=[a.value for a in Action])
-    sp.add_argument("--feature", action="append", default=[], metavar="F")
-    sp.add_argument("--license-info", metavar="FILE",
-                    help="vendor-signed license information: reclaim what it lists for this device")
-    sp.add_argument("--out", required=True, metavar="FILE")
-
-    sp = cmd("apply", "verify a vendor response file and apply it")
-    sp.add_argument("response", metavar="RESPONSE_FILE")
-    sp.add_argument("--receipt-out", metavar="FILE")
-
-    sp = cmd("check", "is FEATURE licensed now? (exit 0 yes, 1 no)")
-    sp.add_argument("feature", metavar="FEATURE")
+    add_operation_commands(cmd, {
+        "info": "write or show the signed device-information file",
+        "status": "show the installed licenses",
+        "request": "create a signed request file",
+        "license-info": "vendor-signed license information: reclaim what it lists for this device",
+        "apply": "verify a vendor response file and apply it",
+        "check": "is FEATURE licensed now? (exit 0 yes, 1 no)",
+    })
 
     sp = cmd("journal", "print or verify the audit journal")
     sp.add_argument("--verify", action="store_true")
