@@ -15,7 +15,6 @@ workflow step where some servers failed and others succeeded exits 10
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,11 +22,17 @@ from typing import Any
 
 import hw
 from admin import workflow
-from agent.cli import add_operation_commands, read_input, write_output
+from agent.cli import (
+    add_operation_commands,
+    info_json,
+    print_json,
+    print_status,
+    read_input,
+    write_output,
+)
 from agent.errors import EXIT_OK, LicensingError, NotLicensedError, UsageError
 from agent.messages import DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
-from agent.service import iso
 from hw.link import ServerClient
 
 __all__ = ["main"]
@@ -176,7 +181,7 @@ def run_workflow(args: argparse.Namespace) -> int:
 
         d = describe_file(args.file, load_trust(args.trust))
         if args.json:
-            _print_json(d)
+            print_json(d)
         else:
             print("\n".join(render_text(d, args.file)))
         return 4 if d["signature"]["verified"] is False else EXIT_OK
@@ -203,7 +208,7 @@ def _run_steps(args: argparse.Namespace, c: str, console: workflow.Console,
                             getattr(args, "feature", []), args.work_dir, args.jobs)
         code, work, kept = go.run()
         if args.json:
-            _print_json({"command": c, "exit_code": code,
+            print_json({"command": c, "exit_code": code,
                          "work_dir": str(work) if kept else None,
                          "steps": [s.to_json() for s in go.steps]})
         else:
@@ -229,7 +234,7 @@ def _run_steps(args: argparse.Namespace, c: str, console: workflow.Console,
                       f"({a.get('product', '-')}) to device {args.device}; "
                       f"{a.get('free', '-')} left unassigned")
         if args.json:
-            _print_json({"command": c, "exit_code": EXIT_OK, "assignments": done})
+            print_json({"command": c, "exit_code": EXIT_OK, "assignments": done})
         return EXIT_OK
     if c == "gather":
         res = workflow.gather(servers, args.out, args.site or site, connect, console, args.jobs)
@@ -251,7 +256,7 @@ def _run_steps(args: argparse.Namespace, c: str, console: workflow.Console,
     else:
         raise UsageError(f"unknown command {c}")
     if args.json:
-        _print_json(res.to_json())
+        print_json(res.to_json())
         return res.code
     if c == "send":
         for line in workflow.table(res.outcomes):
@@ -263,42 +268,6 @@ def _run_steps(args: argparse.Namespace, c: str, console: workflow.Console,
         print(f"partial: {failed} of {len(res.outcomes)} failed (listed above); "
               f"the others are done; rerun {c} for the failed ones")
     return res.code
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=False))
-
-
-def _info_json(info: DeviceInfo) -> dict[str, Any]:
-    """The JSON of ``licagent info --json``."""
-    return {
-        "kind": "device-info",
-        "device_id": info.device_id,
-        "model": info.model,
-        "serial": info.serial,
-        "host_id": info.host_id,
-        "hardware": info.hardware,
-        "sequence": info.sequence,
-        "state_digest": info.state_digest.hex(),
-        "licenses": [{"feature": x.feature, "count": x.count,
-                      "not_before": iso(x.not_before), "not_after": iso(x.not_after)}
-                     for x in info.licenses],
-        "created": iso(info.created),
-    }
-
-
-def _print_status(st: dict[str, Any]) -> None:
-    print(f"device {st['device_id']} ({st['model']}), sequence {st['sequence']}")
-    if not st["licenses"]:
-        print("  no licenses installed")
-    for lic in st["licenses"]:
-        window = f"{lic['not_before'] or '-'} .. {lic['not_after'] or 'perpetual'}"
-        state = "ok" if lic["licensed_now"] else "NOT VALID NOW"
-        print(f"  {lic['feature']:<24} count {lic['count']:<6} {window}  {state}")
-    for o in st["outstanding_requests"]:
-        print(f"  outstanding {o['action']} request {o['nonce'][:12]}… (sequence {o['sequence']})")
-    for w in st["warnings"]:
-        print(f"  warning: {w}")
 
 
 def _check_folder(path: str | None) -> None:
@@ -318,7 +287,7 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         if args.out:
             write_output(args.out, data)
         if args.json:
-            _print_json(_info_json(payload))
+            print_json(info_json(payload))
         elif args.out:
             print(f"wrote device information of {payload.device_id} to {args.out}")
         else:
@@ -329,9 +298,9 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
     if c == "status":
         st = client.status()
         if args.json:
-            _print_json(st)
+            print_json(st)
         else:
-            _print_status(st)
+            print_status(st)
         return EXIT_OK
     if c == "request":
         _check_folder(args.out)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from agent.cose import PublicKey, jsonable
 from agent.errors import EXIT_OK, LicensingError, NotLicensedError, StorageError, UsageError
 from agent.identity import FactsProvider
-from agent.messages import Action
+from agent.messages import Action, DeviceInfo
 from agent.service import MODELS, Agent, iso
 from agent.store import FileOps, atomic_write
 
@@ -92,8 +92,41 @@ def _dumps(obj: Any, indent: int | None = None) -> str:
     return json.dumps(obj, indent=indent)
 
 
-def _print_json(obj: Any) -> None:
+def print_json(obj: Any) -> None:
     print(_dumps(obj, indent=2))
+
+
+def info_json(info: DeviceInfo) -> dict[str, Any]:
+    """The JSON of ``licagent info --json`` (and ``licadmin info --json``)."""
+    return {
+        "kind": "device-info",
+        "device_id": info.device_id,
+        "model": info.model,
+        "serial": info.serial,
+        "host_id": info.host_id,
+        "hardware": info.hardware,
+        "sequence": info.sequence,
+        "state_digest": info.state_digest.hex(),
+        "licenses": [{"feature": x.feature, "count": x.count,
+                      "not_before": iso(x.not_before), "not_after": iso(x.not_after)}
+                     for x in info.licenses],
+        "created": iso(info.created),
+    }
+
+
+def print_status(st: Mapping[str, Any]) -> None:
+    """``licagent status`` (and ``licadmin status``) as text."""
+    print(f"device {st['device_id']} ({st['model']}), sequence {st['sequence']}")
+    if not st["licenses"]:
+        print("  no licenses installed")
+    for lic in st["licenses"]:
+        window = f"{lic['not_before'] or '-'} .. {lic['not_after'] or 'perpetual'}"
+        state = "ok" if lic["licensed_now"] else "NOT VALID NOW"
+        print(f"  {lic['feature']:<24} count {lic['count']:<6} {window}  {state}")
+    for o in st["outstanding_requests"]:
+        print(f"  outstanding {o['action']} request {o['nonce'][:12]}… (sequence {o['sequence']})")
+    for w in st["warnings"]:
+        print(f"  warning: {w}")
 
 
 def add_operation_commands(cmd: Callable[[str, str], argparse.ArgumentParser],
@@ -264,20 +297,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out:
             write_output(args.out, data)
         if args.json:
-            _print_json({
-                "kind": "device-info",
-                "device_id": info.device_id,
-                "model": info.model,
-                "serial": info.serial,
-                "host_id": info.host_id,
-                "hardware": info.hardware,
-                "sequence": info.sequence,
-                "state_digest": info.state_digest.hex(),
-                "licenses": [{"feature": x.feature, "count": x.count,
-                              "not_before": iso(x.not_before), "not_after": iso(x.not_after)}
-                             for x in info.licenses],
-                "created": iso(info.created),
-            })
+            print_json(info_json(info))
         elif args.out:
             print(f"wrote device information of {info.device_id} to {args.out}")
         else:
@@ -288,20 +308,9 @@ def run(args: argparse.Namespace) -> int:
     if c == "status":
         st = agent.status()
         if args.json:
-            _print_json(st)
+            print_json(st)
         else:
-            print(f"device {st['device_id']} ({st['model']}), sequence {st['sequence']}")
-            if not st["licenses"]:
-                print("  no licenses installed")
-            for lic in st["licenses"]:
-                window = f"{lic['not_before'] or '-'} .. {lic['not_after'] or 'perpetual'}"
-                state = "ok" if lic["licensed_now"] else "NOT VALID NOW"
-                print(f"  {lic['feature']:<24} count {lic['count']:<6} {window}  {state}")
-            for o in st["outstanding_requests"]:
-                print(f"  outstanding {o['action']} request {o['nonce'][:12]}… "
-                      f"(sequence {o['sequence']})")
-            for w in st["warnings"]:
-                print(f"  warning: {w}")
+            print_status(st)
         return EXIT_OK
     if c == "request":
         features = list(args.feature)
@@ -339,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
     if c == "journal":
         rep = agent.journal()
         if args.json:
-            _print_json([{"n": e.n, "time": iso(e.time), "event": e.event,
+            print_json([{"n": e.n, "time": iso(e.time), "event": e.event,
                           "data": jsonable(e.data), "digest": e.digest.hex()}
                          for e in rep.entries])
         elif not args.verify:
