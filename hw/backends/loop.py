@@ -73,48 +73,64 @@ class LoopFabric:
         self.lock = threading.Lock()
 
 
-class LoopListener(Listener):
+class InProcessListener(Listener):
+    """A listener found by name in an in-process fabric (``loop://``, ``sim://``): each
+    connection is served by :func:`hw.link.serve_stream` in its own thread."""
+
+    scheme = "loop"
+
     def __init__(self, name: str, handler: Callable[[str, Mapping[str, Any]], Any],
-                 fabric: LoopFabric) -> None:
+                 fabric: Any) -> None:
         self.name = name
         self.handler = handler
         self.fabric = fabric
-        self.address = f"loop://{name}"
+        self.address = f"{self.scheme}://{name}"
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
-        self.ends: list[PipeEnd] = []
+        self.ends: list[Link] = []
 
     def start(self) -> None:
         with self.fabric.lock:
             if self.name in self.fabric.listeners:
-                raise UsageError(f"loop://{self.name} is already being served")
+                raise UsageError(f"{self.address} is already being served")
             self.fabric.listeners[self.name] = self
 
-    def accept(self) -> PipeEnd:
+    def _serve(self, end: Link, n: int | None = None, **kwargs: Any) -> None:
+        """Serve the server's ``end`` of a new connection in a thread of its own."""
         if self.stop_event.is_set():
-            raise TransportError(f"loop://{self.name} is stopped")
-        client, server = pipe_pair()
-        t = threading.Thread(target=serve_stream, args=(server, self.handler, self.stop_event),
-                             name=f"loop-{self.name}", daemon=True)
-        self.ends.append(server)
+            raise TransportError(f"{self.address} is stopped")
+        t = threading.Thread(target=serve_stream, args=(end, self.handler, self.stop_event),
+                             kwargs=kwargs, daemon=True,
+                             name=f"{self.scheme}-{self.name}" + ("" if n is None else f"-{n}"))
+        self.ends.append(end)
         self.threads.append(t)
         t.start()
-        return client
 
     def stop(self) -> None:
         self.stop_event.set()
         with self.fabric.lock:
-            self.fabric.listeners.pop(self.name, None)
+            if self.fabric.listeners.get(self.name) is self:
+                del self.fabric.listeners[self.name]
         for e in self.ends:
             e.close()
         for t in self.threads:
             t.join(timeout=5)
 
 
-def _name(url: LinkURL) -> str:
+class LoopListener(InProcessListener):
+    def accept(self) -> PipeEnd:
+        if self.stop_event.is_set():
+            raise TransportError(f"loop://{self.name} is stopped")
+        client, server = pipe_pair()
+        self._serve(server)
+        return client
+
+
+def link_name(url: LinkURL) -> str:
+    """NAME of ``loop://NAME`` or ``sim://NAME``."""
     name = (url.host + url.path).strip("/")
     if not name:
-        raise UsageError("loop:// needs a name: loop://NAME")
+        raise UsageError(f"{url.scheme}:// needs a name: {url.scheme}://NAME")
     return name
 
 
@@ -123,7 +139,7 @@ def listen(url: LinkURL, handler: Callable[[str, Mapping[str, Any]], Any],
     url.check_options(())
     if fabric is None:
         raise UsageError("loop:// is in-process only: pass a LoopFabric (fabric=...)")
-    return LoopListener(_name(url), handler, fabric)
+    return LoopListener(link_name(url), handler, fabric)
 
 
 def connect(url: LinkURL, fabric: LoopFabric | None = None, timeout: float = 2.0,
@@ -132,7 +148,7 @@ def connect(url: LinkURL, fabric: LoopFabric | None = None, timeout: float = 2.0
     if fabric is None:
         raise UsageError("loop:// is in-process only: pass a LoopFabric (fabric=...)")
     with fabric.lock:
-        lst = fabric.listeners.get(_name(url))
+        lst = fabric.listeners.get(link_name(url))
     if lst is None:
         raise TransportError(f"nothing is listening on {url.text}")
     return StreamClient(lst.accept(), timeout=timeout, tries=tries)

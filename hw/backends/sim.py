@@ -41,7 +41,8 @@ from typing import Any
 
 from agent.errors import UsageError
 from agent.record import fields, record, replace
-from hw.link import Link, LinkURL, Listener, StreamClient, serve_stream
+from hw.backends.loop import InProcessListener, link_name
+from hw.link import Link, LinkURL, StreamClient
 from hw.rpc import TransportError
 
 __all__ = [
@@ -276,26 +277,16 @@ class SimFabric:
         return total
 
 
-class SimListener(Listener):
+class SimListener(InProcessListener):
     """The server end of ``sim://NAME``: serves each line in its own thread."""
+
+    scheme = "sim"
 
     def __init__(self, name: str, handler: Handler, fabric: SimFabric,
                  faults: LineFaults) -> None:
-        self.name = name
-        self.handler = handler
-        self.fabric = fabric
+        super().__init__(name, handler, fabric)
         self.faults = faults
-        self.address = f"sim://{name}"
-        self.stop_event = threading.Event()
-        self.threads: list[threading.Thread] = []
-        self.ends: list[SimEnd] = []
         self.corrupt_frames = 0
-
-    def start(self) -> None:
-        with self.fabric.lock:
-            if self.name in self.fabric.listeners:
-                raise UsageError(f"sim://{self.name} is already being served")
-            self.fabric.listeners[self.name] = self
 
     def _count_corrupt(self, n: int) -> None:
         self.corrupt_frames += n
@@ -315,30 +306,8 @@ class SimListener(Listener):
         up, down = _Direction(), _Direction()
         client = SimEnd(rx=down, tx=up, injector=line.up, line=line)
         server = SimEnd(rx=up, tx=down, injector=line.down, line=line)
-        t = threading.Thread(target=serve_stream, args=(server, self.handler, self.stop_event),
-                             kwargs={"on_corrupt": self._count_corrupt},
-                             name=f"sim-{self.name}-{n}", daemon=True)
-        self.ends.append(server)
-        self.threads.append(t)
-        t.start()
+        self._serve(server, n, on_corrupt=self._count_corrupt)
         return client
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        with self.fabric.lock:
-            if self.fabric.listeners.get(self.name) is self:
-                del self.fabric.listeners[self.name]
-        for e in self.ends:
-            e.close()
-        for t in self.threads:
-            t.join(timeout=5)
-
-
-def _name(url: LinkURL) -> str:
-    name = (url.host + url.path).strip("/")
-    if not name:
-        raise UsageError("sim:// needs a name: sim://NAME")
-    return name
 
 
 def _need_fabric(fabric: SimFabric | None) -> SimFabric:
@@ -350,7 +319,7 @@ def _need_fabric(fabric: SimFabric | None) -> SimFabric:
 def listen(url: LinkURL, handler: Handler, fabric: SimFabric | None = None,
            **_ctx: Any) -> SimListener:
     url.check_options(LineFaults.names())
-    return SimListener(_name(url), handler, _need_fabric(fabric),
+    return SimListener(link_name(url), handler, _need_fabric(fabric),
                        LineFaults().with_options(url.options))
 
 
@@ -359,7 +328,7 @@ def connect(url: LinkURL, fabric: SimFabric | None = None, timeout: float = 2.0,
     url.check_options((*LineFaults.names(), *_CLIENT_OPTIONS))
     fab = _need_fabric(fabric)
     with fab.lock:
-        lst = fab.listeners.get(_name(url))
+        lst = fab.listeners.get(link_name(url))
     if lst is None:
         raise TransportError(f"nothing is listening on {url.text}")
     try:
