@@ -24,10 +24,10 @@ import hw
 from admin import workflow
 from agent.cli import (
     add_operation_commands,
-    info_json,
     print_json,
-    print_status,
     read_input,
+    show_info,
+    show_status,
     write_output,
 )
 from agent.errors import EXIT_OK, LicensingError, NotLicensedError, UsageError
@@ -284,23 +284,10 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         # verify the device's self-signature before trusting or storing what arrived
         payload, _key = self_signed_payload(data, DeviceInfo)
         assert isinstance(payload, DeviceInfo)
-        if args.out:
-            write_output(args.out, data)
-        if args.json:
-            print_json(info_json(payload))
-        elif args.out:
-            print(f"wrote device information of {payload.device_id} to {args.out}")
-        else:
-            print(f"device_id {payload.device_id}\nmodel     {payload.model}\n"
-                  f"serial    {payload.serial}\nhost_id   {payload.host_id}\n"
-                  f"sequence  {payload.sequence}\nlicenses  {len(payload.licenses)}")
+        show_info(data, payload, args.out, args.json)
         return EXIT_OK
     if c == "status":
-        st = client.status()
-        if args.json:
-            print_json(st)
-        else:
-            print_status(st)
+        show_status(client.status(), args.json)
         return EXIT_OK
     if c == "request":
         _check_folder(args.out)

@@ -114,6 +114,28 @@ def info_json(info: DeviceInfo) -> dict[str, Any]:
     }
 
 
+def show_info(data: bytes, info: DeviceInfo, out: str | None, as_json: bool) -> None:
+    """``info [--out FILE] [--json]`` of licagent and licadmin: write the file, show it."""
+    if out:
+        write_output(out, data)
+    if as_json:
+        print_json(info_json(info))
+    elif out:
+        print(f"wrote device information of {info.device_id} to {out}")
+    else:
+        print(f"device_id {info.device_id}\nmodel     {info.model}\nserial    {info.serial}\n"
+              f"host_id   {info.host_id}\nsequence  {info.sequence}\n"
+              f"licenses  {len(info.licenses)}")
+
+
+def show_status(st: Mapping[str, Any], as_json: bool) -> None:
+    """``status [--json]`` of licagent and licadmin (the same JSON and text)."""
+    if as_json:
+        print_json(st)
+    else:
+        print_status(st)
+
+
 def print_status(st: Mapping[str, Any]) -> None:
     """``licagent status`` (and ``licadmin status``) as text."""
     print(f"device {st['device_id']} ({st['model']}), sequence {st['sequence']}")
@@ -293,24 +315,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"device_id {store.state.device_id}")
         return EXIT_OK
     if c == "info":
-        data, info = agent.info()
-        if args.out:
-            write_output(args.out, data)
-        if args.json:
-            print_json(info_json(info))
-        elif args.out:
-            print(f"wrote device information of {info.device_id} to {args.out}")
-        else:
-            print(f"device_id {info.device_id}\nmodel     {info.model}\nserial    {info.serial}\n"
-                  f"host_id   {info.host_id}\nsequence  {info.sequence}\n"
-                  f"licenses  {len(info.licenses)}")
+        show_info(*agent.info(), args.out, args.json)
         return EXIT_OK
     if c == "status":
-        st = agent.status()
-        if args.json:
-            print_json(st)
-        else:
-            print_status(st)
+        show_status(agent.status(), args.json)
         return EXIT_OK
     if c == "request":
         features = list(args.feature)
