@@ -13,7 +13,7 @@ import abc
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from agent.errors import UsageError
@@ -27,8 +27,20 @@ __all__ = [
     "ServerClient",
     "StreamClient",
     "parse_url",
+    "netloc",
     "serve_stream",
 ]
+
+
+_D = TypeVar("_D", float, None)
+_INF, _NAN = float("inf"), float("nan")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def netloc(host: str, port: int) -> str:
+    """``HOST:PORT`` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @record(frozen=True)
@@ -44,6 +56,43 @@ class LinkURL:
 
     def option(self, name: str, default: str | None = None) -> str | None:
         return self.options.get(name, default)
+
+    def seconds(self, name: str, default: _D, high: float = _INF) -> float | _D:
+        """Option ``name`` as seconds above 0 (and at most ``high``), ``default`` if absent."""
+        raw = self.options.get(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            value = _NAN
+        if not 0 < value <= high or value == _INF:  # also false for nan
+            limit = "" if high == _INF else f" and at most {high:g}"
+            raise UsageError(f"{self.text}: option {name}={raw!r} must be a number of seconds "
+                             f"above 0{limit}")
+        return value
+
+    def whole(self, name: str, default: int, low: int = 1, high: int | None = None) -> int:
+        """Option ``name`` as a whole number from ``low`` (to ``high``), ``default`` if absent."""
+        raw = self.options.get(name)
+        if raw is None:
+            return default
+        if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= (high or int(raw)):
+            upto = "" if high is None else f" to {high}"
+            raise UsageError(f"{self.text}: option {name}={raw!r} must be a whole number "
+                             f"from {low}{upto}")
+        return int(raw)
+
+    def flag(self, name: str, default: bool) -> bool:
+        """Option ``name`` as true (1, true, yes, on) or false (0, false, no, off)."""
+        raw = self.options.get(name)
+        if raw is None:
+            return default
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise UsageError(f"{self.text}: option {name}={raw!r} must be true or false (1 or 0)")
 
     def check_options(self, allowed: Iterable[str]) -> None:
         """Refuse any option this backend does not know, naming it."""

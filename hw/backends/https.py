@@ -62,7 +62,7 @@ from urllib.parse import quote, unquote
 from agent.cose import canonical, jsonable, strict_loads
 from agent.errors import MalformedError, UsageError
 from hw.httpjson import CBOR, HTTP_STATUS, JSON, Answer, HttpRefusal, JsonHandler, Route
-from hw.link import LinkURL, Listener, ServerClient
+from hw.link import LinkURL, Listener, ServerClient, netloc
 from hw.rpc import Op, RemoteError, TransportError
 from hw.tls import client_context, server_context
 
@@ -88,10 +88,6 @@ Handler = Callable[[str, Mapping[str, Any]], Any]
 Log = Callable[[str], None]
 
 
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _check_path(url: LinkURL) -> None:
@@ -377,7 +373,7 @@ class HttpsListener(Listener):
         except OSError as exc:
             raise UsageError(f"cannot listen on {self.url.host}:{self.url.port}: {exc}") from exc
         host, port = server.server_address[:2]
-        self.address = f"https://{_host_port(str(host), int(port))}"
+        self.address = f"https://{netloc(str(host), int(port))}"
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"https-{port}", daemon=True)
@@ -429,7 +425,7 @@ class HttpsClient(ServerClient):
         self.url = url
         self.context = context
         self.timeout = timeout
-        self.where = f"https://{_host_port(url.host, url.need_port())}"
+        self.where = f"https://{netloc(url.host, url.need_port())}"
         self._conn: http.client.HTTPSConnection | None = None
         self._ops: dict[str, Callable[[Mapping[str, Any]], Any]] = {
             Op.HELLO: lambda _a: self._structured("GET", "/v1/hello"),

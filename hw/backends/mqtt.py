@@ -95,7 +95,7 @@ from agent.cose import canonical, strict_loads
 from agent.errors import LicensingError, MalformedError, UsageError
 from agent.record import field, record
 from hw.framing import DEFAULT_MAX_FRAME
-from hw.link import LinkURL, Listener, ServerClient, parse_url
+from hw.link import LinkURL, Listener, ServerClient, netloc, parse_url
 from hw.rpc import OPS, PROTOCOL_VERSIONS, Op, RemoteError, TransportError
 from hw.tls import client_context
 
@@ -217,30 +217,8 @@ def _host_port(url: LinkURL) -> tuple[str, int]:
     return url.host, url.port if url.port is not None else DEFAULT_PORTS[url.scheme]
 
 
-def _broker_name(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _float_option(url: LinkURL, name: str, default: float) -> float:
-    raw = url.option(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or math.isinf(value):
-        raise UsageError(f"{url.text}: option {name}={raw!r} must be a positive number of seconds")
-    return value
-
-
 def _keepalive(url: LinkURL) -> int:
-    raw = url.option("keepalive")
-    if raw is None:
-        return DEFAULT_KEEPALIVE
-    if not raw.isdigit() or not 5 <= int(raw) <= 65535:
-        raise UsageError(f"{url.text}: option keepalive={raw!r} must be whole seconds, 5 to 65535")
-    return int(raw)
+    return url.whole("keepalive", DEFAULT_KEEPALIVE, 5, 65535)
 
 
 def _tls_context(url: LinkURL) -> ssl.SSLContext | None:
@@ -763,7 +741,7 @@ class _Session:
                  will: tuple[str, bytes] | None = None, log: Log | None = None) -> None:
         self.loop = loop
         self.client_id = client_id
-        self.broker = _broker_name(host, port)
+        self.broker = netloc(host, port)
         self.log: Log = log or (lambda _line: None)
         if _VERSION2 is not None:
             c = _paho.Client(_VERSION2, client_id=client_id, protocol=_paho.MQTTv5)
@@ -1012,7 +990,7 @@ class MqttListener(Listener):
         self.device_id = _check_level("device ID", dev, self.url.text)
         self.model = str(model)
         self.server = RequestServer(self.handler, self.site, self.device_id, log=self.log)
-        self.address = (f"{self.url.scheme}://{_broker_name(self.host, self.port)}/"
+        self.address = (f"{self.url.scheme}://{netloc(self.host, self.port)}/"
                         f"{self.site}/{self.device_id}")
         loop, self._own = _own_loop(self._given_loop, f"mqtt {self.device_id[:12]}", self.log)
         self._loop = loop
@@ -1142,12 +1120,12 @@ class MqttClient(ServerClient):
         self.url = url
         self.site, self.device_id = site, dev
         self.host, self.port = _host_port(url)
-        self.timeout = _float_option(url, "timeout", timeout)
+        self.timeout = url.seconds("timeout", timeout)
         self.tries = max(1, tries)
-        self.presence_timeout = _float_option(url, "presence_timeout", presence_timeout)
+        self.presence_timeout = url.seconds("presence_timeout", presence_timeout)
         self.client_id = "licadmin-" + os.urandom(8).hex()
         self.reply_topic = response_topic(site, dev, self.client_id)
-        self.where = f"device {dev} at site {site} on {_broker_name(self.host, self.port)}"
+        self.where = f"device {dev} at site {site} on {netloc(self.host, self.port)}"
         self._cond = threading.Condition()
         self._replies: dict[bytes, bytes] = {}
         self._waiting: set[bytes] = set()
@@ -1321,7 +1299,7 @@ def discover(url: str | LinkURL, timeout: float = DISCOVER_TIMEOUT,
         raise UsageError(f"{parsed.text} names one device; a site is "
                          f"{parsed.scheme}://HOST:PORT/{site}")
     host, port = _host_port(parsed)
-    timeout = _float_option(parsed, "timeout", timeout)
+    timeout = parsed.seconds("timeout", timeout)
     client_id = "licadmin-" + os.urandom(8).hex()
     marker = os.urandom(16)
     found: dict[str, Presence] = {}
@@ -1415,10 +1393,10 @@ class MqttSite:
         self.url = parsed
         self.site = site
         self.host, self.port = _host_port(parsed)
-        self.timeout = _float_option(parsed, "timeout", timeout)
+        self.timeout = parsed.seconds("timeout", timeout)
         self.tries = max(1, tries)
-        self.presence_timeout = _float_option(parsed, "presence_timeout", presence_timeout)
-        discover_timeout = _float_option(parsed, "timeout", discover_timeout)
+        self.presence_timeout = parsed.seconds("presence_timeout", presence_timeout)
+        discover_timeout = parsed.seconds("timeout", discover_timeout)
         self.client_id = "licadmin-" + os.urandom(8).hex()
         self._lock = threading.Lock()
         self._listed = threading.Event()

@@ -26,7 +26,6 @@ connection is dropped at the first one.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import sys
 import threading
@@ -38,7 +37,7 @@ from agent.cose import canonical, strict_loads
 from agent.errors import LicensingError, UsageError
 from agent.record import record
 from hw.framing import Frame, FrameDecoder, encode_frame
-from hw.link import Link, LinkURL, Listener, StreamClient, serve_stream
+from hw.link import Link, LinkURL, Listener, StreamClient, netloc, serve_stream
 from hw.rpc import TransportError
 from hw.tls import client_context, server_context
 
@@ -72,44 +71,9 @@ LISTEN_OPTIONS = {
     "tls": ("max_clients", "idle_timeout", "cert", "key", "ca", "require_client_cert"),
 }
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 # ---------------------------------------------------------------- options
-
-
-def _float_option(url: LinkURL, name: str, default: float) -> float:
-    raw = url.option(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0 or value == float("inf"):
-        raise UsageError(f"{url.text}: option {name}={raw!r} must be a positive number of seconds")
-    return value
-
-
-def _int_option(url: LinkURL, name: str, default: int) -> int:
-    raw = url.option(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise UsageError(f"{url.text}: option {name}={raw!r} must be a whole number of at least 1")
-    return int(raw)
-
-
-def _bool_option(url: LinkURL, name: str, default: bool) -> bool:
-    raw = url.option(name)
-    if raw is None:
-        return default
-    if raw.lower() in _TRUE:
-        return True
-    if raw.lower() in _FALSE:
-        return False
-    raise UsageError(f"{url.text}: option {name}={raw!r} must be true or false")
 
 
 def _host(url: LinkURL) -> str:
@@ -119,13 +83,7 @@ def _host(url: LinkURL) -> str:
 
 
 def _url_of(scheme: str, sockname: tuple[Any, ...]) -> str:
-    host, port = str(sockname[0]), int(sockname[1])
-    try:
-        if ipaddress.ip_address(host).version == 6:
-            host = f"[{host}]"
-    except ValueError:
-        pass
-    return f"{scheme}://{host}:{port}"
+    return f"{scheme}://{netloc(str(sockname[0]), int(sockname[1]))}"
 
 
 # ---------------------------------------------------------------- the stream
@@ -204,7 +162,7 @@ def connect(url: LinkURL, timeout: float = 2.0, tries: int = 4, **_ctx: Any) -> 
     """
     url.check_options(CLIENT_OPTIONS[url.scheme])
     host, port = _host(url), url.need_port()
-    timeout = _float_option(url, "timeout", timeout)
+    timeout = url.seconds("timeout", timeout)
     ctx = client_context(url) if url.scheme == "tls" else None
     try:
         sock = socket.create_connection((host, port), timeout=max(timeout, 1.0))
@@ -236,7 +194,7 @@ class ListenConfig:
 
 def _server_context(url: LinkURL) -> ssl.SSLContext:
     return server_context(url, "tls://HOST:PORT?cert=PATH&key=PATH",
-                          _bool_option(url, "require_client_cert", bool(url.option("ca"))))
+                          url.flag("require_client_cert", bool(url.option("ca"))))
 
 
 def _busy_reply(decoder: FrameDecoder, data: bytes, message: str) -> bytes | None:
@@ -489,8 +447,8 @@ def listen(url: LinkURL, handler: Handler, max_clients: int | None = None,
     config = ListenConfig(
         host=_host(url),
         port=url.need_port(),
-        max_clients=_int_option(url, "max_clients", max_clients or DEFAULT_MAX_CLIENTS),
-        idle_timeout=_float_option(url, "idle_timeout", DEFAULT_IDLE_TIMEOUT),
+        max_clients=url.whole("max_clients", max_clients or DEFAULT_MAX_CLIENTS),
+        idle_timeout=url.seconds("idle_timeout", DEFAULT_IDLE_TIMEOUT),
         tls=_server_context(url) if url.scheme == "tls" else None,
     )
     return TcpListener(url, handler, config, log)

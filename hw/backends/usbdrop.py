@@ -110,8 +110,6 @@ MAX_LOG = 1024 * 1024
 #: or at the next insertion, not on every poll (each refusal is journalled by the agent)
 RETRY_AFTER = 300.0
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
 
 _logger = logging.getLogger(__name__)
 
@@ -130,37 +128,20 @@ class MailboxOptions:
     device: str | None = None
 
 
-def _seconds(url: LinkURL, name: str, high: float) -> float | None:
-    raw = url.option(name)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= high:  # also false for nan
-        raise UsageError(f"{url.text}: option {name}={raw!r} must be a number of seconds "
-                         f"above 0 and at most {high:g}")
-    return value
-
-
 def parse_options(url: LinkURL) -> MailboxOptions:
     """Check a ``usbdrop://`` URL; every problem is a UsageError naming it."""
     url.check_options(OPTIONS)
     if url.host or not url.path.startswith("/"):
         raise UsageError(f"{url.text}: usbdrop:// takes an absolute folder path, "
                          f"e.g. usbdrop:///media/usb0 (three slashes)")
-    always_raw = (url.option("always") or "0").lower()
-    if always_raw not in _TRUE + _FALSE:
-        raise UsageError(f"{url.text}: option always={always_raw!r} must be 1 or 0")
     device = url.option("device")
     if device is not None and not _SAFE_NAME.fullmatch(device):
         raise UsageError(f"{url.text}: option device={device!r} is not a device ID")
     return MailboxOptions(
         root=Path(os.path.normpath(url.path)),
-        poll=_seconds(url, "poll", 3600),
-        always=always_raw in _TRUE,
-        timeout=_seconds(url, "timeout", 86400),
+        poll=url.seconds("poll", None, 3600),
+        always=url.flag("always", False),
+        timeout=url.seconds("timeout", None, 86400),
         device=device,
     )
 

@@ -26,6 +26,7 @@ from agent.cli import parse_time
 from agent.cose import canonical, strict_loads
 from agent.errors import MalformedError, UsageError
 from hw.httpjson import CBOR, Answer, JsonHandler, Route, json_answer
+from hw.link import netloc
 from simulators.licensing_server.ledger import SITE_INFO_MAX, Ledger
 from simulators.licensing_server.vendor import Vendor
 
@@ -240,8 +241,7 @@ class LicensingServer:
         self._httpd = httpd
         host, port = httpd.server_address[:2]
         self.host, self.port = str(host), int(port)
-        shown = f"[{self.host}]" if ":" in self.host else self.host
-        self.url = f"http://{shown}:{self.port}"
+        self.url = f"http://{netloc(self.host, self.port)}"
         self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"licserver {self.url}")
         self._thread.start()

@@ -48,6 +48,7 @@ from hw.backends.mqtt import (
     request_topic,
 )
 from hw.framing import DEFAULT_MAX_FRAME
+from hw.link import netloc
 from hw.rpc import TransportError
 from simulators.mqttlite import codec as c
 from simulators.mqttlite.limits import CapacityError, check_capacity, raise_fd_limit
@@ -321,8 +322,7 @@ class DeviceEngine:
     @property
     def url(self) -> str:
         """The site URL clients use (``licadmin gather --server URL``); a device is URL/ID."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"mqtt://{host}:{self.port}/{self.site}"
+        return f"mqtt://{netloc(self.host, self.port)}/{self.site}"
 
     def ready(self, device_id: str) -> bool:
         d = self._devices.get(device_id)
