@@ -24,13 +24,14 @@ import hw
 from admin import workflow
 from agent.cli import (
     add_operation_commands,
+    exit_code_of,
     print_json,
     read_input,
     show_info,
     show_status,
     write_output,
 )
-from agent.errors import EXIT_OK, LicensingError, NotLicensedError, UsageError
+from agent.errors import EXIT_OK, NotLicensedError, UsageError
 from agent.messages import DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from hw.link import ServerClient
@@ -325,19 +326,15 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
+
+    def command() -> int:
         if args.command in WORKFLOW:
             return run_workflow(args)
         client: ServerClient = hw.connect(args.server, timeout=args.timeout)
         with client:
             return run(args, client)
-    except NotLicensedError:
-        return NotLicensedError.exit_code
-    except LicensingError as err:
-        print(f"{PROG}: {err.reason}: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        return 130
+
+    return exit_code_of(PROG, command)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import shutil
 import sys
 import tempfile
 import threading
-import tomllib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
@@ -43,7 +42,7 @@ from admin.files import (
     verify_device_info,
     write_file,
 )
-from agent.cli import read_input
+from agent.cli import read_input, read_toml
 from agent.errors import EXIT_OK, LicensingError, MalformedError, TrustError, UsageError
 from agent.messages import Action, LicenseInfo, Receipt, Request, Response
 from agent.protocol import self_signed_payload
@@ -115,15 +114,7 @@ def load_servers(path: str) -> tuple[list[ServerRef], str | None]:
     Raises:
         UsageError: unreadable file, bad TOML, a missing url, an unknown key, a URL twice.
     """
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError as exc:
-        raise UsageError(f"no such file: {path}") from exc
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{path} is not valid TOML: {exc}") from exc
+    doc = read_toml(path, "servers file")
     extra = set(doc) - {"server", "site"}
     if extra:
         raise UsageError(f"{path}: unknown key {', '.join(sorted(extra))} "

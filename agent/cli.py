@@ -74,6 +74,25 @@ def write_output(path: str, data: bytes) -> None:
     atomic_write(FileOps(), p.absolute(), data, 0o644)
 
 
+def read_toml(path: str | Path, what: str = "file") -> dict[str, Any]:
+    """A TOML file (``what`` names it in errors: config file, scenario, servers file).
+
+    Raises:
+        UsageError: it cannot be read or is not TOML.
+    """
+    import tomllib  # only for the tools' settings files: a daemon started by flags never pays
+
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise UsageError(f"cannot read {what} {path}: no such file") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{what} {path} is not valid TOML: {exc}") from exc
+
+
 def read_input(path: str, limit: int) -> bytes:
     """Read a file once, capped: the bytes read are the bytes verified and applied."""
     try:
@@ -377,20 +396,30 @@ def run(args: argparse.Namespace) -> int:
 
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    fast = fast_run_args(argv)
+def exit_code_of(prog: str, command: Callable[[], int]) -> int:
+    """Run a tool's command and turn what it raises into the documented exit code.
+
+    ``not licensed`` exits 1 silently (``check``); any other LicensingError prints
+    ``PROG: REASON: MESSAGE`` and exits with its code; Ctrl-C exits 130.
+    """
     try:
-        if fast is not None:
-            return run_daemon(**fast)
-        return run(_parser().parse_args(argv))
+        return command()
     except NotLicensedError:
         return NotLicensedError.exit_code
     except LicensingError as err:
-        print(f"{PROG}: {err.reason}: {err}", file=sys.stderr)
+        print(f"{prog}: {err.reason}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    fast = fast_run_args(argv)
+    if fast is not None:
+        return exit_code_of(PROG, lambda: run_daemon(**fast))
+    args = _parser().parse_args(argv)
+    return exit_code_of(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

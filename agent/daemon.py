@@ -73,15 +73,9 @@ def load_config(path: Path) -> dict[str, Any]:
     Raises:
         UsageError: unreadable, not TOML, an unknown key or a wrongly typed value.
     """
-    import tomllib  # only with --config: a daemon started by flags never pays for it
+    from agent.cli import read_toml
 
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
+    raw = read_toml(path, "config file")
     unknown = sorted(set(raw) - set(CONFIG_KEYS))
     if unknown:
         raise UsageError(f"config file {path}: unknown key {', '.join(unknown)} "

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from agent.errors import EXIT_FAILURE, EXIT_OK, LicensingError, UsageError
+from agent.cli import exit_code_of
+from agent.errors import EXIT_FAILURE, EXIT_OK, UsageError
 
 __all__ = ["main"]
 
@@ -110,16 +111,15 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return run(args)
-    except LicensingError as err:  # storage errors too: exit 8
-        print(f"{PROG}: {err.reason}: {err}", file=sys.stderr)
-        return err.exit_code
-    except OSError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        return 130
+
+    def command() -> int:
+        try:
+            return run(args)
+        except OSError as exc:  # a folder or port licsim itself could not use
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+
+    return exit_code_of(PROG, command)
 
 
 if __name__ == "__main__":

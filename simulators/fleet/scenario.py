@@ -309,13 +309,7 @@ def load_scenario(path: Path) -> Scenario:
     Raises:
         UsageError: unreadable, not TOML, or any problem :func:`parse_scenario` names.
     """
-    import tomllib
+    from agent.cli import read_toml
 
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except OSError as exc:
-        raise UsageError(f"cannot read scenario {path}: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"scenario {path} is not valid TOML: {exc}") from exc
+    raw = read_toml(path, "scenario")
     return parse_scenario(raw, path.resolve().parent, str(path))

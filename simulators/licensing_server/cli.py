@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from agent.cli import parse_time, read_input, write_output
+from agent.cli import exit_code_of, parse_time, read_input, write_output
 from agent.cose import ALG_EDDSA, ALG_ES256, PublicKey, SigningKey
-from agent.errors import EXIT_OK, LicensingError, UsageError
+from agent.errors import EXIT_OK, UsageError
 from agent.messages import License
 from agent.store import FileOps, atomic_write
 from simulators.licensing_server.vendor import (
@@ -161,11 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return run(args)
-    except LicensingError as err:  # storage errors too: exit 8
-        print(f"{PROG}: {err.reason}: {err}", file=sys.stderr)
-        return err.exit_code
+    return exit_code_of(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":
