@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import subprocess
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,3 +99,23 @@ def site(tmp_path: Path, vendor: Vendor) -> Site:
 @pytest.fixture
 def device(site: Site) -> Device:
     return site.device()
+
+
+@pytest.fixture
+def no_thread_outlives_its_test() -> Iterator[None]:
+    """Every thread a test starts ends with it (modules opt in with ``usefixtures``)."""
+    before = set(threading.enumerate())
+    yield
+    for t in set(threading.enumerate()) - before:
+        t.join(timeout=5)
+        assert not t.is_alive(), f"thread {t.name} outlived its test"
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]], wait: float) -> None:
+    """Kill what still runs of ``procs``, reap each and close its stdout pipe."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=wait)
+        assert p.stdout is not None
+        p.stdout.close()

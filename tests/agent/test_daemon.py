@@ -26,7 +26,7 @@ from agent.identity import FactsProvider, HardwareFacts
 from hw.framing import encode_frame
 from hw.rpc import RemoteError
 from simulators.licensing_server.vendor import Grant, Vendor
-from tests.conftest import T0, Device
+from tests.conftest import T0, Device, stop_processes
 
 BIN = Path(sys.executable).parent
 WAIT = 20.0  # an upper bound for start-up and shutdown; never asserted as a time
@@ -70,12 +70,7 @@ class Agentd:
         return self.log.read_text()
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(timeout=WAIT)
-            assert p.stdout is not None
-            p.stdout.close()
+        stop_processes(self.procs, WAIT)
 
 
 def read_line(proc: subprocess.Popen[bytes], buf: bytearray) -> str:

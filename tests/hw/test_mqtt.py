@@ -156,13 +156,7 @@ class RawClient:
         self.c.loop_stop()
 
 
-@pytest.fixture(autouse=True)
-def no_thread_outlives_its_test() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    for t in set(threading.enumerate()) - before:
-        t.join(timeout=5)
-        assert not t.is_alive(), f"thread {t.name} outlived its test"
+pytestmark = pytest.mark.usefixtures("no_thread_outlives_its_test")
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from simulators.licensing_server.client import LicensingClient
 from simulators.licensing_server.ledger import Ledger
 from simulators.licensing_server.server import LicensingServer, ServerLimits, serve
 from simulators.licensing_server.vendor import Vendor
-from tests.conftest import T0, Device, Site
+from tests.conftest import T0, Device, Site, stop_processes
 from tests.simulators.test_ledger import payload, site_info
 
 BIN = Path(sys.executable).parent
@@ -276,12 +276,7 @@ class Licserver:
         return proc, line.split(" ", 1)[1]
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(timeout=WAIT)
-            assert p.stdout is not None
-            p.stdout.close()
+        stop_processes(self.procs, WAIT)
 
 
 @pytest.fixture
