@@ -32,8 +32,9 @@ demo-files: $(STAMP)
 	$(PY) -m simulators.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check agent hw simulators tests admin
+	$(VENV)/bin/ruff check agent hw apps simulators tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # The MQTT tests and benchmarks run a real mosquitto broker on a loopback port;
 # install it on Debian when it is missing (as root, or with sudo if there is one).

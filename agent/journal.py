@@ -18,15 +18,13 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent.cose import canonical, strict_loads
 from agent.digest import equal, hmac_sha256, sha256
+from agent.durable import FileOps, write_all
 from agent.errors import IntegrityError, MalformedError, StorageError
 from agent.record import record
-
-if TYPE_CHECKING:
-    from agent.store import FileOps
 
 __all__ = ["Journal", "JournalEntry", "JournalReport"]
 
@@ -186,8 +184,6 @@ class Journal:
             if rep.torn:
                 self.ops.ftruncate(fd, rep.good_length)
             os.lseek(fd, rep.good_length, os.SEEK_SET)
-            from agent.store import write_all
-
             write_all(self.ops, fd, blob)
             self.ops.fsync(fd)
         except OSError as exc:

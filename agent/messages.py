@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, overload
 
 from agent.cose import PublicKey, canonical
 from agent.digest import sha256
@@ -640,8 +640,15 @@ _BY_KIND: dict[Kind, Any] = {
 P = TypeVar("P", bound=Payload)
 
 
-def decode_payload(obj: object, expect: type[P] | None = None) -> Payload:
-    """Turn a decoded payload map into its dataclass; refuse the wrong kind."""
+@overload
+def decode_payload(obj: object, expect: type[P]) -> P: ...
+@overload
+def decode_payload(obj: object, expect: None = None) -> Payload: ...
+def decode_payload(obj: object, expect: type[Payload] | None = None) -> Payload:
+    """Turn a decoded payload map into its record; refuse the wrong kind.
+
+    With ``expect``, the result is typed as that payload class (and is one).
+    """
     m = _map(obj, "payload")
     v = m.get("v")
     if type(v) is not int or v != FORMAT_VERSION:

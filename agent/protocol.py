@@ -9,7 +9,7 @@ returns; the CLI and daemon only move bytes.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.cose import PublicKey, Sign1, SigningKey, canonical, decode_sign1, sign1, strict_loads
 from agent.digest import sha256
@@ -64,10 +64,16 @@ __all__ = [
     "observe_clock",
     "read_signed",
     "roll_forward",
+    "self_signed_payload",
+    "verify_self_signed",
     "verify_vendor_file",
 ]
 
 AGENT_VERSION = "0.1.0"
+
+_P = TypeVar("_P", bound=Payload)
+#: the payloads signed by the device key they carry
+_S = TypeVar("_S", Request, Receipt, DeviceInfo)
 
 
 @record(frozen=True)
@@ -264,9 +270,9 @@ def _trusted_key(state: AgentState, kid: bytes, now: int) -> PublicKey:
 
 
 def verify_vendor_file(
-    state: AgentState, data: bytes, now: int, expect: type[Payload],
+    state: AgentState, data: bytes, now: int, expect: type[_P],
     limits: Limits = DEFAULT_LIMITS,
-) -> tuple[Payload, Sign1]:
+) -> tuple[_P, Sign1]:
     """Size cap, signature with a trusted vendor key over the exact bytes, then decode.
 
     Raises:
@@ -392,9 +398,7 @@ def apply_response(
         MalformedError, TrustError, WrongDeviceError, SequenceError subclasses,
         ValidityError subclasses: the refusal classes of docs/protocol.md.
     """
-    payload, _env = verify_vendor_file(state, data, now, Response, limits)
-    assert isinstance(payload, Response)
-    resp = payload
+    resp, _env = verify_vendor_file(state, data, now, Response, limits)
     if resp.device_id != state.device_id:
         raise WrongDeviceError(
             f"response is for device {resp.device_id[:12]}…, this device is "
@@ -518,7 +522,6 @@ def apply_trust_update(
 ) -> tuple[AgentState, TrustUpdate]:
     """Replace the trusted vendor keys with a set signed by a currently trusted key."""
     payload, _env = verify_vendor_file(state, data, now, TrustUpdate, limits)
-    assert isinstance(payload, TrustUpdate)
     if payload.version <= state.trust_version:
         raise StaleError(
             f"trust update version {payload.version} is not newer than the installed "
@@ -594,19 +597,39 @@ def make_device_info(
     return sign1(info.encode(), key, Kind.DEVICE_INFO.content_type), info
 
 
-def self_signed_payload(data: bytes, expect: type[Payload], limits: Limits = DEFAULT_LIMITS) -> tuple[Payload, PublicKey]:
+def verify_self_signed(data: bytes, limits: Limits = DEFAULT_LIMITS
+                       ) -> tuple[Request | Receipt | DeviceInfo, PublicKey]:
     """Verify a file signed by the device key that it carries (request, receipt, device info).
 
     The key is inside the payload, so the payload is decoded (strictly, size
     capped) before the signature check; the key is then bound to the kid in
     the protected header and to the device ID (both its SHA-256).
+
+    Raises:
+        MalformedError, TrustError: not such a file, or its signature does not hold.
     """
+    return _self_signed(data, None, limits)
+
+
+def self_signed_payload(data: bytes, expect: type[_S],
+                        limits: Limits = DEFAULT_LIMITS) -> tuple[_S, PublicKey]:
+    """:func:`verify_self_signed` for one expected kind, typed as that kind."""
+    payload, key = _self_signed(data, expect, limits)
+    if not isinstance(payload, expect):  # decode_payload refused any other kind already
+        raise MalformedError(f"expected a {expect.KIND.value} file")
+    return payload, key
+
+
+def _self_signed(data: bytes, expect: type[Payload] | None, limits: Limits
+                 ) -> tuple[Request | Receipt | DeviceInfo, PublicKey]:
     env = read_signed(data, limits)
     payload = decode_payload(strict_loads(env.payload, max_size=limits.max_file), expect)
-    key: PublicKey = payload.device_key  # type: ignore[attr-defined]
+    if not isinstance(payload, Request | Receipt | DeviceInfo):
+        raise MalformedError(f"a {payload.KIND.value} file is not signed by a device")
+    key = payload.device_key
     if env.kid != key.kid:
         raise TrustError("file's kid does not match the device key inside it")
-    if payload.device_id != key.kid.hex():  # type: ignore[attr-defined]
+    if payload.device_id != key.kid.hex():
         raise TrustError("device_id is not the SHA-256 of the device key")
     env.verify_with(key)
     return payload, key

@@ -16,24 +16,19 @@ from typing import Any
 
 from agent import protocol
 from agent.cose import PublicKey, SigningKey
+from agent.durable import FileOps
 from agent.errors import ExpiredError, LicensingError, UsageError
+from agent.formats import iso
 from agent.identity import FactsProvider, HardwareFacts, host_id
 from agent.journal import JournalReport
 from agent.messages import Action, LicenseInfo, TrustKey, TrustUpdate
 from agent.protocol import DEFAULT_LIMITS, ApplyResult, CheckResult, Limits
 from agent.record import record, replace
-from agent.store import FileOps, Store, store_lock
+from agent.store import Store, store_lock
 
-__all__ = ["Agent", "iso", "status_dict"]
+__all__ = ["Agent", "status_dict"]
 
 MODELS = ("AS-P", "AS-B", "Edge-Server")
-
-
-def iso(t: int | None) -> str | None:
-    """POSIX seconds as ISO 8601 UTC (``2026-11-28T00:00:00Z``), None stays None."""
-    if t is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def status_dict(state: protocol.AgentState, now: int, warnings: Iterable[str] = ()) -> dict[str, Any]:
@@ -206,7 +201,6 @@ class Agent:
         with self._open() as (store, now):
             lim = replace(self.limits, max_file=16 * 1024 * 1024)
             info, _env = protocol.verify_vendor_file(store.state, data, now, LicenseInfo, lim)
-            assert isinstance(info, LicenseInfo)
             if now > info.expires:
                 raise ExpiredError(f"license information expired at {iso(info.expires)}")
             entry = info.for_device(store.state.device_id)

@@ -20,7 +20,7 @@ SERVERS = [
     ("edge-01", "Edge-Server", "ES-5CG1234XYZ", ["52:54:00:ab:cd:01", "52:54:00:ab:cd:02"]),
 ]
 
-TOOLS = {"licagent": "agent.cli", "licserver": "simulators.licensing_server.cli"}
+TOOLS = {"licagent": "apps.licagent.cli", "licserver": "simulators.licensing_server.cli"}
 
 
 class Demo:

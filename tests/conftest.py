@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from agent.cose import SigningKey
+from agent.durable import FileOps
 from agent.identity import HardwareFacts
 from agent.messages import Action
 from agent.service import Agent
-from agent.store import SLOTS, FileOps
+from agent.store import SLOTS
 from hw.facts import StaticFactsProvider
 from simulators.licensing_server.vendor import Grant, Vendor
 

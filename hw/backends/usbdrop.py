@@ -70,12 +70,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from agent.durable import FileOps, atomic_write, fsync_dir, write_all
 from agent.errors import LicensingError, MalformedError, StorageError, UsageError
+from agent.formats import iso
 from agent.messages import Request
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from agent.record import record
-from agent.service import iso
-from agent.store import FileOps, atomic_write, fsync_dir, write_all
 from hw.framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
 from hw.link import LinkURL, Listener, ServerClient
 from hw.rpc import PROTOCOL_VERSIONS, Op, RpcClient, RpcServer, TransportError
@@ -399,7 +399,6 @@ class MailboxListener(Listener):
         self._set_aside(key)
         req = bytes(result["file"])
         payload, _key = self_signed_payload(req, Request)
-        assert isinstance(payload, Request)
         name = f"request-{payload.nonce.hex()[:12]}.req"
         # request first, then .done: a crash between makes one more (harmless) outstanding request
         atomic_write(self.ops, dev / name, req, 0o644)

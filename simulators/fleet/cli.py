@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from agent.cli import exit_code_of
 from agent.errors import EXIT_FAILURE, EXIT_OK, UsageError
+from apps.common import exit_code_of
 
 __all__ = ["main"]
 

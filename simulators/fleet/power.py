@@ -1,4 +1,4 @@
-"""Power loss at a store write step: the store's :class:`~agent.store.FileOps` seam, with a model of the disk.
+"""Power loss at a store write step: the store's :class:`~agent.durable.FileOps` seam, with a model of the disk.
 
 :class:`PowerLossOps` makes the real syscalls and counts them; call number
 ``crash_at`` never happens: :class:`PowerLoss` is raised instead (a
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import random
 
-from agent.store import FileOps
+from agent.durable import FileOps
 
 __all__ = ["PowerLoss", "PowerLossOps"]
 

@@ -309,7 +309,7 @@ def load_scenario(path: Path) -> Scenario:
     Raises:
         UsageError: unreadable, not TOML, or any problem :func:`parse_scenario` names.
     """
-    from agent.cli import read_toml
+    from apps.common import read_toml
 
     raw = read_toml(path, "scenario")
     return parse_scenario(raw, path.resolve().parent, str(path))

@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from agent.durable import FileOps
 from agent.identity import HardwareFacts
 from agent.ops import AgentOps
 from agent.service import Agent
-from agent.store import FileOps
 from hw.facts import StaticFactsProvider
 
 __all__ = ["ServerHandler", "SimServer"]

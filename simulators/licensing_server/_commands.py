@@ -13,9 +13,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from agent.cli import parse_time
 from agent.cose import SigningKey
 from agent.errors import EXIT_OK, UsageError
+from apps.common import parse_time
 from simulators.licensing_server.ledger import Ledger
 from simulators.licensing_server.server import serve
 from simulators.licensing_server.vendor import Vendor

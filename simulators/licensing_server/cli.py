@@ -11,19 +11,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from agent.cli import exit_code_of, parse_time, read_input, write_output
 from agent.cose import ALG_EDDSA, ALG_ES256, PublicKey, SigningKey
+from agent.durable import FileOps, atomic_write
 from agent.errors import EXIT_OK, UsageError
+from agent.formats import RECEIPT_MAX, read_device_info, verify_receipt
 from agent.messages import License
-from agent.store import FileOps, atomic_write
-from simulators.licensing_server.vendor import (
-    DAY,
-    RECEIPT_MAX,
-    Grant,
-    Vendor,
-    read_device_info,
-    verify_receipt,
-)
+from apps.common import exit_code_of, parse_time, read_input, write_output
+from simulators.licensing_server.vendor import DAY, Grant, Vendor
 
 __all__ = ["main", "parse_grant"]
 

@@ -44,6 +44,14 @@ from agent.errors import (
     UnknownRequestError,
     UsageError,
 )
+from agent.formats import (
+    RECEIPT_MAX,
+    SITE_INFO_MAX,
+    SiteInfo,
+    iso,
+    read_device_info,
+    verify_receipt,
+)
 from agent.messages import (
     FEATURE_RE,
     Action,
@@ -55,14 +63,7 @@ from agent.messages import (
     licenses_from,
     state_digest,
 )
-from agent.service import iso
-from simulators.licensing_server.vendor import (
-    DAY,
-    RECEIPT_MAX,
-    Vendor,
-    read_device_info,
-    verify_receipt,
-)
+from simulators.licensing_server.vendor import DAY, Vendor
 
 __all__ = [
     "LICENSE_INFO_VALID",
@@ -72,12 +73,9 @@ __all__ = [
     "NotEntitledError",
     "ReceiptResult",
     "UploadResult",
-    "read_site_info",
 ]
 
 SCHEMA_VERSION = 1
-#: a SITE_INFO bundle, like license information, may be large (many servers)
-SITE_INFO_MAX = 16 * 1024 * 1024
 REQUEST_MAX = 64 * 1024
 RESPONSE_VALID = 30 * DAY
 LICENSE_INFO_VALID = 30 * DAY
@@ -210,24 +208,6 @@ class UploadResult:
 def refusal(err: LicensingError) -> dict[str, Any]:
     """The ``{"code", "reason", "message"}`` of a refusal."""
     return {"code": err.exit_code, "reason": err.reason, "message": str(err)}
-
-
-def read_site_info(data: bytes) -> tuple[str, list[bytes]]:
-    """The site name and the device-information files of a SITE_INFO bundle (shape only)."""
-    m = strict_loads(data, max_size=SITE_INFO_MAX)
-    if not isinstance(m, dict) or m.get("kind") != "site-info":
-        raise MalformedError("not a SITE_INFO bundle (a CBOR map with kind site-info)")
-    if type(m.get("v")) is not int or m.get("v") != 1:
-        raise MalformedError(f"unsupported SITE_INFO version {m.get('v')!r} (this reads 1)")
-    extra = set(m) - {"v", "kind", "site", "created", "devices", "failed"}
-    if extra:
-        raise MalformedError(f"SITE_INFO has unknown field {', '.join(sorted(map(str, extra)))}")
-    site, devices = m.get("site"), m.get("devices")
-    if not isinstance(site, str):
-        raise MalformedError("SITE_INFO site must be text")
-    if not isinstance(devices, list) or not all(isinstance(d, bytes) for d in devices):
-        raise MalformedError("SITE_INFO devices must be a list of device-information files")
-    return site, list(devices)
 
 
 def _name(v: object, what: str) -> str:
@@ -655,7 +635,7 @@ class Ledger:
         """
         now = self._now(now)
         signer = self._vendor(vendor)
-        _site, files = read_site_info(site_info)
+        files = SiteInfo.decode(site_info).devices
         infos: dict[str, DeviceInfo] = {}
         for f in files:
             try:
@@ -943,7 +923,7 @@ class Ledger:
         """Entitlements, assignments, installed licenses per device, pending reclaims, devices.
 
         The shape is documented in :meth:`LicensingClient.report
-        <simulators.licensing_server.client.LicensingClient.report>`.
+        <apps.licensing_client.LicensingClient.report>`.
         """
         with self._snapshot() as db:
             ents = [self._entitlement_json(db, e) for (e,) in

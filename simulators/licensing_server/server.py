@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from typing import Any
 
-from agent.cli import parse_time
 from agent.cose import canonical, strict_loads
 from agent.errors import MalformedError, UsageError
+from agent.formats import SITE_INFO_MAX
+from apps.common import parse_time
 from hw.httpjson import CBOR, Answer, JsonHandler, Route, json_answer
 from hw.link import netloc
-from simulators.licensing_server.ledger import SITE_INFO_MAX, Ledger
+from simulators.licensing_server.ledger import Ledger
 from simulators.licensing_server.vendor import Vendor
 
 __all__ = ["LicensingServer", "ServerLimits", "serve"]

@@ -11,33 +11,27 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.cose import PublicKey, SigningKey, sign1, strict_loads
-from agent.digest import sha256
-from agent.errors import MalformedError, TrustError, UsageError
+from agent.cose import PublicKey, SigningKey, sign1
+from agent.errors import MalformedError, UsageError
 from agent.messages import (
     Action,
     ChangeOp,
-    DeviceInfo,
     License,
     LicenseChange,
     LicenseInfo,
     LicenseInfoEntry,
     Payload,
-    Receipt,
     Request,
     Response,
     TrustKey,
     TrustUpdate,
-    decode_payload,
     state_digest,
 )
-from agent.protocol import Limits, read_signed, self_signed_payload
+from agent.protocol import self_signed_payload
 
-__all__ = ["Grant", "Vendor", "verify_receipt"]
+__all__ = ["DAY", "Grant", "Vendor"]
 
 DAY = 86400
-#: a receipt carries the whole response plus the resulting license list
-RECEIPT_MAX = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -65,7 +59,6 @@ class Vendor:
     def read_request(data: bytes) -> Request:
         """Verify a request file (signed by the device key it carries) and decode it."""
         payload, _key = self_signed_payload(data, Request)
-        assert isinstance(payload, Request)
         if state_digest(payload.licenses) != payload.state_digest:
             raise MalformedError("request's license list does not match its state digest")
         return payload
@@ -143,52 +136,3 @@ class Vendor:
             expires=now + valid_for,
         )
         return self.sign(info)
-
-
-def verify_receipt(data: bytes, trusted: Iterable[PublicKey], limits: Limits | None = None) -> Receipt:
-    """Accept a receipt only if it is genuine.
-
-    Genuine means: signed by the device key it carries (whose SHA-256 is the
-    device ID), answering a response file that one of ``trusted`` vendor keys
-    really signed, for that same device, and consistent with that response.
-
-    Raises:
-        MalformedError, TrustError: with the reason.
-    """
-    lim = limits or Limits(max_file=RECEIPT_MAX)
-    payload, _key = self_signed_payload(data, Receipt, lim)
-    assert isinstance(payload, Receipt)
-    rc = payload
-    env = read_signed(rc.response, lim)
-    keys = {k.kid: k for k in trusted}
-    vk = keys.get(env.kid)
-    if vk is None:
-        raise TrustError("the response inside the receipt was not signed by a trusted vendor key")
-    resp = decode_payload(strict_loads(env.verify_with(vk), max_size=lim.max_file), Response)
-    assert isinstance(resp, Response)
-    if sha256(rc.response) != rc.response_digest:
-        raise TrustError("receipt's response digest does not match the response it carries")
-    if resp.device_id != rc.device_id:
-        raise TrustError(
-            f"receipt is signed by device {rc.device_id[:12]}…, but the response was issued to "
-            f"{resp.device_id[:12]}…"
-        )
-    if rc.sequence != resp.sequence:
-        raise TrustError("receipt's sequence is not the one the response set")
-    if tuple(rc.applied) != tuple(resp.changes):
-        raise TrustError("receipt's applied changes differ from the response's")
-    removed = {c.feature for c in resp.changes if c.op is ChangeOp.REMOVE}
-    if {lic.feature for lic in rc.removed} != removed:
-        raise TrustError("receipt does not prove the removals the response asked for")
-    if any(lic.feature in removed for lic in rc.licenses):
-        raise TrustError("receipt still lists a reclaimed license as installed")
-    if state_digest(rc.licenses) != rc.state_digest:
-        raise TrustError("receipt's license list does not match its state digest")
-    return rc
-
-
-def read_device_info(data: bytes) -> DeviceInfo:
-    payload, _ = self_signed_payload(data, DeviceInfo)
-    assert isinstance(payload, DeviceInfo)
-    return payload
-

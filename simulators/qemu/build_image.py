@@ -265,9 +265,16 @@ def make_initrd(out: Path, busybox: Path, moddir: Path, kver: str, work: Path) -
 # ---------------------------------------------------------------- root image
 
 
+#: what the guest runs: the device core, the links and licagent (not licadmin: that is the
+#: technician's tool, on the laptop)
+GUEST_PACKAGES = ("agent", "hw", "apps")
+_NOT_IN_GUEST = ("__pycache__", "*.pyc", "licadmin", "licensing_client.py")
+
+
 def source_files() -> list[Path]:
-    files = [*sorted((REPO / "agent").rglob("*.py")), *sorted((REPO / "hw").rglob("*.py")),
-             HERE / "guest-init", HERE / "build_image.py"]
+    files = [f for pkg in GUEST_PACKAGES for f in sorted((REPO / pkg).rglob("*.py"))
+             if not {"licadmin", "licensing_client.py"} & set(f.relative_to(REPO).parts)]
+    files += [HERE / "guest-init", HERE / "build_image.py"]
     return [f for f in files if "__pycache__" not in f.parts]
 
 
@@ -280,18 +287,17 @@ def sources_key(base_key: str) -> str:
 
 def install_agent(rootfs: Path) -> None:
     opt = rootfs / "opt/licagent"
-    for pkg in ("agent", "hw"):
+    for pkg in GUEST_PACKAGES:
         shutil.rmtree(opt / pkg, ignore_errors=True)
-        shutil.copytree(REPO / pkg, opt / pkg,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(REPO / pkg, opt / pkg, ignore=shutil.ignore_patterns(*_NOT_IN_GUEST))
     shutil.copy2(HERE / "guest-init", opt / "init")
     (opt / "init").chmod(0o755)
     launcher = rootfs / "usr/local/bin/licagent"
     launcher.write_text("#!/usr/bin/python3\nimport sys\nsys.path.insert(0, '/opt/licagent')\n"
-                        "from agent.cli import main\nsys.exit(main())\n")
+                        "from apps.licagent.cli import main\nsys.exit(main())\n")
     launcher.chmod(0o755)
-    run(sys.executable, "-m", "compileall", "-q", "-s", rootfs, "-p", "/", opt / "agent",
-        opt / "hw", stdout=subprocess.DEVNULL)
+    run(sys.executable, "-m", "compileall", "-q", "-s", rootfs, "-p", "/",
+        *(opt / pkg for pkg in GUEST_PACKAGES), stdout=subprocess.DEVNULL)
 
 
 def build_root(base: Path, img: Path) -> None:

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.licagent:
         env["PYTHONPATH"] = str(REPO)
         cmd = [qemu, "-L", str(rootfs), str(rootfs / "usr/bin/python3"), "-c",
-               "import sys; from agent.cli import main; sys.exit(main())", *args]
+               "import sys; from apps.licagent.cli import main; sys.exit(main())", *args]
     else:
         env["PYTHONPATH"] = os.pathsep.join([str(test_deps(cache)), str(REPO)])
         if not any((REPO / a.split("::")[0]).exists() for a in args if not a.startswith("-")):

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.cose import SigningKey
+from agent.formats import read_device_info, verify_receipt
 from agent.identity import HardwareFacts
 from agent.messages import Action
 from agent.ops import AgentOps
@@ -21,7 +22,7 @@ from agent.service import Agent
 from hw import listen
 from hw.facts import StaticFactsProvider, load_facts_file
 from hw.pki import Pki, make_pki
-from simulators.licensing_server.vendor import Grant, Vendor, read_device_info, verify_receipt
+from simulators.licensing_server.vendor import Grant, Vendor
 from tests.conftest import T0
 
 BIN = Path(sys.executable).parent

@@ -24,12 +24,13 @@ from typing import Any
 import pytest
 
 from agent.cose import SigningKey
+from agent.formats import read_device_info, verify_receipt
 from agent.ops import AgentOps
 from hw import listen
 from hw.link import Listener
 from simulators.licensing_server.ledger import Ledger
 from simulators.licensing_server.server import LicensingServer, serve
-from simulators.licensing_server.vendor import Grant, Vendor, read_device_info, verify_receipt
+from simulators.licensing_server.vendor import Grant, Vendor
 from tests.conftest import Device, Site
 
 BIN = Path(sys.executable).parent
@@ -199,7 +200,7 @@ def test_gather_from_a_servers_file_names_the_site_and_refuses_bad_files(ws: Wor
         assert f"ok      {s.name} device {s.device_id[:12]}" in out
     assert json.loads(ws.run("show", "site.info", "--json").stdout)["content"]["site"] == "plant 3"
     # every device in the bundle carries its own verified signature
-    from admin.files import SiteInfo
+    from agent.formats import SiteInfo
 
     bundle = SiteInfo.decode((ws.root / "site.info").read_bytes())
     assert sorted(read_device_info(d).device_id for d in bundle.devices) == sorted(

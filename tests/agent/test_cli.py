@@ -160,7 +160,7 @@ def test_info_file_and_json(cli: Cli) -> None:
     info = json.loads(cli("licagent", "info", "--state", "s", "--json").stdout)
     assert info["model"] == "AS-B" and info["serial"] == "SN-CLI-1"
     assert len(info["device_id"]) == 64 and len(info["host_id"]) == 64
-    from simulators.licensing_server.vendor import read_device_info
+    from agent.formats import read_device_info
 
     di = read_device_info((cli.root / "dev.info").read_bytes())
     assert di.device_id == info["device_id"]

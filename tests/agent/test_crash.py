@@ -26,15 +26,16 @@ from pathlib import Path
 import pytest
 
 from agent import protocol
-from agent.cli import main as licagent_main
 from agent.cose import strict_loads
+from agent.durable import FileOps
 from agent.errors import AlreadyAppliedError, IntegrityError, UsageError
 from agent.identity import HardwareFacts
 from agent.journal import Journal
 from agent.messages import Action
 from agent.protocol import AgentState
 from agent.service import Agent
-from agent.store import JOURNAL_FILE, MAX_SLOT, SLOTS, FileOps, Store, decode_slot
+from agent.store import JOURNAL_FILE, MAX_SLOT, SLOTS, Store, decode_slot
+from apps.licagent.cli import main as licagent_main
 from hw.facts import StaticFactsProvider, load_facts_file
 from simulators.licensing_server.vendor import Grant, Vendor
 from tests.conftest import Clock, Device, Site
@@ -567,7 +568,7 @@ def test_every_modified_byte_of_the_journal_is_detected(journal_device: Device) 
 
 def licagent_cmd() -> list[str]:
     script = Path(sys.executable).parent / "licagent"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "apps.licagent.cli"]
 
 
 @pytest.mark.slow

@@ -20,9 +20,9 @@ import pytest
 
 import hw
 from agent.cose import SigningKey, canonical
-from agent.daemon import Daemon, DaemonConfig, load_config, resolve_config, sd_notify
 from agent.errors import LicensingError, UsageError
 from agent.identity import FactsProvider, HardwareFacts
+from apps.licagent.daemon import Daemon, DaemonConfig, load_config, resolve_config, sd_notify
 from hw.framing import encode_frame
 from hw.rpc import RemoteError
 from simulators.licensing_server.vendor import Grant, Vendor
@@ -458,7 +458,7 @@ def test_pty_and_tcp_listeners_of_one_daemon_share_one_store(agentd: Agentd) -> 
 def test_release_free_memory_uses_glibc_when_present() -> None:
     import os
 
-    from agent.daemon import release_free_memory
+    from apps.licagent.daemon import release_free_memory
 
     glibc = False
     try:

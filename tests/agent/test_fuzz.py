@@ -34,6 +34,7 @@ from agent.cose import (
     strict_loads,
 )
 from agent.errors import LicensingError, TrustError
+from agent.formats import read_device_info, verify_receipt
 from agent.messages import (
     Action,
     Kind,
@@ -44,7 +45,7 @@ from agent.messages import (
 )
 from agent.protocol import AgentState, Limits
 from agent.store import KEY_FILE, decode_slot
-from simulators.licensing_server.vendor import Grant, Vendor, read_device_info, verify_receipt
+from simulators.licensing_server.vendor import Grant, Vendor
 from tests.conftest import T0, Device, Site
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))

@@ -20,7 +20,6 @@ import cbor2
 import pytest
 
 from agent import errors
-from agent.cli import read_input
 from agent.cose import (
     ALG_EDDSA,
     COSE_SIGN1_TAG,
@@ -36,6 +35,7 @@ from agent.cose import (
 from agent.messages import Action, ChangeOp, Kind, LicenseChange, Request, Response
 from agent.protocol import Limits
 from agent.service import Agent
+from apps.common import read_input
 from simulators.licensing_server.vendor import Vendor
 from tests.conftest import Device
 

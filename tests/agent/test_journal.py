@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.durable import FileOps
 from agent.errors import IntegrityError
 from agent.journal import Journal
-from agent.store import FileOps
 
 KEY = bytes(range(32))
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.cli import RUN_FLAGS, _parser, fast_run_args
+from apps.licagent.cli import RUN_FLAGS, _parser, fast_run_args
 
 TOKENS = [*RUN_FLAGS, "--stat", "--listen=tcp://127.0.0.1:0", "--state=", "--max-clients=07",
           "--max-clients=x", "--log-level=info", "--log-level=loud", "-h", "--help", "--",
@@ -55,8 +55,8 @@ def test_anything_else_goes_to_argparse(argv: list[str]) -> None:
 
 def test_daemon_does_not_load_argparse(tmp_path: Any) -> None:
     """The memory saving itself: a plain `licagent run` never imports argparse or dataclasses."""
-    code = ("import sys; import agent.cli as c; a = c.fast_run_args(sys.argv[1:]); "
-            "import agent.daemon, hw.backends.tcp, hw.backends.serialport; "
+    code = ("import sys; import apps.licagent.cli as c; a = c.fast_run_args(sys.argv[1:]); "
+            "import apps.licagent.daemon, hw.backends.tcp, hw.backends.serialport; "
             "print(sorted(m for m in ('argparse', 'dataclasses', 'inspect', 'shutil') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, "run", "--state", str(tmp_path),

@@ -29,6 +29,7 @@ from hypothesis.stateful import (
 
 from agent import errors
 from agent.cose import SigningKey, decode_sign1, strict_loads
+from agent.formats import verify_receipt
 from agent.messages import (
     Action,
     ChangeOp,
@@ -42,7 +43,7 @@ from agent.messages import (
 from agent.protocol import AgentState, Limits
 from agent.service import Agent
 from agent.store import Store
-from simulators.licensing_server.vendor import DAY, Grant, Vendor, verify_receipt
+from simulators.licensing_server.vendor import DAY, Grant, Vendor
 from tests.conftest import Device, Site
 
 LIMITS = Limits()

@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 
 from agent import protocol
+from agent.durable import FileOps
 from agent.errors import StorageError
 from agent.messages import Action
 from agent.protocol import AgentState
 from agent.record import replace
-from agent.store import JOURNAL_FILE, FileOps, Store
+from agent.store import JOURNAL_FILE, Store
 from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device, Site
 

@@ -56,8 +56,8 @@ def _licadmin(*argv: str, timeout: float = 1800) -> tuple[float, int, str]:
 
 
 def licsim_rows(n: int = N) -> list[tuple[str, str, str]]:
-    from admin.files import SiteInfo, verify_device_info
     from agent.cose import SigningKey
+    from agent.formats import SiteInfo, read_device_info
     from simulators.licensing_server.ledger import Ledger
     from simulators.licensing_server.server import serve
     from simulators.licensing_server.vendor import Vendor
@@ -88,7 +88,7 @@ def licsim_rows(n: int = N) -> list[tuple[str, str, str]]:
                                     str(root / "site.info"))
         devices = []
         for d in SiteInfo.decode((root / "site.info").read_bytes()).devices:
-            devices.append(verify_device_info(d).device_id)
+            devices.append(read_device_info(d).device_id)
         rows.append((f"`licadmin gather` over MQTT from a `licsim` fleet of {n:,}",
                      f"{took:.1f} s",
                      f"exit {code}; {len(devices):,} device information files verified "

@@ -78,7 +78,7 @@ def user_mode_status(image: Path, tmp: Path) -> list[float]:
     rootfs = Path(load_manifest(image)["rootfs"])
     facts = tmp / "facts.json"
     launcher = (f"import sys; sys.path.insert(0, {str(rootfs / 'opt/licagent')!r}); "
-                "from agent.cli import main; sys.exit(main())")
+                "from apps.licagent.cli import main; sys.exit(main())")
     base = ["qemu-aarch64", "-L", str(rootfs), str(rootfs / "usr/bin/python3"), "-c", launcher]
     subprocess.run([*base, "init", "--state", str(tmp / "um"), "--facts", str(facts), "--model",
                     "AS-P", "--serial", "HOST-1", "--trust", str(tmp / "vendor.pub")],

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from agent.formats import read_device_info
 from agent.ops import AgentOps
 from hw import connect, listen
 from hw.backends.loop import LoopFabric
@@ -25,7 +26,7 @@ from hw.backends.sim import SimFabric
 from hw.link import Listener, ServerClient
 from hw.pki import Pki, make_pki
 from hw.rpc import RemoteError
-from simulators.licensing_server.vendor import Grant, read_device_info
+from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device, Site
 
 

@@ -18,13 +18,14 @@ from typing import Any
 import pytest
 
 from agent.errors import UsageError
+from agent.formats import read_device_info
 from agent.messages import Action
 from agent.ops import AgentOps
 from hw import connect, listen
 from hw.backends.https import HttpsListener
 from hw.pki import Pki, make_pki
 from hw.rpc import RemoteError, TransportError
-from simulators.licensing_server.vendor import Grant, read_device_info
+from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device, Site
 
 

@@ -32,6 +32,7 @@ from paho.mqtt.properties import Properties
 import hw
 from agent.cose import SigningKey, canonical, strict_loads
 from agent.errors import LicensingError, UsageError
+from agent.formats import SiteInfo
 from agent.ops import AgentOps
 from hw.backends.mqtt import (
     Backoff,
@@ -48,7 +49,6 @@ from hw.backends.mqtt import (
     response_topic,
 )
 from hw.rpc import RemoteError, TransportError
-from simulators.licensing_server.ledger import read_site_info
 from simulators.licensing_server.vendor import Grant, Vendor
 from tests.conftest import T0, Device, Site
 from tests.hw.mosquitto import Broker, free_port
@@ -740,7 +740,7 @@ def test_licadmin_gather_finds_a_whole_site_by_its_mqtt_url(
         assert p.returncode == 0, p.stdout + p.stderr
         summary = json.loads(p.stdout)
         assert out.exists()
-        _site, infos = read_site_info(out.read_bytes())
+        infos = SiteInfo.decode(out.read_bytes()).devices
         assert len(infos) == 2, summary
     finally:
         for lst in listeners:

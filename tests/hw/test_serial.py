@@ -12,13 +12,14 @@ import pytest
 
 from agent.cose import canonical
 from agent.errors import UsageError
+from agent.formats import read_device_info
 from agent.ops import AgentOps
 from hw import connect, listen
 from hw.backends.serialport import FdLink, PtyListener, SerialListener
 from hw.framing import encode_frame
 from hw.link import StreamClient
 from hw.rpc import TransportError
-from simulators.licensing_server.vendor import Grant, read_device_info
+from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.errors import UsageError
+from agent.formats import read_device_info
 from agent.ops import AgentOps
 from hw import connect, listen
 from hw.backends.sim import (
@@ -20,7 +21,7 @@ from hw.backends.sim import (
 )
 from hw.link import StreamClient
 from hw.rpc import TransportError
-from simulators.licensing_server.vendor import Grant, read_device_info
+from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device
 
 DATA = bytes(random.Random(0).randbytes(20_000))

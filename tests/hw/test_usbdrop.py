@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 
 import hw
+from agent.durable import FileOps
 from agent.errors import UsageError
+from agent.formats import read_device_info, verify_receipt
 from agent.messages import Action
 from agent.ops import AgentOps
-from agent.store import FileOps
 from hw.backends.usbdrop import MARKER, MailboxListener
 from hw.rpc import RemoteError, TransportError
-from simulators.licensing_server.vendor import Grant, read_device_info, verify_receipt
+from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device, Site
 
 POLL = 0.05

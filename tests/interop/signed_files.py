@@ -12,6 +12,7 @@ from pathlib import Path
 import cbor2
 
 from agent.cose import ALG_EDDSA, ALG_ES256, PublicKey, SigningKey
+from agent.formats import verify_receipt
 from agent.identity import HardwareFacts
 from agent.messages import (
     Action,
@@ -25,7 +26,7 @@ from agent.messages import (
 from agent.protocol import DEFAULT_LIMITS
 from agent.service import Agent
 from hw.facts import StaticFactsProvider
-from simulators.licensing_server.vendor import DAY, Grant, Vendor, verify_receipt
+from simulators.licensing_server.vendor import DAY, Grant, Vendor
 from tests.conftest import Device, Site
 
 MAX = DEFAULT_LIMITS.max_file

@@ -27,6 +27,7 @@ import pytest
 
 from agent.cose import ALG_EDDSA, ALG_ES256, PublicKey, SigningKey, decode_sign1, strict_loads
 from agent.errors import MalformedError, TrustError
+from agent.formats import verify_receipt
 from agent.messages import (
     Action,
     Kind,
@@ -34,7 +35,7 @@ from agent.messages import (
     TrustKey,
     decode_payload,
 )
-from simulators.licensing_server.vendor import Grant, Vendor, verify_receipt
+from simulators.licensing_server.vendor import Grant, Vendor
 from tests.conftest import Site
 from tests.interop.signed_files import (
     ALG_IDS,

@@ -24,8 +24,8 @@ import pytest
 
 from agent.cose import canonical
 from agent.messages import Action, LicenseInfo, Response
+from apps.licensing_client import LicensingClient
 from hw.rpc import RemoteError, TransportError
-from simulators.licensing_server.client import LicensingClient
 from simulators.licensing_server.ledger import Ledger
 from simulators.licensing_server.server import LicensingServer, ServerLimits, serve
 from simulators.licensing_server.vendor import Vendor
@@ -359,7 +359,7 @@ def test_a_site_larger_than_one_call_goes_in_batches(tmp_path: Path, vendor: Ven
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """More files than the server takes per call (here 2) are sent in batches and merged;
     a refusal keeps its position in the whole list."""
-    import simulators.licensing_server.client as client_mod
+    import apps.licensing_client as client_mod
 
     led = Ledger(tmp_path / "l.db", vendor, clock=lambda: T0)
     with serve(led, vendor, limits=ServerLimits(max_files=2)) as srv:

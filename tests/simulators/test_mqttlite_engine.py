@@ -26,9 +26,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import hw
-from admin import workflow
 from agent.cose import canonical, strict_loads
 from agent.ops import AgentOps
+from apps.licadmin import workflow
 from hw.backends.mqtt import discover, request_topic, response_topic
 from hw.rpc import TransportError
 from simulators.licensing_server.vendor import Grant

@@ -1,7 +1,7 @@
 """``licadmin``: the administration tool: one server over a link, and the site workflow.
 
 Single-server commands: info, status, request, apply, check. The site
-workflow (issue 5; :mod:`admin.workflow`): gather, license-info, requests,
+workflow (issue 5; :mod:`apps.licadmin.workflow`): gather, license-info, requests,
 upload, send, confirm, the one-go activate and reclaim, assign, and show.
 
 A server is named by a link URL (``--server https://HOST:PORT?ca=FILE``,
@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import hw
-from admin import workflow
-from agent.cli import (
+from agent.errors import EXIT_OK, NotLicensedError, UsageError
+from agent.messages import DeviceInfo
+from agent.protocol import DEFAULT_LIMITS, self_signed_payload
+from apps.common import (
     add_operation_commands,
     exit_code_of,
     print_json,
@@ -31,9 +33,7 @@ from agent.cli import (
     show_status,
     write_output,
 )
-from agent.errors import EXIT_OK, NotLicensedError, UsageError
-from agent.messages import DeviceInfo
-from agent.protocol import DEFAULT_LIMITS, self_signed_payload
+from apps.licadmin import workflow
 from hw.link import ServerClient
 
 __all__ = ["main"]
@@ -178,7 +178,7 @@ def run_workflow(args: argparse.Namespace) -> int:
     c = args.command
     console = workflow.Console(sys.stdout, quiet=args.json)
     if c == "show":
-        from admin.show import describe_file, load_trust, render_text
+        from apps.licadmin.show import describe_file, load_trust, render_text
 
         d = describe_file(args.file, load_trust(args.trust))
         if args.json:
@@ -284,7 +284,6 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         data = client.info()
         # verify the device's self-signature before trusting or storing what arrived
         payload, _key = self_signed_payload(data, DeviceInfo)
-        assert isinstance(payload, DeviceInfo)
         show_info(data, payload, args.out, args.json)
         return EXIT_OK
     if c == "status":

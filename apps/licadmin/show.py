@@ -13,19 +13,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from admin.files import LICENSE_INFO_MAX, SiteInfo, short
-from agent.cli import read_input
 from agent.cose import ALG_NAMES, PublicKey, SigningKey, decode_sign1, strict_loads
 from agent.digest import sha256
 from agent.errors import LicensingError, MalformedError, UsageError
-from agent.messages import DeviceInfo, Kind, Payload, Receipt, decode_payload
-from agent.protocol import Limits, self_signed_payload
-from agent.service import iso
-from simulators.licensing_server.vendor import verify_receipt
+from agent.formats import LICENSE_INFO_MAX, SiteInfo, iso, verify_receipt
+from agent.messages import DeviceInfo, Kind, Payload, Receipt, Request, decode_payload
+from agent.protocol import Limits, self_signed_payload, verify_self_signed
+from apps.common import read_input
+from apps.licadmin.files import short
 
 __all__ = ["describe", "describe_file", "load_trust", "render_text"]
 
-SELF_SIGNED = {Kind.DEVICE_INFO, Kind.REQUEST, Kind.RECEIPT}
 TIME_KEYS = {"created", "issued", "expires", "not_before", "not_after", "applied_at"}
 LIMITS = Limits(max_file=LICENSE_INFO_MAX)
 NOT_CHECKED = "vendor signature not checked (give --trust VENDOR_PUB)"
@@ -72,11 +70,11 @@ def _signed(data: bytes, trusted: Sequence[PublicKey]) -> dict[str, Any]:
     kind = payload.KIND
     alg = ALG_NAMES.get(env.alg, str(env.alg))
     out: dict[str, Any] = {"kind": kind.value, "size": len(data), "sha256": sha256(data).hex()}
-    if kind in SELF_SIGNED:
-        dev = payload.device_id  # type: ignore[attr-defined]
+    if isinstance(payload, Request | Receipt | DeviceInfo):
+        dev = payload.device_id
         out["signer"] = {"by": "device", "device_id": dev, "kid": env.kid.hex(), "alg": alg}
         try:
-            self_signed_payload(data, type(payload), LIMITS)
+            verify_self_signed(data, LIMITS)
             sig: dict[str, Any] = {"verified": True,
                                    "detail": "verifies with the device key the file carries"}
         except LicensingError as err:

@@ -26,26 +26,22 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import hw
-from admin.files import (
-    LICENSE_INFO_MAX,
-    SITE_INFO_MAX,
+from agent.errors import EXIT_OK, LicensingError, MalformedError, TrustError, UsageError
+from agent.formats import LICENSE_INFO_MAX, SITE_INFO_MAX, SiteInfo, peek_payload, read_device_info
+from agent.messages import Action, LicenseInfo, Receipt, Request, Response
+from agent.protocol import self_signed_payload
+from apps.common import read_input, read_toml
+from apps.licadmin.files import (
     SUFFIX,
-    SiteInfo,
     device_file,
     ensure_dir,
     features_text,
     now,
-    peek_payload,
     per_device_dir,
     read_device_files,
     short,
-    verify_device_info,
     write_file,
 )
-from agent.cli import read_input, read_toml
-from agent.errors import EXIT_OK, LicensingError, MalformedError, TrustError, UsageError
-from agent.messages import Action, LicenseInfo, Receipt, Request, Response
-from agent.protocol import self_signed_payload
 from hw.link import ServerClient
 from hw.rpc import PROTOCOL_VERSIONS, Op
 
@@ -434,7 +430,7 @@ def gather(servers: Sequence[ServerRef], out: str, site: str | None, connect: Co
 
     def job(client: ServerClient, o: Outcome) -> None:
         data = client.info()
-        info = verify_device_info(data)  # a bundle holds only self-signatures that verify
+        info = read_device_info(data)  # a bundle holds only self-signatures that verify
         o.device_id, o.data = info.device_id, data
         o.detail = (f"{info.model} {info.serial or '-'}, sequence {info.sequence}, "
                     f"licenses: {features_text(info.licenses)}")
@@ -468,7 +464,7 @@ def gather(servers: Sequence[ServerRef], out: str, site: str | None, connect: Co
 
 
 class Licensing(Protocol):
-    """What the workflow asks the licensing server (simulators.licensing_server.client)."""
+    """What the workflow asks the licensing server (apps.licensing_client)."""
 
     def license_info(self, site_info: bytes, devices: Sequence[str] | None = None) -> bytes: ...
     def license_info_files(self, site_info: bytes, devices: Sequence[str] | None = None
@@ -479,7 +475,7 @@ class Licensing(Protocol):
 
 
 def licensing_client(url: str) -> Licensing:
-    from simulators.licensing_server.client import LicensingClient
+    from apps.licensing_client import LicensingClient
 
     client: Licensing = LicensingClient(url)
     return client
@@ -495,7 +491,7 @@ def license_info(site_info: str, devices: Sequence[str], out: str,
     known = set()
     for d in bundle.devices:
         try:
-            known.add(verify_device_info(d).device_id)
+            known.add(read_device_info(d).device_id)
         except LicensingError:
             continue  # the licensing server lists it; we only check --device names here
     unknown = [d for d in devices if d not in known]
@@ -504,7 +500,6 @@ def license_info(site_info: str, devices: Sequence[str], out: str,
                          f"(it holds {', '.join(short(d) for d in sorted(known)) or 'no device'})")
     answer, own = licensing.license_info_files(data, list(devices) or None)
     info, _kid = peek_payload(answer, LicenseInfo, LICENSE_INFO_MAX)
-    assert isinstance(info, LicenseInfo)
     # each server's own file goes beside the site's (step 3 hands a server only its own)
     folder = per_device_dir(out)
     if folder.is_dir():
@@ -513,7 +508,6 @@ def license_info(site_info: str, devices: Sequence[str], out: str,
     folder = ensure_dir(folder)
     for dev, one in own.items():
         part, _kid = peek_payload(one, LicenseInfo, LICENSE_INFO_MAX)
-        assert isinstance(part, LicenseInfo)
         if [e.device_id for e in part.entries] != [dev]:
             raise MalformedError(f"the licensing server's license information for {short(dev)} "
                                  f"names other devices")
@@ -549,7 +543,6 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
     """
     data = read_input(license_info_file, LICENSE_INFO_MAX)
     info, _kid = peek_payload(data, LicenseInfo, LICENSE_INFO_MAX)
-    assert isinstance(info, LicenseInfo)
     folder = ensure_dir(out_dir)
     own_dir = per_device_dir(license_info_file)
 
@@ -560,7 +553,6 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
             return data
         one = read_input(str(path), LICENSE_INFO_MAX)
         part, _kid = peek_payload(one, LicenseInfo, LICENSE_INFO_MAX)
-        assert isinstance(part, LicenseInfo)
         if ([e.device_id for e in part.entries] != [dev]
                 or part.for_device(dev) != info.for_device(dev)):
             raise UsageError(f"{path} does not match {license_info_file} for this server "
@@ -591,7 +583,6 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
             return
         req = client.request(action.value, wanted, license_info=li)
         payload, _key = self_signed_payload(req, Request)
-        assert isinstance(payload, Request)
         if payload.device_id != dev:
             raise TrustError(f"the server answered with a request of device {short(payload.device_id)}")
         path = device_file(folder, dev, "request")
@@ -645,7 +636,6 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
         res.outcomes.append(o)
         try:
             payload, _kid = peek_payload(data, Request)
-            assert isinstance(payload, Request)
         except LicensingError as err:
             o.fail(err)
             continue
@@ -660,19 +650,18 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
         if o not in res.outcomes:
             res.outcomes.append(o)
         try:
-            payload, _kid = peek_payload(bytes(resp), Response)
-            assert isinstance(payload, Response)
-            if payload.device_id != dev:
+            filed, _kid = peek_payload(bytes(resp), Response)
+            if filed.device_id != dev:
                 raise MalformedError(f"the licensing server filed a response of device "
-                                     f"{short(payload.device_id)} under {short(dev)}")
+                                     f"{short(filed.device_id)} under {short(dev)}")
         except LicensingError as err:
             o.fail(err)
             continue
         path = device_file(folder, dev, "response")
         write_file(path, bytes(resp))
         o.result = "answered"
-        o.detail = (f"response: sequence {payload.base_sequence} -> {payload.sequence}: "
-                    f"{_changes(payload)}")
+        o.detail = (f"response: sequence {filed.base_sequence} -> {filed.sequence}: "
+                    f"{_changes(filed)}")
     for key, refusal in dict(answer.get("errors", {})).items():
         o = by_key.get(key) or Outcome(str(key))
         if o not in res.outcomes:
@@ -746,7 +735,6 @@ def _responses_by_device(responses_dir: str, res: StepResult) -> dict[str, _Held
     for path, data in read_device_files(responses_dir, "response"):
         try:
             payload, _kid = peek_payload(data, Response)
-            assert isinstance(payload, Response)
         except LicensingError as err:
             o = Outcome(path.name)
             o.fail(err)
@@ -790,7 +778,6 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
         answer = client.apply(held.data)
         receipt = bytes(answer["receipt"])
         payload, _key = self_signed_payload(receipt, Receipt)
-        assert isinstance(payload, Receipt)
         if payload.device_id != dev:
             raise TrustError(f"the server returned a receipt of device {short(payload.device_id)}")
         write_file(device_file(folder, dev, "receipt"), receipt)

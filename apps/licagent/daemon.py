@@ -30,6 +30,7 @@ from agent.errors import EXIT_OK, LicensingError, UsageError
 from agent.ops import AgentOps
 from agent.record import record
 from agent.service import Agent
+from apps.common import read_toml
 from hw.link import Listener
 from hw.rpc import TransportError
 
@@ -73,8 +74,6 @@ def load_config(path: Path) -> dict[str, Any]:
     Raises:
         UsageError: unreadable, not TOML, an unknown key or a wrongly typed value.
     """
-    from agent.cli import read_toml
-
     raw = read_toml(path, "config file")
     unknown = sorted(set(raw) - set(CONFIG_KEYS))
     if unknown:

@@ -7,193 +7,35 @@ set, the way faketime would set it, so that clock faults can be staged.
 
 from __future__ import annotations
 
-import os
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.cose import PublicKey, jsonable
-from agent.errors import EXIT_OK, LicensingError, NotLicensedError, StorageError, UsageError
-from agent.identity import FactsProvider
-from agent.messages import Action, DeviceInfo
-from agent.service import MODELS, Agent, iso
-from agent.store import FileOps, atomic_write
+from agent.errors import EXIT_OK, NotLicensedError, UsageError
+from agent.formats import iso
+from agent.messages import Action
+from agent.service import MODELS, Agent
+from apps.common import (
+    add_operation_commands,
+    dumps_json,
+    exit_code_of,
+    facts_provider,
+    print_json,
+    read_input,
+    show_info,
+    show_status,
+    tool_clock,
+    write_output,
+)
 
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["main", "parse_time"]
+__all__ = ["RUN_FLAGS", "fast_run_args", "main"]
 
 PROG = "licagent"
-
-
-def parse_time(text: str) -> int:
-    """POSIX seconds, an ISO 8601 date-time, or an ISO date (meaning the end of that day, UTC)."""
-    text = text.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    from datetime import UTC, datetime  # only when a date is given: the daemon never needs it
-
-    try:
-        if len(text) == 10:
-            d = datetime.fromisoformat(text).replace(tzinfo=UTC)
-            return int(d.timestamp()) + 86399
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise UsageError(f"cannot read time {text!r}: use ISO 8601 or POSIX seconds") from exc
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp())
-
-
-def _clock() -> int:
-    fake = os.environ.get("LICAGENT_TIME")
-    if fake:
-        return parse_time(fake)
-    return int(time.time())
-
-
-def facts_provider(path: str | None) -> FactsProvider:
-    path = path or os.environ.get("LICAGENT_FACTS")
-    if path:
-        from hw.facts import load_facts_file
-
-        return load_facts_file(Path(path))
-    from hw.facts import LinuxFactsProvider
-
-    return LinuxFactsProvider()
-
-
-def write_output(path: str, data: bytes) -> None:
-    """Write a file the user asked for, atomically (no half-written file on a stick)."""
-    p = Path(path)
-    if not p.parent.is_dir():
-        raise UsageError(f"cannot write {path}: folder {p.parent} does not exist")
-    atomic_write(FileOps(), p.absolute(), data, 0o644)
-
-
-def read_toml(path: str | Path, what: str = "file") -> dict[str, Any]:
-    """A TOML file (``what`` names it in errors: config file, scenario, servers file).
-
-    Raises:
-        UsageError: it cannot be read or is not TOML.
-    """
-    import tomllib  # only for the tools' settings files: a daemon started by flags never pays
-
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError as exc:
-        raise UsageError(f"cannot read {what} {path}: no such file") from exc
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{what} {path} is not valid TOML: {exc}") from exc
-
-
-def read_input(path: str, limit: int) -> bytes:
-    """Read a file once, capped: the bytes read are the bytes verified and applied."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except FileNotFoundError as exc:
-        raise UsageError(f"no such file: {path}") from exc
-    except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc}") from exc
-    return data
-
-
-def _dumps(obj: Any, indent: int | None = None) -> str:
-    import json  # not loaded by the daemon, which never prints JSON
-
-    return json.dumps(obj, indent=indent)
-
-
-def print_json(obj: Any) -> None:
-    print(_dumps(obj, indent=2))
-
-
-def info_json(info: DeviceInfo) -> dict[str, Any]:
-    """The JSON of ``licagent info --json`` (and ``licadmin info --json``)."""
-    return {
-        "kind": "device-info",
-        "device_id": info.device_id,
-        "model": info.model,
-        "serial": info.serial,
-        "host_id": info.host_id,
-        "hardware": info.hardware,
-        "sequence": info.sequence,
-        "state_digest": info.state_digest.hex(),
-        "licenses": [{"feature": x.feature, "count": x.count,
-                      "not_before": iso(x.not_before), "not_after": iso(x.not_after)}
-                     for x in info.licenses],
-        "created": iso(info.created),
-    }
-
-
-def show_info(data: bytes, info: DeviceInfo, out: str | None, as_json: bool) -> None:
-    """``info [--out FILE] [--json]`` of licagent and licadmin: write the file, show it."""
-    if out:
-        write_output(out, data)
-    if as_json:
-        print_json(info_json(info))
-    elif out:
-        print(f"wrote device information of {info.device_id} to {out}")
-    else:
-        print(f"device_id {info.device_id}\nmodel     {info.model}\nserial    {info.serial}\n"
-              f"host_id   {info.host_id}\nsequence  {info.sequence}\n"
-              f"licenses  {len(info.licenses)}")
-
-
-def show_status(st: Mapping[str, Any], as_json: bool) -> None:
-    """``status [--json]`` of licagent and licadmin (the same JSON and text)."""
-    if as_json:
-        print_json(st)
-    else:
-        print_status(st)
-
-
-def print_status(st: Mapping[str, Any]) -> None:
-    """``licagent status`` (and ``licadmin status``) as text."""
-    print(f"device {st['device_id']} ({st['model']}), sequence {st['sequence']}")
-    if not st["licenses"]:
-        print("  no licenses installed")
-    for lic in st["licenses"]:
-        window = f"{lic['not_before'] or '-'} .. {lic['not_after'] or 'perpetual'}"
-        state = "ok" if lic["licensed_now"] else "NOT VALID NOW"
-        print(f"  {lic['feature']:<24} count {lic['count']:<6} {window}  {state}")
-    for o in st["outstanding_requests"]:
-        print(f"  outstanding {o['action']} request {o['nonce'][:12]}… (sequence {o['sequence']})")
-    for w in st["warnings"]:
-        print(f"  warning: {w}")
-
-
-def add_operation_commands(cmd: Callable[[str, str], argparse.ArgumentParser],
-                           helps: Mapping[str, str]) -> None:
-    """info, status, request, apply and check: licagent runs them on its store and licadmin
-    on a server over a link, with the same arguments and flags (a contract), declared here
-    once. ``cmd(name, help)`` makes a subcommand with the tool's own common flags."""
-    sp = cmd("info", helps["info"])
-    sp.add_argument("--out", metavar="FILE")
-    sp.add_argument("--json", action="store_true")
-
-    sp = cmd("status", helps["status"])
-    sp.add_argument("--json", action="store_true")
-
-    sp = cmd("request", helps["request"])
-    sp.add_argument("action", choices=[a.value for a in Action])
-    sp.add_argument("--feature", action="append", default=[], metavar="F")
-    sp.add_argument("--license-info", metavar="FILE", help=helps["license-info"])
-    sp.add_argument("--out", required=True, metavar="FILE")
-
-    sp = cmd("apply", helps["apply"])
-    sp.add_argument("response", metavar="RESPONSE_FILE")
-    sp.add_argument("--receipt-out", metavar="FILE")
-
-    sp = cmd("check", helps["check"])
-    sp.add_argument("feature", metavar="FEATURE")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -304,20 +146,20 @@ def fast_run_args(argv: Sequence[str]) -> dict[str, Any] | None:
 def run_daemon(config: str | None, state: str | None, listen: list[str] | None,
                facts: str | None, max_clients: int | None, log_level: str | None) -> int:
     """``licagent run`` once its flags are parsed."""
-    from agent import daemon
+    from apps.licagent import daemon
 
     cfg = daemon.resolve_config(
         Path(config) if config else None, state=state, listen=listen,
         facts=facts, max_clients=max_clients, log_level=log_level)
     return daemon.serve(Agent(cfg.state, facts_provider(str(cfg.facts) if cfg.facts else None),
-                              clock=_clock), cfg)
+                              clock=tool_clock), cfg)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "run":
         return run_daemon(args.config, args.state, args.listen, args.facts, args.max_clients,
                           args.log_level)
-    agent = Agent(Path(args.state), facts_provider(args.facts), clock=_clock)
+    agent = Agent(Path(args.state), facts_provider(args.facts), clock=tool_clock)
     c = args.command
     if c == "init":
         keys = []
@@ -380,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
                          for e in rep.entries])
         elif not args.verify:
             for e in rep.entries:
-                print(f"{e.n:>5} {iso(e.time)} {e.event:<13} {_dumps(jsonable(e.data))}")
+                print(f"{e.n:>5} {iso(e.time)} {e.event:<13} {dumps_json(jsonable(e.data))}")
         if args.verify:
             tail = f"; {rep.torn_tail} bytes of a torn last record" if rep.torn_tail else ""
             print(f"journal OK: {len(rep.entries)} entries, hash chain and MACs verified{tail}",
@@ -394,23 +236,6 @@ def run(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {c}")
 
 
-
-
-def exit_code_of(prog: str, command: Callable[[], int]) -> int:
-    """Run a tool's command and turn what it raises into the documented exit code.
-
-    ``not licensed`` exits 1 silently (``check``); any other LicensingError prints
-    ``PROG: REASON: MESSAGE`` and exits with its code; Ctrl-C exits 130.
-    """
-    try:
-        return command()
-    except NotLicensedError:
-        return NotLicensedError.exit_code
-    except LicensingError as err:
-        print(f"{prog}: {err.reason}: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt:
-        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

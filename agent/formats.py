@@ -1,0 +1,177 @@
+"""The files that travel outside the signed protocol core: one home and one decoder each.
+
+The device, ``licadmin`` and the vendor side all read these formats through this
+module, so they cannot disagree: the SITE_INFO bundle of step 1, device
+information and receipts with their verification, peeking at a signed file's
+payload for routing, and the size limit of each kind. Pure: bytes in, records out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TypeVar
+
+from agent.cose import PublicKey, canonical, strict_loads
+from agent.digest import sha256
+from agent.errors import MalformedError, TrustError
+from agent.messages import (
+    ChangeOp,
+    DeviceInfo,
+    Payload,
+    Receipt,
+    Response,
+    decode_payload,
+    state_digest,
+)
+from agent.protocol import Limits, read_signed, self_signed_payload
+from agent.record import record
+
+__all__ = [
+    "DEVICE_FILE_MAX",
+    "LICENSE_INFO_MAX",
+    "MAX_SITE_DEVICES",
+    "RECEIPT_MAX",
+    "SITE_INFO_MAX",
+    "SiteInfo",
+    "iso",
+    "peek_payload",
+    "read_device_info",
+    "verify_receipt",
+]
+
+#: vendor-signed license information may list a whole site
+LICENSE_INFO_MAX = 16 * 1024 * 1024
+#: a site of a few thousand servers, each device information a few hundred bytes
+SITE_INFO_MAX = 16 * 1024 * 1024
+#: the largest single per-device file (a receipt carries its whole response)
+DEVICE_FILE_MAX = 256 * 1024
+RECEIPT_MAX = 256 * 1024
+MAX_SITE_DEVICES = 100_000
+MAX_SITE_NAME = 256
+
+_P = TypeVar("_P", bound=Payload)
+
+
+def iso(t: int | None) -> str | None:
+    """POSIX seconds as ISO 8601 UTC (``2026-11-28T00:00:00Z``), None stays None."""
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+@record(frozen=True)
+class SiteInfo:
+    """Step 1's bundle: every gathered device-information file, and the servers that failed.
+
+    A plain CBOR map, not signed as a whole: each device-information file inside
+    keeps its device's own signature and is verified by whoever uses it.
+    """
+
+    site: str
+    created: int
+    devices: tuple[bytes, ...]
+    failed: tuple[tuple[str, str], ...] = ()
+
+    def encode(self) -> bytes:
+        return canonical({
+            "v": 1, "kind": "site-info", "site": self.site, "created": self.created,
+            "devices": list(self.devices),
+            "failed": [{"server": s, "error": e} for s, e in self.failed],
+        })
+
+    @classmethod
+    def decode(cls, data: bytes) -> SiteInfo:
+        """Parse a bundle (shape only: each device file is verified by whoever uses it).
+
+        Raises:
+            MalformedError: not a SITE_INFO bundle of version 1, or a field of the wrong type.
+        """
+        return cls.from_map(strict_loads(data, max_size=SITE_INFO_MAX))
+
+    @classmethod
+    def from_map(cls, m: object) -> SiteInfo:
+        if not isinstance(m, dict) or m.get("kind") != "site-info":
+            raise MalformedError("not a SITE_INFO bundle (a CBOR map with kind site-info)")
+        if type(m.get("v")) is not int or m.get("v") != 1:
+            raise MalformedError(f"unsupported SITE_INFO version {m.get('v')!r} (this reads 1)")
+        extra = set(m) - {"v", "kind", "site", "created", "devices", "failed"}
+        if extra:
+            raise MalformedError(f"SITE_INFO has unknown field {', '.join(sorted(map(str, extra)))}")
+        site, created, devices, failed = (m.get("site"), m.get("created"), m.get("devices"),
+                                          m.get("failed", []))
+        if not isinstance(site, str) or len(site) > MAX_SITE_NAME:
+            raise MalformedError(f"SITE_INFO site must be text of at most {MAX_SITE_NAME} "
+                                 f"characters")
+        if type(created) is not int or created < 0:
+            raise MalformedError("SITE_INFO created must be POSIX seconds")
+        if (not isinstance(devices, list) or len(devices) > MAX_SITE_DEVICES
+                or not all(isinstance(d, bytes) for d in devices)):
+            raise MalformedError("SITE_INFO devices must be a list of device-information files")
+        if not isinstance(failed, list) or not all(
+                isinstance(f, dict) and isinstance(f.get("server"), str)
+                and isinstance(f.get("error"), str) for f in failed):
+            raise MalformedError("SITE_INFO failed must be a list of {server, error}")
+        return cls(site, created, tuple(devices),
+                   tuple((f["server"], f["error"]) for f in failed))
+
+
+def read_device_info(data: bytes) -> DeviceInfo:
+    """Check a device-information file's self-signature and decode it.
+
+    Raises:
+        MalformedError, TrustError: not a genuine device-information file.
+    """
+    payload, _key = self_signed_payload(data, DeviceInfo)
+    return payload
+
+
+def peek_payload(data: bytes, expect: type[_P], max_file: int = DEVICE_FILE_MAX
+                 ) -> tuple[_P, bytes]:
+    """Decode a signed file's payload WITHOUT verifying it; returns it and the signer's kid.
+
+    For routing and display only: the server that receives the file verifies it.
+    """
+    env = read_signed(data, Limits(max_file=max_file))
+    payload = decode_payload(strict_loads(env.payload, max_size=max_file), expect)
+    return payload, env.kid
+
+
+def verify_receipt(data: bytes, trusted: Iterable[PublicKey], limits: Limits | None = None
+                   ) -> Receipt:
+    """Accept a receipt only if it is genuine.
+
+    Genuine means: signed by the device key it carries (whose SHA-256 is the
+    device ID), answering a response file that one of ``trusted`` vendor keys
+    really signed, for that same device, and consistent with that response.
+
+    Raises:
+        MalformedError, TrustError: with the reason.
+    """
+    lim = limits or Limits(max_file=RECEIPT_MAX)
+    rc, _key = self_signed_payload(data, Receipt, lim)
+    env = read_signed(rc.response, lim)
+    keys = {k.kid: k for k in trusted}
+    vk = keys.get(env.kid)
+    if vk is None:
+        raise TrustError("the response inside the receipt was not signed by a trusted vendor key")
+    resp = decode_payload(strict_loads(env.verify_with(vk), max_size=lim.max_file), Response)
+    if sha256(rc.response) != rc.response_digest:
+        raise TrustError("receipt's response digest does not match the response it carries")
+    if resp.device_id != rc.device_id:
+        raise TrustError(
+            f"receipt is signed by device {rc.device_id[:12]}…, but the response was issued to "
+            f"{resp.device_id[:12]}…"
+        )
+    if rc.sequence != resp.sequence:
+        raise TrustError("receipt's sequence is not the one the response set")
+    if tuple(rc.applied) != tuple(resp.changes):
+        raise TrustError("receipt's applied changes differ from the response's")
+    removed = {c.feature for c in resp.changes if c.op is ChangeOp.REMOVE}
+    if {lic.feature for lic in rc.removed} != removed:
+        raise TrustError("receipt does not prove the removals the response asked for")
+    if any(lic.feature in removed for lic in rc.licenses):
+        raise TrustError("receipt still lists a reclaimed license as installed")
+    if state_digest(rc.licenses) != rc.state_digest:
+        raise TrustError("receipt's license list does not match its state digest")
+    return rc

@@ -1,0 +1,1 @@
+"""``licagent``: the device's command-line tool and its daemon (``licagent run``)."""
