@@ -1,9 +1,10 @@
 """The operations a server offers over any link, mapped onto :class:`agent.service.Agent`.
 
-One table for every transport: the RPC server (serial, TCP, TLS, loop, sim),
-the HTTPS endpoints and the USB mailbox all call :meth:`AgentOps.__call__`.
-Results are plain CBOR-able values; refusals are raised as LicensingError and
-reach the client with their exit code and reason.
+One function per entry of :data:`agent.rpc.OPERATIONS`, each taking its typed
+arguments and returning its typed result record; every link (serial, TCP, TLS,
+HTTPS, the USB mailbox, MQTT and the simulators) calls :meth:`AgentOps.__call__`
+through :func:`agent.rpc.answer`. Refusals are raised as LicensingError and reach
+the client with their exit code and reason.
 """
 
 from __future__ import annotations
@@ -12,27 +13,24 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from agent.errors import UsageError
-from agent.messages import Action
+from agent.rpc import (
+    ApplyArgs,
+    ApplyResult,
+    CheckArgs,
+    FeatureCheck,
+    InfoResult,
+    JournalResult,
+    LicenseInfoResult,
+    NoArgs,
+    Op,
+    RequestArgs,
+    RequestResult,
+    StatusResult,
+    table_handler,
+)
 from agent.service import Agent
 
 __all__ = ["AgentOps"]
-
-MAX_FEATURES = 64
-
-
-def _features(args: Mapping[str, Any]) -> list[str]:
-    f = args.get("features", [])
-    if not isinstance(f, list) or len(f) > MAX_FEATURES or not all(isinstance(x, str) for x in f):
-        raise UsageError("features must be a list of names")
-    return f
-
-
-def _bytes_arg(args: Mapping[str, Any], name: str) -> bytes:
-    v = args.get(name)
-    if not isinstance(v, bytes):
-        raise UsageError(f"argument {name!r} must be a byte string (the file's content)")
-    return v
 
 
 class AgentOps:
@@ -47,86 +45,64 @@ class AgentOps:
         self.agent = agent
         self.lock = threading.Lock()
         self.log = log or (lambda _line: None)
-        self._table: dict[str, Callable[[Mapping[str, Any]], Any]] = {
-            "hello": self._hello,
-            "get-info": self._info,
-            "get-status": self._status,
-            "get-license-info": self._license_info,
-            "create-request": self._request,
-            "apply-response": self._apply,
-            "check-feature": self._check,
-            "read-journal": self._journal,
-        }
+        self._handle = table_handler({
+            Op.HELLO: self._hello,
+            Op.GET_INFO: self._info,
+            Op.GET_STATUS: self._status,
+            Op.GET_LICENSE_INFO: self._license_info,
+            Op.CREATE_REQUEST: self._request,
+            Op.APPLY_RESPONSE: self._apply,
+            Op.CHECK_FEATURE: self._check,
+            Op.READ_JOURNAL: self._journal,
+        }, around=self._locked)
 
     def __call__(self, op: str, args: Mapping[str, Any]) -> Any:
-        fn = self._table.get(op)
-        if fn is None:
-            raise UsageError(f"unknown operation {op!r}")
-        with self.lock:
-            return fn(args)
+        return self._handle(op, args)
 
-    def _hello(self, _args: Mapping[str, Any]) -> dict[str, Any]:
+    def _locked(self, call: Callable[[], Any]) -> Any:
+        with self.lock:
+            return call()
+
+    def _hello(self, _args: NoArgs) -> dict[str, Any]:
         st, _w, _now = self.agent.state()
         return {"device_id": st.device_id, "model": st.model}
 
-    def _info(self, _args: Mapping[str, Any]) -> dict[str, Any]:
+    def _info(self, _args: NoArgs) -> InfoResult:
         data, info = self.agent.info()
         self.log(f"get-info device={info.device_id[:12]}")
-        return {"file": data, "device_id": info.device_id}
+        return InfoResult(data, info.device_id)
 
-    def _status(self, _args: Mapping[str, Any]) -> dict[str, Any]:
-        return self.agent.status()
+    def _status(self, _args: NoArgs) -> StatusResult:
+        return StatusResult.from_wire(self.agent.status())
 
-    def _license_info(self, _args: Mapping[str, Any]) -> dict[str, Any]:
+    def _license_info(self, _args: NoArgs) -> LicenseInfoResult:
         """What can be reclaimed here: the installed licenses and the state they sit on."""
         st, _w, _now = self.agent.state()
-        return {
-            "device_id": st.device_id,
-            "sequence": st.sequence,
-            "state_digest": st.digest,
-            "licenses": [lic.to_cbor() for lic in st.licenses],
-        }
+        return LicenseInfoResult(st.device_id, st.sequence, st.digest,
+                                 [lic.to_cbor() for lic in st.licenses])
 
-    def _request(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        try:
-            action = Action(str(args.get("action")))
-        except ValueError as exc:
-            raise UsageError("action must be activate, reclaim or renew") from exc
-        features = _features(args)
-        if "license_info" in args:
-            features += self.agent.features_from_license_info(
-                _bytes_arg(args, "license_info"), action)
-        data = self.agent.request(action, features)
-        self.log(f"create-request action={action.value} features={','.join(features) or '-'}")
-        return {"file": data}
+    def _request(self, args: RequestArgs) -> RequestResult:
+        features = list(args.features)
+        if args.license_info is not None:
+            features += self.agent.features_from_license_info(args.license_info, args.action)
+        data = self.agent.request(args.action, features)
+        self.log(f"create-request action={args.action.value} "
+                 f"features={','.join(features) or '-'}")
+        return RequestResult(data)
 
-    def _apply(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        res, warn = self.agent.apply(_bytes_arg(args, "file"))
-        changes = [f"{c.op.value} {c.feature}" for c in res.response.changes]
+    def _apply(self, args: ApplyArgs) -> ApplyResult:
+        res, warn = self.agent.apply(args.file)
         self.log(f"apply-response sequence={res.response.sequence} "
                  f"{'already-applied' if res.already_applied else 'applied'}")
-        return {
-            "receipt": res.receipt,
-            "already_applied": res.already_applied,
-            "sequence": res.response.sequence,
-            "base_sequence": res.response.base_sequence,
-            "changes": changes,
-            "warning": warn,
-        }
+        return ApplyResult(res.receipt, res.already_applied, res.response.sequence,
+                           res.response.base_sequence,
+                           [f"{c.op.value} {c.feature}" for c in res.response.changes], warn)
 
-    def _check(self, args: Mapping[str, Any]) -> dict[str, Any]:
-        feature = args.get("feature")
-        if not isinstance(feature, str):
-            raise UsageError("feature must be a name")
-        r = self.agent.check(feature)
-        return {"feature": feature, "licensed": r.licensed, "message": r.message,
-                "in_grace": r.in_grace, "clock_set_back": r.clock_set_back}
+    def _check(self, args: CheckArgs) -> FeatureCheck:
+        r = self.agent.check(args.feature)
+        return FeatureCheck(args.feature, r.licensed, r.message, r.in_grace, r.clock_set_back)
 
-    def _journal(self, _args: Mapping[str, Any]) -> dict[str, Any]:
+    def _journal(self, _args: NoArgs) -> JournalResult:
         rep = self.agent.journal()
-        return {
-            "entries": [{"n": e.n, "time": e.time, "event": e.event, "data": e.data,
-                         "digest": e.digest} for e in rep.entries],
-            "torn_tail": rep.torn_tail,
-            "verified": True,
-        }
+        return JournalResult([{"n": e.n, "time": e.time, "event": e.event, "data": e.data,
+                               "digest": e.digest} for e in rep.entries], rep.torn_tail, True)

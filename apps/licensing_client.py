@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 from agent.cose import canonical, strict_loads
 from agent.errors import MalformedError, UsageError
+from agent.rpc import RemoteError, TransportError
 from hw.backends.https import refusal_from_body
-from hw.rpc import RemoteError, TransportError
 
 __all__ = ["MAX_ANSWER", "LicensingClient"]
 

@@ -16,9 +16,24 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from agent.errors import UsageError
+from agent.errors import MalformedError, UsageError
 from agent.record import field, record
-from hw.rpc import Op, RpcClient, RpcServer, TransportError
+from agent.rpc import (
+    OPERATIONS,
+    PROTOCOL_VERSIONS,
+    ApplyArgs,
+    ApplyResult,
+    CheckArgs,
+    FeatureCheck,
+    InfoResult,
+    JournalResult,
+    LicenseInfoResult,
+    Op,
+    RequestResult,
+    StatusResult,
+    TransportError,
+)
+from hw.rpc import RpcClient, RpcServer
 
 __all__ = [
     "Link",
@@ -207,16 +222,29 @@ class ServerClient(abc.ABC):
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    # conveniences shared by every backend
-    def info(self) -> bytes:
-        return bytes(self.call(Op.GET_INFO)["file"])
+    # typed conveniences shared by every backend: the answer read with the operation table
+    def typed(self, op: Op, args: Mapping[str, Any] | None = None) -> Any:
+        """Run ``op`` and read its answer into the result record of :data:`OPERATIONS`.
 
-    def status(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.call(Op.GET_STATUS)
+        Raises:
+            TransportError: the answer does not have the shape the operation promises.
+        """
+        raw = self.call(op, args)
+        try:
+            return OPERATIONS[op].result(raw)
+        except MalformedError as exc:
+            raise TransportError(f"{op}: {exc}") from exc
+
+    def info(self) -> bytes:
+        result: InfoResult = self.typed(Op.GET_INFO)
+        return result.file
+
+    def status(self) -> StatusResult:
+        result: StatusResult = self.typed(Op.GET_STATUS)
         return result
 
-    def license_info(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.call(Op.GET_LICENSE_INFO)
+    def license_info(self) -> LicenseInfoResult:
+        result: LicenseInfoResult = self.typed(Op.GET_LICENSE_INFO)
         return result
 
     def request(self, action: str, features: Iterable[str] = (),
@@ -224,18 +252,19 @@ class ServerClient(abc.ABC):
         args: dict[str, Any] = {"action": action, "features": list(features)}
         if license_info is not None:
             args["license_info"] = license_info
-        return bytes(self.call(Op.CREATE_REQUEST, args)["file"])
+        result: RequestResult = self.typed(Op.CREATE_REQUEST, args)
+        return result.file
 
-    def apply(self, response: bytes) -> dict[str, Any]:
-        result: dict[str, Any] = self.call(Op.APPLY_RESPONSE, {"file": response})
+    def apply(self, response: bytes) -> ApplyResult:
+        result: ApplyResult = self.typed(Op.APPLY_RESPONSE, ApplyArgs(response).to_wire())
         return result
 
-    def check(self, feature: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.call(Op.CHECK_FEATURE, {"feature": feature})
+    def check(self, feature: str) -> FeatureCheck:
+        result: FeatureCheck = self.typed(Op.CHECK_FEATURE, CheckArgs(feature).to_wire())
         return result
 
-    def journal(self) -> dict[str, Any]:
-        result: dict[str, Any] = self.call(Op.READ_JOURNAL)
+    def journal(self) -> JournalResult:
+        result: JournalResult = self.typed(Op.READ_JOURNAL)
         return result
 
 
@@ -264,7 +293,6 @@ class StreamClient(ServerClient):
             resend, failed = self.rpc.due(now)
             for f in failed:
                 if f.id == rid:
-                    assert f.error is not None
                     raise TransportError(f"{op}: {f.error}")
             for fr in resend:
                 self.link.write(fr)
@@ -275,14 +303,13 @@ class StreamClient(ServerClient):
                 continue
             for res in self.rpc.receive(data):
                 if res.id == rid:
-                    if not res.ok:
-                        assert res.error is not None
+                    if res.error is not None:
                         raise res.error
                     return res.result
 
     def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
         if self.hello_result is None and op != Op.HELLO:
-            self.hello_result = self._exchange(Op.HELLO, {"versions": [1]})
+            self.hello_result = self._exchange(Op.HELLO, {"versions": list(PROTOCOL_VERSIONS)})
         return self._exchange(op, args or {})
 
     def close(self) -> None:

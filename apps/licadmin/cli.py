@@ -287,7 +287,7 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         show_info(data, payload, args.out, args.json)
         return EXIT_OK
     if c == "status":
-        show_status(client.status(), args.json)
+        show_status(client.status().to_wire(), args.json)
         return EXIT_OK
     if c == "request":
         _check_folder(args.out)

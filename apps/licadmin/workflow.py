@@ -30,6 +30,7 @@ from agent.errors import EXIT_OK, LicensingError, MalformedError, TrustError, Us
 from agent.formats import LICENSE_INFO_MAX, SITE_INFO_MAX, SiteInfo, peek_payload, read_device_info
 from agent.messages import Action, LicenseInfo, Receipt, Request, Response
 from agent.protocol import self_signed_payload
+from agent.rpc import PROTOCOL_VERSIONS, Op
 from apps.common import read_input, read_toml
 from apps.licadmin.files import (
     SUFFIX,
@@ -43,7 +44,6 @@ from apps.licadmin.files import (
     write_file,
 )
 from hw.link import ServerClient
-from hw.rpc import PROTOCOL_VERSIONS, Op
 
 __all__ = [
     "EXIT_PARTIAL",

@@ -29,10 +29,10 @@ import hw
 from agent.errors import EXIT_OK, LicensingError, UsageError
 from agent.ops import AgentOps
 from agent.record import record
+from agent.rpc import FeatureCheck, TransportError
 from agent.service import Agent
 from apps.common import read_toml
 from hw.link import Listener
-from hw.rpc import TransportError
 
 __all__ = [
     "CONFIG_KEYS",
@@ -299,8 +299,8 @@ class Daemon:
             if op != "hello":
                 release_free_memory()
         detail = [d.removeprefix(op).strip() for d in self._detail.lines]
-        if isinstance(result, dict) and "licensed" in result:
-            detail.append(f"feature={result.get('feature')} licensed={result['licensed']}")
+        if isinstance(result, FeatureCheck):
+            detail.append(f"feature={result.feature} licensed={result.licensed}")
         outcome = " ".join(["ok", *[d for d in detail if d]])
         self._log_op(listener, op, outcome, DEBUG if op == "hello" else INFO)
         return result

@@ -61,9 +61,9 @@ from urllib.parse import quote, unquote
 
 from agent.cose import canonical, jsonable, strict_loads
 from agent.errors import MalformedError, UsageError
+from agent.rpc import Handler, Op, RemoteError, TransportError, wire
 from hw.httpjson import CBOR, HTTP_STATUS, JSON, Answer, HttpRefusal, JsonHandler, Route
 from hw.link import LinkURL, Listener, ServerClient, netloc
-from hw.rpc import Op, RemoteError, TransportError
 from hw.tls import client_context, server_context
 
 __all__ = [
@@ -84,7 +84,6 @@ MAX_ANSWER = 16 * 1024 * 1024
 
 #: licagent exit code -> HTTP status of the refusal
 
-Handler = Callable[[str, Mapping[str, Any]], Any]
 Log = Callable[[str], None]
 
 
@@ -169,6 +168,7 @@ class _RequestHandler(JsonHandler):
         return CBOR in self.headers.get("Accept", "")
 
     def _structured(self, result: Any) -> Answer:
+        result = wire(result)
         if self._wants_cbor():
             return Answer(canonical(result), CBOR)
         return Answer(json.dumps(jsonable(result), indent=2).encode() + b"\n", JSON)

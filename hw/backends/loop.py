@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.errors import UsageError
+from agent.rpc import TransportError
 from hw.link import Link, LinkURL, Listener, StreamClient, serve_stream
-from hw.rpc import TransportError
 
 __all__ = ["LoopFabric", "PipeEnd", "connect", "listen", "pipe_pair"]
 

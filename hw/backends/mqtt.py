@@ -91,12 +91,20 @@ import paho.mqtt.client as _paho_client
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as _PahoProperties
 
-from agent.cose import canonical, strict_loads
-from agent.errors import LicensingError, MalformedError, UsageError
+from agent.errors import MalformedError, UsageError
 from agent.record import field, record
+from agent.rpc import (
+    PROTOCOL_VERSIONS,
+    Handler,
+    Op,
+    RpcAnswer,
+    RpcRequest,
+    TransportError,
+    answer,
+    decode_message,
+)
 from hw.framing import DEFAULT_MAX_FRAME
 from hw.link import LinkURL, Listener, ServerClient, netloc, parse_url
-from hw.rpc import OPS, PROTOCOL_VERSIONS, Op, RemoteError, TransportError
 from hw.tls import client_context
 
 if TYPE_CHECKING:
@@ -126,7 +134,6 @@ __all__ = [
     "response_topic",
 ]
 
-Handler = Callable[[str, Mapping[str, Any]], Any]
 Log = Callable[[str], None]
 
 # paho 2.x and 1.6 differ in constructor and callback signatures; everything paho is
@@ -264,10 +271,6 @@ def decode_presence(topic: str, payload: bytes) -> Presence | None:
 # ---------------------------------------------------------------- requests (no I/O)
 
 
-def _error(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"ok": False, "error": {"code": code, "reason": reason, "message": message}}
-
-
 class AnswerMemory:
     """The answers to recent requests by (response topic, correlation data), oldest dropped.
 
@@ -334,50 +337,16 @@ def answer_request(handler: Handler, site: str, device_id: str, payload: bytes, 
     if cached is not None:
         return REPEAT, cached
     try:
-        msg = strict_loads(payload, max_size=max_payload)
+        msg = decode_message(payload, max_payload)
     except MalformedError as exc:
         say(f"mqtt: unreadable request dropped: {exc}")
         return DROPPED, None
-    rid = msg.get("id") if isinstance(msg, dict) else None
-    if (not isinstance(msg, dict) or not isinstance(rid, int) or isinstance(rid, bool)
-            or not 0 <= rid < 2**32):
+    if not isinstance(msg, RpcRequest):
         say("mqtt: a message that is not an RPC request dropped")
         return DROPPED, None
-    body = _run_request(handler, msg, max_payload, say)
-    out = canonical({"v": 1, "id": rid, **body})
-    if len(out) > max_payload + 1024:
-        out = canonical({"v": 1, "id": rid, **_error(
-            1, "too-large", "the answer is larger than the link's message limit")})
+    out = answer(handler, msg, max_payload, say).encode_within(max_payload + 1024, "message")
     memory.put(key, out)
     return HANDLED, out
-
-
-def _run_request(handler: Handler, msg: Mapping[str, Any], max_payload: int,
-                 log: Log) -> dict[str, Any]:
-    op, args = msg.get("op"), msg.get("args", {})
-    if msg.get("v") not in PROTOCOL_VERSIONS:
-        return _error(2, "version", f"no common protocol version: server speaks "
-                                    f"{list(PROTOCOL_VERSIONS)}, the request is v{msg.get('v')!r}")
-    if not isinstance(op, str) or not isinstance(args, dict):
-        return _error(2, "usage", "op must be text and args a map")
-    if op not in OPS:
-        return _error(2, "usage", f"unknown operation {op!r}")
-    try:
-        if op == Op.HELLO:
-            offered = args.get("versions", [])
-            common = [v for v in PROTOCOL_VERSIONS if isinstance(offered, list) and v in offered]
-            if not common:
-                return _error(2, "version", f"no common protocol version: server speaks "
-                                            f"{list(PROTOCOL_VERSIONS)}, client offered {offered!r}")
-            extra = handler(op, args) or {}
-            return {"ok": True, "result": {"version": max(common),
-                                           "max_frame": max_payload, **extra}}
-        return {"ok": True, "result": handler(op, args)}
-    except LicensingError as err:
-        return _error(err.exit_code, err.reason, str(err))
-    except Exception as exc:  # never let one request take the loop thread down
-        log(f"mqtt: {op} failed: {exc!r}")
-        return _error(1, "internal", f"internal error in the license agent: {exc!r}")
 
 
 @record
@@ -434,20 +403,12 @@ def decode_reply(payload: bytes, rid: int, max_payload: int = DEFAULT_MAX_FRAME)
         TransportError: the answer is unreadable or for another request.
     """
     try:
-        msg = strict_loads(payload, max_size=max_payload + 1024)
+        msg = decode_message(payload, max_payload + 1024)
     except MalformedError as exc:
         raise TransportError(f"unreadable answer: {exc}") from exc
-    if not isinstance(msg, dict) or msg.get("id") != rid or "ok" not in msg:
+    if not isinstance(msg, RpcAnswer) or msg.id != rid:
         raise TransportError("the answer is not an RPC answer to this request")
-    if msg["ok"] is True:
-        return msg.get("result")
-    e = msg.get("error")
-    if not isinstance(e, dict):
-        e = {}
-    code = e.get("code")
-    if not isinstance(code, int) or isinstance(code, bool) or not 0 < code < 256:
-        code = 1
-    raise RemoteError(code, str(e.get("reason", "remote")), str(e.get("message", "remote error")))
+    return msg.value()
 
 
 # ---------------------------------------------------------------- reconnect back-off (no I/O)
@@ -1179,7 +1140,7 @@ class MqttClient(ServerClient):
             raise TransportError("the MQTT client is closed")
         rid = self._next_id
         self._next_id = (self._next_id % (2**32 - 1)) + 1
-        payload = canonical({"v": 1, "id": rid, "op": op, "args": dict(args or {})})
+        payload = RpcRequest(rid, op, dict(args or {})).encode()
         if len(payload) > DEFAULT_MAX_FRAME + 1024:
             raise MalformedError(f"request of {len(payload)} bytes exceeds the message limit")
         corr = os.urandom(16)
@@ -1464,7 +1425,7 @@ class MqttSite:
             raise TransportError("the MQTT site session is closed")
         where = f"device {device_id} at site {self.site} on {self._session.broker}"
         rid = int.from_bytes(os.urandom(4), "big") % (2**31) + 1
-        payload = canonical({"v": 1, "id": rid, "op": op, "args": dict(args or {})})
+        payload = RpcRequest(rid, op, dict(args or {})).encode()
         if len(payload) > DEFAULT_MAX_FRAME + 1024:
             raise MalformedError(f"request of {len(payload)} bytes exceeds the message limit")
         corr = os.urandom(16)

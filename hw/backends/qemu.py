@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.errors import UsageError
+from agent.rpc import TransportError
 from hw.link import LinkURL, ServerClient
-from hw.rpc import TransportError
 
 __all__ = ["QemuClient", "QemuGuest", "connect", "default_image_dir", "listen"]
 

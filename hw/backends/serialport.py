@@ -24,13 +24,13 @@ import select
 import threading
 import time
 import tty
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from agent.errors import UsageError
+from agent.rpc import Handler, TransportError
 from hw.link import Link, LinkURL, Listener, StreamClient, serve_stream
-from hw.rpc import TransportError
 
 __all__ = [
     "DEFAULT_BAUD",
@@ -49,7 +49,6 @@ WRITE_TIMEOUT = 5.0
 _CLIENT_OPTIONS = ("baud", "timeout", "tries")
 _SERIAL_LISTEN_OPTIONS = ("baud", "reopen")
 
-Handler = Callable[[str, Mapping[str, Any]], Any]
 
 
 # ---------------------------------------------------------------- links

@@ -41,9 +41,9 @@ from typing import Any
 
 from agent.errors import UsageError
 from agent.record import fields, record, replace
+from agent.rpc import TransportError
 from hw.backends.loop import InProcessListener, link_name
 from hw.link import Link, LinkURL, StreamClient
-from hw.rpc import TransportError
 
 __all__ = [
     "FAULT_KINDS",

@@ -30,15 +30,14 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from agent.cose import canonical, strict_loads
 from agent.errors import LicensingError, UsageError
 from agent.record import record
+from agent.rpc import Handler, RpcAnswer, TransportError, decode_message
 from hw.framing import Frame, FrameDecoder, encode_frame
 from hw.link import Link, LinkURL, Listener, StreamClient, netloc, serve_stream
-from hw.rpc import TransportError
 from hw.tls import client_context, server_context
 
 if TYPE_CHECKING:
@@ -52,7 +51,6 @@ __all__ = [
     "listen",
 ]
 
-Handler = Callable[[str, Mapping[str, Any]], Any]
 
 DEFAULT_MAX_CLIENTS = 64
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -203,14 +201,10 @@ def _busy_reply(decoder: FrameDecoder, data: bytes, message: str) -> bytes | Non
         if not isinstance(ev, Frame):
             return b""  # not a client of ours: just close
         try:
-            msg = strict_loads(ev.payload, max_size=4096)
+            msg = decode_message(ev.payload, 4096)
         except LicensingError:
             return b""
-        rid = msg.get("id") if isinstance(msg, dict) else None
-        if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**32:
-            return b""
-        return encode_frame(canonical({"v": 1, "id": rid, "ok": False, "error": {
-            "code": 1, "reason": "busy", "message": message}}))
+        return encode_frame(RpcAnswer.refusal(msg.id, 1, "busy", message).encode())
     return None
 
 

@@ -59,7 +59,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import os
 import re
 import stat
@@ -76,9 +75,18 @@ from agent.formats import iso
 from agent.messages import Request
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from agent.record import record
-from hw.framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
+from agent.rpc import (
+    PROTOCOL_VERSIONS,
+    Handler,
+    Op,
+    RpcAnswer,
+    RpcRequest,
+    TransportError,
+    answer,
+    decode_message,
+)
+from hw.framing import DEFAULT_MAX_FRAME
 from hw.link import LinkURL, Listener, ServerClient
-from hw.rpc import PROTOCOL_VERSIONS, Op, RpcClient, RpcServer, TransportError
 
 __all__ = [
     "MARKER",
@@ -90,7 +98,6 @@ __all__ = [
     "listen",
 ]
 
-Handler = Callable[[str, Mapping[str, Any]], Any]
 
 MARKER = ".licmailbox"
 OPTIONS = ("always", "device", "poll", "timeout")
@@ -177,23 +184,19 @@ def _file_key(path: Path) -> tuple[str, int, int] | None:
     return (path.name, st.st_size, st.st_mtime_ns)
 
 
-def _unframe(frame: bytes) -> bytes:
-    for ev in FrameDecoder(MAX_RPC_FILE).feed(frame):
-        if isinstance(ev, Frame):
-            return ev.payload
-    raise TransportError("an RPC frame did not decode (internal error)")
-
-
 def answer_request(handler: Handler, payload: bytes) -> bytes | None:
-    """One RPC request map in, its response map out (None: not an RPC request, nothing to say).
+    """One RPC request map in, its answer map out (None: not an RPC request, nothing to say).
 
     A request file stands alone: its ``v`` field already names a version this
     server speaks, so no ``hello`` is required first (a ``hello`` is still answered).
     """
-    server = RpcServer(handler)
-    server.version = PROTOCOL_VERSIONS[-1]
-    replies = server.receive(encode_frame(payload))
-    return _unframe(replies[0]) if replies else None
+    try:
+        msg = decode_message(payload, MAX_RPC_FILE)
+    except MalformedError:
+        return None
+    if not isinstance(msg, RpcRequest) or msg.v not in PROTOCOL_VERSIONS:
+        return None
+    return answer(handler, msg, DEFAULT_MAX_FRAME).encode_within(MAX_RPC_FILE - 1024, "frame")
 
 
 def _refusal(name: str, err: LicensingError) -> str:
@@ -548,7 +551,7 @@ class MailboxClient(ServerClient):
         self.client_id = os.urandom(6).hex()
         self.seq = 0
         # one try: a request file is not lost in transit, and a resend could run it twice
-        self.rpc = RpcClient(timeout=timeout, tries=1)
+        self.next_id = int.from_bytes(os.urandom(4), "big") % (2**31) + 1
         self.hello_result: dict[str, Any] | None = None
 
     def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
@@ -557,38 +560,38 @@ class MailboxClient(ServerClient):
         return self._exchange(op, args or {})
 
     def _exchange(self, op: str, args: Mapping[str, Any]) -> Any:
-        rid, frame = self.rpc.start(op, args, self.clock())
+        rid, self.next_id = self.next_id, self.next_id % (2**32 - 1) + 1
+        payload = RpcRequest(rid, op, dict(args)).encode()
+        if len(payload) > MAX_RPC_FILE - 1024:
+            raise MalformedError(f"request of {len(payload)} bytes exceeds the frame limit")
         self.seq += 1
         base = f"{self.client_id}-{self.seq:06d}"
         req = self.folder / f"{base}{REQ_SUFFIX}"
         rsp = self.folder / f"{base}{RSP_SUFFIX}"
         try:
-            atomic_write(self.ops, req, _unframe(frame), 0o644)
+            atomic_write(self.ops, req, payload, 0o644)
         except StorageError as exc:
-            self.rpc.due(math.inf)
             raise TransportError(f"{op}: cannot leave the request in {self.folder}: {exc}") from exc
         deadline = self.clock() + self.timeout
         while True:
             try:
                 data = _read_capped(rsp, MAX_RPC_FILE)
             except OSError as exc:
-                self.rpc.due(math.inf)
                 raise TransportError(f"{op}: cannot read the answer {rsp}: {exc}") from exc
             if data is not None:
                 try:
                     rsp.unlink()
                 except OSError:
                     pass
-                for res in self.rpc.receive(encode_frame(data)):
-                    if res.id == rid:
-                        if not res.ok:
-                            assert res.error is not None
-                            raise res.error
-                        return res.result
-                self.rpc.due(math.inf)
+                try:
+                    msg = decode_message(data, MAX_RPC_FILE)
+                except MalformedError:
+                    msg = None
+                if (isinstance(msg, RpcAnswer) and msg.id == rid
+                        and msg.v in PROTOCOL_VERSIONS):
+                    return msg.value()
                 raise TransportError(f"{op}: the answer {rsp.name} is not an answer to this request")
             if self.clock() >= deadline:
-                self.rpc.due(math.inf)
                 try:
                     req.unlink()  # still unclaimed: withdraw it, so that no daemon runs it late
                 except FileNotFoundError:

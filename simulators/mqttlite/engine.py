@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from agent.rpc import TransportError
 from hw.backends.mqtt import (
     DROPPED,
     HANDLED,
@@ -49,7 +50,6 @@ from hw.backends.mqtt import (
 )
 from hw.framing import DEFAULT_MAX_FRAME
 from hw.link import netloc
-from hw.rpc import TransportError
 from simulators.mqttlite import codec as c
 from simulators.mqttlite.limits import CapacityError, check_capacity, raise_fd_limit
 

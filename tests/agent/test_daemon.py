@@ -22,9 +22,9 @@ import hw
 from agent.cose import SigningKey, canonical
 from agent.errors import LicensingError, UsageError
 from agent.identity import FactsProvider, HardwareFacts
+from agent.rpc import ApplyResult, RemoteError
 from apps.licagent.daemon import Daemon, DaemonConfig, load_config, resolve_config, sd_notify
 from hw.framing import encode_frame
-from hw.rpc import RemoteError
 from simulators.licensing_server.vendor import Grant, Vendor
 from tests.conftest import T0, Device, stop_processes
 
@@ -420,7 +420,7 @@ def test_stop_lets_the_apply_in_progress_finish_and_starts_no_other(device: Devi
         applier.close()
         late.close()
     result = outcome["apply"]
-    assert isinstance(result, dict) and result["sequence"] == 1
+    assert isinstance(result, ApplyResult) and result["sequence"] == 1
     assert isinstance(outcome["late"], LicensingError)  # "shutting down", or the link closed
     st = device.agent.status()
     assert st["sequence"] == 1 and st["outstanding_requests"] == []

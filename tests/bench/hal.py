@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from agent.rpc import Op  # noqa: E402
 from hw.framing import Frame, FrameDecoder  # noqa: E402
-from hw.rpc import Op, RpcClient, RpcServer  # noqa: E402
+from hw.rpc import RpcClient, RpcServer  # noqa: E402
 
 __all__ = ["framing_rows", "wire_ratio"]
 

@@ -20,12 +20,12 @@ import pytest
 
 from agent.formats import read_device_info
 from agent.ops import AgentOps
+from agent.rpc import RemoteError
 from hw import connect, listen
 from hw.backends.loop import LoopFabric
 from hw.backends.sim import SimFabric
 from hw.link import Listener, ServerClient
 from hw.pki import Pki, make_pki
-from hw.rpc import RemoteError
 from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device, Site
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from agent.cose import canonical, strict_loads
 from agent.errors import MalformedError, WrongDeviceError
+from agent.rpc import Op, RemoteError
 from hw.framing import (
     CorruptFrame,
     Frame,
@@ -23,7 +24,7 @@ from hw.framing import (
     cobs_encode,
     encode_frame,
 )
-from hw.rpc import Op, RemoteError, RpcClient, RpcServer
+from hw.rpc import RpcClient, RpcServer
 
 payloads = st.binary(max_size=600)
 # payloads that stress COBS: runs of zeros, 254-byte zero-free blocks and their edges

@@ -21,10 +21,10 @@ from agent.errors import UsageError
 from agent.formats import read_device_info
 from agent.messages import Action
 from agent.ops import AgentOps
+from agent.rpc import Op, RemoteError, TransportError
 from hw import connect, listen
 from hw.backends.https import HttpsListener
 from hw.pki import Pki, make_pki
-from hw.rpc import RemoteError, TransportError
 from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device, Site
 
@@ -115,7 +115,7 @@ def test_full_activation_through_the_client(served: tuple[HttpsListener, list[st
         assert c.check("bacnet")["licensed"] is True
         assert c.check("nothing here/..")["licensed"] is False  # quoted into one path segment
         st = c.status()
-        assert st == device.agent.status() and st["sequence"] == 1
+        assert st.to_wire() == device.agent.status() and st["sequence"] == 1
         li = c.license_info()
         assert li["sequence"] == 1 and isinstance(li["state_digest"], bytes)
         kinds = [e["event"] for e in c.journal()["entries"]]
@@ -305,7 +305,7 @@ def test_busy_server_answers_503(pki: Pki) -> None:
 
         def hold_the_slot() -> None:
             with connect(_client_url(lst.address, pki)) as c:
-                first.append(c.status())
+                first.append(c.call(Op.GET_STATUS))  # the fake's raw answer
 
         t = threading.Thread(target=hold_the_slot)
         t.start()

@@ -34,6 +34,7 @@ from agent.cose import SigningKey, canonical, strict_loads
 from agent.errors import LicensingError, UsageError
 from agent.formats import SiteInfo
 from agent.ops import AgentOps
+from agent.rpc import RemoteError, TransportError
 from hw.backends.mqtt import (
     Backoff,
     MqttListener,
@@ -48,7 +49,6 @@ from hw.backends.mqtt import (
     request_topic,
     response_topic,
 )
-from hw.rpc import RemoteError, TransportError
 from simulators.licensing_server.vendor import Grant, Vendor
 from tests.conftest import T0, Device, Site
 from tests.hw.mosquitto import Broker, free_port
@@ -645,8 +645,10 @@ class LightDevice:
         if op == "hello":
             return {"device_id": self.device_id, "model": self.model}
         if op == "get-status":
-            return {"device_id": self.device_id, "model": self.model, "sequence": 0,
-                    "licenses": []}
+            return {"device_id": self.device_id, "model": self.model, "serial": None,
+                    "sequence": 0, "state_digest": "00" * 32, "licenses": [],
+                    "outstanding_requests": [], "trusted_keys": [], "clock_high_water": None,
+                    "clock_set_back": False, "warnings": []}
         raise UsageError(f"{op} is not simulated here")
 
 

@@ -14,11 +14,11 @@ from agent.cose import canonical
 from agent.errors import UsageError
 from agent.formats import read_device_info
 from agent.ops import AgentOps
+from agent.rpc import TransportError
 from hw import connect, listen
 from hw.backends.serialport import FdLink, PtyListener, SerialListener
 from hw.framing import encode_frame
 from hw.link import StreamClient
-from hw.rpc import TransportError
 from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device
 

@@ -10,6 +10,7 @@ import pytest
 from agent.errors import UsageError
 from agent.formats import read_device_info
 from agent.ops import AgentOps
+from agent.rpc import TransportError
 from hw import connect, listen
 from hw.backends.sim import (
     FAULT_KINDS,
@@ -20,7 +21,6 @@ from hw.backends.sim import (
     SimListener,
 )
 from hw.link import StreamClient
-from hw.rpc import TransportError
 from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device
 

@@ -16,11 +16,11 @@ import pytest
 from agent.cose import canonical
 from agent.errors import UsageError
 from agent.ops import AgentOps
+from agent.rpc import RemoteError, TransportError
 from hw import connect, listen
 from hw.backends.tcp import TcpListener
 from hw.framing import encode_frame
 from hw.pki import Pki, make_pki
-from hw.rpc import RemoteError, TransportError
 from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device
 

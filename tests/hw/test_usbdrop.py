@@ -18,8 +18,8 @@ from agent.errors import UsageError
 from agent.formats import read_device_info, verify_receipt
 from agent.messages import Action
 from agent.ops import AgentOps
+from agent.rpc import RemoteError, TransportError
 from hw.backends.usbdrop import MARKER, MailboxListener
-from hw.rpc import RemoteError, TransportError
 from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device, Site
 

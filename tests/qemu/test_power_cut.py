@@ -18,7 +18,7 @@ import pytest
 
 import hw
 from agent.cose import SigningKey
-from hw.rpc import RemoteError, TransportError
+from agent.rpc import RemoteError, TransportError
 from simulators.licensing_server.vendor import Grant, Vendor
 from tests.qemu.conftest import GuestAgent
 

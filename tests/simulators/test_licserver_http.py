@@ -24,8 +24,8 @@ import pytest
 
 from agent.cose import canonical
 from agent.messages import Action, LicenseInfo, Response
+from agent.rpc import RemoteError, TransportError
 from apps.licensing_client import LicensingClient
-from hw.rpc import RemoteError, TransportError
 from simulators.licensing_server.ledger import Ledger
 from simulators.licensing_server.server import LicensingServer, ServerLimits, serve
 from simulators.licensing_server.vendor import Vendor

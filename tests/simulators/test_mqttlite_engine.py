@@ -28,9 +28,9 @@ from paho.mqtt.properties import Properties
 import hw
 from agent.cose import canonical, strict_loads
 from agent.ops import AgentOps
+from agent.rpc import TransportError
 from apps.licadmin import workflow
 from hw.backends.mqtt import discover, request_topic, response_topic
-from hw.rpc import TransportError
 from simulators.licensing_server.vendor import Grant
 from simulators.mqttlite import CapacityError, DeviceEngine, check_capacity
 from tests.conftest import Device, Site

@@ -1,0 +1,577 @@
+"""The RPC layer: the operation table, the request and answer records, and how a request is answered.
+
+Every link carries the same two CBOR messages (docs/protocol.md, "RPC messages")::
+
+    request = {"v": 1, "id": uint, "op": tstr, "args": {* tstr => any}}
+    answer  = {"v": 1, "id": uint, "ok": true,  "result": any}
+            / {"v": 1, "id": uint, "ok": false, "error": {"code", "reason", "message"}}
+
+They are built and parsed here and nowhere else. :data:`OPERATIONS` is the one
+table of operations: each entry names the operation, the schema of its
+arguments (read into a typed, frozen record before a handler sees them) and the
+record type of its result. :func:`answer` turns a request and a handler into an
+answer for every link (byte streams, HTTPS, the USB mailbox, MQTT and the
+simulators); :func:`table_handler` makes such a handler from one function per
+operation. Adding an operation is one table entry plus its handler.
+
+Pure: no I/O, no clock. Links and sessions (retries, answer memory, hello per
+connection) live in ``hw``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar
+
+from agent.cose import canonical, strict_loads
+from agent.errors import LicensingError, MalformedError, UsageError
+from agent.messages import Action
+from agent.record import record
+
+__all__ = [
+    "OPERATIONS",
+    "OPS",
+    "PROTOCOL_VERSIONS",
+    "ApplyArgs",
+    "ApplyResult",
+    "CheckArgs",
+    "FeatureCheck",
+    "Handler",
+    "HelloResult",
+    "InfoResult",
+    "JournalResult",
+    "LicenseInfoResult",
+    "NoArgs",
+    "Op",
+    "Operation",
+    "RemoteError",
+    "RequestArgs",
+    "RequestResult",
+    "RpcAnswer",
+    "RpcError",
+    "RpcRequest",
+    "StatusResult",
+    "TransportError",
+    "answer",
+    "decode_message",
+    "table_handler",
+    "wire",
+]
+
+PROTOCOL_VERSIONS = (1,)
+MAX_ID = 2**32
+#: at most this many feature names in one create-request
+MAX_FEATURES = 64
+
+
+class Op(enum.StrEnum):
+    HELLO = "hello"
+    GET_INFO = "get-info"
+    GET_STATUS = "get-status"
+    GET_LICENSE_INFO = "get-license-info"
+    CREATE_REQUEST = "create-request"
+    APPLY_RESPONSE = "apply-response"
+    CHECK_FEATURE = "check-feature"
+    READ_JOURNAL = "read-journal"
+
+
+OPS = frozenset(o.value for o in Op)
+
+
+class TransportError(LicensingError):
+    """The link failed: timeout after all retries, connection lost, refused."""
+
+    exit_code = 1
+    reason = "transport"
+
+
+class RemoteError(LicensingError):
+    """The server answered with an error; carries the server's exit code and reason."""
+
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = code
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- the messages
+
+
+@record(frozen=True)
+class RpcRequest:
+    """A request as it travels: ``op`` and ``args`` are checked by :func:`answer`, not here."""
+
+    id: int
+    op: Any
+    args: Any
+    v: int = 1
+
+    def encode(self) -> bytes:
+        return canonical({"v": self.v, "id": self.id, "op": self.op, "args": dict(self.args)})
+
+
+@record(frozen=True)
+class RpcError:
+    """The error object of a refused request: the exit code, a short reason, the message."""
+
+    code: int
+    reason: str
+    message: str
+
+    @classmethod
+    def of(cls, err: LicensingError) -> RpcError:
+        return cls(err.exit_code, err.reason, str(err))
+
+    def exception(self) -> RemoteError:
+        return RemoteError(self.code, self.reason, self.message)
+
+
+@record(frozen=True)
+class RpcAnswer:
+    """An answer to request ``id``: a result (``ok``), or an error."""
+
+    id: int
+    ok: bool
+    result: Any = None
+    error: RpcError | None = None
+    v: int = 1
+
+    @classmethod
+    def refusal(cls, rid: int, code: int, reason: str, message: str) -> RpcAnswer:
+        return cls(rid, False, error=RpcError(code, reason, message))
+
+    def encode(self) -> bytes:
+        if self.ok:
+            return canonical({"v": self.v, "id": self.id, "ok": True, "result": self.result})
+        e = self.error or RpcError(1, "remote", "remote error")
+        return canonical({"v": self.v, "id": self.id, "ok": False,
+                          "error": {"code": e.code, "reason": e.reason, "message": e.message}})
+
+    def encode_within(self, limit: int, what: str = "frame",
+                      wrap: Callable[[bytes], bytes] = bytes) -> bytes:
+        """``wrap(encode())``, or a ``too-large`` refusal when that exceeds ``limit`` bytes."""
+        out = wrap(self.encode())
+        if len(out) > limit:
+            out = wrap(RpcAnswer.refusal(self.id, 1, "too-large",
+                                         f"the answer is larger than the link's {what} limit"
+                                         ).encode())
+        return out
+
+    def value_error(self) -> RemoteError:
+        """The server's refusal as the exception a client raises."""
+        return (self.error or RpcError(1, "remote", "remote error")).exception()
+
+    def value(self) -> Any:
+        """The result; the server's refusal raised as :class:`RemoteError`."""
+        if not self.ok:
+            raise self.value_error()
+        return self.result
+
+
+def decode_message(payload: bytes, max_size: int) -> RpcRequest | RpcAnswer:
+    """Parse one RPC message (strict CBOR, size capped): a request if it has ``op``, else an answer.
+
+    Any version number is accepted here; :func:`answer` refuses the ones it does not speak.
+
+    Raises:
+        MalformedError: not CBOR, not a map, no valid ``v`` or ``id``, neither op nor ok.
+    """
+    msg = strict_loads(payload, max_size=max_size)
+    if not isinstance(msg, dict):
+        raise MalformedError("not an RPC message (a CBOR map)")
+    v, rid = msg.get("v"), msg.get("id")
+    if type(v) is not int or type(rid) is not int or not 0 <= rid < MAX_ID:
+        raise MalformedError("not an RPC message (v and id must be whole numbers)")
+    if "op" in msg:
+        return RpcRequest(rid, msg["op"], msg.get("args", {}), v)
+    if "ok" not in msg:
+        raise MalformedError("not an RPC message (neither op nor ok)")
+    if msg["ok"] is True:
+        return RpcAnswer(rid, True, msg.get("result"), v=v)
+    e = msg.get("error")
+    if not isinstance(e, dict):
+        e = {}
+    code = e.get("code")
+    if type(code) is not int or not 0 < code < 256:
+        code = 1
+    return RpcAnswer(rid, False, error=RpcError(code, str(e.get("reason", "remote")),
+                                                str(e.get("message", "remote error"))), v=v)
+
+
+# ---------------------------------------------------------------- answering
+
+#: ``handler(op, args) -> result``: raises LicensingError to refuse. The result is a
+#: result record of :data:`OPERATIONS` (or, for test handlers, any CBOR-able value).
+Handler = Callable[[str, Mapping[str, Any]], Any]
+
+
+def wire(result: Any) -> Any:
+    """A result record as its wire map; any other value as it is."""
+    to_wire = getattr(result, "to_wire", None)
+    return to_wire() if callable(to_wire) else result
+
+
+def answer(handler: Handler, request: RpcRequest, max_frame: int,
+           log: Callable[[str], None] | None = None) -> RpcAnswer:
+    """The answer to ``request``: version, op and args checked, the handler run once.
+
+    ``hello`` negotiates the version (the highest both speak) and adds what the
+    handler returns for it (the device ID and model). A LicensingError becomes an
+    error answer with its exit code; any other exception an ``internal`` error
+    (logged), so that one request never takes a link's thread down.
+    """
+    rid, op, args = request.id, request.op, request.args
+    if request.v not in PROTOCOL_VERSIONS:
+        return RpcAnswer.refusal(rid, 2, "version", f"no common protocol version: server speaks "
+                                 f"{list(PROTOCOL_VERSIONS)}, the request is v{request.v!r}")
+    if not isinstance(op, str) or not isinstance(args, dict):
+        return RpcAnswer.refusal(rid, 2, "usage", "op must be text and args a map")
+    try:
+        if op == Op.HELLO:
+            offered = args.get("versions", [])
+            common = [v for v in PROTOCOL_VERSIONS if isinstance(offered, list) and v in offered]
+            if not common:
+                return RpcAnswer.refusal(rid, 2, "version",
+                                         f"no common protocol version: server speaks "
+                                         f"{list(PROTOCOL_VERSIONS)}, client offered {offered!r}")
+            extra = wire(handler(op, args)) or {}
+            return RpcAnswer(rid, True, {"version": max(common), "max_frame": max_frame, **extra})
+        if op not in OPS:
+            return RpcAnswer.refusal(rid, 2, "usage", f"unknown operation {op!r}")
+        return RpcAnswer(rid, True, wire(handler(op, args)))
+    except LicensingError as err:
+        return RpcAnswer(rid, False, error=RpcError.of(err))
+    except Exception as exc:  # never let one request take the link's thread down
+        if log is not None:
+            log(f"rpc: {op} failed: {exc!r}")
+        return RpcAnswer.refusal(rid, 1, "internal",
+                                 f"internal error in the license agent: {exc!r}")
+
+
+# ---------------------------------------------------------------- typed arguments
+
+
+def _bytes_arg(args: Mapping[str, Any], name: str) -> bytes:
+    v = args.get(name)
+    if not isinstance(v, bytes):
+        raise UsageError(f"argument {name!r} must be a byte string (the file's content)")
+    return v
+
+
+@record(frozen=True)
+class NoArgs:
+    """The arguments of an operation that takes none (any given are ignored)."""
+
+    @classmethod
+    def from_wire(cls, _args: Mapping[str, Any]) -> NoArgs:
+        return cls()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {}
+
+
+@record(frozen=True)
+class RequestArgs:
+    """create-request: the action, features named directly, and license information to reclaim."""
+
+    action: Action
+    features: tuple[str, ...] = ()
+    license_info: bytes | None = None
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, Any]) -> RequestArgs:
+        try:
+            action = Action(str(args.get("action")))
+        except ValueError as exc:
+            raise UsageError("action must be activate, reclaim or renew") from exc
+        f = args.get("features", [])
+        if (not isinstance(f, list) or len(f) > MAX_FEATURES
+                or not all(isinstance(x, str) for x in f)):
+            raise UsageError("features must be a list of names")
+        li = _bytes_arg(args, "license_info") if "license_info" in args else None
+        return cls(action, tuple(f), li)
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"action": self.action.value, "features": list(self.features)}
+        if self.license_info is not None:
+            out["license_info"] = self.license_info
+        return out
+
+
+@record(frozen=True)
+class ApplyArgs:
+    """apply-response: the response file's exact bytes."""
+
+    file: bytes
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, Any]) -> ApplyArgs:
+        return cls(_bytes_arg(args, "file"))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"file": self.file}
+
+
+@record(frozen=True)
+class CheckArgs:
+    """check-feature: the feature's name."""
+
+    feature: str
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, Any]) -> CheckArgs:
+        feature = args.get("feature")
+        if not isinstance(feature, str):
+            raise UsageError("feature must be a name")
+        return cls(feature)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"feature": self.feature}
+
+
+# ---------------------------------------------------------------- typed results
+
+
+class _Result:
+    """A result record that also reads as its wire map (``result["sequence"]``).
+
+    The map is the contract (``licagent status --json`` prints it as is); the
+    record's attributes are its typed view. Subclasses list their wire keys in
+    ``KEYS`` (the attribute names) and check types in ``from_wire``.
+    """
+
+    KEYS: ClassVar[tuple[str, ...]]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.KEYS}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.KEYS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.KEYS else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.KEYS)
+
+    def __len__(self) -> int:
+        return len(self.KEYS)
+
+    def keys(self) -> tuple[str, ...]:
+        return self.KEYS
+
+
+def _need(m: object, types: Mapping[str, type | tuple[type, ...]], what: str) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise MalformedError(f"the {what} answer is not a map")
+    for key, t in types.items():
+        v = m.get(key)
+        if not isinstance(v, t) or (isinstance(v, bool) and t is int):
+            raise MalformedError(f"the {what} answer's {key!r} is missing or of the wrong type")
+    return m
+
+
+@record(frozen=True)
+class HelloResult(_Result):
+    KEYS: ClassVar[tuple[str, ...]] = ("version", "max_frame", "device_id", "model")
+    version: int
+    max_frame: int
+    device_id: str | None = None
+    model: str | None = None
+
+    @classmethod
+    def from_wire(cls, m: object) -> HelloResult:
+        d = _need(m, {"version": int, "max_frame": int}, "hello")
+        dev, model = d.get("device_id"), d.get("model")
+        return cls(d["version"], d["max_frame"], dev if isinstance(dev, str) else None,
+                   model if isinstance(model, str) else None)
+
+
+@record(frozen=True)
+class InfoResult(_Result):
+    KEYS: ClassVar[tuple[str, ...]] = ("file", "device_id")
+    file: bytes
+    device_id: str
+
+    @classmethod
+    def from_wire(cls, m: object) -> InfoResult:
+        d = _need(m, {"file": bytes, "device_id": str}, "get-info")
+        return cls(d["file"], d["device_id"])
+
+
+@record(frozen=True)
+class StatusResult(_Result):
+    """get-status: the JSON of ``licagent status --json`` (see agent.service.status_dict)."""
+
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "device_id", "model", "serial", "sequence", "state_digest", "licenses",
+        "outstanding_requests", "trusted_keys", "clock_high_water", "clock_set_back", "warnings")
+    device_id: str
+    model: str
+    serial: str | None
+    sequence: int
+    state_digest: str
+    licenses: list[dict[str, Any]]
+    outstanding_requests: list[dict[str, Any]]
+    trusted_keys: list[dict[str, Any]]
+    clock_high_water: str | None
+    clock_set_back: bool
+    warnings: list[str]
+
+    @classmethod
+    def from_wire(cls, m: object) -> StatusResult:
+        d = _need(m, {"device_id": str, "model": str, "sequence": int, "state_digest": str,
+                      "licenses": list, "outstanding_requests": list, "trusted_keys": list,
+                      "clock_set_back": bool, "warnings": list}, "get-status")
+        if not all(isinstance(x, dict) for k in ("licenses", "outstanding_requests",
+                                                 "trusted_keys") for x in d[k]):
+            raise MalformedError("the get-status answer's lists must hold maps")
+        serial, hwm = d.get("serial"), d.get("clock_high_water")
+        return cls(d["device_id"], d["model"], serial if isinstance(serial, str) else None,
+                   d["sequence"], d["state_digest"], d["licenses"], d["outstanding_requests"],
+                   d["trusted_keys"], hwm if isinstance(hwm, str) else None,
+                   d["clock_set_back"], [str(w) for w in d["warnings"]])
+
+
+@record(frozen=True)
+class LicenseInfoResult(_Result):
+    """get-license-info: what can be reclaimed here, and the state it sits on."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ("device_id", "sequence", "state_digest", "licenses")
+    device_id: str
+    sequence: int
+    state_digest: bytes
+    licenses: list[dict[str, Any]]
+
+    @classmethod
+    def from_wire(cls, m: object) -> LicenseInfoResult:
+        d = _need(m, {"device_id": str, "sequence": int, "state_digest": bytes,
+                      "licenses": list}, "get-license-info")
+        return cls(d["device_id"], d["sequence"], d["state_digest"], d["licenses"])
+
+
+@record(frozen=True)
+class RequestResult(_Result):
+    KEYS: ClassVar[tuple[str, ...]] = ("file",)
+    file: bytes
+
+    @classmethod
+    def from_wire(cls, m: object) -> RequestResult:
+        return cls(_need(m, {"file": bytes}, "create-request")["file"])
+
+
+@record(frozen=True)
+class ApplyResult(_Result):
+    """apply-response: the receipt, and what the response did."""
+
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "receipt", "already_applied", "sequence", "base_sequence", "changes", "warning")
+    receipt: bytes
+    already_applied: bool
+    sequence: int
+    base_sequence: int
+    changes: list[str]
+    warning: str | None = None
+
+    @classmethod
+    def from_wire(cls, m: object) -> ApplyResult:
+        d = _need(m, {"receipt": bytes, "already_applied": bool, "sequence": int,
+                      "base_sequence": int, "changes": list}, "apply-response")
+        warn = d.get("warning")
+        return cls(d["receipt"], d["already_applied"], d["sequence"], d["base_sequence"],
+                   [str(c) for c in d["changes"]], warn if isinstance(warn, str) else None)
+
+
+@record(frozen=True)
+class FeatureCheck(_Result):
+    """check-feature: licensed or not, and why."""
+
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "feature", "licensed", "message", "in_grace", "clock_set_back")
+    feature: str
+    licensed: bool
+    message: str
+    in_grace: bool = False
+    clock_set_back: bool = False
+
+    @classmethod
+    def from_wire(cls, m: object) -> FeatureCheck:
+        d = _need(m, {"feature": str, "licensed": bool, "message": str}, "check-feature")
+        return cls(d["feature"], d["licensed"], d["message"], d.get("in_grace") is True,
+                   d.get("clock_set_back") is True)
+
+
+@record(frozen=True)
+class JournalResult(_Result):
+    """read-journal: the verified entries, and the bytes of a torn last record."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ("entries", "torn_tail", "verified")
+    entries: list[dict[str, Any]]
+    torn_tail: int
+    verified: bool
+
+    @classmethod
+    def from_wire(cls, m: object) -> JournalResult:
+        d = _need(m, {"entries": list, "torn_tail": int, "verified": bool}, "read-journal")
+        return cls(d["entries"], d["torn_tail"], d["verified"])
+
+
+# ---------------------------------------------------------------- the operation table
+
+
+@record(frozen=True)
+class Operation:
+    """One operation: its name, how its arguments are read, and its result's record type."""
+
+    op: Op
+    args: Callable[[Mapping[str, Any]], Any]
+    result: Callable[[object], Any]
+    summary: str
+
+
+#: every operation a server offers over any link
+OPERATIONS: Mapping[Op, Operation] = {o.op: o for o in (
+    Operation(Op.HELLO, NoArgs.from_wire, HelloResult.from_wire,
+              "version negotiation; the device's ID and model"),
+    Operation(Op.GET_INFO, NoArgs.from_wire, InfoResult.from_wire,
+              "the signed device-information file"),
+    Operation(Op.GET_STATUS, NoArgs.from_wire, StatusResult.from_wire,
+              "the installed licenses, outstanding requests and trusted keys"),
+    Operation(Op.GET_LICENSE_INFO, NoArgs.from_wire, LicenseInfoResult.from_wire,
+              "what can be reclaimed here and the state it sits on"),
+    Operation(Op.CREATE_REQUEST, RequestArgs.from_wire, RequestResult.from_wire,
+              "a signed request file (activate, reclaim or renew)"),
+    Operation(Op.APPLY_RESPONSE, ApplyArgs.from_wire, ApplyResult.from_wire,
+              "verify and apply a vendor response; a signed receipt"),
+    Operation(Op.CHECK_FEATURE, CheckArgs.from_wire, FeatureCheck.from_wire,
+              "is a feature licensed now?"),
+    Operation(Op.READ_JOURNAL, NoArgs.from_wire, JournalResult.from_wire,
+              "the verified audit journal"),
+)}
+
+
+def table_handler(impls: Mapping[Op, Callable[[Any], Any]],
+                  around: Callable[[Callable[[], Any]], Any] | None = None) -> Handler:
+    """A :data:`Handler` from one function per operation, each taking its typed arguments.
+
+    Arguments are read with the table's schema before ``impls[op]`` runs (a bad
+    argument is a UsageError, exit 2); ``around(call)`` runs each call (e.g.
+    under a lock).
+    """
+    missing = set(Op) - set(impls)
+    if missing:
+        raise ValueError(f"no handler for {', '.join(sorted(missing))}")
+
+    def handle(op: str, args: Mapping[str, Any]) -> Any:
+        try:
+            entry = OPERATIONS[Op(op)]
+        except ValueError as exc:
+            raise UsageError(f"unknown operation {op!r}") from exc
+        typed = entry.args(args)
+        fn = impls[entry.op]
+        return fn(typed) if around is None else around(lambda: fn(typed))
+
+    return handle
