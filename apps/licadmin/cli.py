@@ -1,8 +1,9 @@
 """``licadmin``: the administration tool: one server over a link, and the site workflow.
 
 Single-server commands: info, status, request, apply, check. The site
-workflow (issue 5; :mod:`apps.licadmin.workflow`): gather, license-info, requests,
-upload, send, confirm, the one-go activate and reclaim, assign, and show.
+workflow (issue 5): gather, license-info, requests, upload, send, confirm
+(:mod:`apps.licadmin.onsite`, :mod:`apps.licadmin.online`), the one-go activate and
+reclaim (:mod:`apps.licadmin.onego`), assign, and show.
 
 A server is named by a link URL (``--server https://HOST:PORT?ca=FILE``,
 ``tcp://...``, ...; see :mod:`hw`). Exit codes are those of ``licagent``
@@ -33,7 +34,8 @@ from apps.common import (
     show_status,
     write_output,
 )
-from apps.licadmin import workflow
+from apps.licadmin import inventory, onego, online, onsite, outcome, runner
+from apps.licadmin.console import Console
 from hw.link import ServerClient
 
 __all__ = ["main"]
@@ -87,8 +89,8 @@ def _jobs(text: str) -> int:
         n = int(text)
     except ValueError:
         n = 0
-    if not 1 <= n <= workflow.MAX_JOBS:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 1 to {workflow.MAX_JOBS} servers at once")
+    if not 1 <= n <= runner.MAX_JOBS:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 to {runner.MAX_JOBS} servers at once")
     return n
 
 
@@ -107,8 +109,8 @@ def _workflow_parsers(sub: Any) -> None:
             sp.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT,
                             metavar="SECONDS",
                             help=f"how long to wait for each server (default {DEFAULT_TIMEOUT:g})")
-            sp.add_argument("--jobs", type=_jobs, default=workflow.DEFAULT_JOBS, metavar="N",
-                            help=f"servers handled at once (default {workflow.DEFAULT_JOBS})")
+            sp.add_argument("--jobs", type=_jobs, default=runner.DEFAULT_JOBS, metavar="N",
+                            help=f"servers handled at once (default {runner.DEFAULT_JOBS})")
         if licensing:
             sp.add_argument("--licensing-server", required=True, metavar="URL",
                             help="the licensing server, e.g. http://127.0.0.1:8400")
@@ -176,7 +178,7 @@ def _feature_count(text: str) -> tuple[str, int]:
 def run_workflow(args: argparse.Namespace) -> int:
     """The workflow commands; each prints its lines (or one JSON document) and returns the code."""
     c = args.command
-    console = workflow.Console(sys.stdout, quiet=args.json)
+    console = Console(sys.stdout, quiet=args.json)
     if c == "show":
         from apps.licadmin.show import describe_file, load_trust, render_text
 
@@ -186,27 +188,27 @@ def run_workflow(args: argparse.Namespace) -> int:
         else:
             print("\n".join(render_text(d, args.file)))
         return 4 if d["signature"]["verified"] is False else EXIT_OK
-    licensing = (workflow.licensing_client(args.licensing_server)
+    licensing = (online.licensing_client(args.licensing_server)
                  if getattr(args, "licensing_server", None) else None)
-    servers: list[workflow.ServerRef] = []
+    servers: list[inventory.ServerRef] = []
     site: str | None = None
-    connect = workflow.connector(DEFAULT_TIMEOUT)
+    connect = runner.connector(DEFAULT_TIMEOUT)
     if hasattr(args, "servers"):
-        servers, site = workflow.servers_from(args.server, args.servers, args.timeout)
-        connect = workflow.connector(args.timeout)
+        servers, site = inventory.servers_from(args.server, args.servers, args.timeout)
+        connect = runner.connector(args.timeout)
     try:
         return _run_steps(args, c, console, licensing, servers, site, connect)
     finally:
-        workflow.close_servers(servers)
+        inventory.close_servers(servers)
 
 
-def _run_steps(args: argparse.Namespace, c: str, console: workflow.Console,
-               licensing: workflow.Licensing | None, servers: list[workflow.ServerRef],
-               site: str | None, connect: workflow.Connect) -> int:
+def _run_steps(args: argparse.Namespace, c: str, console: Console,
+               licensing: online.Licensing | None, servers: list[inventory.ServerRef],
+               site: str | None, connect: runner.Connect) -> int:
     if c in ("activate", "reclaim"):
         assert licensing is not None
-        go = workflow.OneGo(servers, licensing, connect, console, c,
-                            getattr(args, "feature", []), args.work_dir, args.jobs)
+        go = onego.OneGo(servers, licensing, connect, console, c,
+                         getattr(args, "feature", []), args.work_dir, args.jobs)
         code, work, kept = go.run()
         if args.json:
             print_json({"command": c, "exit_code": code,
@@ -215,7 +217,7 @@ def _run_steps(args: argparse.Namespace, c: str, console: workflow.Console,
         else:
             failures = go.failures()
             if failures:
-                print(f"{'partial' if code == workflow.EXIT_PARTIAL else 'failed'}: "
+                print(f"{'partial' if code == outcome.EXIT_PARTIAL else 'failed'}: "
                       f"{len(failures)} failure(s):")
                 for line in failures:
                     print(f"  {line}")
@@ -238,33 +240,33 @@ def _run_steps(args: argparse.Namespace, c: str, console: workflow.Console,
             print_json({"command": c, "exit_code": EXIT_OK, "assignments": done})
         return EXIT_OK
     if c == "gather":
-        res = workflow.gather(servers, args.out, args.site or site, connect, console, args.jobs)
+        res = onsite.gather(servers, args.out, args.site or site, connect, console, args.jobs)
     elif c == "license-info":
         assert licensing is not None
-        res = workflow.license_info(args.site_info, args.device, args.out, licensing)
+        res = online.license_info(args.site_info, args.device, args.out, licensing)
     elif c == "requests":
-        res = workflow.make_requests(servers, args.license_info, args.out_dir, connect, console,
-                                     args.jobs)
+        res = onsite.make_requests(servers, args.license_info, args.out_dir, connect, console,
+                                   args.jobs)
     elif c == "upload":
         assert licensing is not None
-        res = workflow.upload(args.requests, args.out_dir, args.receipts, licensing, console)
+        res = online.upload(args.requests, args.out_dir, args.receipts, licensing, console)
     elif c == "send":
-        res = workflow.send(servers, args.responses, args.receipts_out, connect, console,
-                            args.jobs)
+        res = onsite.send(servers, args.responses, args.receipts_out, connect, console,
+                          args.jobs)
     elif c == "confirm":
         assert licensing is not None
-        res = workflow.confirm(args.receipts, licensing, console)
+        res = online.confirm(args.receipts, licensing, console)
     else:
         raise UsageError(f"unknown command {c}")
     if args.json:
         print_json(res.to_json())
         return res.code
     if c == "send":
-        for line in workflow.table(res.outcomes):
+        for line in outcome.table(res.outcomes):
             print(line)
     for n in res.notes:
         print(n)
-    if res.code == workflow.EXIT_PARTIAL:
+    if res.code == outcome.EXIT_PARTIAL:
         failed = sum(1 for o in res.outcomes if o.status == "failed")
         print(f"partial: {failed} of {len(res.outcomes)} failed (listed above); "
               f"the others are done; rerun {c} for the failed ones")

@@ -29,7 +29,7 @@ import hw
 from agent.cose import canonical, strict_loads
 from agent.ops import AgentOps
 from agent.rpc import TransportError
-from apps.licadmin import workflow
+from apps.licadmin import console, inventory, onsite
 from hw.backends.mqtt import discover, request_topic, response_topic
 from simulators.licensing_server.vendor import Grant
 from simulators.mqttlite import CapacityError, DeviceEngine, check_capacity
@@ -244,15 +244,15 @@ def test_a_site_url_is_one_broker_session_for_every_device(broker: Broker, site:
     """`licadmin`'s site steps reach every device of an mqtt://HOST:PORT/SITE URL through the
     one MqttSite session that listed them: no device gets a connection of its own."""
     engine, devices, handlers, name = fleet(broker, site, 20)
-    refs, _site = workflow.servers_from([f"{broker.url}/{name}"], None, 5.0)
+    refs, _site = inventory.servers_from([f"{broker.url}/{name}"], None, 5.0)
     try:
         assert len(refs) == 20 and len({id(r.via) for r in refs}) == 1
         assert {r.device for r in refs} == {dev_id(d) for d in devices}
 
         def no_connect(url: str) -> Any:
             raise AssertionError(f"a broker session of its own for {url}")
-        res = workflow.gather(refs, str(tmp_path / "site.info"), None, no_connect,
-                              workflow.Console(io.StringIO()), jobs=2)
+        res = onsite.gather(refs, str(tmp_path / "site.info"), None, no_connect,
+                              console.Console(io.StringIO()), jobs=2)
         assert res.code == 0 and res.facts["devices"] == 20
         assert all(h.ran.count("get-info") == 1 for h in handlers)
         # a device whose link drops mid-way is asked again once its presence is back
@@ -260,7 +260,7 @@ def test_a_site_url_is_one_broker_session_for_every_device(broker: Broker, site:
         engine.drop_connection(refs[3].device)
         assert site_session.call(refs[3].device, "get-status")["device_id"] == refs[3].device
     finally:
-        workflow.close_servers(refs)
+        inventory.close_servers(refs)
         engine.stop()
 
 
@@ -319,10 +319,10 @@ def test_one_request_at_a_time_per_device_however_many_arrive(broker: Broker,
     for d, h in zip(devices, handlers, strict=True):
         engine.add(dev_id(d), "AS-P", h)
     engine.start()
-    refs: list[workflow.ServerRef] = []
+    refs: list[inventory.ServerRef] = []
     try:
         assert engine.wait_ready(2, WAIT) == 2
-        refs, _site = workflow.servers_from([engine.url], None, 10.0)
+        refs, _site = inventory.servers_from([engine.url], None, 10.0)
         session = refs[0].via
         results: list[Any] = []
 
@@ -339,5 +339,5 @@ def test_one_request_at_a_time_per_device_however_many_arrive(broker: Broker,
         assert [h.most for h in handlers] == [1, 1]  # serialised per device
         assert all(len(d.agent.status()["outstanding_requests"]) == 6 for d in devices)
     finally:
-        workflow.close_servers(refs)
+        inventory.close_servers(refs)
         engine.stop()
