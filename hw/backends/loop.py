@@ -88,6 +88,7 @@ class InProcessListener(Listener):
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
         self.ends: list[Link] = []
+        self.cuts = 0  # connections closed by cut()
 
     def start(self) -> None:
         with self.fabric.lock:
@@ -105,6 +106,19 @@ class InProcessListener(Listener):
         self.ends.append(end)
         self.threads.append(t)
         t.start()
+
+    def cut(self) -> int:
+        """Fault hook: close the server end of every connection served so far, as a pulled
+        cable would; clients see the line closed and connect again. Keeps listening.
+
+        Returns:
+            how many connections were cut (each counted in ``cuts``).
+        """
+        ends = list(self.ends)
+        for e in ends:
+            e.close()
+        self.cuts += len(ends)
+        return len(ends)
 
     def stop(self) -> None:
         self.stop_event.set()

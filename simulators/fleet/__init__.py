@@ -4,7 +4,8 @@
 :class:`Fleet` for test benches.
 """
 
-from simulators.fleet.fleet import FaultRecord, Fleet
+from simulators.fleet.faults import FaultRecord
+from simulators.fleet.fleet import Fleet
 from simulators.fleet.models import LINKS, MODELS, make_facts
 from simulators.fleet.report import Invariant, Summary
 from simulators.fleet.scenario import (

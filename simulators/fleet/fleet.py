@@ -1,4 +1,9 @@
-"""The fleet: provisions simulated servers, serves them on their links, injects faults, reports.
+"""The fleet's lifecycle and load: provisions simulated servers, serves them, runs, reports.
+
+The fault injectors are :mod:`simulators.fleet.faults` (mixed into :class:`Fleet`),
+the invariants :mod:`simulators.fleet.invariants`, each link kind (serving, the
+fleet's client, readiness, its fault hook) :mod:`simulators.fleet.links`, and the
+fleet's own clients :mod:`simulators.fleet.clients`.
 
 Python API for test benches::
 
@@ -21,47 +26,29 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from agent.cose import PublicKey, SigningKey
-from agent.errors import (
-    CopiedStoreError,
-    LicensingError,
-    SequenceError,
-    UsageError,
-)
+from agent.errors import LicensingError, UsageError
 from agent.messages import Action
 from simulators.fleet.broker import MosquittoBroker
-from simulators.fleet.links import ServedLinks, start_mqtt
-from simulators.fleet.models import make_facts, replacement_mac
-from simulators.fleet.power import PowerLoss, PowerLossOps
+from simulators.fleet.clients import MAX_CLIENTS, FleetClients
+from simulators.fleet.faults import SUBSCRIPTION, FaultInjection, FaultRecord
+from simulators.fleet.invariants import check_invariants
+from simulators.fleet.links import LINK_KINDS, ServedLinks
+from simulators.fleet.models import make_facts
 from simulators.fleet.report import Invariant, Latency, Summary
-from simulators.fleet.scenario import (
-    FAULT_KINDS,
-    FaultSpec,
-    Scenario,
-    load_scenario,
-    parse_scenario,
-)
+from simulators.fleet.scenario import FaultSpec, Scenario, load_scenario, parse_scenario
 from simulators.fleet.server import ServerHandler, SimServer
 from simulators.licensing_server.vendor import Grant, Vendor
 from simulators.mqttlite import DeviceEngine
 
 __all__ = ["FaultRecord", "Fleet", "check_capacity"]
 
-DAY = 86400
-#: a license issued at provisioning runs for this long (so a clock jump can outlive it)
-SUBSCRIPTION = 365 * DAY
-#: how far a clock-jump fault moves the clock by default
-CLOCK_JUMP = 400 * DAY
-#: an upper bound for servers to come back after a fault (a bound, not a measurement)
-RECOVER_WAIT = 30.0
 LOG_LIMIT = 10_000
-#: clients the fleet keeps open at once (load over many servers reuses the recent ones)
-MAX_CLIENTS = 64
 
 
 def rss_kib() -> int:
@@ -99,8 +86,7 @@ def check_capacity(sc: Scenario) -> dict[str, int]:
 
     from simulators.mqttlite.limits import port_range, raise_fd_limit
 
-    per_link = {"tcp": 1, "pty": 1, "mqtt": 1}
-    fds = sum(g.count * sum(per_link.get(lk, 0) for lk in g.links) for g in sc.servers)
+    fds = sum(g.count * sum(LINK_KINDS[lk].fds for lk in g.links) for g in sc.servers)
     fds += 3 * MAX_CLIENTS + 100  # clients and their server ends, the broker, logs, slack
     soft, hard = raise_fd_limit()
     ports = sum(g.count for g in sc.servers if "mqtt" in g.links) + MAX_CLIENTS
@@ -120,93 +106,8 @@ def check_capacity(sc: Scenario) -> dict[str, int]:
     return {"fds": fds, "fd_limit": int(soft), "ports": ports, "port_range": port_range_size}
 
 
-class _NoServerFits(Exception):
-    """A random fault found no server it can act on; recorded as skipped."""
 
-
-class FaultRecord(dict[str, Any]):
-    """One injected fault: ``time``, ``kind``, ``server``, ``link``, ``detail``, ``held``, ``checks``."""
-
-
-class _Clients:
-    """The fleet's own clients (load, reachability checks), one per server and link, reused."""
-
-    def __init__(self, fleet: Fleet) -> None:
-        self.fleet = fleet
-        self.open: OrderedDict[tuple[str, str], Any] = OrderedDict()
-        self.loop: Any = None
-
-    def get(self, server: SimServer, link: str, timeout: float, faulty: bool = True) -> Any:
-        """The client of ``server`` on ``link``; ``timeout`` bounds one call, retries included.
-
-        ``faulty``: on sim:// the load's line carries ``[load] sim_line`` faults; the
-        reachability checks use a clean line.
-        """
-        import hw
-
-        faulty = faulty and link == "sim" and bool(self.fleet.scenario.load.sim_line)
-        key = (server.name, link + ("+faults" if faulty else ""))
-        c = self.open.get(key)
-        if c is not None:
-            self.open.move_to_end(key)
-            return c
-        while len(self.open) >= MAX_CLIENTS:  # the least recently used goes
-            _k, old = self.open.popitem(last=False)
-            try:
-                old.close()
-            except Exception:
-                pass
-        ctx: dict[str, Any] = {"timeout": timeout / 4, "tries": 4}
-        url = server.addresses[link]
-        if link == "mqtt":
-            if self.loop is None:
-                from hw.backends.mqtt import MqttLoop
-
-                self.loop = MqttLoop("fleet-clients")
-                self.loop.start()
-            ctx.update(loop=self.loop, timeout=timeout / 3, tries=3)
-        elif link == "sim":
-            ctx["fabric"] = self.fleet.links.fabric
-            if faulty:
-                url += "?" + self.fleet.scenario.load.sim_line
-        elif link == "usbdrop":
-            url += f"&timeout={timeout:g}"
-            ctx = {}
-        c = hw.connect(url, **ctx)
-        self.open[key] = c
-        return c
-
-    def has(self, server: SimServer, link: str) -> bool:
-        return any(k in self.open for k in ((server.name, link), (server.name, link + "+faults")))
-
-    def release(self, server: SimServer, link: str) -> None:
-        """Done for now: a console (pty) is closed again so other tools can open it."""
-        if link == "pty":
-            self.drop(server, link)
-
-    def drop(self, server: SimServer, link: str) -> None:
-        for key in ((server.name, link), (server.name, link + "+faults")):
-            c = self.open.pop(key, None)
-            if c is None:
-                continue
-            try:
-                c.close()
-            except Exception:
-                pass
-
-    def close(self) -> None:
-        for key in list(self.open):
-            c = self.open.pop(key)
-            try:
-                c.close()
-            except Exception:
-                pass
-        if self.loop is not None:
-            self.loop.stop()
-            self.loop = None
-
-
-class Fleet:
+class Fleet(FaultInjection):
     """A fleet of simulated servers described by a :class:`Scenario`.
 
     Args:
@@ -235,8 +136,8 @@ class Fleet:
         self.broker: MosquittoBroker | None = None
         self.broker_url: str | None = scenario.broker.url
         self.mqtt: DeviceEngine | None = None
-        self.links = ServedLinks(self.workdir, None, self.log)
-        self.clients = _Clients(self)
+        self.links = ServedLinks(self.workdir, None, self.log, sim_line=scenario.load.sim_line)
+        self.clients = FleetClients(self.links)
         self.vendor: Vendor | None = None
         self.trust: list[PublicKey] = []
         self.vendor_key_path: Path | None = None
@@ -391,8 +292,7 @@ class Fleet:
             self.broker_url = self.broker.url
             self.log(f"broker started: {self.broker_url}")
         assert self.broker_url is not None
-        self.mqtt = start_mqtt(self.broker_url, sc.site, log=self.log)
-        self.links.mqtt = self.mqtt
+        self.mqtt = self.links.start_mqtt(self.broker_url, sc.site)
 
     def _provision(self) -> None:
         sc = self.scenario
@@ -442,53 +342,19 @@ class Fleet:
                                                        handler)
 
     def _wait_reachable(self, timeout: float) -> bool:
-        """Every server answers ``hello`` on every link (mqtt: its presence is listed online)."""
+        """Every server answers ``hello`` on every link, or is ready as its link kind
+        says (mqtt: its presence is listed online; usbdrop: every mailbox wrote its device
+        information, and the first one answers)."""
         self.not_ready = []
-        if self.mqtt is not None:
-            n = sum(1 for s in self.servers if "mqtt" in s.links)
-            if self.mqtt.wait_ready(n, timeout) < n:
-                self.not_ready.append(f"mqtt: {self.mqtt.stats().get('connected', '?')} of "
-                                      f"{n} connected")
-            else:
-                self._check_presence(n, timeout)
-        boxes = [s for s in self.servers if "usbdrop" in s.links]
-        if boxes and not self._until(lambda: all(self.links.mailbox_ready(s.name, s.device_id)
-                                                 for s in boxes), timeout):
-            self.not_ready += [f"{s.name} usbdrop (no device-info.cbor on its stick)"
-                               for s in boxes if not self.links.mailbox_ready(s.name,
-                                                                              s.device_id)]
+        hello: dict[str, set[str]] = {}
+        for kind, servers in self.links.in_use(self.servers):
+            self.not_ready += kind.wait_ready(servers, timeout)
+            hello[kind.name] = {s.name for s in kind.needs_hello(servers)}
         for srv in self.servers:
             for link in srv.links:
-                # mqtt: listed online above; usbdrop: every mailbox wrote its device
-                # information, and the first one answers an RPC (a round trip costs a poll
-                # cycle over every mailbox, so not one per server)
-                if link == "mqtt" or (link == "usbdrop" and srv is not boxes[0]):
-                    continue
-                if not self._hello(srv, link):
+                if srv.name in hello[link] and not self._hello(srv, link):
                     self.not_ready.append(f"{srv.name} {link}")
         return not self.not_ready
-
-    def _check_presence(self, n: int, timeout: float) -> bool:
-        from hw.backends.mqtt import discover
-
-        assert self.broker_url is not None
-        want = {s.device_id for s in self.servers if "mqtt" in s.links}
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                online = {d for d, _m, up in discover(f"{self.broker_url}/{self.scenario.site}",
-                                                      timeout=max(5.0, n / 500))
-                          if up}
-            except LicensingError as exc:
-                online = set()
-                self.log(f"discover failed: {exc}")
-            missing = want - online
-            if not missing:
-                return True
-            if time.monotonic() > deadline:
-                self.not_ready.append(f"mqtt: {len(missing)} device(s) not listed online")
-                return False
-            time.sleep(0.2)
 
     def _hello(self, srv: SimServer, link: str, tries: int = 3) -> bool:
         for _ in range(tries):
@@ -603,340 +469,12 @@ class Fleet:
         for f in pending:
             self.log(f"fault {f.kind} at {f.at:g} s not reached (the run ended first)")
 
-    # ------------------------------------------------------------ faults
-
-    def inject(self, fault: FaultSpec | str) -> FaultRecord:
-        """Inject one fault now and check what must hold afterwards.
-
-        Returns:
-            the record added to the report (``held`` False when an invariant broke).
-
-        Raises:
-            UsageError: an unknown kind, server or link.
-        """
-        if isinstance(fault, str):
-            fault = FaultSpec(fault)
-        if fault.kind not in FAULT_KINDS:
-            raise UsageError(f"unknown fault kind {fault.kind!r} "
-                             f"(known: {', '.join(FAULT_KINDS)})")
-        fn = getattr(self, "_fault_" + fault.kind.replace("-", "_"))
-        since = self.ready_at or self.started_at
-        rec = FaultRecord(time=round(time.monotonic() - since, 3), kind=fault.kind,
-                          server=None, link=fault.link, detail="", held=True, checks=[])
-        try:
-            fn(fault, rec)
-        except _NoServerFits as exc:  # e.g. a reclaim where nothing is installed any more
-            rec["detail"] = str(exc)
-            rec["injected"] = False
-        except LicensingError as exc:
-            if isinstance(exc, UsageError) and rec["server"] is None:
-                raise
-            rec["held"] = False
-            rec["detail"] += f" FAILED: {exc.reason}: {exc}"
-        except Exception as exc:  # a bug in the fault itself: reported, the run goes on
-            rec["held"] = False
-            rec["detail"] += f" FAILED: internal error {exc!r}"
-        rec["injected"] = rec.get("injected", True)
-        self.faults.append(rec)
-        outcome = ("not injected" if not rec["injected"] else
-                   "held" if rec["held"] else "BROKEN")
-        self.log(f"fault {rec['kind']} {rec['server'] or '-'} {rec['link'] or ''}: "
-                 f"{rec['detail'].strip()} -> {outcome}")
-        return rec
-
-    def _pick(self, fault: FaultSpec, rec: FaultRecord,
-              want: Callable[[SimServer], bool] = lambda _s: True) -> SimServer:
-        if fault.server is not None:
-            srv = self.server(fault.server)
-            if not want(srv):
-                rec["server"] = srv.name
-                raise _NoServerFits(f"skipped: {srv.name} does not fit a {fault.kind} fault "
-                                    f"now ({self._unfit(srv, fault)})")
-        else:
-            choices = [s for s in self.servers if want(s)]
-            if not choices:
-                raise _NoServerFits(f"skipped: no server in this fleet fits a {fault.kind} "
-                                    f"fault" + (f" on {fault.link}" if fault.link else ""))
-            srv = self.rng.choice(choices)
-        rec["server"] = srv.name
-        return srv
-
-    def _unfit(self, srv: SimServer, fault: FaultSpec) -> str:
-        if fault.link is not None and fault.link not in srv.links:
-            return f"it has no {fault.link} link"
-        if self._clock_set_back(srv):
-            return ("its clock is behind the latest time it has seen, so it signs no request "
-                    "until the clock passes that time again")
-        return "nothing installed to reclaim"
-
-    def _clock_set_back(self, srv: SimServer) -> bool:
-        try:
-            return bool(srv.agent().status()["clock_set_back"])
-        except LicensingError:
-            return False
-
-    def _can_request(self, srv: SimServer) -> bool:
-        """A server whose clock was set back refuses to sign requests (rightly)."""
-        return not self._clock_set_back(srv)
-
-    @staticmethod
-    def _check(rec: FaultRecord, name: str, held: bool, detail: str) -> None:
-        rec["checks"].append({"name": name, "held": held, "detail": detail})
-        if not held:
-            rec["held"] = False
-
-    def _snapshot(self, srv: SimServer) -> tuple[int, str, dict[str, int]]:
-        st = srv.agent().status()
-        return (int(st["sequence"]), str(st["state_digest"]),
-                {x["feature"]: int(x["count"]) for x in st["licenses"]})
-
-    def _fault_power_loss(self, fault: FaultSpec, rec: FaultRecord) -> None:
-        assert self.vendor is not None
-        srv = self._pick(fault, rec, self._can_request)
-        old = self._snapshot(srv)
-        grants = dict(old[2]) or {"power-test": 1}
-        self.entitled[srv.name] = {**grants, **self.entitled.get(srv.name, {})}
-        agent = srv.agent()
-        req = agent.request(Action.RENEW if old[2] else Action.ACTIVATE, list(grants))
-        now = srv.now()
-        resp = self.vendor.issue(req, [Grant(f, n, not_after=now + SUBSCRIPTION)
-                                       for f, n in grants.items()], now=now)
-        mid = self._snapshot(srv)  # the request itself moved the state (outstanding nonce)
-        step = fault.step or self.rng.randint(1, self._write_steps(srv, resp))
-        ops = PowerLossOps(step, random.Random(self.rng.random()))
-        try:
-            srv.agent(ops=ops).apply(resp)
-            rec["detail"] = (f"apply finished before write step {ops.crash_at} "
-                             f"({ops.calls} steps): no power loss")
-            rec["injected"] = False
-        except PowerLoss as exc:
-            lost = ops.lose_unsynced()
-            rec["detail"] = f"{exc}; {'; '.join(lost) or 'nothing unsynced lost'}"
-        after = self._snapshot(srv)  # the restart: the store is opened from its directory
-        res, _w = srv.agent().apply(resp)  # the office sends the response again
-        final = self._snapshot(srv)
-        self._check(rec, "old-or-new-state", after[:2] in (mid[:2], final[:2]),
-                    f"after restart sequence {after[0]} (before {mid[0]}, after apply "
-                    f"{final[0]}); licenses {after[2]}")
-        self._check(rec, "apply-completes", final[0] == mid[0] + 1,
-                    f"{'already applied' if res.already_applied else 'applied'}: sequence "
-                    f"{final[0]}")
-
-    @staticmethod
-    def _write_steps(srv: SimServer, resp: bytes) -> int:
-        """How many file calls applying ``resp`` makes: counted on a copy of the store, so a
-        random power loss always lands inside the apply."""
-        with tempfile.TemporaryDirectory(prefix="licsim-count-") as tmp:
-            copy = Path(tmp) / "state"
-            shutil.copytree(srv.state_dir, copy)
-            counter = PowerLossOps(1 << 30, random.Random(0))  # never reached: counts only
-            srv.agent(ops=counter, directory=copy).apply(resp)
-            return max(1, counter.calls)
-
-    def _fault_link(self, fault: FaultSpec, rec: FaultRecord) -> None:
-        srv = self._pick(fault, rec, lambda s: fault.link is None or fault.link in s.links)
-        link = fault.link or self.rng.choice(srv.links)
-        rec["link"] = link
-        # line noise with frame delimiters in it, so the server has to resynchronise
-        noise = bytes(0 if i % 16 == 0 else b for i, b in enumerate(self.rng.randbytes(64)))
-        rec["detail"] = self.links.fault(srv.name, srv.device_id, link, noise)
-        if link == "usbdrop":
-            ok_out = not self._hello_once(srv, link, timeout=0.5)
-            self._check(rec, "pulled-stick-unreachable", ok_out,
-                        "no answer while the stick is out" if ok_out else "answered anyway")
-            self.links.heal(srv.name)
-            rec["detail"] += ", put back"
-        back = self._until(lambda: self._hello(srv, link, tries=1), RECOVER_WAIT)
-        self._check(rec, "reachable-again", back, f"{srv.name} answers on {link} again"
-                    if back else f"{srv.name} does not answer on {link}")
-
-    def _hello_once(self, srv: SimServer, link: str, timeout: float) -> bool:
-        import hw
-
-        url = srv.addresses[link] + (f"&timeout={timeout:g}" if link == "usbdrop" else "")
-        try:
-            with hw.connect(url, timeout=timeout, tries=1) as c:
-                c.call("hello", {"versions": [1]})
-            return True
-        except LicensingError:
-            return False
-
-    @staticmethod
-    def _until(fn: Callable[[], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            if fn():
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.1)
-
-    def _fault_clock_jump(self, fault: FaultSpec, rec: FaultRecord) -> None:
-        srv = self._pick(fault, rec)
-        jump = fault.seconds or CLOCK_JUMP
-        features = sorted(self._snapshot(srv)[2]) or ["bacnet-ip"]
-        base = srv.clock_offset
-
-        def licensed() -> dict[str, bool]:
-            a = srv.agent()
-            return {f: a.check(f).licensed for f in features}
-
-        before = licensed()
-        srv.clock_offset = base + jump
-        moved = licensed()
-        srv.clock_offset = base
-        after = licensed()
-        rec["detail"] = (f"clock {'+' if jump > 0 else ''}{jump / DAY:g} days and back; licensed before "
-                         f"{before}, after the jump {moved}, after the return {after}")
-        # whichever move went backwards must not license anything that was not licensed
-        back_from, back_to = (moved, after) if jump > 0 else (before, moved)
-        extended = [f for f in features if back_to[f] and not back_from[f]]
-        self._check(rec, "backwards-jump-extends-nothing", not extended,
-                    f"licenses that came back: {extended}" if extended else
-                    "no license came back")
-        st = srv.agent().status()
-        if jump > 0:
-            self._check(rec, "clock-set-back-seen", bool(st["clock_set_back"]),
-                        f"high-water mark {st['clock_high_water']}")
-
-    def _fault_nic_replaced(self, fault: FaultSpec, rec: FaultRecord) -> None:
-        srv = self._pick(fault, rec)
-        old = srv.facts.macs
-        srv.facts = replacement_mac(srv.facts, self.rng)
-        rec["detail"] = f"MACs {', '.join(old)} -> {', '.join(srv.facts.macs)}"
-        try:
-            st = srv.agent().status()
-            held, detail = True, f"store still valid (device {str(st['device_id'])[:12]})"
-        except CopiedStoreError as exc:
-            held, detail = False, f"refused: {exc}"
-        self._check(rec, "binding-holds", held, detail)
-        events = [e.event for e in srv.agent().journal().entries]
-        self._check(rec, "rebind-journalled", "rebind" in events,
-                    "journal records the re-bind" if "rebind" in events else "no rebind entry")
-
-    def _fault_clone_store(self, fault: FaultSpec, rec: FaultRecord) -> None:
-        srv = self._pick(fault, rec)
-        others = [s for s in self.servers if s.model == srv.model and s is not srv]
-        if others:
-            target_facts = self.rng.choice(others).facts
-            target = next(s.name for s in others if s.facts is target_facts)
-        else:  # a spare unit of the same model
-            target_facts = make_facts(srv.model, self.scenario.seed, len(self.servers) + 1000)
-            target = f"a spare {srv.model}"
-        copy = self.workdir / "clones" / f"{srv.name}-{len(self.faults)}"
-        shutil.copytree(srv.state_dir, copy)
-        try:
-            try:
-                srv.agent(facts=target_facts, directory=copy).status()
-                held, detail = False, "the copied store was accepted"
-            except CopiedStoreError as exc:
-                held, detail = True, f"refused: {str(exc)[:120]}"
-        finally:
-            shutil.rmtree(copy, ignore_errors=True)
-        rec["detail"] = f"store of {srv.name} copied to {target}"
-        self._check(rec, "clone-refused", held, detail)
-        ok = True
-        try:
-            srv.agent().status()
-        except LicensingError:
-            ok = False
-        self._check(rec, "original-still-valid", ok, f"{srv.name} itself is unaffected"
-                    if ok else f"{srv.name} was damaged")
-
-    def _fault_broker_restart(self, fault: FaultSpec, rec: FaultRecord) -> None:
-        if self.broker is None or self.mqtt is None:
-            rec["detail"] = ("skipped: the broker is not licsim's own ([broker] start = true) "
-                             "or no server uses mqtt")
-            rec["injected"] = False
-            return
-        self.broker.restart()
-        n = sum(1 for s in self.servers if "mqtt" in s.links)
-        back = self.mqtt.wait_ready(n, RECOVER_WAIT) >= n
-        rec["detail"] = (f"mosquitto killed and started again; "
-                         f"{self.mqtt.stats().get('connected', '?')} of {n} sessions reconnected")
-        self._check(rec, "sessions-reconnect", back, rec["detail"])
-        self.not_ready = []
-        listed = back and self._check_presence(n, RECOVER_WAIT)
-        self._check(rec, "presence-republished", listed,
-                    "every server listed online again" if listed else "; ".join(self.not_ready))
-
-    def _fault_reclaim(self, fault: FaultSpec, rec: FaultRecord) -> None:
-        assert self.vendor is not None
-        srv = self._pick(fault, rec, lambda s: bool(self._installed(s)) and (
-            Path(s.directory) / "activation.resp").exists() and self._can_request(s))
-        feature = sorted(self._installed(srv))[0]
-        agent = srv.agent()
-        req = agent.request(Action.RECLAIM, [feature])
-        resp = self.vendor.issue(req, removes=[feature], now=srv.now())
-        res, _w = agent.apply(resp)
-        self.reclaimed.setdefault(srv.name, set()).add(feature)
-        gone = not srv.agent().check(feature).licensed
-        self._check(rec, "reclaimed-gone", gone, f"{feature} {'gone' if gone else 'STILL THERE'}")
-        old = (Path(srv.directory) / "activation.resp").read_bytes()
-        try:
-            srv.agent().apply(old)
-            held, detail = False, "the old activation was applied again"
-        except SequenceError as exc:
-            held, detail = True, f"replay refused: {exc.reason}"
-        self._check(rec, "replay-refused", held, detail)
-        rec["detail"] = f"reclaimed {feature}; receipt {len(res.receipt)} bytes"
-
-    def _installed(self, srv: SimServer) -> dict[str, int]:
-        try:
-            return self._snapshot(srv)[2]
-        except LicensingError:
-            return {}
-
     # ------------------------------------------------------------ invariants and report
 
     def invariants(self) -> list[Invariant]:
         """Check every server's store now, and fold in what each fault checked."""
-        out = [Invariant("all-reachable-at-start", self.ready,
-                         "every server answered on every link" if self.ready
-                         else "; ".join(self.not_ready[:5]))]
-        bad: dict[str, list[str]] = {"stores-verify": [], "journals-verify": [],
-                                     "within-entitlement": [], "reclaimed-gone": []}
-        external: set[str] = set()
-        for srv in self.servers:
-            try:
-                st = srv.agent().status()
-            except LicensingError as exc:
-                bad["stores-verify"].append(f"{srv.name}: {exc.reason}: {exc}")
-                continue
-            try:
-                srv.agent().journal()
-            except LicensingError as exc:
-                bad["journals-verify"].append(f"{srv.name}: {exc}")
-            ent = self.entitled.get(srv.name, {})
-            for lic in st["licenses"]:
-                if lic["feature"] not in ent:
-                    external.add(lic["feature"])  # issued by a licensing server, not by us
-                elif lic["count"] > ent[lic["feature"]]:
-                    bad["within-entitlement"].append(
-                        f"{srv.name}: {lic['feature']} {lic['count']} > {ent[lic['feature']]}")
-            for f in self.reclaimed.get(srv.name, ()):
-                if any(lic["feature"] == f for lic in st["licenses"]):
-                    bad["reclaimed-gone"].append(f"{srv.name}: {f}")
-        what = {"stores-verify": "every store opens, verifies its MAC and its hardware binding",
-                "journals-verify": "every journal's hash chain and MACs verify",
-                "within-entitlement": "no installed count above what the server was issued",
-                "reclaimed-gone": "no reclaimed license is installed again"}
-        if external:
-            what["within-entitlement"] += (f"; features issued outside the fleet, not "
-                                           f"checked: {', '.join(sorted(external))}")
-        for name, problems in bad.items():
-            out.append(Invariant(name, not problems, "; ".join(problems[:5]) or
-                                 f"{what[name]} ({len(self.servers)} servers)"))
-        by_check: dict[str, list[tuple[bool, str]]] = {}
-        for rec in self.faults:
-            for chk in rec["checks"]:
-                by_check.setdefault(f"{rec['kind']}: {chk['name']}", []).append(
-                    (chk["held"], f"{rec['server']}: {chk['detail']}"))
-        for name, results in by_check.items():
-            broken = [d for h, d in results if not h]
-            out.append(Invariant(name, not broken, "; ".join(broken[:5]) or
-                                 f"held in {len(results)} fault(s)"))
-        return out
+        return check_invariants(self.servers, self.ready, self.not_ready, self.entitled,
+                                self.reclaimed, self.faults)
 
     def summary(self) -> Summary:
         """The run's report (invariants checked now, or as checked at stop)."""

@@ -1,4 +1,15 @@
-"""Serving the fleet's servers on their links, with as few threads as the hw backends allow.
+"""The fleet's link kinds: one class per kind serves the servers, reaches them and breaks them.
+
+Each kind of link (``tcp``, ``pty``, ``sim``, ``usbdrop``, ``mqtt``) is one small
+:class:`FleetLink` subclass, registered by name in :data:`LINK_KINDS`; the fleet
+looks a kind up instead of testing ``link == ...``. A kind knows how to serve one
+server on it, how the fleet's client connects, when the fleet waits for it to be
+ready, and carries its own fault hook (:meth:`FleetLink.inject`). Where the hw
+backend has a fault seam the kind uses it: ``sim`` cuts its lines with the
+listener's own :meth:`hw.backends.loop.InProcessListener.cut` and puts the
+load's line faults on the client's URL (the ``sim://`` fault injector).
+
+Threads stay as few as the hw backends allow:
 
 * ``mqtt``: :class:`simulators.mqttlite.DeviceEngine`, every server's own MQTT
   session on ONE asyncio loop thread (about 2 KiB a session, where a paho client
@@ -12,20 +23,28 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import hw
 from agent.errors import LicensingError
+from hw.backends.loop import InProcessListener
+from hw.backends.sim import SimFabric
 from hw.link import Listener, parse_url
+from simulators.fleet.server import SimServer
 from simulators.mqttlite import DeviceEngine
 
-__all__ = ["MailboxPoller", "ServedLinks", "start_mqtt"]
+__all__ = ["LINK_KINDS", "FleetLink", "MailboxPoller", "ServedLinks", "start_mqtt",
+           "wait_until"]
 
 Handler = Callable[[str, Mapping[str, Any]], Any]
 Log = Callable[[str], None]
+#: records one check a fault makes: ``(name, held, detail)``
+Check = Callable[[str, bool, str], None]
 
 
 def start_mqtt(broker_url: str, site: str, log: Log | None = None) -> DeviceEngine:
@@ -34,6 +53,27 @@ def start_mqtt(broker_url: str, site: str, log: Log | None = None) -> DeviceEngi
     engine = DeviceEngine(u.host or "127.0.0.1", u.port or 1883, site, log=log)
     engine.start()
     return engine
+
+
+def wait_until(fn: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``fn`` every 0.1 s until it is true (True) or ``timeout`` passed (False)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if fn():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def answers(url: str, timeout: float) -> bool:
+    """One ``hello`` on a fresh connection to ``url``, no retry."""
+    try:
+        with hw.connect(url, timeout=timeout, tries=1) as c:
+            c.call("hello", {"versions": [1]})
+        return True
+    except LicensingError:
+        return False
 
 
 class MailboxPoller:
@@ -73,94 +113,176 @@ class MailboxPoller:
             self.thread = None
 
 
-class ServedLinks:
-    """The listeners of the whole fleet, and the link faults that act on them.
+class FleetLink:
+    """One kind of link of one fleet: serves servers on it, connects to them, breaks it.
+
+    Subclasses implement :meth:`serve` and :meth:`inject`; the other hooks have the
+    defaults of a plain listener link (tcp, pty, sim).
 
     Args:
-        workdir: the fleet's folder (mailboxes go to ``workdir/usb/NAME``).
-        mqtt: the MQTT engine, when a server has the mqtt link.
-        log: one line per link event.
+        links: the fleet's links (its folder, log, MQTT engine and load options).
     """
 
-    def __init__(self, workdir: Path, mqtt: DeviceEngine | None, log: Log) -> None:
-        from hw.backends.sim import SimFabric
+    #: the name a scenario uses (a key of :data:`simulators.fleet.models.LINKS`)
+    name: ClassVar[str]
+    #: file descriptors one server served on this kind holds in the fleet's process
+    fds: ClassVar[int] = 0
+    #: the fleet keeps its client open between operations (False: given back after each)
+    keeps_client: ClassVar[bool] = True
 
-        self.workdir = workdir
-        self.mqtt = mqtt
-        self.log = log
-        self.fabric = SimFabric()
-        self.mailboxes = MailboxPoller()
-        self.listeners: dict[tuple[str, str], Listener] = {}  # (server, link) -> listener
-        self.pulled: dict[str, Any] = {}  # server name -> its mailbox while the stick is out
+    def __init__(self, links: ServedLinks) -> None:
+        self.links = links
+        self.listeners: dict[str, Listener] = {}  # server name -> its listener
 
-    def serve(self, name: str, device_id: str, model: str, link: str, handler: Handler) -> str:
-        """Serve one server on one link; returns the URL a client uses."""
-        if link == "mqtt":
-            assert self.mqtt is not None
-            self.mqtt.add(device_id, model, handler)
-            return f"{self.mqtt.url}/{device_id}"
-        if link == "usbdrop":
-            folder = self.workdir / "usb" / name
-            folder.mkdir(parents=True, exist_ok=True)
-            url = f"usbdrop://{folder}?always=1"
-            box = hw.listen(url, handler, log=lambda _line: None)
-            self.mailboxes.add(name, box)
-            return url
-        if link == "tcp":
-            lst: Listener = hw.listen("tcp://127.0.0.1:0", handler, log=self.log)
-        elif link == "pty":
-            lst = hw.listen("pty://", handler)
-        elif link == "sim":
-            lst = hw.listen(f"sim://{name}", handler, fabric=self.fabric)
-        else:  # the scenario checked the links
-            raise LicensingError(f"no such link {link!r}")
+    def serve(self, name: str, device_id: str, model: str, handler: Handler) -> str:
+        """Serve one server on this link; returns the URL a client uses."""
+        raise NotImplementedError
+
+    def _listen(self, name: str, lst: Listener) -> str:
         lst.start()
-        self.listeners[(name, link)] = lst
+        self.listeners[name] = lst
         return lst.address
 
-    def fault(self, name: str, device_id: str, link: str, noise: bytes) -> str:
-        """Make one link of one server fail; returns what was done."""
-        if link == "mqtt":
-            assert self.mqtt is not None
-            if self.mqtt.ready(device_id):
-                self.mqtt.drop_connection(device_id)
-                return "broker connection dropped; the server reconnects with back-off"
-            return "not connected at that moment; nothing to drop"
-        if link == "usbdrop":
-            box = self.mailboxes.remove(name)
-            if box is not None:
-                self.pulled[name] = box
-            return "USB stick pulled"
-        lst = self.listeners[(name, link)]
-        if link == "tcp":
-            import socket
+    def inject(self, srv: SimServer, noise: bytes, check: Check) -> str:
+        """The fault hook: make this link of ``srv`` fail the way it fails in the field.
 
-            conns = [c.sock for c in list(getattr(lst, "_conns", {}).values())]
-            for sock in conns:
-                try:
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            return f"{len(conns)} tcp connection(s) closed"
-        if link == "pty":
-            # line noise from the console cable: bytes the server must resynchronise after
-            path = lst.address.removeprefix("serial://")
-            fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK)
+        Args:
+            srv: the server.
+            noise: random bytes with frame delimiters, for links that carry line noise.
+            check: records what must hold while the fault lasts.
+
+        Returns:
+            what was done, for the fault's record.
+        """
+        raise NotImplementedError
+
+    @property
+    def load_faults(self) -> str:
+        """URL options of the faults the load's client line carries ("" none)."""
+        return ""
+
+    def connect(self, url: str, timeout: float, line_faults: str = "") -> Any:
+        """The fleet's client on ``url``; ``timeout`` bounds one call, retries included."""
+        return hw.connect(url, timeout=timeout / 4, tries=4)
+
+    def close_clients(self) -> None:
+        """The fleet's clients are closed: release what they shared."""
+
+    def wait_ready(self, servers: list[SimServer], timeout: float) -> list[str]:
+        """Wait until ``servers`` are ready on this link as a group; returns what is not."""
+        return []
+
+    def needs_hello(self, servers: list[SimServer]) -> list[SimServer]:
+        """The servers whose readiness is then proven by a ``hello`` round trip."""
+        return servers
+
+    def corrupt_frames(self) -> int:
+        return sum(int(getattr(lst, "corrupt_frames", 0)) for lst in self.listeners.values())
+
+    def stop(self) -> None:
+        for lst in self.listeners.values():
             try:
-                n = os.write(fd, noise)
-            finally:
-                os.close(fd)
-            return f"{n} bytes of line noise on {path}"
-        if link == "sim":
-            ends = list(getattr(lst, "ends", []))
-            for e in ends:
-                e.close()
-            return f"{len(ends)} simulated line(s) cut"
-        raise LicensingError(f"no link fault for {link!r}")
+                lst.stop()
+            except Exception as exc:
+                self.links.log(f"stopping {lst.address} failed: {exc!r}")
+        self.listeners.clear()
 
-    def mailbox_ready(self, name: str, device_id: str) -> bool:
-        """The server's mailbox has been polled: its device information is on the stick."""
-        return (self.workdir / "usb" / name / device_id / "device-info.cbor").is_file()
+
+class TcpLink(FleetLink):
+    """The LAN port; a fault closes the server's open connections."""
+
+    name = "tcp"
+    fds = 1
+
+    def serve(self, name: str, device_id: str, model: str, handler: Handler) -> str:
+        return self._listen(name, hw.listen("tcp://127.0.0.1:0", handler, log=self.links.log))
+
+    def inject(self, srv: SimServer, noise: bytes, check: Check) -> str:
+        lst = self.listeners[srv.name]
+        conns = [c.sock for c in list(getattr(lst, "_conns", {}).values())]
+        for sock in conns:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return f"{len(conns)} tcp connection(s) closed"
+
+
+class PtyLink(FleetLink):
+    """The serial console (a pseudo-terminal); a fault is line noise from the cable."""
+
+    name = "pty"
+    fds = 1
+    keeps_client = False  # a console is closed again so other tools can open it
+
+    def serve(self, name: str, device_id: str, model: str, handler: Handler) -> str:
+        return self._listen(name, hw.listen("pty://", handler))
+
+    def inject(self, srv: SimServer, noise: bytes, check: Check) -> str:
+        # bytes the server must resynchronise after
+        path = self.listeners[srv.name].address.removeprefix("serial://")
+        fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            n = os.write(fd, noise)
+        finally:
+            os.close(fd)
+        return f"{n} bytes of line noise on {path}"
+
+
+class SimLink(FleetLink):
+    """An in-process ``sim://`` line: the load's client carries ``[load] sim_line`` faults
+    (the sim backend's fault injector); a fault cuts every line (the listener's own hook)."""
+
+    name = "sim"
+
+    def __init__(self, links: ServedLinks) -> None:
+        super().__init__(links)
+        self.fabric = SimFabric()
+
+    def serve(self, name: str, device_id: str, model: str, handler: Handler) -> str:
+        return self._listen(name, hw.listen(f"sim://{name}", handler, fabric=self.fabric))
+
+    def inject(self, srv: SimServer, noise: bytes, check: Check) -> str:
+        lst = self.listeners[srv.name]
+        assert isinstance(lst, InProcessListener)
+        return f"{lst.cut()} simulated line(s) cut"
+
+    @property
+    def load_faults(self) -> str:
+        return self.links.sim_line
+
+    def connect(self, url: str, timeout: float, line_faults: str = "") -> Any:
+        if line_faults:
+            url += "?" + line_faults
+        return hw.connect(url, fabric=self.fabric, timeout=timeout / 4, tries=4)
+
+
+class UsbdropLink(FleetLink):
+    """The USB device port as a mailbox folder; a fault pulls the stick, then puts it back."""
+
+    name = "usbdrop"
+
+    def __init__(self, links: ServedLinks) -> None:
+        super().__init__(links)
+        self.mailboxes = MailboxPoller()
+        self.pulled: dict[str, Any] = {}  # server name -> its mailbox while the stick is out
+
+    def serve(self, name: str, device_id: str, model: str, handler: Handler) -> str:
+        folder = self.links.workdir / "usb" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        url = f"usbdrop://{folder}?always=1"
+        self.mailboxes.add(name, hw.listen(url, handler, log=lambda _line: None))
+        return url
+
+    def inject(self, srv: SimServer, noise: bytes, check: Check) -> str:
+        box = self.mailboxes.remove(srv.name)
+        if box is not None:
+            self.pulled[srv.name] = box
+        out = not answers(srv.addresses[self.name] + "&timeout=0.5", 0.5)
+        check("pulled-stick-unreachable", out,
+              "no answer while the stick is out" if out else "answered anyway")
+        self.heal(srv.name)
+        return "USB stick pulled, put back"
 
     def heal(self, name: str) -> None:
         """Put a pulled USB stick back (its mailbox is polled again)."""
@@ -168,16 +290,174 @@ class ServedLinks:
         if box is not None:
             self.mailboxes.add(name, box)
 
-    def corrupt_frames(self) -> int:
-        return sum(int(getattr(lst, "corrupt_frames", 0)) for lst in self.listeners.values())
+    def connect(self, url: str, timeout: float, line_faults: str = "") -> Any:
+        return hw.connect(url + f"&timeout={timeout:g}")
+
+    def mailbox_ready(self, srv: SimServer) -> bool:
+        """The server's mailbox has been polled: its device information is on the stick."""
+        return (self.links.workdir / "usb" / srv.name / srv.device_id
+                / "device-info.cbor").is_file()
+
+    def wait_ready(self, servers: list[SimServer], timeout: float) -> list[str]:
+        if wait_until(lambda: all(self.mailbox_ready(s) for s in servers), timeout):
+            return []
+        return [f"{s.name} usbdrop (no device-info.cbor on its stick)"
+                for s in servers if not self.mailbox_ready(s)]
+
+    def needs_hello(self, servers: list[SimServer]) -> list[SimServer]:
+        # a round trip costs a poll cycle over every mailbox, so not one per server
+        return servers[:1]
 
     def stop(self) -> None:
         self.mailboxes.stop()
-        for lst in self.listeners.values():
+
+
+class MqttLink(FleetLink):
+    """The site broker, every session on the fleet's one engine; a fault drops a session's
+    broker connection (the engine's own hook)."""
+
+    name = "mqtt"
+    fds = 1
+
+    def __init__(self, links: ServedLinks) -> None:
+        super().__init__(links)
+        self.client_loop: Any = None  # hw.backends.mqtt.MqttLoop of the fleet's clients
+
+    @property
+    def engine(self) -> DeviceEngine:
+        assert self.links.mqtt is not None, "mqtt is served by the fleet's engine"
+        return self.links.mqtt
+
+    def serve(self, name: str, device_id: str, model: str, handler: Handler) -> str:
+        self.engine.add(device_id, model, handler)
+        return f"{self.engine.url}/{device_id}"
+
+    def inject(self, srv: SimServer, noise: bytes, check: Check) -> str:
+        if self.engine.ready(srv.device_id):
+            self.engine.drop_connection(srv.device_id)
+            return "broker connection dropped; the server reconnects with back-off"
+        return "not connected at that moment; nothing to drop"
+
+    def connect(self, url: str, timeout: float, line_faults: str = "") -> Any:
+        if self.client_loop is None:
+            from hw.backends.mqtt import MqttLoop
+
+            self.client_loop = MqttLoop("fleet-clients")
+            self.client_loop.start()
+        return hw.connect(url, loop=self.client_loop, timeout=timeout / 3, tries=3)
+
+    def close_clients(self) -> None:
+        if self.client_loop is not None:
+            self.client_loop.stop()
+            self.client_loop = None
+
+    def sessions_connected(self, n: int, timeout: float) -> bool:
+        return self.engine.wait_ready(n, timeout) >= n
+
+    def connected(self) -> str:
+        return str(self.engine.stats().get("connected", "?"))
+
+    def listed_online(self, servers: list[SimServer], timeout: float) -> str | None:
+        """Wait until every server's presence is listed online; None, or what is missing."""
+        from hw.backends.mqtt import discover
+
+        assert self.links.broker_url is not None
+        want = {s.device_id for s in servers}
+        deadline = time.monotonic() + timeout
+        while True:
             try:
-                lst.stop()
-            except Exception as exc:
-                self.log(f"stopping {lst.address} failed: {exc!r}")
-        self.listeners.clear()
-        if self.mqtt is not None:
-            self.mqtt.stop()
+                online = {d for d, _m, up in discover(f"{self.links.broker_url}/{self.links.site}",
+                                                      timeout=max(5.0, len(servers) / 500))
+                          if up}
+            except LicensingError as exc:
+                online = set()
+                self.links.log(f"discover failed: {exc}")
+            missing = want - online
+            if not missing:
+                return None
+            if time.monotonic() > deadline:
+                return f"mqtt: {len(missing)} device(s) not listed online"
+            time.sleep(0.2)
+
+    def wait_ready(self, servers: list[SimServer], timeout: float) -> list[str]:
+        n = len(servers)
+        if not self.sessions_connected(n, timeout):
+            return [f"mqtt: {self.connected()} of {n} connected"]
+        missing = self.listed_online(servers, timeout)
+        return [missing] if missing else []
+
+    def needs_hello(self, servers: list[SimServer]) -> list[SimServer]:
+        return []  # listed online is the proof
+
+    def stop(self) -> None:
+        if self.links.mqtt is not None:
+            self.links.mqtt.stop()
+
+
+#: every link kind by name, in the order the fleet waits for them to be ready
+LINK_KINDS: Mapping[str, type[FleetLink]] = {
+    k.name: k for k in (MqttLink, UsbdropLink, TcpLink, PtyLink, SimLink)}
+
+
+class ServedLinks:
+    """The fleet's link kinds, one :class:`FleetLink` each, and what they share.
+
+    Args:
+        workdir: the fleet's folder (mailboxes go to ``workdir/usb/NAME``).
+        mqtt: the MQTT engine, when a server has the mqtt link.
+        log: one line per link event.
+        sim_line: URL options of the faults on the load's ``sim://`` lines.
+    """
+
+    def __init__(self, workdir: Path, mqtt: DeviceEngine | None, log: Log,
+                 sim_line: str = "") -> None:
+        self.workdir = workdir
+        self.mqtt = mqtt
+        self.log = log
+        self.sim_line = sim_line
+        self.broker_url: str | None = None
+        self.site = ""
+        self.kinds: dict[str, FleetLink] = {name: cls(self) for name, cls in LINK_KINDS.items()}
+
+    def kind(self, link: str) -> FleetLink:
+        try:
+            return self.kinds[link]
+        except KeyError:  # the scenario checked the links
+            raise LicensingError(f"no such link {link!r}") from None
+
+    @property
+    def fabric(self) -> SimFabric:
+        """The sim:// lines of the fleet (their fault counters)."""
+        sim = self.kinds["sim"]
+        assert isinstance(sim, SimLink)
+        return sim.fabric
+
+    def start_mqtt(self, broker_url: str, site: str) -> DeviceEngine:
+        self.broker_url, self.site = broker_url, site
+        self.mqtt = start_mqtt(broker_url, site, log=self.log)
+        return self.mqtt
+
+    def serve(self, name: str, device_id: str, model: str, link: str, handler: Handler) -> str:
+        """Serve one server on one link; returns the URL a client uses."""
+        return self.kind(link).serve(name, device_id, model, handler)
+
+    def fault(self, srv: SimServer, link: str, noise: bytes, check: Check) -> str:
+        """Make one link of one server fail through that link's fault hook."""
+        return self.kind(link).inject(srv, noise, check)
+
+    def in_use(self, servers: Iterable[SimServer]) -> list[tuple[FleetLink, list[SimServer]]]:
+        """Each kind some server is served on, with those servers, in :data:`LINK_KINDS` order."""
+        servers = list(servers)
+        return [(k, on) for k in self.kinds.values()
+                if (on := [s for s in servers if k.name in s.links])]
+
+    def corrupt_frames(self) -> int:
+        return sum(k.corrupt_frames() for k in self.kinds.values())
+
+    def close_clients(self) -> None:
+        for k in self.kinds.values():
+            k.close_clients()
+
+    def stop(self) -> None:
+        for k in reversed(self.kinds.values()):  # the MQTT engine last
+            k.stop()

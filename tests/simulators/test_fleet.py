@@ -19,7 +19,15 @@ import pytest
 import simulators
 from agent.errors import UsageError
 from agent.messages import Action
-from simulators.fleet import FAULT_KINDS, MODELS, FaultSpec, Fleet, make_facts, parse_scenario
+from simulators.fleet import (
+    FAULT_KINDS,
+    LINKS,
+    MODELS,
+    FaultSpec,
+    Fleet,
+    make_facts,
+    parse_scenario,
+)
 from simulators.licensing_server.vendor import Grant
 from tests.hw.mosquitto import mosquitto_path
 
@@ -384,3 +392,54 @@ def test_faults_that_do_not_fit_a_server_are_skipped_not_broken() -> None:
         s = f.summary()
         assert s.ok and s.to_json()["faults"]["injected"] == 2
         assert "skipped" in s.to_text()
+
+
+# ---------------------------------------------------------------- each link kind's fault hook
+
+
+def test_every_link_kind_is_one_registered_class() -> None:
+    from simulators.fleet.links import LINK_KINDS
+
+    assert set(LINK_KINDS) == set(LINKS)
+    assert all(cls.name == name for name, cls in LINK_KINDS.items())
+
+
+def test_each_link_kinds_fault_hook_injects_and_the_link_recovers() -> None:
+    from hw.backends.loop import InProcessListener
+    from simulators.fleet.links import UsbdropLink, wait_until
+
+    mosquitto_path()
+    with Fleet.from_scenario(scenario(servers=[{"model": "AS-B", "count": 1, "links": ALL}],
+                                      load={"timeout": 2})) as f:
+        srv = f.servers[0]
+        noise = bytes(0 if i % 16 == 0 else 0x41 + i % 7 for i in range(64))
+        for link in ALL:
+            assert f.operate(srv, link, "status"), link  # a client is connected when it hits
+            kind = f.links.kind(link)
+            checks: list[tuple[str, bool, str]] = []
+            lst = kind.listeners.get(srv.name)
+            frames = int(getattr(lst, "corrupt_frames", 0))
+            reconnects = f.reconnects
+            detail = kind.inject(srv, noise, lambda *c, out=checks: out.append(c))
+            if link == "tcp":
+                assert detail == "1 tcp connection(s) closed"
+            elif link == "pty":
+                assert detail.startswith("64 bytes of line noise on /dev/pts/")
+                # the server saw the noise as broken frames and resynchronised
+                assert wait_until(lambda lst=lst, frames=frames:
+                                  int(getattr(lst, "corrupt_frames", 0)) > frames, 5)
+            elif link == "sim":
+                assert isinstance(lst, InProcessListener)
+                assert lst.cuts >= 1 and detail == f"{lst.cuts} simulated line(s) cut"
+            elif link == "usbdrop":
+                assert isinstance(kind, UsbdropLink)
+                assert checks == [("pulled-stick-unreachable", True,
+                                   "no answer while the stick is out")]
+                assert detail == "USB stick pulled, put back" and not kind.pulled
+                assert srv.name in kind.mailboxes.mailboxes
+            else:
+                assert detail.startswith("broker connection dropped")
+            assert f.operate(srv, link, "status"), link  # and it recovers
+            if link in ("tcp", "sim"):  # the kept client found its line closed: connected again
+                assert f.reconnects == reconnects + 1, link
+        assert f.summary().ok

@@ -1,0 +1,349 @@
+"""The fleet's seven fault injectors, and what each checks must hold afterwards.
+
+:class:`FaultInjection` is mixed into :class:`simulators.fleet.fleet.Fleet`: one
+method per kind in :data:`INJECTORS` (the kinds of
+:data:`simulators.fleet.scenario.FAULT_KINDS`). A link fault goes through the
+link kind's own fault hook (:meth:`simulators.fleet.links.FleetLink.inject`).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.errors import CopiedStoreError, LicensingError, SequenceError, UsageError
+from agent.messages import Action
+from simulators.fleet.broker import MosquittoBroker
+from simulators.fleet.links import MqttLink, ServedLinks, wait_until
+from simulators.fleet.models import make_facts, replacement_mac
+from simulators.fleet.power import PowerLoss, PowerLossOps
+from simulators.fleet.scenario import FAULT_KINDS, FaultSpec, Scenario
+from simulators.fleet.server import SimServer
+from simulators.licensing_server.vendor import Grant, Vendor
+from simulators.mqttlite import DeviceEngine
+
+__all__ = ["INJECTORS", "FaultInjection", "FaultRecord"]
+
+DAY = 86400
+#: a license issued at provisioning runs for this long (so a clock jump can outlive it)
+SUBSCRIPTION = 365 * DAY
+#: how far a clock-jump fault moves the clock by default
+CLOCK_JUMP = 400 * DAY
+#: an upper bound for servers to come back after a fault (a bound, not a measurement)
+RECOVER_WAIT = 30.0
+
+
+class _NoServerFits(Exception):
+    """A random fault found no server it can act on; recorded as skipped."""
+
+
+class FaultRecord(dict[str, Any]):
+    """One injected fault: ``time``, ``kind``, ``server``, ``link``, ``detail``, ``held``, ``checks``."""
+
+
+
+class FaultInjection:
+    """Injecting faults into a fleet and checking what must hold afterwards (a mixin of Fleet)."""
+
+    scenario: Scenario
+    servers: list[SimServer]
+    rng: random.Random
+    vendor: Vendor | None
+    workdir: Path
+    links: ServedLinks
+    broker: MosquittoBroker | None
+    mqtt: DeviceEngine | None
+    faults: list[FaultRecord]
+    entitled: dict[str, dict[str, int]]
+    reclaimed: dict[str, set[str]]
+    not_ready: list[str]
+    started_at: float
+    ready_at: float
+
+    def log(self, line: str) -> None:
+        raise NotImplementedError
+
+    def server(self, name: str) -> SimServer:
+        raise NotImplementedError
+
+    def _hello(self, srv: SimServer, link: str, tries: int = 3) -> bool:
+        raise NotImplementedError
+
+    def inject(self, fault: FaultSpec | str) -> FaultRecord:
+        """Inject one fault now and check what must hold afterwards.
+
+        Returns:
+            the record added to the report (``held`` False when an invariant broke).
+
+        Raises:
+            UsageError: an unknown kind, server or link.
+        """
+        if isinstance(fault, str):
+            fault = FaultSpec(fault)
+        if fault.kind not in FAULT_KINDS:
+            raise UsageError(f"unknown fault kind {fault.kind!r} "
+                             f"(known: {', '.join(FAULT_KINDS)})")
+        fn = INJECTORS[fault.kind]
+        since = self.ready_at or self.started_at
+        rec = FaultRecord(time=round(time.monotonic() - since, 3), kind=fault.kind,
+                          server=None, link=fault.link, detail="", held=True, checks=[])
+        try:
+            fn(self, fault, rec)
+        except _NoServerFits as exc:  # e.g. a reclaim where nothing is installed any more
+            rec["detail"] = str(exc)
+            rec["injected"] = False
+        except LicensingError as exc:
+            if isinstance(exc, UsageError) and rec["server"] is None:
+                raise
+            rec["held"] = False
+            rec["detail"] += f" FAILED: {exc.reason}: {exc}"
+        except Exception as exc:  # a bug in the fault itself: reported, the run goes on
+            rec["held"] = False
+            rec["detail"] += f" FAILED: internal error {exc!r}"
+        rec["injected"] = rec.get("injected", True)
+        self.faults.append(rec)
+        outcome = ("not injected" if not rec["injected"] else
+                   "held" if rec["held"] else "BROKEN")
+        self.log(f"fault {rec['kind']} {rec['server'] or '-'} {rec['link'] or ''}: "
+                 f"{rec['detail'].strip()} -> {outcome}")
+        return rec
+
+    def _pick(self, fault: FaultSpec, rec: FaultRecord,
+              want: Callable[[SimServer], bool] = lambda _s: True) -> SimServer:
+        if fault.server is not None:
+            srv = self.server(fault.server)
+            if not want(srv):
+                rec["server"] = srv.name
+                raise _NoServerFits(f"skipped: {srv.name} does not fit a {fault.kind} fault "
+                                    f"now ({self._unfit(srv, fault)})")
+        else:
+            choices = [s for s in self.servers if want(s)]
+            if not choices:
+                raise _NoServerFits(f"skipped: no server in this fleet fits a {fault.kind} "
+                                    f"fault" + (f" on {fault.link}" if fault.link else ""))
+            srv = self.rng.choice(choices)
+        rec["server"] = srv.name
+        return srv
+
+    def _unfit(self, srv: SimServer, fault: FaultSpec) -> str:
+        if fault.link is not None and fault.link not in srv.links:
+            return f"it has no {fault.link} link"
+        if self._clock_set_back(srv):
+            return ("its clock is behind the latest time it has seen, so it signs no request "
+                    "until the clock passes that time again")
+        return "nothing installed to reclaim"
+
+    def _clock_set_back(self, srv: SimServer) -> bool:
+        try:
+            return bool(srv.agent().status()["clock_set_back"])
+        except LicensingError:
+            return False
+
+    def _can_request(self, srv: SimServer) -> bool:
+        """A server whose clock was set back refuses to sign requests (rightly)."""
+        return not self._clock_set_back(srv)
+
+    @staticmethod
+    def _check(rec: FaultRecord, name: str, held: bool, detail: str) -> None:
+        rec["checks"].append({"name": name, "held": held, "detail": detail})
+        if not held:
+            rec["held"] = False
+
+    def _snapshot(self, srv: SimServer) -> tuple[int, str, dict[str, int]]:
+        st = srv.agent().status()
+        return (int(st["sequence"]), str(st["state_digest"]),
+                {x["feature"]: int(x["count"]) for x in st["licenses"]})
+
+    def _fault_power_loss(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        assert self.vendor is not None
+        srv = self._pick(fault, rec, self._can_request)
+        old = self._snapshot(srv)
+        grants = dict(old[2]) or {"power-test": 1}
+        self.entitled[srv.name] = {**grants, **self.entitled.get(srv.name, {})}
+        agent = srv.agent()
+        req = agent.request(Action.RENEW if old[2] else Action.ACTIVATE, list(grants))
+        now = srv.now()
+        resp = self.vendor.issue(req, [Grant(f, n, not_after=now + SUBSCRIPTION)
+                                       for f, n in grants.items()], now=now)
+        mid = self._snapshot(srv)  # the request itself moved the state (outstanding nonce)
+        step = fault.step or self.rng.randint(1, self._write_steps(srv, resp))
+        ops = PowerLossOps(step, random.Random(self.rng.random()))
+        try:
+            srv.agent(ops=ops).apply(resp)
+            rec["detail"] = (f"apply finished before write step {ops.crash_at} "
+                             f"({ops.calls} steps): no power loss")
+            rec["injected"] = False
+        except PowerLoss as exc:
+            lost = ops.lose_unsynced()
+            rec["detail"] = f"{exc}; {'; '.join(lost) or 'nothing unsynced lost'}"
+        after = self._snapshot(srv)  # the restart: the store is opened from its directory
+        res, _w = srv.agent().apply(resp)  # the office sends the response again
+        final = self._snapshot(srv)
+        self._check(rec, "old-or-new-state", after[:2] in (mid[:2], final[:2]),
+                    f"after restart sequence {after[0]} (before {mid[0]}, after apply "
+                    f"{final[0]}); licenses {after[2]}")
+        self._check(rec, "apply-completes", final[0] == mid[0] + 1,
+                    f"{'already applied' if res.already_applied else 'applied'}: sequence "
+                    f"{final[0]}")
+
+    @staticmethod
+    def _write_steps(srv: SimServer, resp: bytes) -> int:
+        """How many file calls applying ``resp`` makes: counted on a copy of the store, so a
+        random power loss always lands inside the apply."""
+        with tempfile.TemporaryDirectory(prefix="licsim-count-") as tmp:
+            copy = Path(tmp) / "state"
+            shutil.copytree(srv.state_dir, copy)
+            counter = PowerLossOps(1 << 30, random.Random(0))  # never reached: counts only
+            srv.agent(ops=counter, directory=copy).apply(resp)
+            return max(1, counter.calls)
+
+    def _fault_link(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        srv = self._pick(fault, rec, lambda s: fault.link is None or fault.link in s.links)
+        link = fault.link or self.rng.choice(srv.links)
+        rec["link"] = link
+        # line noise with frame delimiters in it, so the server has to resynchronise
+        noise = bytes(0 if i % 16 == 0 else b for i, b in enumerate(self.rng.randbytes(64)))
+        rec["detail"] = self.links.fault(
+            srv, link, noise, lambda name, held, detail: self._check(rec, name, held, detail))
+        back = wait_until(lambda: self._hello(srv, link, tries=1), RECOVER_WAIT)
+        self._check(rec, "reachable-again", back, f"{srv.name} answers on {link} again"
+                    if back else f"{srv.name} does not answer on {link}")
+
+    def _fault_clock_jump(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        srv = self._pick(fault, rec)
+        jump = fault.seconds or CLOCK_JUMP
+        features = sorted(self._snapshot(srv)[2]) or ["bacnet-ip"]
+        base = srv.clock_offset
+
+        def licensed() -> dict[str, bool]:
+            a = srv.agent()
+            return {f: a.check(f).licensed for f in features}
+
+        before = licensed()
+        srv.clock_offset = base + jump
+        moved = licensed()
+        srv.clock_offset = base
+        after = licensed()
+        rec["detail"] = (f"clock {'+' if jump > 0 else ''}{jump / DAY:g} days and back; licensed before "
+                         f"{before}, after the jump {moved}, after the return {after}")
+        # whichever move went backwards must not license anything that was not licensed
+        back_from, back_to = (moved, after) if jump > 0 else (before, moved)
+        extended = [f for f in features if back_to[f] and not back_from[f]]
+        self._check(rec, "backwards-jump-extends-nothing", not extended,
+                    f"licenses that came back: {extended}" if extended else
+                    "no license came back")
+        st = srv.agent().status()
+        if jump > 0:
+            self._check(rec, "clock-set-back-seen", bool(st["clock_set_back"]),
+                        f"high-water mark {st['clock_high_water']}")
+
+    def _fault_nic_replaced(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        srv = self._pick(fault, rec)
+        old = srv.facts.macs
+        srv.facts = replacement_mac(srv.facts, self.rng)
+        rec["detail"] = f"MACs {', '.join(old)} -> {', '.join(srv.facts.macs)}"
+        try:
+            st = srv.agent().status()
+            held, detail = True, f"store still valid (device {str(st['device_id'])[:12]})"
+        except CopiedStoreError as exc:
+            held, detail = False, f"refused: {exc}"
+        self._check(rec, "binding-holds", held, detail)
+        events = [e.event for e in srv.agent().journal().entries]
+        self._check(rec, "rebind-journalled", "rebind" in events,
+                    "journal records the re-bind" if "rebind" in events else "no rebind entry")
+
+    def _fault_clone_store(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        srv = self._pick(fault, rec)
+        others = [s for s in self.servers if s.model == srv.model and s is not srv]
+        if others:
+            target_facts = self.rng.choice(others).facts
+            target = next(s.name for s in others if s.facts is target_facts)
+        else:  # a spare unit of the same model
+            target_facts = make_facts(srv.model, self.scenario.seed, len(self.servers) + 1000)
+            target = f"a spare {srv.model}"
+        copy = self.workdir / "clones" / f"{srv.name}-{len(self.faults)}"
+        shutil.copytree(srv.state_dir, copy)
+        try:
+            try:
+                srv.agent(facts=target_facts, directory=copy).status()
+                held, detail = False, "the copied store was accepted"
+            except CopiedStoreError as exc:
+                held, detail = True, f"refused: {str(exc)[:120]}"
+        finally:
+            shutil.rmtree(copy, ignore_errors=True)
+        rec["detail"] = f"store of {srv.name} copied to {target}"
+        self._check(rec, "clone-refused", held, detail)
+        ok = True
+        try:
+            srv.agent().status()
+        except LicensingError:
+            ok = False
+        self._check(rec, "original-still-valid", ok, f"{srv.name} itself is unaffected"
+                    if ok else f"{srv.name} was damaged")
+
+    def _fault_broker_restart(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        if self.broker is None or self.mqtt is None:
+            rec["detail"] = ("skipped: the broker is not licsim's own ([broker] start = true) "
+                             "or no server uses mqtt")
+            rec["injected"] = False
+            return
+        self.broker.restart()
+        mqtt = self.links.kind("mqtt")
+        assert isinstance(mqtt, MqttLink)
+        on = [s for s in self.servers if "mqtt" in s.links]
+        n = len(on)
+        back = mqtt.sessions_connected(n, RECOVER_WAIT)
+        rec["detail"] = (f"mosquitto killed and started again; "
+                         f"{mqtt.connected()} of {n} sessions reconnected")
+        self._check(rec, "sessions-reconnect", back, rec["detail"])
+        missing = mqtt.listed_online(on, RECOVER_WAIT) if back else None
+        self.not_ready = [missing] if missing else []
+        listed = back and missing is None
+        self._check(rec, "presence-republished", listed,
+                    "every server listed online again" if listed else "; ".join(self.not_ready))
+
+    def _fault_reclaim(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        assert self.vendor is not None
+        srv = self._pick(fault, rec, lambda s: bool(self._installed(s)) and (
+            Path(s.directory) / "activation.resp").exists() and self._can_request(s))
+        feature = sorted(self._installed(srv))[0]
+        agent = srv.agent()
+        req = agent.request(Action.RECLAIM, [feature])
+        resp = self.vendor.issue(req, removes=[feature], now=srv.now())
+        res, _w = agent.apply(resp)
+        self.reclaimed.setdefault(srv.name, set()).add(feature)
+        gone = not srv.agent().check(feature).licensed
+        self._check(rec, "reclaimed-gone", gone, f"{feature} {'gone' if gone else 'STILL THERE'}")
+        old = (Path(srv.directory) / "activation.resp").read_bytes()
+        try:
+            srv.agent().apply(old)
+            held, detail = False, "the old activation was applied again"
+        except SequenceError as exc:
+            held, detail = True, f"replay refused: {exc.reason}"
+        self._check(rec, "replay-refused", held, detail)
+        rec["detail"] = f"reclaimed {feature}; receipt {len(res.receipt)} bytes"
+
+    def _installed(self, srv: SimServer) -> dict[str, int]:
+        try:
+            return self._snapshot(srv)[2]
+        except LicensingError:
+            return {}
+
+
+
+#: the injector of each fault kind
+INJECTORS: Mapping[str, Callable[[FaultInjection, FaultSpec, FaultRecord], None]] = {
+    "power-loss": FaultInjection._fault_power_loss,
+    "link": FaultInjection._fault_link,
+    "clock-jump": FaultInjection._fault_clock_jump,
+    "nic-replaced": FaultInjection._fault_nic_replaced,
+    "clone-store": FaultInjection._fault_clone_store,
+    "broker-restart": FaultInjection._fault_broker_restart,
+    "reclaim": FaultInjection._fault_reclaim,
+}
+assert set(INJECTORS) == set(FAULT_KINDS), "every fault kind has its injector"
