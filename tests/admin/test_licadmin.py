@@ -21,9 +21,9 @@ from agent.ops import AgentOps
 from agent.service import Agent
 from hw import listen
 from hw.facts import StaticFactsProvider, load_facts_file
-from hw.pki import Pki, make_pki
 from simulators.licensing_server.vendor import Grant, Vendor
 from tests.conftest import T0
+from tests.support.pki import Pki, make_pki
 
 BIN = Path(sys.executable).parent
 

@@ -5,7 +5,7 @@
 the same port) plus :meth:`Broker.secure`, which uses the repository's example
 configuration, ``contrib/mosquitto/mosquitto.conf`` and its ``acl`` file, with
 the listener moved to 127.0.0.1 and the certificate paths pointed at a PKI made
-by :func:`hw.pki.make_pki`. Nothing ever listens on another address.
+by :func:`tests.support.pki.make_pki`. Nothing ever listens on another address.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
-from hw.pki import Pki, make_pki
 from simulators.fleet.broker import MosquittoBroker, free_port, mosquitto_path, plain_config
+from tests.support.pki import Pki, make_pki
 
 __all__ = ["Broker", "free_port", "mosquitto_path"]
 

@@ -25,9 +25,9 @@ from hw import connect, listen
 from hw.backends.loop import LoopFabric
 from hw.backends.sim import SimFabric
 from hw.link import Listener, ServerClient
-from hw.pki import Pki, make_pki
 from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device, Site
+from tests.support.pki import Pki, make_pki
 
 
 @dataclass

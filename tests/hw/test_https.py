@@ -24,9 +24,9 @@ from agent.ops import AgentOps
 from agent.rpc import Op, RemoteError, TransportError
 from hw import connect, listen
 from hw.backends.https import HttpsListener
-from hw.pki import Pki, make_pki
 from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device, Site
+from tests.support.pki import Pki, make_pki
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from agent.rpc import RemoteError, TransportError
 from hw import connect, listen
 from hw.backends.tcp import TcpListener
 from hw.framing import encode_frame
-from hw.pki import Pki, make_pki
 from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device
+from tests.support.pki import Pki, make_pki
 
 WAIT = 10.0  # generous bound for anything that must happen "soon"; never asserted as a time
 
