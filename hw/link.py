@@ -360,3 +360,15 @@ class Listener(abc.ABC):
     def stop(self) -> None:
         """Stop accepting, finish or abort in-flight work, release every resource."""
 
+    def cut(self) -> int:
+        """Fault hook: drop every connection served now, as a pulled cable would, and keep
+        listening (clients see the link closed and connect again).
+
+        Returns:
+            how many connections were cut.
+
+        Raises:
+            UsageError: this kind of link has no connections to cut.
+        """
+        raise UsageError(f"{type(self).__name__} has no connections to cut")
+

@@ -239,6 +239,8 @@ class TcpListener(Listener):
         self._accepter: threading.Thread | None = None
         self._conns: dict[threading.Thread, _Conn] = {}
         self._refusers: set[threading.Thread] = set()
+        #: connections dropped by :meth:`cut` (a link fault), over the listener's life
+        self.cuts = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -292,6 +294,15 @@ class TcpListener(Listener):
             _shutdown(s)
         for t in threads:
             t.join(timeout=1)
+
+    def cut(self) -> int:
+        """Fault hook: shut down every admitted connection; the listener keeps accepting."""
+        with self._lock:
+            socks = [c.sock for c in self._conns.values()]
+        for s in socks:
+            _shutdown(s)
+        self.cuts += len(socks)
+        return len(socks)
 
     @property
     def connections(self) -> int:

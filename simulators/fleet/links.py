@@ -4,10 +4,11 @@ Each kind of link (``tcp``, ``pty``, ``sim``, ``usbdrop``, ``mqtt``) is one smal
 :class:`FleetLink` subclass, registered by name in :data:`LINK_KINDS`; the fleet
 looks a kind up instead of testing ``link == ...``. A kind knows how to serve one
 server on it, how the fleet's client connects, when the fleet waits for it to be
-ready, and carries its own fault hook (:meth:`FleetLink.inject`). Where the hw
-backend has a fault seam the kind uses it: ``sim`` cuts its lines with the
-listener's own :meth:`hw.backends.loop.InProcessListener.cut` and puts the
-load's line faults on the client's URL (the ``sim://`` fault injector).
+ready, and carries its own fault hook (:meth:`FleetLink.inject`), which uses the
+link's own fault seam: ``tcp`` and ``sim`` drop their connections with the
+listener's :meth:`hw.link.Listener.cut`, ``sim`` puts the load's line faults on the
+client's URL (the ``sim://`` fault injector), ``pty`` writes noise on the line from
+the cable's end, ``mqtt`` drops the engine's connection, ``usbdrop`` pulls the stick.
 
 Threads stay as few as the hw backends allow:
 
@@ -23,7 +24,6 @@ Threads stay as few as the hw backends allow:
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -32,7 +32,6 @@ from typing import Any, ClassVar
 
 import hw
 from agent.errors import LicensingError
-from hw.backends.loop import InProcessListener
 from hw.backends.sim import SimFabric
 from hw.link import Listener, parse_url
 from simulators.fleet.server import SimServer
@@ -198,14 +197,7 @@ class TcpLink(FleetLink):
         return self._listen(name, hw.listen("tcp://127.0.0.1:0", handler, log=self.links.log))
 
     def inject(self, srv: SimServer, noise: bytes, check: Check) -> str:
-        lst = self.listeners[srv.name]
-        conns = [c.sock for c in list(getattr(lst, "_conns", {}).values())]
-        for sock in conns:
-            try:
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
-        return f"{len(conns)} tcp connection(s) closed"
+        return f"{self.listeners[srv.name].cut()} tcp connection(s) closed"
 
 
 class PtyLink(FleetLink):
@@ -243,9 +235,7 @@ class SimLink(FleetLink):
         return self._listen(name, hw.listen(f"sim://{name}", handler, fabric=self.fabric))
 
     def inject(self, srv: SimServer, noise: bytes, check: Check) -> str:
-        lst = self.listeners[srv.name]
-        assert isinstance(lst, InProcessListener)
-        return f"{lst.cut()} simulated line(s) cut"
+        return f"{self.listeners[srv.name].cut()} simulated line(s) cut"
 
     @property
     def load_faults(self) -> str:

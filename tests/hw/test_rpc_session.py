@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from agent.errors import IntegrityError
+import pytest
+
+from agent.errors import IntegrityError, UsageError
 from agent.rpc import Op
 from hw.rpc import RpcClient, RpcServer
 
@@ -40,3 +42,22 @@ def test_a_request_whose_v_is_a_boolean_is_noise() -> None:
     frame = encode_frame(canonical({"v": True, "id": 1, "op": "hello",
                                     "args": {"versions": [1]}}))
     assert server.receive(frame) == [] and server.corrupt_frames == 1
+
+
+def test_a_tcp_listener_cuts_its_connections_and_keeps_listening() -> None:
+    """The link fault hook the fleet uses (Listener.cut), on a real loopback socket."""
+    import hw
+
+    lst = hw.listen("tcp://127.0.0.1:0", lambda op, _a: {"device_id": "d", "model": "AS-P"}
+                    if op == Op.HELLO else {"ok": True})
+    lst.start()
+    try:
+        with hw.connect(lst.address, timeout=2.0, tries=2) as c:
+            assert c.call(Op.GET_STATUS) == {"ok": True}
+            assert lst.cut() == 1 and lst.cuts == 1
+            with hw.connect(lst.address) as again:  # still listening
+                assert again.call(Op.GET_STATUS) == {"ok": True}
+    finally:
+        lst.stop()
+    with pytest.raises(UsageError, match="no connections to cut"):
+        hw.listen("usbdrop:///nonexistent", lambda _o, _a: {}).cut()
