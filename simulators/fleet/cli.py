@@ -18,9 +18,13 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from agent.errors import EXIT_FAILURE, EXIT_OK, UsageError
 from apps.common import exit_code_of
+
+if TYPE_CHECKING:
+    from simulators.fleet.fleet import Fleet
 
 __all__ = ["main"]
 
@@ -54,10 +58,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _servers_toml(fleet: object) -> str:
-    from simulators.fleet.fleet import Fleet
-
-    assert isinstance(fleet, Fleet)
+def _servers_toml(fleet: Fleet) -> str:
     lines = [f"site = {json.dumps(fleet.scenario.site)}"]
     for s in fleet.servers:
         for link, url in s.addresses.items():

@@ -19,7 +19,7 @@ from typing import Any
 from agent.errors import CopiedStoreError, LicensingError, SequenceError, UsageError
 from agent.messages import Action
 from simulators.fleet.broker import MosquittoBroker
-from simulators.fleet.links import MqttLink, ServedLinks, wait_until
+from simulators.fleet.links import ServedLinks, wait_until
 from simulators.fleet.models import make_facts, replacement_mac
 from simulators.fleet.power import PowerLoss, PowerLossOps
 from simulators.fleet.scenario import FAULT_KINDS, FaultSpec, Scenario
@@ -293,8 +293,7 @@ class FaultInjection:
             rec["injected"] = False
             return
         self.broker.restart()
-        mqtt = self.links.kind("mqtt")
-        assert isinstance(mqtt, MqttLink)
+        mqtt = self.links.mqtt_link
         on = [s for s in self.servers if "mqtt" in s.links]
         n = len(on)
         back = mqtt.sessions_connected(n, RECOVER_WAIT)

@@ -28,10 +28,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import hw
 from agent.errors import LicensingError
+from agent.rpc import Handler
 from hw.backends.sim import SimFabric
 from hw.link import Listener, parse_url
 from simulators.fleet.server import SimServer
@@ -40,7 +41,7 @@ from simulators.mqttlite import DeviceEngine
 __all__ = ["LINK_KINDS", "FleetLink", "MailboxPoller", "ServedLinks", "start_mqtt",
            "wait_until"]
 
-Handler = Callable[[str, Mapping[str, Any]], Any]
+
 Log = Callable[[str], None]
 #: records one check a fault makes: ``(name, held, detail)``
 Check = Callable[[str, bool, str], None]
@@ -389,6 +390,16 @@ LINK_KINDS: Mapping[str, type[FleetLink]] = {
     k.name: k for k in (MqttLink, UsbdropLink, TcpLink, PtyLink, SimLink)}
 
 
+_K = TypeVar("_K", bound=FleetLink)
+
+
+def _kind(kinds: Mapping[str, FleetLink], cls: type[_K]) -> _K:
+    kind = kinds[cls.name]
+    if not isinstance(kind, cls):
+        raise TypeError(f"LINK_KINDS[{cls.name!r}] is not a {cls.__name__}")
+    return kind
+
+
 class ServedLinks:
     """The fleet's link kinds, one :class:`FleetLink` each, and what they share.
 
@@ -408,6 +419,9 @@ class ServedLinks:
         self.broker_url: str | None = None
         self.site = ""
         self.kinds: dict[str, FleetLink] = {name: cls(self) for name, cls in LINK_KINDS.items()}
+        #: the two kinds the fleet also reaches by type (the sim fabric, the MQTT sessions)
+        self.sim_link = _kind(self.kinds, SimLink)
+        self.mqtt_link = _kind(self.kinds, MqttLink)
 
     def kind(self, link: str) -> FleetLink:
         try:
@@ -418,9 +432,7 @@ class ServedLinks:
     @property
     def fabric(self) -> SimFabric:
         """The sim:// lines of the fleet (their fault counters)."""
-        sim = self.kinds["sim"]
-        assert isinstance(sim, SimLink)
-        return sim.fabric
+        return self.sim_link.fabric
 
     def start_mqtt(self, broker_url: str, site: str) -> DeviceEngine:
         self.broker_url, self.site = broker_url, site
