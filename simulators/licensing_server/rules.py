@@ -1,0 +1,508 @@
+"""The ledger's accounting rules, pure: plain records in, decisions out (no storage, no clock).
+
+What an entitlement allows, what an assignment uses, what a device may hold,
+what a response may grant, and how a verified receipt is reconciled
+(docs/licensing-api.md). :class:`~simulators.licensing_server.ledger.Ledger`
+reads the records from its storage, asks these functions, and writes back
+what they decide; a refusal is an exception raised here with the message the
+caller sees. Time, where a rule needs it, is passed in.
+
+The terms. An **assignment** gives a device a *target* count of one feature
+from one product of one entitlement (one assignment per device and feature).
+What a device **may hold** of a feature is the larger of the ledger's view of
+it and the result of every response still open on that view's state; an
+assignment **uses** ``max(target, may hold)`` of its entitlement's feature. The
+sum of what assignments use never exceeds what the entitlement holds.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from agent.cose import PublicKey
+from agent.errors import (
+    AlreadyAppliedError,
+    MalformedError,
+    SequenceError,
+    StaleError,
+    UnknownRequestError,
+    UsageError,
+)
+from agent.messages import (
+    FEATURE_RE,
+    Action,
+    ChangeOp,
+    DeviceInfo,
+    License,
+    LicenseChange,
+    Request,
+    state_digest,
+)
+
+__all__ = [
+    "MAX_COUNT",
+    "NAME_RE",
+    "Assignment",
+    "KnownDevice",
+    "NotEntitledError",
+    "OpenResponse",
+    "ResponseStatus",
+    "Stock",
+    "Target",
+    "add_to_stock",
+    "apply_changes",
+    "check_assignable",
+    "check_count",
+    "check_device_id",
+    "check_feature",
+    "check_name",
+    "check_receipt",
+    "check_request",
+    "choose_product",
+    "decide",
+    "latest_infos",
+    "may_hold",
+    "observe",
+    "plan",
+    "reclaims",
+    "released",
+    "seen_state",
+    "used",
+    "wanted_devices",
+]
+
+MAX_COUNT = 2**32 - 1
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
+
+
+class NotEntitledError(SequenceError):
+    """The entitlement does not hold enough of a feature for what was asked (HTTP 409)."""
+
+    reason = "not-entitled"
+
+
+class ResponseStatus(enum.StrEnum):
+    """Where an issued response stands (the ``responses.status`` column)."""
+
+    OPEN = "open"  # issued, no receipt verified, may still be applied
+    CONFIRMED = "confirmed"  # its receipt was verified
+    SUPERSEDED = "superseded"  # another response on the same state was applied
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class Stock:
+    """What one product of an entitlement holds of one feature, and until when (None: perpetual)."""
+
+    entitlement: str
+    product: str
+    feature: str
+    count: int
+    until: int | None = None
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A device's target count of one feature, from one product of one entitlement."""
+
+    device_id: str
+    feature: str
+    entitlement: str
+    product: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Target:
+    """An assignment as a device should hold it: the count, ending when the entitlement does."""
+
+    feature: str
+    count: int
+    until: int | None = None
+
+    @property
+    def license(self) -> License:
+        return License(self.feature, self.count, None, self.until, 0)
+
+
+@dataclass(frozen=True)
+class KnownDevice:
+    """The ledger's verified view of a device: its latest state seen, and where from."""
+
+    device_id: str
+    key: PublicKey
+    model: str
+    serial: str | None
+    sequence: int
+    digest: bytes
+    source: str
+    updated: int
+
+
+@dataclass(frozen=True)
+class OpenResponse:
+    """An issued response whose receipt is not verified yet.
+
+    ``result`` is what the device holds once it applies it; ``reclaims`` what it
+    takes away (feature -> count), pending until the receipt is verified.
+    """
+
+    digest: bytes
+    base_sequence: int
+    result: Mapping[str, int] = field(default_factory=dict)
+    reclaims: Mapping[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- checks of what is asked
+
+
+def check_name(v: object, what: str) -> str:
+    """An entitlement or product name; UsageError names what is wrong."""
+    if not isinstance(v, str) or not NAME_RE.fullmatch(v):
+        raise UsageError(f"{what} {v!r} is not valid: 1 to 64 letters, digits or ._:/+- "
+                         "(starting with a letter or digit)")
+    return v
+
+
+def check_feature(v: object) -> str:
+    if not isinstance(v, str) or not FEATURE_RE.fullmatch(v):
+        raise UsageError(f"feature name {v!r} is not valid (letters, digits, ._:/-, max 64)")
+    return v
+
+
+def check_count(v: object, what: str = "count") -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_COUNT:
+        raise UsageError(f"{what} must be an integer from 0 to {MAX_COUNT}")
+    return v
+
+
+def check_device_id(v: object) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{64}", v):
+        raise UsageError(f"device ID {v!r} must be 64 lowercase hex digits")
+    return v
+
+
+# ---------------------------------------------------------------- entitlements and assignments
+
+
+def add_to_stock(current: Stock | None, entitlement: str, product: str, feature: str,
+                 count: int, until: int | None) -> Stock:
+    """A purchase of ``count`` more: counts add up, ``until`` replaces the end (None keeps it).
+
+    Raises:
+        UsageError: the product would hold more than :data:`MAX_COUNT`.
+    """
+    if current is None:
+        return Stock(entitlement, product, feature, count, until)
+    total = current.count + count
+    if total > MAX_COUNT:
+        raise UsageError(f"{entitlement}/{product} would hold {total} of {feature}; "
+                         f"at most {MAX_COUNT}")
+    return Stock(entitlement, product, feature, total, current.until if until is None else until)
+
+
+def choose_product(entitlement: str, feature: str, holding: Sequence[str],
+                   product: str | None) -> str:
+    """The product an assignment draws ``feature`` from, given the products ``holding`` it.
+
+    Raises:
+        UsageError: the named product holds no such feature, none does, or several
+            do and none was named.
+    """
+    if product is not None:
+        if product not in holding:
+            raise UsageError(f"product {product} of entitlement {entitlement} holds no "
+                             f"{feature}")
+        return product
+    if not holding:
+        raise UsageError(f"entitlement {entitlement} holds no {feature}")
+    if len(holding) > 1:
+        raise UsageError(f"entitlement {entitlement} holds {feature} in products "
+                         f"{', '.join(holding)}: name the product")
+    return holding[0]
+
+
+def check_assignable(stock: Stock, device_id: str, count: int, current: Assignment | None,
+                     others: int, held: int) -> int:
+    """Whether ``device_id`` may be assigned ``count`` of ``stock``; what stays free if so.
+
+    Args:
+        current: the device's assignment of this feature today, from any entitlement.
+        others: what the other devices' assignments of ``stock`` use.
+        held: what the device may hold of the feature (:func:`may_hold`).
+
+    Raises:
+        UsageError: the device has the feature assigned from another entitlement or product.
+        NotEntitledError: the entitlement does not hold enough.
+    """
+    if current is not None and (current.entitlement, current.product) != (stock.entitlement,
+                                                                          stock.product):
+        raise UsageError(
+            f"device {device_id[:12]}… has {stock.feature} assigned from "
+            f"{current.entitlement}/{current.product}; assign 0 there and reclaim it first")
+    need = max(count, held)
+    if others + need > stock.count:
+        free = max(0, stock.count - others - held)
+        raise NotEntitledError(
+            f"entitlement {stock.entitlement} ({stock.product}) holds {stock.count} of "
+            f"{stock.feature}; {others} are used by other devices"
+            + (f" and this device may hold {held}" if held else "")
+            + f": cannot assign {count} (at most {held + free} here)")
+    return stock.count - others - need
+
+
+def may_hold(installed: Mapping[str, int], known_sequence: int | None,
+             open_responses: Iterable[OpenResponse]) -> dict[str, int]:
+    """Per feature, the most a device may hold, or must be counted as holding.
+
+    That is the largest of: its known state (``installed`` at ``known_sequence``,
+    None if the device is unknown); the result of each open response on that
+    state (it may have been applied); and what each open response removes,
+    from the moment it is issued until its receipt is verified.
+    """
+    out = dict(installed)
+    if known_sequence is None:
+        return out
+
+    def at_least(f: str, n: int) -> None:
+        out[f] = max(out.get(f, 0), n)
+
+    for resp in open_responses:
+        if resp.base_sequence >= known_sequence:
+            for f, n in resp.result.items():
+                at_least(f, n)
+        for f, n in resp.reclaims.items():
+            at_least(f, resp.result.get(f, 0) + n)
+    return out
+
+
+def used(assignments: Iterable[tuple[int, int]]) -> int:
+    """What assignments use of one feature: the sum of ``max(target, may hold)`` over them."""
+    return sum(max(target, held) for target, held in assignments)
+
+
+def released(zero_assigned: Iterable[str], hold: Mapping[str, int]) -> list[str]:
+    """The features assigned 0 that the device no longer may hold anything of (to forget)."""
+    return [f for f in zero_assigned if hold.get(f, 0) == 0]
+
+
+# ---------------------------------------------------------------- devices
+
+
+def observe(known: KnownDevice | None, seen: KnownDevice) -> tuple[str, KnownDevice | None]:
+    """Adopt a verified state ``seen`` if it is at least as new as the ``known`` one.
+
+    Returns:
+        ``("older", None)`` when the ledger already knows a later state; else
+        ``("new" | "updated", the view to store)``. An unknown serial keeps the
+        known one; the key stays the one first seen.
+    """
+    if known is not None and seen.sequence < known.sequence:
+        return "older", None
+    if known is None:
+        return "new", seen
+    serial = seen.serial if seen.serial is not None else known.serial
+    return "updated", KnownDevice(known.device_id, known.key, seen.model, serial, seen.sequence,
+                                  seen.digest, seen.source, seen.updated)
+
+
+def seen_state(source: str, device_id: str, key: PublicKey, model: str, serial: str | None,
+               sequence: int, licenses: Iterable[License], now: int) -> KnownDevice:
+    """A verified state of a device as seen at ``now`` through ``source``."""
+    return KnownDevice(device_id, key, model, serial, sequence, state_digest(licenses), source,
+                       now)
+
+
+def latest_infos(infos: Iterable[DeviceInfo]) -> dict[str, DeviceInfo]:
+    """Per device (in the order first seen), its device information with the highest sequence.
+
+    Of two with the same sequence, the later one counts.
+    """
+    out: dict[str, DeviceInfo] = {}
+    for info in infos:
+        prev = out.get(info.device_id)
+        if prev is None or info.sequence >= prev.sequence:
+            out[info.device_id] = info
+    return out
+
+
+def wanted_devices(infos: Mapping[str, DeviceInfo], files: int,
+                   devices: Sequence[str] | None) -> list[str]:
+    """The devices license information is asked for (all in the bundle, sorted, if none named).
+
+    Raises:
+        MalformedError: no device-information file of the ``files`` verified.
+        UsageError: a named device is not in the bundle.
+    """
+    if not infos:
+        raise MalformedError(f"none of the {files} device-information file(s) in "
+                             "the site information verifies")
+    wanted = list(dict.fromkeys(devices or ()))
+    unknown = [d for d in wanted if d not in infos]
+    if unknown:
+        raise UsageError(f"device {', '.join(d[:12] + '…' for d in unknown)} is not in "
+                         f"the site information")
+    return wanted or sorted(infos)
+
+
+# ---------------------------------------------------------------- what a response may grant
+
+
+def plan(installed: Mapping[str, License], targets: Mapping[str, Target]
+         ) -> tuple[list[License], list[License]]:
+    """(installed licenses to reclaim, licenses to install) for one device's license information.
+
+    reclaim: installed beyond what is assigned (lowered, released, or never
+    assigned); install: assigned and not installed, or installed with a smaller count.
+    """
+    reclaim = [lic for f, lic in sorted(installed.items())
+               if lic.count > (targets[f].count if f in targets else 0)]
+    install = [t.license for f, t in sorted(targets.items())
+               if t.count > 0 and (f not in installed or installed[f].count < t.count)]
+    return reclaim, install
+
+
+def check_request(req: Request, request_digest: bytes, answered_digest: bytes | None,
+                  known_sequence: int | None) -> bool:
+    """Whether a verified request is answered again (True), or anew (False).
+
+    Args:
+        answered_digest: the digest of the request with the same nonce answered
+            before, None if none was.
+        known_sequence: the latest sequence of the device the ledger knows.
+
+    Raises:
+        SequenceError: another request with the same nonce was answered.
+        StaleError: the device has left the state the request was made on.
+    """
+    if answered_digest is not None:
+        if answered_digest != request_digest:
+            raise SequenceError("a different request with the same nonce was answered "
+                                "before; create a new request")
+        return True
+    if known_sequence is not None and req.sequence < known_sequence:
+        raise StaleError(f"the request was made on sequence {req.sequence}, but the "
+                         f"device has reached sequence {known_sequence}; create a new request")
+    return False
+
+
+def decide(req: Request, targets: Mapping[str, Target]) -> tuple[LicenseChange, ...]:
+    """The changes a response to ``req`` makes, given the device's assignments.
+
+    activate: install what is assigned and not installed (or installed with a
+    smaller count), limited to the features the request names if it names any.
+    renew: move installed, assigned licenses to their entitlement's current end.
+    reclaim: remove the named features (or, naming none, those beyond their
+    assignment; a license still partly assigned shrinks to its assignment), and
+    install what waits for the device in the same response.
+
+    Raises:
+        UsageError: nothing to do for this request.
+    """
+    dev = req.device_id
+    installed = {x.feature: x for x in req.licenses}
+    named = set(req.features)
+    changes: list[LicenseChange] = []
+
+    def target(f: str) -> int:
+        return targets[f].count if f in targets else 0
+
+    def grow(features: Iterable[str]) -> None:
+        for f in sorted(features):
+            t = targets[f]
+            have = installed.get(f)
+            if t.count == 0 or (have is not None and have.count >= t.count):
+                continue
+            op = ChangeOp.ADD if have is None else ChangeOp.UPDATE
+            want = t.license
+            changes.append(LicenseChange(op, f, t.count, want.not_before, want.not_after, 0))
+
+    if req.action is Action.ACTIVATE:
+        grow([f for f in targets if not named or f in named])
+        if not changes:
+            what = ", ".join(sorted(named)) or "anything"
+            raise UsageError(f"nothing to activate: {what} is not assigned to device "
+                             f"{dev[:12]}… beyond what it holds (licadmin assign first)")
+    elif req.action is Action.RENEW:
+        for f in sorted(named or installed):
+            have = installed.get(f)
+            if have is None or target(f) == 0:
+                continue
+            until = targets[f].until
+            if have.not_after != until or have.not_before is not None or have.grace:
+                changes.append(LicenseChange(ChangeOp.UPDATE, f, have.count, None, until, 0))
+        if not changes:
+            raise UsageError(f"nothing to renew on device {dev[:12]}…: its assigned licenses "
+                             "already end when their entitlements do")
+    else:
+        gone = named or {f for f, lic in installed.items() if lic.count > target(f)}
+        if not gone:
+            raise UsageError(f"nothing to reclaim on device {dev[:12]}…: name the features "
+                             "or lower their assignment first")
+        for f in sorted(gone):
+            have = installed.get(f)
+            if have is None:
+                raise UsageError(f"cannot reclaim {f}: device {dev[:12]}… does not hold it")
+            n = target(f)
+            if 0 < n < have.count:  # still partly assigned: shrink to the assignment
+                changes.append(LicenseChange(ChangeOp.UPDATE, f, n, None, targets[f].until, 0))
+            else:
+                changes.append(LicenseChange(ChangeOp.REMOVE, f))
+        grow([f for f in targets if f not in gone])
+    return tuple(changes)
+
+
+def apply_changes(base: Iterable[License], changes: Iterable[LicenseChange]
+                  ) -> dict[str, License]:
+    """What a device holds (feature -> license) once it applies ``changes`` to ``base``."""
+    out = {x.feature: x for x in base}
+    for ch in changes:
+        if ch.op is ChangeOp.REMOVE:
+            out.pop(ch.feature, None)
+        else:
+            out[ch.feature] = ch.license()
+    return out
+
+
+def reclaims(base: Mapping[str, License], result: Mapping[str, License]
+             ) -> list[tuple[str, int]]:
+    """What a response takes away, per feature (sorted): counted until its receipt is verified."""
+    out = []
+    for f, lic in sorted(base.items()):
+        after = result[f].count if f in result else 0
+        if after < lic.count:
+            out.append((f, lic.count - after))
+    return out
+
+
+# ---------------------------------------------------------------- receipts
+
+
+def check_receipt(seen_before: bool, status: ResponseStatus | None) -> None:
+    """Whether a verified receipt may be accepted, given the response it answers.
+
+    Args:
+        seen_before: this very receipt was accepted.
+        status: the response's status, None if this ledger did not issue it (to
+            that device).
+
+    Raises:
+        AlreadyAppliedError: this receipt, or one for the same response, was accepted.
+        UnknownRequestError: the ledger did not issue the response.
+        StaleError: another response on the same state was applied.
+    """
+    if seen_before:
+        raise AlreadyAppliedError("this receipt was accepted before")
+    if status is None:
+        raise UnknownRequestError("the receipt answers a response this licensing server "
+                                  "did not issue")
+    if status is ResponseStatus.CONFIRMED:
+        raise AlreadyAppliedError("a receipt for this response was accepted before")
+    if status is ResponseStatus.SUPERSEDED:
+        raise StaleError("the device applied another response on the same state; this "
+                         "receipt contradicts the one accepted")
