@@ -23,10 +23,10 @@ No code is generated: the methods are closures over the field list.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar, dataclass_transform, overload
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, TypeVar, dataclass_transform, overload
 
-__all__ = ["Field", "FrozenInstanceError", "field", "fields", "record", "replace"]
+__all__ = ["Field", "FrozenInstanceError", "WireView", "field", "fields", "record", "replace"]
 
 T = TypeVar("T")
 
@@ -248,3 +248,35 @@ def replace(obj: T, /, **changes: Any) -> T:
     if changes:
         raise TypeError(f"{type(obj).__qualname__} has no field(s) {', '.join(sorted(changes))}")
     return obj.__class__(**kwargs)
+
+
+class WireView:
+    """A typed record that also reads as its wire map (``result["sequence"]``).
+
+    For records whose map form is itself a contract (``licagent status --json``
+    prints a status map as is; the licensing server's API bodies are documented
+    maps): the attributes are the typed view, ``to_wire`` and item access the map.
+    Subclasses list their wire keys, which are their attribute names, in ``KEYS``.
+    """
+
+    KEYS: ClassVar[tuple[str, ...]]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.KEYS}
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.KEYS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.KEYS else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.KEYS)
+
+    def __len__(self) -> int:
+        return len(self.KEYS)
+
+    def keys(self) -> tuple[str, ...]:
+        return self.KEYS

@@ -21,13 +21,13 @@ connection) live in ``hw``.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from agent.cose import canonical, strict_loads
 from agent.errors import LicensingError, MalformedError, UsageError
 from agent.messages import Action
-from agent.record import record
+from agent.record import WireView, record
 
 __all__ = [
     "OPERATIONS",
@@ -333,37 +333,6 @@ class CheckArgs:
 # ---------------------------------------------------------------- typed results
 
 
-class _Result:
-    """A result record that also reads as its wire map (``result["sequence"]``).
-
-    The map is the contract (``licagent status --json`` prints it as is); the
-    record's attributes are its typed view. Subclasses list their wire keys in
-    ``KEYS`` (the attribute names) and check types in ``from_wire``.
-    """
-
-    KEYS: ClassVar[tuple[str, ...]]
-
-    def to_wire(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.KEYS}
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.KEYS:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in self.KEYS else default
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.KEYS)
-
-    def __len__(self) -> int:
-        return len(self.KEYS)
-
-    def keys(self) -> tuple[str, ...]:
-        return self.KEYS
-
-
 def _need(m: object, types: Mapping[str, type | tuple[type, ...]], what: str) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise MalformedError(f"the {what} answer is not a map")
@@ -375,7 +344,7 @@ def _need(m: object, types: Mapping[str, type | tuple[type, ...]], what: str) ->
 
 
 @record(frozen=True)
-class HelloResult(_Result):
+class HelloResult(WireView):
     KEYS: ClassVar[tuple[str, ...]] = ("version", "max_frame", "device_id", "model")
     version: int
     max_frame: int
@@ -391,7 +360,7 @@ class HelloResult(_Result):
 
 
 @record(frozen=True)
-class InfoResult(_Result):
+class InfoResult(WireView):
     KEYS: ClassVar[tuple[str, ...]] = ("file", "device_id")
     file: bytes
     device_id: str
@@ -403,7 +372,7 @@ class InfoResult(_Result):
 
 
 @record(frozen=True)
-class StatusResult(_Result):
+class StatusResult(WireView):
     """get-status: the JSON of ``licagent status --json`` (see agent.service.status_dict)."""
 
     KEYS: ClassVar[tuple[str, ...]] = (
@@ -437,7 +406,7 @@ class StatusResult(_Result):
 
 
 @record(frozen=True)
-class LicenseInfoResult(_Result):
+class LicenseInfoResult(WireView):
     """get-license-info: what can be reclaimed here, and the state it sits on."""
 
     KEYS: ClassVar[tuple[str, ...]] = ("device_id", "sequence", "state_digest", "licenses")
@@ -454,7 +423,7 @@ class LicenseInfoResult(_Result):
 
 
 @record(frozen=True)
-class RequestResult(_Result):
+class RequestResult(WireView):
     KEYS: ClassVar[tuple[str, ...]] = ("file",)
     file: bytes
 
@@ -464,7 +433,7 @@ class RequestResult(_Result):
 
 
 @record(frozen=True)
-class ApplyResult(_Result):
+class ApplyResult(WireView):
     """apply-response: the receipt, and what the response did."""
 
     KEYS: ClassVar[tuple[str, ...]] = (
@@ -486,7 +455,7 @@ class ApplyResult(_Result):
 
 
 @record(frozen=True)
-class FeatureCheck(_Result):
+class FeatureCheck(WireView):
     """check-feature: licensed or not, and why."""
 
     KEYS: ClassVar[tuple[str, ...]] = (
@@ -505,7 +474,7 @@ class FeatureCheck(_Result):
 
 
 @record(frozen=True)
-class JournalResult(_Result):
+class JournalResult(WireView):
     """read-journal: the verified entries, and the bytes of a torn last record."""
 
     KEYS: ClassVar[tuple[str, ...]] = ("entries", "torn_tail", "verified")

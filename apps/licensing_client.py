@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import http.client
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from agent.cose import canonical, strict_loads
+from agent.cose import strict_loads
 from agent.errors import MalformedError, UsageError
 from agent.rpc import RemoteError, TransportError
+from apps.licensing_api import (
+    Confirmation,
+    LicenseInfoQuery,
+    PerDeviceLicenseInfo,
+    UploadAnswer,
+    files_body,
+)
 from hw.backends.https import refusal_from_body
 
 __all__ = ["MAX_ANSWER", "LicensingClient"]
@@ -31,6 +38,8 @@ MAX_ANSWER = 16 * 1024 * 1024 + 64 * 1024
 #: (ServerLimits.max_files, max_files_body), so a site of any size goes in batches
 BATCH_FILES = 1000
 BATCH_BYTES = 24 * 1024 * 1024
+
+_B = TypeVar("_B")
 
 
 def batches(files: Sequence[bytes], max_files: int | None = None,
@@ -51,13 +60,6 @@ def batches(files: Sequence[bytes], max_files: int | None = None,
     if cur:
         out.append((start, cur))
     return out
-
-
-def _merge_confirm(total: dict[str, Any], part: Mapping[str, Any], offset: int) -> None:
-    total.setdefault("accepted", []).extend(part.get("accepted", []))
-    for r in part.get("refused", []):
-        total.setdefault("refused", []).append(
-            {**r, "index": int(r.get("index", 0)) + offset} if isinstance(r, dict) else r)
 
 
 class LicensingClient:
@@ -100,10 +102,8 @@ class LicensingClient:
         Returns:
             The vendor-signed license-information file (bytes, as signed).
         """
-        body: dict[str, Any] = {"site_info": bytes(site_info)}
-        if devices:
-            body["devices"] = list(devices)
-        data, _ctype = self._exchange("POST", "/v1/license-info", canonical(body), CBOR)
+        body = LicenseInfoQuery(bytes(site_info), tuple(devices or ())).encode()
+        data, _ctype = self._exchange("POST", "/v1/license-info", body, CBOR)
         return data
 
     def license_info_files(self, site_info: bytes, devices: Sequence[str] | None = None
@@ -114,70 +114,51 @@ class LicensingClient:
             (the vendor-signed file for every device, {device ID: a vendor-signed
             file naming only that device}).
         """
-        body: dict[str, Any] = {"site_info": bytes(site_info), "per_device": True}
-        if devices:
-            body["devices"] = list(devices)
-        data, ctype = self._exchange("POST", "/v1/license-info", canonical(body), CBOR)
-        m = self._decode(data, ctype, "/v1/license-info")
-        one = m.get("per_device") if isinstance(m, dict) else None
-        whole = m.get("license_info") if isinstance(m, dict) else None
-        if (not isinstance(whole, bytes) or not isinstance(one, dict)
-                or not all(isinstance(k, str) and isinstance(v, bytes) for k, v in one.items())):
-            raise TransportError(f"{self.url}/v1/license-info answered something other than "
-                                 f"{{license_info: bytes, per_device: {{device: bytes}}}}")
-        return whole, dict(one)
+        body = LicenseInfoQuery(bytes(site_info), tuple(devices or ()), per_device=True).encode()
+        data, ctype = self._exchange("POST", "/v1/license-info", body, CBOR)
+        answer = self._read(PerDeviceLicenseInfo.from_body, data, ctype, "/v1/license-info")
+        return answer.license_info, answer.per_device
 
-    def upload(self, requests: Sequence[bytes], receipts: Sequence[bytes] = ()) -> dict[str, Any]:
+    def upload(self, requests: Sequence[bytes], receipts: Sequence[bytes] = ()) -> UploadAnswer:
         """``POST /v1/requests``: receipts are confirmed first, then each request answered.
 
         Many requests go in batches within the server's limits (:func:`batches`);
         the answers are merged.
 
         Returns:
-            A dict (the decoded CBOR answer)::
-
-                {"responses": {device_id: bytes},          # signed response files
-                 "errors": {key: {"code": int, "reason": str, "message": str}},
-                 "receipts": {"accepted": [...], "refused": [...]}}
-
-            ``key`` is the device ID of a request that verified, else ``"#INDEX"``
-            (its position in ``requests``). ``receipts`` has the shape of
-            :meth:`confirm`'s answer.
+            The :class:`~apps.licensing_api.UploadAnswer` (it reads as the documented map
+            ``{"responses": {device_id: bytes}, "errors": {key: {"code", "reason",
+            "message"}}, "receipts": {"accepted": [...], "refused": [...]}}``). ``key`` is
+            the device ID of a request that verified, else ``"#INDEX"`` (its position in
+            ``requests``). ``receipts`` is :meth:`confirm`'s answer.
         """
-        total: dict[str, Any] = {"responses": {}, "errors": {}}
+        total = UploadAnswer()
         if receipts:
             # receipts first, as one call would have it: freed licenses count for the requests
-            total["receipts"] = self.confirm(receipts)
+            total.receipts = self.confirm(receipts)
         for offset, part in batches(requests):
-            data, ctype = self._exchange("POST", "/v1/requests", canonical({"requests": part}),
+            data, ctype = self._exchange("POST", "/v1/requests", files_body("requests", part),
                                          CBOR)
-            answer = self._decode(data, ctype, "/v1/requests")
-            if not isinstance(answer, dict):
-                raise TransportError(f"{self.url}/v1/requests answered something other than a map")
-            total["responses"].update(answer.get("responses", {}))
-            for key, err in dict(answer.get("errors", {})).items():
-                if isinstance(key, str) and key.startswith("#") and key[1:].isdigit():
-                    key = f"#{int(key[1:]) + offset}"  # its position in ``requests``
-                total["errors"][key] = err
+            total.merge(self._read(UploadAnswer.from_body, data, ctype, "/v1/requests"), offset)
         return total
 
-    def confirm(self, receipts: Sequence[bytes]) -> dict[str, Any]:
+    def confirm(self, receipts: Sequence[bytes]) -> Confirmation:
         """``POST /v1/receipts``: hand receipts over; verified ones free pending reclaims.
 
         Many receipts go in batches within the server's limits (:func:`batches`);
         the answers are merged.
 
         Returns:
-            ``{"accepted": [{"device_id": str, "sequence": int,
-            "freed": [{"feature": str, "count": int}]}],
+            The :class:`~apps.licensing_api.Confirmation`: ``{"accepted": [{"device_id":
+            str, "sequence": int, "freed": [{"feature": str, "count": int}]}],
             "refused": [{"index": int, "code": int, "reason": str, "message": str}]}``
             where ``index`` is the receipt's position in ``receipts``.
         """
-        total: dict[str, Any] = {"accepted": [], "refused": []}
+        total = Confirmation()
         for offset, part in batches(receipts) or [(0, [])]:
-            body = canonical({"receipts": part})
-            data, ctype = self._exchange("POST", "/v1/receipts", body, CBOR)
-            _merge_confirm(total, self._object(data, ctype, "/v1/receipts"), offset)
+            data, ctype = self._exchange("POST", "/v1/receipts", files_body("receipts", part),
+                                         CBOR)
+            total.merge(self._read(Confirmation.from_body, data, ctype, "/v1/receipts"), offset)
         return total
 
     def assign(self, entitlement: str, device: str, feature: str, count: int) -> dict[str, Any]:
@@ -273,6 +254,13 @@ class LicensingClient:
             return json.loads(data)
         except (MalformedError, ValueError) as exc:
             raise TransportError(f"{self.url}{path}: unreadable answer: {exc}") from exc
+
+    def _read(self, decode: Callable[[object], _B], data: bytes, ctype: str, path: str) -> _B:
+        """An answer body read with its one decoder (apps.licensing_api)."""
+        try:
+            return decode(self._decode(data, ctype, path))
+        except MalformedError as exc:
+            raise TransportError(f"{self.url}{path} answered {exc}") from exc
 
     def _object(self, data: bytes, ctype: str, path: str) -> dict[str, Any]:
         obj = self._decode(data, ctype, path)

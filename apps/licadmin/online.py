@@ -22,6 +22,7 @@ from apps.licadmin.files import (
     write_file,
 )
 from apps.licadmin.outcome import FAILED, OK, Outcome, StepResult, outcome_line
+from apps.licensing_api import Confirmation, UploadAnswer
 
 __all__ = ["Licensing", "confirm", "license_info", "licensing_client", "receipts_beside",
            "upload"]
@@ -36,8 +37,9 @@ class Licensing(Protocol):
     def license_info(self, site_info: bytes, devices: Sequence[str] | None = None) -> bytes: ...
     def license_info_files(self, site_info: bytes, devices: Sequence[str] | None = None
                            ) -> tuple[bytes, dict[str, bytes]]: ...
-    def upload(self, requests: Sequence[bytes], receipts: Sequence[bytes] = ()) -> Any: ...
-    def confirm(self, receipts: Sequence[bytes]) -> Any: ...
+    def upload(self, requests: Sequence[bytes], receipts: Sequence[bytes] = ()
+               ) -> UploadAnswer: ...
+    def confirm(self, receipts: Sequence[bytes]) -> Confirmation: ...
     def assign(self, entitlement: str, device: str, feature: str, count: int) -> Any: ...
 
 
@@ -141,8 +143,8 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
             o.who = "request"  # the device column says whose
         by_key[payload.device_id] = by_key[f"#{len(reqs)}"] = o
         reqs.append(data)
-    answer = licensing.upload(reqs, [d for _p, d in rc_files]) if reqs else {}
-    for dev, resp in dict(answer.get("responses", {})).items():
+    answer = licensing.upload(reqs, [d for _p, d in rc_files]) if reqs else UploadAnswer()
+    for dev, resp in answer.responses.items():
         o = by_key.get(dev) or Outcome(f"(device {short(dev)})", device_id=dev)
         if o not in res.outcomes:
             res.outcomes.append(o)
@@ -159,7 +161,7 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
         o.result = "answered"
         o.detail = (f"response: sequence {filed.base_sequence} -> {filed.sequence}: "
                     f"{_changes(filed)}")
-    for key, refusal in dict(answer.get("errors", {})).items():
+    for key, refusal in answer.errors.items():
         o = by_key.get(key) or Outcome(str(key))
         if o not in res.outcomes:
             res.outcomes.append(o)
@@ -171,7 +173,7 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
             o.fail(LicensingError("the licensing server gave no answer for this request"))
     n = sum(1 for o in res.outcomes if o.status == OK)
     if rc_files:
-        verdicts = _receipt_outcomes(answer.get("receipts"), rc_files)
+        verdicts = _receipt_outcomes(answer.receipts, rc_files)
         res.outcomes += verdicts
     for o in res.outcomes:
         console.line(outcome_line(o))
@@ -189,20 +191,20 @@ def _changes(resp: Response) -> str:
                      for c in resp.changes) or "no changes"
 
 
-def _receipt_outcomes(answer: Any, files: Sequence[tuple[Path, bytes]]) -> list[Outcome]:
+def _receipt_outcomes(answer: Confirmation, files: Sequence[tuple[Path, bytes]]
+                      ) -> list[Outcome]:
     """The licensing server's verdict on each receipt (riding along with upload, or confirm).
 
     A receipt the ledger accepted before (reason ``replay``) is no failure:
     receipts stay in their folder and ride along again until someone removes them.
     """
-    answer = answer if isinstance(answer, dict) else {}
     out = []
-    for a in answer.get("accepted", []):
+    for a in answer.accepted:
         o = Outcome("receipt", device_id=a.get("device_id"))
         o.result = "confirmed"
         o.detail = f"sequence {a.get('sequence')}: freed {features_text(a.get('freed', []))}"
         out.append(o)
-    for r in answer.get("refused", []):
+    for r in answer.refused:
         idx = r.get("index")
         name = files[idx][0].name if isinstance(idx, int) and 0 <= idx < len(files) else f"#{idx}"
         o = Outcome(name)

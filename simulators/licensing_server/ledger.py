@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from agent.formats import (
     verify_receipt,
 )
 from agent.messages import ChangeOp, DeviceInfo, License
+from apps.licensing_api import Confirmation, UploadAnswer, refusal
 from simulators.licensing_server import rules
 from simulators.licensing_server.ledger_sqlite import SCHEMA_VERSION as SCHEMA_VERSION
 from simulators.licensing_server.ledger_sqlite import SqliteStorage
@@ -63,7 +64,6 @@ __all__ = [
     "Ledger",
     "NotEntitledError",
     "ReceiptResult",
-    "UploadResult",
 ]
 
 REQUEST_MAX = 64 * 1024
@@ -78,29 +78,6 @@ class ReceiptResult:
     device_id: str
     sequence: int
     freed: tuple[tuple[str, int], ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {"device_id": self.device_id, "sequence": self.sequence,
-                "freed": [{"feature": f, "count": c} for f, c in self.freed]}
-
-
-@dataclass
-class UploadResult:
-    """What one upload answered: responses by device, refusals by key, receipt verdicts."""
-
-    responses: dict[str, bytes] = field(default_factory=dict)
-    errors: dict[str, dict[str, Any]] = field(default_factory=dict)
-    receipts: dict[str, list[dict[str, Any]]] = field(
-        default_factory=lambda: {"accepted": [], "refused": []})
-
-    def to_cbor(self) -> dict[str, Any]:
-        return {"responses": dict(self.responses), "errors": dict(self.errors),
-                "receipts": {k: list(v) for k, v in self.receipts.items()}}
-
-
-def refusal(err: LicensingError) -> dict[str, Any]:
-    """The ``{"code", "reason", "message"}`` of a refusal."""
-    return {"code": err.exit_code, "reason": err.reason, "message": str(err)}
 
 
 def _wall_clock() -> int:
@@ -457,25 +434,26 @@ class Ledger:
             return ReceiptResult(dev, rc.sequence, tuple(freed))
 
     def confirm(self, receipts: Sequence[bytes], now: int | None = None,
-                vendor: Vendor | None = None) -> dict[str, list[dict[str, Any]]]:
+                vendor: Vendor | None = None) -> Confirmation:
         """Accept each receipt on its own; ``{"accepted": [...], "refused": [...]}``.
 
         ``refused`` entries are ``{"index", "code", "reason", "message"}``.
         """
-        out: dict[str, list[dict[str, Any]]] = {"accepted": [], "refused": []}
+        out = Confirmation()
         for i, data in enumerate(receipts):
             try:
-                out["accepted"].append(self.accept_receipt(data, now, vendor).to_json())
+                rc = self.accept_receipt(data, now, vendor)
+                out.accept(rc.device_id, rc.sequence, rc.freed)
             except StorageError:
                 raise
             except LicensingError as err:
-                out["refused"].append({"index": i, **refusal(err)})
+                out.refuse(i, err)
         return out
 
     def upload(self, requests: Sequence[bytes], receipts: Sequence[bytes] = (),
-               now: int | None = None, vendor: Vendor | None = None) -> UploadResult:
+               now: int | None = None, vendor: Vendor | None = None) -> UploadAnswer:
         """Confirm the receipts first, then answer each request (each its own operation)."""
-        res = UploadResult(receipts=self.confirm(receipts, now, vendor))
+        res = UploadAnswer(receipts=self.confirm(receipts, now, vendor))
         for i, data in enumerate(requests):
             key = f"#{i}"
             try:

@@ -26,6 +26,12 @@ from agent.cose import canonical, strict_loads
 from agent.errors import MalformedError, UsageError
 from agent.formats import SITE_INFO_MAX
 from apps.common import parse_time
+from apps.licensing_api import (
+    LicenseInfoQuery,
+    PerDeviceLicenseInfo,
+    body_fields,
+    body_files,
+)
 from hw.httpjson import CBOR, Answer, JsonHandler, Route, json_answer
 from hw.link import netloc
 from simulators.licensing_server.ledger import Ledger
@@ -58,37 +64,6 @@ class ServerLimits:
     idle_timeout: float = 30.0
 
 
-def _files(obj: Mapping[str, Any], key: str, limit: int, required: bool = True) -> list[bytes]:
-    if key not in obj:
-        if required:
-            raise UsageError(f"the body lacks {key!r} (a list of files as byte strings)")
-        return []
-    v = obj[key]
-    if not isinstance(v, list) or not all(isinstance(x, bytes) for x in v):
-        raise MalformedError(f"{key!r} must be a list of files (CBOR byte strings)")
-    if len(v) > limit:
-        raise UsageError(f"{len(v)} files in {key!r}: at most {limit} per call")
-    return v
-
-
-def _fields(obj: object, what: str, required: set[str], optional: set[str] | None = None
-            ) -> Mapping[str, Any]:
-    optional = optional or set()
-    if not isinstance(obj, dict):
-        raise MalformedError(f"the body of {what} must be a map")
-    keys = {k for k in obj if isinstance(k, str)}
-    if len(keys) != len(obj):
-        raise MalformedError(f"the body of {what} has a non-text key")
-    missing = sorted(required - keys)
-    if missing:
-        raise UsageError(f"the body of {what} lacks {', '.join(missing)}")
-    extra = sorted(keys - required - optional)
-    if extra:
-        raise UsageError(f"unknown field {', '.join(extra)} in the body of {what} (fields: "
-                         f"{', '.join(sorted(required | optional))})")
-    return obj
-
-
 class _Handler(JsonHandler):
     """One connection, one exchange: route, answer, log one line."""
 
@@ -114,47 +89,36 @@ class _Handler(JsonHandler):
     # -- routes
 
     def _license_info(self) -> Answer:
-        body = self._cbor(self.server.limits.max_license_info_body)
-        m = _fields(body, "license-info", {"site_info"}, {"devices", "per_device"})
-        site = m["site_info"]
-        if not isinstance(site, bytes):
-            raise MalformedError("site_info must be the SITE_INFO file as a byte string")
-        devices = m.get("devices")
-        if devices is not None and (not isinstance(devices, list)
-                                    or not all(isinstance(d, str) for d in devices)):
-            raise MalformedError("devices must be a list of device IDs")
-        per_device = m.get("per_device", False)
-        if not isinstance(per_device, bool):
-            raise MalformedError("per_device must be true or false")
+        q = LicenseInfoQuery.from_body(self._cbor(self.server.limits.max_license_info_body))
         srv = self.server
-        whole, one = srv.ledger.license_info_files(site, devices or None, vendor=srv.vendor,
-                                                   per_device=per_device)
-        if not per_device:
+        whole, one = srv.ledger.license_info_files(q.site_info, q.devices or None,
+                                                   vendor=srv.vendor, per_device=q.per_device)
+        if not q.per_device:
             return Answer(whole, CBOR)
-        return Answer(canonical({"license_info": whole, "per_device": one}), CBOR)
+        return Answer(PerDeviceLicenseInfo(whole, one).encode(), CBOR)
 
     def _requests(self) -> Answer:
         lim = self.server.limits
-        m = _fields(self._cbor(lim.max_files_body), "requests", {"requests"}, {"receipts"})
-        reqs = _files(m, "requests", lim.max_files)
-        rcs = _files(m, "receipts", lim.max_files, required=False)
+        m = body_fields(self._cbor(lim.max_files_body), "requests", {"requests"}, {"receipts"})
+        reqs = body_files(m, "requests", lim.max_files)
+        rcs = body_files(m, "receipts", lim.max_files, required=False)
         res = self.server.ledger.upload(reqs, rcs, vendor=self.server.vendor)
-        return Answer(canonical(res.to_cbor()), CBOR)
+        return Answer(canonical(res.to_body()), CBOR)
 
     def _receipts(self) -> Answer:
         lim = self.server.limits
-        m = _fields(self._cbor(lim.max_files_body), "receipts", {"receipts"})
-        rcs = _files(m, "receipts", lim.max_files)
-        return json_answer(self.server.ledger.confirm(rcs, vendor=self.server.vendor))
+        m = body_fields(self._cbor(lim.max_files_body), "receipts", {"receipts"})
+        rcs = body_files(m, "receipts", lim.max_files)
+        return json_answer(self.server.ledger.confirm(rcs, vendor=self.server.vendor).to_wire())
 
     def _assignments(self) -> Answer:
-        m = _fields(self._json_body(), "assignments", {"entitlement", "device_id", "feature",
+        m = body_fields(self._json_body(), "assignments", {"entitlement", "device_id", "feature",
                                                        "count"}, {"product"})
         return json_answer(self.server.ledger.assign(m["entitlement"], m["device_id"], m["feature"],
                                                m["count"], m.get("product")))
 
     def _entitlements(self) -> Answer:
-        m = _fields(self._json_body(), "entitlements", {"entitlement", "product", "features"},
+        m = body_fields(self._json_body(), "entitlements", {"entitlement", "product", "features"},
                     {"until"})
         features = m["features"]
         if not isinstance(features, dict):
