@@ -128,7 +128,6 @@ def _tls_context(url: LinkURL) -> ssl.SSLContext | None:
     return client_context(url) if url.scheme == "mqtts" else None
 
 
-
 # ---------------------------------------------------------------- agent side
 
 
@@ -269,7 +268,6 @@ def listen(url: LinkURL, handler: Handler, log: Log | None = None, loop: MqttLoo
            **_ctx: Any) -> MqttListener:
     """The agent side of ``mqtt://HOST:PORT/SITE`` (not yet started); other ``ctx`` is ignored."""
     return MqttListener(url, handler, log=log, loop=loop)
-
 
 
 # ---------------------------------------------------------------- the one call loop
@@ -534,7 +532,6 @@ def connect(url: LinkURL, timeout: float = DEFAULT_TIMEOUT, tries: int = DEFAULT
     return MqttClient(url, timeout=timeout, tries=tries, loop=loop)
 
 
-
 # ---------------------------------------------------------------- a whole site
 
 
@@ -607,7 +604,6 @@ def discover(url: str | LinkURL, timeout: float = DISCOVER_TIMEOUT,
         s.close()
         if own:
             the_loop.stop()
-
 
 
 # ---------------------------------------------------------------- a whole site, one session

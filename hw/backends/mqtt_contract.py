@@ -334,7 +334,6 @@ class RequestServer:
         return out
 
 
-
 def encode_request(rid: int, op: str, args: Mapping[str, Any] | None) -> bytes:
     """The bytes of request ``rid``; MalformedError if they exceed the message limit."""
     payload = RpcRequest(rid, op, dict(args or {})).encode()
