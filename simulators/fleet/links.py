@@ -331,7 +331,7 @@ class MqttLink(FleetLink):
 
     def connect(self, url: str, timeout: float, line_faults: str = "") -> Any:
         if self.client_loop is None:
-            from hw.backends.mqtt import MqttLoop
+            from hw.backends.mqtt_loop import MqttLoop
 
             self.client_loop = MqttLoop("fleet-clients")
             self.client_loop.start()

@@ -1,11 +1,12 @@
 """Thousands of simulated devices, each with its own MQTT session, on one asyncio loop.
 
-:class:`DeviceEngine` speaks the device side of ``hw.backends.mqtt``'s
-contract (topics, retained presence with a Last Will, MQTT 5 response topic +
-correlation data, QoS 1, duplicates answered from memory, reconnecting with
-back-off, maximum packet size) with the sans-IO codec of
-:mod:`simulators.mqttlite.codec`, so that :class:`hw.backends.mqtt.MqttClient`,
-``discover()`` and ``licadmin`` talk to its devices exactly as to ``licagent``.
+:class:`DeviceEngine` speaks the device side of the ``mqtt://`` contract,
+:mod:`hw.backends.mqtt_contract` (topics, retained presence with a Last Will,
+MQTT 5 response topic + correlation data, QoS 1, duplicates answered from
+memory, reconnecting with back-off, maximum packet size), with the sans-IO codec
+of :mod:`simulators.mqttlite.codec` instead of paho, so that
+:class:`hw.backends.mqtt.MqttClient`, ``discover()`` and ``licadmin`` talk to
+its devices exactly as to ``licagent``.
 
 Design, for memory (paho costs about 20 KiB per client): one event loop thread
 for every connection (asyncio transports on epoll), one small ``__slots__``
@@ -28,12 +29,12 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from agent.rpc import TransportError
-from hw.backends.mqtt import (
+from agent.rpc import Handler, TransportError
+from hw.backends.mqtt_contract import (
     DROPPED,
     HANDLED,
     MAX_PACKET,
@@ -41,9 +42,11 @@ from hw.backends.mqtt import (
     SESSION_EXPIRY,
     AnswerMemory,
     Backoff,
+    Log,
     Presence,
-    _check_level,
     answer_request,
+    check_level,
+    device_client_id,
     encode_presence,
     presence_topic,
     request_topic,
@@ -55,8 +58,6 @@ from simulators.mqttlite.limits import CapacityError, check_capacity, raise_fd_l
 
 __all__ = ["DeviceEngine"]
 
-Handler = Callable[[str, Mapping[str, Any]], Any]
-Log = Callable[[str], None]
 
 # device states
 WAITING, QUEUED, OPENING, HANDSHAKE, UP, GONE = range(6)
@@ -159,7 +160,7 @@ class DeviceEngine:
                  log: Log | None = None, workers: int = 4, max_connecting: int = 64,
                  sources: Sequence[str] | None = None, remember: int = 4096) -> None:
         self.host, self.port = host, port
-        self.site = _check_level("site", site)
+        self.site = check_level("site", site)
         if not 5 <= keepalive <= 65535:
             raise ValueError("keepalive must be 5 to 65535 seconds")
         self.keepalive = keepalive
@@ -207,7 +208,7 @@ class DeviceEngine:
 
     def add(self, device_id: str, model: str, handler: Handler) -> None:
         """A new device; it connects and announces itself (at once if started, else on start)."""
-        _check_level("device ID", device_id)
+        check_level("device ID", device_id)
         if self._stopped:
             raise TransportError("the device engine has been stopped")
         if device_id in self._devices:
@@ -421,7 +422,7 @@ class DeviceEngine:
         self._set_state(dev, HANDSHAKE)
         offline = encode_presence(Presence(dev.id, dev.model, False))
         conn.send(c.Connect(
-            f"licagent-{self.site}-{dev.id}", self.keepalive, clean_start=not dev.ever_up,
+            device_client_id(self.site, dev.id), self.keepalive, clean_start=not dev.ever_up,
             properties={c.P_SESSION_EXPIRY: SESSION_EXPIRY, c.P_MAX_PACKET_SIZE: MAX_PACKET},
             will=c.Will(presence_topic(self.site, dev.id), offline, qos=1, retain=True)))
         dev.timer = self._loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout, dev, conn)
@@ -436,7 +437,7 @@ class DeviceEngine:
     def _retry(self, dev: _Dev, why: str) -> None:
         assert self._loop is not None
         self._set_state(dev, WAITING)
-        b = self._backoff  # hw.backends.mqtt's back-off; the failure count is the device's
+        b = self._backoff  # the contract's back-off; the failure count is the device's
         b.failures = dev.failures
         delay = b.next_delay()
         dev.failures = b.failures

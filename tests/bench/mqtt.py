@@ -123,7 +123,8 @@ def _rss_kib(pid: int | None = None) -> int:
 FLEET = """
 import hashlib, sys, time
 sys.path.insert(0, {root!r})
-from hw.backends.mqtt import MqttLoop, discover
+from hw.backends.mqtt import discover
+from hw.backends.mqtt_loop import MqttLoop
 import hw
 class Light:
     def __init__(self, n):

@@ -98,6 +98,36 @@ def _mqtts(ops: AgentOps, env: Env) -> tuple[Listener, Callable[[], ServerClient
                                 f"&key={p.client_key}")
 
 
+class _EngineListener(Listener):
+    """One device served by the fleet simulator's MQTT engine (simulators.mqttlite), as a
+    listener: the device side of the mqtt:// contract without paho."""
+
+    def __init__(self, port: int, ops: AgentOps) -> None:
+        from simulators.mqttlite import DeviceEngine  # only when this backend runs
+
+        hello = ops("hello", {"versions": [1]})
+        self.device_id, self.model = hello["device_id"], hello["model"]
+        self.engine = DeviceEngine("127.0.0.1", port, f"contract-{uuid.uuid4().hex[:8]}")
+        self.engine.add(self.device_id, self.model, ops)
+
+    def start(self) -> None:
+        self.engine.start()
+        if self.engine.wait_ready(1, 20.0) != 1:
+            self.engine.stop()
+            raise AssertionError("the engine's device did not announce itself")
+        self.address = f"{self.engine.url}/{self.device_id}"
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+
+def _mqttlite(ops: AgentOps, env: Env) -> tuple[Listener, Callable[[], ServerClient]]:
+    broker = env.fixture("mosquitto")  # the same real mosquitto as mqtt://
+    lst = _EngineListener(broker.port, ops)
+    lst.start()
+    return lst, lambda: connect(lst.address)  # the ordinary paho client, hw.backends.mqtt
+
+
 def _usbdrop(ops: AgentOps, env: Env) -> tuple[Listener, Callable[[], ServerClient]]:
     lst = listen(f"usbdrop://{env.tmp / 'stick'}?always=1&poll=0.05", ops)
     lst.start()
@@ -114,6 +144,7 @@ STARTERS: dict[str, Starter] = {
     "usbdrop": _usbdrop,
     "mqtt": _mqtt,
     "mqtts": _mqtts,
+    "mqttlite": _mqttlite,
     # further backends join here (serial:// on real hardware and QEMU behind an opt-in
     # marker), and in BACKENDS below
 }
@@ -135,6 +166,7 @@ BACKENDS = [
     _backend("usbdrop", "hw.backends.usbdrop"),
     _backend("mqtt", "hw.backends.mqtt"),
     _backend("mqtts", "hw.backends.mqtt"),
+    _backend("mqttlite", "simulators.mqttlite"),  # the device side; the client is mqtt://
 ]
 
 

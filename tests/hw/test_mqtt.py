@@ -35,20 +35,19 @@ from agent.errors import LicensingError, UsageError
 from agent.formats import SiteInfo
 from agent.ops import AgentOps
 from agent.rpc import RemoteError, TransportError
-from hw.backends.mqtt import (
+from hw.backends.mqtt import MqttListener, discover
+from hw.backends.mqtt_contract import (
     Backoff,
-    MqttListener,
-    MqttLoop,
     Presence,
     RequestServer,
     decode_presence,
     decode_reply,
-    discover,
     encode_presence,
     presence_topic,
     request_topic,
     response_topic,
 )
+from hw.backends.mqtt_loop import MqttLoop
 from simulators.licensing_server.vendor import Grant, Vendor
 from tests.conftest import T0, Device, Site
 from tests.hw.mosquitto import Broker, free_port

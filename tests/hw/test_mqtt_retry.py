@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hw.backends.mqtt import Retry
+from hw.backends.mqtt_contract import Retry
 
 SEND, WAIT, ABSENT, EXHAUSTED = Retry.SEND, Retry.WAIT, Retry.ABSENT, Retry.EXHAUSTED
 

@@ -30,7 +30,8 @@ from agent.cose import canonical, strict_loads
 from agent.ops import AgentOps
 from agent.rpc import TransportError
 from apps.licadmin import console, inventory, onsite
-from hw.backends.mqtt import discover, request_topic, response_topic
+from hw.backends.mqtt import discover
+from hw.backends.mqtt_contract import request_topic, response_topic
 from simulators.licensing_server.vendor import Grant
 from simulators.mqttlite import CapacityError, DeviceEngine, check_capacity
 from tests.conftest import Device, Site
