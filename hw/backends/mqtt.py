@@ -249,8 +249,7 @@ class MqttListener(Listener):
         if msg.topic != request_topic(self.site, self.device_id):
             return
         out = self.server.answer(bytes(msg.payload), reply_to, corr)
-        if out is not None:
-            assert isinstance(corr, bytes)  # answer() checked it
+        if out is not None and isinstance(corr, bytes):  # answer() dropped any other
             self._session.client.publish(reply_to, out, qos=1,
                                          properties=publish_props(corr))
 

@@ -14,7 +14,7 @@ Threads stay as few as the hw backends allow:
 
 * ``mqtt``: :class:`simulators.mqttlite.DeviceEngine`, every server's own MQTT
   session on ONE asyncio loop thread (about 2 KiB a session, where a paho client
-  costs about 20 KiB), speaking the ``mqtt://`` contract of ``hw.backends.mqtt``.
+  costs about 20 KiB), speaking the ``mqtt://`` contract of ``hw.backends.mqtt_contract``.
 * ``usbdrop``: one mailbox folder per server, all polled by ONE thread
   (:class:`MailboxPoller` calls each listener's ``poll_once``).
 * ``tcp``, ``pty``, ``sim``: the hw listeners as ``licagent run`` uses them
@@ -312,7 +312,7 @@ class MqttLink(FleetLink):
 
     def __init__(self, links: ServedLinks) -> None:
         super().__init__(links)
-        self.client_loop: Any = None  # hw.backends.mqtt.MqttLoop of the fleet's clients
+        self.client_loop: Any = None  # hw.backends.mqtt_loop.MqttLoop of the fleet's clients
 
     @property
     def engine(self) -> DeviceEngine:

@@ -129,7 +129,8 @@ def _encode_licenses(lics: Iterable[License]) -> bytes:
 
 def _decode_licenses(data: bytes) -> tuple[License, ...]:
     obj = strict_loads(data, max_size=1024 * 1024)
-    assert isinstance(obj, list)
+    if not isinstance(obj, list):
+        raise StorageError("the ledger holds a license list that is not a list: is the database damaged?")
     return licenses_from(obj)
 
 

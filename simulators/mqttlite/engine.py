@@ -86,7 +86,8 @@ class _Conn(asyncio.Protocol):
         self.rx = self.tx = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        if not isinstance(transport, asyncio.Transport):  # a stream socket's always is
+            raise TypeError(f"an MQTT session needs a stream transport, not {transport!r}")
         self.transport = transport
         self.rx = self.tx = time.monotonic()
         sock = transport.get_extra_info("socket")

@@ -1,4 +1,4 @@
-"""The resend rule every MQTT client follows (hw.backends.mqtt.Retry), without a broker or a clock."""
+"""The resend rule every MQTT client follows (hw.backends.mqtt_contract.Retry), without a broker or a clock."""
 
 from __future__ import annotations
 
