@@ -41,7 +41,7 @@ from typing import Any
 
 from agent.errors import UsageError
 from agent.record import fields, record, replace
-from agent.rpc import TransportError
+from agent.rpc import Handler, TransportError
 from hw.backends.loop import InProcessListener, link_name
 from hw.link import Link, LinkURL, StreamClient
 
@@ -57,7 +57,6 @@ __all__ = [
     "listen",
 ]
 
-Handler = Callable[[str, Mapping[str, Any]], Any]
 
 #: the counters of an injector that count faults which damage or lose data; the others
 #: describe the traffic (writes, bytes), harmless re-chunking (splits) and fault sizes
