@@ -73,7 +73,8 @@ class AgentOps:
         return InfoResult(data, info.device_id)
 
     def _status(self, _args: NoArgs) -> StatusResult:
-        return StatusResult.from_wire(self.agent.status())
+        st = self.agent.status()  # the service's own map: no re-checking
+        return StatusResult(*(st[k] for k in StatusResult.KEYS))
 
     def _license_info(self, _args: NoArgs) -> LicenseInfoResult:
         """What can be reclaimed here: the installed licenses and the state they sit on."""

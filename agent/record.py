@@ -132,7 +132,23 @@ def _make_init(cls: type, all_fields: tuple[Field, ...]) -> Callable[..., None]:
     post_init = getattr(cls, "__post_init__", None) is not None
     set_ = object.__setattr__
 
+    n = len(init_fields)
+    slots = any("__slots__" in vars(k) for k in cls.__mro__[:-1])
+
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if not kwargs and len(args) <= n and not slots:
+            # the common call (positional arguments): straight into the instance dict, which
+            # is what object.__setattr__ does for a field (no descriptors), at a third the cost
+            d = self.__dict__
+            for f, v in zip(init_fields, args, strict=False):  # the rest take their defaults
+                d[f.name] = v
+            for f in init_fields[len(args):]:
+                d[f.name] = f.value(owner)
+            for f in later:
+                d[f.name] = f.value(owner)
+            if post_init:
+                self.__post_init__()
+            return
         if len(args) > len(init_fields):
             raise TypeError(f"{owner}.__init__() takes {len(init_fields)} arguments "
                             f"but {len(args)} were given")

@@ -534,11 +534,12 @@ def table_handler(impls: Mapping[Op, Callable[[Any], Any]],
     if missing:
         raise ValueError(f"no handler for {', '.join(sorted(missing))}")
 
+    by_name = {o.value: OPERATIONS[o] for o in Op}
+
     def handle(op: str, args: Mapping[str, Any]) -> Any:
-        try:
-            entry = OPERATIONS[Op(op)]
-        except ValueError as exc:
-            raise UsageError(f"unknown operation {op!r}") from exc
+        entry = by_name.get(op)
+        if entry is None:
+            raise UsageError(f"unknown operation {op!r}")
         typed = entry.args(args)
         fn = impls[entry.op]
         return fn(typed) if around is None else around(lambda: fn(typed))
