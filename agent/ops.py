@@ -26,7 +26,7 @@ from agent.rpc import (
     RequestArgs,
     RequestResult,
     StatusResult,
-    table_handler,
+    read_args,
 )
 from agent.service import Agent
 
@@ -38,30 +38,21 @@ class AgentOps:
 
     The store itself is also protected by an flock, so a ``licagent`` CLI call
     beside the daemon never interleaves with it; the thread lock here only
-    keeps the daemon's own threads from queueing on that flock.
+    keeps the daemon's own threads from queueing on that flock. The table of
+    implementations is the class's (:data:`_IMPLS`), not each instance's: a
+    fleet simulator holds ten thousand of these.
     """
 
     def __init__(self, agent: Agent, log: Callable[[str], None] | None = None) -> None:
         self.agent = agent
         self.lock = threading.Lock()
-        self.log = log or (lambda _line: None)
-        self._handle = table_handler({
-            Op.HELLO: self._hello,
-            Op.GET_INFO: self._info,
-            Op.GET_STATUS: self._status,
-            Op.GET_LICENSE_INFO: self._license_info,
-            Op.CREATE_REQUEST: self._request,
-            Op.APPLY_RESPONSE: self._apply,
-            Op.CHECK_FEATURE: self._check,
-            Op.READ_JOURNAL: self._journal,
-        }, around=self._locked)
+        self.log = log or _no_log
 
     def __call__(self, op: str, args: Mapping[str, Any]) -> Any:
-        return self._handle(op, args)
-
-    def _locked(self, call: Callable[[], Any]) -> Any:
+        name, typed = read_args(op, args)
+        impl = _IMPLS[name]
         with self.lock:
-            return call()
+            return impl(self, typed)
 
     def _hello(self, _args: NoArgs) -> dict[str, Any]:
         st, _w, _now = self.agent.state()
@@ -107,3 +98,22 @@ class AgentOps:
         rep = self.agent.journal()
         return JournalResult([{"n": e.n, "time": e.time, "event": e.event, "data": e.data,
                                "digest": e.digest} for e in rep.entries], rep.torn_tail, True)
+
+
+def _no_log(_line: str) -> None:
+    pass
+
+
+#: one implementation per entry of :data:`agent.rpc.OPERATIONS`
+_IMPLS: Mapping[Op, Callable[[AgentOps, Any], Any]] = {
+    Op.HELLO: AgentOps._hello,
+    Op.GET_INFO: AgentOps._info,
+    Op.GET_STATUS: AgentOps._status,
+    Op.GET_LICENSE_INFO: AgentOps._license_info,
+    Op.CREATE_REQUEST: AgentOps._request,
+    Op.APPLY_RESPONSE: AgentOps._apply,
+    Op.CHECK_FEATURE: AgentOps._check,
+    Op.READ_JOURNAL: AgentOps._journal,
+}
+if set(_IMPLS) != set(Op):  # adding an operation is one table entry plus its handler here
+    raise ImportError(f"agent.ops implements no {', '.join(sorted(set(Op) - set(_IMPLS)))}")

@@ -55,6 +55,7 @@ __all__ = [
     "TransportError",
     "answer",
     "decode_message",
+    "read_args",
     "table_handler",
     "wire",
 ]
@@ -522,26 +523,36 @@ OPERATIONS: Mapping[Op, Operation] = {o.op: o for o in (
 )}
 
 
+_BY_NAME: Mapping[str, Operation] = {o.value: OPERATIONS[o] for o in Op}
+
+
+def read_args(op: str, args: Mapping[str, Any]) -> tuple[Op, Any]:
+    """The operation named ``op`` and its arguments read with the table's schema.
+
+    Raises:
+        UsageError: an unknown operation, or an argument of the wrong type (exit 2).
+    """
+    entry = _BY_NAME.get(op)
+    if entry is None:
+        raise UsageError(f"unknown operation {op!r}")
+    return entry.op, entry.args(args)
+
+
 def table_handler(impls: Mapping[Op, Callable[[Any], Any]],
                   around: Callable[[Callable[[], Any]], Any] | None = None) -> Handler:
     """A :data:`Handler` from one function per operation, each taking its typed arguments.
 
-    Arguments are read with the table's schema before ``impls[op]`` runs (a bad
-    argument is a UsageError, exit 2); ``around(call)`` runs each call (e.g.
-    under a lock).
+    Arguments are read with the table's schema (:func:`read_args`) before ``impls[op]``
+    runs (a bad argument is a UsageError, exit 2); ``around(call)`` runs each call
+    (e.g. under a lock).
     """
     missing = set(Op) - set(impls)
     if missing:
         raise ValueError(f"no handler for {', '.join(sorted(missing))}")
 
-    by_name = {o.value: OPERATIONS[o] for o in Op}
-
     def handle(op: str, args: Mapping[str, Any]) -> Any:
-        entry = by_name.get(op)
-        if entry is None:
-            raise UsageError(f"unknown operation {op!r}")
-        typed = entry.args(args)
-        fn = impls[entry.op]
+        name, typed = read_args(op, args)
+        fn = impls[name]
         return fn(typed) if around is None else around(lambda: fn(typed))
 
     return handle
