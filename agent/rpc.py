@@ -9,10 +9,11 @@ Every link carries the same two CBOR messages (docs/protocol.md, "RPC messages")
 They are built and parsed here and nowhere else. :data:`OPERATIONS` is the one
 table of operations: each entry names the operation, the schema of its
 arguments (read into a typed, frozen record before a handler sees them) and the
-record type of its result. :func:`answer` turns a request and a handler into an
-answer for every link (byte streams, HTTPS, the USB mailbox, MQTT and the
-simulators); :func:`table_handler` makes such a handler from one function per
-operation. Adding an operation is one table entry plus its handler.
+record type of its result; :func:`read_args` reads a request's arguments with
+it. :func:`answer` turns a request and a handler into an answer for every link
+(byte streams, the USB mailbox, MQTT and the simulators; HTTPS maps the same
+handler onto routes). Adding an operation is one table entry plus its
+implementation in :class:`agent.ops.AgentOps`.
 
 Pure: no I/O, no clock. Links and sessions (retries, answer memory, hello per
 connection) live in ``hw``.
@@ -21,6 +22,7 @@ connection) live in ``hw``.
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -31,6 +33,7 @@ from agent.record import WireView, record
 
 __all__ = [
     "OPERATIONS",
+    "MESSAGE_SLACK",
     "OPS",
     "PROTOCOL_VERSIONS",
     "ApplyArgs",
@@ -55,13 +58,17 @@ __all__ = [
     "TransportError",
     "answer",
     "decode_message",
+    "first_request_id",
+    "hello_args",
+    "next_request_id",
     "read_args",
-    "table_handler",
     "wire",
 ]
 
 PROTOCOL_VERSIONS = (1,)
 MAX_ID = 2**32
+#: how far an encoded message may exceed a link's payload limit (its CBOR envelope)
+MESSAGE_SLACK = 1024
 #: at most this many feature names in one create-request
 MAX_FEATURES = 64
 
@@ -97,6 +104,21 @@ class RemoteError(LicensingError):
 
 
 # ---------------------------------------------------------------- the messages
+
+
+def hello_args() -> dict[str, Any]:
+    """The arguments of ``hello``: the versions this side speaks."""
+    return {"versions": list(PROTOCOL_VERSIONS)}
+
+
+def first_request_id() -> int:
+    """A random first request ID (1 to 2^31), so that two sessions on one line rarely share IDs."""
+    return int.from_bytes(os.urandom(4), "big") % (2**31) + 1
+
+
+def next_request_id(rid: int) -> int:
+    """The ID after ``rid``: one more, from 2^32 - 1 back to 1."""
+    return rid % (MAX_ID - 1) + 1
 
 
 @record(frozen=True)
@@ -348,15 +370,16 @@ def _need(m: object, types: Mapping[str, type | tuple[type, ...]], what: str) ->
 class HelloResult(WireView):
     KEYS: ClassVar[tuple[str, ...]] = ("version", "max_frame", "device_id", "model")
     version: int
-    max_frame: int
+    max_frame: int | None = None  # not said over https://
     device_id: str | None = None
     model: str | None = None
 
     @classmethod
     def from_wire(cls, m: object) -> HelloResult:
-        d = _need(m, {"version": int, "max_frame": int}, "hello")
-        dev, model = d.get("device_id"), d.get("model")
-        return cls(d["version"], d["max_frame"], dev if isinstance(dev, str) else None,
+        d = _need(m, {"version": int}, "hello")
+        mf, dev, model = d.get("max_frame"), d.get("device_id"), d.get("model")
+        return cls(d["version"], mf if type(mf) is int else None,
+                   dev if isinstance(dev, str) else None,
                    model if isinstance(model, str) else None)
 
 
@@ -499,27 +522,18 @@ class Operation:
     op: Op
     args: Callable[[Mapping[str, Any]], Any]
     result: Callable[[object], Any]
-    summary: str
 
 
 #: every operation a server offers over any link
 OPERATIONS: Mapping[Op, Operation] = {o.op: o for o in (
-    Operation(Op.HELLO, NoArgs.from_wire, HelloResult.from_wire,
-              "version negotiation; the device's ID and model"),
-    Operation(Op.GET_INFO, NoArgs.from_wire, InfoResult.from_wire,
-              "the signed device-information file"),
-    Operation(Op.GET_STATUS, NoArgs.from_wire, StatusResult.from_wire,
-              "the installed licenses, outstanding requests and trusted keys"),
-    Operation(Op.GET_LICENSE_INFO, NoArgs.from_wire, LicenseInfoResult.from_wire,
-              "what can be reclaimed here and the state it sits on"),
-    Operation(Op.CREATE_REQUEST, RequestArgs.from_wire, RequestResult.from_wire,
-              "a signed request file (activate, reclaim or renew)"),
-    Operation(Op.APPLY_RESPONSE, ApplyArgs.from_wire, ApplyResult.from_wire,
-              "verify and apply a vendor response; a signed receipt"),
-    Operation(Op.CHECK_FEATURE, CheckArgs.from_wire, FeatureCheck.from_wire,
-              "is a feature licensed now?"),
-    Operation(Op.READ_JOURNAL, NoArgs.from_wire, JournalResult.from_wire,
-              "the verified audit journal"),
+    Operation(Op.HELLO, NoArgs.from_wire, HelloResult.from_wire),
+    Operation(Op.GET_INFO, NoArgs.from_wire, InfoResult.from_wire),
+    Operation(Op.GET_STATUS, NoArgs.from_wire, StatusResult.from_wire),
+    Operation(Op.GET_LICENSE_INFO, NoArgs.from_wire, LicenseInfoResult.from_wire),
+    Operation(Op.CREATE_REQUEST, RequestArgs.from_wire, RequestResult.from_wire),
+    Operation(Op.APPLY_RESPONSE, ApplyArgs.from_wire, ApplyResult.from_wire),
+    Operation(Op.CHECK_FEATURE, CheckArgs.from_wire, FeatureCheck.from_wire),
+    Operation(Op.READ_JOURNAL, NoArgs.from_wire, JournalResult.from_wire),
 )}
 
 
@@ -536,23 +550,3 @@ def read_args(op: str, args: Mapping[str, Any]) -> tuple[Op, Any]:
     if entry is None:
         raise UsageError(f"unknown operation {op!r}")
     return entry.op, entry.args(args)
-
-
-def table_handler(impls: Mapping[Op, Callable[[Any], Any]],
-                  around: Callable[[Callable[[], Any]], Any] | None = None) -> Handler:
-    """A :data:`Handler` from one function per operation, each taking its typed arguments.
-
-    Arguments are read with the table's schema (:func:`read_args`) before ``impls[op]``
-    runs (a bad argument is a UsageError, exit 2); ``around(call)`` runs each call
-    (e.g. under a lock).
-    """
-    missing = set(Op) - set(impls)
-    if missing:
-        raise ValueError(f"no handler for {', '.join(sorted(missing))}")
-
-    def handle(op: str, args: Mapping[str, Any]) -> Any:
-        name, typed = read_args(op, args)
-        fn = impls[name]
-        return fn(typed) if around is None else around(lambda: fn(typed))
-
-    return handle

@@ -20,11 +20,11 @@ from agent.errors import MalformedError, UsageError
 from agent.record import field, record
 from agent.rpc import (
     OPERATIONS,
-    PROTOCOL_VERSIONS,
     ApplyArgs,
     ApplyResult,
     CheckArgs,
     FeatureCheck,
+    HelloResult,
     InfoResult,
     JournalResult,
     LicenseInfoResult,
@@ -32,6 +32,7 @@ from agent.rpc import (
     RequestResult,
     StatusResult,
     TransportError,
+    hello_args,
 )
 from hw.rpc import RpcClient, RpcServer
 
@@ -40,6 +41,7 @@ __all__ = [
     "LinkURL",
     "Listener",
     "ServerClient",
+    "SessionClient",
     "StreamClient",
     "parse_url",
     "netloc",
@@ -235,6 +237,10 @@ class ServerClient(abc.ABC):
         except MalformedError as exc:
             raise TransportError(f"{op}: {exc}") from exc
 
+    def hello(self) -> HelloResult:
+        result: HelloResult = self.typed(Op.HELLO, hello_args())
+        return result
+
     def info(self) -> bytes:
         result: InfoResult = self.typed(Op.GET_INFO)
         return result.file
@@ -268,7 +274,25 @@ class ServerClient(abc.ABC):
         return result
 
 
-class StreamClient(ServerClient):
+class SessionClient(ServerClient):
+    """A client of a server that keeps a session: it says ``hello`` once, before its first
+    operation (the template: a backend implements :meth:`_exchange`, one request and its
+    answer)."""
+
+    #: the answer to the session's ``hello``, once it was said
+    hello_result: dict[str, Any] | None = None
+
+    def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
+        if self.hello_result is None and op != Op.HELLO:
+            self.hello_result = self._exchange(Op.HELLO, hello_args())
+        return self._exchange(op, args or {})
+
+    @abc.abstractmethod
+    def _exchange(self, op: str, args: Mapping[str, Any]) -> Any:
+        """One request and its answer's result; RemoteError/TransportError on failure."""
+
+
+class StreamClient(SessionClient):
     """The RPC client over a byte-stream link, with timeouts and retries.
 
     Args:
@@ -283,7 +307,6 @@ class StreamClient(ServerClient):
         self.link = link
         self.rpc = RpcClient(timeout=timeout, tries=tries)
         self.clock = clock
-        self.hello_result: dict[str, Any] | None = None
 
     def _exchange(self, op: str, args: Mapping[str, Any]) -> Any:
         rid, frame = self.rpc.start(op, args, self.clock())
@@ -306,11 +329,6 @@ class StreamClient(ServerClient):
                     if res.error is not None:
                         raise res.error
                     return res.result
-
-    def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
-        if self.hello_result is None and op != Op.HELLO:
-            self.hello_result = self._exchange(Op.HELLO, {"versions": list(PROTOCOL_VERSIONS)})
-        return self._exchange(op, args or {})
 
     def close(self) -> None:
         self.link.close()

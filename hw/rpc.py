@@ -14,7 +14,6 @@ events come out.
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from agent.errors import MalformedError
 from agent.record import field, record
 from agent.rpc import (
+    MESSAGE_SLACK,
     PROTOCOL_VERSIONS,
     Handler,
     Op,
@@ -30,14 +30,13 @@ from agent.rpc import (
     RpcRequest,
     answer,
     decode_message,
+    first_request_id,
+    hello_args,
+    next_request_id,
 )
 from hw.framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
 
 __all__ = ["RpcClient", "RpcResult", "RpcServer"]
-
-#: a frame may exceed the payload limit by this much (CBOR envelope of the answer)
-FRAME_SLACK = 1024
-
 
 # ---------------------------------------------------------------- server side
 
@@ -98,7 +97,7 @@ class RpcServer:
             if msg.op == Op.HELLO and ans.ok:
                 self.version = int(ans.result["version"])
                 self._recent.clear()  # a new client session: its IDs mean nothing from before
-        frame = ans.encode_within(self.max_frame + FRAME_SLACK, "frame", encode_frame)
+        frame = ans.encode_within(self.max_frame + MESSAGE_SLACK, "frame", encode_frame)
         self._recent[rid] = frame
         while len(self._recent) > self.remember:
             self._recent.popitem(last=False)
@@ -145,20 +144,19 @@ class RpcClient:
     def __post_init__(self) -> None:
         self._decoder = FrameDecoder(self.max_frame)
         if self.next_id == 0:
-            # a random start, so that two sessions over one serial line never share IDs
-            self.next_id = int.from_bytes(os.urandom(4), "big") % (2**31) + 1
+            self.next_id = first_request_id()
 
     def start(self, op: str, args: Mapping[str, Any], now: float) -> tuple[int, bytes]:
         rid = self.next_id
-        self.next_id = (self.next_id % (2**32 - 1)) + 1
+        self.next_id = next_request_id(rid)
         frame = encode_frame(RpcRequest(rid, op, dict(args)).encode())
-        if len(frame) > self.max_frame + FRAME_SLACK:
+        if len(frame) > self.max_frame + MESSAGE_SLACK:
             raise MalformedError(f"request of {len(frame)} bytes exceeds the frame limit")
         self._pending[rid] = _Pending(frame, now + self.timeout, 1)
         return rid, frame
 
     def hello(self, now: float) -> tuple[int, bytes]:
-        return self.start(Op.HELLO, {"versions": list(PROTOCOL_VERSIONS)}, now)
+        return self.start(Op.HELLO, hello_args(), now)
 
     def receive(self, data: bytes) -> list[RpcResult]:
         results: list[RpcResult] = []

@@ -17,7 +17,6 @@ from agent.errors import LicensingError, MalformedError, TrustError, UsageError
 from agent.formats import LICENSE_INFO_MAX, SiteInfo, peek_payload, read_device_info
 from agent.messages import Action, LicenseInfo, Receipt, Request, Response
 from agent.protocol import self_signed_payload
-from agent.rpc import PROTOCOL_VERSIONS, Op
 from apps.common import read_input
 from apps.licadmin.console import Console
 from apps.licadmin.files import (
@@ -40,10 +39,9 @@ __all__ = ["device_id_of", "gather", "make_requests", "send"]
 
 def device_id_of(client: ServerClient) -> str:
     """Which device answers on this link (``hello``; ``status`` if hello does not say)."""
-    hello = client.call(Op.HELLO, {"versions": list(PROTOCOL_VERSIONS)})
-    dev = hello.get("device_id") if isinstance(hello, dict) else None
-    if not isinstance(dev, str):
-        dev = client.status().get("device_id")
+    dev = client.hello().device_id
+    if dev is None:
+        dev = client.status().device_id
     if not isinstance(dev, str) or len(dev) != 64:
         raise MalformedError("the server did not say which device it is")
     return dev

@@ -36,7 +36,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import UsageError
-from agent.rpc import PROTOCOL_VERSIONS, Handler, Op, TransportError
+from agent.rpc import (
+    Handler,
+    Op,
+    TransportError,
+    first_request_id,
+    hello_args,
+    next_request_id,
+)
 from hw.backends.mqtt_contract import (
     DEFAULT_KEEPALIVE,
     DEFAULT_TIMEOUT,
@@ -169,7 +176,7 @@ class MqttListener(Listener):
     def start(self) -> None:
         if self._session is not None:
             raise UsageError(f"{self.url.text} is already being served")
-        hello = self.handler(Op.HELLO, {"versions": list(PROTOCOL_VERSIONS)}) or {}
+        hello = self.handler(Op.HELLO, hello_args()) or {}
         dev, model = hello.get("device_id"), hello.get("model", "")
         if not isinstance(dev, str):
             raise UsageError(f"{self.url.text}: the agent did not say its device ID")
@@ -450,7 +457,7 @@ class MqttClient(ServerClient):
         self.client_id = "licadmin-" + os.urandom(8).hex()
         self.reply_topic = response_topic(site, dev, self.client_id)
         self.where = f"device {dev} at site {site} on {netloc(self.host, self.port)}"
-        self._next_id = int.from_bytes(os.urandom(4), "big") % (2**31) + 1
+        self._next_id = first_request_id()
         self.hello_result: dict[str, Any] | None = None
         tls = _tls_context(url)
         self._loop, self._own = own_loop(loop, f"licadmin-mqtt {dev[:12]}", None)
@@ -489,7 +496,7 @@ class MqttClient(ServerClient):
         if self._in_flight.closed:
             raise TransportError("the MQTT client is closed")
         rid = self._next_id
-        self._next_id = (self._next_id % (2**32 - 1)) + 1
+        self._next_id = next_request_id(rid)
         result = self._in_flight.call(self.device_id, rid, op, args, "the client was closed")
         if op == Op.HELLO and isinstance(result, dict):
             self.hello_result = result
@@ -703,7 +710,7 @@ class MqttSite:
         """One operation on one device (see :meth:`MqttClient.call`)."""
         if self._in_flight.closed:
             raise TransportError("the MQTT site session is closed")
-        rid = int.from_bytes(os.urandom(4), "big") % (2**31) + 1
+        rid = first_request_id()
         return self._in_flight.call(device_id, rid, op, args, "the site session was closed")
 
     # -- loop thread

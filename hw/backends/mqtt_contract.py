@@ -62,6 +62,7 @@ from typing import Any
 from agent.errors import MalformedError, UsageError
 from agent.record import field, record
 from agent.rpc import (
+    MESSAGE_SLACK,
     PROTOCOL_VERSIONS,
     Handler,
     RpcAnswer,
@@ -283,7 +284,7 @@ def answer_request(handler: Handler, site: str, device_id: str, payload: bytes, 
     if not isinstance(msg, RpcRequest):
         say("mqtt: a message that is not an RPC request dropped")
         return DROPPED, None
-    out = answer(handler, msg, max_payload, say).encode_within(max_payload + 1024, "message")
+    out = answer(handler, msg, max_payload, say).encode_within(max_payload + MESSAGE_SLACK, "message")
     memory.put(key, out)
     return HANDLED, out
 
@@ -337,7 +338,7 @@ class RequestServer:
 def encode_request(rid: int, op: str, args: Mapping[str, Any] | None) -> bytes:
     """The bytes of request ``rid``; MalformedError if they exceed the message limit."""
     payload = RpcRequest(rid, op, dict(args or {})).encode()
-    if len(payload) > DEFAULT_MAX_FRAME + 1024:
+    if len(payload) > DEFAULT_MAX_FRAME + MESSAGE_SLACK:
         raise MalformedError(f"request of {len(payload)} bytes exceeds the message limit")
     return payload
 
@@ -355,7 +356,7 @@ def decode_reply(payload: bytes, rid: int, max_payload: int = DEFAULT_MAX_FRAME)
         TransportError: the answer is unreadable or for another request.
     """
     try:
-        msg = decode_message(payload, max_payload + 1024)
+        msg = decode_message(payload, max_payload + MESSAGE_SLACK)
     except MalformedError as exc:
         raise TransportError(f"unreadable answer: {exc}") from exc
     if not isinstance(msg, RpcAnswer) or msg.id != rid:

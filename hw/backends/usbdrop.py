@@ -76,6 +76,7 @@ from agent.messages import Request
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from agent.record import record
 from agent.rpc import (
+    MESSAGE_SLACK,
     PROTOCOL_VERSIONS,
     Handler,
     Op,
@@ -84,9 +85,11 @@ from agent.rpc import (
     TransportError,
     answer,
     decode_message,
+    first_request_id,
+    next_request_id,
 )
 from hw.framing import DEFAULT_MAX_FRAME
-from hw.link import LinkURL, Listener, ServerClient
+from hw.link import LinkURL, Listener, SessionClient
 
 __all__ = [
     "MARKER",
@@ -111,7 +114,7 @@ RSP_SUFFIX = ".rsp.cbor"
 MAX_RESPONSE = DEFAULT_LIMITS.max_file
 MAX_WANT = 4096
 #: an RPC map may be as large as a frame of the stream links, plus the server's slack
-MAX_RPC_FILE = DEFAULT_MAX_FRAME + 2048
+MAX_RPC_FILE = DEFAULT_MAX_FRAME + 2 * MESSAGE_SLACK
 MAX_LOG = 1024 * 1024
 #: a file set aside (agent store failure, stick write failure) is tried again after this long,
 #: or at the next insertion, not on every poll (each refusal is journalled by the agent)
@@ -196,7 +199,8 @@ def answer_request(handler: Handler, payload: bytes) -> bytes | None:
         return None
     if not isinstance(msg, RpcRequest) or msg.v not in PROTOCOL_VERSIONS:
         return None
-    return answer(handler, msg, DEFAULT_MAX_FRAME).encode_within(MAX_RPC_FILE - 1024, "frame")
+    return answer(handler, msg, DEFAULT_MAX_FRAME).encode_within(
+        DEFAULT_MAX_FRAME + MESSAGE_SLACK, "frame")
 
 
 def _refusal(name: str, err: LicensingError) -> str:
@@ -528,7 +532,7 @@ def listen(url: LinkURL, handler: Handler, log: Callable[[str], None] | None = N
 # ---------------------------------------------------------------- client side
 
 
-class MailboxClient(ServerClient):
+class MailboxClient(SessionClient):
     """Synchronous RPC through request and answer files in ``folder``.
 
     Args:
@@ -551,18 +555,12 @@ class MailboxClient(ServerClient):
         self.client_id = os.urandom(6).hex()
         self.seq = 0
         # one try: a request file is not lost in transit, and a resend could run it twice
-        self.next_id = int.from_bytes(os.urandom(4), "big") % (2**31) + 1
-        self.hello_result: dict[str, Any] | None = None
-
-    def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
-        if self.hello_result is None and op != Op.HELLO:
-            self.hello_result = self._exchange(Op.HELLO, {"versions": list(PROTOCOL_VERSIONS)})
-        return self._exchange(op, args or {})
+        self.next_id = first_request_id()
 
     def _exchange(self, op: str, args: Mapping[str, Any]) -> Any:
-        rid, self.next_id = self.next_id, self.next_id % (2**32 - 1) + 1
+        rid, self.next_id = self.next_id, next_request_id(self.next_id)
         payload = RpcRequest(rid, op, dict(args)).encode()
-        if len(payload) > MAX_RPC_FILE - 1024:
+        if len(payload) > DEFAULT_MAX_FRAME + MESSAGE_SLACK:
             raise MalformedError(f"request of {len(payload)} bytes exceeds the frame limit")
         self.seq += 1
         base = f"{self.client_id}-{self.seq:06d}"

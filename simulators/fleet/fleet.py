@@ -360,7 +360,7 @@ class Fleet(FaultInjection):
         for _ in range(tries):
             try:
                 c = self.clients.get(srv, link, self.scenario.load.timeout, faulty=False)
-                c.call("hello", {"versions": [1]})
+                c.hello()
                 self.clients.release(srv, link)
                 return True
             except LicensingError as exc:

@@ -70,7 +70,7 @@ def answers(url: str, timeout: float) -> bool:
     """One ``hello`` on a fresh connection to ``url``, no retry."""
     try:
         with hw.connect(url, timeout=timeout, tries=1) as c:
-            c.call("hello", {"versions": [1]})
+            c.hello()
         return True
     except LicensingError:
         return False
