@@ -146,6 +146,18 @@ class RpcError:
     def of(cls, err: LicensingError) -> RpcError:
         return cls(err.exit_code, err.reason, str(err))
 
+    def to_wire(self) -> dict[str, Any]:
+        """``{"code", "reason", "message"}``: every refusal on every link and in every API."""
+        return {"code": self.code, "reason": self.reason, "message": self.message}
+
+    @classmethod
+    def from_wire(cls, e: object) -> RpcError:
+        """Read a refusal leniently: a code outside 1 to 255 is 1, missing texts are generic."""
+        m = e if isinstance(e, dict) else {}
+        code = m.get("code")
+        return cls(code if type(code) is int and 0 < code < 256 else 1,
+                   str(m.get("reason", "remote")), str(m.get("message", "remote error")))
+
     def exception(self) -> RemoteError:
         return RemoteError(self.code, self.reason, self.message)
 
@@ -168,8 +180,7 @@ class RpcAnswer:
         if self.ok:
             return canonical({"v": self.v, "id": self.id, "ok": True, "result": self.result})
         e = self.error or RpcError(1, "remote", "remote error")
-        return canonical({"v": self.v, "id": self.id, "ok": False,
-                          "error": {"code": e.code, "reason": e.reason, "message": e.message}})
+        return canonical({"v": self.v, "id": self.id, "ok": False, "error": e.to_wire()})
 
     def encode_within(self, limit: int, what: str = "frame",
                       wrap: Callable[[bytes], bytes] = bytes) -> bytes:
@@ -212,14 +223,7 @@ def decode_message(payload: bytes, max_size: int) -> RpcRequest | RpcAnswer:
         raise MalformedError("not an RPC message (neither op nor ok)")
     if msg["ok"] is True:
         return RpcAnswer(rid, True, msg.get("result"), v=v)
-    e = msg.get("error")
-    if not isinstance(e, dict):
-        e = {}
-    code = e.get("code")
-    if type(code) is not int or not 0 < code < 256:
-        code = 1
-    return RpcAnswer(rid, False, error=RpcError(code, str(e.get("reason", "remote")),
-                                                str(e.get("message", "remote error"))), v=v)
+    return RpcAnswer(rid, False, error=RpcError.from_wire(msg.get("error")), v=v)
 
 
 # ---------------------------------------------------------------- answering

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from agent.cose import canonical
 from agent.errors import LicensingError, MalformedError, UsageError
 from agent.record import WireView
+from agent.rpc import RpcError
 
 __all__ = [
     "Confirmation",
@@ -36,7 +37,7 @@ __all__ = [
 
 def refusal(err: LicensingError) -> dict[str, Any]:
     """The ``{"code", "reason", "message"}`` of a refusal, as the API writes it."""
-    return {"code": err.exit_code, "reason": err.reason, "message": str(err)}
+    return RpcError.of(err).to_wire()
 
 
 def body_fields(obj: object, what: str, required: set[str], optional: set[str] | None = None

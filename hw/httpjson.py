@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.errors import LicensingError
+from agent.rpc import RpcError
 
 __all__ = ["CBOR", "HTTP_STATUS", "JSON", "Answer", "HttpRefusal", "JsonHandler", "Route"]
 
@@ -113,7 +114,7 @@ class JsonHandler(BaseHTTPRequestHandler):
     @staticmethod
     def error_answer(status: int, code: int, reason: str, message: str,
                      headers: Mapping[str, str] | None = None) -> Answer:
-        body = json.dumps({"code": code, "reason": reason, "message": message}).encode() + b"\n"
+        body = json.dumps(RpcError(code, reason, message).to_wire()).encode() + b"\n"
         return Answer(body, JSON, status, headers)
 
     def send_answer(self, answer: Answer) -> None:

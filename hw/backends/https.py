@@ -61,7 +61,7 @@ from urllib.parse import quote, unquote
 
 from agent.cose import canonical, jsonable, strict_loads
 from agent.errors import MalformedError, UsageError
-from agent.rpc import Handler, Op, RemoteError, TransportError, wire
+from agent.rpc import Handler, Op, RemoteError, RpcError, TransportError, wire
 from hw.httpjson import CBOR, HTTP_STATUS, JSON, Answer, HttpRefusal, JsonHandler, Route
 from hw.link import LinkURL, Listener, ServerClient, netloc
 from hw.tls import client_context, server_context
@@ -569,10 +569,7 @@ def refusal_from_body(where: str, status: int, phrase: str, data: bytes) -> Remo
         text = data[:200].decode("utf-8", "replace").strip()
         return RemoteError(1, "http", f"{where} answered HTTP {status} {phrase}"
                                       + (f": {text}" if text else ""))
-    code = err.get("code")
-    if not isinstance(code, int) or isinstance(code, bool) or not 0 < code < 256:
-        code = 1
-    return RemoteError(code, str(err.get("reason", "remote")), err["message"])
+    return RpcError.from_wire(err).exception()
 
 
 def connect(url: LinkURL, timeout: float = 10.0, **_ctx: Any) -> HttpsClient:
