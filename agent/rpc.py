@@ -62,6 +62,7 @@ __all__ = [
     "hello_args",
     "next_request_id",
     "read_args",
+    "speaks",
     "wire",
 ]
 
@@ -106,6 +107,11 @@ class RemoteError(LicensingError):
 # ---------------------------------------------------------------- the messages
 
 
+def speaks(v: object) -> bool:
+    """Is ``v`` a protocol version this side speaks (an integer, never a boolean)?"""
+    return type(v) is int and v in PROTOCOL_VERSIONS
+
+
 def hello_args() -> dict[str, Any]:
     """The arguments of ``hello``: the versions this side speaks."""
     return {"versions": list(PROTOCOL_VERSIONS)}
@@ -128,7 +134,7 @@ class RpcRequest:
     id: int
     op: Any
     args: Any
-    v: int = 1
+    v: Any = 1
 
     def encode(self) -> bytes:
         return canonical({"v": self.v, "id": self.id, "op": self.op, "args": dict(self.args)})
@@ -170,7 +176,7 @@ class RpcAnswer:
     ok: bool
     result: Any = None
     error: RpcError | None = None
-    v: int = 1
+    v: Any = 1
 
     @classmethod
     def refusal(cls, rid: int, code: int, reason: str, message: str) -> RpcAnswer:
@@ -206,17 +212,18 @@ class RpcAnswer:
 def decode_message(payload: bytes, max_size: int) -> RpcRequest | RpcAnswer:
     """Parse one RPC message (strict CBOR, size capped): a request if it has ``op``, else an answer.
 
-    Any version number is accepted here; :func:`answer` refuses the ones it does not speak.
+    Any ``v`` is kept as it came (:func:`speaks` tells whether it is one this side speaks):
+    :func:`answer` refuses the others with a ``version`` error, a stream session drops them.
 
     Raises:
-        MalformedError: not CBOR, not a map, no valid ``v`` or ``id``, neither op nor ok.
+        MalformedError: not CBOR, not a map, no valid ``id``, neither op nor ok.
     """
     msg = strict_loads(payload, max_size=max_size)
     if not isinstance(msg, dict):
         raise MalformedError("not an RPC message (a CBOR map)")
     v, rid = msg.get("v"), msg.get("id")
-    if type(v) is not int or type(rid) is not int or not 0 <= rid < MAX_ID:
-        raise MalformedError("not an RPC message (v and id must be whole numbers)")
+    if type(rid) is not int or not 0 <= rid < MAX_ID:
+        raise MalformedError("not an RPC message (id must be a whole number)")
     if "op" in msg:
         return RpcRequest(rid, msg["op"], msg.get("args", {}), v)
     if "ok" not in msg:
@@ -249,7 +256,7 @@ def answer(handler: Handler, request: RpcRequest, max_frame: int,
     (logged), so that one request never takes a link's thread down.
     """
     rid, op, args = request.id, request.op, request.args
-    if request.v not in PROTOCOL_VERSIONS:
+    if not speaks(request.v):
         return RpcAnswer.refusal(rid, 2, "version", f"no common protocol version: server speaks "
                                  f"{list(PROTOCOL_VERSIONS)}, the request is v{request.v!r}")
     if not isinstance(op, str) or not isinstance(args, dict):
@@ -271,7 +278,7 @@ def answer(handler: Handler, request: RpcRequest, max_frame: int,
         return RpcAnswer(rid, False, error=RpcError.of(err))
     except Exception as exc:  # never let one request take the link's thread down
         if log is not None:
-            log(f"rpc: {op} failed: {exc!r}")
+            log(f"{op} failed: {exc!r}")
         return RpcAnswer.refusal(rid, 1, "internal",
                                  f"internal error in the license agent: {exc!r}")
 

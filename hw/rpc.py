@@ -22,7 +22,6 @@ from agent.errors import MalformedError
 from agent.record import field, record
 from agent.rpc import (
     MESSAGE_SLACK,
-    PROTOCOL_VERSIONS,
     Handler,
     Op,
     RemoteError,
@@ -33,6 +32,7 @@ from agent.rpc import (
     first_request_id,
     hello_args,
     next_request_id,
+    speaks,
 )
 from hw.framing import DEFAULT_MAX_FRAME, Frame, FrameDecoder, encode_frame
 
@@ -80,7 +80,7 @@ class RpcServer:
         except MalformedError:
             self.corrupt_frames += 1
             return None
-        if msg.v not in PROTOCOL_VERSIONS:
+        if not speaks(msg.v):
             self.corrupt_frames += 1
             return None
         if not isinstance(msg, RpcRequest):
@@ -169,7 +169,7 @@ class RpcClient:
             except MalformedError:
                 self.corrupt_frames += 1
                 continue
-            if msg.v not in PROTOCOL_VERSIONS:
+            if not speaks(msg.v):
                 self.corrupt_frames += 1
                 continue
             if not isinstance(msg, RpcAnswer) or msg.id not in self._pending:

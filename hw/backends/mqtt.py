@@ -61,6 +61,7 @@ from hw.backends.mqtt_contract import (
     device_client_id,
     encode_presence,
     encode_request,
+    is_response_topic,
     marker_topic,
     presence_topic,
     request_expiry,
@@ -302,9 +303,11 @@ class _InFlight:
     """
 
     def __init__(self, session: Session, site: str, timeout: float, tries: int,
-                 presence_timeout: float) -> None:
+                 presence_timeout: float, what: str) -> None:
         self.session = session
         self.site = site
+        self.what = what  # "client" or "site session", for the closed messages
+        self._next_id = first_request_id()
         self.timeout, self.tries, self.presence_timeout = timeout, tries, presence_timeout
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # any presence or connection change
@@ -316,9 +319,8 @@ class _InFlight:
 
     # -- any thread
 
-    def call(self, device_id: str, rid: int, op: str, args: Mapping[str, Any] | None,
-             closed: str) -> Any:
-        """The result of request ``rid`` on ``device_id``; ``closed`` says what was closed.
+    def call(self, device_id: str, op: str, args: Mapping[str, Any] | None) -> Any:
+        """The result of ``op`` on ``device_id`` (the request ID is this session's next).
 
         Raises:
             RemoteError: the device answered with an error.
@@ -326,6 +328,11 @@ class _InFlight:
                 longer than the presence timeout, or the client was closed.
             MalformedError: the request exceeds the message limit.
         """
+        with self.lock:
+            if self.closed:
+                raise TransportError(f"the MQTT {self.what} is closed")
+            rid, self._next_id = self._next_id, next_request_id(self._next_id)
+        closed = f"the {self.what} was closed"
         where = f"device {device_id} at site {self.site} on {self.session.broker}"
         payload = encode_request(rid, op, args)
         corr = os.urandom(16)
@@ -457,7 +464,6 @@ class MqttClient(ServerClient):
         self.client_id = "licadmin-" + os.urandom(8).hex()
         self.reply_topic = response_topic(site, dev, self.client_id)
         self.where = f"device {dev} at site {site} on {netloc(self.host, self.port)}"
-        self._next_id = first_request_id()
         self.hello_result: dict[str, Any] | None = None
         tls = _tls_context(url)
         self._loop, self._own = own_loop(loop, f"licadmin-mqtt {dev[:12]}", None)
@@ -467,7 +473,8 @@ class MqttClient(ServerClient):
         s.on_down = self._down
         s.on_message = self._message
         self._session = s
-        self._in_flight = _InFlight(s, site, self.timeout, self.tries, self.presence_timeout)
+        self._in_flight = _InFlight(s, site, self.timeout, self.tries, self.presence_timeout,
+                                    "client")
         try:
             s.open()
             wait_connected(s, max(self.timeout, 5.0))
@@ -493,11 +500,7 @@ class MqttClient(ServerClient):
             f" wait longer with ?presence_timeout=SECONDS")
 
     def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
-        if self._in_flight.closed:
-            raise TransportError("the MQTT client is closed")
-        rid = self._next_id
-        self._next_id = next_request_id(rid)
-        result = self._in_flight.call(self.device_id, rid, op, args, "the client was closed")
+        result = self._in_flight.call(self.device_id, op, args)
         if op == Op.HELLO and isinstance(result, dict):
             self.hello_result = result
         return result
@@ -575,7 +578,7 @@ def discover(url: str | LinkURL, timeout: float = DISCOVER_TIMEOUT,
 
     def up(_again: bool) -> None:
         # QoS 0: retained messages then skip the broker's per-client queue limit for QoS 1
-        s.client.subscribe([(f"lic/{site}/+/presence", 0), (marker_topic(site, client_id), 0)])
+        s.client.subscribe([(presence_topic(site, "+"), 0), (marker_topic(site, client_id), 0)])
 
     def message(msg: Any) -> None:
         if msg.topic == marker_topic(site, client_id):
@@ -602,7 +605,7 @@ def discover(url: str | LinkURL, timeout: float = DISCOVER_TIMEOUT,
             raise TransportError(
                 f"the MQTT broker {s.broker} did not list the presence of site {site} within "
                 f"{timeout:g} s (the broker may refuse this client reading "
-                f"lic/{site}/+/presence or {marker_topic(site, client_id)})")
+                f"{presence_topic(site, '+')} or {marker_topic(site, client_id)})")
         if lost:
             raise TransportError(f"{lost[0]} while listing site {site}; try again")
         return sorted((p.device_id, p.model, p.online) for p in found.values())
@@ -665,7 +668,8 @@ class MqttSite:
         s.on_subscribed = lambda: s.client.publish(marker_topic(site, self.client_id),
                                                    self._marker, qos=0)
         self._session = s
-        self._in_flight = _InFlight(s, site, self.timeout, self.tries, self.presence_timeout)
+        self._in_flight = _InFlight(s, site, self.timeout, self.tries, self.presence_timeout,
+                                    "site session")
         try:
             s.open()
             deadline = time.monotonic() + discover_timeout
@@ -674,7 +678,7 @@ class MqttSite:
                 raise TransportError(
                     f"the MQTT broker {s.broker} did not list the presence of site {site} within "
                     f"{discover_timeout:g} s (the broker may refuse this client reading "
-                    f"lic/{site}/+/presence or {marker_topic(site, self.client_id)})")
+                    f"{presence_topic(site, '+')} or {marker_topic(site, self.client_id)})")
             if self._lost:
                 raise TransportError(f"{self._lost[0]} while listing site {site}; try again")
         except BaseException:
@@ -708,17 +712,14 @@ class MqttSite:
 
     def call(self, device_id: str, op: str, args: Mapping[str, Any] | None = None) -> Any:
         """One operation on one device (see :meth:`MqttClient.call`)."""
-        if self._in_flight.closed:
-            raise TransportError("the MQTT site session is closed")
-        rid = first_request_id()
-        return self._in_flight.call(device_id, rid, op, args, "the site session was closed")
+        return self._in_flight.call(device_id, op, args)
 
     # -- loop thread
 
     def _up(self, _again: bool) -> None:
         self._session.client.subscribe([
-            (f"lic/{self.site}/+/presence", 0),
-            (f"lic/{self.site}/+/resp/{self.client_id}", 1),
+            (presence_topic(self.site, "+"), 0),
+            (response_topic(self.site, "+", self.client_id), 1),
             (marker_topic(self.site, self.client_id), 0)])
 
     def _down(self, why: str) -> None:
@@ -730,7 +731,7 @@ class MqttSite:
 
     def _message(self, msg: Any) -> None:
         topic = msg.topic
-        if topic.endswith(f"/resp/{self.client_id}"):
+        if is_response_topic(topic, self.site, self.client_id):
             self._in_flight.answered(topic, msg)
             return
         if topic == marker_topic(self.site, self.client_id):

@@ -108,6 +108,7 @@ __all__ = [
     "presence_topic",
     "request_expiry",
     "request_topic",
+    "is_response_topic",
     "response_topic",
 ]
 
@@ -160,6 +161,13 @@ def request_topic(site: str, device_id: str) -> str:
 
 def response_topic(site: str, device_id: str, client_id: str) -> str:
     return f"lic/{site}/{device_id}/resp/{client_id}"
+
+
+def is_response_topic(topic: str, site: str, client_id: str) -> bool:
+    """Is ``topic`` an answer to ``client_id`` from any device of ``site``?"""
+    parts = topic.split("/")
+    return (len(parts) == 5 and parts[0] == "lic" and parts[1] == site and parts[3] == "resp"
+            and parts[4] == client_id)
 
 
 def marker_topic(site: str, client_id: str) -> str:
@@ -262,7 +270,7 @@ def answer_request(handler: Handler, site: str, device_id: str, payload: bytes, 
     (None when dropped) is published on ``reply_to`` with ``correlation``.
     """
     say: Log = log or (lambda _line: None)
-    prefix = f"lic/{site}/{device_id}/resp/"
+    prefix = response_topic(site, device_id, "")
     if (not isinstance(reply_to, str) or not reply_to.startswith(prefix)
             or any(c in reply_to[len(prefix):] for c in "/+#\0")
             or len(reply_to) == len(prefix)):
@@ -284,7 +292,8 @@ def answer_request(handler: Handler, site: str, device_id: str, payload: bytes, 
     if not isinstance(msg, RpcRequest):
         say("mqtt: a message that is not an RPC request dropped")
         return DROPPED, None
-    out = answer(handler, msg, max_payload, say).encode_within(max_payload + MESSAGE_SLACK, "message")
+    out = answer(handler, msg, max_payload, lambda line: say(f"mqtt: {line}")).encode_within(
+        max_payload + MESSAGE_SLACK, "message")
     memory.put(key, out)
     return HANDLED, out
 

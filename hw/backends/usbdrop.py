@@ -77,7 +77,6 @@ from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from agent.record import record
 from agent.rpc import (
     MESSAGE_SLACK,
-    PROTOCOL_VERSIONS,
     Handler,
     Op,
     RpcAnswer,
@@ -87,6 +86,7 @@ from agent.rpc import (
     decode_message,
     first_request_id,
     next_request_id,
+    speaks,
 )
 from hw.framing import DEFAULT_MAX_FRAME
 from hw.link import LinkURL, Listener, SessionClient
@@ -197,7 +197,7 @@ def answer_request(handler: Handler, payload: bytes) -> bytes | None:
         msg = decode_message(payload, MAX_RPC_FILE)
     except MalformedError:
         return None
-    if not isinstance(msg, RpcRequest) or msg.v not in PROTOCOL_VERSIONS:
+    if not isinstance(msg, RpcRequest) or not speaks(msg.v):
         return None
     return answer(handler, msg, DEFAULT_MAX_FRAME).encode_within(
         DEFAULT_MAX_FRAME + MESSAGE_SLACK, "frame")
@@ -586,7 +586,7 @@ class MailboxClient(SessionClient):
                 except MalformedError:
                     msg = None
                 if (isinstance(msg, RpcAnswer) and msg.id == rid
-                        and msg.v in PROTOCOL_VERSIONS):
+                        and speaks(msg.v)):
                     return msg.value()
                 raise TransportError(f"{op}: the answer {rsp.name} is not an answer to this request")
             if self.clock() >= deadline:

@@ -33,6 +33,7 @@ from agent.rpc import (
     answer,
     decode_message,
     read_args,
+    speaks,
     wire,
 )
 
@@ -67,13 +68,24 @@ def test_an_answer_decodes_to_itself(rid: int, result: Any) -> None:
 
 
 @pytest.mark.parametrize("msg", [
-    [1, 2], {"v": True, "id": 1, "op": "hello"}, {"v": 1, "id": True, "op": "hello"},
+    [1, 2], {"v": 1, "id": True, "op": "hello"},
     {"v": 1, "id": -1, "op": "hello"}, {"v": 1, "id": 2**32, "op": "hello"},
-    {"v": 1, "op": "hello"}, {"v": 1, "id": 3}, {"id": 3, "op": "hello"},
+    {"v": 1, "op": "hello"}, {"v": 1, "id": 3},
 ])
 def test_what_is_not_an_rpc_message_is_refused(msg: Any) -> None:
     with pytest.raises(MalformedError):
         decode_message(canonical(msg), MAX)
+
+
+@pytest.mark.parametrize("v", [True, None, "1", 2, 1.0])
+def test_a_version_not_spoken_is_kept_and_refused_by_answer(v: Any) -> None:
+    msg: dict[str, Any] = {"id": 3, "op": "get-info", "args": {}}
+    if v is not None:
+        msg["v"] = v
+    req = decode_message(canonical(msg), MAX)
+    assert isinstance(req, RpcRequest) and not speaks(req.v)
+    ans = answer(echo, req, MAX)
+    assert ans.error is not None and ans.error.reason == "version"
 
 
 @pytest.mark.parametrize(("code", "taken"), [(0, 1), (256, 1), (True, 1), ("2", 1), (7, 7)])

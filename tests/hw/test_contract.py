@@ -20,7 +20,7 @@ import pytest
 
 from agent.formats import read_device_info
 from agent.ops import AgentOps
-from agent.rpc import RemoteError
+from agent.rpc import RemoteError, hello_args
 from hw import connect, listen
 from hw.backends.loop import LoopFabric
 from hw.backends.sim import SimFabric
@@ -105,7 +105,7 @@ class _EngineListener(Listener):
     def __init__(self, port: int, ops: AgentOps) -> None:
         from simulators.mqttlite import DeviceEngine  # only when this backend runs
 
-        hello = ops("hello", {"versions": [1]})
+        hello = ops("hello", hello_args())
         self.device_id, self.model = hello["device_id"], hello["model"]
         self.engine = DeviceEngine("127.0.0.1", port, f"contract-{uuid.uuid4().hex[:8]}")
         self.engine.add(self.device_id, self.model, ops)

@@ -746,3 +746,16 @@ def test_licadmin_gather_finds_a_whole_site_by_its_mqtt_url(
     finally:
         for lst in listeners:
             lst.stop()
+
+
+@pytest.mark.parametrize("v", [None, "1", 2])
+def test_a_request_of_no_spoken_version_is_answered_with_a_version_error(v: Any) -> None:
+    """MQTT answers it (the stream links drop it): the client hears why, not a time-out."""
+    srv = RequestServer(lambda _op, _args: {"ok": True}, "s1", "d1")
+    req: dict[str, Any] = {"id": 3, "op": "get-status", "args": {}}
+    if v is not None:
+        req["v"] = v
+    out = srv.answer(canonical(req), response_topic("s1", "d1", "c1"), b"corr")
+    with pytest.raises(RemoteError) as e:
+        decode_reply(out or b"", 3)
+    assert (e.value.exit_code, e.value.reason) == (2, "version")
