@@ -103,6 +103,9 @@ def read_toml(path: str | Path, what: str = "file") -> dict[str, Any]:
         raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{what} {path} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:  # tomllib decodes before it parses
+        raise UsageError(f"{what} {path} is not valid TOML: not UTF-8 text "
+                         f"(byte {exc.start})") from exc
 
 
 def read_input(path: str, limit: int) -> bytes:
