@@ -548,71 +548,18 @@ def discover(url: str | LinkURL, timeout: float = DISCOVER_TIMEOUT,
              loop: MqttLoop | None = None, **_ctx: Any) -> list[tuple[str, str, bool]]:
     """The devices of a site from their retained presence: ``[(device_id, model, online)]``.
 
-    Subscribes to ``lic/SITE/+/presence``, then sends itself a marker message;
-    the broker delivers the marker after every retained presence message, so
-    its arrival means the list is complete. Sorted by device ID.
+    A :class:`MqttSite` that lists the site and closes: it subscribes to
+    ``lic/SITE/+/presence``, then sends itself a marker message; the broker
+    delivers the marker after every retained presence message, so its arrival
+    means the list is complete. Sorted by device ID.
 
     Raises:
         UsageError: not a site URL (``mqtt://HOST:PORT/SITE``), or a bad option.
         TransportError: the broker is unreachable or refused us, the connection
             was lost meanwhile, or the list did not arrive within ``timeout``.
     """
-    parsed = parse_url(url) if isinstance(url, str) else url
-    if parsed.scheme not in DEFAULT_PORTS:
-        raise UsageError(f"{parsed.text}: discover() needs an mqtt:// or mqtts:// site URL")
-    parsed.check_options(CLIENT_OPTIONS[parsed.scheme])
-    site, dev = _address(parsed)
-    if dev is not None:
-        raise UsageError(f"{parsed.text} names one device; a site is "
-                         f"{parsed.scheme}://HOST:PORT/{site}")
-    host, port = _host_port(parsed)
-    timeout = parsed.seconds("timeout", timeout)
-    client_id = "licadmin-" + os.urandom(8).hex()
-    marker = os.urandom(16)
-    found: dict[str, Presence] = {}
-    done = threading.Event()
-    lost: list[str] = []
-    the_loop, own = own_loop(loop, "licadmin-mqtt discover", None)
-    s = Session(the_loop, client_id, host, port, _keepalive(parsed), _tls_context(parsed),
-                 True)
-
-    def up(_again: bool) -> None:
-        # QoS 0: retained messages then skip the broker's per-client queue limit for QoS 1
-        s.client.subscribe([(presence_topic(site, "+"), 0), (marker_topic(site, client_id), 0)])
-
-    def message(msg: Any) -> None:
-        if msg.topic == marker_topic(site, client_id):
-            if bytes(msg.payload) == marker:
-                done.set()
-            return
-        p = decode_presence(msg.topic, bytes(msg.payload))
-        if p is not None and not done.is_set():
-            found[p.device_id] = p
-
-    def down(why: str) -> None:
-        lost.append(why)
-        done.set()
-
-    s.on_up = up
-    s.on_subscribed = lambda: s.client.publish(marker_topic(site, client_id), marker, qos=0)
-    s.on_message = message
-    s.on_down = down
-    try:
-        s.open()
-        deadline = time.monotonic() + timeout
-        wait_connected(s, timeout)
-        if not done.wait(max(0.0, deadline - time.monotonic())):
-            raise TransportError(
-                f"the MQTT broker {s.broker} did not list the presence of site {site} within "
-                f"{timeout:g} s (the broker may refuse this client reading "
-                f"{presence_topic(site, '+')} or {marker_topic(site, client_id)})")
-        if lost:
-            raise TransportError(f"{lost[0]} while listing site {site}; try again")
-        return sorted((p.device_id, p.model, p.online) for p in found.values())
-    finally:
-        s.close()
-        if own:
-            the_loop.stop()
+    with MqttSite(url, discover_timeout=timeout, loop=loop, purpose="discover()") as site:
+        return site.devices()
 
 
 # ---------------------------------------------------------------- a whole site, one session
@@ -639,10 +586,11 @@ class MqttSite:
 
     def __init__(self, url: str | LinkURL, timeout: float = DEFAULT_TIMEOUT,
                  tries: int = DEFAULT_TRIES, presence_timeout: float = PRESENCE_TIMEOUT,
-                 discover_timeout: float = DISCOVER_TIMEOUT, loop: MqttLoop | None = None) -> None:
+                 discover_timeout: float = DISCOVER_TIMEOUT, loop: MqttLoop | None = None,
+                 purpose: str = "a site session") -> None:
         parsed = parse_url(url) if isinstance(url, str) else url
         if parsed.scheme not in DEFAULT_PORTS:
-            raise UsageError(f"{parsed.text}: a site session needs an mqtt:// or mqtts:// site URL")
+            raise UsageError(f"{parsed.text}: {purpose} needs an mqtt:// or mqtts:// site URL")
         parsed.check_options(CLIENT_OPTIONS[parsed.scheme])
         site, dev = _address(parsed)
         if dev is not None:
