@@ -36,7 +36,7 @@ from agent.formats import (
     read_device_info,
     verify_receipt,
 )
-from agent.messages import ChangeOp, DeviceInfo, License
+from agent.messages import ChangeOp, DeviceInfo, License, Request
 from apps.licensing_api import Confirmation, UploadAnswer, refusal
 from simulators.licensing_server import rules
 from simulators.licensing_server.ledger_sqlite import SCHEMA_VERSION as SCHEMA_VERSION
@@ -356,34 +356,38 @@ class Ledger:
         if len(data) > REQUEST_MAX:
             raise MalformedError(f"request file larger than {REQUEST_MAX} bytes")
         with self._operation("request", now) as (tx, rec):
-            req = Vendor.read_request(data)
-            dev = rec["device_id"] = req.device_id
-            rec["detail"] = f"{req.action.value} on sequence {req.sequence}"
-            rdigest = sha256(data)
-            prev = tx.response_to(dev, req.nonce)
-            if rules.check_request(req, rdigest, None if prev is None else prev.request_digest,
-                                   tx.device_sequence(dev)):
-                assert prev is not None  # answered again: the same response
-                rec["outcome"] = "repeated"
-                return prev.file
-            self._observe(tx, rules.seen_state("request", dev, req.device_key, req.model, None,
-                                               req.sequence, req.licenses, now), req.licenses)
-            changes = rules.decide(req, tx.targets(dev))
-            resp = signer.response_for(req, changes, now, self.response_valid)
-            file = signer.sign(resp)
-            digest = sha256(file)
-            base = {x.feature: x for x in req.licenses}
-            result = rules.apply_changes(req.licenses, changes)
-            tx.add_response(IssuedResponse(digest, dev, req.nonce, rdigest, req.action.value,
-                                           req.sequence, resp.sequence,
-                                           tuple(result.values()), file, now, resp.expires))
-            ents = tx.entitlements_of(dev)
-            tx.add_reclaims(digest, dev, [(f, n, ents.get(f))
-                                          for f, n in rules.reclaims(base, result)])
-            rec["detail"] += ": " + (", ".join(
-                f"{c.op.value} {c.feature}" + ("" if c.op is ChangeOp.REMOVE else f"={c.count}")
-                for c in changes))
-            return file
+            return self._answer(tx, rec, Vendor.read_request(data), data, now, signer)
+
+    def _answer(self, tx: LedgerTransaction, rec: dict[str, Any], req: Request, data: bytes,
+                now: int, signer: Vendor) -> bytes:
+        """:meth:`answer_request` for a request already verified (``req`` read from ``data``)."""
+        dev = rec["device_id"] = req.device_id
+        rec["detail"] = f"{req.action.value} on sequence {req.sequence}"
+        rdigest = sha256(data)
+        prev = tx.response_to(dev, req.nonce)
+        if rules.check_request(req, rdigest, None if prev is None else prev.request_digest,
+                               tx.device_sequence(dev)):
+            assert prev is not None  # answered again: the same response
+            rec["outcome"] = "repeated"
+            return prev.file
+        self._observe(tx, rules.seen_state("request", dev, req.device_key, req.model, None,
+                                           req.sequence, req.licenses, now), req.licenses)
+        changes = rules.decide(req, tx.targets(dev))
+        resp = signer.response_for(req, changes, now, self.response_valid)
+        file = signer.sign(resp)
+        digest = sha256(file)
+        base = {x.feature: x for x in req.licenses}
+        result = rules.apply_changes(req.licenses, changes)
+        tx.add_response(IssuedResponse(digest, dev, req.nonce, rdigest, req.action.value,
+                                       req.sequence, resp.sequence,
+                                       tuple(result.values()), file, now, resp.expires))
+        ents = tx.entitlements_of(dev)
+        tx.add_reclaims(digest, dev, [(f, n, ents.get(f))
+                                      for f, n in rules.reclaims(base, result)])
+        rec["detail"] += ": " + (", ".join(
+            f"{c.op.value} {c.feature}" + ("" if c.op is ChangeOp.REMOVE else f"={c.count}")
+            for c in changes))
+        return file
 
     # ------------------------------------------------------------ steps 5-6: receipts
 
@@ -457,17 +461,22 @@ class Ledger:
         for i, data in enumerate(requests):
             key = f"#{i}"
             try:
-                try:
-                    req = Vendor.read_request(data)
-                except LicensingError:
-                    req = None
-                if req is not None and req.device_id not in res.responses \
-                        and req.device_id not in res.errors:
-                    key = req.device_id
-                elif req is not None:
+                req = None
+                if len(data) <= REQUEST_MAX:  # a larger one is refused unread
+                    try:
+                        req = Vendor.read_request(data)
+                    except LicensingError:
+                        pass
+                if req is None:  # answer_request refuses it and records the refusal
+                    res.responses[key] = self.answer_request(data, now, vendor)
+                    continue
+                if req.device_id in res.responses or req.device_id in res.errors:
                     raise UsageError(f"another request of device {req.device_id[:12]}… is in "
                                      "this upload; send one per device")
-                res.responses[key] = self.answer_request(data, now, vendor)
+                key = req.device_id
+                at, signer = self._now(now), self._vendor(vendor)
+                with self._operation("request", at) as (tx, rec):
+                    res.responses[key] = self._answer(tx, rec, req, data, at, signer)
             except StorageError:
                 raise
             except LicensingError as err:

@@ -415,6 +415,33 @@ def test_ledger_survives_a_restart_between_upload_and_confirm(tmp_path: Path,
                      "receipt", "receipt"]
 
 
+def test_upload_verifies_each_request_once(ledger: Ledger, site: Site,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """upload reads a request once and answers from what it read (no second verification)."""
+    a, b = site.device(), site.device()
+    ledger.entitle(E, P, {"bacnet": 5})
+    ledger.assign(E, dev_id(a), "bacnet", 2)
+    ledger.assign(E, dev_id(b), "bacnet", 2)
+    reqs = [a.request(Action.ACTIVATE), b.request(Action.ACTIVATE)]
+    calls: list[bytes] = []
+    real = Vendor.read_request
+
+    def counted(data: bytes) -> Any:
+        calls.append(data)
+        return real(data)
+
+    monkeypatch.setattr(Vendor, "read_request", staticmethod(counted))
+    up = ledger.upload(reqs)
+    assert set(up.responses) == {dev_id(a), dev_id(b)} and not up.errors
+    assert calls == reqs
+    calls.clear()
+    again = ledger.upload(reqs)  # answered again: the same responses, still one read each
+    assert again.responses == up.responses and calls == reqs
+    calls.clear()
+    big = ledger.upload([b"x" * (64 * 1024 + 1)])  # too large: refused unread
+    assert big.errors["#0"]["reason"] == "malformed" and calls == []
+
+
 # ---------------------------------------------------------------- the state machine
 
 FEATURES = ("bacnet", "modbus")
