@@ -84,6 +84,21 @@ def _wall_clock() -> int:
     return int(time.time())
 
 
+class _Holds(dict[str, dict[str, int]]):
+    """What each device may hold (:meth:`Ledger._may_hold`), read once per device.
+
+    Only for reads within one transaction that writes nothing in between.
+    """
+
+    def __init__(self, tx: LedgerTransaction) -> None:
+        super().__init__()
+        self._tx = tx
+
+    def __missing__(self, dev: str) -> dict[str, int]:
+        hold = self[dev] = Ledger._may_hold(self._tx, dev)
+        return hold
+
+
 class Ledger:
     """The ledger in one SQLite file; safe to share between threads (operations serialise).
 
@@ -173,11 +188,17 @@ class Ledger:
         return rules.may_hold(installed, seq, tx.open_responses(dev) if seq is not None else ())
 
     def _used(self, tx: LedgerTransaction, stock: Stock, exclude: str | None = None,
-              assignments: Sequence[Assignment] | None = None) -> int:
-        """What the assignments of one stock use: sum of max(target, may hold)."""
+              assignments: Sequence[Assignment] | None = None,
+              holds: _Holds | None = None) -> int:
+        """What the assignments of one stock use: sum of max(target, may hold).
+
+        ``holds``: what each device may hold, as already read in this transaction.
+        """
         if assignments is None:
             assignments = tx.assignments_of(stock)
-        return rules.used((a.count, self._may_hold(tx, a.device_id).get(stock.feature, 0))
+        if holds is None:
+            holds = _Holds(tx)
+        return rules.used((a.count, holds[a.device_id].get(stock.feature, 0))
                           for a in assignments if a.device_id != exclude)
 
     def _drop_released(self, tx: LedgerTransaction, dev: str) -> None:
@@ -485,14 +506,17 @@ class Ledger:
 
     # ------------------------------------------------------------ report
 
-    def _entitlement_json(self, tx: LedgerTransaction, entitlement: str) -> dict[str, Any]:
+    def _entitlement_json(self, tx: LedgerTransaction, entitlement: str,
+                          holds: _Holds | None = None) -> dict[str, Any]:
+        if holds is None:
+            holds = _Holds(tx)
         products = []
         for p in tx.products(entitlement):
             feats = []
             for s in tx.stocks(entitlement, product=p):
                 drawing = tx.assignments_of(s)
                 assigned = sum(a.count for a in drawing)
-                used = self._used(tx, s, assignments=drawing)
+                used = self._used(tx, s, assignments=drawing, holds=holds)
                 feats.append({"feature": s.feature, "count": s.count, "until": iso(s.until),
                               "assigned": assigned, "used": used, "free": s.count - used})
             products.append({"product": p, "features": feats})
@@ -501,7 +525,8 @@ class Ledger:
     def free(self, entitlement: str, feature: str, product: str | None = None) -> int:
         """What is left of a feature of an entitlement (summed over its products)."""
         with self._storage.snapshot() as tx:
-            return sum(s.count - self._used(tx, s)
+            holds = _Holds(tx)
+            return sum(s.count - self._used(tx, s, holds=holds)
                        for s in tx.stocks(entitlement, product=product, feature=feature))
 
     def report(self) -> dict[str, Any]:
@@ -511,16 +536,17 @@ class Ledger:
         <apps.licensing_client.LicensingClient.report>`.
         """
         with self._storage.snapshot() as tx:
-            ents = [self._entitlement_json(tx, e) for e in tx.entitlements()]
+            holds = _Holds(tx)  # each device's, read once for the whole report
+            ents = [self._entitlement_json(tx, e, holds) for e in tx.entitlements()]
             assignments = [
                 {"entitlement": a.entitlement, "product": a.product, "device_id": a.device_id,
                  "feature": a.feature, "count": a.count} for a in tx.assignments()]
             installed: dict[str, list[dict[str, Any]]] = {}
-            for d, lic in tx.all_installed():
-                installed.setdefault(d, []).append(
-                    {"feature": lic.feature, "count": lic.count,
-                     "not_before": iso(lic.not_before), "not_after": iso(lic.not_after),
-                     "grace": lic.grace})
+            for row in tx.all_installed():
+                installed.setdefault(row.device_id, []).append(
+                    {"feature": row.feature, "count": row.count,
+                     "not_before": iso(row.not_before), "not_after": iso(row.not_after),
+                     "grace": row.grace})
             pending = [
                 {"response_digest": p.response_digest.hex(), "device_id": p.device_id,
                  "sequence": p.sequence, "feature": p.feature, "count": p.count,

@@ -27,7 +27,13 @@ from simulators.licensing_server.rules import (
     Stock,
     Target,
 )
-from simulators.licensing_server.storage import IssuedResponse, Operation, PendingReclaim
+from simulators.licensing_server.storage import (
+    DeviceRow,
+    InstalledRow,
+    IssuedResponse,
+    Operation,
+    PendingReclaim,
+)
 
 __all__ = ["SCHEMA_VERSION", "SqliteStorage", "SqliteTransaction"]
 
@@ -251,8 +257,10 @@ class SqliteTransaction:
         row = self._db.execute(self._DEVICE + " WHERE id=?", (device_id,)).fetchone()
         return None if row is None else self._known(row)
 
-    def devices(self) -> list[KnownDevice]:
-        return [self._known(r) for r in self._db.execute(self._DEVICE + " ORDER BY id")]
+    def devices(self) -> list[DeviceRow]:
+        return [DeviceRow(d, m, s, n, bytes(g), src, u) for d, m, s, n, g, src, u in
+                self._db.execute("SELECT id, model, serial, sequence, digest, source, updated "
+                                 "FROM devices ORDER BY id")]
 
     def device_sequence(self, device_id: str) -> int | None:
         row = self._db.execute("SELECT sequence FROM devices WHERE id=?", (device_id,)).fetchone()
@@ -272,8 +280,8 @@ class SqliteTransaction:
             "SELECT feature, count, not_before, not_after, grace FROM installed WHERE "
             "device_id=?", (device_id,))}
 
-    def all_installed(self) -> list[tuple[str, License]]:
-        return [(d, License(f, n, nb, na, g)) for d, f, n, nb, na, g in self._db.execute(
+    def all_installed(self) -> list[InstalledRow]:
+        return [InstalledRow(*r) for r in self._db.execute(
             "SELECT device_id, feature, count, not_before, not_after, grace FROM "
             "installed ORDER BY device_id, feature")]
 

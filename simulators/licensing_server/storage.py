@@ -29,6 +29,8 @@ from simulators.licensing_server.rules import (
 )
 
 __all__ = [
+    "DeviceRow",
+    "InstalledRow",
     "IssuedResponse",
     "LedgerStorage",
     "LedgerTransaction",
@@ -66,6 +68,31 @@ class PendingReclaim:
     count: int
     entitlement: str | None
     issued: int  # the response's
+
+
+@dataclass(frozen=True)
+class InstalledRow:
+    """A license a device held in its known state, as stored (for the report: not validated)."""
+
+    device_id: str
+    feature: str
+    count: int
+    not_before: int | None
+    not_after: int | None
+    grace: int
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """A known device as stored, without its key (for the report)."""
+
+    device_id: str
+    model: str
+    serial: str | None
+    sequence: int
+    digest: bytes
+    source: str
+    updated: int
 
 
 @dataclass(frozen=True)
@@ -120,14 +147,14 @@ class LedgerTransaction(Protocol):
     def device(self, device_id: str) -> KnownDevice | None: ...
     def device_sequence(self, device_id: str) -> int | None:
         """The sequence of the device's known state, None if the device is unknown."""
-    def devices(self) -> list[KnownDevice]:
-        """All known devices, by ID."""
+    def devices(self) -> list[DeviceRow]:
+        """All known devices as stored (no key), by ID."""
     def save_device(self, device: KnownDevice) -> None:
         """Insert a device, or update all but its key."""
     def installed(self, device_id: str) -> dict[str, License]:
         """What the device held in its known state, per feature."""
-    def all_installed(self) -> list[tuple[str, License]]:
-        """(device ID, license) of every device, by device, then feature."""
+    def all_installed(self) -> list[InstalledRow]:
+        """What every device held, as stored, by device, then feature."""
     def set_installed(self, device_id: str, licenses: tuple[License, ...]) -> None:
         """Replace what the device is known to hold."""
 

@@ -442,6 +442,28 @@ def test_upload_verifies_each_request_once(ledger: Ledger, site: Site,
     assert big.errors["#0"]["reason"] == "malformed" and calls == []
 
 
+def test_report_reads_what_each_device_may_hold_once(ledger: Ledger,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    devs = [f"{i:064x}" for i in (1, 2)]
+    ledger.entitle(E, P, {"bacnet": 5, "modbus": 5})
+    ledger.entitle("ORDER-2", P, {"trend": 5})
+    for d in devs:
+        for e, f in ((E, "bacnet"), (E, "modbus"), ("ORDER-2", "trend")):
+            ledger.assign(e, d, f, 1)
+    calls: list[str] = []
+    real = Ledger._may_hold
+
+    def counted(tx: Any, dev: str) -> dict[str, int]:
+        calls.append(dev)
+        return real(tx, dev)
+
+    monkeypatch.setattr(Ledger, "_may_hold", staticmethod(counted))
+    rep = ledger.report()
+    assert sorted(calls) == devs
+    assert [f["used"] for e in rep["entitlements"] for p in e["products"]
+            for f in p["features"]] == [2, 2, 2]
+
+
 # ---------------------------------------------------------------- the state machine
 
 FEATURES = ("bacnet", "modbus")
