@@ -36,7 +36,7 @@ from agent.formats import (
     read_device_info,
     verify_receipt,
 )
-from agent.messages import ChangeOp, DeviceInfo, License, Request
+from agent.messages import MAX_TIME, ChangeOp, DeviceInfo, License, Request
 from apps.licensing_api import Confirmation, UploadAnswer, refusal
 from simulators.licensing_server import rules
 from simulators.licensing_server.ledger_sqlite import SCHEMA_VERSION as SCHEMA_VERSION
@@ -239,7 +239,7 @@ class Ledger:
             raise UsageError("name at least one feature: --feature FEATURE=COUNT")
         feats = {rules.check_feature(f): rules.check_count(n, f"count of {f}")
                  for f, n in features.items()}
-        if until is not None and not 0 <= until <= 2**40:
+        if until is not None and not 0 <= until <= MAX_TIME:
             raise UsageError("until must be a time from 1970 to 2^40 seconds")
         with self._operation("entitle", now) as (tx, rec):
             tx.add_entitlement(entitlement, product, now)

@@ -32,7 +32,7 @@ from agent.errors import (
     UsageError,
 )
 from agent.messages import (
-    FEATURE_RE,
+    MAX_COUNT,
     Action,
     ChangeOp,
     DeviceInfo,
@@ -40,6 +40,9 @@ from agent.messages import (
     LicenseChange,
     Request,
     state_digest,
+    valid_count,
+    valid_device_id,
+    valid_feature,
 )
 
 __all__ = [
@@ -74,7 +77,6 @@ __all__ = [
     "wanted_devices",
 ]
 
-MAX_COUNT = 2**32 - 1
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
 
 
@@ -170,21 +172,27 @@ def check_name(v: object, what: str) -> str:
 
 
 def check_feature(v: object) -> str:
-    if not isinstance(v, str) or not FEATURE_RE.fullmatch(v):
-        raise UsageError(f"feature name {v!r} is not valid (letters, digits, ._:/-, max 64)")
-    return v
+    """A feature name as a license carries it (:func:`agent.messages.valid_feature`)."""
+    try:
+        return valid_feature(v)
+    except MalformedError as exc:  # the same words, as a refusal of what was asked
+        raise UsageError(str(exc)) from None
 
 
 def check_count(v: object, what: str = "count") -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_COUNT:
-        raise UsageError(f"{what} must be an integer from 0 to {MAX_COUNT}")
-    return v
+    """A count, 0 to :data:`MAX_COUNT` (:func:`agent.messages.valid_count`)."""
+    try:
+        return valid_count(v, what)
+    except MalformedError as exc:  # the same words, as a refusal of what was asked
+        raise UsageError(str(exc)) from None
 
 
 def check_device_id(v: object) -> str:
-    if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{64}", v):
-        raise UsageError(f"device ID {v!r} must be 64 lowercase hex digits")
-    return v
+    """A device ID (:func:`agent.messages.valid_device_id`), the refusal naming the value."""
+    try:
+        return valid_device_id(v)
+    except MalformedError:
+        raise UsageError(f"device ID {v!r} must be 64 lowercase hex digits") from None
 
 
 # ---------------------------------------------------------------- entitlements and assignments
