@@ -28,21 +28,11 @@ from typing import Any
 
 from agent.digest import sha256
 from agent.errors import LicensingError, MalformedError, StorageError, UsageError
-from agent.formats import (
-    RECEIPT_MAX,
-    SITE_INFO_MAX,
-    SiteInfo,
-    iso,
-    read_device_info,
-    verify_receipt,
-)
+from agent.formats import RECEIPT_MAX, SiteInfo, iso, read_device_info, verify_receipt
 from agent.messages import MAX_TIME, ChangeOp, DeviceInfo, License, Request
 from apps.licensing_api import Confirmation, UploadAnswer, refusal
 from simulators.licensing_server import rules
-from simulators.licensing_server.ledger_sqlite import SCHEMA_VERSION as SCHEMA_VERSION
 from simulators.licensing_server.ledger_sqlite import SqliteStorage
-from simulators.licensing_server.rules import MAX_COUNT as MAX_COUNT
-from simulators.licensing_server.rules import NAME_RE as NAME_RE
 from simulators.licensing_server.rules import (
     Assignment,
     NotEntitledError,
@@ -60,7 +50,6 @@ from simulators.licensing_server.vendor import DAY, Vendor
 __all__ = [
     "LICENSE_INFO_VALID",
     "RESPONSE_VALID",
-    "SITE_INFO_MAX",
     "Ledger",
     "NotEntitledError",
     "ReceiptResult",

@@ -33,6 +33,7 @@ from simulators.licensing_server.storage import (
     IssuedResponse,
     Operation,
     PendingReclaim,
+    RequestAnswered,
 )
 
 __all__ = ["SCHEMA_VERSION", "SqliteStorage", "SqliteTransaction"]
@@ -300,17 +301,11 @@ class SqliteTransaction:
                           r.base_sequence, r.sequence, _encode_licenses(r.result), r.file,
                           r.issued, r.expires, r.status.value))
 
-    def response_to(self, device_id: str, nonce: bytes) -> IssuedResponse | None:
+    def response_to(self, device_id: str, nonce: bytes) -> RequestAnswered | None:
         row = self._db.execute(
-            "SELECT digest, request_digest, action, base_sequence, sequence, result, file, "
-            "issued, expires, status FROM responses WHERE device_id=? AND nonce=?",
+            "SELECT request_digest, file FROM responses WHERE device_id=? AND nonce=?",
             (device_id, nonce)).fetchone()
-        if row is None:
-            return None
-        digest, rdigest, action, base, seq, result, file, issued, expires, status = row
-        return IssuedResponse(bytes(digest), device_id, nonce, bytes(rdigest), action, base, seq,
-                              _decode_licenses(result), bytes(file), issued, expires,
-                              ResponseStatus(status))
+        return None if row is None else RequestAnswered(bytes(row[0]), bytes(row[1]))
 
     def response_status(self, digest: bytes, device_id: str
                         ) -> tuple[ResponseStatus, int] | None:

@@ -36,6 +36,7 @@ __all__ = [
     "LedgerTransaction",
     "Operation",
     "PendingReclaim",
+    "RequestAnswered",
 ]
 
 
@@ -55,6 +56,14 @@ class IssuedResponse:
     issued: int
     expires: int
     status: ResponseStatus = ResponseStatus.OPEN
+
+
+@dataclass(frozen=True)
+class RequestAnswered:
+    """What the ledger keeps of an answered request to answer it again: its digest, the response."""
+
+    request_digest: bytes
+    file: bytes
 
 
 @dataclass(frozen=True)
@@ -160,8 +169,8 @@ class LedgerTransaction(Protocol):
 
     # responses and receipts
     def add_response(self, response: IssuedResponse) -> None: ...
-    def response_to(self, device_id: str, nonce: bytes) -> IssuedResponse | None:
-        """The response to the device's request with this nonce, if one was issued."""
+    def response_to(self, device_id: str, nonce: bytes) -> RequestAnswered | None:
+        """The device's request with this nonce and its response, if one was issued."""
     def response_status(self, digest: bytes, device_id: str
                         ) -> tuple[ResponseStatus, int] | None:
         """(status, base sequence) of a response issued to the device, None if none was."""
