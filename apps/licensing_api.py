@@ -196,9 +196,11 @@ class UploadAnswer(WireView):
     errors: dict[str, dict[str, Any]] = field(default_factory=dict)
     receipts: Confirmation = field(default_factory=Confirmation)
 
-    def to_body(self) -> dict[str, Any]:
-        return {"responses": dict(self.responses), "errors": dict(self.errors),
-                "receipts": self.receipts.to_wire()}
+    def to_wire(self) -> dict[str, Any]:
+        """The documented map, the nested :class:`Confirmation` as its map too."""
+        return {**super().to_wire(), "receipts": self.receipts.to_wire()}
+
+    to_body = to_wire  # the body of the answer (CBOR)
 
     def merge(self, part: UploadAnswer, offset: int) -> None:
         """Add the answer to a batch of requests that started at request ``offset``."""

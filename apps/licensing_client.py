@@ -27,11 +27,10 @@ from apps.licensing_api import (
     files_body,
 )
 from hw.backends.https import refusal_from_body
+from hw.httpjson import CBOR, JSON
 
 __all__ = ["MAX_ANSWER", "LicensingClient"]
 
-CBOR = "application/cbor"
-JSON = "application/json"
 #: the largest answer read: license information may be up to 16 MiB
 MAX_ANSWER = 16 * 1024 * 1024 + 64 * 1024
 #: files per upload or confirm call, and their bytes: within the server's limits

@@ -25,7 +25,7 @@ from simulators.licensing_server.rules import (
     OpenResponse,
     ResponseStatus,
     Stock,
-    Target,
+    target,
 )
 from simulators.licensing_server.storage import (
     DeviceRow,
@@ -224,8 +224,8 @@ class SqliteTransaction:
         return {f: e for f, e in self._db.execute(
             "SELECT feature, entitlement FROM assignments WHERE device_id=?", (device_id,))}
 
-    def targets(self, device_id: str) -> dict[str, Target]:
-        return {f: Target(f, n, until) for f, n, until in self._db.execute(
+    def targets(self, device_id: str) -> dict[str, License]:
+        return {f: target(f, n, until) for f, n, until in self._db.execute(
             "SELECT a.feature, a.count, f.until FROM assignments a JOIN features f USING "
             "(entitlement, product, feature) WHERE a.device_id=?", (device_id,))}
 

@@ -54,7 +54,6 @@ __all__ = [
     "OpenResponse",
     "ResponseStatus",
     "Stock",
-    "Target",
     "add_to_stock",
     "apply_changes",
     "check_assignable",
@@ -73,6 +72,7 @@ __all__ = [
     "reclaims",
     "released",
     "seen_state",
+    "target",
     "used",
     "wanted_devices",
 ]
@@ -120,19 +120,6 @@ class Assignment:
 
 
 @dataclass(frozen=True)
-class Target:
-    """An assignment as a device should hold it: the count, ending when the entitlement does."""
-
-    feature: str
-    count: int
-    until: int | None = None
-
-    @property
-    def license(self) -> License:
-        return License(self.feature, self.count, None, self.until, 0)
-
-
-@dataclass(frozen=True)
 class KnownDevice:
     """The ledger's verified view of a device: its latest state seen, and where from."""
 
@@ -158,6 +145,14 @@ class OpenResponse:
     base_sequence: int
     result: Mapping[str, int] = field(default_factory=dict)
     reclaims: Mapping[str, int] = field(default_factory=dict)
+
+
+def target(feature: str, count: int, until: int | None = None) -> License:
+    """An assignment as a device should hold it: the count, ending when the entitlement does.
+
+    A device's targets are such licenses, per feature (``not_after`` is the stock's end).
+    """
+    return License(feature, count, None, until, 0)
 
 
 # ---------------------------------------------------------------- checks of what is asked
@@ -361,7 +356,7 @@ def wanted_devices(infos: Mapping[str, DeviceInfo], files: int,
 # ---------------------------------------------------------------- what a response may grant
 
 
-def plan(installed: Mapping[str, License], targets: Mapping[str, Target]
+def plan(installed: Mapping[str, License], targets: Mapping[str, License]
          ) -> tuple[list[License], list[License]]:
     """(installed licenses to reclaim, licenses to install) for one device's license information.
 
@@ -370,7 +365,7 @@ def plan(installed: Mapping[str, License], targets: Mapping[str, Target]
     """
     reclaim = [lic for f, lic in sorted(installed.items())
                if lic.count > (targets[f].count if f in targets else 0)]
-    install = [t.license for f, t in sorted(targets.items())
+    install = [t for f, t in sorted(targets.items())
                if t.count > 0 and (f not in installed or installed[f].count < t.count)]
     return reclaim, install
 
@@ -399,7 +394,7 @@ def check_request(req: Request, request_digest: bytes, answered_digest: bytes | 
     return False
 
 
-def decide(req: Request, targets: Mapping[str, Target]) -> tuple[LicenseChange, ...]:
+def decide(req: Request, targets: Mapping[str, License]) -> tuple[LicenseChange, ...]:
     """The changes a response to ``req`` makes, given the device's assignments.
 
     activate: install what is assigned and not installed (or installed with a
@@ -427,8 +422,7 @@ def decide(req: Request, targets: Mapping[str, Target]) -> tuple[LicenseChange, 
             if t.count == 0 or (have is not None and have.count >= t.count):
                 continue
             op = ChangeOp.ADD if have is None else ChangeOp.UPDATE
-            want = t.license
-            changes.append(LicenseChange(op, f, t.count, want.not_before, want.not_after, 0))
+            changes.append(LicenseChange(op, f, t.count, t.not_before, t.not_after, 0))
 
     if req.action is Action.ACTIVATE:
         grow([f for f in targets if not named or f in named])
@@ -441,7 +435,7 @@ def decide(req: Request, targets: Mapping[str, Target]) -> tuple[LicenseChange, 
             have = installed.get(f)
             if have is None or target(f) == 0:
                 continue
-            until = targets[f].until
+            until = targets[f].not_after
             if have.not_after != until or have.not_before is not None or have.grace:
                 changes.append(LicenseChange(ChangeOp.UPDATE, f, have.count, None, until, 0))
         if not changes:
@@ -458,7 +452,8 @@ def decide(req: Request, targets: Mapping[str, Target]) -> tuple[LicenseChange, 
                 raise UsageError(f"cannot reclaim {f}: device {dev[:12]}… does not hold it")
             n = target(f)
             if 0 < n < have.count:  # still partly assigned: shrink to the assignment
-                changes.append(LicenseChange(ChangeOp.UPDATE, f, n, None, targets[f].until, 0))
+                changes.append(LicenseChange(ChangeOp.UPDATE, f, n, None, targets[f].not_after,
+                                             0))
             else:
                 changes.append(LicenseChange(ChangeOp.REMOVE, f))
         grow([f for f in targets if f not in gone])

@@ -103,7 +103,7 @@ class _Handler(JsonHandler):
         reqs = body_files(m, "requests", lim.max_files)
         rcs = body_files(m, "receipts", lim.max_files, required=False)
         res = self.server.ledger.upload(reqs, rcs, vendor=self.server.vendor)
-        return Answer(canonical(res.to_body()), CBOR)
+        return Answer(canonical(res.to_wire()), CBOR)
 
     def _receipts(self) -> Answer:
         lim = self.server.limits

@@ -25,7 +25,6 @@ from simulators.licensing_server.rules import (
     OpenResponse,
     ResponseStatus,
     Stock,
-    Target,
 )
 
 __all__ = [
@@ -144,8 +143,9 @@ class LedgerTransaction(Protocol):
         """The features a device is assigned 0 of (any order)."""
     def entitlements_of(self, device_id: str) -> dict[str, str]:
         """Per feature assigned to a device, the entitlement it comes from."""
-    def targets(self, device_id: str) -> dict[str, Target]:
-        """Per feature assigned to a device, the target count and its stock's end."""
+    def targets(self, device_id: str) -> dict[str, License]:
+        """Per feature assigned to a device, the target count and its stock's end
+        (:func:`~simulators.licensing_server.rules.target`)."""
     def save_assignment(self, assignment: Assignment) -> None:
         """Insert an assignment, or set the count of the device's one of that feature."""
     def lower_assignment(self, device_id: str, feature: str, at_most: int) -> None:

@@ -97,3 +97,14 @@ def test_a_per_device_answer_must_have_its_shape(body: Any) -> None:
         PerDeviceLicenseInfo.from_body(body)
     good = PerDeviceLicenseInfo(b"x", {"d": b"y"})
     assert PerDeviceLicenseInfo.from_body(strict_loads(good.encode(), max_size=99)) == good
+
+
+def test_an_upload_answer_is_its_documented_map_all_the_way_down() -> None:
+    ans = UploadAnswer({"d1": b"r1"}, {}, Confirmation([{"device_id": "d1", "sequence": 2,
+                                                         "freed": []}]))
+    wire = ans.to_wire()
+    assert wire == {"responses": {"d1": b"r1"}, "errors": {},
+                    "receipts": {"accepted": [{"device_id": "d1", "sequence": 2, "freed": []}],
+                                 "refused": []}}
+    assert type(wire["receipts"]) is dict and ans.to_body() == wire
+    assert UploadAnswer.from_body(wire) == ans

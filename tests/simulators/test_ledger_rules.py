@@ -31,8 +31,8 @@ from simulators.licensing_server.rules import (
     OpenResponse,
     ResponseStatus,
     Stock,
-    Target,
 )
+from simulators.licensing_server.rules import target as Target
 from simulators.licensing_server.storage import LedgerStorage
 from tests.conftest import T0, Site
 
