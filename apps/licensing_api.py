@@ -14,6 +14,7 @@ The answers are typed records that also read as their documented maps
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -22,9 +23,12 @@ from agent.cose import canonical
 from agent.errors import LicensingError, MalformedError, UsageError
 from agent.record import WireView
 from agent.rpc import RpcError
+from apps.common import parse_time
 
 __all__ = [
+    "AssignmentQuery",
     "Confirmation",
+    "EntitlementQuery",
     "LicenseInfoQuery",
     "PerDeviceLicenseInfo",
     "UploadAnswer",
@@ -134,6 +138,66 @@ class PerDeviceLicenseInfo:
             raise MalformedError("something other than {license_info: bytes, "
                                  "per_device: {device: bytes}}")
         return cls(whole, dict(one))
+
+
+# ---------------------------------------------------------------- POST /v1/assignments, /v1/entitlements
+# JSON bodies. from_body checks their shape; the values (names, counts, the device ID)
+# are the ledger's to check, with the refusals it gives any caller.
+
+
+@dataclass(frozen=True)
+class AssignmentQuery:
+    """The body of ``POST /v1/assignments``: COUNT of FEATURE of an entitlement to a device
+    (from ``product``, needed only when several products of the entitlement hold it)."""
+
+    entitlement: str
+    device_id: str
+    feature: str
+    count: int
+    product: str | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {"entitlement": self.entitlement, "device_id": self.device_id,
+                                "feature": self.feature, "count": self.count}
+        if self.product is not None:
+            body["product"] = self.product
+        return json.dumps(body).encode()
+
+    @classmethod
+    def from_body(cls, obj: object) -> AssignmentQuery:
+        m = body_fields(obj, "assignments", {"entitlement", "device_id", "feature", "count"},
+                        {"product"})
+        return cls(m["entitlement"], m["device_id"], m["feature"], m["count"], m.get("product"))
+
+
+@dataclass(frozen=True)
+class EntitlementQuery:
+    """The body of ``POST /v1/entitlements``: a purchase of ``features`` (name -> count) for a
+    product of an entitlement, ending ``until`` (ISO 8601 text; None: perpetual)."""
+
+    entitlement: str
+    product: str
+    features: dict[str, int]
+    until: str | None = None
+
+    def encode(self) -> bytes:
+        return json.dumps({"entitlement": self.entitlement, "product": self.product,
+                           "features": dict(self.features), "until": self.until}).encode()
+
+    @classmethod
+    def from_body(cls, obj: object) -> EntitlementQuery:
+        m = body_fields(obj, "entitlements", {"entitlement", "product", "features"}, {"until"})
+        features = m["features"]
+        if not isinstance(features, dict):
+            raise UsageError('features must be an object {"FEATURE": COUNT, ...}')
+        until = m.get("until")
+        if until is not None and not isinstance(until, str):
+            raise UsageError("until must be an ISO 8601 date or date-time, or null")
+        return cls(m["entitlement"], m["product"], features, until)
+
+    def until_time(self) -> int | None:
+        """``until`` in POSIX seconds (None, or empty text: perpetual); UsageError if unreadable."""
+        return parse_time(self.until) if self.until else None
 
 
 # ---------------------------------------------------------------- receipts and requests

@@ -20,7 +20,9 @@ from agent.cose import strict_loads
 from agent.errors import MalformedError, UsageError
 from agent.rpc import RemoteError, TransportError
 from apps.licensing_api import (
+    AssignmentQuery,
     Confirmation,
+    EntitlementQuery,
     LicenseInfoQuery,
     PerDeviceLicenseInfo,
     UploadAnswer,
@@ -173,8 +175,7 @@ class LicensingClient:
                 entitlement does not hold enough; exit 2 for an unknown entitlement
                 or feature.
         """
-        body = json.dumps({"entitlement": entitlement, "device_id": device, "feature": feature,
-                           "count": count}).encode()
+        body = AssignmentQuery(entitlement, device, feature, count).encode()
         data, ctype = self._exchange("POST", "/v1/assignments", body, JSON)
         return self._object(data, ctype, "/v1/assignments")
 
@@ -189,8 +190,7 @@ class LicensingClient:
         Returns:
             The entitlement as in :meth:`report`'s ``entitlements`` list.
         """
-        body = json.dumps({"entitlement": entitlement, "product": product,
-                           "features": dict(features), "until": until}).encode()
+        body = EntitlementQuery(entitlement, product, dict(features), until).encode()
         data, ctype = self._exchange("POST", "/v1/entitlements", body, JSON)
         return self._object(data, ctype, "/v1/entitlements")
 
