@@ -190,9 +190,13 @@ class Ledger:
         return rules.used((a.count, holds[a.device_id].get(stock.feature, 0))
                           for a in assignments if a.device_id != exclude)
 
-    def _drop_released(self, tx: LedgerTransaction, dev: str) -> None:
-        """Forget assignments of 0 that the device no longer may hold anything of."""
-        for f in rules.released(tx.zero_assigned(dev), self._may_hold(tx, dev)):
+    @staticmethod
+    def _drop_released(tx: LedgerTransaction, dev: str, hold: Mapping[str, int]) -> None:
+        """Forget assignments of 0 that the device no longer may hold anything of.
+
+        ``hold``: what it may hold (:meth:`_may_hold`; assignments do not change it).
+        """
+        for f in rules.released(tx.zero_assigned(dev), hold):
             tx.drop_assignment(dev, f)
 
     @staticmethod
@@ -265,16 +269,15 @@ class Ledger:
             if not tx.has_entitlement(entitlement):
                 raise UsageError(f"no entitlement {entitlement} in the ledger "
                                  "(licserver entitle records one)")
-            holding = [s.product for s in tx.stocks(entitlement, feature=feature)]
-            product = rules.choose_product(entitlement, feature, holding, product)
-            stock = tx.stock(entitlement, product, feature)
-            assert stock is not None  # the product holds the feature: chosen from holding
+            holding = {s.product: s for s in tx.stocks(entitlement, feature=feature)}
+            product = rules.choose_product(entitlement, feature, list(holding), product)
+            stock = holding[product]
+            hold = self._may_hold(tx, dev)
             free = rules.check_assignable(
                 stock, dev, count, tx.assignment(dev, feature),
-                others=self._used(tx, stock, exclude=dev),
-                held=self._may_hold(tx, dev).get(feature, 0))
+                others=self._used(tx, stock, exclude=dev), held=hold.get(feature, 0))
             tx.save_assignment(Assignment(dev, feature, entitlement, product, count))
-            self._drop_released(tx, dev)
+            self._drop_released(tx, dev, hold)
             rec["detail"] = f"{entitlement}/{product}: {feature}={count}"
             return {"entitlement": entitlement, "product": product, "device_id": dev,
                     "feature": feature, "count": count, "until": iso(stock.until),
@@ -443,7 +446,7 @@ class Ledger:
             hold = self._may_hold(tx, dev)
             for f, _n in freed:
                 tx.lower_assignment(dev, f, hold.get(f, 0))
-            self._drop_released(tx, dev)
+            self._drop_released(tx, dev, hold)
             rec["detail"] += ": freed " + (", ".join(f"{f}={n}" for f, n in freed) or "nothing")
             return ReceiptResult(dev, rc.sequence, tuple(freed))
 
