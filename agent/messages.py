@@ -19,7 +19,9 @@ from agent.errors import MalformedError
 from agent.record import record
 
 __all__ = [
+    "MAX_COUNT",
     "MAX_SEQUENCE",
+    "MAX_TIME",
     "Action",
     "ChangeOp",
     "DeviceInfo",
@@ -35,12 +37,16 @@ __all__ = [
     "TrustUpdate",
     "decode_payload",
     "state_digest",
+    "valid_count",
+    "valid_device_id",
+    "valid_feature",
 ]
 
 FORMAT_VERSION = 1
 #: sequence numbers are unsigned and stay below 2**63 so base+1 never overflows a uint64
 MAX_SEQUENCE = 2**63 - 1
 MAX_TIME = 2**40  # seconds since the epoch; far beyond any real date, far below overflow
+MAX_COUNT = 2**32 - 1  # a license's count
 MAX_LIST = 256
 MAX_TEXT = 256
 FEATURE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
@@ -144,6 +150,15 @@ def _feature(v: object) -> str:
     return v
 
 
+def valid_count(v: object, what: str = "count") -> int:
+    """A license count, 0 to :data:`MAX_COUNT` (MalformedError naming ``what`` if not)."""
+    return _uint(v, what, MAX_COUNT)
+
+
+valid_device_id = _device_id  # the checks of a device ID and a feature name, for others to share
+valid_feature = _feature
+
+
 def _enum(cls: type[E], v: object, what: str) -> E:
     try:
         return cls(v)
@@ -181,7 +196,7 @@ class License:
 
     def __post_init__(self) -> None:
         _feature(self.feature)
-        _uint(self.count, "count", 2**32 - 1)
+        _uint(self.count, "count", MAX_COUNT)
         _opt_time(self.not_before, "not_before")
         _opt_time(self.not_after, "not_after")
         _uint(self.grace, "grace", 366 * 86400)
@@ -207,7 +222,7 @@ class License:
         _keys(m, "license", ["feature", "count"], ["not_before", "not_after", "grace"])
         return cls(
             feature=_feature(m["feature"]),
-            count=_uint(m["count"], "count", 2**32 - 1),
+            count=_uint(m["count"], "count", MAX_COUNT),
             not_before=_opt_time(m.get("not_before"), "not_before"),
             not_after=_opt_time(m.get("not_after"), "not_after"),
             grace=_uint(m.get("grace", 0), "grace", 366 * 86400),

@@ -14,6 +14,7 @@ The answers are typed records that also read as their documented maps
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -22,9 +23,12 @@ from agent.cose import canonical
 from agent.errors import LicensingError, MalformedError, UsageError
 from agent.record import WireView
 from agent.rpc import RpcError
+from apps.common import parse_time
 
 __all__ = [
+    "AssignmentQuery",
     "Confirmation",
+    "EntitlementQuery",
     "LicenseInfoQuery",
     "PerDeviceLicenseInfo",
     "UploadAnswer",
@@ -136,6 +140,66 @@ class PerDeviceLicenseInfo:
         return cls(whole, dict(one))
 
 
+# ---------------------------------------------------------------- POST /v1/assignments, /v1/entitlements
+# JSON bodies. from_body checks their shape; the values (names, counts, the device ID)
+# are the ledger's to check, with the refusals it gives any caller.
+
+
+@dataclass(frozen=True)
+class AssignmentQuery:
+    """The body of ``POST /v1/assignments``: COUNT of FEATURE of an entitlement to a device
+    (from ``product``, needed only when several products of the entitlement hold it)."""
+
+    entitlement: str
+    device_id: str
+    feature: str
+    count: int
+    product: str | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, Any] = {"entitlement": self.entitlement, "device_id": self.device_id,
+                                "feature": self.feature, "count": self.count}
+        if self.product is not None:
+            body["product"] = self.product
+        return json.dumps(body).encode()
+
+    @classmethod
+    def from_body(cls, obj: object) -> AssignmentQuery:
+        m = body_fields(obj, "assignments", {"entitlement", "device_id", "feature", "count"},
+                        {"product"})
+        return cls(m["entitlement"], m["device_id"], m["feature"], m["count"], m.get("product"))
+
+
+@dataclass(frozen=True)
+class EntitlementQuery:
+    """The body of ``POST /v1/entitlements``: a purchase of ``features`` (name -> count) for a
+    product of an entitlement, ending ``until`` (ISO 8601 text; None: perpetual)."""
+
+    entitlement: str
+    product: str
+    features: dict[str, int]
+    until: str | None = None
+
+    def encode(self) -> bytes:
+        return json.dumps({"entitlement": self.entitlement, "product": self.product,
+                           "features": dict(self.features), "until": self.until}).encode()
+
+    @classmethod
+    def from_body(cls, obj: object) -> EntitlementQuery:
+        m = body_fields(obj, "entitlements", {"entitlement", "product", "features"}, {"until"})
+        features = m["features"]
+        if not isinstance(features, dict):
+            raise UsageError('features must be an object {"FEATURE": COUNT, ...}')
+        until = m.get("until")
+        if until is not None and not isinstance(until, str):
+            raise UsageError("until must be an ISO 8601 date or date-time, or null")
+        return cls(m["entitlement"], m["product"], features, until)
+
+    def until_time(self) -> int | None:
+        """``until`` in POSIX seconds (None, or empty text: perpetual); UsageError if unreadable."""
+        return parse_time(self.until) if self.until else None
+
+
 # ---------------------------------------------------------------- receipts and requests
 
 
@@ -196,9 +260,11 @@ class UploadAnswer(WireView):
     errors: dict[str, dict[str, Any]] = field(default_factory=dict)
     receipts: Confirmation = field(default_factory=Confirmation)
 
-    def to_body(self) -> dict[str, Any]:
-        return {"responses": dict(self.responses), "errors": dict(self.errors),
-                "receipts": self.receipts.to_wire()}
+    def to_wire(self) -> dict[str, Any]:
+        """The documented map, the nested :class:`Confirmation` as its map too."""
+        return {**super().to_wire(), "receipts": self.receipts.to_wire()}
+
+    to_body = to_wire  # the body of the answer (CBOR)
 
     def merge(self, part: UploadAnswer, offset: int) -> None:
         """Add the answer to a batch of requests that started at request ``offset``."""

@@ -20,18 +20,19 @@ from agent.cose import strict_loads
 from agent.errors import MalformedError, UsageError
 from agent.rpc import RemoteError, TransportError
 from apps.licensing_api import (
+    AssignmentQuery,
     Confirmation,
+    EntitlementQuery,
     LicenseInfoQuery,
     PerDeviceLicenseInfo,
     UploadAnswer,
     files_body,
 )
 from hw.backends.https import refusal_from_body
+from hw.httpjson import CBOR, JSON
 
 __all__ = ["MAX_ANSWER", "LicensingClient"]
 
-CBOR = "application/cbor"
-JSON = "application/json"
 #: the largest answer read: license information may be up to 16 MiB
 MAX_ANSWER = 16 * 1024 * 1024 + 64 * 1024
 #: files per upload or confirm call, and their bytes: within the server's limits
@@ -174,8 +175,7 @@ class LicensingClient:
                 entitlement does not hold enough; exit 2 for an unknown entitlement
                 or feature.
         """
-        body = json.dumps({"entitlement": entitlement, "device_id": device, "feature": feature,
-                           "count": count}).encode()
+        body = AssignmentQuery(entitlement, device, feature, count).encode()
         data, ctype = self._exchange("POST", "/v1/assignments", body, JSON)
         return self._object(data, ctype, "/v1/assignments")
 
@@ -190,8 +190,7 @@ class LicensingClient:
         Returns:
             The entitlement as in :meth:`report`'s ``entitlements`` list.
         """
-        body = json.dumps({"entitlement": entitlement, "product": product,
-                           "features": dict(features), "until": until}).encode()
+        body = EntitlementQuery(entitlement, product, dict(features), until).encode()
         data, ctype = self._exchange("POST", "/v1/entitlements", body, JSON)
         return self._object(data, ctype, "/v1/entitlements")
 

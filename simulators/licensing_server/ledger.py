@@ -28,21 +28,11 @@ from typing import Any
 
 from agent.digest import sha256
 from agent.errors import LicensingError, MalformedError, StorageError, UsageError
-from agent.formats import (
-    RECEIPT_MAX,
-    SITE_INFO_MAX,
-    SiteInfo,
-    iso,
-    read_device_info,
-    verify_receipt,
-)
-from agent.messages import ChangeOp, DeviceInfo, License
+from agent.formats import RECEIPT_MAX, SiteInfo, iso, read_device_info, verify_receipt
+from agent.messages import MAX_TIME, ChangeOp, DeviceInfo, License, Request
 from apps.licensing_api import Confirmation, UploadAnswer, refusal
 from simulators.licensing_server import rules
-from simulators.licensing_server.ledger_sqlite import SCHEMA_VERSION as SCHEMA_VERSION
 from simulators.licensing_server.ledger_sqlite import SqliteStorage
-from simulators.licensing_server.rules import MAX_COUNT as MAX_COUNT
-from simulators.licensing_server.rules import NAME_RE as NAME_RE
 from simulators.licensing_server.rules import (
     Assignment,
     NotEntitledError,
@@ -60,7 +50,6 @@ from simulators.licensing_server.vendor import DAY, Vendor
 __all__ = [
     "LICENSE_INFO_VALID",
     "RESPONSE_VALID",
-    "SITE_INFO_MAX",
     "Ledger",
     "NotEntitledError",
     "ReceiptResult",
@@ -82,6 +71,21 @@ class ReceiptResult:
 
 def _wall_clock() -> int:
     return int(time.time())
+
+
+class _Holds(dict[str, dict[str, int]]):
+    """What each device may hold (:meth:`Ledger._may_hold`), read once per device.
+
+    Only for reads within one transaction that writes nothing in between.
+    """
+
+    def __init__(self, tx: LedgerTransaction) -> None:
+        super().__init__()
+        self._tx = tx
+
+    def __missing__(self, dev: str) -> dict[str, int]:
+        hold = self[dev] = Ledger._may_hold(self._tx, dev)
+        return hold
 
 
 class Ledger:
@@ -173,16 +177,26 @@ class Ledger:
         return rules.may_hold(installed, seq, tx.open_responses(dev) if seq is not None else ())
 
     def _used(self, tx: LedgerTransaction, stock: Stock, exclude: str | None = None,
-              assignments: Sequence[Assignment] | None = None) -> int:
-        """What the assignments of one stock use: sum of max(target, may hold)."""
+              assignments: Sequence[Assignment] | None = None,
+              holds: _Holds | None = None) -> int:
+        """What the assignments of one stock use: sum of max(target, may hold).
+
+        ``holds``: what each device may hold, as already read in this transaction.
+        """
         if assignments is None:
             assignments = tx.assignments_of(stock)
-        return rules.used((a.count, self._may_hold(tx, a.device_id).get(stock.feature, 0))
+        if holds is None:
+            holds = _Holds(tx)
+        return rules.used((a.count, holds[a.device_id].get(stock.feature, 0))
                           for a in assignments if a.device_id != exclude)
 
-    def _drop_released(self, tx: LedgerTransaction, dev: str) -> None:
-        """Forget assignments of 0 that the device no longer may hold anything of."""
-        for f in rules.released(tx.zero_assigned(dev), self._may_hold(tx, dev)):
+    @staticmethod
+    def _drop_released(tx: LedgerTransaction, dev: str, hold: Mapping[str, int]) -> None:
+        """Forget assignments of 0 that the device no longer may hold anything of.
+
+        ``hold``: what it may hold (:meth:`_may_hold`; assignments do not change it).
+        """
+        for f in rules.released(tx.zero_assigned(dev), hold):
             tx.drop_assignment(dev, f)
 
     @staticmethod
@@ -218,7 +232,7 @@ class Ledger:
             raise UsageError("name at least one feature: --feature FEATURE=COUNT")
         feats = {rules.check_feature(f): rules.check_count(n, f"count of {f}")
                  for f, n in features.items()}
-        if until is not None and not 0 <= until <= 2**40:
+        if until is not None and not 0 <= until <= MAX_TIME:
             raise UsageError("until must be a time from 1970 to 2^40 seconds")
         with self._operation("entitle", now) as (tx, rec):
             tx.add_entitlement(entitlement, product, now)
@@ -255,16 +269,15 @@ class Ledger:
             if not tx.has_entitlement(entitlement):
                 raise UsageError(f"no entitlement {entitlement} in the ledger "
                                  "(licserver entitle records one)")
-            holding = [s.product for s in tx.stocks(entitlement, feature=feature)]
-            product = rules.choose_product(entitlement, feature, holding, product)
-            stock = tx.stock(entitlement, product, feature)
-            assert stock is not None  # the product holds the feature: chosen from holding
+            holding = {s.product: s for s in tx.stocks(entitlement, feature=feature)}
+            product = rules.choose_product(entitlement, feature, list(holding), product)
+            stock = holding[product]
+            hold = self._may_hold(tx, dev)
             free = rules.check_assignable(
                 stock, dev, count, tx.assignment(dev, feature),
-                others=self._used(tx, stock, exclude=dev),
-                held=self._may_hold(tx, dev).get(feature, 0))
+                others=self._used(tx, stock, exclude=dev), held=hold.get(feature, 0))
             tx.save_assignment(Assignment(dev, feature, entitlement, product, count))
-            self._drop_released(tx, dev)
+            self._drop_released(tx, dev, hold)
             rec["detail"] = f"{entitlement}/{product}: {feature}={count}"
             return {"entitlement": entitlement, "product": product, "device_id": dev,
                     "feature": feature, "count": count, "until": iso(stock.until),
@@ -356,34 +369,38 @@ class Ledger:
         if len(data) > REQUEST_MAX:
             raise MalformedError(f"request file larger than {REQUEST_MAX} bytes")
         with self._operation("request", now) as (tx, rec):
-            req = Vendor.read_request(data)
-            dev = rec["device_id"] = req.device_id
-            rec["detail"] = f"{req.action.value} on sequence {req.sequence}"
-            rdigest = sha256(data)
-            prev = tx.response_to(dev, req.nonce)
-            if rules.check_request(req, rdigest, None if prev is None else prev.request_digest,
-                                   tx.device_sequence(dev)):
-                assert prev is not None  # answered again: the same response
-                rec["outcome"] = "repeated"
-                return prev.file
-            self._observe(tx, rules.seen_state("request", dev, req.device_key, req.model, None,
-                                               req.sequence, req.licenses, now), req.licenses)
-            changes = rules.decide(req, tx.targets(dev))
-            resp = signer.response_for(req, changes, now, self.response_valid)
-            file = signer.sign(resp)
-            digest = sha256(file)
-            base = {x.feature: x for x in req.licenses}
-            result = rules.apply_changes(req.licenses, changes)
-            tx.add_response(IssuedResponse(digest, dev, req.nonce, rdigest, req.action.value,
-                                           req.sequence, resp.sequence,
-                                           tuple(result.values()), file, now, resp.expires))
-            ents = tx.entitlements_of(dev)
-            tx.add_reclaims(digest, dev, [(f, n, ents.get(f))
-                                          for f, n in rules.reclaims(base, result)])
-            rec["detail"] += ": " + (", ".join(
-                f"{c.op.value} {c.feature}" + ("" if c.op is ChangeOp.REMOVE else f"={c.count}")
-                for c in changes))
-            return file
+            return self._answer(tx, rec, Vendor.read_request(data), data, now, signer)
+
+    def _answer(self, tx: LedgerTransaction, rec: dict[str, Any], req: Request, data: bytes,
+                now: int, signer: Vendor) -> bytes:
+        """:meth:`answer_request` for a request already verified (``req`` read from ``data``)."""
+        dev = rec["device_id"] = req.device_id
+        rec["detail"] = f"{req.action.value} on sequence {req.sequence}"
+        rdigest = sha256(data)
+        prev = tx.response_to(dev, req.nonce)
+        if rules.check_request(req, rdigest, None if prev is None else prev.request_digest,
+                               tx.device_sequence(dev)):
+            assert prev is not None  # answered again: the same response
+            rec["outcome"] = "repeated"
+            return prev.file
+        self._observe(tx, rules.seen_state("request", dev, req.device_key, req.model, None,
+                                           req.sequence, req.licenses, now), req.licenses)
+        changes = rules.decide(req, tx.targets(dev))
+        resp = signer.response_for(req, changes, now, self.response_valid)
+        file = signer.sign(resp)
+        digest = sha256(file)
+        base = {x.feature: x for x in req.licenses}
+        result = rules.apply_changes(req.licenses, changes)
+        tx.add_response(IssuedResponse(digest, dev, req.nonce, rdigest, req.action.value,
+                                       req.sequence, resp.sequence,
+                                       tuple(result.values()), file, now, resp.expires))
+        ents = tx.entitlements_of(dev)
+        tx.add_reclaims(digest, dev, [(f, n, ents.get(f))
+                                      for f, n in rules.reclaims(base, result)])
+        rec["detail"] += ": " + (", ".join(
+            f"{c.op.value} {c.feature}" + ("" if c.op is ChangeOp.REMOVE else f"={c.count}")
+            for c in changes))
+        return file
 
     # ------------------------------------------------------------ steps 5-6: receipts
 
@@ -429,7 +446,7 @@ class Ledger:
             hold = self._may_hold(tx, dev)
             for f, _n in freed:
                 tx.lower_assignment(dev, f, hold.get(f, 0))
-            self._drop_released(tx, dev)
+            self._drop_released(tx, dev, hold)
             rec["detail"] += ": freed " + (", ".join(f"{f}={n}" for f, n in freed) or "nothing")
             return ReceiptResult(dev, rc.sequence, tuple(freed))
 
@@ -457,17 +474,22 @@ class Ledger:
         for i, data in enumerate(requests):
             key = f"#{i}"
             try:
-                try:
-                    req = Vendor.read_request(data)
-                except LicensingError:
-                    req = None
-                if req is not None and req.device_id not in res.responses \
-                        and req.device_id not in res.errors:
-                    key = req.device_id
-                elif req is not None:
+                req = None
+                if len(data) <= REQUEST_MAX:  # a larger one is refused unread
+                    try:
+                        req = Vendor.read_request(data)
+                    except LicensingError:
+                        pass
+                if req is None:  # answer_request refuses it and records the refusal
+                    res.responses[key] = self.answer_request(data, now, vendor)
+                    continue
+                if req.device_id in res.responses or req.device_id in res.errors:
                     raise UsageError(f"another request of device {req.device_id[:12]}… is in "
                                      "this upload; send one per device")
-                res.responses[key] = self.answer_request(data, now, vendor)
+                key = req.device_id
+                at, signer = self._now(now), self._vendor(vendor)
+                with self._operation("request", at) as (tx, rec):
+                    res.responses[key] = self._answer(tx, rec, req, data, at, signer)
             except StorageError:
                 raise
             except LicensingError as err:
@@ -476,14 +498,17 @@ class Ledger:
 
     # ------------------------------------------------------------ report
 
-    def _entitlement_json(self, tx: LedgerTransaction, entitlement: str) -> dict[str, Any]:
+    def _entitlement_json(self, tx: LedgerTransaction, entitlement: str,
+                          holds: _Holds | None = None) -> dict[str, Any]:
+        if holds is None:
+            holds = _Holds(tx)
         products = []
         for p in tx.products(entitlement):
             feats = []
             for s in tx.stocks(entitlement, product=p):
                 drawing = tx.assignments_of(s)
                 assigned = sum(a.count for a in drawing)
-                used = self._used(tx, s, assignments=drawing)
+                used = self._used(tx, s, assignments=drawing, holds=holds)
                 feats.append({"feature": s.feature, "count": s.count, "until": iso(s.until),
                               "assigned": assigned, "used": used, "free": s.count - used})
             products.append({"product": p, "features": feats})
@@ -492,7 +517,8 @@ class Ledger:
     def free(self, entitlement: str, feature: str, product: str | None = None) -> int:
         """What is left of a feature of an entitlement (summed over its products)."""
         with self._storage.snapshot() as tx:
-            return sum(s.count - self._used(tx, s)
+            holds = _Holds(tx)
+            return sum(s.count - self._used(tx, s, holds=holds)
                        for s in tx.stocks(entitlement, product=product, feature=feature))
 
     def report(self) -> dict[str, Any]:
@@ -502,16 +528,17 @@ class Ledger:
         <apps.licensing_client.LicensingClient.report>`.
         """
         with self._storage.snapshot() as tx:
-            ents = [self._entitlement_json(tx, e) for e in tx.entitlements()]
+            holds = _Holds(tx)  # each device's, read once for the whole report
+            ents = [self._entitlement_json(tx, e, holds) for e in tx.entitlements()]
             assignments = [
                 {"entitlement": a.entitlement, "product": a.product, "device_id": a.device_id,
                  "feature": a.feature, "count": a.count} for a in tx.assignments()]
             installed: dict[str, list[dict[str, Any]]] = {}
-            for d, lic in tx.all_installed():
-                installed.setdefault(d, []).append(
-                    {"feature": lic.feature, "count": lic.count,
-                     "not_before": iso(lic.not_before), "not_after": iso(lic.not_after),
-                     "grace": lic.grace})
+            for row in tx.all_installed():
+                installed.setdefault(row.device_id, []).append(
+                    {"feature": row.feature, "count": row.count,
+                     "not_before": iso(row.not_before), "not_after": iso(row.not_after),
+                     "grace": row.grace})
             pending = [
                 {"response_digest": p.response_digest.hex(), "device_id": p.device_id,
                  "sequence": p.sequence, "feature": p.feature, "count": p.count,

@@ -25,9 +25,16 @@ from simulators.licensing_server.rules import (
     OpenResponse,
     ResponseStatus,
     Stock,
-    Target,
+    target,
 )
-from simulators.licensing_server.storage import IssuedResponse, Operation, PendingReclaim
+from simulators.licensing_server.storage import (
+    DeviceRow,
+    InstalledRow,
+    IssuedResponse,
+    Operation,
+    PendingReclaim,
+    RequestAnswered,
+)
 
 __all__ = ["SCHEMA_VERSION", "SqliteStorage", "SqliteTransaction"]
 
@@ -217,8 +224,8 @@ class SqliteTransaction:
         return {f: e for f, e in self._db.execute(
             "SELECT feature, entitlement FROM assignments WHERE device_id=?", (device_id,))}
 
-    def targets(self, device_id: str) -> dict[str, Target]:
-        return {f: Target(f, n, until) for f, n, until in self._db.execute(
+    def targets(self, device_id: str) -> dict[str, License]:
+        return {f: target(f, n, until) for f, n, until in self._db.execute(
             "SELECT a.feature, a.count, f.until FROM assignments a JOIN features f USING "
             "(entitlement, product, feature) WHERE a.device_id=?", (device_id,))}
 
@@ -251,8 +258,10 @@ class SqliteTransaction:
         row = self._db.execute(self._DEVICE + " WHERE id=?", (device_id,)).fetchone()
         return None if row is None else self._known(row)
 
-    def devices(self) -> list[KnownDevice]:
-        return [self._known(r) for r in self._db.execute(self._DEVICE + " ORDER BY id")]
+    def devices(self) -> list[DeviceRow]:
+        return [DeviceRow(d, m, s, n, bytes(g), src, u) for d, m, s, n, g, src, u in
+                self._db.execute("SELECT id, model, serial, sequence, digest, source, updated "
+                                 "FROM devices ORDER BY id")]
 
     def device_sequence(self, device_id: str) -> int | None:
         row = self._db.execute("SELECT sequence FROM devices WHERE id=?", (device_id,)).fetchone()
@@ -272,8 +281,8 @@ class SqliteTransaction:
             "SELECT feature, count, not_before, not_after, grace FROM installed WHERE "
             "device_id=?", (device_id,))}
 
-    def all_installed(self) -> list[tuple[str, License]]:
-        return [(d, License(f, n, nb, na, g)) for d, f, n, nb, na, g in self._db.execute(
+    def all_installed(self) -> list[InstalledRow]:
+        return [InstalledRow(*r) for r in self._db.execute(
             "SELECT device_id, feature, count, not_before, not_after, grace FROM "
             "installed ORDER BY device_id, feature")]
 
@@ -292,17 +301,11 @@ class SqliteTransaction:
                           r.base_sequence, r.sequence, _encode_licenses(r.result), r.file,
                           r.issued, r.expires, r.status.value))
 
-    def response_to(self, device_id: str, nonce: bytes) -> IssuedResponse | None:
+    def response_to(self, device_id: str, nonce: bytes) -> RequestAnswered | None:
         row = self._db.execute(
-            "SELECT digest, request_digest, action, base_sequence, sequence, result, file, "
-            "issued, expires, status FROM responses WHERE device_id=? AND nonce=?",
+            "SELECT request_digest, file FROM responses WHERE device_id=? AND nonce=?",
             (device_id, nonce)).fetchone()
-        if row is None:
-            return None
-        digest, rdigest, action, base, seq, result, file, issued, expires, status = row
-        return IssuedResponse(bytes(digest), device_id, nonce, bytes(rdigest), action, base, seq,
-                              _decode_licenses(result), bytes(file), issued, expires,
-                              ResponseStatus(status))
+        return None if row is None else RequestAnswered(bytes(row[0]), bytes(row[1]))
 
     def response_status(self, digest: bytes, device_id: str
                         ) -> tuple[ResponseStatus, int] | None:

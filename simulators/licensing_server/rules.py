@@ -32,7 +32,7 @@ from agent.errors import (
     UsageError,
 )
 from agent.messages import (
-    FEATURE_RE,
+    MAX_COUNT,
     Action,
     ChangeOp,
     DeviceInfo,
@@ -40,6 +40,9 @@ from agent.messages import (
     LicenseChange,
     Request,
     state_digest,
+    valid_count,
+    valid_device_id,
+    valid_feature,
 )
 
 __all__ = [
@@ -51,7 +54,6 @@ __all__ = [
     "OpenResponse",
     "ResponseStatus",
     "Stock",
-    "Target",
     "add_to_stock",
     "apply_changes",
     "check_assignable",
@@ -70,11 +72,11 @@ __all__ = [
     "reclaims",
     "released",
     "seen_state",
+    "target",
     "used",
     "wanted_devices",
 ]
 
-MAX_COUNT = 2**32 - 1
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
 
 
@@ -118,19 +120,6 @@ class Assignment:
 
 
 @dataclass(frozen=True)
-class Target:
-    """An assignment as a device should hold it: the count, ending when the entitlement does."""
-
-    feature: str
-    count: int
-    until: int | None = None
-
-    @property
-    def license(self) -> License:
-        return License(self.feature, self.count, None, self.until, 0)
-
-
-@dataclass(frozen=True)
 class KnownDevice:
     """The ledger's verified view of a device: its latest state seen, and where from."""
 
@@ -158,6 +147,14 @@ class OpenResponse:
     reclaims: Mapping[str, int] = field(default_factory=dict)
 
 
+def target(feature: str, count: int, until: int | None = None) -> License:
+    """An assignment as a device should hold it: the count, ending when the entitlement does.
+
+    A device's targets are such licenses, per feature (``not_after`` is the stock's end).
+    """
+    return License(feature, count, None, until, 0)
+
+
 # ---------------------------------------------------------------- checks of what is asked
 
 
@@ -170,21 +167,27 @@ def check_name(v: object, what: str) -> str:
 
 
 def check_feature(v: object) -> str:
-    if not isinstance(v, str) or not FEATURE_RE.fullmatch(v):
-        raise UsageError(f"feature name {v!r} is not valid (letters, digits, ._:/-, max 64)")
-    return v
+    """A feature name as a license carries it (:func:`agent.messages.valid_feature`)."""
+    try:
+        return valid_feature(v)
+    except MalformedError as exc:  # the same words, as a refusal of what was asked
+        raise UsageError(str(exc)) from None
 
 
 def check_count(v: object, what: str = "count") -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_COUNT:
-        raise UsageError(f"{what} must be an integer from 0 to {MAX_COUNT}")
-    return v
+    """A count, 0 to :data:`MAX_COUNT` (:func:`agent.messages.valid_count`)."""
+    try:
+        return valid_count(v, what)
+    except MalformedError as exc:  # the same words, as a refusal of what was asked
+        raise UsageError(str(exc)) from None
 
 
 def check_device_id(v: object) -> str:
-    if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{64}", v):
-        raise UsageError(f"device ID {v!r} must be 64 lowercase hex digits")
-    return v
+    """A device ID (:func:`agent.messages.valid_device_id`), the refusal naming the value."""
+    try:
+        return valid_device_id(v)
+    except MalformedError:
+        raise UsageError(f"device ID {v!r} must be 64 lowercase hex digits") from None
 
 
 # ---------------------------------------------------------------- entitlements and assignments
@@ -353,7 +356,7 @@ def wanted_devices(infos: Mapping[str, DeviceInfo], files: int,
 # ---------------------------------------------------------------- what a response may grant
 
 
-def plan(installed: Mapping[str, License], targets: Mapping[str, Target]
+def plan(installed: Mapping[str, License], targets: Mapping[str, License]
          ) -> tuple[list[License], list[License]]:
     """(installed licenses to reclaim, licenses to install) for one device's license information.
 
@@ -362,7 +365,7 @@ def plan(installed: Mapping[str, License], targets: Mapping[str, Target]
     """
     reclaim = [lic for f, lic in sorted(installed.items())
                if lic.count > (targets[f].count if f in targets else 0)]
-    install = [t.license for f, t in sorted(targets.items())
+    install = [t for f, t in sorted(targets.items())
                if t.count > 0 and (f not in installed or installed[f].count < t.count)]
     return reclaim, install
 
@@ -391,7 +394,7 @@ def check_request(req: Request, request_digest: bytes, answered_digest: bytes | 
     return False
 
 
-def decide(req: Request, targets: Mapping[str, Target]) -> tuple[LicenseChange, ...]:
+def decide(req: Request, targets: Mapping[str, License]) -> tuple[LicenseChange, ...]:
     """The changes a response to ``req`` makes, given the device's assignments.
 
     activate: install what is assigned and not installed (or installed with a
@@ -419,8 +422,7 @@ def decide(req: Request, targets: Mapping[str, Target]) -> tuple[LicenseChange, 
             if t.count == 0 or (have is not None and have.count >= t.count):
                 continue
             op = ChangeOp.ADD if have is None else ChangeOp.UPDATE
-            want = t.license
-            changes.append(LicenseChange(op, f, t.count, want.not_before, want.not_after, 0))
+            changes.append(LicenseChange(op, f, t.count, t.not_before, t.not_after, 0))
 
     if req.action is Action.ACTIVATE:
         grow([f for f in targets if not named or f in named])
@@ -433,7 +435,7 @@ def decide(req: Request, targets: Mapping[str, Target]) -> tuple[LicenseChange, 
             have = installed.get(f)
             if have is None or target(f) == 0:
                 continue
-            until = targets[f].until
+            until = targets[f].not_after
             if have.not_after != until or have.not_before is not None or have.grace:
                 changes.append(LicenseChange(ChangeOp.UPDATE, f, have.count, None, until, 0))
         if not changes:
@@ -450,7 +452,8 @@ def decide(req: Request, targets: Mapping[str, Target]) -> tuple[LicenseChange, 
                 raise UsageError(f"cannot reclaim {f}: device {dev[:12]}… does not hold it")
             n = target(f)
             if 0 < n < have.count:  # still partly assigned: shrink to the assignment
-                changes.append(LicenseChange(ChangeOp.UPDATE, f, n, None, targets[f].until, 0))
+                changes.append(LicenseChange(ChangeOp.UPDATE, f, n, None, targets[f].not_after,
+                                             0))
             else:
                 changes.append(LicenseChange(ChangeOp.REMOVE, f))
         grow([f for f in targets if f not in gone])

@@ -25,8 +25,9 @@ from typing import Any
 from agent.cose import canonical, strict_loads
 from agent.errors import MalformedError, UsageError
 from agent.formats import SITE_INFO_MAX
-from apps.common import parse_time
 from apps.licensing_api import (
+    AssignmentQuery,
+    EntitlementQuery,
     LicenseInfoQuery,
     PerDeviceLicenseInfo,
     body_fields,
@@ -103,7 +104,7 @@ class _Handler(JsonHandler):
         reqs = body_files(m, "requests", lim.max_files)
         rcs = body_files(m, "receipts", lim.max_files, required=False)
         res = self.server.ledger.upload(reqs, rcs, vendor=self.server.vendor)
-        return Answer(canonical(res.to_body()), CBOR)
+        return Answer(canonical(res.to_wire()), CBOR)
 
     def _receipts(self) -> Answer:
         lim = self.server.limits
@@ -112,22 +113,14 @@ class _Handler(JsonHandler):
         return json_answer(self.server.ledger.confirm(rcs, vendor=self.server.vendor).to_wire())
 
     def _assignments(self) -> Answer:
-        m = body_fields(self._json_body(), "assignments", {"entitlement", "device_id", "feature",
-                                                       "count"}, {"product"})
-        return json_answer(self.server.ledger.assign(m["entitlement"], m["device_id"], m["feature"],
-                                               m["count"], m.get("product")))
+        q = AssignmentQuery.from_body(self._json_body())
+        return json_answer(self.server.ledger.assign(q.entitlement, q.device_id, q.feature,
+                                                     q.count, q.product))
 
     def _entitlements(self) -> Answer:
-        m = body_fields(self._json_body(), "entitlements", {"entitlement", "product", "features"},
-                    {"until"})
-        features = m["features"]
-        if not isinstance(features, dict):
-            raise UsageError('features must be an object {"FEATURE": COUNT, ...}')
-        until = m.get("until")
-        if until is not None and not isinstance(until, str):
-            raise UsageError("until must be an ISO 8601 date or date-time, or null")
-        return json_answer(self.server.ledger.entitle(m["entitlement"], m["product"], features,
-                                                parse_time(until) if until else None))
+        q = EntitlementQuery.from_body(self._json_body())
+        return json_answer(self.server.ledger.entitle(q.entitlement, q.product, q.features,
+                                                      q.until_time()))
 
     def _report(self) -> Answer:
         return json_answer(self.server.ledger.report())

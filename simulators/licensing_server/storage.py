@@ -25,15 +25,17 @@ from simulators.licensing_server.rules import (
     OpenResponse,
     ResponseStatus,
     Stock,
-    Target,
 )
 
 __all__ = [
+    "DeviceRow",
+    "InstalledRow",
     "IssuedResponse",
     "LedgerStorage",
     "LedgerTransaction",
     "Operation",
     "PendingReclaim",
+    "RequestAnswered",
 ]
 
 
@@ -56,6 +58,14 @@ class IssuedResponse:
 
 
 @dataclass(frozen=True)
+class RequestAnswered:
+    """What the ledger keeps of an answered request to answer it again: its digest, the response."""
+
+    request_digest: bytes
+    file: bytes
+
+
+@dataclass(frozen=True)
 class PendingReclaim:
     """A license a response took away, counted until its receipt is verified (for the report)."""
 
@@ -66,6 +76,31 @@ class PendingReclaim:
     count: int
     entitlement: str | None
     issued: int  # the response's
+
+
+@dataclass(frozen=True)
+class InstalledRow:
+    """A license a device held in its known state, as stored (for the report: not validated)."""
+
+    device_id: str
+    feature: str
+    count: int
+    not_before: int | None
+    not_after: int | None
+    grace: int
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """A known device as stored, without its key (for the report)."""
+
+    device_id: str
+    model: str
+    serial: str | None
+    sequence: int
+    digest: bytes
+    source: str
+    updated: int
 
 
 @dataclass(frozen=True)
@@ -108,8 +143,9 @@ class LedgerTransaction(Protocol):
         """The features a device is assigned 0 of (any order)."""
     def entitlements_of(self, device_id: str) -> dict[str, str]:
         """Per feature assigned to a device, the entitlement it comes from."""
-    def targets(self, device_id: str) -> dict[str, Target]:
-        """Per feature assigned to a device, the target count and its stock's end."""
+    def targets(self, device_id: str) -> dict[str, License]:
+        """Per feature assigned to a device, the target count and its stock's end
+        (:func:`~simulators.licensing_server.rules.target`)."""
     def save_assignment(self, assignment: Assignment) -> None:
         """Insert an assignment, or set the count of the device's one of that feature."""
     def lower_assignment(self, device_id: str, feature: str, at_most: int) -> None:
@@ -120,21 +156,21 @@ class LedgerTransaction(Protocol):
     def device(self, device_id: str) -> KnownDevice | None: ...
     def device_sequence(self, device_id: str) -> int | None:
         """The sequence of the device's known state, None if the device is unknown."""
-    def devices(self) -> list[KnownDevice]:
-        """All known devices, by ID."""
+    def devices(self) -> list[DeviceRow]:
+        """All known devices as stored (no key), by ID."""
     def save_device(self, device: KnownDevice) -> None:
         """Insert a device, or update all but its key."""
     def installed(self, device_id: str) -> dict[str, License]:
         """What the device held in its known state, per feature."""
-    def all_installed(self) -> list[tuple[str, License]]:
-        """(device ID, license) of every device, by device, then feature."""
+    def all_installed(self) -> list[InstalledRow]:
+        """What every device held, as stored, by device, then feature."""
     def set_installed(self, device_id: str, licenses: tuple[License, ...]) -> None:
         """Replace what the device is known to hold."""
 
     # responses and receipts
     def add_response(self, response: IssuedResponse) -> None: ...
-    def response_to(self, device_id: str, nonce: bytes) -> IssuedResponse | None:
-        """The response to the device's request with this nonce, if one was issued."""
+    def response_to(self, device_id: str, nonce: bytes) -> RequestAnswered | None:
+        """The device's request with this nonce and its response, if one was issued."""
     def response_status(self, digest: bytes, device_id: str
                         ) -> tuple[ResponseStatus, int] | None:
         """(status, base sequence) of a response issued to the device, None if none was."""

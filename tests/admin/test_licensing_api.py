@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -9,7 +10,9 @@ import pytest
 from agent.cose import strict_loads
 from agent.errors import AlreadyAppliedError, MalformedError, UsageError
 from apps.licensing_api import (
+    AssignmentQuery,
     Confirmation,
+    EntitlementQuery,
     LicenseInfoQuery,
     PerDeviceLicenseInfo,
     UploadAnswer,
@@ -97,3 +100,53 @@ def test_a_per_device_answer_must_have_its_shape(body: Any) -> None:
         PerDeviceLicenseInfo.from_body(body)
     good = PerDeviceLicenseInfo(b"x", {"d": b"y"})
     assert PerDeviceLicenseInfo.from_body(strict_loads(good.encode(), max_size=99)) == good
+
+
+def test_an_upload_answer_is_its_documented_map_all_the_way_down() -> None:
+    ans = UploadAnswer({"d1": b"r1"}, {}, Confirmation([{"device_id": "d1", "sequence": 2,
+                                                         "freed": []}]))
+    wire = ans.to_wire()
+    assert wire == {"responses": {"d1": b"r1"}, "errors": {},
+                    "receipts": {"accepted": [{"device_id": "d1", "sequence": 2, "freed": []}],
+                                 "refused": []}}
+    assert type(wire["receipts"]) is dict and ans.to_body() == wire
+    assert UploadAnswer.from_body(wire) == ans
+
+
+DEV = "ab" * 32
+
+
+def test_assignment_queries_read_back_and_keep_the_body_the_client_sent() -> None:
+    q = AssignmentQuery("ORDER-1", DEV, "bacnet", 3)
+    assert q.encode() == json.dumps({"entitlement": "ORDER-1", "device_id": DEV,
+                                     "feature": "bacnet", "count": 3}).encode()
+    assert AssignmentQuery.from_body(json.loads(q.encode())) == q
+    named = AssignmentQuery("ORDER-1", DEV, "bacnet", 3, product="BMS-Pro")
+    assert AssignmentQuery.from_body(json.loads(named.encode())) == named
+    with pytest.raises(UsageError, match="the body of assignments lacks count, feature"):
+        AssignmentQuery.from_body({"entitlement": "E", "device_id": DEV})
+    with pytest.raises(UsageError, match="unknown field until in the body of assignments"):
+        AssignmentQuery.from_body({**json.loads(q.encode()), "until": None})
+    with pytest.raises(MalformedError, match="must be a map"):
+        AssignmentQuery.from_body([])
+
+
+def test_entitlement_queries_read_back_and_refuse_what_the_server_refused() -> None:
+    q = EntitlementQuery("ORDER-1", "BMS-Pro", {"bacnet": 5}, "2027-12-31")
+    assert q.encode() == json.dumps({"entitlement": "ORDER-1", "product": "BMS-Pro",
+                                     "features": {"bacnet": 5}, "until": "2027-12-31"}).encode()
+    assert EntitlementQuery.from_body(json.loads(q.encode())) == q
+    assert q.until_time() == 1830297599  # the end of that day, UTC
+    forever = EntitlementQuery.from_body({"entitlement": "E", "product": "P",
+                                          "features": {"x": 1}})
+    assert forever.until is None and forever.until_time() is None
+    assert EntitlementQuery("E", "P", {}, "").until_time() is None
+    body = json.loads(q.encode())
+    with pytest.raises(UsageError, match='features must be an object'):
+        EntitlementQuery.from_body({**body, "features": [["bacnet", 5]]})
+    with pytest.raises(UsageError, match="until must be an ISO 8601 date or date-time, or null"):
+        EntitlementQuery.from_body({**body, "until": 20271231})
+    with pytest.raises(UsageError, match="cannot read time 'soon'"):
+        EntitlementQuery.from_body({**body, "until": "soon"}).until_time()
+    with pytest.raises(UsageError, match="the body of entitlements lacks features"):
+        EntitlementQuery.from_body({"entitlement": "E", "product": "P"})

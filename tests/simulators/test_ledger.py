@@ -415,6 +415,55 @@ def test_ledger_survives_a_restart_between_upload_and_confirm(tmp_path: Path,
                      "receipt", "receipt"]
 
 
+def test_upload_verifies_each_request_once(ledger: Ledger, site: Site,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """upload reads a request once and answers from what it read (no second verification)."""
+    a, b = site.device(), site.device()
+    ledger.entitle(E, P, {"bacnet": 5})
+    ledger.assign(E, dev_id(a), "bacnet", 2)
+    ledger.assign(E, dev_id(b), "bacnet", 2)
+    reqs = [a.request(Action.ACTIVATE), b.request(Action.ACTIVATE)]
+    calls: list[bytes] = []
+    real = Vendor.read_request
+
+    def counted(data: bytes) -> Any:
+        calls.append(data)
+        return real(data)
+
+    monkeypatch.setattr(Vendor, "read_request", staticmethod(counted))
+    up = ledger.upload(reqs)
+    assert set(up.responses) == {dev_id(a), dev_id(b)} and not up.errors
+    assert calls == reqs
+    calls.clear()
+    again = ledger.upload(reqs)  # answered again: the same responses, still one read each
+    assert again.responses == up.responses and calls == reqs
+    calls.clear()
+    big = ledger.upload([b"x" * (64 * 1024 + 1)])  # too large: refused unread
+    assert big.errors["#0"]["reason"] == "malformed" and calls == []
+
+
+def test_report_reads_what_each_device_may_hold_once(ledger: Ledger,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    devs = [f"{i:064x}" for i in (1, 2)]
+    ledger.entitle(E, P, {"bacnet": 5, "modbus": 5})
+    ledger.entitle("ORDER-2", P, {"trend": 5})
+    for d in devs:
+        for e, f in ((E, "bacnet"), (E, "modbus"), ("ORDER-2", "trend")):
+            ledger.assign(e, d, f, 1)
+    calls: list[str] = []
+    real = Ledger._may_hold
+
+    def counted(tx: Any, dev: str) -> dict[str, int]:
+        calls.append(dev)
+        return real(tx, dev)
+
+    monkeypatch.setattr(Ledger, "_may_hold", staticmethod(counted))
+    rep = ledger.report()
+    assert sorted(calls) == devs
+    assert [f["used"] for e in rep["entitlements"] for p in e["products"]
+            for f in p["features"]] == [2, 2, 2]
+
+
 # ---------------------------------------------------------------- the state machine
 
 FEATURES = ("bacnet", "modbus")

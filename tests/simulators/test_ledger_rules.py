@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import errors
+from agent import errors, messages
 from agent.cose import ALG_EDDSA, PublicKey
 from agent.digest import sha256
 from agent.formats import read_device_info
@@ -31,8 +31,8 @@ from simulators.licensing_server.rules import (
     OpenResponse,
     ResponseStatus,
     Stock,
-    Target,
 )
+from simulators.licensing_server.rules import target as Target
 from simulators.licensing_server.storage import LedgerStorage
 from tests.conftest import T0, Site
 
@@ -90,6 +90,23 @@ def test_checks_return_what_they_accept() -> None:
     assert rules.check_device_id(DEV) == DEV
     with pytest.raises(errors.UsageError, match="count of bacnet must be"):
         rules.check_count(-1, "count of bacnet")
+
+
+@pytest.mark.parametrize(("check", "shared", "value"), [
+    (rules.check_feature, messages.valid_feature, "-x"),
+    (rules.check_count, messages.valid_count, 2**32),
+    (rules.check_count, messages.valid_count, True),
+])
+def test_the_checks_shared_with_the_messages_say_the_same(check: Any, shared: Any,
+                                                          value: object) -> None:
+    with pytest.raises(errors.MalformedError) as malformed:
+        shared(value)
+    with pytest.raises(errors.UsageError) as usage:
+        check(value)
+    assert str(usage.value) == str(malformed.value)
+    assert rules.MAX_COUNT == messages.MAX_COUNT
+    with pytest.raises(errors.UsageError, match=r"device ID 'A+' must be 64 lowercase hex"):
+        rules.check_device_id("A" * 64)
 
 
 # ---------------------------------------------------------------- entitlements and assignments
