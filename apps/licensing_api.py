@@ -264,7 +264,6 @@ class UploadAnswer(WireView):
         """The documented map, the nested :class:`Confirmation` as its map too."""
         return {**super().to_wire(), "receipts": self.receipts.to_wire()}
 
-    to_body = to_wire  # the body of the answer (CBOR)
 
     def merge(self, part: UploadAnswer, offset: int) -> None:
         """Add the answer to a batch of requests that started at request ``offset``."""

