@@ -29,6 +29,7 @@ from simulators.fleet import (
     parse_scenario,
 )
 from simulators.licensing_server.vendor import Grant
+from tests.conftest import Device
 from tests.hw.mosquitto import mosquitto_path
 
 ALL = ["tcp", "pty", "usbdrop", "mqtt", "sim"]
@@ -443,3 +444,24 @@ def test_each_link_kinds_fault_hook_injects_and_the_link_recovers() -> None:
             if link in ("tcp", "sim"):  # the kept client found its line closed: connected again
                 assert f.reconnects == reconnects + 1, link
         assert f.summary().ok
+
+
+def test_a_cut_closes_only_the_connections_served_since_the_last_cut(device: Device) -> None:
+    from agent.ops import AgentOps
+    from hw import connect, listen
+    from hw.backends.loop import InProcessListener, LoopFabric
+
+    fab = LoopFabric()
+    lst = listen("loop://cut-me", AgentOps(device.agent), fabric=fab)
+    assert isinstance(lst, InProcessListener)
+    lst.start()
+    try:
+        with connect("loop://cut-me", fabric=fab) as c:
+            assert c.status()["sequence"] == 0
+            assert lst.cut() == 1
+        with connect("loop://cut-me", fabric=fab) as c:  # the fleet's client connecting again
+            assert c.status()["sequence"] == 0
+            assert lst.cut() == 1
+        assert lst.cuts == 2
+    finally:
+        lst.stop()
