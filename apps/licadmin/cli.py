@@ -303,24 +303,24 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         _check_folder(args.receipt_out)
         res = client.apply(read_input(args.response, DEFAULT_LIMITS.max_file))
         if args.receipt_out:
-            write_output(args.receipt_out, bytes(res["receipt"]))
-        if res["already_applied"]:
-            print(f"already applied: this response made sequence {res['sequence']}; "
+            write_output(args.receipt_out, res.receipt)
+        if res.already_applied:
+            print(f"already applied: this response made sequence {res.sequence}; "
                   f"nothing changed")
         else:
-            parts = list(res["changes"]) or ["no changes"]
-            print(f"applied response: sequence {res['base_sequence']} -> {res['sequence']}: "
+            parts = list(res.changes) or ["no changes"]
+            print(f"applied response: sequence {res.base_sequence} -> {res.sequence}: "
                   f"{', '.join(parts)}")
         if args.receipt_out:
             print(f"wrote receipt to {args.receipt_out}")
-        if res.get("warning"):
-            print(f"{PROG}: warning: {res['warning']}", file=sys.stderr)
+        if res.warning:
+            print(f"{PROG}: warning: {res.warning}", file=sys.stderr)
         return EXIT_OK
     if c == "check":
         r = client.check(args.feature)
-        print(r["message"])
-        if not r["licensed"]:
-            raise NotLicensedError(str(r["message"]))
+        print(r.message)
+        if not r.licensed:
+            raise NotLicensedError(r.message)
         return EXIT_OK
     raise UsageError(f"unknown command {c}")
 

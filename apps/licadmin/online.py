@@ -149,7 +149,7 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
         if o not in res.outcomes:
             res.outcomes.append(o)
         try:
-            filed, _kid = peek_payload(bytes(resp), Response)
+            filed, _kid = peek_payload(resp, Response)
             if filed.device_id != dev:
                 raise MalformedError(f"the licensing server filed a response of device "
                                      f"{short(filed.device_id)} under {short(dev)}")
@@ -157,7 +157,7 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
             o.fail(err)
             continue
         path = device_file(folder, dev, "response")
-        write_file(path, bytes(resp))
+        write_file(path, resp)
         o.result = "answered"
         o.detail = (f"response: sequence {filed.base_sequence} -> {filed.sequence}: "
                     f"{_changes(filed)}")
