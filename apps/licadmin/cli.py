@@ -23,6 +23,7 @@ from typing import Any
 
 import hw
 from agent.errors import EXIT_OK, NotLicensedError, UsageError
+from agent.formats import LICENSE_INFO_MAX
 from agent.messages import DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from apps.common import (
@@ -45,8 +46,6 @@ PROG = "licadmin"
 WORKFLOW = frozenset({"gather", "license-info", "requests", "upload", "send", "confirm",
                       "activate", "reclaim", "assign", "show"})
 DEFAULT_TIMEOUT = 10.0
-#: vendor-signed license information may list a whole site
-LICENSE_INFO_MAX = 16 * 1024 * 1024
 
 
 def _timeout(text: str) -> float:
@@ -267,7 +266,7 @@ def _run_steps(args: argparse.Namespace, c: str, console: Console,
     for n in res.notes:
         print(n)
     if res.code == outcome.EXIT_PARTIAL:
-        failed = sum(1 for o in res.outcomes if o.status == "failed")
+        failed = sum(1 for o in res.outcomes if o.status == outcome.FAILED)
         print(f"partial: {failed} of {len(res.outcomes)} failed (listed above); "
               f"the others are done; rerun {c} for the failed ones")
     return res.code

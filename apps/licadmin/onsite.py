@@ -181,7 +181,7 @@ def _responses_by_device(responses_dir: str, res: StepResult) -> dict[str, _Held
             res.outcomes.append(o)
             continue
         dev = payload.device_id
-        if path.name != f"{dev}.resp":
+        if path != device_file(path.parent, dev, "response"):
             res.notes.append(f"note: {path.name} holds the response for device {short(dev)}, "
                              f"not the one its name says; it goes to that device only")
         held = by_dev.get(dev)
