@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.errors import LicensingError, MalformedError, UsageError
-from agent.formats import LICENSE_INFO_MAX, SITE_INFO_MAX, SiteInfo, peek_payload, read_device_info
-from agent.messages import LicenseInfo, Request, Response
+from agent.formats import LICENSE_INFO_MAX, SITE_INFO_MAX, SiteInfo, peek_payload
+from agent.messages import DeviceInfo, LicenseInfo, Request, Response
 from agent.rpc import RemoteError
 from apps.common import read_input
 from apps.licadmin.console import Console
@@ -58,16 +58,18 @@ def license_info(site_info: str, devices: Sequence[str], out: str,
         raise UsageError(f"cannot write {out}: its folder does not exist")
     data = read_input(site_info, SITE_INFO_MAX)
     bundle = SiteInfo.decode(data)
-    known = set()
-    for d in bundle.devices:
-        try:
-            known.add(read_device_info(d).device_id)
-        except LicensingError:
-            continue  # the licensing server lists it; we only check --device names here
-    unknown = [d for d in devices if d not in known]
-    if unknown:
-        raise UsageError(f"--device {', '.join(short(d) for d in unknown)}: not in {site_info} "
-                         f"(it holds {', '.join(short(d) for d in sorted(known)) or 'no device'})")
+    if devices:  # only to name a --device the bundle does not hold: the IDs, unverified
+        known = set()
+        for d in bundle.devices:
+            try:
+                known.add(peek_payload(d, DeviceInfo)[0].device_id)
+            except LicensingError:
+                continue  # the licensing server lists it; we only check --device names here
+        unknown = [d for d in devices if d not in known]
+        if unknown:
+            raise UsageError(
+                f"--device {', '.join(short(d) for d in unknown)}: not in {site_info} "
+                f"(it holds {', '.join(short(d) for d in sorted(known)) or 'no device'})")
     answer, own = licensing.license_info_files(data, list(devices) or None)
     info, _kid = peek_payload(answer, LicenseInfo, LICENSE_INFO_MAX)
     # each server's own file goes beside the site's (step 3 hands a server only its own)
