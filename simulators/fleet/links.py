@@ -171,7 +171,7 @@ class FleetLink:
         return servers
 
     def corrupt_frames(self) -> int:
-        return sum(int(getattr(lst, "corrupt_frames", 0)) for lst in self.listeners.values())
+        return sum(lst.corrupt_frames for lst in self.listeners.values())
 
     def stop(self) -> None:
         for lst in self.listeners.values():

@@ -419,7 +419,7 @@ def test_each_link_kinds_fault_hook_injects_and_the_link_recovers() -> None:
             kind = f.links.kind(link)
             checks: list[tuple[str, bool, str]] = []
             lst = kind.listeners.get(srv.name)
-            frames = int(getattr(lst, "corrupt_frames", 0))
+            frames = lst.corrupt_frames if lst is not None else 0
             reconnects = f.reconnects
             detail = kind.inject(srv, noise, lambda *c, out=checks: out.append(c))
             if link == "tcp":
@@ -427,8 +427,8 @@ def test_each_link_kinds_fault_hook_injects_and_the_link_recovers() -> None:
             elif link == "pty":
                 assert detail.startswith("64 bytes of line noise on /dev/pts/")
                 # the server saw the noise as broken frames and resynchronised
-                assert wait_until(lambda lst=lst, frames=frames:
-                                  int(getattr(lst, "corrupt_frames", 0)) > frames, 5)
+                assert lst is not None
+                assert wait_until(lambda lst=lst, frames=frames: lst.corrupt_frames > frames, 5)
             elif link == "sim":
                 assert isinstance(lst, InProcessListener)
                 assert lst.cuts >= 1 and detail == f"{lst.cuts} simulated line(s) cut"
