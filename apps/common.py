@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,8 +60,9 @@ def parse_time(text: str) -> int:
     return int(dt.timestamp())
 
 
-def tool_clock() -> int:
-    fake = os.environ.get("LICAGENT_TIME")
+def tool_clock(env: Sequence[str] = ("LICAGENT_TIME",)) -> int:
+    """POSIX seconds; the first of the ``env`` variables that is set stages a clock."""
+    fake = next((v for v in map(os.environ.get, env) if v), None)
     if fake:
         return parse_time(fake)
     return int(time.time())
@@ -78,7 +79,7 @@ def facts_provider(path: str | None) -> FactsProvider:
     return LinuxFactsProvider()
 
 
-def write_output(path: str, data: bytes) -> None:
+def write_output(path: str | Path, data: bytes) -> None:
     """Write a file the user asked for, atomically (no half-written file on a stick)."""
     p = Path(path)
     if not p.parent.is_dir():

@@ -369,6 +369,13 @@ class Listener(abc.ABC):
 
     #: the address clients use (a chosen port, a pty path), filled in by start()
     address: str = ""
+    #: frames that failed their checksum or were not RPC messages (line noise); stays 0
+    #: on links that carry no frames
+    corrupt_frames: int = 0
+
+    def _count_corrupt(self, n: int) -> None:
+        """``on_corrupt`` of :func:`serve_stream`: count line noise in ``corrupt_frames``."""
+        self.corrupt_frames += n
 
     @abc.abstractmethod
     def start(self) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import hw
 from agent.errors import EXIT_OK, NotLicensedError, UsageError
+from agent.formats import LICENSE_INFO_MAX
 from agent.messages import DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from apps.common import (
@@ -45,8 +46,6 @@ PROG = "licadmin"
 WORKFLOW = frozenset({"gather", "license-info", "requests", "upload", "send", "confirm",
                       "activate", "reclaim", "assign", "show"})
 DEFAULT_TIMEOUT = 10.0
-#: vendor-signed license information may list a whole site
-LICENSE_INFO_MAX = 16 * 1024 * 1024
 
 
 def _timeout(text: str) -> float:
@@ -267,7 +266,7 @@ def _run_steps(args: argparse.Namespace, c: str, console: Console,
     for n in res.notes:
         print(n)
     if res.code == outcome.EXIT_PARTIAL:
-        failed = sum(1 for o in res.outcomes if o.status == "failed")
+        failed = sum(1 for o in res.outcomes if o.status == outcome.FAILED)
         print(f"partial: {failed} of {len(res.outcomes)} failed (listed above); "
               f"the others are done; rerun {c} for the failed ones")
     return res.code
@@ -303,24 +302,24 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         _check_folder(args.receipt_out)
         res = client.apply(read_input(args.response, DEFAULT_LIMITS.max_file))
         if args.receipt_out:
-            write_output(args.receipt_out, bytes(res["receipt"]))
-        if res["already_applied"]:
-            print(f"already applied: this response made sequence {res['sequence']}; "
+            write_output(args.receipt_out, res.receipt)
+        if res.already_applied:
+            print(f"already applied: this response made sequence {res.sequence}; "
                   f"nothing changed")
         else:
-            parts = list(res["changes"]) or ["no changes"]
-            print(f"applied response: sequence {res['base_sequence']} -> {res['sequence']}: "
+            parts = list(res.changes) or ["no changes"]
+            print(f"applied response: sequence {res.base_sequence} -> {res.sequence}: "
                   f"{', '.join(parts)}")
         if args.receipt_out:
             print(f"wrote receipt to {args.receipt_out}")
-        if res.get("warning"):
-            print(f"{PROG}: warning: {res['warning']}", file=sys.stderr)
+        if res.warning:
+            print(f"{PROG}: warning: {res.warning}", file=sys.stderr)
         return EXIT_OK
     if c == "check":
         r = client.check(args.feature)
-        print(r["message"])
-        if not r["licensed"]:
-            raise NotLicensedError(str(r["message"]))
+        print(r.message)
+        if not r.licensed:
+            raise NotLicensedError(r.message)
         return EXIT_OK
     raise UsageError(f"unknown command {c}")
 

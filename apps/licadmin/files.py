@@ -9,16 +9,13 @@ never by its name, so a renamed or misplaced file cannot reach the wrong server.
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from agent.durable import FileOps, atomic_write
 from agent.errors import UsageError
 from agent.formats import DEVICE_FILE_MAX
-from apps.common import parse_time, read_input
+from apps.common import read_input, tool_clock, write_output
 
 __all__ = [
     "device_file",
@@ -43,15 +40,12 @@ def per_device_dir(license_info: str | Path) -> Path:
 
 def now() -> int:
     """POSIX seconds; ``LICADMIN_TIME`` or ``LICAGENT_TIME`` (as for licagent) stage a clock."""
-    fake = os.environ.get("LICADMIN_TIME") or os.environ.get("LICAGENT_TIME")
-    return parse_time(fake) if fake else int(time.time())
+    return tool_clock(("LICADMIN_TIME", "LICAGENT_TIME"))
 
 
 def write_file(path: Path, data: bytes) -> None:
     """Write atomically: a half-written file never appears under its final name."""
-    if not path.parent.is_dir():
-        raise UsageError(f"cannot write {path}: folder {path.parent} does not exist")
-    atomic_write(FileOps(), path.absolute(), data, 0o644)
+    write_output(path, data)
 
 
 def ensure_dir(path: str | Path) -> Path:

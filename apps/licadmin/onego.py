@@ -14,7 +14,7 @@ from apps.licadmin.files import ensure_dir
 from apps.licadmin.inventory import ServerRef
 from apps.licadmin.online import Licensing, confirm, license_info, upload
 from apps.licadmin.onsite import gather, make_requests, send
-from apps.licadmin.outcome import EXIT_PARTIAL, FAILED, OK, Outcome, StepResult, table
+from apps.licadmin.outcome import FAILED, OK, Outcome, StepResult, exit_code, table
 from apps.licadmin.runner import DEFAULT_JOBS, Connect
 
 __all__ = ["OneGo"]
@@ -114,10 +114,5 @@ class OneGo:
         return self._final()
 
     def _final(self) -> int:
-        codes = [s.code for s in self.steps]
-        if all(c == EXIT_OK for c in codes):
-            return EXIT_OK
-        succeeded = any(o.status == OK for s in self.steps for o in s.outcomes)
-        if succeeded:
-            return EXIT_PARTIAL
-        return next(c for c in codes if c != EXIT_OK)
+        """0, partial, or the first failure's code, over every step's outcomes."""
+        return exit_code(o for s in self.steps for o in s.outcomes)

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.errors import LicensingError, MalformedError, UsageError
-from agent.formats import LICENSE_INFO_MAX, SITE_INFO_MAX, SiteInfo, peek_payload, read_device_info
-from agent.messages import LicenseInfo, Request, Response
+from agent.formats import LICENSE_INFO_MAX, SITE_INFO_MAX, SiteInfo, peek_payload
+from agent.messages import DeviceInfo, LicenseInfo, Request, Response
+from agent.rpc import RemoteError
 from apps.common import read_input
 from apps.licadmin.console import Console
 from apps.licadmin.files import (
@@ -21,7 +22,7 @@ from apps.licadmin.files import (
     short,
     write_file,
 )
-from apps.licadmin.outcome import FAILED, OK, Outcome, StepResult, outcome_line
+from apps.licadmin.outcome import OK, Outcome, StepResult, outcome_line
 from apps.licensing_api import Confirmation, UploadAnswer
 
 __all__ = ["Licensing", "confirm", "license_info", "licensing_client", "receipts_beside",
@@ -57,16 +58,18 @@ def license_info(site_info: str, devices: Sequence[str], out: str,
         raise UsageError(f"cannot write {out}: its folder does not exist")
     data = read_input(site_info, SITE_INFO_MAX)
     bundle = SiteInfo.decode(data)
-    known = set()
-    for d in bundle.devices:
-        try:
-            known.add(read_device_info(d).device_id)
-        except LicensingError:
-            continue  # the licensing server lists it; we only check --device names here
-    unknown = [d for d in devices if d not in known]
-    if unknown:
-        raise UsageError(f"--device {', '.join(short(d) for d in unknown)}: not in {site_info} "
-                         f"(it holds {', '.join(short(d) for d in sorted(known)) or 'no device'})")
+    if devices:  # only to name a --device the bundle does not hold: the IDs, unverified
+        known = set()
+        for d in bundle.devices:
+            try:
+                known.add(peek_payload(d, DeviceInfo)[0].device_id)
+            except LicensingError:
+                continue  # the licensing server lists it; we only check --device names here
+        unknown = [d for d in devices if d not in known]
+        if unknown:
+            raise UsageError(
+                f"--device {', '.join(short(d) for d in unknown)}: not in {site_info} "
+                f"(it holds {', '.join(short(d) for d in sorted(known)) or 'no device'})")
     answer, own = licensing.license_info_files(data, list(devices) or None)
     info, _kid = peek_payload(answer, LicenseInfo, LICENSE_INFO_MAX)
     # each server's own file goes beside the site's (step 3 hands a server only its own)
@@ -121,9 +124,9 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
     """
     files = read_device_files(requests_dir, "request")
     if devices is not None:
-        files = [(p, d) for p, d in files if p.name.removesuffix(".req") in devices]
+        files = [(p, d) for p, d in files if p.name.removesuffix(SUFFIX["request"]) in devices]
     if not files:
-        raise UsageError(f"no request files (*.req) in {requests_dir}")
+        raise UsageError(f"no request files (*{SUFFIX['request']}) in {requests_dir}")
     folder = ensure_dir(out_dir)
     rc_dir = receipts_beside(requests_dir, receipts)
     rc_files = read_device_files(rc_dir, "receipt") if rc_dir else []
@@ -139,7 +142,7 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
             o.fail(err)
             continue
         o.device_id = payload.device_id
-        if path.name == f"{payload.device_id}.req":
+        if path == device_file(path.parent, payload.device_id, "request"):
             o.who = "request"  # the device column says whose
         by_key[payload.device_id] = by_key[f"#{len(reqs)}"] = o
         reqs.append(data)
@@ -149,7 +152,7 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
         if o not in res.outcomes:
             res.outcomes.append(o)
         try:
-            filed, _kid = peek_payload(bytes(resp), Response)
+            filed, _kid = peek_payload(resp, Response)
             if filed.device_id != dev:
                 raise MalformedError(f"the licensing server filed a response of device "
                                      f"{short(filed.device_id)} under {short(dev)}")
@@ -157,7 +160,7 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
             o.fail(err)
             continue
         path = device_file(folder, dev, "response")
-        write_file(path, bytes(resp))
+        write_file(path, resp)
         o.result = "answered"
         o.detail = (f"response: sequence {filed.base_sequence} -> {filed.sequence}: "
                     f"{_changes(filed)}")
@@ -165,9 +168,7 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
         o = by_key.get(key) or Outcome(str(key))
         if o not in res.outcomes:
             res.outcomes.append(o)
-        o.status, o.code = FAILED, int(refusal.get("code", 1))
-        o.reason, o.detail = str(refusal.get("reason", "failure")), str(refusal.get("message", ""))
-        o.result = "FAILED"
+        o.fail(_remote_error(refusal))
     for o in res.outcomes:
         if o.status == OK and o.result == "ok":
             o.fail(LicensingError("the licensing server gave no answer for this request"))
@@ -184,6 +185,12 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
     res.facts = {"out_dir": str(folder), "responses": n,
                  "receipts_dir": str(rc_dir) if rc_dir else None}
     return res
+
+
+def _remote_error(refusal: dict[str, Any]) -> RemoteError:
+    """A refusal ``{"code", "reason", "message"}`` in the licensing server's answer."""
+    return RemoteError(int(refusal.get("code", 1)), str(refusal.get("reason", "failure")),
+                       str(refusal.get("message", "")))
 
 
 def _changes(resp: Response) -> str:
@@ -211,8 +218,7 @@ def _receipt_outcomes(answer: Confirmation, files: Sequence[tuple[Path, bytes]]
         if r.get("reason") == "replay":
             o.result, o.detail = "already confirmed", str(r.get("message", ""))
         else:
-            o.status, o.code = FAILED, int(r.get("code", 1))
-            o.reason, o.detail = str(r.get("reason", "failure")), str(r.get("message", ""))
+            o.fail(_remote_error(r))
             o.result = "refused"
         out.append(o)
     return out

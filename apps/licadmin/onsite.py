@@ -126,7 +126,7 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
         wanted: list[str] = []
         li: bytes | None = None
         if mode == "reclaim" and features:
-            installed = {x["feature"] for x in client.status()["licenses"]}
+            installed = {x["feature"] for x in client.status().licenses}
             wanted = [f for f in features if f in installed]
             if not wanted:
                 o.skip(f"none of {', '.join(features)} is installed")
@@ -181,7 +181,7 @@ def _responses_by_device(responses_dir: str, res: StepResult) -> dict[str, _Held
             res.outcomes.append(o)
             continue
         dev = payload.device_id
-        if path.name != f"{dev}.resp":
+        if path != device_file(path.parent, dev, "response"):
             res.notes.append(f"note: {path.name} holds the response for device {short(dev)}, "
                              f"not the one its name says; it goes to that device only")
         held = by_dev.get(dev)
@@ -216,20 +216,20 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
         with lock:
             sent.add(dev)
         answer = client.apply(held.data)
-        receipt = bytes(answer["receipt"])
+        receipt = answer.receipt
         payload, _key = self_signed_payload(receipt, Receipt)
         if payload.device_id != dev:
             raise TrustError(f"the server returned a receipt of device {short(payload.device_id)}")
         write_file(device_file(folder, dev, "receipt"), receipt)
-        if answer.get("already_applied"):
+        if answer.already_applied:
             o.result = "already applied"
-            o.detail = f"sequence {answer['sequence']}; receipt written again"
+            o.detail = f"sequence {answer.sequence}; receipt written again"
         else:
             o.result = "applied"
-            o.detail = (f"sequence {answer['base_sequence']} -> {answer['sequence']}: "
-                        f"{', '.join(answer['changes']) or 'no changes'}")
-        if answer.get("warning"):
-            o.detail += f" (warning: {answer['warning']})"
+            o.detail = (f"sequence {answer.base_sequence} -> {answer.sequence}: "
+                        f"{', '.join(answer.changes) or 'no changes'}")
+        if answer.warning:
+            o.detail += f" (warning: {answer.warning})"
 
     server_outcomes = each_server(servers, job, connect, console, "send", jobs)
     res.outcomes = server_outcomes + res.outcomes

@@ -103,8 +103,9 @@ class InProcessListener(Listener):
         t = threading.Thread(target=serve_stream, args=(end, self.handler, self.stop_event),
                              kwargs=kwargs, daemon=True,
                              name=f"{self.scheme}-{self.name}" + ("" if n is None else f"-{n}"))
-        self.ends.append(end)
-        self.threads.append(t)
+        with self.fabric.lock:
+            self.ends.append(end)
+            self.threads.append(t)
         t.start()
 
     def cut(self) -> int:
@@ -112,12 +113,14 @@ class InProcessListener(Listener):
         cable would; clients see the line closed and connect again. Keeps listening.
 
         Returns:
-            how many connections were cut (each counted in ``cuts``).
+            how many connections were cut since the last cut (each counted in ``cuts``).
         """
-        ends = list(self.ends)
+        with self.fabric.lock:
+            ends, self.ends = self.ends, []
+            self.threads = [t for t in self.threads if t.is_alive()]
+            self.cuts += len(ends)
         for e in ends:
             e.close()
-        self.cuts += len(ends)
         return len(ends)
 
     def stop(self) -> None:
@@ -125,7 +128,8 @@ class InProcessListener(Listener):
         with self.fabric.lock:
             if self.fabric.listeners.get(self.name) is self:
                 del self.fabric.listeners[self.name]
-        for e in self.ends:
+            ends, self.ends = self.ends, []
+        for e in ends:
             e.close()
         for t in self.threads:
             t.join(timeout=5)

@@ -203,11 +203,6 @@ class _ServingListener(Listener):
         self.poll = poll
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
-        #: frames that failed their checksum or were not RPC messages (line noise)
-        self.corrupt_frames = 0
-
-    def _count_corrupt(self, n: int) -> None:
-        self.corrupt_frames += n
 
     def _serve(self, link: Link) -> None:
         serve_stream(link, self.handler, self.stop_event, poll=self.poll,

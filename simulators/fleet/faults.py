@@ -25,7 +25,6 @@ from simulators.fleet.power import PowerLoss, PowerLossOps
 from simulators.fleet.scenario import FAULT_KINDS, FaultSpec, Scenario
 from simulators.fleet.server import SimServer
 from simulators.licensing_server.vendor import Grant, Vendor
-from simulators.mqttlite import DeviceEngine
 
 __all__ = ["INJECTORS", "FaultInjection", "FaultRecord"]
 
@@ -54,10 +53,8 @@ class FaultInjection:
     servers: list[SimServer]
     rng: random.Random
     vendor: Vendor | None
-    workdir: Path
     links: ServedLinks
     broker: MosquittoBroker | None
-    mqtt: DeviceEngine | None
     faults: list[FaultRecord]
     entitled: dict[str, dict[str, int]]
     reclaimed: dict[str, set[str]]
@@ -266,7 +263,7 @@ class FaultInjection:
         else:  # a spare unit of the same model
             target_facts = make_facts(srv.model, self.scenario.seed, len(self.servers) + 1000)
             target = f"a spare {srv.model}"
-        copy = self.workdir / "clones" / f"{srv.name}-{len(self.faults)}"
+        copy = self.links.workdir / "clones" / f"{srv.name}-{len(self.faults)}"
         shutil.copytree(srv.state_dir, copy)
         try:
             try:
@@ -287,7 +284,7 @@ class FaultInjection:
                     if ok else f"{srv.name} was damaged")
 
     def _fault_broker_restart(self, fault: FaultSpec, rec: FaultRecord) -> None:
-        if self.broker is None or self.mqtt is None:
+        if self.broker is None or self.links.mqtt is None:
             rec["detail"] = ("skipped: the broker is not licsim's own ([broker] start = true) "
                              "or no server uses mqtt")
             rec["injected"] = False

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ from simulators.fleet.report import Invariant, Latency, Summary
 from simulators.fleet.scenario import FaultSpec, Scenario, load_scenario, parse_scenario
 from simulators.fleet.server import ServerHandler, SimServer
 from simulators.licensing_server.vendor import Grant, Vendor
-from simulators.mqttlite import DeviceEngine
 
 __all__ = ["FaultRecord", "Fleet", "check_capacity"]
 
@@ -124,8 +123,8 @@ class Fleet(FaultInjection):
         self._own_dir = workdir is None and scenario.state_dir is None
         given = workdir or scenario.state_dir
         # a temporary folder is made by start(), so a fleet never started leaves none
-        self.workdir = Path(given).resolve() if given else Path(tempfile.gettempdir(),
-                                                                 "licsim-unstarted")
+        workdir = Path(given).resolve() if given else Path(tempfile.gettempdir(),
+                                                           "licsim-unstarted")
         self.keep = keep or not self._own_dir
         self._made = False
         self._log_fn = log
@@ -134,9 +133,7 @@ class Fleet(FaultInjection):
         self.by_name: dict[str, SimServer] = {}
         self.served: Counter[str] = Counter()
         self.broker: MosquittoBroker | None = None
-        self.broker_url: str | None = scenario.broker.url
-        self.mqtt: DeviceEngine | None = None
-        self.links = ServedLinks(self.workdir, None, self.log, sim_line=scenario.load.sim_line)
+        self.links = ServedLinks(workdir, self.log, sim_line=scenario.load.sim_line)
         self.clients = FleetClients(self.links)
         self.vendor: Vendor | None = None
         self.trust: list[PublicKey] = []
@@ -165,6 +162,16 @@ class Fleet(FaultInjection):
         self._stopped = False
         self._final: list[Invariant] | None = None
         self._messages: dict[str, int] | None = None
+
+    @property
+    def workdir(self) -> Path:
+        """Where stores, mailboxes and the broker's files go (the links' folder)."""
+        return self.links.workdir
+
+    @property
+    def broker_url(self) -> str | None:
+        """The broker of the mqtt link: licsim's own once started, else ``[broker] url``."""
+        return self.links.broker_url or self.scenario.broker.url
 
     # ------------------------------------------------------------ construction
 
@@ -219,8 +226,7 @@ class Fleet(FaultInjection):
         try:
             check_capacity(self.scenario)
             if self._own_dir:
-                self.workdir = Path(tempfile.mkdtemp(prefix="licsim-")).resolve()
-                self.links.workdir = self.workdir
+                self.links.workdir = Path(tempfile.mkdtemp(prefix="licsim-")).resolve()
                 self._made = True
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._keys()
@@ -289,10 +295,10 @@ class Fleet(FaultInjection):
         if sc.broker.start:
             self.broker = MosquittoBroker(self.workdir / "broker")
             self.broker.start()
-            self.broker_url = self.broker.url
-            self.log(f"broker started: {self.broker_url}")
-        assert self.broker_url is not None
-        self.mqtt = self.links.start_mqtt(self.broker_url, sc.site)
+            self.log(f"broker started: {self.broker.url}")
+        url = self.broker.url if self.broker is not None else sc.broker.url
+        assert url is not None
+        self.links.start_mqtt(url, sc.site)
 
     def _provision(self) -> None:
         sc = self.scenario
@@ -510,7 +516,7 @@ class Fleet(FaultInjection):
 
     def _message_counts(self) -> dict[str, int]:
         line = self.links.fabric.counts()
-        mq: Mapping[str, int] = self.mqtt.stats() if self.mqtt is not None else {}
+        mq: Mapping[str, int] = self.links.mqtt.stats() if self.links.mqtt is not None else {}
         return {"lost": self.lost, "reconnects": self.reconnects,
                 "duplicated": line["dups"] + mq.get("repeats", 0),
                 "line_drops": line["drops"], "line_bit_flips": line["bit_flips"],
@@ -539,7 +545,3 @@ class Fleet(FaultInjection):
             self.broker.stop()
         if not self.keep and self._made:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def iter_servers(self, model: str | None = None) -> Iterator[SimServer]:
-        return (s for s in self.servers if model is None or s.model == model)
-

@@ -28,31 +28,23 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import hw
 from agent.errors import LicensingError
 from agent.rpc import Handler
+from hw.backends.serialport import PtyListener
 from hw.backends.sim import SimFabric
 from hw.link import Listener, parse_url
 from simulators.fleet.server import SimServer
 from simulators.mqttlite import DeviceEngine
 
-__all__ = ["LINK_KINDS", "FleetLink", "MailboxPoller", "ServedLinks", "start_mqtt",
-           "wait_until"]
+__all__ = ["LINK_KINDS", "FleetLink", "MailboxPoller", "ServedLinks", "wait_until"]
 
 
 Log = Callable[[str], None]
 #: records one check a fault makes: ``(name, held, detail)``
 Check = Callable[[str, bool, str], None]
-
-
-def start_mqtt(broker_url: str, site: str, log: Log | None = None) -> DeviceEngine:
-    """The fleet's MQTT side: one engine for every server's session."""
-    u = parse_url(broker_url)
-    engine = DeviceEngine(u.host or "127.0.0.1", u.port or 1883, site, log=log)
-    engine.start()
-    return engine
 
 
 def wait_until(fn: Callable[[], bool], timeout: float) -> bool:
@@ -116,8 +108,8 @@ class MailboxPoller:
 class FleetLink:
     """One kind of link of one fleet: serves servers on it, connects to them, breaks it.
 
-    Subclasses implement :meth:`serve` and :meth:`inject`; the other hooks have the
-    defaults of a plain listener link (tcp, pty, sim).
+    Subclasses implement :meth:`serve`; the other hooks have the defaults of a plain
+    listener link (tcp, sim: a fault cuts the listener's connections).
 
     Args:
         links: the fleet's links (its folder, log, MQTT engine and load options).
@@ -129,6 +121,8 @@ class FleetLink:
     fds: ClassVar[int] = 0
     #: the fleet keeps its client open between operations (False: given back after each)
     keeps_client: ClassVar[bool] = True
+    #: what the default fault hook's cut closed, in the fault's record ("3 connection(s) cut")
+    cut_what: ClassVar[str] = "connection(s) cut"
 
     def __init__(self, links: ServedLinks) -> None:
         self.links = links
@@ -154,7 +148,7 @@ class FleetLink:
         Returns:
             what was done, for the fault's record.
         """
-        raise NotImplementedError
+        return f"{self.listeners[srv.name].cut()} {self.cut_what}"
 
     @property
     def load_faults(self) -> str:
@@ -177,7 +171,7 @@ class FleetLink:
         return servers
 
     def corrupt_frames(self) -> int:
-        return sum(int(getattr(lst, "corrupt_frames", 0)) for lst in self.listeners.values())
+        return sum(lst.corrupt_frames for lst in self.listeners.values())
 
     def stop(self) -> None:
         for lst in self.listeners.values():
@@ -193,12 +187,10 @@ class TcpLink(FleetLink):
 
     name = "tcp"
     fds = 1
+    cut_what = "tcp connection(s) closed"
 
     def serve(self, name: str, device_id: str, model: str, handler: Handler) -> str:
         return self._listen(name, hw.listen("tcp://127.0.0.1:0", handler, log=self.links.log))
-
-    def inject(self, srv: SimServer, noise: bytes, check: Check) -> str:
-        return f"{self.listeners[srv.name].cut()} tcp connection(s) closed"
 
 
 class PtyLink(FleetLink):
@@ -213,7 +205,9 @@ class PtyLink(FleetLink):
 
     def inject(self, srv: SimServer, noise: bytes, check: Check) -> str:
         # bytes the server must resynchronise after
-        path = self.listeners[srv.name].address.removeprefix("serial://")
+        lst = self.listeners[srv.name]
+        assert isinstance(lst, PtyListener)
+        path = lst.path
         fd = os.open(path, os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK)
         try:
             n = os.write(fd, noise)
@@ -227,6 +221,7 @@ class SimLink(FleetLink):
     (the sim backend's fault injector); a fault cuts every line (the listener's own hook)."""
 
     name = "sim"
+    cut_what = "simulated line(s) cut"
 
     def __init__(self, links: ServedLinks) -> None:
         super().__init__(links)
@@ -234,9 +229,6 @@ class SimLink(FleetLink):
 
     def serve(self, name: str, device_id: str, model: str, handler: Handler) -> str:
         return self._listen(name, hw.listen(f"sim://{name}", handler, fabric=self.fabric))
-
-    def inject(self, srv: SimServer, noise: bytes, check: Check) -> str:
-        return f"{self.listeners[srv.name].cut()} simulated line(s) cut"
 
     @property
     def load_faults(self) -> str:
@@ -256,7 +248,6 @@ class UsbdropLink(FleetLink):
     def __init__(self, links: ServedLinks) -> None:
         super().__init__(links)
         self.mailboxes = MailboxPoller()
-        self.pulled: dict[str, Any] = {}  # server name -> its mailbox while the stick is out
 
     def serve(self, name: str, device_id: str, model: str, handler: Handler) -> str:
         folder = self.links.workdir / "usb" / name
@@ -266,23 +257,18 @@ class UsbdropLink(FleetLink):
         return url
 
     def inject(self, srv: SimServer, noise: bytes, check: Check) -> str:
-        box = self.mailboxes.remove(srv.name)
-        if box is not None:
-            self.pulled[srv.name] = box
-        out = not answers(srv.addresses[self.name] + "&timeout=0.5", 0.5)
-        check("pulled-stick-unreachable", out,
-              "no answer while the stick is out" if out else "answered anyway")
-        self.heal(srv.name)
+        box = self.mailboxes.remove(srv.name)  # the stick is out: its mailbox is not polled
+        try:
+            out = not answers(srv.addresses[self.name], 0.5)
+            check("pulled-stick-unreachable", out,
+                  "no answer while the stick is out" if out else "answered anyway")
+        finally:
+            if box is not None:  # put back: polled again
+                self.mailboxes.add(srv.name, box)
         return "USB stick pulled, put back"
 
-    def heal(self, name: str) -> None:
-        """Put a pulled USB stick back (its mailbox is polled again)."""
-        box = self.pulled.pop(name, None)
-        if box is not None:
-            self.mailboxes.add(name, box)
-
     def connect(self, url: str, timeout: float, line_faults: str = "") -> Any:
-        return hw.connect(url + f"&timeout={timeout:g}")
+        return hw.connect(url, timeout=timeout)
 
     def mailbox_ready(self, srv: SimServer) -> bool:
         """The server's mailbox has been polled: its device information is on the stick."""
@@ -390,38 +376,29 @@ LINK_KINDS: Mapping[str, type[FleetLink]] = {
     k.name: k for k in (MqttLink, UsbdropLink, TcpLink, PtyLink, SimLink)}
 
 
-_K = TypeVar("_K", bound=FleetLink)
-
-
-def _kind(kinds: Mapping[str, FleetLink], cls: type[_K]) -> _K:
-    kind = kinds[cls.name]
-    if not isinstance(kind, cls):
-        raise TypeError(f"LINK_KINDS[{cls.name!r}] is not a {cls.__name__}")
-    return kind
-
-
 class ServedLinks:
     """The fleet's link kinds, one :class:`FleetLink` each, and what they share.
 
     Args:
-        workdir: the fleet's folder (mailboxes go to ``workdir/usb/NAME``).
-        mqtt: the MQTT engine, when a server has the mqtt link.
+        workdir: the fleet's folder (mailboxes go to ``workdir/usb/NAME``); the fleet's
+            own :attr:`Fleet.workdir` is this one.
         log: one line per link event.
         sim_line: URL options of the faults on the load's ``sim://`` lines.
     """
 
-    def __init__(self, workdir: Path, mqtt: DeviceEngine | None, log: Log,
-                 sim_line: str = "") -> None:
+    def __init__(self, workdir: Path, log: Log, sim_line: str = "") -> None:
         self.workdir = workdir
-        self.mqtt = mqtt
+        self.mqtt: DeviceEngine | None = None  # the MQTT engine, once start_mqtt() ran
         self.log = log
         self.sim_line = sim_line
         self.broker_url: str | None = None
         self.site = ""
-        self.kinds: dict[str, FleetLink] = {name: cls(self) for name, cls in LINK_KINDS.items()}
         #: the two kinds the fleet also reaches by type (the sim fabric, the MQTT sessions)
-        self.sim_link = _kind(self.kinds, SimLink)
-        self.mqtt_link = _kind(self.kinds, MqttLink)
+        self.sim_link = SimLink(self)
+        self.mqtt_link = MqttLink(self)
+        typed: dict[str, FleetLink] = {k.name: k for k in (self.sim_link, self.mqtt_link)}
+        self.kinds: dict[str, FleetLink] = {name: typed.get(name) or cls(self)
+                                            for name, cls in LINK_KINDS.items()}
 
     def kind(self, link: str) -> FleetLink:
         try:
@@ -435,9 +412,13 @@ class ServedLinks:
         return self.sim_link.fabric
 
     def start_mqtt(self, broker_url: str, site: str) -> DeviceEngine:
+        """The fleet's MQTT side: one engine for every server's session."""
         self.broker_url, self.site = broker_url, site
-        self.mqtt = start_mqtt(broker_url, site, log=self.log)
-        return self.mqtt
+        u = parse_url(broker_url)
+        engine = DeviceEngine(u.host or "127.0.0.1", u.port or 1883, site, log=self.log)
+        engine.start()
+        self.mqtt = engine
+        return engine
 
     def serve(self, name: str, device_id: str, model: str, link: str, handler: Handler) -> str:
         """Serve one server on one link; returns the URL a client uses."""

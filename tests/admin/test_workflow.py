@@ -674,3 +674,35 @@ def test_each_server_is_handed_only_its_own_license_information(lws: WorkSite) -
     assert "FAILED  asb-1" in p.stdout and "does not match li.cbor" in p.stdout
     path.write_bytes(good)
     w.run("requests", "--license-info", "li.cbor", "--servers", toml, "--out-dir", "r3")
+
+
+def test_one_go_exit_code_is_the_exit_code_of_all_its_outcomes() -> None:
+    """OneGo._final is outcome.exit_code over every step's outcomes, in every case: the rule
+    it spelled out (0 when every step is 0; partial when anything succeeded; else the
+    first failing step's code) gives the same codes."""
+    import itertools
+    from typing import Any, cast
+
+    from apps.licadmin.onego import OneGo
+    from apps.licadmin.outcome import EXIT_PARTIAL, FAILED, OK, SKIPPED, Outcome, StepResult
+
+    def spelled_out(steps: list[StepResult]) -> int:
+        codes = [s.code for s in steps]
+        if all(c == 0 for c in codes):
+            return 0
+        if any(o.status == OK for s in steps for o in s.outcomes):
+            return EXIT_PARTIAL
+        return next(c for c in codes if c != 0)
+
+    kinds = [(OK, 0), (SKIPPED, 0), (FAILED, 2), (FAILED, 3)]
+    step_shapes = [combo for n in range(3) for combo in itertools.product(kinds, repeat=n)]
+    none = cast(Any, None)
+    cases = 0
+    for shape in itertools.product(step_shapes, repeat=2):
+        steps = [StepResult(f"step{i}", [Outcome(f"s{j}", status=st, code=c)
+                                          for j, (st, c) in enumerate(outs)])
+                 for i, outs in enumerate(shape)]
+        go = OneGo([], none, none, none, "auto", steps=steps)
+        assert go._final() == spelled_out(steps), shape
+        cases += 1
+    assert cases == 21 * 21

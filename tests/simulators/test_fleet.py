@@ -29,6 +29,7 @@ from simulators.fleet import (
     parse_scenario,
 )
 from simulators.licensing_server.vendor import Grant
+from tests.conftest import Device
 from tests.hw.mosquitto import mosquitto_path
 
 ALL = ["tcp", "pty", "usbdrop", "mqtt", "sim"]
@@ -418,7 +419,7 @@ def test_each_link_kinds_fault_hook_injects_and_the_link_recovers() -> None:
             kind = f.links.kind(link)
             checks: list[tuple[str, bool, str]] = []
             lst = kind.listeners.get(srv.name)
-            frames = int(getattr(lst, "corrupt_frames", 0))
+            frames = lst.corrupt_frames if lst is not None else 0
             reconnects = f.reconnects
             detail = kind.inject(srv, noise, lambda *c, out=checks: out.append(c))
             if link == "tcp":
@@ -426,8 +427,8 @@ def test_each_link_kinds_fault_hook_injects_and_the_link_recovers() -> None:
             elif link == "pty":
                 assert detail.startswith("64 bytes of line noise on /dev/pts/")
                 # the server saw the noise as broken frames and resynchronised
-                assert wait_until(lambda lst=lst, frames=frames:
-                                  int(getattr(lst, "corrupt_frames", 0)) > frames, 5)
+                assert lst is not None
+                assert wait_until(lambda lst=lst, frames=frames: lst.corrupt_frames > frames, 5)
             elif link == "sim":
                 assert isinstance(lst, InProcessListener)
                 assert lst.cuts >= 1 and detail == f"{lst.cuts} simulated line(s) cut"
@@ -435,7 +436,9 @@ def test_each_link_kinds_fault_hook_injects_and_the_link_recovers() -> None:
                 assert isinstance(kind, UsbdropLink)
                 assert checks == [("pulled-stick-unreachable", True,
                                    "no answer while the stick is out")]
-                assert detail == "USB stick pulled, put back" and not kind.pulled
+                assert detail == "USB stick pulled, put back"
+                # no stick is left out: every server's mailbox is polled again
+                assert set(kind.mailboxes.mailboxes) == {s.name for s in f.servers}
                 assert srv.name in kind.mailboxes.mailboxes
             else:
                 assert detail.startswith("broker connection dropped")
@@ -443,3 +446,24 @@ def test_each_link_kinds_fault_hook_injects_and_the_link_recovers() -> None:
             if link in ("tcp", "sim"):  # the kept client found its line closed: connected again
                 assert f.reconnects == reconnects + 1, link
         assert f.summary().ok
+
+
+def test_a_cut_closes_only_the_connections_served_since_the_last_cut(device: Device) -> None:
+    from agent.ops import AgentOps
+    from hw import connect, listen
+    from hw.backends.loop import InProcessListener, LoopFabric
+
+    fab = LoopFabric()
+    lst = listen("loop://cut-me", AgentOps(device.agent), fabric=fab)
+    assert isinstance(lst, InProcessListener)
+    lst.start()
+    try:
+        with connect("loop://cut-me", fabric=fab) as c:
+            assert c.status()["sequence"] == 0
+            assert lst.cut() == 1
+        with connect("loop://cut-me", fabric=fab) as c:  # the fleet's client connecting again
+            assert c.status()["sequence"] == 0
+            assert lst.cut() == 1
+        assert lst.cuts == 2
+    finally:
+        lst.stop()
