@@ -285,10 +285,6 @@ class SimListener(InProcessListener):
                  faults: LineFaults) -> None:
         super().__init__(name, handler, fabric)
         self.faults = faults
-        self.corrupt_frames = 0
-
-    def _count_corrupt(self, n: int) -> None:
-        self.corrupt_frames += n
 
     def accept(self, faults: LineFaults) -> SimEnd:
         """Open a line with ``faults``; returns the client's end."""
