@@ -86,9 +86,7 @@ class AgentOps:
         res, warn = self.agent.apply(args.file)
         self.log(f"apply-response sequence={res.response.sequence} "
                  f"{'already-applied' if res.already_applied else 'applied'}")
-        return ApplyResult(res.receipt, res.already_applied, res.response.sequence,
-                           res.response.base_sequence,
-                           [f"{c.op.value} {c.feature}" for c in res.response.changes], warn)
+        return ApplyResult.of(res, warn)
 
     def _check(self, args: CheckArgs) -> FeatureCheck:
         r = self.agent.check(args.feature)

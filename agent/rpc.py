@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+from agent import protocol
 from agent.cose import canonical, strict_loads
 from agent.errors import LicensingError, MalformedError, UsageError
 from agent.messages import Action
@@ -479,6 +480,13 @@ class ApplyResult(WireView):
     base_sequence: int
     changes: list[str]
     warning: str | None = None
+
+    @classmethod
+    def of(cls, res: protocol.ApplyResult, warning: str | None) -> ApplyResult:
+        """What :meth:`agent.service.Agent.apply` did, as the operation's result."""
+        return cls(res.receipt, res.already_applied, res.response.sequence,
+                   res.response.base_sequence,
+                   [f"{c.op.value} {c.feature}" for c in res.response.changes], warning)
 
     @classmethod
     def from_wire(cls, m: object) -> ApplyResult:

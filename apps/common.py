@@ -16,16 +16,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.durable import FileOps, atomic_write
-from agent.errors import LicensingError, NotLicensedError, StorageError, UsageError
+from agent.errors import EXIT_OK, LicensingError, NotLicensedError, StorageError, UsageError
 from agent.formats import iso
 from agent.identity import FactsProvider
 from agent.messages import Action, DeviceInfo
+from agent.rpc import ApplyResult
 
 if TYPE_CHECKING:
     import argparse
 
 __all__ = [
     "add_operation_commands",
+    "show_applied",
+    "show_check",
     "exit_code_of",
     "facts_provider",
     "info_json",
@@ -161,6 +164,30 @@ def show_info(data: bytes, info: DeviceInfo, out: str | None, as_json: bool) -> 
         print(f"device_id {info.device_id}\nmodel     {info.model}\nserial    {info.serial}\n"
               f"host_id   {info.host_id}\nsequence  {info.sequence}\n"
               f"licenses  {len(info.licenses)}")
+
+
+def show_applied(prog: str, res: ApplyResult, receipt_out: str | None) -> None:
+    """``apply RESPONSE_FILE [--receipt-out FILE]`` of licagent and licadmin: the receipt
+    written, what the response did, a warning on stderr."""
+    if receipt_out:
+        write_output(receipt_out, res.receipt)
+    if res.already_applied:
+        print(f"already applied: this response made sequence {res.sequence}; nothing changed")
+    else:
+        print(f"applied response: sequence {res.base_sequence} -> {res.sequence}: "
+              f"{', '.join(res.changes or ['no changes'])}")
+    if receipt_out:
+        print(f"wrote receipt to {receipt_out}")
+    if res.warning:
+        print(f"{prog}: warning: {res.warning}", file=sys.stderr)
+
+
+def show_check(licensed: bool, message: str) -> int:
+    """``check FEATURE`` of licagent and licadmin: the message; exit 1 when not licensed."""
+    print(message)
+    if not licensed:
+        raise NotLicensedError(message)
+    return EXIT_OK
 
 
 def show_status(st: Mapping[str, Any], as_json: bool) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import hw
-from agent.errors import EXIT_OK, NotLicensedError, UsageError
+from agent.errors import EXIT_OK, UsageError
 from agent.formats import LICENSE_INFO_MAX
 from agent.messages import DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
@@ -31,6 +31,8 @@ from apps.common import (
     exit_code_of,
     print_json,
     read_input,
+    show_applied,
+    show_check,
     show_info,
     show_status,
     write_output,
@@ -301,26 +303,11 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
     if c == "apply":
         _check_folder(args.receipt_out)
         res = client.apply(read_input(args.response, DEFAULT_LIMITS.max_file))
-        if args.receipt_out:
-            write_output(args.receipt_out, res.receipt)
-        if res.already_applied:
-            print(f"already applied: this response made sequence {res.sequence}; "
-                  f"nothing changed")
-        else:
-            parts = list(res.changes) or ["no changes"]
-            print(f"applied response: sequence {res.base_sequence} -> {res.sequence}: "
-                  f"{', '.join(parts)}")
-        if args.receipt_out:
-            print(f"wrote receipt to {args.receipt_out}")
-        if res.warning:
-            print(f"{PROG}: warning: {res.warning}", file=sys.stderr)
+        show_applied(PROG, res, args.receipt_out)
         return EXIT_OK
     if c == "check":
         r = client.check(args.feature)
-        print(r.message)
-        if not r.licensed:
-            raise NotLicensedError(r.message)
-        return EXIT_OK
+        return show_check(r.licensed, r.message)
     raise UsageError(f"unknown command {c}")
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.cose import PublicKey, jsonable
-from agent.errors import EXIT_OK, NotLicensedError, UsageError
+from agent.errors import EXIT_OK, UsageError
 from agent.formats import iso
 from agent.messages import Action
+from agent.rpc import ApplyResult
 from agent.service import MODELS, Agent
 from apps.common import (
     add_operation_commands,
@@ -24,6 +25,8 @@ from apps.common import (
     facts_provider,
     print_json,
     read_input,
+    show_applied,
+    show_check,
     show_info,
     show_status,
     tool_clock,
@@ -194,26 +197,11 @@ def run(args: argparse.Namespace) -> int:
         if args.receipt_out and not Path(args.receipt_out).absolute().parent.is_dir():
             raise UsageError(f"cannot write {args.receipt_out}: its folder does not exist")
         res, warn = agent.apply(read_input(args.response, agent.limits.max_file))
-        if args.receipt_out:
-            write_output(args.receipt_out, res.receipt)
-        if res.already_applied:
-            print(f"already applied: this response made sequence {res.response.sequence}; "
-                  f"nothing changed")
-        else:
-            parts = [f"{ch.op.value} {ch.feature}" for ch in res.response.changes] or ["no changes"]
-            print(f"applied response: sequence {res.response.base_sequence} -> "
-                  f"{res.response.sequence}: {', '.join(parts)}")
-        if args.receipt_out:
-            print(f"wrote receipt to {args.receipt_out}")
-        if warn:
-            print(f"{PROG}: warning: {warn}", file=sys.stderr)
+        show_applied(PROG, ApplyResult.of(res, warn), args.receipt_out)
         return EXIT_OK
     if c == "check":
         r = agent.check(args.feature)
-        print(r.message)
-        if not r.licensed:
-            raise NotLicensedError(r.message)
-        return EXIT_OK
+        return show_check(r.licensed, r.message)
     if c == "journal":
         rep = agent.journal()
         if args.json:
