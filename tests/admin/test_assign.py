@@ -203,7 +203,7 @@ def test_a_device_and_feature_twice_in_one_command_is_refused(
 
 def test_free_text_names_are_accepted_as_written_and_hostile_ones_refused(
         tmp_path: Path, licserver: LicServer) -> None:
-    name = "Rahmenvertrag Süd (2026/27) – Los 3"
+    name = "Rahmenvertrag Süd (2026/27) \u2013 Los 3"
     run(tmp_path, "licserver", "entitle", "--db", "ledger.db", "--entitlement", name,
         "--product", "Edge Server Standard (subscription, 3 yr)", "--feature", "modbus=4")
     dev = device_ids(1)[0]
