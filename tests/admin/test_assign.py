@@ -260,3 +260,35 @@ def test_the_batch_body_is_checked_like_the_single_one(licserver: LicServer) -> 
         {"entitlement": ENT, "device_id": dev, "feature": "trend-log", "count": "3"}]}).encode())
     assert st == 400 and ans["reason"] == "usage"
     assert [a["count"] for a in licserver.report()["assignments"]] == [2]
+
+
+def test_any_devices_file_is_read_or_refused_with_one_of_the_projects_errors(
+        tmp_path: Path) -> None:
+    """Fuzz the --devices-from reader: bytes, CSV-like text and CBOR maps alike."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from agent.errors import LicensingError
+    from apps.licadmin.assign import plan
+
+    dev = "ab" * 32
+    csv_like = st.lists(st.sampled_from([dev, "device", "#", ",", "=", "bacnet-ip=3", "x=",
+                                         "\n", "\r\n", '"', " ", "\x00", "é", "=9" * 3]),
+                        max_size=30).map(lambda parts: "".join(parts).encode())
+    cbor_like = st.binary(max_size=64).map(lambda b: b"\xa5" + b)
+    path = tmp_path / "devices"
+
+    @settings(max_examples=300, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.one_of(st.binary(max_size=200), csv_like, cbor_like),
+           st.sampled_from([(), ("bacnet-ip=1",)]))
+    def check(data: bytes, feats: tuple[str, ...]) -> None:
+        path.write_bytes(data)
+        try:
+            p = plan("E", None, [], str(path), feats)
+        except LicensingError as err:
+            assert "\n" not in str(err).strip()
+            return
+        assert p.assignments and all(a.device_id == dev for a in p.assignments)
+
+    check()
