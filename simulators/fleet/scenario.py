@@ -269,13 +269,19 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
         raise c.fail("[broker]", "servers with the mqtt link need [broker] url = "
                                  "\"mqtt://HOST:PORT\" or start = true")
 
+    # broker-restart kills licsim's own mosquitto: without one it could never be injected
+    own_broker = start and "mqtt" in {lk for g in groups for lk in g.links}
+    no_restart = ("broker-restart restarts licsim's own broker, and this fleet has none "
+                  "([broker] start = true and servers on the mqtt link): leave it out")
     schedule: list[FaultSpec] = []
     rnd = RandomFaults()
     f = top.get("faults", [])
     if isinstance(f, Mapping):
         f = c.keys(f, "[faults]", RANDOM_KEYS)
-        kinds = c.names(f.get("kinds", list(FAULT_KINDS)), "[faults] kinds", FAULT_KINDS,
-                        "fault kind")
+        default = [k for k in FAULT_KINDS if own_broker or k != "broker-restart"]
+        kinds = c.names(f.get("kinds", default), "[faults] kinds", FAULT_KINDS, "fault kind")
+        if "broker-restart" in kinds and not own_broker:
+            raise c.fail("[faults] kinds", no_restart)
         rnd = RandomFaults(every=c.number(f.get("every", 0), "[faults] every"),
                            count=c.integer(f.get("count", 0), "[faults] count"),
                            kinds=kinds,
@@ -291,6 +297,8 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
         if kind not in FAULT_KINDS:
             raise c.fail(f"{where} kind", f"unknown fault kind {kind!r} "
                                           f"(known: {', '.join(FAULT_KINDS)})")
+        if kind == "broker-restart" and not own_broker:
+            raise c.fail(f"{where} kind", no_restart)
         link = c.text(e["link"], f"{where} link") if "link" in e else None
         if link is not None and link not in LINKS:
             raise c.fail(f"{where} link", f"unknown link {link!r} (known: {', '.join(LINKS)})")

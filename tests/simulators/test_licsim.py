@@ -177,6 +177,12 @@ def test_sigterm_stops_the_fleet_and_still_reports(tmp_path: Path, licsim: list[
      "exclude each other"),
     ('[[servers]]\nmodel = "AS-P"\n[[faults]]\nkind = "link"\noptional = "yes"\n',
      "[[faults]] #1 optional: must be true or false"),
+    # a fault that could never be injected is refused before anything starts
+    ('[[servers]]\nmodel = "AS-P"\nlinks = ["tcp"]\n[[faults]]\nkind = "broker-restart"\n',
+     "[[faults]] #1 kind: broker-restart restarts licsim's own broker, and this fleet has none"),
+    ('[broker]\nurl = "mqtt://127.0.0.1:1"\n[[servers]]\nmodel = "AS-P"\nlinks = ["mqtt"]\n'
+     '[faults]\ncount = 1\nevery = 1\nkinds = ["link", "broker-restart"]\n',
+     "[faults] kinds: broker-restart restarts"),
 ])
 def test_bad_scenarios_are_usage_errors(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "s.toml").write_text(text)
