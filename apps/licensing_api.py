@@ -26,6 +26,7 @@ from agent.rpc import RpcError
 from apps.common import parse_time
 
 __all__ = [
+    "AssignmentBatch",
     "AssignmentQuery",
     "Confirmation",
     "EntitlementQuery",
@@ -157,17 +158,69 @@ class AssignmentQuery:
     product: str | None = None
 
     def encode(self) -> bytes:
-        body: dict[str, Any] = {"entitlement": self.entitlement, "device_id": self.device_id,
-                                "feature": self.feature, "count": self.count}
-        if self.product is not None:
-            body["product"] = self.product
-        return json.dumps(body).encode()
+        return json.dumps(self.to_map()).encode()
 
     @classmethod
     def from_body(cls, obj: object) -> AssignmentQuery:
         m = body_fields(obj, "assignments", {"entitlement", "device_id", "feature", "count"},
                         {"product"})
         return cls(m["entitlement"], m["device_id"], m["feature"], m["count"], m.get("product"))
+
+    def to_map(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"entitlement": self.entitlement, "device_id": self.device_id,
+                                "feature": self.feature, "count": self.count}
+        if self.product is not None:
+            body["product"] = self.product
+        return body
+
+
+@dataclass(frozen=True)
+class AssignmentBatch:
+    """The batch form of ``POST /v1/assignments``: ``{"assignments": [* AssignmentQuery]}``,
+    made in one ledger transaction, all or none; the answer is ``{"assignments": [...]}``,
+    one answer per assignment, in order (the single form's answer each)."""
+
+    assignments: tuple[AssignmentQuery, ...]
+
+    #: the most assignments one call may carry (licadmin refuses more before sending)
+    MAX: ClassVar[int] = 50_000
+
+    def encode(self) -> bytes:
+        return json.dumps({"assignments": [q.to_map() for q in self.assignments]},
+                          separators=(",", ":")).encode()
+
+    @staticmethod
+    def is_batch(obj: object) -> bool:
+        """Whether a ``POST /v1/assignments`` body is the batch form."""
+        return isinstance(obj, dict) and "assignments" in obj
+
+    @classmethod
+    def from_body(cls, obj: object) -> AssignmentBatch:
+        m = body_fields(obj, "assignments", {"assignments"})
+        rows = m["assignments"]
+        if not isinstance(rows, list):
+            raise MalformedError("assignments must be a list of {entitlement, device_id, "
+                                 "feature, count[, product]}")
+        if not rows:
+            raise UsageError("assignments is empty: nothing to assign")
+        if len(rows) > cls.MAX:
+            raise UsageError(f"{len(rows)} assignments in one call: at most {cls.MAX}")
+        out = []
+        for i, row in enumerate(rows, 1):
+            try:
+                out.append(AssignmentQuery.from_body(row))
+            except (MalformedError, UsageError) as err:
+                raise type(err)(f"assignment #{i}: {err}") from None
+        return cls(tuple(out))
+
+    @staticmethod
+    def answers(obj: object, n: int) -> list[dict[str, Any]]:
+        """The answer ``{"assignments": [n objects]}``; MalformedError otherwise."""
+        rows = obj.get("assignments") if isinstance(obj, dict) else None
+        if (not isinstance(rows, list) or len(rows) != n
+                or not all(isinstance(r, dict) for r in rows)):
+            raise MalformedError(f"something other than {{assignments: [{n} objects]}}")
+        return rows
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from agent.cose import strict_loads
 from agent.errors import MalformedError, UsageError
 from agent.rpc import RemoteError, TransportError
 from apps.licensing_api import (
+    AssignmentBatch,
     AssignmentQuery,
     Confirmation,
     EntitlementQuery,
@@ -178,6 +179,26 @@ class LicensingClient:
         body = AssignmentQuery(entitlement, device, feature, count).encode()
         data, ctype = self._exchange("POST", "/v1/assignments", body, JSON)
         return self._object(data, ctype, "/v1/assignments")
+
+    def assign_many(self, assignments: Sequence[AssignmentQuery]) -> list[dict[str, Any]]:
+        """``POST /v1/assignments`` in its batch form: every assignment in ONE request and one
+        ledger transaction, all or none.
+
+        Returns:
+            One :meth:`assign` answer per assignment, in order.
+
+        Raises:
+            RemoteError: as :meth:`assign`; the message names the assignment refused
+                (``assignment #N of M (device …, FEATURE=COUNT): ...``) and says that
+                none was made.
+        """
+        body = AssignmentBatch(tuple(assignments)).encode()
+        data, ctype = self._exchange("POST", "/v1/assignments", body, JSON)
+        obj = self._object(data, ctype, "/v1/assignments")
+        try:
+            return AssignmentBatch.answers(obj, len(assignments))
+        except MalformedError as exc:
+            raise TransportError(f"{self.url}/v1/assignments answered {exc}") from exc
 
     def entitle(self, entitlement: str, product: str, features: Mapping[str, int],
                 until: str | None = None) -> dict[str, Any]:

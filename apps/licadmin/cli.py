@@ -157,23 +157,27 @@ def _workflow_parsers(sub: Any) -> None:
             sp.add_argument("--feature", action="append", default=[], metavar="F",
                             help="reclaim these features where installed (default: what the "
                                  "license information lists)")
-    sp = cmd("assign", "assign licenses of an entitlement to a server, before its activation",
+    sp = cmd("assign", "assign licenses of an entitlement to servers before their activation: "
+                       "one or many at once, in one request and one ledger transaction",
              licensing=True)
-    sp.add_argument("--entitlement", required=True, metavar="ID")
-    sp.add_argument("--device", required=True, metavar="DEVICE_ID")
-    sp.add_argument("--feature", required=True, action="append", metavar="FEATURE=COUNT")
+    sp.add_argument("--entitlement", required=True, metavar="ID",
+                    help="the entitlement (order) as recorded by licserver entitle: free text, "
+                         "quote it if it has spaces")
+    sp.add_argument("--product", metavar="NAME",
+                    help="the product of the entitlement to draw from (needed only when "
+                         "several of its products hold the feature)")
+    sp.add_argument("--device", action="append", default=[], metavar="DEVICE_ID",
+                    help="a server's device ID (repeat for each)")
+    sp.add_argument("--devices-from", metavar="SITE_INFO|FILE.csv",
+                    help="every server of a SITE_INFO file (licadmin gather), or a CSV of "
+                         "DEVICE_ID,FEATURE=COUNT[,FEATURE=COUNT...] rows")
+    sp.add_argument("--feature", action="append", default=[], metavar="FEATURE=COUNT",
+                    help="the device's total of FEATURE (0 releases it); repeat for each "
+                         "feature; not with a CSV, whose rows carry their own")
     sp = cmd("show", "print any file of this project with its kind, signer and signature verdict")
     sp.add_argument("file", metavar="FILE")
     sp.add_argument("--trust", action="append", default=[], metavar="VENDOR_PUB",
                     help="vendor public key (PEM) to check vendor signatures with")
-
-
-def _feature_count(text: str) -> tuple[str, int]:
-    name, sep, count = text.partition("=")
-    if not sep or not name or not count.isdigit():
-        raise UsageError(f"--feature {text!r}: expected FEATURE=COUNT (the total for the device; "
-                         f"0 releases the assignment)")
-    return name, int(count)
 
 
 def run_workflow(args: argparse.Namespace) -> int:
@@ -228,18 +232,16 @@ def _run_steps(args: argparse.Namespace, c: str, console: Console,
         return code
     if c == "assign":
         assert licensing is not None
-        done = []
-        for f in args.feature:
-            feature, count = _feature_count(f)
-            done.append(licensing.assign(args.entitlement, args.device, feature, count))
-            if not args.json:
-                a = done[-1]
-                print(f"assigned {feature}={count} of entitlement {args.entitlement} "
-                      f"({a.get('product', '-')}) to device {args.device}; "
-                      f"{a.get('free', '-')} left unassigned")
+        from apps.licadmin.assign import plan, run_assign
+
+        code, summary, lines = run_assign(
+            plan(args.entitlement, args.product, args.device, args.devices_from, args.feature),
+            licensing)
         if args.json:
-            print_json({"command": c, "exit_code": EXIT_OK, "assignments": done})
-        return EXIT_OK
+            print_json(summary)
+        else:
+            print("\n".join(lines))
+        return code
     if c == "gather":
         res = onsite.gather(servers, args.out, args.site or site, connect, console, args.jobs)
     elif c == "license-info":

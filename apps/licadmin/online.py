@@ -23,7 +23,7 @@ from apps.licadmin.files import (
     write_file,
 )
 from apps.licadmin.outcome import OK, Outcome, StepResult, outcome_line
-from apps.licensing_api import Confirmation, UploadAnswer
+from apps.licensing_api import AssignmentQuery, Confirmation, UploadAnswer
 
 __all__ = ["Licensing", "confirm", "license_info", "licensing_client", "receipts_beside",
            "upload"]
@@ -42,6 +42,7 @@ class Licensing(Protocol):
                ) -> UploadAnswer: ...
     def confirm(self, receipts: Sequence[bytes]) -> Confirmation: ...
     def assign(self, entitlement: str, device: str, feature: str, count: int) -> Any: ...
+    def assign_many(self, assignments: Sequence[AssignmentQuery]) -> list[dict[str, Any]]: ...
 
 
 def licensing_client(url: str) -> Licensing:

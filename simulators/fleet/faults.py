@@ -42,7 +42,9 @@ class _NoServerFits(Exception):
 
 
 class FaultRecord(dict[str, Any]):
-    """One injected fault: ``time``, ``kind``, ``server``, ``link``, ``detail``, ``held``, ``checks``."""
+    """One fault: ``time``, ``kind``, ``server``, ``link``, ``detail``, ``held``, ``checks``,
+    ``injected`` (False: it could not be staged, ``detail`` says why), ``planned`` (from
+    the scenario, not injected by hand) and ``optional`` (the scenario's ``optional``)."""
 
 
 
@@ -71,14 +73,20 @@ class FaultInjection:
     def _hello(self, srv: SimServer, link: str, tries: int = 3) -> bool:
         raise NotImplementedError
 
-    def inject(self, fault: FaultSpec | str) -> FaultRecord:
+    def inject(self, fault: FaultSpec | str, planned: bool = False) -> FaultRecord:
         """Inject one fault now and check what must hold afterwards.
 
+        Args:
+            planned: the fault comes from the scenario (its schedule or random faults):
+                one that cannot be injected (no such server, nothing fits) is recorded
+                instead of raised, and fails the run unless it is ``optional``.
+
         Returns:
-            the record added to the report (``held`` False when an invariant broke).
+            the record added to the report (``held`` False when an invariant broke;
+            ``injected`` False when the fault could not be staged, ``detail`` says why).
 
         Raises:
-            UsageError: an unknown kind, server or link.
+            UsageError: an unknown kind, server or link (not ``planned``).
         """
         if isinstance(fault, str):
             fault = FaultSpec(fault)
@@ -86,9 +94,7 @@ class FaultInjection:
             raise UsageError(f"unknown fault kind {fault.kind!r} "
                              f"(known: {', '.join(FAULT_KINDS)})")
         fn = INJECTORS[fault.kind]
-        since = self.ready_at or self.started_at
-        rec = FaultRecord(time=round(time.monotonic() - since, 3), kind=fault.kind,
-                          server=None, link=fault.link, detail="", held=True, checks=[])
+        rec = self._record(fault.kind, fault, planned)
         try:
             fn(self, fault, rec)
         except _NoServerFits as exc:  # e.g. a reclaim where nothing is installed any more
@@ -96,18 +102,43 @@ class FaultInjection:
             rec["injected"] = False
         except LicensingError as exc:
             if isinstance(exc, UsageError) and rec["server"] is None:
-                raise
-            rec["held"] = False
-            rec["detail"] += f" FAILED: {exc.reason}: {exc}"
+                if not planned:
+                    raise
+                rec["server"] = fault.server
+                rec["detail"] = f"not injected: {exc}"
+                rec["injected"] = False
+            else:
+                rec["held"] = False
+                rec["detail"] += f" FAILED: {exc.reason}: {exc}"
         except Exception as exc:  # a bug in the fault itself: reported, the run goes on
             rec["held"] = False
             rec["detail"] += f" FAILED: internal error {exc!r}"
         rec["injected"] = rec.get("injected", True)
         self.faults.append(rec)
+        self._log_fault(rec)
+        return rec
+
+    def _record(self, kind: str, fault: FaultSpec | None, planned: bool) -> FaultRecord:
+        since = self.ready_at or self.started_at
+        return FaultRecord(time=round(time.monotonic() - since, 3), kind=kind,
+                           server=None, link=fault.link if fault else None, detail="",
+                           held=True, checks=[], planned=planned,
+                           optional=bool(fault and fault.optional))
+
+    def _log_fault(self, rec: FaultRecord) -> None:
         outcome = ("not injected" if not rec["injected"] else
                    "held" if rec["held"] else "BROKEN")
         self.log(f"fault {rec['kind']} {rec['server'] or '-'} {rec['link'] or ''}: "
                  f"{rec['detail'].strip()} -> {outcome}")
+
+    def missed(self, kind: str, fault: FaultSpec | None, detail: str,
+               optional: bool) -> FaultRecord:
+        """Record a planned fault the run never reached (it ended first): not injected."""
+        rec = self._record(kind, fault, planned=True)
+        rec.update(server=fault.server if fault else None, detail=detail, injected=False,
+                   optional=optional)
+        self.faults.append(rec)
+        self._log_fault(rec)
         return rec
 
     def _pick(self, fault: FaultSpec, rec: FaultRecord,

@@ -440,7 +440,14 @@ class Fleet(FaultInjection):
     # ------------------------------------------------------------ running
 
     def run(self, duration: float | None = None, stop: threading.Event | None = None) -> None:
-        """Inject the scheduled and random faults and run the load until ``duration`` or ``stop``."""
+        """Inject the scheduled and random faults and run the load until ``duration`` or ``stop``.
+
+        When ``duration`` ends, every fault that fell due before the end and was not
+        injected yet (the injectors took longer than planned) is injected before the run
+        ends, so a scenario's faults do not depend on the machine's speed. A fault due at
+        or after the end, or any left when ``stop`` is set, is recorded as not injected
+        (:meth:`missed`): a failure of the run unless the scenario marks it optional.
+        """
         sc = self.scenario
         stop = stop or threading.Event()
         t0 = time.monotonic()
@@ -455,11 +462,11 @@ class Fleet(FaultInjection):
             if duration is not None and now >= duration:
                 break
             while pending and (pending[0].at or 0.0) <= now:
-                self.inject(pending.pop(0))
+                self.inject(pending.pop(0), planned=True)
             if randoms and now >= next_random:
                 randoms -= 1
                 next_random += rnd.every
-                self.inject(FaultSpec(self.rng.choice(rnd.kinds)))
+                self._inject_random()
             if period is not None and now >= next_op:
                 self.load_once()
                 next_op += period
@@ -472,8 +479,27 @@ class Fleet(FaultInjection):
             wait = min(waits) - (time.monotonic() - t0) if waits else 0.5
             if wait > 0:
                 stop.wait(min(wait, 0.5))
+        ended = time.monotonic() - t0
+        if duration is not None and not stop.is_set():
+            # due before the end, late only because injecting the earlier ones took time
+            while pending and (pending[0].at or 0.0) < duration:
+                self.inject(pending.pop(0), planned=True)
+            while randoms and next_random < duration:
+                randoms -= 1
+                next_random += rnd.every
+                self._inject_random()
+        why = (f"the run was stopped at {ended:.1f} s" if stop.is_set() else
+               f"the run ended at {ended:.1f} s (--duration {duration:g})")
         for f in pending:
-            self.log(f"fault {f.kind} at {f.at:g} s not reached (the run ended first)")
+            self.missed(f.kind, f, f"not reached: due at {f.at or 0.0:g} s, but {why}",
+                        f.optional)
+        for i in range(rnd.count - randoms + 1, rnd.count + 1) if randoms else ():
+            self.missed("random", None, f"not reached: random fault {i} of {rnd.count}, due "
+                        f"at {rnd.every * i:g} s, but {why}", rnd.optional)
+
+    def _inject_random(self) -> None:
+        rnd = self.scenario.random_faults
+        self.inject(FaultSpec(self.rng.choice(rnd.kinds), optional=rnd.optional), planned=True)
 
     # ------------------------------------------------------------ invariants and report
 

@@ -13,7 +13,7 @@ from simulators.fleet.faults import FaultRecord
 from simulators.fleet.report import Invariant
 from simulators.fleet.server import SimServer
 
-__all__ = ["check_invariants"]
+__all__ = ["FAULTS_INJECTED", "check_invariants", "faults_injected"]
 
 
 def check_invariants(servers: Sequence[SimServer], ready: bool, not_ready: Sequence[str],
@@ -74,4 +74,28 @@ def check_invariants(servers: Sequence[SimServer], ready: bool, not_ready: Seque
         broken = [d for h, d in results if not h]
         out.append(Invariant(name, not broken, "; ".join(broken[:5]) or
                              f"held in {len(results)} fault(s)"))
+    planned = [r for r in faults if r.get("planned")]
+    if planned:
+        out.append(faults_injected(planned))
     return out
+
+
+#: the check that no fault of the scenario was dropped silently
+FAULTS_INJECTED = "faults-injected"
+
+
+def faults_injected(planned: Sequence[FaultRecord]) -> Invariant:
+    """Every fault the scenario planned was injected, unless it is marked optional."""
+    missing = [r for r in planned if not r["injected"] and not r.get("optional")]
+    skipped = sum(1 for r in planned if not r["injected"] and r.get("optional"))
+    done = sum(1 for r in planned if r["injected"])
+    if missing:
+        detail = (f"{len(missing)} of the scenario's {len(planned)} fault(s) not injected "
+                  "(mark a fault optional = true if it may be): "
+                  + "; ".join(f"{r['kind']} {r['server'] or '-'}: {r['detail'].strip()}"
+                              for r in missing[:5])
+                  + (f"; and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    else:
+        detail = (f"every fault of the scenario was injected ({done} of {len(planned)}"
+                  + (f"; {skipped} optional not injected" if skipped else "") + ")")
+    return Invariant(FAULTS_INJECTED, not missing, detail)

@@ -113,10 +113,17 @@ class Summary:
             "memory": {**self.memory, "per_server_kib": self._per_server()},
             "messages": self.messages,
             "faults": {"injected": sum(fault_kinds.values()), "by_kind": fault_kinds,
+                       "not_injected": self._not_injected(optional=False),
+                       "optional_not_injected": self._not_injected(optional=True),
                        "log": self.faults},
             "invariants": [i.to_json() for i in self.invariants],
             "ok": self.ok,
         }
+
+    def _not_injected(self, optional: bool) -> int:
+        """Faults of the scenario that could not be injected (``optional`` ones or the others)."""
+        return sum(1 for f in self.faults if f.get("planned") and not f.get("injected", True)
+                   and bool(f.get("optional")) is optional)
 
     def _per_server(self) -> float | None:
         """Resident memory per server beyond the process's start (at start()), once ready."""
@@ -163,15 +170,33 @@ class Summary:
         lines.append(f"  messages: {m['lost']} lost, {m['duplicated']} duplicated, "
                      f"{m['corrupt_frames']} corrupt frames resynchronised, "
                      f"{m.get('reconnects', 0)} client reconnects after a link fault")
-        lines.append(f"  faults: {j['faults']['injected']} injected"
-                     + "".join(f"; {k} {n}" for k, n in j["faults"]["by_kind"].items()))
+        fj = j["faults"]
+        lines.append(f"  faults: {fj['injected']} injected"
+                     + "".join(f"; {k} {n}" for k, n in fj["by_kind"].items())
+                     + (f"; {fj['not_injected']} NOT INJECTED" if fj["not_injected"] else "")
+                     + (f"; {fj['optional_not_injected']} optional not injected"
+                        if fj["optional_not_injected"] else ""))
         for f in self.faults:
             lines.append(f"    {f['time']:8.3f} s {f['kind']:<14} {f['server'] or '-':<16} "
-                         f"{'skipped' if not f.get('injected', True) else 'held' if f['held'] else 'BROKEN'}"
-                         f"  {f['detail'].strip()[:200]}")
+                         f"{_fault_outcome(f)}  {f['detail'].strip()[:200]}")
         held = sum(1 for i in self.invariants if i.held)
         lines.append(f"  invariants: {held} of {len(self.invariants)} held")
         for i in self.invariants:
-            lines.append(f"    {'held  ' if i.held else 'BROKEN'} {i.name}: {i.detail[:200]}")
-        lines.append("all invariants held" if self.ok else "INVARIANT BROKEN")
+            lines.append(f"    {'held  ' if i.held else 'BROKEN'} {i.name}: {i.detail[:300]}")
+        broken = [i for i in self.invariants if not i.held]
+        if not broken:
+            lines.append("all invariants held")
+        elif [i.name for i in broken] == ["faults-injected"]:
+            lines.append(f"NOT OK: {fj['not_injected']} fault(s) of the scenario not injected "
+                         "(listed above)")
+        else:
+            lines.append("INVARIANT BROKEN")
         return "\n".join(lines)
+
+
+def _fault_outcome(f: dict[str, Any]) -> str:
+    if not f.get("injected", True):
+        if not f.get("planned"):
+            return "skipped"
+        return "skipped (optional)" if f.get("optional") else "NOT INJECTED"
+    return "held" if f["held"] else "BROKEN"

@@ -36,13 +36,14 @@ TOP_KEYS: Mapping[str, str] = {
     "state_dir": "where the stores go; kept after the run (text, a path)",
     "broker": "a table: url, start",
     "servers": "an array of tables: model, count, links, licenses",
-    "faults": "an array of scheduled faults, or a table: seed, every, count, kinds, schedule",
+    "faults": "an array of scheduled faults, or a table: seed, every, count, kinds, schedule, "
+              "optional",
     "load": "a table: rate, ops, links, features, timeout, sim_line",
 }
 BROKER_KEYS = ("url", "start")
 SERVER_KEYS = ("model", "count", "links", "licenses", "name")
-FAULT_KEYS = ("kind", "at", "server", "link", "seconds", "step")
-RANDOM_KEYS = ("seed", "every", "count", "kinds", "schedule")
+FAULT_KEYS = ("kind", "at", "server", "link", "seconds", "step", "optional")
+RANDOM_KEYS = ("seed", "every", "count", "kinds", "schedule", "optional")
 LOAD_KEYS = ("rate", "ops", "links", "features", "timeout", "sim_line")
 #: fault kind -> what it does (the fleet's inject() implements each)
 FAULT_KINDS: Mapping[str, str] = {
@@ -81,6 +82,9 @@ class FaultSpec:
     link: str | None = None
     seconds: int | None = None  # clock-jump size
     step: int | None = None  # power-loss: the store write step that never happens (1-based)
+    #: a fault that cannot be injected (no such server, nothing fits, after the end of the
+    #: run) is a failure of the run (exit 1) unless it is optional
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class RandomFaults:
     count: int = 0
     kinds: tuple[str, ...] = ()
     seed: int | None = None
+    optional: bool = False  # the random faults may go uninjected without failing the run
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,11 @@ class _Checker:
             raise self.fail(path, f"must be a number of at least 0, not {raw!r}")
         return float(raw)
 
+    def flag(self, raw: Any, path: str) -> bool:
+        if not isinstance(raw, bool):
+            raise self.fail(path, f"must be true or false, not {raw!r}")
+        return raw
+
     def names(self, raw: Any, path: str, known: Any, what: str) -> tuple[str, ...]:
         if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
             raise self.fail(path, f"must be a list of {what}s, not {raw!r}")
@@ -223,6 +233,9 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
     start = b.get("start", url is None)
     if not isinstance(start, bool):
         raise c.fail("[broker] start", f"must be true or false, not {start!r}")
+    if start and url is not None:
+        raise c.fail("[broker]", "url (a running broker) and start = true (licsim's own) "
+                                 "exclude each other: give one")
     broker = BrokerSpec(url, start)
 
     groups: list[ServerGroup] = []
@@ -256,17 +269,24 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
         raise c.fail("[broker]", "servers with the mqtt link need [broker] url = "
                                  "\"mqtt://HOST:PORT\" or start = true")
 
+    # broker-restart kills licsim's own mosquitto: without one it could never be injected
+    own_broker = start and "mqtt" in {lk for g in groups for lk in g.links}
+    no_restart = ("broker-restart restarts licsim's own broker, and this fleet has none "
+                  "([broker] start = true and servers on the mqtt link): leave it out")
     schedule: list[FaultSpec] = []
     rnd = RandomFaults()
     f = top.get("faults", [])
     if isinstance(f, Mapping):
         f = c.keys(f, "[faults]", RANDOM_KEYS)
-        kinds = c.names(f.get("kinds", list(FAULT_KINDS)), "[faults] kinds", FAULT_KINDS,
-                        "fault kind")
+        default = [k for k in FAULT_KINDS if own_broker or k != "broker-restart"]
+        kinds = c.names(f.get("kinds", default), "[faults] kinds", FAULT_KINDS, "fault kind")
+        if "broker-restart" in kinds and not own_broker:
+            raise c.fail("[faults] kinds", no_restart)
         rnd = RandomFaults(every=c.number(f.get("every", 0), "[faults] every"),
                            count=c.integer(f.get("count", 0), "[faults] count"),
                            kinds=kinds,
-                           seed=c.integer(f["seed"], "[faults] seed") if "seed" in f else None)
+                           seed=c.integer(f["seed"], "[faults] seed") if "seed" in f else None,
+                           optional=c.flag(f.get("optional", False), "[faults] optional"))
         f = f.get("schedule", [])
     if not isinstance(f, list):
         raise c.fail("faults", "must be [[faults]] tables or a [faults] table")
@@ -277,6 +297,8 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
         if kind not in FAULT_KINDS:
             raise c.fail(f"{where} kind", f"unknown fault kind {kind!r} "
                                           f"(known: {', '.join(FAULT_KINDS)})")
+        if kind == "broker-restart" and not own_broker:
+            raise c.fail(f"{where} kind", no_restart)
         link = c.text(e["link"], f"{where} link") if "link" in e else None
         if link is not None and link not in LINKS:
             raise c.fail(f"{where} link", f"unknown link {link!r} (known: {', '.join(LINKS)})")
@@ -287,7 +309,8 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
         step = c.integer(e["step"], f"{where} step", 1) if "step" in e else None
         schedule.append(FaultSpec(kind, c.number(e.get("at", 0), f"{where} at"),
                                   c.text(e["server"], f"{where} server") if "server" in e
-                                  else None, link, secs, step))
+                                  else None, link, secs, step,
+                                  c.flag(e.get("optional", False), f"{where} optional")))
 
     ld = c.keys(top.get("load", {}), "[load]", LOAD_KEYS)
     all_links = sorted({lk for g in groups for lk in g.links})

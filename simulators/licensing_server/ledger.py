@@ -30,7 +30,7 @@ from agent.digest import sha256
 from agent.errors import LicensingError, MalformedError, StorageError, UsageError
 from agent.formats import RECEIPT_MAX, SiteInfo, iso, read_device_info, verify_receipt
 from agent.messages import MAX_TIME, ChangeOp, DeviceInfo, License, Request
-from apps.licensing_api import Confirmation, UploadAnswer, refusal
+from apps.licensing_api import AssignmentQuery, Confirmation, UploadAnswer, refusal
 from simulators.licensing_server import rules
 from simulators.licensing_server.ledger_sqlite import SqliteStorage
 from simulators.licensing_server.rules import (
@@ -86,6 +86,36 @@ class _Holds(dict[str, dict[str, int]]):
     def __missing__(self, dev: str) -> dict[str, int]:
         hold = self[dev] = Ledger._may_hold(self._tx, dev)
         return hold
+
+
+class _StockUse:
+    """What the assignments of one stock use (:func:`rules.used`), kept up to date in memory.
+
+    ``targets``: device -> assigned count; ``holds``: what each device may hold,
+    as read in the same transaction.
+    """
+
+    def __init__(self, targets: dict[str, int], holds: _Holds, feature: str) -> None:
+        self._targets = targets
+        self._holds = holds
+        self._feature = feature
+        self._total = sum(self._use(d) for d in targets)
+
+    def _use(self, dev: str) -> int:
+        return rules.used([(self._targets[dev], self._holds[dev].get(self._feature, 0))])
+
+    def others(self, dev: str) -> int:
+        """What every device but ``dev`` uses."""
+        return self._total - (self._use(dev) if dev in self._targets else 0)
+
+    def set(self, dev: str, count: int) -> None:
+        self._total = self.others(dev)
+        self._targets[dev] = count
+        self._total += self._use(dev)
+
+    def drop(self, dev: str) -> None:
+        self._total = self.others(dev)
+        self._targets.pop(dev, None)
 
 
 class Ledger:
@@ -253,35 +283,103 @@ class Ledger:
         each feature from one entitlement and product at a time.
 
         Returns:
-            ``{"entitlement", "product", "device_id", "feature", "count", "free"}``.
+            ``{"entitlement", "product", "device_id", "feature", "count", "until", "free"}``.
 
         Raises:
             NotEntitledError: the entitlement does not hold enough (HTTP 409).
             UsageError: unknown entitlement or feature, ambiguous product, or the
                 device already holds the feature from another entitlement.
         """
+        return self.assign_many([AssignmentQuery(entitlement, device_id, feature, count,
+                                                 product)], now)[0]
+
+    def assign_many(self, wanted: Sequence[AssignmentQuery], now: int | None = None
+                    ) -> list[dict[str, Any]]:
+        """Make every assignment of ``wanted`` in ONE transaction, or none of them.
+
+        Each is what :meth:`assign` makes, in order (a later one sees the earlier
+        ones). The accounting of each stock is read once and kept up to date in
+        memory, so the cost grows with the number of assignments, not its square.
+
+        Returns:
+            One :meth:`assign` answer per assignment, in order.
+
+        Raises:
+            UsageError, NotEntitledError: as :meth:`assign`; with more than one
+                assignment the message names the one refused (its position from 1,
+                device and feature) and says that none was made. A device and feature
+                named twice is a UsageError.
+        """
         now = self._now(now)
-        rules.check_name(entitlement, "entitlement")
-        dev = rules.check_device_id(device_id)
-        rules.check_feature(feature)
-        rules.check_count(count)
-        with self._operation("assign", now, dev) as (tx, rec):
-            if not tx.has_entitlement(entitlement):
-                raise UsageError(f"no entitlement {entitlement} in the ledger "
-                                 "(licserver entitle records one)")
-            holding = {s.product: s for s in tx.stocks(entitlement, feature=feature)}
-            product = rules.choose_product(entitlement, feature, list(holding), product)
-            stock = holding[product]
-            hold = self._may_hold(tx, dev)
-            free = rules.check_assignable(
-                stock, dev, count, tx.assignment(dev, feature),
-                others=self._used(tx, stock, exclude=dev), held=hold.get(feature, 0))
-            tx.save_assignment(Assignment(dev, feature, entitlement, product, count))
-            self._drop_released(tx, dev, hold)
-            rec["detail"] = f"{entitlement}/{product}: {feature}={count}"
-            return {"entitlement": entitlement, "product": product, "device_id": dev,
-                    "feature": feature, "count": count, "until": iso(stock.until),
-                    "free": free}
+        if not wanted:
+            raise UsageError("no assignment asked for")
+        many = len(wanted) > 1
+        seen: dict[tuple[str, str], int] = {}
+        for i, q in enumerate(wanted, 1):
+            with self._naming(q, i, len(wanted) if many else 0):
+                rules.check_name(q.entitlement, "entitlement")
+                if q.product is not None:
+                    rules.check_name(q.product, "product")
+                rules.check_device_id(q.device_id)
+                rules.check_feature(q.feature)
+                rules.check_count(q.count)
+                first = seen.setdefault((q.device_id, q.feature), i)
+                if first != i:
+                    raise UsageError(f"the same device and feature as assignment #{first}: "
+                                     "give each device's total once")
+        with self._operation("assign", now, None if many else wanted[0].device_id
+                             ) as (tx, rec):
+            holds = _Holds(tx)  # assignments do not change what a device may hold
+            uses: dict[tuple[str, str, str], _StockUse] = {}
+            out = []
+            for i, q in enumerate(wanted, 1):
+                with self._naming(q, i, len(wanted) if many else 0):
+                    out.append(self._assign_one(tx, q, holds, uses))
+            rec["detail"] = ("; ".join(f"{a['entitlement']}/{a['product']}: "
+                                       f"{a['feature']}={a['count']}"
+                                       + (f" to {a['device_id'][:12]}" if many else "")
+                                       for a in out))[:900]
+            if many:
+                rec["detail"] = f"{len(out)} assignments: " + rec["detail"]
+            return out
+
+    @staticmethod
+    @contextmanager
+    def _naming(q: AssignmentQuery, i: int, of: int) -> Iterator[None]:
+        """In a batch (``of`` > 0), a refusal names the assignment and says none was made."""
+        try:
+            yield
+        except (UsageError, NotEntitledError) as err:
+            if not of:
+                raise
+            dev = q.device_id[:12] + "…" if isinstance(q.device_id, str) else repr(q.device_id)
+            raise type(err)(f"assignment #{i} of {of} (device {dev}, {q.feature}={q.count}): "
+                            f"{err}; none of the {of} assignments was made") from None
+
+    def _assign_one(self, tx: LedgerTransaction, q: AssignmentQuery, holds: _Holds,
+                    uses: dict[tuple[str, str, str], _StockUse]) -> dict[str, Any]:
+        dev, feature, count = q.device_id, q.feature, q.count
+        if not tx.has_entitlement(q.entitlement):
+            raise UsageError(f"no entitlement {q.entitlement} in the ledger "
+                             "(licserver entitle records one)")
+        holding = {s.product: s for s in tx.stocks(q.entitlement, feature=feature)}
+        product = rules.choose_product(q.entitlement, feature, list(holding), q.product)
+        stock = holding[product]
+        key = (stock.entitlement, stock.product, stock.feature)
+        use = uses.get(key)
+        if use is None:
+            use = uses[key] = _StockUse(
+                {a.device_id: a.count for a in tx.assignments_of(stock)}, holds, feature)
+        hold = holds[dev]
+        free = rules.check_assignable(stock, dev, count, tx.assignment(dev, feature),
+                                      others=use.others(dev), held=hold.get(feature, 0))
+        tx.save_assignment(Assignment(dev, feature, q.entitlement, product, count))
+        use.set(dev, count)
+        self._drop_released(tx, dev, hold)
+        if count == 0 and hold.get(feature, 0) == 0:
+            use.drop(dev)  # released and forgotten
+        return {"entitlement": q.entitlement, "product": product, "device_id": dev,
+                "feature": feature, "count": count, "until": iso(stock.until), "free": free}
 
     # ------------------------------------------------------------ devices
 

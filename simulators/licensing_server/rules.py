@@ -18,7 +18,7 @@ sum of what assignments use never exceeds what the entitlement holds.
 from __future__ import annotations
 
 import enum
-import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -47,7 +47,7 @@ from agent.messages import (
 
 __all__ = [
     "MAX_COUNT",
-    "NAME_RE",
+    "NAME_MAX",
     "Assignment",
     "KnownDevice",
     "NotEntitledError",
@@ -77,7 +77,12 @@ __all__ = [
     "wanted_devices",
 ]
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
+#: the longest entitlement or product name, in characters (free text as vendors write it)
+NAME_MAX = 128
+#: Unicode categories a name may not hold: control and format characters (bidi overrides),
+#: surrogates, private use, unassigned code points, line and paragraph separators; a name
+#: is shown on one line of a report or a log, so nothing in it may start another or reorder it
+_NAME_BANNED = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 class NotEntitledError(SequenceError):
@@ -159,10 +164,22 @@ def target(feature: str, count: int, until: int | None = None) -> License:
 
 
 def check_name(v: object, what: str) -> str:
-    """An entitlement or product name; UsageError names what is wrong."""
-    if not isinstance(v, str) or not NAME_RE.fullmatch(v):
-        raise UsageError(f"{what} {v!r} is not valid: 1 to 64 letters, digits or ._:/+- "
-                         "(starting with a letter or digit)")
+    """An entitlement or product name: free text as vendors write it (spaces, parentheses,
+    any script), 1 to :data:`NAME_MAX` characters, no control or format characters, no
+    line breaks, no space at either end. UsageError names what is wrong in one line."""
+    if not isinstance(v, str):
+        raise UsageError(f"{what} name must be text, not {type(v).__name__}")
+    shown = ascii(v[:40]) + ("…" if len(v) > 40 else "")
+    if not v.strip():
+        raise UsageError(f"{what} name is empty: give 1 to {NAME_MAX} characters")
+    if len(v) > NAME_MAX:
+        raise UsageError(f"{what} name {shown} is {len(v)} characters long: at most {NAME_MAX}")
+    bad = next((c for c in v if unicodedata.category(c) in _NAME_BANNED), None)
+    if bad is not None:
+        raise UsageError(f"{what} name {shown} holds the control or format character "
+                         f"U+{ord(bad):04X}: names are one line of printable text")
+    if v != v.strip():
+        raise UsageError(f"{what} name {shown} starts or ends with a space")
     return v
 
 

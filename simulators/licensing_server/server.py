@@ -26,6 +26,7 @@ from agent.cose import canonical, strict_loads
 from agent.errors import MalformedError, UsageError
 from agent.formats import SITE_INFO_MAX
 from apps.licensing_api import (
+    AssignmentBatch,
     AssignmentQuery,
     EntitlementQuery,
     LicenseInfoQuery,
@@ -59,6 +60,8 @@ class ServerLimits:
     max_files: int = 1000
     #: the JSON endpoints
     max_json_body: int = 64 * 1024
+    #: ``/v1/assignments``: up to AssignmentBatch.MAX assignments of about 150 bytes
+    max_assignments_body: int = 12 * 1024 * 1024
     #: connections served at once
     max_clients: int = 64
     #: seconds a client may take to send its request
@@ -113,7 +116,12 @@ class _Handler(JsonHandler):
         return json_answer(self.server.ledger.confirm(rcs, vendor=self.server.vendor).to_wire())
 
     def _assignments(self) -> Answer:
-        q = AssignmentQuery.from_body(self._json_body())
+        body = self._json_body(self.server.limits.max_assignments_body)
+        if AssignmentBatch.is_batch(body):
+            batch = AssignmentBatch.from_body(body)
+            return json_answer({"assignments": self.server.ledger.assign_many(
+                batch.assignments)})
+        q = AssignmentQuery.from_body(body)
         return json_answer(self.server.ledger.assign(q.entitlement, q.device_id, q.feature,
                                                      q.count, q.product))
 
@@ -133,8 +141,8 @@ class _Handler(JsonHandler):
     def _cbor(self, limit: int) -> Any:
         return strict_loads(self.read_body(limit, f" of {self._path}"), max_size=limit)
 
-    def _json_body(self) -> Any:
-        data = self.read_body(self.server.limits.max_json_body, f" of {self._path}")
+    def _json_body(self, limit: int | None = None) -> Any:
+        data = self.read_body(limit or self.server.limits.max_json_body, f" of {self._path}")
         try:
             return json.loads(data)
         except ValueError as exc:

@@ -157,6 +157,9 @@ def main() -> int:
                  "journal dominates; slots hold the last 32 applied response digests"))
 
     rows += daemon_rows(tmp, fjson)
+    from tests.bench.assign import assign_rows
+
+    rows += assign_rows()
     from tests.bench.hal import framing_rows
 
     rows += framing_rows()

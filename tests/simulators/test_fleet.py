@@ -320,6 +320,11 @@ def test_the_example_scenario_is_valid() -> None:
     assert sc.total == 20 and sc.broker.start and sc.load.rate > 0
     assert {f.kind for f in sc.schedule} == {"power-loss", "link"}
     assert set(sc.random_faults.kinds) == set(FAULT_KINDS)
+    # without a broker of its own, the default kinds leave broker-restart out (it could
+    # never be injected) rather than fail the run on it
+    tcp = parse_scenario({"servers": [{"model": "AS-P", "links": ["tcp"]}],
+                          "faults": {"count": 1, "every": 1}})
+    assert set(tcp.random_faults.kinds) == set(FAULT_KINDS) - {"broker-restart"}
 
 
 def test_an_external_broker_and_a_vendor_key_from_files(tmp_path: Path) -> None:

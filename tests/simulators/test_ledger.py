@@ -100,7 +100,7 @@ def test_entitle_adds_to_an_entitlement(ledger: Ledger) -> None:
 
 
 @pytest.mark.parametrize("args", [
-    ("", P, {"f": 1}), (E, "bad name!", {"f": 1}), (E, P, {}), (E, P, {"-x": 1}),
+    ("", P, {"f": 1}), (E, "bad\tname", {"f": 1}), (E, "P" * 129, {"f": 1}), (E, P, {}), (E, P, {"-x": 1}),
     (E, P, {"f": -1}), (E, P, {"f": True}), (E, P, {"f": 2**32}),
 ])
 def test_entitle_refuses_nonsense(ledger: Ledger, args: tuple[Any, ...]) -> None:

@@ -67,8 +67,11 @@ held_counts = st.dictionaries(st.sampled_from(FEATURES), st.integers(1, 6), max_
 
 @pytest.mark.parametrize(("check", "value"), [
     (lambda v: rules.check_name(v, "entitlement"), ""),
-    (lambda v: rules.check_name(v, "product"), "bad name!"),
-    (lambda v: rules.check_name(v, "product"), "-leading"),
+    (lambda v: rules.check_name(v, "product"), "bad\nname"),
+    (lambda v: rules.check_name(v, "product"), "x" * (rules.NAME_MAX + 1)),
+    (lambda v: rules.check_name(v, "product"), "right\u202eto left"),
+    (lambda v: rules.check_name(v, "product"), "trailing "),
+    (lambda v: rules.check_name(v, "product"), 7),
     (rules.check_feature, "-x"),
     (rules.check_feature, 7),
     (rules.check_count, -1),
@@ -85,6 +88,9 @@ def test_nonsense_is_a_usage_error(check: Any, value: object) -> None:
 
 def test_checks_return_what_they_accept() -> None:
     assert rules.check_name("ORDER-1/a:b+c", "entitlement") == "ORDER-1/a:b+c"
+    for free_text in ("PO 4711 (Plant 3)", "Lizenz für Gebäude Süd", "-leading is fine",
+                      "x" * rules.NAME_MAX):
+        assert rules.check_name(free_text, "product") == free_text
     assert rules.check_feature("bacnet.v2") == "bacnet.v2"
     assert rules.check_count(MAX_COUNT) == MAX_COUNT
     assert rules.check_device_id(DEV) == DEV

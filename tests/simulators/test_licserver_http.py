@@ -183,11 +183,14 @@ def test_refusals_carry_the_exit_codes(server: tuple[Ledger, LicensingServer],
 
 def test_body_size_caps(tmp_path: Path, vendor: Vendor) -> None:
     led = Ledger(tmp_path / "l.db", vendor, clock=lambda: T0)
-    limits = ServerLimits(max_json_body=100, max_files_body=1000, max_files=2)
+    limits = ServerLimits(max_json_body=100, max_files_body=1000, max_files=2,
+                          max_assignments_body=100)
     with serve(led, vendor, limits=limits) as srv:
         st, _h, data = raw(srv, "POST", "/v1/receipts", canonical({"receipts": [b"x" * 2000]}))
         assert st == 413 and json.loads(data)["reason"] == "too-large"
         st, _h, data = raw(srv, "POST", "/v1/assignments", b" " * 101)
+        assert st == 413
+        st, _h, data = raw(srv, "POST", "/v1/entitlements", b" " * 101)
         assert st == 413
         st, _h, data = raw(srv, "POST", "/v1/receipts", canonical({"receipts": [b""] * 3}))
         assert st == 400 and "at most 2" in json.loads(data)["message"]
