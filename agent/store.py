@@ -34,7 +34,7 @@ from agent.errors import (
     StorageError,
     UsageError,
 )
-from agent.identity import check_binding
+from agent.identity import binding_refusal, check_binding, check_facts_source
 from agent.journal import Journal
 from agent.protocol import AgentState
 from agent.record import field, record
@@ -178,18 +178,22 @@ class Store:
     @classmethod
     def open(
         cls, directory: Path, binding_facts: tuple[str, ...] | None = None,
-        ops: FileOps | None = None, now: int = 0,
+        ops: FileOps | None = None, now: int = 0, facts_simulated: bool = False,
     ) -> Store:
         """Load the last good state; check it still sits on the same hardware.
 
         Args:
             binding_facts: the hardware's facts now; None skips the binding check
                 (used only by tests that look at the raw store).
+            facts_simulated: ``binding_facts`` were given as data, not read from this
+                machine; refused (before anything is written) unless the store was
+                initialised that way.
 
         Raises:
             UsageError: no store in ``directory``.
             IntegrityError: no slot passes its integrity check (never reset to empty).
             CopiedStoreError: the store was copied from other hardware.
+            FactsOverrideError: facts given as data for a store bound to real hardware.
         """
         ops = ops or FileOps()
         key_path = directory / KEY_FILE
@@ -241,6 +245,8 @@ class Store:
             raise IntegrityError(f"stored state does not decode: {exc}") from exc
         if state.device_key != key.public:
             raise IntegrityError("stored state belongs to a different device key")
+        if binding_facts is not None:
+            check_facts_source(state.simulated, facts_simulated, directory)
         if missing and gen >= 2:
             # after two saves both slots exist: one vanished
             warnings.extend(f"{n} is missing" for n in missing)
@@ -288,11 +294,7 @@ class Store:
             self.journal.append_refusal({"reason": "copied-store",
                                          "missing": list(chk.missing),
                                          "added": list(chk.added)}, now)
-            raise CopiedStoreError(
-                f"this license store belongs to other hardware: only {chk.matched} of "
-                f"{chk.total} identifying facts match (missing: {', '.join(chk.missing)}). "
-                f"A store copied to another server is refused; ask the vendor to re-issue."
-            )
+            raise CopiedStoreError(binding_refusal(chk))
         if chk.changed:
             from agent.record import replace
 
