@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import subprocess
 import time
@@ -24,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from agent.cose import SigningKey, decode_sign1, sign1, strict_loads
-from agent.errors import TrustError
-from agent.formats import verify_receipt
+from agent.errors import LicensingError, TrustError
+from agent.formats import RECEIPT_MAX, verify_receipt
 from agent.messages import Kind, Receipt, decode_payload
 from agent.record import replace
 from apps.licensing_client import LicensingClient
@@ -146,29 +147,36 @@ def test_receipt_from_licagent_apply_is_confirmed_like_one_from_send(
     assert [lic.feature for lic in rc.removed] == ["bacnet"]
     forged = sign1(replace(rc, removed=()).encode(), key, Kind.RECEIPT.content_type)
     client = LicensingClient(url)
-    for name, data, message in [
-        ("flipped", bytes(flipped), "signature does not verify"),
-        ("forged", forged, "receipt does not prove the removals the response asked for"),
+    big = mine + bytes(RECEIPT_MAX + 1 - len(mine))
+    for name, data, code, reason, message in [
+        ("flipped", bytes(flipped), 4, "untrusted", "signature does not verify"),
+        ("forged", forged, 4, "untrusted",
+         "receipt does not prove the removals the response asked for"),
+        ("padded", mine + b"\0", 3, "malformed", "1 trailing bytes after the CBOR item"),
+        ("big", big, 3, "malformed",
+         f"input is {RECEIPT_MAX + 1} bytes, larger than the {RECEIPT_MAX}-byte limit"),
     ]:
         path = tools.root / "bad" / f"{name}.receipt"
         for old in (tools.root / "bad").iterdir():
             old.unlink()
         path.write_bytes(data)
-        with pytest.raises(TrustError, match=message):
+        with pytest.raises(LicensingError, match=re.escape(message)) as caught:
             verify_receipt(data, [vendor.public])
+        assert (caught.value.exit_code, caught.value.reason) == (code, reason)
         err = tools("licserver", "verify-receipt", "--trust", "vendor.pub", str(path),
-                    code=4).stderr
-        assert err.strip() == f"licserver: untrusted: {message}"
+                    code=code).stderr
+        assert err.strip() == f"licserver: {reason}: {message}"
         out = tools("licadmin", "confirm", "--receipts", "bad", "--licensing-server", url,
-                    code=4).stdout
-        assert f"{name}.receipt: untrusted: {message}" in out
+                    code=code).stdout
+        assert f"{name}.receipt: {reason}: {message}" in out
         answer = client.confirm([data])
         assert answer.accepted == []
         assert [(r["code"], r["reason"], r["message"]) for r in answer.refused] == [
-            (4, "untrusted", message)]
-        shown = tools("licadmin", "show", str(path), "--trust", "vendor.pub", "--json",
-                      code=4).stdout
-        assert message in json.loads(shown)["signature"]["detail"]
+            (code, reason, message)]
+        if code == 4:  # show describes what decodes; the signature verdict is verify_receipt's
+            shown = tools("licadmin", "show", str(path), "--trust", "vendor.pub", "--json",
+                          code=4).stdout
+            assert message in json.loads(shown)["signature"]["detail"]
     # nothing of it reached the ledger
     report = json.loads(licserver.run("report", "--db", str(licserver.db), "--json"))
     assert [r["device_id"] for r in report["pending_reclaims"]] == [dev]
