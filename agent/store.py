@@ -28,6 +28,7 @@ from agent.digest import equal, hmac_sha256
 from agent.durable import FileOps, atomic_write
 from agent.errors import (
     CopiedStoreError,
+    FactsOverrideError,
     IntegrityError,
     LicensingError,
     MalformedError,
@@ -186,8 +187,8 @@ class Store:
             binding_facts: the hardware's facts now; None skips the binding check
                 (used only by tests that look at the raw store).
             facts_simulated: ``binding_facts`` were given as data, not read from this
-                machine; refused (before anything is written) unless the store was
-                initialised that way.
+                machine; refused (the slots untouched, the refusal journaled) unless
+                the store was initialised that way.
 
         Raises:
             UsageError: no store in ``directory``.
@@ -245,14 +246,14 @@ class Store:
             raise IntegrityError(f"stored state does not decode: {exc}") from exc
         if state.device_key != key.public:
             raise IntegrityError("stored state belongs to a different device key")
-        if binding_facts is not None:
-            check_facts_source(state.simulated, facts_simulated, directory)
         if missing and gen >= 2:
             # after two saves both slots exist: one vanished
             warnings.extend(f"{n} is missing" for n in missing)
         if warnings:
             warnings.append(f"using {SLOTS[idx]} (generation {gen}), the last good state")
         store = cls(directory, key, state, gen, idx, ops, LoadReport(idx, gen, warnings))
+        if binding_facts is not None:
+            store._check_facts_source(facts_simulated, now)
         if warnings:
             store._recover_from_journal(now)
         if warnings:
@@ -287,6 +288,14 @@ class Store:
         self.report.warnings.append(
             f"state rolled forward from the journal to sequence {recovered.sequence}"
         )
+
+    def _check_facts_source(self, facts_simulated: bool, now: int) -> None:
+        """Before anything else is written: facts given as data only for a simulated store."""
+        try:
+            check_facts_source(self.state.simulated, facts_simulated, self.directory)
+        except FactsOverrideError as err:
+            self.record_refusal(err, "open", now)  # the slots stay as they are
+            raise
 
     def _check_binding(self, facts: tuple[str, ...], now: int) -> None:
         chk = check_binding(self.state.binding, facts)

@@ -89,6 +89,17 @@ def tree_bytes(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
 
 
+def slot_bytes(d: Path) -> dict[str, bytes]:
+    """The license state: both slots and the device key, which a refusal never touches."""
+    return {n: b for n, b in tree_bytes(d).items() if n in (*SLOTS, "device.key")}
+
+
+def refusals(d: Path) -> list[object]:
+    """The reasons of the journal's ``refused`` records."""
+    return [e.data.get("reason") for e in Store.open(d, None).journal.read().entries
+            if e.event == "refused" and isinstance(e.data, dict)]
+
+
 def one_line(stderr: str, reason: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"licagent: {reason}: "), stderr
@@ -128,8 +139,8 @@ def test_copied_real_store_given_the_first_servers_facts_is_refused(servers: Ser
     # B is other hardware indeed: the copy alone is refused there
     err = run("B", "licagent", "check", "--state", "B", "bacnet", code=5).stderr
     assert "belongs to other hardware" in one_line(err, "copied-store")
-    before = tree_bytes(servers.root / "B")
-    # ... and with A's facts given in any of the three ways, it is refused too, nothing written
+    before = slot_bytes(servers.root / "B")
+    # ... and with A's facts given in any of the three ways, it is refused too (journaled)
     line = one_line(run("B", "licagent", "check", "--state", "B", "--facts", "stolen.json",
                         "bacnet", code=2).stderr, "facts-override")
     assert "bound to the hardware it was initialised on" in line and "run without it" in line
@@ -141,7 +152,8 @@ def test_copied_real_store_given_the_first_servers_facts_is_refused(servers: Ser
     daemon = run("B", "licagent", "run", "--config", "licagent.toml", code=2)
     assert "listening" not in daemon.stdout
     one_line(daemon.stderr, "facts-override")
-    assert tree_bytes(servers.root / "B") == before
+    assert slot_bytes(servers.root / "B") == before
+    assert refusals(servers.root / "B") == ["copied-store"] + ["facts-override"] * 4
     # the override is refused on A itself too (it cannot know it is on A); A without it works
     run("A", "licagent", "check", "--state", "A", "--facts", "stolen.json", "bacnet", code=2)
     run("A", "licagent", "check", "--state", "A", "bacnet")
@@ -190,10 +202,11 @@ def test_a_store_from_before_the_mark_counts_as_real_hardware(tmp_path: Path) ->
             m = strict_loads(sb, max_size=1 << 20)
             del m["simulated"]
             p.write_bytes(encode_slot(store.mac_key, gen, canonical(m)))
-    before = tree_bytes(tmp_path / "s")
+    before = slot_bytes(tmp_path / "s")
     with pytest.raises(FactsOverrideError, match="accepted only by a store initialised with one"):
         agent.status()
-    assert tree_bytes(tmp_path / "s") == before
+    assert slot_bytes(tmp_path / "s") == before
+    assert refusals(tmp_path / "s") == ["facts-override"]
 
 
 # ---------------------------------------------------------------- item 4: no identifying fact
