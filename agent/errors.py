@@ -26,9 +26,11 @@ __all__ = [
     "ClockSetBackError",
     "CopiedStoreError",
     "ExpiredError",
+    "FactsOverrideError",
     "IntegrityError",
     "LicensingError",
     "MalformedError",
+    "NoIdentityError",
     "NotLicensedError",
     "NotYetValidError",
     "SequenceError",
@@ -66,6 +68,18 @@ class UsageError(LicensingError):
 
     exit_code = 2
     reason = "usage"
+
+
+class FactsOverrideError(UsageError):
+    """Hardware facts given as data (``--facts``) for a store bound to this machine's hardware."""
+
+    reason = "facts-override"
+
+
+class NoIdentityError(UsageError):
+    """``init`` on hardware that reports no serial number, MAC address or machine ID."""
+
+    reason = "no-identity"
 
 
 class MalformedError(LicensingError):

@@ -137,13 +137,27 @@ def peek_payload(data: bytes, expect: type[_P], max_file: int = DEVICE_FILE_MAX
     return payload, env.kid
 
 
-def verify_receipt(data: bytes, trusted: Iterable[PublicKey], limits: Limits | None = None
-                   ) -> Receipt:
-    """Accept a receipt only if it is genuine.
+def verify_receipt(data: bytes, trusted: Iterable[PublicKey] = (), limits: Limits | None = None,
+                   *, response: bytes | None = None) -> Receipt:
+    """Accept a receipt only if it is genuine: THE receipt check of the project.
+
+    ``licserver verify-receipt``, the licensing server's ledger (``POST /v1/receipts``
+    and receipts riding along ``POST /v1/requests``), ``licadmin show --trust``, and
+    ``licadmin send`` / ``apply`` on the receipt a server returns all call this, so
+    a receipt written by ``licagent apply --receipt-out`` and one written by
+    ``licadmin send`` are judged the same way, with the same messages.
 
     Genuine means: signed by the device key it carries (whose SHA-256 is the
     device ID), answering a response file that one of ``trusted`` vendor keys
-    really signed, for that same device, and consistent with that response.
+    really signed (or, for a tool that holds no vendor key, that is exactly the
+    ``response`` file it sent), for that same device, and consistent with that
+    response.
+
+    Args:
+        trusted: vendor public keys; the response inside must verify with one of them.
+        response: the exact response file the receipt must carry, when the caller
+            knows what was applied but holds no vendor key (``licadmin send``);
+            its signature is then the device's business, checked when it applied it.
 
     Raises:
         MalformedError, TrustError: with the reason.
@@ -152,10 +166,17 @@ def verify_receipt(data: bytes, trusted: Iterable[PublicKey], limits: Limits | N
     rc, _key = self_signed_payload(data, Receipt, lim)
     env = read_signed(rc.response, lim)
     keys = {k.kid: k for k in trusted}
-    vk = keys.get(env.kid)
-    if vk is None:
-        raise TrustError("the response inside the receipt was not signed by a trusted vendor key")
-    resp = decode_payload(strict_loads(env.verify_with(vk), max_size=lim.max_file), Response)
+    if response is not None and rc.response != response:
+        raise TrustError("the receipt does not carry the response file that was sent")
+    if response is not None and not keys:
+        signed = env.payload  # the exact file the caller sent; the device verified its signature
+    else:
+        vk = keys.get(env.kid)
+        if vk is None:
+            raise TrustError(
+                "the response inside the receipt was not signed by a trusted vendor key")
+        signed = env.verify_with(vk)
+    resp = decode_payload(strict_loads(signed, max_size=lim.max_file), Response)
     if sha256(rc.response) != rc.response_digest:
         raise TrustError("receipt's response digest does not match the response it carries")
     if resp.device_id != rc.device_id:

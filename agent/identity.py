@@ -2,7 +2,10 @@
 
 The facts come from a :class:`FactsProvider`; ``hw.facts`` implements one that
 reads Linux sysfs/DMI/device tree and one that takes the facts as given (for
-simulated servers and tests).
+simulated servers and tests). Facts given as data are a test hook, and test hooks
+are attack surface: a store bound to real hardware never accepts them
+(:func:`check_facts_source`), and a binding must hold at least one fact that tells
+this unit from another of its model (:func:`require_identifying`).
 """
 
 from __future__ import annotations
@@ -11,14 +14,19 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from agent.digest import Sha256
+from agent.errors import FactsOverrideError, NoIdentityError
 from agent.record import field, record
 
 __all__ = [
     "BindingCheck",
     "FactsProvider",
     "HardwareFacts",
+    "binding_refusal",
     "check_binding",
+    "check_facts_source",
     "host_id",
+    "identifying_votes",
+    "require_identifying",
 ]
 
 
@@ -72,6 +80,16 @@ class HardwareFacts:
 class FactsProvider(Protocol):
     """Where hardware facts come from (implemented in ``hw.facts``)."""
 
+    @property
+    def simulated(self) -> bool:
+        """True if the facts are given as data (a facts file), not read from this machine."""
+        ...
+
+    @property
+    def origin(self) -> str:
+        """Where the facts come from, for messages (``this machine``, ``facts file F``)."""
+        ...
+
     def read(self) -> HardwareFacts: ...
 
 
@@ -108,6 +126,49 @@ def _votes(fact: str) -> int:
     return 0
 
 
+def identifying_votes(facts: Iterable[str]) -> int:
+    """The votes of the facts that tell one unit from another (serial, MACs, machine ID)."""
+    return sum(_votes(f) for f in set(facts))
+
+
+def require_identifying(binding: Iterable[str], origin: str) -> None:
+    """Refuse to bind a store to facts that every other unit of the model could report too.
+
+    A binding of model and board name only holds on every box of the model, so a
+    copy of the store would run anywhere (and re-bind itself there).
+
+    Raises:
+        NoIdentityError: no serial number, MAC address or machine ID among ``binding``.
+    """
+    if identifying_votes(binding) == 0:
+        raise NoIdentityError(
+            f"refusing to bind the store: {origin} reports no serial number, no MAC address "
+            f"and no machine ID, so a copy of the store could not be told from the original "
+            f"on any other server; nothing was written. Give the server an identity (for a "
+            f"simulated server: serial, macs or machine_id in its facts file)"
+        )
+
+
+def check_facts_source(store_simulated: bool, facts_simulated: bool, directory: object) -> None:
+    """Refuse facts given as data for a store bound to this machine's own hardware.
+
+    ``--facts`` / ``LICAGENT_FACTS`` / the daemon's ``facts =`` exist for simulated
+    servers. A store initialised from real facts publishes those facts in its own
+    device-information file; accepting an override would let a copy of it answer
+    "licensed" anywhere, given the first server's facts.
+
+    Raises:
+        FactsOverrideError: the store was bound to real hardware and the facts are given.
+    """
+    if facts_simulated and not store_simulated:
+        raise FactsOverrideError(
+            f"the license store in {directory} is bound to the hardware it was initialised "
+            f"on; a hardware facts override (--facts, LICAGENT_FACTS or the daemon's facts =) "
+            f"is accepted only by a store initialised with one (a simulated server): run "
+            f"without it"
+        )
+
+
 def check_binding(bound: Iterable[str], current: Iterable[str]) -> BindingCheck:
     """Tolerant binding: the model must hold, and a strict majority of the unit's own facts.
 
@@ -116,6 +177,10 @@ def check_binding(bound: Iterable[str], current: Iterable[str]) -> BindingCheck:
     store stays valid and re-binds itself; the same store copied to another box
     of the same model (even one cloned from the same image, with the same
     machine ID) keeps at most a minority and is refused.
+
+    A binding with no identifying fact at all (a store made before ``init``
+    refused such bindings) never holds: it could not tell this unit from any
+    other, and re-binding it would follow a copy to any server.
 
     Args:
         bound: facts recorded in the store at provisioning or the last re-bind.
@@ -130,10 +195,22 @@ def check_binding(bound: Iterable[str], current: Iterable[str]) -> BindingCheck:
     matched = sum(_votes(f) for f in b & c)
     bound_models = {f for f in b if f.startswith("model=")}
     model_ok = bound_models <= c
-    ok = model_ok and (total == 0 or matched * 2 > total)
+    ok = model_ok and matched * 2 > total > 0
     missing = tuple(sorted(b - c))
     added = tuple(sorted(c - b))
     return BindingCheck(
         matched=matched, total=total, ok=ok, changed=bool(missing or added),
         missing=missing, added=added,
     )
+
+
+def binding_refusal(chk: BindingCheck) -> str:
+    """The one line that says why a binding does not hold (``CopiedStoreError``'s message)."""
+    if chk.total == 0:
+        return ("this license store is bound to no serial number, MAC address or machine ID, "
+                "so it cannot tell its own hardware from any other and is refused rather than "
+                "re-bound here; re-provision the server (licagent init) and ask the vendor to "
+                "re-issue")
+    return (f"this license store belongs to other hardware: only {chk.matched} of "
+            f"{chk.total} identifying facts match (missing: {', '.join(chk.missing)}). "
+            f"A store copied to another server is refused; ask the vendor to re-issue.")

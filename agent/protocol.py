@@ -151,6 +151,9 @@ class AgentState:
     clock_hwm: int = 0
     created: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: bound to hardware facts given as data (--facts), not read from this machine;
+    #: only such a store accepts facts given that way later (identity.check_facts_source)
+    simulated: bool = False
 
     @property
     def digest(self) -> bytes:
@@ -178,6 +181,7 @@ class AgentState:
             "clock_hwm": self.clock_hwm,
             "created": self.created,
             "extra": dict(self.extra),
+            "simulated": self.simulated,
         }
 
     def encode(self) -> bytes:
@@ -203,6 +207,9 @@ class AgentState:
                 clock_hwm=m["clock_hwm"],
                 created=m["created"],
                 extra=m.get("extra", {}),
+                # a store written before the mark was bound to whatever it was given: treat
+                # it as real hardware, so that a facts override can never unlock it
+                simulated=m.get("simulated", False) is True,
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise MalformedError(f"stored state has the wrong shape: {exc}") from exc
@@ -215,8 +222,12 @@ def new_state(
     binding: Iterable[str],
     trust: Iterable[TrustKey],
     now: int,
+    simulated: bool = False,
 ) -> AgentState:
-    """The state of a freshly provisioned device: no licenses, sequence 0."""
+    """The state of a freshly provisioned device: no licenses, sequence 0.
+
+    ``simulated``: the binding comes from facts given as data, not from this machine.
+    """
     trust_t = tuple(trust)
     if not trust_t:
         raise UsageError("at least one trusted vendor key is needed")
@@ -229,6 +240,7 @@ def new_state(
         trust=trust_t,
         clock_hwm=now,
         created=now,
+        simulated=simulated,
     )
 
 

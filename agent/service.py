@@ -19,7 +19,7 @@ from agent.cose import PublicKey, SigningKey
 from agent.durable import FileOps
 from agent.errors import ExpiredError, LicensingError, UsageError
 from agent.formats import iso
-from agent.identity import FactsProvider, HardwareFacts, host_id
+from agent.identity import FactsProvider, HardwareFacts, host_id, require_identifying
 from agent.journal import JournalReport
 from agent.messages import Action, LicenseInfo, TrustKey, TrustUpdate
 from agent.protocol import DEFAULT_LIMITS, ApplyResult, CheckResult, Limits
@@ -95,7 +95,8 @@ class Agent:
         now = self.clock()
         with store_lock(self.directory):
             store = Store.open(
-                self.directory, self.hardware().binding_facts(), ops=self.ops, now=now
+                self.directory, self.hardware().binding_facts(), ops=self.ops, now=now,
+                facts_simulated=self.facts.simulated,
             )
             yield store, now
 
@@ -112,10 +113,11 @@ class Agent:
         # Bind only to what the hardware itself reports, so that every later read agrees;
         # a serial typed at provisioning names the device but is no hardware fact.
         hw = replace(hw, model=model)
+        require_identifying(hw.binding_facts(), self.facts.origin)
         key = SigningKey.generate() if alg is None else SigningKey.generate(alg)
         state = protocol.new_state(
             key.public, model, serial or hw.serial, hw.binding_facts(),
-            [TrustKey(k) for k in trust], now,
+            [TrustKey(k) for k in trust], now, simulated=self.facts.simulated,
         )
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         with store_lock(self.directory):

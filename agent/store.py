@@ -28,13 +28,14 @@ from agent.digest import equal, hmac_sha256
 from agent.durable import FileOps, atomic_write
 from agent.errors import (
     CopiedStoreError,
+    FactsOverrideError,
     IntegrityError,
     LicensingError,
     MalformedError,
     StorageError,
     UsageError,
 )
-from agent.identity import check_binding
+from agent.identity import binding_refusal, check_binding, check_facts_source
 from agent.journal import Journal
 from agent.protocol import AgentState
 from agent.record import field, record
@@ -178,18 +179,22 @@ class Store:
     @classmethod
     def open(
         cls, directory: Path, binding_facts: tuple[str, ...] | None = None,
-        ops: FileOps | None = None, now: int = 0,
+        ops: FileOps | None = None, now: int = 0, facts_simulated: bool = False,
     ) -> Store:
         """Load the last good state; check it still sits on the same hardware.
 
         Args:
             binding_facts: the hardware's facts now; None skips the binding check
                 (used only by tests that look at the raw store).
+            facts_simulated: ``binding_facts`` were given as data, not read from this
+                machine; refused (the slots untouched, the refusal journaled) unless
+                the store was initialised that way.
 
         Raises:
             UsageError: no store in ``directory``.
             IntegrityError: no slot passes its integrity check (never reset to empty).
             CopiedStoreError: the store was copied from other hardware.
+            FactsOverrideError: facts given as data for a store bound to real hardware.
         """
         ops = ops or FileOps()
         key_path = directory / KEY_FILE
@@ -247,6 +252,8 @@ class Store:
         if warnings:
             warnings.append(f"using {SLOTS[idx]} (generation {gen}), the last good state")
         store = cls(directory, key, state, gen, idx, ops, LoadReport(idx, gen, warnings))
+        if binding_facts is not None:
+            store._check_facts_source(facts_simulated, now)
         if warnings:
             store._recover_from_journal(now)
         if warnings:
@@ -282,17 +289,21 @@ class Store:
             f"state rolled forward from the journal to sequence {recovered.sequence}"
         )
 
+    def _check_facts_source(self, facts_simulated: bool, now: int) -> None:
+        """Before anything else is written: facts given as data only for a simulated store."""
+        try:
+            check_facts_source(self.state.simulated, facts_simulated, self.directory)
+        except FactsOverrideError as err:
+            self.record_refusal(err, "open", now)  # the slots stay as they are
+            raise
+
     def _check_binding(self, facts: tuple[str, ...], now: int) -> None:
         chk = check_binding(self.state.binding, facts)
         if not chk.ok:
             self.journal.append_refusal({"reason": "copied-store",
                                          "missing": list(chk.missing),
                                          "added": list(chk.added)}, now)
-            raise CopiedStoreError(
-                f"this license store belongs to other hardware: only {chk.matched} of "
-                f"{chk.total} identifying facts match (missing: {', '.join(chk.missing)}). "
-                f"A store copied to another server is refused; ask the vendor to re-issue."
-            )
+            raise CopiedStoreError(binding_refusal(chk))
         if chk.changed:
             from agent.record import replace
 

@@ -123,6 +123,15 @@ class LinuxFactsProvider:
         self._model = _clean(model) if model is not None else None
         self._serial = _clean(serial) if serial is not None else None
 
+    @property
+    def simulated(self) -> bool:
+        """A tree other than ``/`` (tests) is not this machine."""
+        return self._root != _ROOT
+
+    @property
+    def origin(self) -> str:
+        return "this machine" if self._root == _ROOT else f"the hardware tree under {self._root}"
+
     def read(self) -> HardwareFacts:
         return HardwareFacts(
             model=self._model,
@@ -222,10 +231,23 @@ def _str_list(data: Mapping[str, object], key: str) -> tuple[str, ...]:
 
 
 class StaticFactsProvider:
-    """Returns facts given up front (simulated servers, tests, a facts file)."""
+    """Returns facts given up front (simulated servers, tests, a facts file).
 
-    def __init__(self, facts: HardwareFacts) -> None:
+    Always :attr:`simulated`: a store initialised from this machine's own facts
+    refuses to be opened with these (``identity.check_facts_source``).
+    """
+
+    def __init__(self, facts: HardwareFacts, origin: str = "the hardware facts given") -> None:
         self._facts = facts
+        self._origin = origin
+
+    @property
+    def simulated(self) -> bool:
+        return True
+
+    @property
+    def origin(self) -> str:
+        return self._origin
 
     @property
     def facts(self) -> HardwareFacts:
@@ -282,6 +304,7 @@ def load_facts_file(path: Path) -> StaticFactsProvider:
             f"not {type(data).__name__}"
         )
     try:
-        return StaticFactsProvider.from_mapping(data)
+        facts = StaticFactsProvider.from_mapping(data).read()
     except UsageError as exc:
         raise UsageError(f"invalid hardware facts file {path}: {exc}") from exc
+    return StaticFactsProvider(facts, f"hardware facts file {path}")

@@ -23,7 +23,7 @@ from typing import Any
 
 import hw
 from agent.errors import EXIT_OK, UsageError
-from agent.formats import LICENSE_INFO_MAX
+from agent.formats import LICENSE_INFO_MAX, verify_receipt
 from agent.messages import DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from apps.common import (
@@ -304,7 +304,9 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         return EXIT_OK
     if c == "apply":
         _check_folder(args.receipt_out)
-        res = client.apply(read_input(args.response, DEFAULT_LIMITS.max_file))
+        response = read_input(args.response, DEFAULT_LIMITS.max_file)
+        res = client.apply(response)
+        verify_receipt(res.receipt, response=response)  # what send checks, the same way
         show_applied(PROG, res, args.receipt_out)
         return EXIT_OK
     if c == "check":

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import LicensingError, MalformedError, TrustError, UsageError
-from agent.formats import LICENSE_INFO_MAX, SiteInfo, peek_payload, read_device_info
-from agent.messages import Action, LicenseInfo, Receipt, Request, Response
+from agent.formats import LICENSE_INFO_MAX, SiteInfo, peek_payload, read_device_info, verify_receipt
+from agent.messages import Action, LicenseInfo, Request, Response
 from agent.protocol import self_signed_payload
 from apps.common import read_input
 from apps.licadmin.console import Console
@@ -217,7 +217,8 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
             sent.add(dev)
         answer = client.apply(held.data)
         receipt = answer.receipt
-        payload, _key = self_signed_payload(receipt, Receipt)
+        # the one receipt check, anchored on the exact response sent (licadmin holds no vendor key)
+        payload = verify_receipt(receipt, response=held.data)
         if payload.device_id != dev:
             raise TrustError(f"the server returned a receipt of device {short(payload.device_id)}")
         write_file(device_file(folder, dev, "receipt"), receipt)

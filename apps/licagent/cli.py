@@ -51,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--state", required=True, metavar="DIR", help="license store directory")
         sp.add_argument("--facts", metavar="FILE",
-                        help="hardware facts JSON (simulated servers; default: read this machine, "
-                             "or $LICAGENT_FACTS)")
+                        help="hardware facts JSON, for simulated servers only: a store "
+                             "initialised without it refuses it (default: $LICAGENT_FACTS, "
+                             "else read this machine)")
         return sp
 
     sp = cmd("init", "provision a new license store with a fresh device key")
@@ -99,7 +100,8 @@ RUN_FLAGS: dict[str, tuple[str, str | tuple[str, ...], str]] = {
     "--config": ("FILE.toml", "text", "settings file; flags override it"),
     "--state": ("DIR", "text", "license store directory"),
     "--listen": ("URL", "list", "link to serve, e.g. tcp://0.0.0.0:7700 (repeat for several)"),
-    "--facts": ("FILE", "text", "hardware facts JSON (simulated servers)"),
+    "--facts": ("FILE", "text", "hardware facts JSON, for simulated servers only (a store "
+                                "initialised without it refuses it)"),
     "--max-clients": ("N", "int", "connections served at once per listener (default 64)"),
     "--log-level": ("L", ("debug", "info", "warning", "error"), "log level (default info)"),
 }
@@ -177,6 +179,12 @@ def run(args: argparse.Namespace) -> int:
                            ALG_ES256 if args.alg == "ES256" else ALG_EDDSA)
         print(f"initialised {args.model} store in {args.state}")
         print(f"device_id {store.state.device_id}")
+        if store.state.simulated:
+            print(f"simulated server: bound to {agent.facts.origin}; the store accepts "
+                  f"hardware facts only given this way (--facts or LICAGENT_FACTS)")
+        else:
+            print(f"bound to this machine's hardware ({', '.join(store.state.binding)}); "
+                  f"a hardware facts override (--facts) will be refused")
         return EXIT_OK
     if c == "info":
         show_info(*agent.info(), args.out, args.json)

@@ -49,7 +49,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 CONFIG_KEYS: Mapping[str, str] = {
     "state": "the license store directory (text)",
     "listen": "the link URLs to serve (a list of text)",
-    "facts": "a hardware facts JSON file, for simulated servers (text)",
+    "facts": "a hardware facts JSON file, for simulated servers only (text)",
     "max_clients": "connections served at once per listener (a whole number)",
     "log_level": f"one of {', '.join(LOG_LEVELS)}",
 }

@@ -364,6 +364,8 @@ class HeldFacts:
         self.hold = threading.Event()
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.simulated = inner.simulated
+        self.origin = inner.origin
 
     def read(self) -> HardwareFacts:
         if self.hold.is_set() and not self.entered.is_set():
