@@ -9,6 +9,7 @@ the client with their exit code and reason.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,6 +19,7 @@ from agent.rpc import (
     ApplyResult,
     CheckArgs,
     FeatureCheck,
+    Handler,
     InfoResult,
     JournalResult,
     LicenseInfoResult,
@@ -48,51 +50,56 @@ class AgentOps:
         self.lock = threading.Lock()
         self.log = log or _no_log
 
-    def __call__(self, op: str, args: Mapping[str, Any]) -> Any:
+    def __call__(self, op: str, args: Mapping[str, Any], origin: str | None = None) -> Any:
+        """Run ``op``; ``origin`` names the peer that asked (:func:`agent.rpc.for_origin`)."""
         name, typed = read_args(op, args)
         impl = _IMPLS[name]
         with self.lock:
-            return impl(self, typed)
+            return impl(self, typed, origin)
 
-    def _hello(self, _args: NoArgs) -> dict[str, Any]:
+    def for_origin(self, origin: str) -> Handler:
+        """This agent's operations as asked by ``origin`` (one peer of a listener)."""
+        return functools.partial(self, origin=origin)
+
+    def _hello(self, _args: NoArgs, _origin: str | None) -> dict[str, Any]:
         st, _w, _now = self.agent.state()
         return {"device_id": st.device_id, "model": st.model}
 
-    def _info(self, _args: NoArgs) -> InfoResult:
+    def _info(self, _args: NoArgs, _origin: str | None) -> InfoResult:
         data, info = self.agent.info()
         self.log(f"get-info device={info.device_id[:12]}")
         return InfoResult(data, info.device_id)
 
-    def _status(self, _args: NoArgs) -> StatusResult:
+    def _status(self, _args: NoArgs, _origin: str | None) -> StatusResult:
         st = self.agent.status()  # the service's own map: no re-checking
         return StatusResult(*(st[k] for k in StatusResult.KEYS))
 
-    def _license_info(self, _args: NoArgs) -> LicenseInfoResult:
+    def _license_info(self, _args: NoArgs, _origin: str | None) -> LicenseInfoResult:
         """What can be reclaimed here: the installed licenses and the state they sit on."""
         st, _w, _now = self.agent.state()
         return LicenseInfoResult(st.device_id, st.sequence, st.digest,
                                  [lic.to_cbor() for lic in st.licenses])
 
-    def _request(self, args: RequestArgs) -> RequestResult:
+    def _request(self, args: RequestArgs, origin: str | None) -> RequestResult:
         features = list(args.features)
         if args.license_info is not None:
             features += self.agent.features_from_license_info(args.license_info, args.action)
-        data = self.agent.request(args.action, features)
+        data = self.agent.request(args.action, features, origin)
         self.log(f"create-request action={args.action.value} "
-                 f"features={','.join(features) or '-'}")
+                 f"features={','.join(features) or '-'} origin={origin or 'local'}")
         return RequestResult(data)
 
-    def _apply(self, args: ApplyArgs) -> ApplyResult:
+    def _apply(self, args: ApplyArgs, _origin: str | None) -> ApplyResult:
         res, warn = self.agent.apply(args.file)
         self.log(f"apply-response sequence={res.response.sequence} "
                  f"{'already-applied' if res.already_applied else 'applied'}")
         return ApplyResult.of(res, warn)
 
-    def _check(self, args: CheckArgs) -> FeatureCheck:
+    def _check(self, args: CheckArgs, _origin: str | None) -> FeatureCheck:
         r = self.agent.check(args.feature)
         return FeatureCheck(args.feature, r.licensed, r.message, r.in_grace, r.clock_set_back)
 
-    def _journal(self, _args: NoArgs) -> JournalResult:
+    def _journal(self, _args: NoArgs, _origin: str | None) -> JournalResult:
         rep = self.agent.journal()
         return JournalResult([{"n": e.n, "time": e.time, "event": e.event, "data": e.data,
                                "digest": e.digest} for e in rep.entries], rep.torn_tail, True)
@@ -103,7 +110,7 @@ def _no_log(_line: str) -> None:
 
 
 #: one implementation per entry of :data:`agent.rpc.OPERATIONS`
-_IMPLS: Mapping[Op, Callable[[AgentOps, Any], Any]] = {
+_IMPLS: Mapping[Op, Callable[[AgentOps, Any, str | None], Any]] = {
     Op.HELLO: AgentOps._hello,
     Op.GET_INFO: AgentOps._info,
     Op.GET_STATUS: AgentOps._status,

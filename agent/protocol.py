@@ -8,6 +8,7 @@ returns; the CLI and daemon only move bytes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -55,6 +56,7 @@ __all__ = [
     "Limits",
     "Outstanding",
     "Applied",
+    "Dropped",
     "apply_response",
     "apply_trust_update",
     "check_feature",
@@ -81,7 +83,12 @@ class Limits:
     """Every bound the protocol enforces, in one place."""
 
     max_file: int = 64 * 1024
+    #: outstanding requests kept per origin (a newer one drops the oldest of its own origin)
     max_outstanding: int = 8
+    #: outstanding requests kept over all origins
+    max_outstanding_total: int = 32
+    #: requests dropped unanswered that are remembered, to say so on apply
+    max_dropped_history: int = 32
     max_applied_history: int = 32
     #: the clock may step back this much (NTP slew, RTC drift) before it counts as set back
     clock_tolerance: int = 300
@@ -92,9 +99,19 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+#: longest origin kept with an outstanding request (a longer one is cut)
+MAX_ORIGIN = 200
+
+
 @record(frozen=True)
 class Outstanding:
-    """A request this device signed and is waiting for an answer to."""
+    """A request this device signed and is waiting for an answer to.
+
+    ``origin`` says who asked for it (the link kind and the peer's address or client
+    certificate, e.g. ``tcp 192.0.2.7``); None for the local command line and for
+    requests recorded before origins were kept. A newer request drops only an older
+    one of its own origin, so an anonymous peer cannot push an operator's request out.
+    """
 
     nonce: bytes
     sequence: int
@@ -102,18 +119,43 @@ class Outstanding:
     action: Action
     features: tuple[str, ...]
     created: int
+    origin: str | None = None
 
     def to_cbor(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "nonce": self.nonce, "sequence": self.sequence, "state_digest": self.state_digest,
             "action": self.action.value, "features": list(self.features),
             "created": self.created,
         }
+        if self.origin is not None:  # absent, the entry is byte for byte the older format
+            out["origin"] = self.origin
+        return out
 
     @classmethod
     def from_cbor(cls, m: Mapping[str, Any]) -> Outstanding:
+        origin = m.get("origin")
+        if origin is not None and not isinstance(origin, str):
+            raise TypeError("an outstanding request's origin must be text")
         return cls(m["nonce"], m["sequence"], m["state_digest"], Action(m["action"]),
-                   tuple(m["features"]), m["created"])
+                   tuple(m["features"]), m["created"], origin)
+
+
+@record(frozen=True)
+class Dropped:
+    """A request dropped unanswered to make room for a newer one (kept, bounded, to say so
+    when its response arrives)."""
+
+    nonce: bytes
+    at: int
+
+    def to_cbor(self) -> list[Any]:
+        return [self.nonce, self.at]
+
+    @classmethod
+    def from_cbor(cls, v: list[Any]) -> Dropped:
+        if not isinstance(v[0], bytes) or type(v[1]) is not int:
+            raise TypeError("a dropped request is [nonce, time]")
+        return cls(v[0], v[1])
 
 
 @record(frozen=True)
@@ -154,6 +196,8 @@ class AgentState:
     #: bound to hardware facts given as data (--facts), not read from this machine;
     #: only such a store accepts facts given that way later (identity.check_facts_source)
     simulated: bool = False
+    #: requests dropped unanswered since the last apply, oldest first
+    dropped: tuple[Dropped, ...] = ()
 
     @property
     def digest(self) -> bytes:
@@ -164,7 +208,7 @@ class AgentState:
         return self.applied[-1] if self.applied else None
 
     def to_cbor(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "device_id": self.device_id,
             "device_alg": self.device_key.alg,
             "device_key": self.device_key.raw,
@@ -183,6 +227,9 @@ class AgentState:
             "extra": dict(self.extra),
             "simulated": self.simulated,
         }
+        if self.dropped:  # absent when empty: such a state is byte for byte the older format
+            out["dropped"] = [d.to_cbor() for d in self.dropped]
+        return out
 
     def encode(self) -> bytes:
         return canonical(self.to_cbor())
@@ -210,6 +257,7 @@ class AgentState:
                 # a store written before the mark was bound to whatever it was given: treat
                 # it as real hardware, so that a facts override can never unlock it
                 simulated=m.get("simulated", False) is True,
+                dropped=tuple(Dropped.from_cbor(d) for d in m.get("dropped", ())),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise MalformedError(f"stored state has the wrong shape: {exc}") from exc
@@ -312,10 +360,15 @@ def create_request(
     now: int,
     key: SigningKey,
     limits: Limits = DEFAULT_LIMITS,
+    origin: str | None = None,
 ) -> tuple[AgentState, bytes, Request]:
     """Sign a request on top of the current state and remember it as outstanding.
 
-    ``nonce`` must be fresh randomness from the caller (16 bytes).
+    ``nonce`` must be fresh randomness from the caller (16 bytes). ``origin`` names
+    who asked (see :class:`Outstanding`); when more than ``max_outstanding`` requests
+    of that origin are outstanding, its oldest is dropped, and when more than
+    ``max_outstanding_total`` are, the oldest of the origin holding the most. A dropped
+    request is remembered, so that applying its response says it was replaced.
 
     Raises:
         UsageError: reclaim or renew of a feature that is not installed.
@@ -348,13 +401,56 @@ def create_request(
         created=now,
     )
     data = sign1(req.encode(), key, Kind.REQUEST.content_type)
-    out = (*state.outstanding, Outstanding(nonce, state.sequence, state.digest, action, feats, now))
+    if origin is not None and len(origin) > MAX_ORIGIN:
+        origin = origin[:MAX_ORIGIN - 1] + "…"
+    kept, dropped = _make_room(
+        [*state.outstanding,
+         Outstanding(nonce, state.sequence, state.digest, action, feats, now, origin)],
+        limits)
     new = replace(
         state,
-        outstanding=out[-limits.max_outstanding:],
+        outstanding=tuple(kept),
+        dropped=(*state.dropped, *(Dropped(o.nonce, now) for o in dropped)
+                 )[-limits.max_dropped_history:] if dropped else state.dropped,
         clock_hwm=max(state.clock_hwm, now),
     )
     return new, data, req
+
+
+def _make_room(out: list[Outstanding], limits: Limits
+               ) -> tuple[list[Outstanding], list[Outstanding]]:
+    """``out`` (oldest first, the newest last) within the limits, and what had to go."""
+    newest = out[-1]
+    dropped: list[Outstanding] = []
+    mine = [o for o in out if o.origin == newest.origin]
+    for victim in mine[:max(0, len(mine) - limits.max_outstanding)]:
+        out.remove(victim)
+        dropped.append(victim)
+    while len(out) > limits.max_outstanding_total:
+        # peers known only by their address go first, then the origin holding the most
+        pool = [o for o in out if _anonymous(o.origin)] or out
+        counts: dict[str | None, int] = {}
+        for o in pool:
+            counts[o.origin] = counts.get(o.origin, 0) + 1
+        most = max(counts.values())
+        victim = next(o for o in pool if counts[o.origin] == most)
+        out.remove(victim)
+        dropped.append(victim)
+    return out, dropped
+
+
+def _anonymous(origin: str | None) -> bool:
+    """A network peer known only by its address (``tcp HOST``, ``tls HOST``, ``https HOST``):
+    not the command line, not a client certificate, not a serial line, stick or broker."""
+    if origin is None:
+        return False
+    kind, _, rest = origin.partition(" ")
+    return kind in ("tcp", "tls", "https") and not rest.startswith("cert ")
+
+
+def _iso(t: int) -> str:
+    """POSIX seconds as ISO 8601 UTC (a formatting function: no clock is read)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 # ---------------------------------------------------------------- responses
@@ -438,6 +534,14 @@ def apply_response(
         )
     pending = next((o for o in state.outstanding if o.nonce == resp.nonce), None)
     if pending is None:
+        gone = next((d for d in reversed(state.dropped) if d.nonce == resp.nonce), None)
+        if gone is not None:
+            raise UnknownRequestError(
+                f"request {resp.nonce.hex()[:12]}… was replaced by a newer one at "
+                f"{_iso(gone.at)}: more than {limits.max_outstanding} requests from one origin "
+                f"(or {limits.max_outstanding_total} in all) were waiting; create a new request "
+                f"and have it answered"
+            )
         raise UnknownRequestError(
             f"response answers request nonce {resp.nonce.hex()[:12]}…, which is not an "
             f"outstanding request of this device"
@@ -480,6 +584,7 @@ def apply_response(
         sequence=resp.sequence,
         licenses=licenses,
         outstanding=(),
+        dropped=(),  # a response to any of them would now be stale
         applied=applied[-limits.max_applied_history:],
         last_receipt=receipt_bytes,
         clock_hwm=max(state.clock_hwm, now),

@@ -58,6 +58,7 @@ __all__ = [
     "StatusResult",
     "TransportError",
     "answer",
+    "for_origin",
     "decode_message",
     "first_request_id",
     "hello_args",
@@ -239,6 +240,19 @@ def decode_message(payload: bytes, max_size: int) -> RpcRequest | RpcAnswer:
 #: ``handler(op, args) -> result``: raises LicensingError to refuse. The result is a
 #: result record of :data:`OPERATIONS` (or, for test handlers, any CBOR-able value).
 Handler = Callable[[str, Mapping[str, Any]], Any]
+
+
+def for_origin(handler: Handler, origin: str) -> Handler:
+    """``handler`` as it serves the requests of one peer, named by ``origin``.
+
+    A listener calls this once per connection (or per HTTP request) with the link
+    kind and the peer: ``"tcp 192.0.2.7"``, ``"tls cert CN=admin sha256:1f2e…"``. A
+    handler that keeps requests per origin (:class:`agent.ops.AgentOps`) offers
+    ``for_origin(origin)``; any other handler is returned as it is.
+    """
+    bind = getattr(handler, "for_origin", None)
+    bound: Handler = bind(origin) if callable(bind) else handler
+    return bound
 
 
 def wire(result: Any) -> Any:

@@ -52,7 +52,8 @@ def status_dict(state: protocol.AgentState, now: int, warnings: Iterable[str] = 
         ],
         "outstanding_requests": [
             {"nonce": o.nonce.hex(), "action": o.action.value, "features": list(o.features),
-             "sequence": o.sequence, "created": iso(o.created)}
+             "sequence": o.sequence, "created": iso(o.created),
+             **({"origin": o.origin} if o.origin is not None else {})}
             for o in state.outstanding
         ],
         "trusted_keys": [
@@ -141,14 +142,18 @@ class Agent:
             )
             return data, info
 
-    def request(self, action: Action, features: Iterable[str]) -> bytes:
+    def request(self, action: Action, features: Iterable[str], origin: str | None = None) -> bytes:
+        """Sign a request and keep it outstanding; ``origin`` names the peer that asked
+        (:class:`agent.protocol.Outstanding`), None for the local command line."""
         with self._open() as (store, now):
             new, data, req = protocol.create_request(
-                store.state, action, features, os.urandom(16), now, store.key, self.limits
+                store.state, action, features, os.urandom(16), now, store.key, self.limits,
+                origin,
             )
             store.commit(new, "request", {"action": action.value, "nonce": req.nonce.hex(),
                                           "sequence": req.sequence,
-                                          "features": list(req.features)}, now)
+                                          "features": list(req.features),
+                                          **({"origin": origin} if origin else {})}, now)
             return data
 
     def apply(self, data: bytes) -> tuple[ApplyResult, str | None]:

@@ -161,3 +161,9 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+    @property
+    def in_frame(self) -> bool:
+        """Bytes of a frame not yet closed by its delimiter have arrived (or are being
+        discarded as too large)."""
+        return bool(self._buf) or self._discarding

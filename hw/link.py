@@ -42,6 +42,7 @@ __all__ = [
     "Listener",
     "ServerClient",
     "SessionClient",
+    "SessionDeadlines",
     "StreamClient",
     "parse_url",
     "netloc",
@@ -337,31 +338,94 @@ class StreamClient(SessionClient):
 # ---------------------------------------------------------------- server side
 
 
+@record(frozen=True)
+class SessionDeadlines:
+    """How long a peer of a stream session may take (None: no limit), so that a peer
+    trickling a byte a second, or never finishing its TLS handshake, is dropped.
+
+    Attributes:
+        hello: seconds from the start of the session to its admitted ``hello``.
+        frame: seconds from a frame's first byte to its last (a whole request).
+        idle: seconds from one complete frame to the next (bytes that never make a
+            frame, such as delimiters alone, do not count).
+    """
+
+    hello: float | None = None
+    frame: float | None = None
+    idle: float | None = None
+
+
 def serve_stream(
     link: Link,
     handler: Callable[[str, Mapping[str, Any]], Any],
     stop: threading.Event,
     poll: float = 0.2,
     on_corrupt: Callable[[int], None] | None = None,
-) -> None:
-    """Answer RPC requests arriving on ``link`` until ``stop`` is set or the link closes."""
-    server = RpcServer(handler)
+    deadlines: SessionDeadlines | None = None,
+    admit: Callable[[], str | None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    since: float | None = None,
+) -> str | None:
+    """Answer RPC requests arriving on ``link`` until ``stop`` is set or the link closes.
+
+    Args:
+        deadlines: time limits on the peer; one that is exceeded ends the session.
+        admit: see :class:`hw.rpc.RpcServer`; a refused session ends once its answer is sent.
+        since: when the session began on ``clock`` (e.g. before a TLS handshake), if
+            earlier than now: the ``hello`` deadline counts from there.
+
+    Returns:
+        why the session ended when a deadline or ``admit`` ended it (a line for the
+        log), else None.
+    """
+    server = RpcServer(handler, admit=admit)
+    limits = deadlines or SessionDeadlines()
     seen = 0
+    start = last_frame = clock()
+    if since is not None:
+        start = min(start, since)
+    frame_since: float | None = None
     while not stop.is_set():
         try:
             data = link.read(poll)
         except TransportError:
-            return
-        if not data:
-            continue
-        for reply in server.receive(data):
-            try:
-                link.write(reply)
-            except TransportError:
-                return
-        if on_corrupt is not None and server.corrupt_frames != seen:
-            on_corrupt(server.corrupt_frames - seen)
-            seen = server.corrupt_frames
+            return None
+        now = clock()
+        if data:
+            frames = server.frames
+            replies = server.receive(data)
+            if server.frames != frames:
+                last_frame = now
+                frame_since = now if server.mid_frame else None
+            elif server.mid_frame and frame_since is None:
+                frame_since = now
+            for reply in replies:
+                try:
+                    link.write(reply)
+                except TransportError:
+                    return None
+            if on_corrupt is not None and server.corrupt_frames != seen:
+                on_corrupt(server.corrupt_frames - seen)
+                seen = server.corrupt_frames
+            if server.refused:
+                return "refused: the server is busy"
+        why = _late(limits, server.admitted, now - start, now - last_frame,
+                    None if frame_since is None else now - frame_since)
+        if why is not None:
+            return why
+    return None
+
+
+def _late(limits: SessionDeadlines, admitted: bool, age: float, idle: float,
+          in_frame: float | None) -> str | None:
+    """Which deadline of ``limits`` a session has missed, if any."""
+    if limits.hello is not None and not admitted and age > limits.hello:
+        return f"no hello within {limits.hello:g} s; dropped"
+    if limits.frame is not None and in_frame is not None and in_frame > limits.frame:
+        return f"a frame took longer than {limits.frame:g} s to arrive; dropped"
+    if limits.idle is not None and idle > limits.idle:
+        return f"no request for {limits.idle:g} s; dropped"
+    return None
 
 
 class Listener(abc.ABC):

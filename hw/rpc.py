@@ -15,7 +15,7 @@ events come out.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.errors import MalformedError
@@ -49,6 +49,10 @@ class RpcServer:
         handler: ``handler(op, args) -> result``; raises LicensingError to answer an error.
         max_frame: largest payload accepted.
         remember: how many recent responses are kept for retried requests.
+        admit: asked once, when the session's first ``hello`` succeeds: None lets the
+            session in, a message refuses it (the ``hello`` is answered ``busy`` with it,
+            and :attr:`refused` tells the edge to close the connection). A listener
+            counts a connection against its limit only from here on.
     """
 
     handler: Handler
@@ -56,16 +60,33 @@ class RpcServer:
     remember: int = 16
     version: int | None = None
     corrupt_frames: int = 0
+    admit: Callable[[], str | None] | None = None
+    #: the session was let in by ``admit`` (always true without an ``admit``)
+    admitted: bool = False
+    #: the session's ``hello`` was refused by ``admit``: close once the answer is sent
+    refused: bool = False
+    #: complete frames received (good or not): a request arrived when it moves
+    frames: int = 0
     _decoder: FrameDecoder = field(init=False)
     _recent: OrderedDict[int, bytes] = field(init=False, default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self._decoder = FrameDecoder(self.max_frame)
+        if self.admit is None:
+            self.admitted = True
+
+    @property
+    def mid_frame(self) -> bool:
+        """Part of a frame has arrived and its end has not (the edge times it)."""
+        return self._decoder.in_frame
 
     def receive(self, data: bytes) -> list[bytes]:
         """Bytes from the link in; frames to send back out."""
         out: list[bytes] = []
         for ev in self._decoder.feed(data):
+            self.frames += 1
+            if self.refused:
+                continue  # nothing more is answered on a refused session
             if not isinstance(ev, Frame):
                 self.corrupt_frames += 1  # noise: the client's timeout and retry recover
                 continue
@@ -94,6 +115,13 @@ class RpcServer:
             ans = RpcAnswer.refusal(rid, 2, "usage", "say hello first (version negotiation)")
         else:
             ans = answer(self.handler, msg, self.max_frame)
+            if msg.op == Op.HELLO and ans.ok and not self.admitted:
+                assert self.admit is not None
+                why = self.admit()
+                if why is not None:
+                    self.refused = True
+                    return encode_frame(RpcAnswer.refusal(rid, 1, "busy", why).encode())
+                self.admitted = True
             if msg.op == Op.HELLO and ans.ok:
                 self.version = int(ans.result["version"])
                 self._recent.clear()  # a new client session: its IDs mean nothing from before

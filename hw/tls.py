@@ -9,7 +9,7 @@ certificate from that CA. :mod:`ssl` is imported only when a TLS link is used.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import UsageError
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from hw.link import LinkURL
 
-__all__ = ["client_context", "server_context"]
+__all__ = ["client_context", "origin_of", "server_context"]
 
 
 def client_context(url: LinkURL) -> ssl.SSLContext:
@@ -74,3 +74,25 @@ def server_context(url: LinkURL, usage: str, require_client_cert: bool | None = 
     except OSError as exc:  # ssl.SSLError is an OSError
         raise UsageError(f"{url.text}: cannot load the TLS files: {exc}") from exc
     return ctx
+
+
+def origin_of(scheme: str, sock: Any, host: str) -> str:
+    """Who a server-side connection is, for the requests it makes (:func:`agent.rpc.for_origin`):
+    ``SCHEME cert CN=NAME sha256:FINGERPRINT`` (the first 16 hex digits of the SHA-256 of
+    the client certificate) when the peer presented one, else ``SCHEME HOST``."""
+    getpeercert = getattr(sock, "getpeercert", None)
+    der: bytes | None = None
+    subject: Any = ()
+    if callable(getpeercert):
+        try:
+            der = getpeercert(binary_form=True)
+            subject = (getpeercert() or {}).get("subject", ()) if der else ()
+        except (OSError, ValueError):  # a connection already closed
+            der = None
+    if not der:
+        return f"{scheme} {host}"
+    from agent.digest import sha256
+
+    names = [v for rdn in subject for k, v in rdn if k == "commonName"]
+    cn = "".join(ch if ch.isprintable() else "?" for ch in (names[0] if names else ""))[:64]
+    return f"{scheme} cert CN={cn} sha256:{sha256(der).hex()[:16]}"

@@ -51,6 +51,7 @@ CONFIG_KEYS: Mapping[str, str] = {
     "listen": "the link URLs to serve (a list of text)",
     "facts": "a hardware facts JSON file, for simulated servers only (text)",
     "max_clients": "connections served at once per listener (a whole number)",
+    "max_per_peer": "connections from one address at once per listener (a whole number)",
     "log_level": f"one of {', '.join(LOG_LEVELS)}",
 }
 #: how long stopping waits for the operation in progress
@@ -66,6 +67,7 @@ class DaemonConfig:
     facts: Path | None = None
     max_clients: int | None = None
     log_level: str = "info"
+    max_per_peer: int | None = None
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -97,11 +99,12 @@ def load_config(path: Path) -> dict[str, Any]:
         if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
             raise bad("listen")
         out["listen"] = list(urls)
-    if "max_clients" in raw:
-        n = raw["max_clients"]
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise bad("max_clients")
-        out["max_clients"] = n
+    for key in ("max_clients", "max_per_peer"):
+        if key in raw:
+            n = raw[key]
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise bad(key)
+            out[key] = n
     if "log_level" in raw:
         if not isinstance(raw["log_level"], str) or raw["log_level"].lower() not in LOG_LEVELS:
             raise bad("log_level")
@@ -141,6 +144,7 @@ def resolve_config(config_file: Path | None = None, *, state: str | None = None,
         facts=base.get("facts"),
         max_clients=base.get("max_clients"),
         log_level=base.get("log_level", "info"),
+        max_per_peer=base.get("max_per_peer"),
     )
 
 
@@ -241,12 +245,17 @@ def make_logger(level: str, stream: Any = None) -> OperationLog:
 class _ListenerOps:
     """The handler one listener calls: the daemon's gated, logged operations under its name."""
 
-    def __init__(self, daemon: Daemon, name: str) -> None:
+    def __init__(self, daemon: Daemon, name: str, origin: str | None = None) -> None:
         self.daemon = daemon
         self.name = name  # the configured URL until the listener knows its real address
+        self.origin = origin
 
     def __call__(self, op: str, args: Mapping[str, Any]) -> Any:
-        return self.daemon.run_op(self.name, op, args)
+        return self.daemon.run_op(self.name, op, args, self.origin)
+
+    def for_origin(self, origin: str) -> _ListenerOps:
+        """The handler of one peer of this listener (:func:`agent.rpc.for_origin`)."""
+        return _ListenerOps(self.daemon, self.name, origin)
 
 
 class Daemon:
@@ -279,15 +288,17 @@ class Daemon:
     def _note(self, line: str) -> None:
         getattr(self._detail, "lines", []).append(line)
 
-    def run_op(self, listener: str, op: str, args: Mapping[str, Any]) -> Any:
-        """One operation through the gate, logged as one line naming ``listener``."""
+    def run_op(self, listener: str, op: str, args: Mapping[str, Any],
+               origin: str | None = None) -> Any:
+        """One operation through the gate, logged as one line naming ``listener``;
+        ``origin`` names the peer that asked."""
         self._detail.lines = []
         with self._gate:
             if self._stopping:
                 raise TransportError("the license agent is shutting down; "
                                      "try again once it is back")
             try:
-                result = self.ops(op, args)
+                result = self.ops(op, args, origin)
             except LicensingError as err:
                 self._log_op(listener, op, f"refused {err.reason} (exit {err.exit_code}): "
                                            f"{err}", INFO)
@@ -320,6 +331,8 @@ class Daemon:
         extra: dict[str, Any] = dict(self.ctx)
         if self.config.max_clients is not None:
             extra["max_clients"] = self.config.max_clients
+        if self.config.max_per_peer is not None:
+            extra["max_per_peer"] = self.config.max_per_peer
         for url in self.config.listen:
             handlers.append(_ListenerOps(self, url))
             listeners.append(hw.listen(url, handlers[-1],

@@ -7,7 +7,17 @@ requires a client certificate signed by it; a client without ``ca`` verifies
 the server against the system's trust store. Port 0 lets the listener choose;
 :attr:`HttpsListener.address` then holds the real URL. ``listen`` also takes
 the keyword settings of :class:`HttpsListener` (``log``, ``access_log``,
-``max_body``, ``max_clients``, ``max_pending``, ``busy_wait``, ``idle_timeout``).
+``max_body``, ``max_clients``, ``max_pending``, ``busy_wait``, ``idle_timeout``,
+``max_per_peer``, ``max_handshakes``, ``handshake_timeout``).
+
+Cheap peers: a connection counts against ``max_clients`` only once its TLS
+handshake is done, which must happen within ``handshake_timeout`` (10 s) in all;
+at most ``max_handshakes`` (64) handshakes are under way (a new connection closes
+the oldest) and at most ``max_per_peer`` (8) connections come from one address (a
+new one closes that address's oldest handshake, or is closed if there is none).
+Each request, from the end of the previous answer to its last body byte, must
+arrive within ``idle_timeout`` (30 s) in all, so a client sending a byte a second
+is dropped. A watchdog thread enforces both deadlines.
 
 Endpoints (files travel as ``application/cbor``, everything else as JSON;
 a client that sends ``Accept: application/cbor`` gets the structured results
@@ -54,6 +64,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from http.server import ThreadingHTTPServer
 from typing import Any
@@ -61,10 +72,11 @@ from urllib.parse import quote, unquote
 
 from agent.cose import canonical, jsonable, strict_loads
 from agent.errors import MalformedError, UsageError
-from agent.rpc import Handler, Op, RemoteError, RpcError, TransportError, wire
+from agent.record import record
+from agent.rpc import Handler, Op, RemoteError, RpcError, TransportError, for_origin, wire
 from hw.httpjson import CBOR, HTTP_STATUS, JSON, Answer, HttpRefusal, JsonHandler, Route
 from hw.link import LinkURL, Listener, ServerClient, netloc
-from hw.tls import client_context, server_context
+from hw.tls import client_context, origin_of, server_context
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -175,11 +187,13 @@ class _RequestHandler(JsonHandler):
 
     def _op(self, op: str, args: Mapping[str, Any]) -> Any:
         srv = self.server
+        srv.deadline(self.connection, None)  # the request is in: the operation takes its time
         if not srv.slots.acquire(timeout=srv.busy_wait):
             raise HttpRefusal(503, 1, "busy", "the server is busy with other requests; "
                                            "try again in a moment", {"Retry-After": "1"})
         try:
-            return srv.handler(op, args)
+            origin = origin_of("https", self.connection, str(self.client_address[0]))
+            return for_origin(srv.handler, origin)(op, args)
         finally:
             srv.slots.release()
 
@@ -228,6 +242,8 @@ class _RequestHandler(JsonHandler):
 
     def handle_one_request(self) -> None:
         self._status = None
+        # the next request, idle wait included, must be in within idle_timeout in all
+        self.server.deadline(self.connection, self.server.idle_timeout)
         super().handle_one_request()
         if self._status is not None:
             self.server.access_log(f"{self.client_address[0]} {self._peer()}{self.command or '-'} "
@@ -245,6 +261,19 @@ class _RequestHandler(JsonHandler):
         return ""
 
 
+@record
+class _Watched:
+    """One connection the watchdog keeps an eye on."""
+
+    host: str
+    #: time.monotonic() after which it is dropped (None: no limit now)
+    deadline: float | None
+    #: still in its TLS handshake (not yet counted against max_clients)
+    handshaking: bool = True
+    #: closed by the watchdog or to make room
+    closed: bool = False
+
+
 class _TlsHTTPServer(ThreadingHTTPServer):
     """A threading HTTP server that does the TLS handshake in each connection's thread.
 
@@ -257,7 +286,8 @@ class _TlsHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], context: ssl.SSLContext, handler: Handler,
                  log: Log, access_log: Log, max_body: int, max_clients: int, max_pending: int,
-                 busy_wait: float, idle_timeout: float) -> None:
+                 busy_wait: float, idle_timeout: float, max_per_peer: int = 8,
+                 max_handshakes: int = 64, handshake_timeout: float = 10.0) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.context = context
@@ -268,63 +298,122 @@ class _TlsHTTPServer(ThreadingHTTPServer):
         self.max_clients = max_clients
         self.busy_wait = busy_wait
         self.idle_timeout = idle_timeout
+        self.max_per_peer = max_per_peer
+        self.max_handshakes = max_handshakes
+        self.handshake_timeout = handshake_timeout
         self.slots = threading.BoundedSemaphore(max_pending)
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.active = 0
-        self.connections: set[socket.socket] = set()
+        self.watched: dict[socket.socket, _Watched] = {}
+        #: connections closed by the watchdog (a deadline) or to make room
+        self.dropped = 0
         super().__init__(address, _RequestHandler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        host = str(client_address[0])
         with self.lock:
-            full = self.active >= self.max_clients or self.stopping.is_set()
-            if not full:
-                self.active += 1
-        if full:
-            self.log(f"{client_address[0]} refused: {self.max_clients} connections already open")
+            mine = [s for s, w in self.watched.items() if w.host == host and not w.closed]
+            refuse = self.stopping.is_set()
+            if len(mine) >= self.max_per_peer and not refuse:
+                waiting = [s for s in mine if self.watched[s].handshaking]
+                if waiting:
+                    self._close(waiting[0], f"{self.max_per_peer} connections from {host} "
+                                            f"(max_per_peer)")
+                else:
+                    refuse = True
+                    self.log(f"{host} refused: {self.max_per_peer} connections from it are "
+                             f"open (max_per_peer)")
+            if not refuse:
+                shaking = [s for s, w in self.watched.items() if w.handshaking and not w.closed]
+                if len(shaking) >= self.max_handshakes:
+                    self._close(shaking[0], f"{self.max_handshakes} TLS handshakes under way")
+                self.watched[request] = _Watched(
+                    host, time.monotonic() + self.handshake_timeout)
+        if refuse:
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _close(self, sock: socket.socket, why: str) -> None:
+        """Drop a watched connection (under the lock); its own thread cleans up."""
+        w = self.watched[sock]
+        w.closed = True
+        self.dropped += 1
+        self.log(f"{w.host} dropped: {why}")
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self.lock:
-                self.active -= 1
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def watch(self) -> None:
+        """Drop every connection past its deadline (the watchdog thread calls this)."""
+        now = time.monotonic()
+        with self.lock:
+            for sock, w in list(self.watched.items()):
+                if w.closed or w.deadline is None or now <= w.deadline:
+                    continue
+                self._close(sock, f"no TLS handshake within {self.handshake_timeout:g} s"
+                            if w.handshaking else
+                            f"no complete request within {self.idle_timeout:g} s")
+
+    def deadline(self, sock: socket.socket, seconds: float | None) -> None:
+        """From now, ``sock`` has ``seconds`` to send its request (None: no limit)."""
+        with self.lock:
+            w = self.watched.get(sock)
+            if w is not None:
+                w.deadline = None if seconds is None else time.monotonic() + seconds
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(self.idle_timeout)
-        self._track(request, True)
+        conn: ssl.SSLSocket | None = None
         try:
-            conn = self.context.wrap_socket(request, server_side=True)
+            conn = self.context.wrap_socket(request, server_side=True,
+                                            do_handshake_on_connect=False)
+            with self.lock:  # the raw socket is detached now: watch the TLS one
+                w = self.watched.pop(request, None)
+                if w is not None:
+                    self.watched[conn] = w
+                    if w.closed:
+                        socket.socket.shutdown(conn, socket.SHUT_RDWR)
+            conn.do_handshake()
         except (OSError, ValueError) as exc:
-            self.log(f"{client_address[0]} TLS handshake failed: {exc}")
+            with self.lock:
+                w = self.watched.pop(conn if conn is not None else request, None)
+            if w is not None and not w.closed:
+                self.log(f"{client_address[0]} TLS handshake failed: {exc}")
+            if conn is not None:
+                conn.close()
             return
-        finally:
-            self._track(request, False)
-        self._track(conn, True)
+        with self.lock:
+            w = self.watched.pop(conn, None)
+            full = self.active >= self.max_clients or self.stopping.is_set()
+            if w is not None and not w.closed and not full:
+                self.active += 1
+                w.handshaking, w.deadline = False, None
+                self.watched[conn] = w
+        if w is None or w.closed or full:
+            if full and w is not None and not w.closed:
+                self.log(f"{client_address[0]} refused: {self.max_clients} connections "
+                         f"already open")
+            conn.close()
+            return
         try:
             if not self.stopping.is_set():
                 _RequestHandler(conn, client_address, self)
         finally:
-            self._track(conn, False)
+            with self.lock:
+                self.watched.pop(conn, None)
+                self.active -= 1
             conn.close()
-
-    def _track(self, sock: socket.socket, add: bool) -> None:
-        with self.lock:
-            if add:
-                self.connections.add(sock)
-            else:
-                self.connections.discard(sock)
 
     def wake_connections(self) -> None:
         """Unblock every connection thread waiting for its client (stop)."""
         with self.lock:
-            conns = list(self.connections)
+            conns = list(self.watched)
         for c in conns:
             try:
-                c.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(c, socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -348,7 +437,8 @@ class HttpsListener(Listener):
                  log: Log | None = None, access_log: Log | None = None,
                  max_body: int = DEFAULT_MAX_BODY,
                  max_clients: int = 64, max_pending: int = 16, busy_wait: float = 10.0,
-                 idle_timeout: float = 30.0) -> None:
+                 idle_timeout: float = 30.0, max_per_peer: int = 8, max_handshakes: int = 64,
+                 handshake_timeout: float = 10.0) -> None:
         self.url = url
         self.handler = handler
         self.context = context
@@ -359,8 +449,12 @@ class HttpsListener(Listener):
         self.max_pending = max_pending
         self.busy_wait = busy_wait
         self.idle_timeout = idle_timeout
+        self.max_per_peer = max_per_peer
+        self.max_handshakes = max_handshakes
+        self.handshake_timeout = handshake_timeout
         self._server: _TlsHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
 
     def start(self) -> None:
         if self._server is not None:
@@ -369,7 +463,8 @@ class HttpsListener(Listener):
             server = _TlsHTTPServer(
                 (self.url.host, self.url.need_port()), self.context, self.handler, self.log,
                 self.access_log, self.max_body, self.max_clients, self.max_pending, self.busy_wait,
-                self.idle_timeout)
+                self.idle_timeout, self.max_per_peer, self.max_handshakes,
+                self.handshake_timeout)
         except OSError as exc:
             raise UsageError(f"cannot listen on {self.url.host}:{self.url.port}: {exc}") from exc
         host, port = server.server_address[:2]
@@ -379,11 +474,27 @@ class HttpsListener(Listener):
                                         name=f"https-{port}", daemon=True)
         self._thread.start()
 
+        def watchdog() -> None:
+            while not server.stopping.wait(0.2):
+                server.watch()
+
+        self._watchdog = threading.Thread(target=watchdog, name=f"https-watchdog-{port}",
+                                          daemon=True)
+        self._watchdog.start()
+
+    @property
+    def dropped(self) -> int:
+        """Connections closed for a missed deadline or to make room, so far."""
+        return self._server.dropped if self._server is not None else 0
+
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is None:
             return
         server.stopping.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
+            self._watchdog = None
         server.shutdown()  # the accept loop ends
         server.wake_connections()  # keep-alive connections stop waiting for a next request
         server.server_close()  # closes the socket and joins every connection thread
@@ -401,7 +512,8 @@ def listen(url: LinkURL, handler: Handler, **ctx: Any) -> HttpsListener:
     url.check_options(OPTIONS)
     _check_path(url)
     url.need_port()
-    known = {"log", "access_log", "max_body", "max_clients", "max_pending", "busy_wait", "idle_timeout"}
+    known = {"log", "access_log", "max_body", "max_clients", "max_pending", "busy_wait",
+             "idle_timeout", "max_per_peer", "max_handshakes", "handshake_timeout"}
     return HttpsListener(url, handler, _server_context(url),
                          **{k: v for k, v in ctx.items() if k in known and v is not None})
 

@@ -41,6 +41,7 @@ from agent.rpc import (
     Op,
     TransportError,
     first_request_id,
+    for_origin,
     hello_args,
     next_request_id,
 )
@@ -162,7 +163,7 @@ class MqttListener(Listener):
         self.host, self.port = _host_port(url)
         self.keepalive = _keepalive(url)
         self.tls = _tls_context(url)
-        self.handler = handler
+        self.handler = for_origin(handler, url.scheme)  # requests kept apart from other links
         self.log: Log = log or (lambda _line: None)
         self._given_loop = loop
         self._loop: MqttLoop | None = None

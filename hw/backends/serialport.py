@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from agent.errors import UsageError
-from agent.rpc import Handler, TransportError
+from agent.rpc import Handler, TransportError, for_origin
 from hw.link import Link, LinkURL, Listener, StreamClient, serve_stream
 
 __all__ = [
@@ -205,7 +205,8 @@ class _ServingListener(Listener):
         self.thread: threading.Thread | None = None
 
     def _serve(self, link: Link) -> None:
-        serve_stream(link, self.handler, self.stop_event, poll=self.poll,
+        serve_stream(link, for_origin(self.handler, f"serial {self.address}"), self.stop_event,
+                     poll=self.poll,
                      on_corrupt=self._count_corrupt)
 
     def _spawn(self, name: str) -> None:

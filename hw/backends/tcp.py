@@ -4,20 +4,40 @@ Client options: ``timeout`` (seconds per try and for connecting), and for
 ``tls://`` ``ca`` (the CA that signed the server's certificate; the system CAs
 if absent), ``cert`` and ``key`` (the client certificate to present).
 
-Listener options: ``max_clients`` (default 64), ``idle_timeout`` (seconds a
-connection may stay silent, default 300), and for ``tls://`` ``cert`` and
-``key`` (the server certificate, required), ``ca`` (the CA of client
-certificates) and ``require_client_cert`` (default true when ``ca`` is given).
+Listener options: ``max_clients`` (sessions served at once, default 64),
+``max_per_peer`` (connections from one source address, default 8),
+``max_pending`` (connections not yet through their TLS handshake and ``hello``,
+default 64), ``hello_timeout`` (seconds from connecting to an answered
+``hello``, TLS handshake included, default 10), ``frame_timeout`` (seconds from
+a request's first byte to its last, default 30), ``idle_timeout`` (seconds
+between two requests, default 300), and for ``tls://`` ``cert`` and ``key``
+(the server certificate, required), ``ca`` (the CA of client certificates) and
+``require_client_cert`` (default true when ``ca`` is given).
 
 One thread accepts; each connection is served by its own thread running
 :func:`hw.link.serve_stream`, and the TLS handshake happens in that thread, so
 a silent or slow peer never stalls the others.
 
-Busy refusal: a connection beyond ``max_clients`` is answered, by a short-lived
-thread with a hard deadline, with an RPC error to its ``hello`` (reason
-``busy``, exit code 1, "try again later"), then closed; the client sees a
-:class:`~hw.rpc.RemoteError` saying so instead of a bare reset. If even the
-refusers are all busy (a flood), the connection is closed at once.
+Cheap peers: a connection counts against ``max_clients`` only once its TLS
+handshake is done and its ``hello`` answered; until then it is *pending*, and
+must get there within ``hello_timeout``. When ``max_pending`` connections are
+pending, a new one makes the oldest pending one close; when ``max_per_peer``
+connections from one address are open, a new one from there closes that
+address's oldest pending one, or, if all of them are in session, is refused.
+So idle or trickling peers cannot hold the slots a real client needs, and a
+peer sending a byte a second misses ``frame_timeout`` (or, sending only
+delimiters, ``idle_timeout``) and is dropped.
+
+Busy refusal: a ``hello`` beyond ``max_clients`` is answered with an RPC error
+(reason ``busy``, exit code 1, "try again later") and the connection closed;
+so is one from an address over ``max_per_peer`` (by a short-lived thread with a
+hard deadline); the client sees a :class:`~hw.rpc.RemoteError` saying so
+instead of a bare reset. If even the refusers are all busy (a flood), the
+connection is closed at once.
+
+Each connection's requests carry its origin (:func:`agent.rpc.for_origin`):
+``tcp HOST``, ``tls HOST``, or ``tls cert CN=NAME sha256:FINGERPRINT`` for a
+client certificate, so outstanding requests are kept per peer.
 
 A TCP or TLS peer cannot lose sync or suffer line noise, so a frame that fails
 its checksum or is not an RPC message means a confused or hostile peer: the
@@ -34,11 +54,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import LicensingError, UsageError
-from agent.record import record
-from agent.rpc import Handler, RpcAnswer, TransportError, decode_message
+from agent.record import field, record
+from agent.rpc import Handler, RpcAnswer, TransportError, decode_message, for_origin
 from hw.framing import Frame, FrameDecoder, encode_frame
-from hw.link import Link, LinkURL, Listener, StreamClient, netloc, serve_stream
-from hw.tls import client_context, server_context
+from hw.link import (
+    Link,
+    LinkURL,
+    Listener,
+    SessionDeadlines,
+    StreamClient,
+    netloc,
+    serve_stream,
+)
+from hw.tls import client_context, origin_of, server_context
 
 if TYPE_CHECKING:
     import ssl
@@ -53,9 +81,13 @@ __all__ = [
 
 
 DEFAULT_MAX_CLIENTS = 64
+DEFAULT_MAX_PER_PEER = 8
+DEFAULT_MAX_PENDING = 64
 DEFAULT_IDLE_TIMEOUT = 300.0
-#: a TLS handshake, or a refused client's hello, must be done within this many seconds
-HANDSHAKE_TIMEOUT = 10.0
+#: the TLS handshake and the first hello must be done within this many seconds
+DEFAULT_HELLO_TIMEOUT = 10.0
+#: a request's frame must arrive whole within this many seconds (80 KiB at 2.7 KiB/s)
+DEFAULT_FRAME_TIMEOUT = 30.0
 REFUSE_DEADLINE = 2.0
 MAX_REFUSERS = 8
 #: a peer that does not take our answer within this many seconds is dropped
@@ -64,9 +96,11 @@ WRITE_TIMEOUT = 10.0
 LISTEN_BACKLOG = 128
 
 CLIENT_OPTIONS = {"tcp": ("timeout",), "tls": ("timeout", "ca", "cert", "key")}
+_SESSION_OPTIONS = ("max_clients", "max_per_peer", "max_pending", "hello_timeout",
+                    "frame_timeout", "idle_timeout")
 LISTEN_OPTIONS = {
-    "tcp": ("max_clients", "idle_timeout"),
-    "tls": ("max_clients", "idle_timeout", "cert", "key", "ca", "require_client_cert"),
+    "tcp": _SESSION_OPTIONS,
+    "tls": (*_SESSION_OPTIONS, "cert", "key", "ca", "require_client_cert"),
 }
 
 
@@ -92,16 +126,12 @@ class SocketLink(Link):
 
     Args:
         sock: a connected socket, already through its TLS handshake if any.
-        idle_timeout: seconds without any byte from the peer after which reads fail
-            (the server side's defence against peers that hold a slot forever).
+        peer: the other end's address, for messages.
     """
 
-    def __init__(self, sock: socket.socket, idle_timeout: float | None = None,
-                 peer: str = "") -> None:
+    def __init__(self, sock: socket.socket, peer: str = "") -> None:
         self.sock = sock
-        self.idle_timeout = idle_timeout
         self.peer = peer
-        self._last_rx = time.monotonic()
         # ssl is imported only when a tls:// link exists (it costs ~5 MB of RSS on a
         # controller that serves plain tcp:// and serial only)
         ssl_mod = sys.modules.get("ssl")
@@ -121,15 +151,11 @@ class SocketLink(Link):
         try:
             data = self.sock.recv(65536)
         except self._quiet:
-            if (self.idle_timeout is not None
-                    and time.monotonic() - self._last_rx > self.idle_timeout):
-                raise TransportError(f"no data for {self.idle_timeout:g} s") from None
             return b""
         except ValueError as exc:  # an SSL socket closed under us
             raise TransportError(f"read failed: {exc}") from exc
         if not data:
             raise TransportError("the connection was closed by the other end")
-        self._last_rx = time.monotonic()
         return data
 
     def _close(self) -> None:
@@ -188,6 +214,10 @@ class ListenConfig:
     max_clients: int
     idle_timeout: float
     tls: ssl.SSLContext | None
+    max_per_peer: int = DEFAULT_MAX_PER_PEER
+    max_pending: int = DEFAULT_MAX_PENDING
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
+    frame_timeout: float = DEFAULT_FRAME_TIMEOUT
 
 
 def _server_context(url: LinkURL) -> ssl.SSLContext:
@@ -210,10 +240,19 @@ def _busy_reply(decoder: FrameDecoder, data: bytes, message: str) -> bytes | Non
 
 @record
 class _Conn:
-    """One admitted connection: its socket (the TLS one once wrapped) and whether it is served."""
+    """One accepted connection: its socket (the TLS one once wrapped), the address it
+    comes from, and how far it got."""
 
     sock: socket.socket
+    host: str
+    #: through its TLS handshake: a stop lets its operation in progress finish
     serving: bool = False
+    #: through its hello: counted against max_clients
+    admitted: bool = False
+    #: closed to make room for a newer connection (counted nowhere any more)
+    evicted: bool = False
+    #: when it was accepted (time.monotonic): the hello deadline counts from here
+    accepted: float = field(default_factory=time.monotonic)
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -241,6 +280,10 @@ class TcpListener(Listener):
         self._refusers: set[threading.Thread] = set()
         #: connections dropped by :meth:`cut` (a link fault), over the listener's life
         self.cuts = 0
+        #: pending connections closed to make room for newer ones (max_pending, max_per_peer)
+        self.evicted = 0
+        #: connections dropped for missing a deadline (hello, frame, idle)
+        self.dropped = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -306,9 +349,15 @@ class TcpListener(Listener):
 
     @property
     def connections(self) -> int:
-        """Connections admitted and not yet finished (those refused as busy not counted)."""
+        """Connections open now, in session or pending (those refused as busy not counted)."""
         with self._lock:
-            return len(self._conns)
+            return sum(1 for c in self._conns.values() if not c.evicted)
+
+    @property
+    def sessions(self) -> int:
+        """Connections through their TLS handshake and ``hello`` (counted in max_clients)."""
+        with self._lock:
+            return sum(1 for c in self._conns.values() if c.admitted and not c.evicted)
 
     # ------------------------------------------------------------ threads
 
@@ -328,28 +377,53 @@ class TcpListener(Listener):
                 continue
             name = _url_of(self.url.scheme, peer).split("://", 1)[1]
             try:
-                self._admit(conn, name)
+                self._admit(conn, name, str(peer[0]))
             except (OSError, RuntimeError) as exc:  # a peer already gone; no thread to spare
                 self.log(f"{self.address}: {name}: not admitted: {exc}")
                 conn.close()
 
-    def _admit(self, conn: socket.socket, peer: str) -> None:
+    def _evict(self, victim: _Conn, peer: str, why: str) -> None:
+        """Close a pending connection to make room (under the lock); its thread ends."""
+        victim.evicted = True
+        _shutdown(victim.sock)
+        self.evicted += 1
+        self.log(f"{self.address}: a pending connection from {victim.host} closed: {why} "
+                 f"(for {peer})")
+
+    def _admit(self, conn: socket.socket, peer: str, host: str) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        cfg = self.config
         with self._lock:
-            busy = len(self._conns) >= self.config.max_clients
-            if busy and len(self._refusers) >= MAX_REFUSERS:
-                self.log(f"{self.address}: {peer}: closed at once, "
-                         f"{self.config.max_clients} clients connected and refusals pending")
+            live = [c for c in self._conns.values() if not c.evicted]
+            mine = [c for c in live if c.host == host]
+            refuse = None
+            if len(mine) >= cfg.max_per_peer:
+                waiting = [c for c in mine if not c.admitted]
+                if waiting:
+                    self._evict(waiting[0], peer, f"{cfg.max_per_peer} connections from "
+                                                  f"{host} (max_per_peer)")
+                    live.remove(waiting[0])
+                else:
+                    refuse = (f"too many connections from {host}: {cfg.max_per_peer} are in "
+                              f"session (max_per_peer); try again later")
+            if refuse is None:
+                pending = [c for c in live if not c.admitted]
+                if len(pending) >= cfg.max_pending:
+                    self._evict(pending[0], peer, f"{cfg.max_pending} connections without "
+                                                  f"hello (max_pending)")
+            if refuse is not None and len(self._refusers) >= MAX_REFUSERS:
+                self.log(f"{self.address}: {peer}: closed at once, {refuse}; "
+                         f"refusals pending")
                 conn.close()
                 return
-            if busy:
-                t = threading.Thread(target=self._refuse, args=(conn, peer), daemon=True,
-                                     name=f"refuse {peer}")
+            if refuse is not None:
+                t = threading.Thread(target=self._refuse, args=(conn, peer, refuse),
+                                     daemon=True, name=f"refuse {peer}")
                 self._refusers.add(t)
             else:
                 t = threading.Thread(target=self._serve, args=(conn, peer), daemon=True,
                                      name=f"serve {peer}")
-                self._conns[t] = _Conn(conn)
+                self._conns[t] = _Conn(conn, host)
             try:
                 t.start()
             except RuntimeError:
@@ -362,7 +436,7 @@ class TcpListener(Listener):
         """The TLS handshake (for tls://), bounded by ``timeout``; closes ``conn`` if it fails."""
         if self.config.tls is None:
             return conn
-        conn.settimeout(timeout)
+        conn.settimeout(max(timeout, 0.001))
         try:
             tls = self.config.tls.wrap_socket(conn, server_side=True,
                                               do_handshake_on_connect=False)
@@ -372,6 +446,8 @@ class TcpListener(Listener):
         if record is not None:
             with self._lock:
                 record.sock = tls  # conn is detached now: stop() must reach the TLS socket
+                if record.evicted:  # evicted while we were wrapping: the shutdown missed it
+                    _shutdown(tls)
         try:
             tls.do_handshake()
         except BaseException:
@@ -379,27 +455,53 @@ class TcpListener(Listener):
             raise
         return tls
 
+    def _admit_session(self, record: _Conn, peer: str) -> str | None:
+        """``admit`` of the session: count it against max_clients once its hello succeeds."""
+        cfg = self.config
+        with self._lock:
+            if record.evicted:
+                return "the connection was closed to make room"
+            inside = sum(1 for c in self._conns.values() if c.admitted and not c.evicted)
+            if inside >= cfg.max_clients:
+                self.log(f"{self.address}: {peer}: refused, {cfg.max_clients} clients connected")
+                return (f"server busy: {cfg.max_clients} clients are connected "
+                        f"(max_clients); try again later")
+            record.admitted = True
+            return None
+
     def _serve(self, conn: socket.socket, peer: str) -> None:
         me = threading.current_thread()
+        cfg = self.config
         with self._lock:
             record = self._conns[me]
+        host = record.host
         try:
             try:
-                conn = self._handshake(conn, HANDSHAKE_TIMEOUT, record)
+                conn = self._handshake(conn, cfg.hello_timeout, record)
             except (OSError, ValueError) as exc:
-                if not self.stop_event.is_set():
+                if not self.stop_event.is_set() and not record.evicted:
                     self.log(f"{self.address}: {peer}: TLS handshake failed: {exc}")
                 return
-            link = SocketLink(conn, idle_timeout=self.config.idle_timeout, peer=peer)
+            link = SocketLink(conn, peer=peer)
             with self._lock:
                 record.serving = True
+            origin = origin_of(self.url.scheme, conn, host)
 
             def dropped(n: int) -> None:
                 self.log(f"{self.address}: {peer}: {n} corrupt frame(s); dropping the connection")
                 link.close()
 
+            limits = SessionDeadlines(hello=cfg.hello_timeout, frame=cfg.frame_timeout,
+                                      idle=cfg.idle_timeout)
             try:
-                serve_stream(link, self.handler, self.stop_event, on_corrupt=dropped)
+                why = serve_stream(link, for_origin(self.handler, origin), self.stop_event,
+                                   on_corrupt=dropped, deadlines=limits,
+                                   admit=lambda: self._admit_session(record, peer),
+                                   since=record.accepted)
+                # (a refused hello was logged by _admit_session, an eviction by _evict)
+                if why is not None and not record.evicted and not why.startswith("refused"):
+                    self.dropped += 1
+                    self.log(f"{self.address}: {peer}: {why}")
             except Exception as exc:  # a failing handler must not take the listener down
                 self.log(f"{self.address}: {peer}: connection dropped: {exc!r}")
             finally:
@@ -408,11 +510,9 @@ class TcpListener(Listener):
             with self._lock:
                 self._conns.pop(me, None)
 
-    def _refuse(self, conn: socket.socket, peer: str) -> None:
+    def _refuse(self, conn: socket.socket, peer: str, message: str) -> None:
         deadline = time.monotonic() + REFUSE_DEADLINE
-        message = (f"server busy: {self.config.max_clients} clients are connected "
-                   f"(max_clients); try again later")
-        self.log(f"{self.address}: {peer}: refused, {self.config.max_clients} clients connected")
+        self.log(f"{self.address}: {peer}: refused, {message}")
         try:
             conn = self._handshake(conn, REFUSE_DEADLINE)
             decoder = FrameDecoder(4096)
@@ -438,11 +538,13 @@ class TcpListener(Listener):
 
 
 def listen(url: LinkURL, handler: Handler, max_clients: int | None = None,
-           log: Callable[[str], None] | None = None, **_ctx: Any) -> TcpListener:
+           log: Callable[[str], None] | None = None, max_per_peer: int | None = None,
+           **_ctx: Any) -> TcpListener:
     """A not yet started listener for ``tcp://HOST:PORT`` or ``tls://HOST:PORT`` (port 0: any).
 
     Args:
         max_clients: the default when the URL has no ``max_clients`` option.
+        max_per_peer: the default when the URL has no ``max_per_peer`` option.
         log: called with one line for each refused or dropped connection.
 
     Raises:
@@ -455,5 +557,9 @@ def listen(url: LinkURL, handler: Handler, max_clients: int | None = None,
         max_clients=url.whole("max_clients", max_clients or DEFAULT_MAX_CLIENTS),
         idle_timeout=url.seconds("idle_timeout", DEFAULT_IDLE_TIMEOUT),
         tls=_server_context(url) if url.scheme == "tls" else None,
+        max_per_peer=url.whole("max_per_peer", max_per_peer or DEFAULT_MAX_PER_PEER),
+        max_pending=url.whole("max_pending", DEFAULT_MAX_PENDING),
+        hello_timeout=url.seconds("hello_timeout", DEFAULT_HELLO_TIMEOUT),
+        frame_timeout=url.seconds("frame_timeout", DEFAULT_FRAME_TIMEOUT),
     )
     return TcpListener(url, handler, config, log)

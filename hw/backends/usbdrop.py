@@ -85,6 +85,7 @@ from agent.rpc import (
     answer,
     decode_message,
     first_request_id,
+    for_origin,
     next_request_id,
     speaks,
 )
@@ -226,7 +227,7 @@ class MailboxListener(Listener):
         self.opts = opts
         self.root = opts.root
         self.poll = opts.poll if opts.poll is not None else 1.0
-        self.handler = handler
+        self.handler = for_origin(handler, "usb")  # requests kept apart from other links
         self.log = log
         self.clock = clock
         self.ops = ops

@@ -207,8 +207,9 @@ def test_many_clients_and_hostile_peers(agentd: Agentd, tmp_path: Path) -> None:
     notify.bind(str(notify_path))
     notify.settimeout(WAIT)
     try:
-        proc = agentd.start("--listen", "tcp://127.0.0.1:0", "--listen", "tcp://127.0.0.1:0",
-                            notify=str(notify_path))
+        # every client comes from 127.0.0.1: the per-address limit (8) is raised
+        url = "tcp://127.0.0.1:0?max_per_peer=32"
+        proc = agentd.start("--listen", url, "--listen", url, notify=str(notify_path))
         first, second = listening(proc, 2)
         assert first != second
         assert notify.recv(4096).startswith(b"READY=1")
@@ -288,6 +289,7 @@ def test_config_file_with_flag_override(agentd: Agentd) -> None:
 @pytest.mark.parametrize(("text", "named"), [
     ('state = "s"\nlisten = ["tcp://127.0.0.1:0"]\ncolour = "red"\n', "colour"),
     ('state = "s"\nlisten = "tcp://127.0.0.1:0"\nmax_clients = "many"\n', "max_clients"),
+    ('state = "s"\nlisten = "tcp://127.0.0.1:0"\nmax_per_peer = 0\n', "max_per_peer"),
     ('state = "s"\nlisten = [1]\n', "listen"),
     ('state = "s"\nlog_level = "loud"\nlisten = []\n', "log_level"),
     ('state = \n', "not valid TOML"),
@@ -297,6 +299,51 @@ def test_config_errors_name_the_key(tmp_path: Path, text: str, named: str) -> No
     cfg.write_text(text)
     with pytest.raises(UsageError, match=named):
         load_config(cfg)
+
+
+def test_max_per_peer_from_the_config_file_reaches_each_listener(tmp_path: Path,
+                                                                 device: Device) -> None:
+    cfg = tmp_path / "licagent.toml"
+    cfg.write_text('state = "s"\nlisten = ["tcp://127.0.0.1:0", "tls://127.0.0.1:0?cert=x"]\n'
+                   'max_per_peer = 2\n')
+    assert load_config(cfg)["max_per_peer"] == 2
+    config = DaemonConfig(device.directory, ("tcp://127.0.0.1:0",
+                                             "tcp://127.0.0.1:0?max_per_peer=5"),
+                          max_per_peer=2)
+    daemon = Daemon(device.agent, config, logging.getLogger("test"))
+    daemon.start()
+    try:
+        assert [lst.config.max_per_peer for lst in daemon.listeners] == [2, 5]  # type: ignore[attr-defined]
+    finally:
+        daemon.stop()
+
+
+def test_daemon_keeps_requests_per_origin(device: Device) -> None:
+    """Through the daemon's gate: eight anonymous create-request calls over tcp:// leave
+    the operator's request (made on the command line) applicable, and the log names them."""
+    operator = device.request(features=["bacnet"])
+    lines: list[str] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    log = logging.getLogger(f"test-origin-{uuid.uuid4().hex}")
+    log.setLevel(logging.INFO)
+    log.addHandler(Lines())
+    daemon = Daemon(device.agent, DaemonConfig(device.directory, ("tcp://127.0.0.1:0",)), log)
+    (address,) = daemon.start()
+    try:
+        for _ in range(8):
+            with hw.connect(address) as c:
+                c.request("activate", ["x"])
+        resp = device.vendor.issue(operator, [Grant("bacnet", 1)], now=device.clock())
+        with hw.connect(address) as c:
+            assert c.apply(resp)["sequence"] == 1
+    finally:
+        daemon.stop()
+    assert sum("create-request ok action=activate features=x origin=tcp 127.0.0.1" in line
+               for line in lines) == 8, lines
 
 
 def test_config_resolution(tmp_path: Path) -> None:
