@@ -165,7 +165,7 @@ def escape(name: str) -> str:
             out.append(f"\\x{o - 0xDC00:02x}")
         elif ch.isprintable():
             out.append(ch)
-        elif o < 0x100:
+        elif o < 0x80:  # above 0x7f, \xNN means a byte that is not UTF-8 (above)
             out.append(f"\\x{o:02x}")
         else:
             out.append(f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
