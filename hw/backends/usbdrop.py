@@ -30,6 +30,17 @@ Layout of the stick (``<id>`` is the device ID, the SHA-256 of the device key)::
         rpc/                          RPC transport for clients with ?device=<id>
         log.txt                       one line per action: time, action, outcome
 
+The stick is not trusted. Every poll opens the stick's folder, the device folder and its
+subfolders once and does every listing, read, write and rename relative to those
+descriptors (:mod:`agent.durable`'s safe-open primitives), never through a symbolic link:
+a device folder, ``log.txt``, ``device-info.cbor``, ``responses/``, ``receipts/``,
+``applied/``, ``rejected/`` or ``rpc/`` that is a symbolic link, a FIFO, a device node or
+on another filesystem stops that part of the stick with one line in the daemon log (once
+per insertion); a response or ``want-request.json`` that is not a regular file is left
+alone with one line in ``log.txt``; ``log.txt`` must be a file of its own (no hard link).
+The folders a result goes to are checked before the agent is asked, so a refusal leaves
+the store untouched. Names in log lines are escaped (:func:`agent.durable.escape`).
+
 Only final names are read: a name starting with ``.`` or not ending in ``.resp``
 (``x.resp.part``, ``x.resp.tmp``) is a file still being written and is left
 alone. Each response is read once, capped at the protocol's file limit; the
