@@ -139,8 +139,6 @@ WANT = "want-request.json"
 LOG = "log.txt"
 LOG_OLD = "log.1.txt"
 SUBFOLDERS = ("responses", "receipts", "applied", "rejected")
-#: problems remembered as already reported, at most (then the memory starts again)
-MAX_REPORTED = 1000
 RESP_SUFFIX = ".resp"
 REQ_SUFFIX = ".req.cbor"
 RSP_SUFFIX = ".rsp.cbor"
@@ -297,8 +295,10 @@ class MailboxListener(Listener):
         self.device_id: str | None = None
         self._present = False
         self._deferred: dict[tuple[str, int, int], float] = {}
-        #: problems already reported since the stick was inserted (each is said once)
+        #: problems reported and still there at the last poll (each is said once while it
+        #: lasts, and again if it comes back after it was gone)
         self._reported: set[str] = set()
+        self._current: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -346,6 +346,7 @@ class MailboxListener(Listener):
             self._complain(f"usbdrop {self.root}: internal error: {type(exc).__name__}: "
                            f"{_one_line(str(exc))}")
         finally:
+            self._reported, self._current = self._current, set()
             self.polls += 1
 
     def _waiting(self, key: tuple[str, int, int] | None) -> bool:
@@ -364,11 +365,10 @@ class MailboxListener(Listener):
         self._deferred[key] = time.monotonic()
 
     def _complain(self, msg: str) -> None:
-        """Tell the daemon log, once per problem while the stick stays in (a stick that
-        stays read-only, or holds a planted link, is reported once, not on every poll)."""
+        """Tell the daemon log, once per problem while it lasts (a stick that stays
+        read-only, or holds a planted link, is reported once, not on every poll)."""
+        self._current.add(msg)
         if msg not in self._reported:
-            if len(self._reported) >= MAX_REPORTED:
-                self._reported.clear()
             self._reported.add(msg)
             self.log(msg)
 
@@ -419,9 +419,8 @@ class MailboxListener(Listener):
                     self._complain(f"usbdrop {self.root}: {_one_line(str(exc))}")
 
     def _removed(self) -> None:
-        # a stick inserted again: files set aside are tried again, problems said again
+        # a stick inserted again: files set aside are tried again
         self._deferred.clear()
-        self._reported.clear()
         if self._present:
             self._present = False
             self.log(f"usbdrop {self.root}: mailbox removed")
@@ -487,6 +486,7 @@ class MailboxListener(Listener):
     def _refused(self, dev: _Folder, err: UnsafeFileError) -> None:
         """A file of the device folder that is not a regular file: said once, left alone."""
         msg = str(err)
+        self._current.add(msg)
         if msg not in self._reported:
             self._reported.add(msg)
             self._note(dev, "refused", msg)  # the stick's log and the daemon log
