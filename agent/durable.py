@@ -22,6 +22,7 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 from agent.errors import StorageError, UnsafeFileError
 
@@ -39,6 +40,7 @@ __all__ = [
     "kind_at",
     "open_dir",
     "open_regular",
+    "read_capped",
     "read_regular",
     "write_all",
 ]
@@ -225,9 +227,15 @@ def ensure_dir(name: str, dir_fd: int, *, label: str | None = None, mode: int = 
     return open_dir(name, dir_fd, label=label)
 
 
+_have_proc: bool | None = None
+
+
 def _proc_fd(fd: int) -> str | None:
-    path = f"/proc/self/fd/{fd}"
-    return path if os.path.isdir("/proc/self/fd") else None
+    """``/proc/self/fd/FD`` (reopens exactly that inode), or None on a system without /proc."""
+    global _have_proc
+    if _have_proc is None:
+        _have_proc = os.path.isdir("/proc/self/fd")
+    return f"/proc/self/fd/{fd}" if _have_proc else None
 
 
 def open_regular(name: str, dir_fd: int | None, flags: int = os.O_RDONLY, *,
@@ -273,7 +281,17 @@ def read_regular(name: str, dir_fd: int | None, cap: int, *, label: str | None =
     """Read at most ``cap + 1`` bytes of the regular file ``name`` (see :func:`open_regular`)."""
     fd = open_regular(name, dir_fd, label=label)
     with os.fdopen(fd, "rb") as f:
-        return f.read(cap + 1)
+        return read_capped(f, cap)
+
+
+def read_capped(f: BinaryIO, cap: int) -> bytes:
+    """At most ``cap + 1`` bytes of an open regular file, without a buffer of ``cap`` bytes
+    for a small file (a 1 MiB allocation per read would dominate a ``check``)."""
+    want = min(os.fstat(f.fileno()).st_size, cap) + 1
+    data = f.read(want)
+    if len(data) == want and want <= cap:  # it grew since fstat: the rest, still capped
+        data += f.read(cap + 1 - want)
+    return data
 
 
 def create_exclusive(ops: FileOps, dir_fd: int, name: str, flags: int, mode: int) -> int:

@@ -20,6 +20,7 @@ close, ``os.replace``, fsync the directory. Each syscall goes through
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -38,8 +39,7 @@ from agent.durable import (
     check_private_dir,
     describe,
     kind_at,
-    open_regular,
-    read_regular,
+    read_capped,
 )
 from agent.errors import (
     CopiedStoreError,
@@ -83,13 +83,15 @@ def check_state_dir(directory: Path) -> None:
         UnsafeFileError: the directory or a file fails a check (one line naming it).
     """
     dfd = check_private_dir(directory)
+    euid = os.geteuid()
     try:
         dev = os.fstat(dfd).st_dev
         for name in STATE_FILES:
             st = kind_at(dfd, name)
-            if st is None:
-                continue
-            label = str(directory / name)
+            if st is None or (stat.S_ISREG(st.st_mode) and st.st_dev == dev
+                              and st.st_uid == euid and not st.st_mode & 0o022):
+                continue  # the common case, without building a message
+            label = os.path.join(directory, name)
             if not stat.S_ISREG(st.st_mode):
                 raise UnsafeFileError(f"{label} is {describe(st.st_mode)}, expected a regular "
                                       f"file of the license store; refused (nothing read or "
@@ -103,19 +105,32 @@ def check_state_dir(directory: Path) -> None:
 
 
 def read_state_file(directory: Path, name: str, cap: int) -> bytes:
-    """Read a state file (at most ``cap + 1`` bytes), never through a symlink, a FIFO or a
-    device node (:func:`agent.durable.read_regular`).
+    """Read a state file (at most ``cap + 1`` bytes), never through a symlink nor blocking on
+    a FIFO.
+
+    One open and one ``fstat``: :func:`check_state_dir` has already refused a device
+    node, and in a private directory no one else can swap the entry in between (this
+    is on the path of every ``check``).
 
     Raises:
         FileNotFoundError: the file is not there.
-        UnsafeFileError: it is not a regular file of the directory.
+        UnsafeFileError: it is not a regular file.
         OSError: it cannot be read.
     """
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    path = os.path.join(directory, name)
     try:
-        return read_regular(name, dfd, cap, label=str(directory / name))
-    finally:
-        os.close(dfd)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFileError(f"{path} is a symbolic link, expected a regular file of the "
+                                  f"license store; refused") from exc
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError(f"{path} is {describe(st.st_mode)}, expected a regular file "
+                                  f"of the license store; refused")
+        return read_capped(f, cap)
 
 
 @record
@@ -422,36 +437,51 @@ class Store:
 
 
 def open_lock_file(directory: Path) -> int:
-    """Open (create) the lock file: never through a symlink, never a FIFO or device node."""
-    label = str(directory / LOCK_FILE)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    """Open (create) the lock file in a private directory: never through a symlink, never
+    blocking on a FIFO; anything but a private regular file of its own is refused.
+
+    Raises:
+        UnsafeFileError: the directory is not private, or the lock file is not such a file.
+    """
+    dfd = check_private_dir(directory)  # not even a lock file in someone else's folder
     try:
-        try:
-            fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
-                         dir_fd=dfd)
-        except FileExistsError:
-            fd = open_regular(LOCK_FILE, dfd, os.O_RDWR, label=label)
-        try:
-            check_private(os.fstat(fd), label)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_NOCTTY | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    except OSError as exc:
+        os.close(dfd)
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFileError(f"{os.path.join(directory, LOCK_FILE)} is a symbolic link, "
+                                  f"expected a regular file of the license store; refused "
+                                  f"(nothing read or written through it)") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        label = os.path.join(directory, LOCK_FILE)
+        if not stat.S_ISREG(st.st_mode) or st.st_dev != os.fstat(dfd).st_dev:
+            raise UnsafeFileError(f"{label} is {describe(st.st_mode)}, expected a regular file "
+                                  f"of the license store; refused")
+        if st.st_nlink != 1:  # flock on it would also lock (and wait for) another file
+            raise UnsafeFileError(f"{label} is a regular file with {st.st_nlink} hard links, "
+                                  f"expected a file of its own; refused")
+        check_private(st, label)
+    except BaseException:
+        os.close(fd)
+        raise
     finally:
         os.close(dfd)
+    return fd
 
 
 @contextmanager
 def store_lock(directory: Path) -> Iterator[None]:
     """Exclusive advisory lock on a state directory for one operation.
 
-    The directory and its files are checked first (:func:`check_state_dir`), so that
-    a refused directory is not even given a lock file.
+    The directory is checked first, so that a directory someone else could change is
+    not even given a lock file; :meth:`Store.open` then checks every state file.
     """
     if not directory.is_dir():
         yield
         return
-    check_state_dir(directory)
     try:
         fd = open_lock_file(directory)
     except OSError as exc:
