@@ -769,20 +769,36 @@ class MailboxClient(SessionClient):
             time.sleep(self.poll)
 
 
+def _check_client_folder(opts: MailboxOptions) -> None:
+    """Create the client's ``rpc/`` folder (and the device folder), each a real folder of the
+    stick: the office's computer does not write through a link on the stick either."""
+    parts = [opts.device, "rpc"] if opts.device else ["rpc"]
+    held: list[int] = []
+    try:
+        held.append(os.open(opts.root, os.O_RDONLY | os.O_DIRECTORY))
+        for i, name in enumerate(parts):
+            held.append(ensure_dir(name, held[-1], label="/".join(parts[: i + 1])))
+    except UnsafeFileError as exc:
+        raise TransportError(f"usbdrop {opts.root}: {exc}") from exc
+    except OSError as exc:
+        raise TransportError(f"cannot create {opts.root}/{'/'.join(parts)}: {exc}") from exc
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def connect(url: LinkURL, timeout: float | None = None, **_ctx: Any) -> MailboxClient:
     """A client of the daemon polling ``usbdrop:///FOLDER`` (``?timeout=`` overrides ``timeout``).
 
     Raises:
-        TransportError: the folder is not there (stick not mounted) or not writable.
+        TransportError: the folder is not there (stick not mounted) or not writable, or
+            its ``rpc/`` (or device folder) is a link, a FIFO or on another filesystem.
     """
     opts = parse_options(url)
     if not opts.root.is_dir():
         raise TransportError(f"no mailbox folder {opts.root}: is the stick mounted?")
     folder = (opts.root / opts.device if opts.device else opts.root) / "rpc"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TransportError(f"cannot create {folder}: {exc}") from exc
+    _check_client_folder(opts)
     return MailboxClient(
         opts.root, folder,
         timeout=opts.timeout or timeout or 10.0,

@@ -398,3 +398,25 @@ def test_a_name_that_is_not_utf8_is_escaped_not_a_crash(
     polls(lst, 1)
     assert "apply bad\\xff\\xfename.resp: rejected/" in log_text(dev)
     assert not [line for line in log if "internal error" in line], log
+
+
+# ---------------------------------------------------------------- the client side
+
+
+@pytest.mark.parametrize("device_option", [False, True])
+def test_the_client_does_not_write_through_a_link_on_the_stick(
+        stick: Path, tmp_path: Path, device: Device, device_option: bool) -> None:
+    from agent.rpc import TransportError
+    from hw import connect
+
+    did = device_id(device)
+    elsewhere = outside(tmp_path)
+    parent = stick / did if device_option else stick
+    parent.mkdir(exist_ok=True)
+    os.symlink(elsewhere, parent / "rpc")
+    before = tree(elsewhere)
+    url = f"usbdrop://{stick}?timeout=1" + (f"&device={did}" if device_option else "")
+    label = f"{did}/rpc" if device_option else "rpc"
+    with pytest.raises(TransportError, match=f"{label} is a symbolic link, expected a directory"):
+        connect(url)
+    assert tree(elsewhere) == before
