@@ -243,8 +243,9 @@ def open_regular(name: str, dir_fd: int | None, flags: int = os.O_RDONLY, *,
     """Open the existing regular file ``name`` relative to ``dir_fd`` with ``flags``.
 
     The entry is pinned with ``O_PATH | O_NOFOLLOW`` (a symlink, a FIFO or a device
-    node is looked at, never opened), checked with ``fstat`` (a regular file with a
-    single link, on the directory's filesystem) and only then reopened with ``flags``.
+    node is looked at, never opened), checked with ``fstat`` (a regular file on the
+    directory's filesystem; to be written, with no other hard link) and only then
+    reopened with ``flags``.
 
     Raises:
         FileNotFoundError: there is no such entry.
@@ -315,7 +316,8 @@ def atomic_write_at(ops: FileOps, dir_fd: int, name: str, data: bytes, mode: int
     old = kind_at(dir_fd, name)
     if old is not None and not stat.S_ISREG(old.st_mode):
         raise _refuse(label, old, "a regular file or nothing")
-    tmp = f".{name}.tmp{os.getpid()}.{os.urandom(4).hex()}"
+    # a name from a stick may be 255 bytes long already: the temporary one stays short
+    tmp = f".{name[:64]}.tmp{os.getpid()}.{os.urandom(4).hex()}"
     fd = -1
     try:
         fd = create_exclusive(ops, dir_fd, tmp, os.O_WRONLY, mode)
