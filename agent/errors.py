@@ -39,6 +39,7 @@ __all__ = [
     "TooNewError",
     "TrustError",
     "UnknownRequestError",
+    "UnsafeFileError",
     "UsageError",
     "ValidityError",
     "WrongDeviceError",
@@ -170,3 +171,11 @@ class IntegrityError(StorageError):
     """The stored state fails its integrity check and no good copy is left."""
 
     reason = "store-integrity"
+
+
+class UnsafeFileError(StorageError):
+    """A file or folder is not what it must be: a symbolic link, a FIFO, a device node, on
+    another filesystem, owned by another user or writable by group or others. Nothing was
+    read or written through it."""
+
+    reason = "unsafe-file"

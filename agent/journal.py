@@ -74,6 +74,10 @@ def _whole_record_at(data: bytes, off: int) -> bool:
     return isinstance(obj, dict) and set(obj) == _FIELDS
 
 
+def _no_follow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+
+
 class Journal:
     def __init__(self, path: Path, mac_key: bytes, ops: FileOps) -> None:
         self.path = path
@@ -106,7 +110,8 @@ class Journal:
         n, prev, good, torn = 0, ZERO, 0, 0
         refused, suppressed = 0, False
         try:
-            f = open(self.path, "rb")
+            # never through a symlink or into a FIFO (the state directory is checked too)
+            f = open(self.path, "rb", opener=_no_follow)
         except FileNotFoundError:
             return _Tail(0, ZERO, 0, 0)
         except OSError as exc:
@@ -180,7 +185,7 @@ class Journal:
         blob = struct.pack(">I", len(record)) + record
         fd = -1
         try:
-            fd = self.ops.open(str(self.path), os.O_WRONLY | os.O_CREAT, 0o600)
+            fd = self.ops.open(str(self.path), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             if rep.torn:
                 self.ops.ftruncate(fd, rep.good_length)
             os.lseek(fd, rep.good_length, os.SEEK_SET)

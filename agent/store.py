@@ -8,6 +8,11 @@ Layout of a state directory::
     journal.log  append-only, hash-chained, MAC-protected audit journal
     lock         advisory lock so that the daemon and CLI calls never interleave
 
+The directory and each of these files must belong to the user the agent runs as
+and be writable by nobody else, and no file is followed through a symbolic link
+(:func:`check_state_dir`, :func:`read_state_file`): a refusal is an
+:class:`~agent.errors.UnsafeFileError`, exit 8, with the store left as it is.
+
 Write recipe (per slot): temporary file in the same directory, write, fsync,
 close, ``os.replace``, fsync the directory. Each syscall goes through
 :class:`FileOps`, so tests can fail or crash at every step.
@@ -15,8 +20,10 @@ close, ``os.replace``, fsync the directory. Each syscall goes through
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +32,15 @@ from typing import Any
 from agent import protocol
 from agent.cose import SigningKey, canonical, strict_loads
 from agent.digest import equal, hmac_sha256
-from agent.durable import FileOps, atomic_write
+from agent.durable import (
+    FileOps,
+    atomic_write,
+    check_private,
+    check_private_dir,
+    describe,
+    kind_at,
+    read_capped,
+)
 from agent.errors import (
     CopiedStoreError,
     FactsOverrideError,
@@ -33,6 +48,7 @@ from agent.errors import (
     LicensingError,
     MalformedError,
     StorageError,
+    UnsafeFileError,
     UsageError,
 )
 from agent.identity import binding_refusal, check_binding, check_facts_source
@@ -40,7 +56,7 @@ from agent.journal import Journal
 from agent.protocol import AgentState
 from agent.record import field, record
 
-__all__ = ["FileOps", "LoadReport", "Store"]
+__all__ = ["STATE_FILES", "FileOps", "LoadReport", "Store", "check_state_dir", "read_state_file"]
 
 SLOT_MAGIC = "licagent-store"
 SLOT_VERSION = 1
@@ -49,6 +65,72 @@ KEY_FILE = "device.key"
 SLOTS = ("state.0", "state.1")
 JOURNAL_FILE = "journal.log"
 LOCK_FILE = "lock"
+#: every file of a state directory: each is checked (regular, private, same filesystem)
+#: before the store is used, and read only through :func:`read_state_file`
+STATE_FILES = (KEY_FILE, *SLOTS, JOURNAL_FILE, LOCK_FILE)
+MAX_KEY = 64 * 1024
+
+
+def check_state_dir(directory: Path) -> None:
+    """Refuse a state directory someone else could change, or a state file that is not a
+    private regular file in it (a symlink, a FIFO, a device node, another filesystem).
+
+    Once the directory itself is private, only its owner can swap an entry, so what
+    is checked here stays true while the store is open.
+
+    Raises:
+        FileNotFoundError: there is no such directory.
+        UnsafeFileError: the directory or a file fails a check (one line naming it).
+    """
+    dfd = check_private_dir(directory)
+    euid = os.geteuid()
+    try:
+        dev = os.fstat(dfd).st_dev
+        for name in STATE_FILES:
+            st = kind_at(dfd, name)
+            if st is None or (stat.S_ISREG(st.st_mode) and st.st_dev == dev
+                              and st.st_uid == euid and not st.st_mode & 0o022):
+                continue  # the common case, without building a message
+            label = os.path.join(directory, name)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafeFileError(f"{label} is {describe(st.st_mode)}, expected a regular "
+                                      f"file of the license store; refused (nothing read or "
+                                      f"written through it)")
+            if st.st_dev != dev:
+                raise UnsafeFileError(f"{label} is on another filesystem than {directory}, "
+                                      f"expected a file of the state directory itself; refused")
+            check_private(st, label)
+    finally:
+        os.close(dfd)
+
+
+def read_state_file(directory: Path, name: str, cap: int) -> bytes:
+    """Read a state file (at most ``cap + 1`` bytes), never through a symlink nor blocking on
+    a FIFO.
+
+    One open and one ``fstat``: :func:`check_state_dir` has already refused a device
+    node, and in a private directory no one else can swap the entry in between (this
+    is on the path of every ``check``).
+
+    Raises:
+        FileNotFoundError: the file is not there.
+        UnsafeFileError: it is not a regular file.
+        OSError: it cannot be read.
+    """
+    path = os.path.join(directory, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFileError(f"{path} is a symbolic link, expected a regular file of the "
+                                  f"license store; refused") from exc
+        raise
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError(f"{path} is {describe(st.st_mode)}, expected a regular file "
+                                  f"of the license store; refused")
+        return read_capped(f, cap)
 
 
 @record
@@ -156,7 +238,8 @@ class Store:
     ) -> Store:
         ops = ops or FileOps()
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if any((directory / n).exists() for n in (KEY_FILE, *SLOTS)):
+        check_state_dir(directory)
+        if any(os.path.lexists(directory / n) for n in (KEY_FILE, *SLOTS)):
             raise UsageError(
                 f"{directory} already holds a license store; refusing to overwrite it"
             )
@@ -199,13 +282,16 @@ class Store:
         ops = ops or FileOps()
         key_path = directory / KEY_FILE
         try:
-            pem = key_path.read_bytes()
+            check_state_dir(directory)
+            pem = read_state_file(directory, KEY_FILE, MAX_KEY)
         except FileNotFoundError as exc:
             raise UsageError(
                 f"no license store in {directory} (run 'licagent init' first)"
             ) from exc
         except OSError as exc:
             raise StorageError(f"cannot read {key_path}: {exc}") from exc
+        if len(pem) > MAX_KEY:
+            raise IntegrityError(f"device key {key_path} is larger than {MAX_KEY} bytes")
         try:
             key = SigningKey.from_pem(pem)
         except MalformedError as exc:
@@ -216,9 +302,8 @@ class Store:
         warnings: list[str] = []
         missing: list[str] = []
         for idx, name in enumerate(SLOTS):
-            p = directory / name
             try:
-                data = p.read_bytes()
+                data = read_state_file(directory, name, MAX_SLOT)
             except FileNotFoundError:
                 missing.append(name)
                 continue
@@ -351,14 +436,54 @@ class Store:
             pass
 
 
+def open_lock_file(directory: Path) -> int:
+    """Open (create) the lock file in a private directory: never through a symlink, never
+    blocking on a FIFO; anything but a private regular file of its own is refused.
+
+    Raises:
+        UnsafeFileError: the directory is not private, or the lock file is not such a file.
+    """
+    dfd = check_private_dir(directory)  # not even a lock file in someone else's folder
+    try:
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_NOCTTY | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    except OSError as exc:
+        os.close(dfd)
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFileError(f"{os.path.join(directory, LOCK_FILE)} is a symbolic link, "
+                                  f"expected a regular file of the license store; refused "
+                                  f"(nothing read or written through it)") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        label = os.path.join(directory, LOCK_FILE)
+        if not stat.S_ISREG(st.st_mode) or st.st_dev != os.fstat(dfd).st_dev:
+            raise UnsafeFileError(f"{label} is {describe(st.st_mode)}, expected a regular file "
+                                  f"of the license store; refused")
+        if st.st_nlink != 1:  # flock on it would also lock (and wait for) another file
+            raise UnsafeFileError(f"{label} is a regular file with {st.st_nlink} hard links, "
+                                  f"expected a file of its own; refused")
+        check_private(st, label)
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        os.close(dfd)
+    return fd
+
+
 @contextmanager
 def store_lock(directory: Path) -> Iterator[None]:
-    """Exclusive advisory lock on a state directory for one operation."""
+    """Exclusive advisory lock on a state directory for one operation.
+
+    The directory is checked first, so that a directory someone else could change is
+    not even given a lock file; :meth:`Store.open` then checks every state file.
+    """
     if not directory.is_dir():
         yield
         return
     try:
-        fd = os.open(str(directory / LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_lock_file(directory)
     except OSError as exc:
         raise StorageError(f"cannot open lock file in {directory}: {exc}") from exc
     try:

@@ -30,6 +30,17 @@ Layout of the stick (``<id>`` is the device ID, the SHA-256 of the device key)::
         rpc/                          RPC transport for clients with ?device=<id>
         log.txt                       one line per action: time, action, outcome
 
+The stick is not trusted. Every poll opens the stick's folder, the device folder and its
+subfolders once and does every listing, read, write and rename relative to those
+descriptors (:mod:`agent.durable`'s safe-open primitives), never through a symbolic link:
+a device folder, ``log.txt``, ``device-info.cbor``, ``responses/``, ``receipts/``,
+``applied/``, ``rejected/`` or ``rpc/`` that is a symbolic link, a FIFO, a device node or
+on another filesystem stops that part of the stick with one line in the daemon log (once
+per insertion); a response or ``want-request.json`` that is not a regular file is left
+alone with one line in ``log.txt``; ``log.txt`` must be a file of its own (no hard link).
+The folders a result goes to are checked before the agent is asked, so a refusal leaves
+the store untouched. Names in log lines are escaped (:func:`agent.durable.escape`).
+
 Only final names are read: a name starting with ``.`` or not ending in ``.resp``
 (``x.resp.part``, ``x.resp.tmp``) is a file still being written and is left
 alone. Each response is read once, capped at the protocol's file limit; the
@@ -56,7 +67,6 @@ the daemon side it must name the device served).
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -65,12 +75,31 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from agent.durable import FileOps, atomic_write, fsync_dir, write_all
-from agent.errors import LicensingError, MalformedError, StorageError, UsageError
+from agent.durable import (
+    FileOps,
+    atomic_write,
+    atomic_write_at,
+    create_exclusive,
+    ensure_dir,
+    escape,
+    kind_at,
+    open_dir,
+    open_regular,
+    read_regular,
+    write_all,
+)
+from agent.errors import (
+    LicensingError,
+    MalformedError,
+    StorageError,
+    UnsafeFileError,
+    UsageError,
+)
 from agent.formats import iso
 from agent.messages import Request
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
@@ -108,6 +137,8 @@ OPTIONS = ("always", "device", "poll", "timeout")
 DEVICE_INFO = "device-info.cbor"
 WANT = "want-request.json"
 LOG = "log.txt"
+LOG_OLD = "log.1.txt"
+SUBFOLDERS = ("responses", "receipts", "applied", "rejected")
 RESP_SUFFIX = ".resp"
 REQ_SUFFIX = ".req.cbor"
 RSP_SUFFIX = ".rsp.cbor"
@@ -161,31 +192,21 @@ def parse_options(url: LinkURL) -> MailboxOptions:
 
 
 def _read_capped(path: Path, cap: int) -> bytes | None:
-    """Read a regular file once, at most ``cap + 1`` bytes; None if it is gone or not a file."""
+    """Read a regular file once, at most ``cap + 1`` bytes; None if it is gone or not a file.
+
+    (The client's answers; the daemon reads through its held folders instead.)
+    """
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return None
     try:
         # no symlinks (a shared folder could point into another device's folder), no FIFOs
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
+        return read_regular(path.name, dfd, cap, label=str(path))
+    except (FileNotFoundError, UnsafeFileError):
         return None
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO):
-            return None
-        raise
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return None
-        return f.read(cap + 1)
-
-
-def _file_key(path: Path) -> tuple[str, int, int] | None:
-    """Identity of a file's current version, to remember one that must wait."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return (path.name, st.st_size, st.st_mtime_ns)
+    finally:
+        os.close(dfd)
 
 
 def answer_request(handler: Handler, payload: bytes) -> bytes | None:
@@ -205,7 +226,39 @@ def answer_request(handler: Handler, payload: bytes) -> bytes | None:
 
 
 def _refusal(name: str, err: LicensingError) -> str:
-    return f"{name}: refused, exit class {err.exit_code} ({err.reason}): {err}\n"
+    return f"{escape(name)}: refused, exit class {err.exit_code} ({err.reason}): {_one_line(str(err))}\n"
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every character that could end or disguise a log line escaped (names are
+    escaped with :func:`~agent.durable.escape` where they enter a message)."""
+    return "".join(ch if ch.isprintable() else escape(ch) for ch in text)
+
+
+class _Folder:
+    """A folder of the stick held open while one poll works in it; its subfolders are
+    opened (and created) on first use, each checked by :func:`~agent.durable.open_dir`.
+
+    ``label`` is the folder's path on the stick, for messages.
+    """
+
+    def __init__(self, fd: int, label: str) -> None:
+        self.fd = fd
+        self.label = label
+        self._subs: dict[str, int] = {}
+
+    def sub(self, name: str) -> int:
+        fd = self._subs.get(name)
+        if fd is None:
+            fd = ensure_dir(name, self.fd, label=f"{self.label}/{name}")
+            self._subs[name] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._subs.values():
+            os.close(fd)
+        self._subs.clear()
+        os.close(self.fd)
 
 
 # ---------------------------------------------------------------- daemon side
@@ -213,6 +266,11 @@ def _refusal(name: str, err: LicensingError) -> str:
 
 class MailboxListener(Listener):
     """Polls the mailbox folder in one thread; see the module docstring for the layout.
+
+    Every file is opened relative to a folder descriptor held for the poll, never
+    through a symbolic link, and only if it is a regular file (or a folder) on the
+    stick's own filesystem; anything else is refused with one line (the daemon log,
+    and ``log.txt`` for a file in the device folder), nothing read or written through it.
 
     Args:
         opts: the parsed URL.
@@ -237,7 +295,10 @@ class MailboxListener(Listener):
         self.device_id: str | None = None
         self._present = False
         self._deferred: dict[tuple[str, int, int], float] = {}
-        self._last_error = ""
+        #: problems reported and still there at the last poll (each is said once while it
+        #: lasts, and again if it comes back after it was gone)
+        self._reported: set[str] = set()
+        self._current: set[str] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -278,13 +339,14 @@ class MailboxListener(Listener):
         """One look at the folder; never raises (the daemon's thread must keep polling)."""
         try:
             self._poll()
-            self._last_error = ""
         except (OSError, LicensingError) as exc:
-            self._complain(f"usbdrop {self.root}: {exc}")
+            self._complain(f"usbdrop {self.root}: {_one_line(str(exc))}")
         except Exception as exc:  # a bug must not end the mailbox thread silently
             _logger.exception("usbdrop %s: internal error", self.root)
-            self._complain(f"usbdrop {self.root}: internal error: {type(exc).__name__}: {exc}")
+            self._complain(f"usbdrop {self.root}: internal error: {type(exc).__name__}: "
+                           f"{_one_line(str(exc))}")
         finally:
+            self._reported, self._current = self._current, set()
             self.polls += 1
 
     def _waiting(self, key: tuple[str, int, int] | None) -> bool:
@@ -303,29 +365,65 @@ class MailboxListener(Listener):
         self._deferred[key] = time.monotonic()
 
     def _complain(self, msg: str) -> None:
-        if msg != self._last_error:  # a stick that stays read-only is reported once, not per poll
+        """Tell the daemon log, once per problem while it lasts (a stick that stays
+        read-only, or holds a planted link, is reported once, not on every poll)."""
+        self._current.add(msg)
+        if msg not in self._reported:
+            self._reported.add(msg)
             self.log(msg)
-            self._last_error = msg
+
+    def _open_root(self) -> int | None:
+        """The stick's folder (the configured path, an administrator's choice), or None."""
+        try:
+            return os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
 
     def _poll(self) -> None:
-        present = self.opts.always or (self.root / MARKER).is_file()
-        if not present:
-            if self._present:
-                self._present = False
-                self.log(f"usbdrop {self.root}: mailbox removed")
+        root = self._open_root()
+        if root is None:
+            if self.opts.always:
+                raise StorageError(f"the mailbox folder {self.root} is gone")
+            self._removed()
             return
-        if not self._present:
-            self._deferred.clear()
-            self._write_device_info("inserted")  # raises: stays "not present", retried next poll
-            self._present = True
-        assert self.device_id is not None
-        dev = self.root / self.device_id
-        if not (dev / DEVICE_INFO).is_file():
-            self._write_device_info("device-info was missing")
-        self._serve_rpc(self.root / "rpc")
-        self._serve_rpc(dev / "rpc")
-        self._want_request(dev)
-        self._responses(dev)
+        with ExitStack() as held:
+            held.callback(os.close, root)
+            marker = kind_at(root, MARKER)
+            if not (self.opts.always or (marker is not None and stat.S_ISREG(marker.st_mode))):
+                self._removed()
+                return
+            info = None
+            if not self._present:
+                info = self._fetch_info()
+            assert self.device_id is not None
+            dev = _Folder(ensure_dir(self.device_id, root, label=self.device_id), self.device_id)
+            held.callback(dev.close)
+            self._check_log(dev)  # nothing is done in a folder whose log leads elsewhere
+            if info is not None:
+                for sub in SUBFOLDERS:
+                    dev.sub(sub)
+                self._write_device_info(dev, info, "inserted")  # raises: retried next poll
+                self._present = True
+            elif kind_at(dev.fd, DEVICE_INFO) is None:
+                self._write_device_info(dev, self._fetch_info(), "device-info was missing")
+            parts: list[Callable[[], None]] = [
+                lambda: self._serve_rpc(root, "rpc"),
+                lambda: self._serve_rpc(dev.fd, f"{dev.label}/rpc"),
+                lambda: self._want_request(dev),
+                lambda: self._responses(dev),
+            ]
+            for part in parts:
+                try:  # one hostile part of the stick does not stop the others
+                    part()
+                except (OSError, LicensingError) as exc:
+                    self._complain(f"usbdrop {self.root}: {_one_line(str(exc))}")
+
+    def _removed(self) -> None:
+        # a stick inserted again: files set aside are tried again
+        self._deferred.clear()
+        if self._present:
+            self._present = False
+            self.log(f"usbdrop {self.root}: mailbox removed")
 
     # ------------------------------------------------------------ device folder
 
@@ -337,57 +435,112 @@ class MailboxListener(Listener):
         self.device_id = device_id
         return bytes(result["file"])
 
-    def _write_device_info(self, why: str) -> None:
-        data = self._fetch_info()
-        assert self.device_id is not None
-        dev = self.root / self.device_id
-        dev.mkdir(exist_ok=True)
-        for sub in ("responses", "receipts", "applied", "rejected"):
-            (dev / sub).mkdir(exist_ok=True)
-        atomic_write(self.ops, dev / DEVICE_INFO, data, 0o644)
+    def _write_device_info(self, dev: _Folder, data: bytes, why: str) -> None:
+        atomic_write_at(self.ops, dev.fd, DEVICE_INFO, data, 0o644,
+                        label=f"{dev.label}/{DEVICE_INFO}")
         self._note(dev, "device-info", f"{why}; {DEVICE_INFO} written")
 
-    def _note(self, dev: Path, action: str, outcome: str) -> None:
-        """One line in the device folder's log.txt and in the daemon log."""
+    def _open_log(self, dev: _Folder) -> int:
+        """``log.txt`` for appending: an existing regular file of its own, or a new one."""
+        label = f"{dev.label}/{LOG}"
+        for _attempt in range(2):
+            try:
+                fd = open_regular(LOG, dev.fd, os.O_WRONLY | os.O_APPEND, label=label)
+            except FileNotFoundError:
+                try:
+                    return create_exclusive(self.ops, dev.fd, LOG, os.O_WRONLY | os.O_APPEND,
+                                            0o644)
+                except FileExistsError:
+                    continue  # someone made one just now: look at it again
+            if os.fstat(fd).st_size <= MAX_LOG:
+                return fd
+            os.close(fd)
+            self.ops.renameat(dev.fd, LOG, dev.fd, LOG_OLD)
+        raise StorageError(f"{label} keeps changing while it is opened")
+
+    @staticmethod
+    def _check_log(dev: _Folder) -> None:
+        """Refuse the device folder while its ``log.txt`` is anything but a file of its own."""
+        st = kind_at(dev.fd, LOG)
+        if st is not None and (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1
+                               or st.st_dev != os.fstat(dev.fd).st_dev):
+            os.close(open_regular(LOG, dev.fd, os.O_WRONLY | os.O_APPEND,
+                                  label=f"{dev.label}/{LOG}"))  # raises, naming what it is
+
+    def _note(self, dev: _Folder, action: str, outcome: str) -> None:
+        """One line in the device folder's log.txt and in the daemon log.
+
+        ``action`` and ``outcome`` carry names already escaped; anything else that could
+        break the line (an error message's newline) is escaped here.
+        """
+        action, outcome = _one_line(action), _one_line(outcome)
         line = f"{iso(int(self.clock()))} {action}: {outcome}\n".encode()
-        path = dev / LOG
-        try:
-            if path.stat().st_size > MAX_LOG:
-                self.ops.replace(str(path), str(dev / "log.1.txt"))
-        except FileNotFoundError:
-            pass
-        fd = self.ops.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = self._open_log(dev)
         try:
             write_all(self.ops, fd, line)
             self.ops.fsync(fd)
         finally:
             self.ops.close(fd)
-        self.log(f"usbdrop {dev.name[:12]}: {action}: {outcome}")
+        self.log(f"usbdrop {dev.label[:12]}: {action}: {outcome}")
 
-    def _move(self, src: Path, dst: Path) -> None:
-        self.ops.replace(str(src), str(dst))
-        fsync_dir(self.ops, dst.parent)
-        if src.parent != dst.parent:
-            fsync_dir(self.ops, src.parent)
+    def _refused(self, dev: _Folder, err: UnsafeFileError) -> None:
+        """A file of the device folder that is not a regular file: said once, left alone."""
+        msg = str(err)
+        self._current.add(msg)
+        if msg not in self._reported:
+            self._reported.add(msg)
+            self._note(dev, "refused", msg)  # the stick's log and the daemon log
+
+    def _move(self, src_fd: int, src: str, dst_fd: int, dst: str) -> None:
+        self.ops.renameat(src_fd, src, dst_fd, dst)
+        self.ops.fsync(dst_fd)
+        if src_fd != dst_fd:
+            self.ops.fsync(src_fd)
 
     @staticmethod
-    def _free_name(folder: Path, stem: str, *others: Path) -> str:
+    def _free_name(stem: str, *folders: int) -> str:
         """``stem`` or ``stem.2``, ``stem.3``...: the first not yet used by a processed file."""
         cand, n = stem, 1
-        while any((f / f"{cand}{RESP_SUFFIX}").exists() for f in (folder, *others)):
+        while any(kind_at(f, f"{cand}{RESP_SUFFIX}") is not None for f in folders):
             n += 1
             cand = f"{stem}.{n}"
         return cand
 
+    def _regular_key(self, dev: _Folder, folder: int, name: str,
+                     label: str) -> tuple[str, int, int] | None:
+        """Identity of a file's current version (to remember one that must wait); None if it
+        is not there, or (said once) if it is not a regular file."""
+        st = kind_at(folder, name)
+        if st is None:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            try:
+                open_regular(name, folder, label=label)  # the refusal, in the usual words
+            except UnsafeFileError as err:
+                self._refused(dev, err)
+            except FileNotFoundError:
+                pass
+            return None
+        return (name, st.st_size, st.st_mtime_ns)
+
+    def _read(self, dev: _Folder, folder: int, name: str, cap: int, label: str) -> bytes | None:
+        try:
+            return read_regular(name, folder, cap, label=label)
+        except FileNotFoundError:
+            return None
+        except UnsafeFileError as err:
+            self._refused(dev, err)
+            return None
+
     # ------------------------------------------------------------ want-request.json
 
-    def _want_request(self, dev: Path) -> None:
-        path = dev / WANT
-        key = _file_key(path)
+    def _want_request(self, dev: _Folder) -> None:
+        label = f"{dev.label}/{WANT}"
+        key = self._regular_key(dev, dev.fd, WANT, label)
         if self._waiting(key):
             return
         assert key is not None
-        data = _read_capped(path, MAX_WANT)
+        data = self._read(dev, dev.fd, WANT, MAX_WANT, label)
         if data is None:
             return
         try:
@@ -399,8 +552,9 @@ class MailboxListener(Listener):
             return
         except LicensingError as err:
             self._set_aside(key)  # if writing to the stick fails below, not again every poll
-            atomic_write(self.ops, dev / f"{WANT}.reason.txt", _refusal(WANT, err).encode(), 0o644)
-            self._move(path, dev / f"{WANT}.rejected")
+            atomic_write_at(self.ops, dev.fd, f"{WANT}.reason.txt", _refusal(WANT, err).encode(),
+                            0o644, label=f"{label}.reason.txt")
+            self._move(dev.fd, WANT, dev.fd, f"{WANT}.rejected")
             self._deferred.pop(key, None)
             self._note(dev, "request", _refusal(WANT, err).strip())
             return
@@ -409,37 +563,35 @@ class MailboxListener(Listener):
         payload, _key = self_signed_payload(req, Request)
         name = f"request-{payload.nonce.hex()[:12]}.req"
         # request first, then .done: a crash between makes one more (harmless) outstanding request
-        atomic_write(self.ops, dev / name, req, 0o644)
-        self._move(path, dev / f"{WANT}.done")
+        atomic_write_at(self.ops, dev.fd, name, req, 0o644, label=f"{dev.label}/{name}")
+        self._move(dev.fd, WANT, dev.fd, f"{WANT}.done")
         self._deferred.pop(key, None)
-        self._note(dev, "request", f"{args['action']} {','.join(args['features']) or '-'} "
-                                   f"-> {name}")
+        features = ",".join(escape(f) for f in args["features"]) or "-"
+        self._note(dev, "request", f"{escape(args['action'])} {features} -> {name}")
 
     # ------------------------------------------------------------ responses/
 
-    def _responses(self, dev: Path) -> None:
-        inbox = dev / "responses"
-        try:
-            names = sorted(os.listdir(inbox))
-        except FileNotFoundError:
-            return
-        for name in names:
+    def _responses(self, dev: _Folder) -> None:
+        inbox = dev.sub("responses")
+        for name in sorted(os.listdir(inbox)):
             if self._stop.is_set():
                 return
             if name.startswith(".") or not name.lower().endswith(RESP_SUFFIX):
                 continue  # not final yet (.part, .tmp, dot-temporaries) or not a response
-            self._response(dev, inbox / name)
+            self._response(dev, inbox, name)
 
-    def _response(self, dev: Path, path: Path) -> None:
-        key = _file_key(path)
+    def _response(self, dev: _Folder, inbox: int, name: str) -> None:
+        label = f"{dev.label}/responses/{name}"
+        key = self._regular_key(dev, inbox, name, label)
         if self._waiting(key):
             return
         assert key is not None
-        data = _read_capped(path, MAX_RESPONSE)
+        data = self._read(dev, inbox, name, MAX_RESPONSE, label)
         if data is None:
             return
-        stem = path.name[: -len(RESP_SUFFIX)]
-        action = f"apply {path.name}"
+        stem = name[: -len(RESP_SUFFIX)]
+        action = f"apply {escape(name)}"
+        applied, receipts, rejected = (dev.sub(n) for n in ("applied", "receipts", "rejected"))
         try:
             result = self.handler(Op.APPLY_RESPONSE, {"file": data})
         except StorageError as err:
@@ -448,60 +600,74 @@ class MailboxListener(Listener):
             return
         except LicensingError as err:
             self._set_aside(key)  # if writing to the stick fails below, not again every poll
-            target = self._free_name(dev / "rejected", stem)
-            atomic_write(self.ops, dev / "rejected" / f"{target}.reason.txt",
-                         _refusal(path.name, err).encode(), 0o644)
-            self._move(path, dev / "rejected" / f"{target}{RESP_SUFFIX}")
+            target = self._free_name(stem, rejected)
+            atomic_write_at(self.ops, rejected, f"{target}.reason.txt",
+                            _refusal(name, err).encode(), 0o644,
+                            label=f"{dev.label}/rejected/{target}.reason.txt")
+            self._move(inbox, name, rejected, f"{target}{RESP_SUFFIX}")
             self._deferred.pop(key, None)
-            self._note(dev, action, f"rejected/{target}{RESP_SUFFIX}: "
-                                    f"{_refusal(path.name, err).strip()}")
+            self._note(dev, action, f"rejected/{escape(target)}{RESP_SUFFIX}: "
+                                    f"{_refusal(name, err).strip()}")
             return
         self._set_aside(key)
-        target = self._free_name(dev / "applied", stem, dev / "rejected")
+        target = self._free_name(stem, applied, rejected)
         # receipt before the move: a crash in between re-applies idempotently next time
-        atomic_write(self.ops, dev / "receipts" / f"{target}.receipt", bytes(result["receipt"]),
-                     0o644)
-        self._move(path, dev / "applied" / f"{target}{RESP_SUFFIX}")
+        atomic_write_at(self.ops, receipts, f"{target}.receipt", bytes(result["receipt"]), 0o644,
+                        label=f"{dev.label}/receipts/{target}.receipt")
+        self._move(inbox, name, applied, f"{target}{RESP_SUFFIX}")
         self._deferred.pop(key, None)
         if result.get("already_applied"):
             outcome = "already applied (idempotent no-op); receipt written again"
         else:
             outcome = f"applied, sequence {result.get('sequence')}"
         warning = f"; warning: {result['warning']}" if result.get("warning") else ""
-        self._note(dev, action, f"{outcome} -> receipts/{target}.receipt{warning}")
+        self._note(dev, action, f"{outcome} -> receipts/{escape(target)}.receipt{warning}")
 
     # ------------------------------------------------------------ rpc/
 
-    def _serve_rpc(self, folder: Path) -> None:
+    def _serve_rpc(self, parent: int, label: str) -> None:
         try:
-            names = sorted(os.listdir(folder))
+            folder = open_dir("rpc", parent, label=label)
         except FileNotFoundError:
             return
-        for name in names:
-            if self._stop.is_set():
-                return
-            if name.startswith(".") or not name.endswith(REQ_SUFFIX):
-                continue
-            base = name[: -len(REQ_SUFFIX)]
-            claimed = folder / f".{name}.claimed-{os.getpid()}"
+        try:
+            for name in sorted(os.listdir(folder)):
+                if self._stop.is_set():
+                    return
+                if name.startswith(".") or not name.endswith(REQ_SUFFIX):
+                    continue
+                self._rpc_request(folder, label, name)
+        finally:
+            os.close(folder)
+
+    def _rpc_request(self, folder: int, label: str, name: str) -> None:
+        base = name[: -len(REQ_SUFFIX)]
+        claimed = f".{name}.claimed-{os.getpid()}"
+        try:
+            # atomic: one daemon per request (a link is renamed, never followed)
+            os.rename(name, claimed, src_dir_fd=folder, dst_dir_fd=folder)
+        except FileNotFoundError:
+            return  # withdrawn by its client, or taken by another daemon on the stick
+        try:
             try:
-                os.rename(folder / name, claimed)  # atomic: one daemon per request
-            except FileNotFoundError:
-                continue  # withdrawn by its client, or taken by another daemon on the stick
+                data: bytes | None = read_regular(claimed, folder, MAX_RPC_FILE,
+                                                  label=f"{label}/{name}")
+            except (FileNotFoundError, UnsafeFileError):
+                data = None
+            reply = None
+            if data is not None and len(data) <= MAX_RPC_FILE:
+                reply = answer_request(self.handler, data)
+            if reply is None:
+                self.log(f"usbdrop {self.root}: {escape(label)}/{escape(name)} is not an RPC "
+                         f"request; dropped")
+            else:
+                atomic_write_at(self.ops, folder, f"{base}{RSP_SUFFIX}", reply, 0o644,
+                                label=f"{label}/{base}{RSP_SUFFIX}")
+        finally:
             try:
-                data = _read_capped(claimed, MAX_RPC_FILE)
-                reply = None
-                if data is not None and len(data) <= MAX_RPC_FILE:
-                    reply = answer_request(self.handler, data)
-                if reply is None:
-                    self.log(f"usbdrop {folder}: {name} is not an RPC request; dropped")
-                else:
-                    atomic_write(self.ops, folder / f"{base}{RSP_SUFFIX}", reply, 0o644)
-            finally:
-                try:
-                    claimed.unlink()
-                except OSError:
-                    pass
+                os.unlink(claimed, dir_fd=folder)
+            except OSError:
+                pass
 
 
 def _parse_want(data: bytes) -> dict[str, Any]:
@@ -603,20 +769,36 @@ class MailboxClient(SessionClient):
             time.sleep(self.poll)
 
 
+def _check_client_folder(opts: MailboxOptions) -> None:
+    """Create the client's ``rpc/`` folder (and the device folder), each a real folder of the
+    stick: the office's computer does not write through a link on the stick either."""
+    parts = [opts.device, "rpc"] if opts.device else ["rpc"]
+    held: list[int] = []
+    try:
+        held.append(os.open(opts.root, os.O_RDONLY | os.O_DIRECTORY))
+        for i, name in enumerate(parts):
+            held.append(ensure_dir(name, held[-1], label="/".join(parts[: i + 1])))
+    except UnsafeFileError as exc:
+        raise TransportError(f"usbdrop {opts.root}: {exc}") from exc
+    except OSError as exc:
+        raise TransportError(f"cannot create {opts.root}/{'/'.join(parts)}: {exc}") from exc
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def connect(url: LinkURL, timeout: float | None = None, **_ctx: Any) -> MailboxClient:
     """A client of the daemon polling ``usbdrop:///FOLDER`` (``?timeout=`` overrides ``timeout``).
 
     Raises:
-        TransportError: the folder is not there (stick not mounted) or not writable.
+        TransportError: the folder is not there (stick not mounted) or not writable, or
+            its ``rpc/`` (or device folder) is a link, a FIFO or on another filesystem.
     """
     opts = parse_options(url)
     if not opts.root.is_dir():
         raise TransportError(f"no mailbox folder {opts.root}: is the stick mounted?")
     folder = (opts.root / opts.device if opts.device else opts.root) / "rpc"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TransportError(f"cannot create {folder}: {exc}") from exc
+    _check_client_folder(opts)
     return MailboxClient(
         opts.root, folder,
         timeout=opts.timeout or timeout or 10.0,
