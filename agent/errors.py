@@ -33,6 +33,7 @@ __all__ = [
     "NoIdentityError",
     "NotLicensedError",
     "NotYetValidError",
+    "ReadOnlyStoreError",
     "SequenceError",
     "StaleError",
     "StorageError",
@@ -170,3 +171,9 @@ class IntegrityError(StorageError):
     """The stored state fails its integrity check and no good copy is left."""
 
     reason = "store-integrity"
+
+
+class ReadOnlyStoreError(StorageError):
+    """A write to a store on a read-only file system (reading still works)."""
+
+    reason = "read-only"
