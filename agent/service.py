@@ -206,11 +206,16 @@ class Agent:
             detail: dict[str, Any] = {"clock_hwm": now}
             if edge is not None:
                 detail |= {"feature": feature, "decided": edge}
-            try:
-                store.commit(new, "clock", detail, now)
-            except StorageError as exc:
+            why = (f"{self.directory} is on a read-only file system" if not store.writable
+                   else "")
+            if store.writable:
+                try:
+                    store.commit(new, "clock", detail, now)
+                except StorageError as exc:
+                    why = str(exc)
+            if why:
                 return replace(res, warnings=(
-                    f"the clock high-water mark ({iso(now)}) could not be saved: {exc}",))
+                    f"the clock high-water mark ({iso(now)}) could not be saved: {why}",))
             return res
 
     def trust_update(self, data: bytes) -> TrustUpdate:

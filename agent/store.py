@@ -478,7 +478,7 @@ class Store:
         and the next open replays it if not). Returns None (a journal failure is an
         error now: nothing is committed without its record).
         """
-        self.require_writable(event)
+        self.require_writable(f"save the {event} change")
         before = self.journal.head()
         self.journal.append(event, details, now)
         try:
