@@ -160,6 +160,9 @@ def main() -> int:
     from tests.bench.assign import assign_rows
 
     rows += assign_rows()
+    from tests.bench.journal import journal_rows
+
+    rows += journal_rows()
     from tests.bench.hal import framing_rows
 
     rows += framing_rows()
