@@ -20,7 +20,15 @@ import pytest
 
 from agent.errors import IntegrityError
 from agent.messages import Action
-from agent.store import JOURNAL_FILE, SLOTS, Store
+from agent.store import (
+    JOURNAL_FILE,
+    RESAVE_AFTER,
+    SLOTS,
+    Store,
+    decode_slot,
+    decode_slot_head,
+    encode_slot,
+)
 from tests.conftest import Device
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -244,3 +252,47 @@ def test_sigkill_at_every_step_of_a_reclaim_never_loses_its_record(
     # both outcomes occurred: killed before the record (old) and after it (new)
     assert outcomes[0] is False and outcomes[-1] is True, outcomes
     assert outcomes == sorted(outcomes), outcomes  # one commit point: the record's write
+
+
+# ---------------------------------------------------------------- slot format and head
+
+
+def test_a_store_of_slot_format_1_is_read_and_upgraded_at_its_next_save(
+    device: Device, facts: Path,
+) -> None:
+    """Slots written before they recorded the journal head are read as before; the next
+    save writes format 2, and from then on a cut journal is refused."""
+    device.activate(bacnet=3)
+    s = Store.open(device.directory, None)
+    for name in SLOTS:
+        p = device.directory / name
+        gen, sb, _w = decode_slot(s.mac_key, p.read_bytes())
+        p.write_bytes(encode_slot(s.mac_key, gen, sb))  # format 1: no head
+    assert all(decode_slot_head(s.mac_key, (device.directory / n).read_bytes())[2] is None
+               for n in SLOTS)
+    assert cli(device, facts, "check", "bacnet").returncode == 0
+    device.activate(knx=1)
+    s = Store.open(device.directory, None)
+    head = decode_slot_head(s.mac_key, (device.directory / SLOTS[s.slot]).read_bytes())[2]
+    assert head is not None and head.count == len(s.journal.read().entries)
+    journal = device.directory / JOURNAL_FILE
+    journal.write_bytes(journal.read_bytes()[:-1])
+    p = cli(device, facts, "status")
+    assert p.returncode == 8 and "cut short" in p.stderr
+
+
+def test_records_past_the_head_are_bounded(device: Device) -> None:
+    """Records that change nothing (here: re-applies) pile up past the slot's head until
+    the next open finds more than RESAVE_AFTER and saves the slot, moving the head."""
+    resp = device.activate(bacnet=3)
+    start = Store.open(device.directory, None)
+    assert start.head is not None
+    for _ in range(RESAVE_AFTER + 1):
+        res, _warn = device.agent.apply(resp)  # the idempotent no-op: a reapply record
+        assert res.already_applied
+    assert Store.open(device.directory, None, writable=False).head == start.head
+    device.agent.apply(resp)  # this open finds RESAVE_AFTER + 2 past the head
+    s = Store.open(device.directory, None)
+    assert s.head is not None and s.head.count > start.head.count + RESAVE_AFTER
+    assert s.state.encode() == start.state.encode()
+    assert s.report.warnings == []
