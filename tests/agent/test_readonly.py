@@ -180,3 +180,38 @@ def test_a_crash_recovery_is_used_but_not_saved_on_a_read_only_store(
     assert "knx" not in {lic["feature"] for lic in st["licenses"]}
     assert any("not saved" in w for w in st["warnings"]), st["warnings"]
     assert licagent(ro, facts, device.clock(), "check", "knx").returncode == 1
+
+
+def test_the_daemon_serves_reads_from_a_read_only_store(
+    store: tuple[Device, Path, Path, Path],
+) -> None:
+    """``licagent run`` starts on a read-only store; status, check and journal answer over
+    TCP on loopback, and a request is refused with exit 8 and the read-only reason."""
+    import hw
+    from agent.rpc import RemoteError
+
+    device, _rw, ro, facts = store
+    before = snapshot(ro)
+    env = {**os.environ, "LICAGENT_TIME": str(device.clock()), "LICAGENT_FACTS": str(facts)}
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "apps.licagent.cli", "run", "--state",
+                             str(ro), "--listen", "tcp://127.0.0.1:0"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line.startswith("listening "), (line, proc.stderr and proc.stderr.read())
+        address = line.split(" ", 1)[1].strip()
+        with hw.connect(address) as c:
+            assert c.status()["sequence"] == 1
+            assert c.check("knx")["licensed"] is True
+            assert c.journal()["entries"]
+            with pytest.raises(RemoteError) as exc:
+                c.request("activate", ["modbus"])
+            assert exc.value.exit_code == 8 and exc.value.reason == "read-only"
+            assert "read-only file system" in str(exc.value)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert snapshot(ro) == before
