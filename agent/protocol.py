@@ -60,10 +60,10 @@ __all__ = [
     "apply_response",
     "apply_trust_update",
     "check_feature",
+    "clock_edge",
     "create_request",
     "make_device_info",
     "new_state",
-    "clock_edge",
     "observe_clock",
     "read_signed",
     "replay_event",
@@ -317,21 +317,28 @@ def clock_edge(state: AgentState, feature: str, now: int,
     """What a check of ``feature`` at ``now`` decided that the high-water mark does not yet
     prove, or None.
 
-    When the answer at ``now`` differs from the answer at ``clock_hwm`` (a license seen
-    expired, entering its grace period, or becoming valid), the mark must move to ``now``
-    and be persisted at once: a clock set earlier afterwards then still sees the same
-    answer (every check uses ``max(now, clock_hwm)``). One write per edge: once the mark
-    is past it, later checks agree with it.
+    When the license's phase at ``now`` (not yet valid, licensed, in grace, expired)
+    differs from its phase at ``clock_hwm``, the mark must move to ``now`` and be persisted
+    at once: a clock set earlier afterwards then still sees the same answer (every check
+    uses ``max(now, clock_hwm)``). Phases, not just licensed or not, so that a license
+    whose whole window lies between the mark and ``now`` is not revived either. One
+    write per edge: once the mark is past it, later checks agree with it.
     """
     if now <= state.clock_hwm:
         return None
-    at_mark = check_feature(state, feature, state.clock_hwm, limits)
-    at_now = check_feature(state, feature, now, limits)
-    if (at_mark.licensed, at_mark.in_grace) == (at_now.licensed, at_now.in_grace):
+    lic = next((x for x in state.licenses if x.feature == feature), None)
+    if lic is None or lic.count <= 0:
         return None
-    if at_now.in_grace:
-        return "in-grace"
-    return "licensed" if at_now.licensed else "expired"
+    at_now = _phase(lic, now)
+    return None if _phase(lic, state.clock_hwm) == at_now else at_now
+
+
+def _phase(lic: License, t: int) -> str:
+    if lic.not_before is not None and t < lic.not_before:
+        return "not-yet-valid"
+    if lic.not_after is not None and t > lic.not_after:
+        return "in-grace" if t <= lic.not_after + lic.grace else "expired"
+    return "licensed"
 
 
 def clock_set_back_message(state: AgentState, now: int) -> str:

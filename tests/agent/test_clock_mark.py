@@ -133,3 +133,21 @@ def test_a_clock_set_back_is_refused_with_iso_dates_and_a_way_back(
     assert {p: (device.directory / p).read_bytes() for p in SLOTS} == before
     # the way back works: the clock put right, the same response applies
     assert cli(T0 + 10, "apply", str(resp))[0] == 0
+
+
+def test_a_window_passed_over_between_two_checks_is_not_revived(
+    device: Device, cli: Cli,
+) -> None:
+    """A license valid from T0+100 to T0+200, first checked at T0+300: not yet valid at the
+    mark and expired now are both "not licensed", but the mark must still move, or a clock
+    set to T0+150 would find it licensed."""
+    req = device.request(Action.ACTIVATE, ["bacnet"])
+    device.agent.apply(device.vendor.issue(
+        req, [Grant("bacnet", 5, not_before=T0 + 100, not_after=T0 + 200)], now=device.clock()))
+    code, out, _ = cli(T0 + 300, "check", "bacnet")
+    assert code == 1 and "expired" in out
+    assert journal(device)[-1][1] == {"clock_hwm": T0 + 300, "feature": "bacnet",
+                                      "decided": "expired"}
+    for t in (T0 + 150, T0 + 100):
+        code, out, _ = cli(t, "check", "bacnet")
+        assert code == 1 and "expired" in out, (t, out)

@@ -347,23 +347,29 @@ class DeviceMachine(RuleBasedStateMachine):
             self.do_apply(sent)
         self.clock.t = saved
 
-    def answer_at(self, feature: str, t: int) -> tuple[bool, bool]:
-        """(licensed, in grace) of ``feature`` at time ``t``, by the model."""
+    def licensed_at(self, feature: str, t: int) -> bool:
+        """Whether ``feature`` is licensed at time ``t``, by the model."""
         lic = self.licenses.get(feature)
-        licensed = (
+        return (
             lic is not None and lic.count > 0
             and (lic.not_before is None or t >= lic.not_before)
             and (lic.not_after is None or t <= lic.not_after + lic.grace)
         )
-        return licensed, licensed and lic is not None and lic.not_after is not None \
-            and t > lic.not_after
+
+    @staticmethod
+    def phase(lic: License, t: int) -> str:
+        if lic.not_before is not None and t < lic.not_before:
+            return "not yet valid"
+        if lic.not_after is not None and t > lic.not_after:
+            return "in grace" if t <= lic.not_after + lic.grace else "expired"
+        return "valid"
 
     @rule(feature=st.sampled_from(FEATURES))
     def check(self, feature: str) -> None:
         res = self.device.agent.check(feature)
         t = max(self.now, self.hwm)
         lic = self.licenses.get(feature)
-        licensed = self.answer_at(feature, t)[0]
+        licensed = self.licensed_at(feature, t)
         assert res.licensed == licensed, res.message
         if lic is not None and not licensed:
             self.seen_unlicensed.add((feature, lic))
@@ -378,9 +384,10 @@ class DeviceMachine(RuleBasedStateMachine):
             assert res.in_grace == (lic.not_after is not None and t > lic.not_after)
             # a clock set back never extends a license past the latest time already seen
             assert lic.not_after is None or lic.not_after + lic.grace >= self.hwm
-        # the mark moves (and is saved) when the answer depended on it, else hourly
-        if self.now > self.hwm and (self.answer_at(feature, self.now)
-                                    != self.answer_at(feature, self.hwm)):
+        # the mark moves (and is saved) when the license's phase differs between the mark
+        # and now (the answer depended on it), else hourly
+        if self.now > self.hwm and lic is not None and lic.count > 0 and (
+                self.phase(lic, self.now) != self.phase(lic, self.hwm)):
             self.hwm = self.now
         if self.now > self.hwm + LIMITS.hwm_persist_interval:
             self.hwm = self.now
