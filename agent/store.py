@@ -493,11 +493,20 @@ class Store:
         return None
 
     def _slot_holds(self, generation: int) -> bool:
-        """Whether the slot a failed save wrote already holds ``generation`` (renamed)."""
+        """Whether the slot a failed save wrote may hold ``generation`` (its rename done).
+
+        False only when the slot is known not to (missing, or another generation): the
+        journal record is taken back only then, never under a slot that names it.
+        """
         try:
             data = (self.directory / SLOTS[1 - self.slot]).read_bytes()
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        try:
             return decode_slot_head(self.mac_key, data)[0] == generation
-        except (OSError, LicensingError):
+        except LicensingError:
             return False
 
     def record_refusal(self, err: LicensingError, what: str, now: int) -> None:
