@@ -18,8 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from agent.cose import SigningKey
 from agent.errors import IntegrityError
-from agent.messages import Action
+from agent.identity import HardwareFacts
+from agent.messages import Action, TrustKey
+from agent.service import Agent
 from agent.store import (
     JOURNAL_FILE,
     RESAVE_AFTER,
@@ -29,7 +32,9 @@ from agent.store import (
     decode_slot_head,
     encode_slot,
 )
-from tests.conftest import Device
+from hw.facts import StaticFactsProvider
+from simulators.licensing_server.vendor import Grant, Vendor
+from tests.conftest import Device, Site
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -296,3 +301,33 @@ def test_records_past_the_head_are_bounded(device: Device) -> None:
     assert s.head is not None and s.head.count > start.head.count + RESAVE_AFTER
     assert s.state.encode() == start.state.encode()
     assert s.report.warnings == []
+
+
+# ---------------------------------------------------------------- every kind of commit replays
+
+
+def test_a_trust_update_and_a_rebind_are_replayed_onto_older_slots(site: Site) -> None:
+    """Older slots put back after a trust rotation and a re-bind: both are redone from
+    their journal records, so the old vendor key is not trusted again and the store stays
+    bound to the new network card."""
+    d = site.device(serial="CCC", macs=("00:80:f4:00:00:01", "00:80:f4:00:00:02"))
+    d.activate(x=1)
+    old = slots(d.directory)
+    new_vendor = Vendor(SigningKey.generate())
+    d.agent.trust_update(d.vendor.trust_update([TrustKey(new_vendor.public)], 1, d.clock()))
+    new_hw = StaticFactsProvider(HardwareFacts(model="AS-P", serial="CCC",
+                                               macs=("00:80:f4:00:00:01", "00:80:f4:00:00:99")))
+    moved = Agent(d.directory, new_hw, clock=site.clock)
+    assert any("re-bound" in w for w in moved.status()["warnings"])
+    newest = Store.open(d.directory, None).state
+    assert [e.event for e in moved.journal().entries][-2:] == ["trust-update", "rebind"]
+
+    put_back(d.directory, old)
+    s = Store.open(d.directory, None)
+    assert s.state.trust == newest.trust and s.state.trust_version == 1
+    assert s.state.binding == newest.binding and "mac=00:80:f4:00:00:99" in s.state.binding
+    assert s.state.encode() == newest.encode()
+    # the device goes on under the new key and the new card
+    req = moved.request(Action.ACTIVATE, ["y"])
+    moved.apply(new_vendor.issue(req, [Grant("y", 2)], now=site.clock()))
+    assert moved.check("y").licensed
