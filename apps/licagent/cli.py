@@ -223,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{e.n:>5} {iso(e.time)} {e.event:<13} {dumps_json(_brief(e.data))}")
         if args.verify:
             tail = f"; {rep.torn_tail} bytes of a torn last record" if rep.torn_tail else ""
-            print(f"journal OK: {len(rep.entries)} entries, hash chain and MACs verified{tail}",
+            print(f"journal OK: {len(rep.entries)} entries, hash chain and MACs verified, "
+                  f"the record the state slots name in place{tail}",
                   file=sys.stderr if args.json else sys.stdout)
         return EXIT_OK
     if c == "trust-update":
