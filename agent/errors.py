@@ -33,6 +33,7 @@ __all__ = [
     "NoIdentityError",
     "NotLicensedError",
     "NotYetValidError",
+    "ReadOnlyStoreError",
     "SequenceError",
     "StaleError",
     "StorageError",
@@ -179,3 +180,9 @@ class UnsafeFileError(StorageError):
     read or written through it."""
 
     reason = "unsafe-file"
+
+
+class ReadOnlyStoreError(StorageError):
+    """A write to a store on a read-only file system (reading still works)."""
+
+    reason = "read-only"

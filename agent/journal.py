@@ -9,7 +9,13 @@ by that many bytes of canonical CBOR::
 ``prev`` is the SHA-256 of the previous record's CBOR bytes (32 zero bytes for
 the first); ``mac`` is HMAC-SHA256 with a key derived from the device key over
 the entry without ``mac``. A record cut short by a crash (a torn tail) is
-reported by :meth:`Journal.verify` and cut off before the next append.
+reported by :meth:`Journal.read` and cut off before the next append.
+
+The store's slots name the journal's head (:class:`JournalHead`: the record that
+committed the slot's state), so opening a store verifies that record and those
+after it only (:meth:`Journal.since_head`), and an append costs the same with ten
+records or ten thousand: the end of the chain is kept in memory and checked against
+the file's size before each append (no re-read of the chain).
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ from agent.durable import FileOps, write_all
 from agent.errors import IntegrityError, MalformedError, StorageError
 from agent.record import record
 
-__all__ = ["Journal", "JournalEntry", "JournalReport"]
+__all__ = ["EMPTY_HEAD", "Journal", "JournalEntry", "JournalHead", "JournalReport"]
 
-MAX_RECORD = 64 * 1024
+#: a record carries at most a response or trust update file (64 KiB by default) and its
+#: details; the cap bounds what one length prefix can make a reader allocate
+MAX_RECORD = 1024 * 1024
 ZERO = bytes(32)
 #: refusals journalled per hour at most; then one ``refusals-suppressed`` entry, until the
 #: hour has passed: a peer sending garbage cannot grow the journal (or its fsyncs) unbounded
@@ -46,6 +54,36 @@ class JournalEntry:
 
 
 @record(frozen=True)
+class JournalHead:
+    """Where the journal stood when a slot was written: its last record, by position and hash.
+
+    ``count`` records up to and including the one at bytes ``start``..``end`` (length
+    prefix included), whose CBOR bytes hash to ``digest``; ``(0, 0, 0, ZERO)`` for an
+    empty journal.
+    """
+
+    count: int
+    start: int
+    end: int
+    digest: bytes
+
+    def to_cbor(self) -> list[Any]:
+        return [self.count, self.start, self.end, self.digest]
+
+    @classmethod
+    def from_cbor(cls, v: Any) -> JournalHead:
+        if (not isinstance(v, list) or len(v) != 4
+                or not all(type(x) is int and x >= 0 for x in v[:3])
+                or not isinstance(v[3], bytes) or len(v[3]) != 32
+                or not v[1] <= v[2] or (v[0] == 0) != (v[2] == 0)):
+            raise MalformedError("journal head is not [count, start, end, digest]")
+        return cls(v[0], v[1], v[2], v[3])
+
+
+EMPTY_HEAD = JournalHead(0, 0, 0, ZERO)
+
+
+@record(frozen=True)
 class _Tail:
     count: int  # verified records
     prev: bytes  # digest of the last one (the chain's end)
@@ -53,6 +91,21 @@ class _Tail:
     torn: int  # bytes of an incomplete last record
     refused: int = 0  # refusals since ``since`` (see _scan)
     suppressed: bool = False  # a refusals-suppressed entry since ``since``
+    last_start: int = 0  # where the last whole record begins
+
+    def head(self) -> JournalHead:
+        if not self.count:
+            return EMPTY_HEAD
+        return JournalHead(self.count, self.last_start, self.good_length, self.prev)
+
+
+@record(frozen=True)
+class _Start:
+    """Where a scan begins: a verified record's end (the file's start by default)."""
+
+    count: int = 0
+    prev: bytes = ZERO
+    offset: int = 0
 
 
 _FIELDS = frozenset({"n", "time", "event", "data", "prev", "mac"})
@@ -83,6 +136,10 @@ class Journal:
         self.path = path
         self.mac_key = mac_key
         self.ops = ops
+        #: the chain's end as last verified or written, and the file size it stands for
+        self._tail: _Tail | None = None
+        #: where refusal counting and a fresh scan begin (the slot's head, once known)
+        self._start = _Start()
 
     def _mac(self, body: dict[str, Any]) -> bytes:
         return hmac_sha256(self.mac_key, canonical(body))
@@ -98,26 +155,46 @@ class Journal:
         tail = self._scan(entries.append)
         return JournalReport(tuple(entries), tail.torn, tail.good_length)
 
+    def _verified(self, raw: bytes, n: int, prev: bytes) -> dict[str, Any]:
+        """Record ``n``'s decoded body, checked: fields, MAC, index and link to ``prev``."""
+        try:
+            e = strict_loads(raw, max_size=MAX_RECORD)
+        except MalformedError as exc:
+            raise IntegrityError(f"journal record {n} does not decode") from exc
+        if not isinstance(e, dict) or set(e) != _FIELDS:
+            raise IntegrityError(f"journal record {n} has the wrong fields")
+        mac = e.pop("mac")
+        if not isinstance(mac, bytes) or not equal(mac, self._mac(e)):
+            raise IntegrityError(f"journal record {n} fails its MAC (tampered)")
+        if e["prev"] != prev or e["n"] != n:
+            raise IntegrityError(f"journal hash chain broken at record {n}")
+        return e
+
     def _scan(self, keep: Callable[[JournalEntry], None] | None = None,
-              since: int | None = None) -> _Tail:
+              since: int | None = None, start: _Start | None = None) -> _Tail:
         """Verify the journal record by record, holding one record in memory at a time.
 
         ``keep`` receives each verified entry (``read`` keeps them all; ``append``
         needs only the chain's end, so a journal of years costs it no memory).
         With ``since``, refusals (and a suppression marker) at or after that time
-        are counted.
+        are counted. ``start``: begin after an already verified record (the
+        store's head) rather than at the first byte.
         """
-        n, prev, good, torn = 0, ZERO, 0, 0
+        at = start or _Start()
+        n, prev, good, torn, last = at.count, at.prev, at.offset, 0, at.offset
         refused, suppressed = 0, False
         try:
             # never through a symlink or into a FIFO (the state directory is checked too)
             f = open(self.path, "rb", opener=_no_follow)
         except FileNotFoundError:
+            if at.offset:
+                raise IntegrityError(f"{self.path} is missing") from None
             return _Tail(0, ZERO, 0, 0)
         except OSError as exc:
             raise StorageError(f"cannot read the journal: {exc}") from exc
         with f:
             try:
+                f.seek(at.offset)
                 while True:
                     head = f.read(4)
                     if len(head) < 4:
@@ -134,17 +211,7 @@ class Journal:
                             raise IntegrityError(f"journal record {n} has a damaged length")
                         torn = 4 + len(raw)
                         break
-                    try:
-                        e = strict_loads(raw, max_size=MAX_RECORD)
-                    except MalformedError as exc:
-                        raise IntegrityError(f"journal record {n} does not decode") from exc
-                    if not isinstance(e, dict) or set(e) != _FIELDS:
-                        raise IntegrityError(f"journal record {n} has the wrong fields")
-                    mac = e.pop("mac")
-                    if not isinstance(mac, bytes) or not equal(mac, self._mac(e)):
-                        raise IntegrityError(f"journal record {n} fails its MAC (tampered)")
-                    if e["prev"] != prev or e["n"] != n:
-                        raise IntegrityError(f"journal hash chain broken at record {n}")
+                    e = self._verified(raw, n, prev)
                     prev = sha256(raw)
                     if since is not None and isinstance(e["time"], int) and e["time"] >= since:
                         refused += e["event"] == "refused"
@@ -152,15 +219,97 @@ class Journal:
                     if keep is not None:
                         keep(JournalEntry(e["n"], e["time"], e["event"], e["data"], prev))
                     n += 1
+                    last = good
                     good += 4 + length
             except OSError as exc:
                 raise StorageError(f"cannot read the journal: {exc}") from exc
-        return _Tail(n, prev, good, torn, refused, suppressed)
+        return _Tail(n, prev, good, torn, refused, suppressed, last)
+
+    def since_head(self, head: JournalHead) -> list[JournalEntry]:
+        """Check the record a slot names as its head, and return the verified records after it.
+
+        Reads the head record and what follows it only, so opening a store costs
+        the same however long the journal is. The chain before the head is
+        verified by :meth:`read` (``licagent journal --verify``).
+
+        Raises:
+            IntegrityError: the journal is missing, shorter than the head, or its
+                record there is not the one the slot names (the journal was
+                deleted, emptied, cut or replaced by an older copy).
+        """
+        where = (f"the store's slot names {head.count} journal records ending at byte "
+                 f"{head.end}")
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            if head.count:
+                raise IntegrityError(
+                    f"{self.path} is missing, but {where}: the journal was deleted"
+                ) from None
+            size = 0
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.path}: {exc}") from exc
+        if size < head.end:
+            what = "emptied" if size == 0 else "cut short"
+            raise IntegrityError(
+                f"{self.path} holds {size} bytes, but {where}: the journal was {what} "
+                f"(or an older copy put back)"
+            )
+        if head.count:
+            try:
+                with open(self.path, "rb", opener=_no_follow) as f:
+                    f.seek(head.start)
+                    blob = f.read(head.end - head.start)
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.path}: {exc}") from exc
+            raw = blob[4:]
+            try:
+                if int.from_bytes(blob[:4], "big") != len(raw) or sha256(raw) != head.digest:
+                    raise IntegrityError("another record")
+                self._verified(raw, head.count - 1, strict_loads(
+                    raw, max_size=MAX_RECORD).get("prev", b""))
+            except (IntegrityError, MalformedError, AttributeError) as exc:
+                raise IntegrityError(
+                    f"{self.path} does not hold the record the store's slot names (record "
+                    f"{head.count - 1} at byte {head.start}): the journal was replaced or "
+                    f"altered"
+                ) from exc
+        self._start = _Start(head.count, head.digest, head.end)
+        entries: list[JournalEntry] = []
+        self._remember(self._scan(entries.append, start=self._start))
+        return entries
+
+    def _remember(self, tail: _Tail) -> None:
+        self._tail = tail
+
+    def _current(self) -> _Tail:
+        """The chain's end: the one in memory if the file is still the size it stands for.
+
+        Only a journal anchored at a store's head (:meth:`since_head`, the store lock
+        held) trusts its memory; a bare journal verifies its whole chain each time.
+        """
+        t = self._tail
+        if t is not None and self._start.count:  # anchored by since_head, under the lock
+            try:
+                if os.stat(self.path).st_size == t.good_length + t.torn:
+                    return t
+            except OSError:
+                pass
+        t = self._scan(start=self._start)
+        self._remember(t)
+        return t
+
+    def head(self) -> JournalHead:
+        """The head a slot written now records: the journal's last whole record."""
+        return self._current().head()
 
     def append(self, event: str, data: Any, now: int) -> JournalEntry:
-        """Append one entry and fsync it; a torn tail from an earlier crash is cut off first."""
-        # the whole chain is verified first: never append behind a tampered record
-        return self._write(self._scan(), event, data, now)
+        """Append one entry and fsync it; a torn tail from an earlier crash is cut off first.
+
+        Costs the same whatever the journal's length: the chain's end is known from
+        the last verification or write (never appended behind an unverified record).
+        """
+        return self._write(self._current(), event, data, now)
 
     def append_refusal(self, data: Any, now: int,
                        limit: int = REFUSALS_PER_HOUR) -> JournalEntry | None:
@@ -169,9 +318,11 @@ class Journal:
         Past the limit one ``refusals-suppressed`` entry says so, and further
         refusals in that hour are not written (None): the caller's refusal stands
         all the same. Entries dated after ``now`` count too, so setting the clock
-        back does not reopen the window.
+        back does not reopen the window. Counted from the store's head on (the
+        records since the last slot save).
         """
-        rep = self._scan(since=now - REFUSAL_WINDOW)
+        rep = self._scan(since=now - REFUSAL_WINDOW, start=self._start)
+        self._remember(rep)
         if rep.refused < limit:
             return self._write(rep, "refused", data, now)
         if not rep.suppressed:
@@ -179,9 +330,29 @@ class Journal:
                                {"limit": limit, "window_seconds": REFUSAL_WINDOW}, now)
         return None
 
+    def truncate_to(self, head: JournalHead) -> None:
+        """Take back records appended after ``head`` (a commit whose slot write failed)."""
+        fd = -1
+        try:
+            fd = self.ops.open(str(self.path), os.O_WRONLY | os.O_NOFOLLOW)
+            self.ops.ftruncate(fd, head.end)
+            self.ops.fsync(fd)
+        except OSError as exc:
+            raise StorageError(f"could not take back the journal record: {exc}") from exc
+        finally:
+            self._tail = None
+            if fd >= 0:
+                try:
+                    self.ops.close(fd)
+                except OSError:
+                    pass
+
     def _write(self, rep: _Tail, event: str, data: Any, now: int) -> JournalEntry:
         body = {"n": rep.count, "time": now, "event": event, "data": data, "prev": rep.prev}
         record = canonical({**body, "mac": self._mac(body)})
+        if len(record) > MAX_RECORD:
+            raise StorageError(f"journal record of {len(record)} bytes is over the "
+                               f"{MAX_RECORD}-byte limit")
         blob = struct.pack(">I", len(record)) + record
         fd = -1
         try:
@@ -192,16 +363,21 @@ class Journal:
             write_all(self.ops, fd, blob)
             self.ops.fsync(fd)
         except OSError as exc:
+            self._tail = None
             if fd >= 0:
                 try:
                     self.ops.ftruncate(fd, rep.good_length)
                 except OSError:
                     pass
-            raise StorageError(f"could not append to the journal: {exc}") from exc
+            raise StorageError(f"could not append to the journal: {exc.strerror or exc} "
+                               f"(errno {exc.errno})") from exc
         finally:
             if fd >= 0:
                 try:
                     self.ops.close(fd)
                 except OSError:
                     pass
-        return JournalEntry(body["n"], now, event, data, sha256(record))
+        digest = sha256(record)
+        self._tail = _Tail(rep.count + 1, digest, rep.good_length + len(blob), 0,
+                           last_start=rep.good_length)
+        return JournalEntry(body["n"], now, event, data, digest)

@@ -101,12 +101,25 @@ class AgentOps:
 
     def _journal(self, _args: NoArgs, _origin: str | None) -> JournalResult:
         rep = self.agent.journal()
-        return JournalResult([{"n": e.n, "time": e.time, "event": e.event, "data": e.data,
-                               "digest": e.digest} for e in rep.entries], rep.torn_tail, True)
+        return JournalResult([{"n": e.n, "time": e.time, "event": e.event,
+                               "data": _audit_view(e.data), "digest": e.digest}
+                              for e in rep.entries], rep.torn_tail, True)
 
 
 def _no_log(_line: str) -> None:
     pass
+
+
+#: files an entry carries for replay after a crash (docs/protocol.md section 15); a link's
+#: read-journal gives their size instead, so that a long journal still fits in frames
+_REPLAY_FILES = ("response", "update")
+
+
+def _audit_view(data: Any) -> Any:
+    if isinstance(data, dict) and any(isinstance(data.get(k), bytes) for k in _REPLAY_FILES):
+        return {k: (f"<{len(v)} bytes>" if k in _REPLAY_FILES and isinstance(v, bytes) else v)
+                for k, v in data.items()}
+    return data
 
 
 #: one implementation per entry of :data:`agent.rpc.OPERATIONS`

@@ -60,11 +60,13 @@ __all__ = [
     "apply_response",
     "apply_trust_update",
     "check_feature",
+    "clock_edge",
     "create_request",
     "make_device_info",
     "new_state",
     "observe_clock",
     "read_signed",
+    "replay_event",
     "roll_forward",
     "self_signed_payload",
     "verify_self_signed",
@@ -310,6 +312,43 @@ def clock_set_back(state: AgentState, now: int, limits: Limits = DEFAULT_LIMITS)
     return now + limits.clock_tolerance < state.clock_hwm
 
 
+def clock_edge(state: AgentState, feature: str, now: int,
+               limits: Limits = DEFAULT_LIMITS) -> str | None:
+    """What a check of ``feature`` at ``now`` decided that the high-water mark does not yet
+    prove, or None.
+
+    When the license's phase at ``now`` (not yet valid, licensed, in grace, expired)
+    differs from its phase at ``clock_hwm``, the mark must move to ``now`` and be persisted
+    at once: a clock set earlier afterwards then still sees the same answer (every check
+    uses ``max(now, clock_hwm)``). Phases, not just licensed or not, so that a license
+    whose whole window lies between the mark and ``now`` is not revived either. One
+    write per edge: once the mark is past it, later checks agree with it.
+    """
+    if now <= state.clock_hwm:
+        return None
+    lic = next((x for x in state.licenses if x.feature == feature), None)
+    if lic is None or lic.count <= 0:
+        return None
+    at_now = _phase(lic, now)
+    return None if _phase(lic, state.clock_hwm) == at_now else at_now
+
+
+def _phase(lic: License, t: int) -> str:
+    if lic.not_before is not None and t < lic.not_before:
+        return "not-yet-valid"
+    if lic.not_after is not None and t > lic.not_after:
+        return "in-grace" if t <= lic.not_after + lic.grace else "expired"
+    return "licensed"
+
+
+def clock_set_back_message(state: AgentState, now: int) -> str:
+    """One line: what the clock reads, the latest time seen (ISO 8601), and how to recover."""
+    return (f"the clock reads {_iso(now)}, earlier than {_iso(state.clock_hwm)} already "
+            f"seen: clock set back. Set the system clock to the correct time (NTP) and try "
+            f"again; if {_iso(state.clock_hwm)} itself was wrong (a clock that ran ahead), "
+            f"licenses count from it until that time has passed")
+
+
 # ---------------------------------------------------------------- verification
 
 
@@ -551,14 +590,13 @@ def apply_response(
             "response was issued against a different installed state (state digest differs)"
         )
     if clock_set_back(state, now, limits):
-        raise ClockSetBackError(
-            f"clock reads {now}, earlier than {state.clock_hwm} already seen: clock set back"
-        )
+        raise ClockSetBackError(clock_set_back_message(state, now))
     if now < resp.not_before:
-        raise NotYetValidError(f"response is not valid before {resp.not_before} (now {now})")
+        raise NotYetValidError(f"response is not valid before {_iso(resp.not_before)} "
+                               f"(the clock reads {_iso(now)})")
     latest = max(now, state.clock_hwm)  # a clock stepped back within tolerance gains nothing
     if latest > resp.expires:
-        raise ExpiredError(f"response expired at {resp.expires} (now {latest})")
+        raise ExpiredError(f"response expired at {_iso(resp.expires)} (now {_iso(latest)})")
     licenses, removed = _apply_changes(state.licenses, resp.changes)
     if len(licenses) > MAX_LIST:
         raise MalformedError(
@@ -631,6 +669,62 @@ def roll_forward(state: AgentState, applies: Iterable[Mapping[str, Any]]) -> Age
     return state
 
 
+def replay_event(state: AgentState, event: str, data: Any, time_: int, key: SigningKey,
+                 limits: Limits = DEFAULT_LIMITS) -> AgentState:
+    """Redo one journaled commit on the state before it (the store's catch-up after a crash).
+
+    ``data`` and ``time_`` are the journal record's (authentic: MAC-protected with a key
+    derived from the device key). Each state-changing event is redone at the protocol
+    level with the inputs it recorded and must reproduce what it recorded (sequence,
+    state digest, nonce); events that change nothing (``refused``, ``reapply``,
+    ``recovered``, ``init``...) leave the state as it is.
+
+    Raises:
+        IntegrityError: the record does not fit this state.
+    """
+    from agent.errors import IntegrityError, LicensingError
+
+    try:
+        if event == "request":
+            new, _signed, req = create_request(
+                state, Action(data["action"]), data["features"], bytes.fromhex(data["nonce"]),
+                time_, key, limits, data.get("origin"))
+            if req.sequence != data["sequence"]:
+                raise IntegrityError(f"request recorded at sequence {data['sequence']}, the "
+                                     f"state is at {req.sequence}")
+            return new
+        if event == "apply":
+            if "response" not in data:  # journaled before records carried the response
+                new = roll_forward(state, [data])
+            else:
+                res = apply_response(state, data["response"], time_, key, limits)
+                new = res.state
+            if new.sequence != data["sequence"] or new.digest.hex() != data["state_digest"]:
+                raise IntegrityError(f"apply of sequence {data['sequence']} does not "
+                                     f"reproduce its recorded state digest")
+            return new
+        if event == "trust-update":
+            new, upd = apply_trust_update(state, data["update"], time_, limits)
+            if upd.version != data["version"]:
+                raise IntegrityError("trust update does not reproduce its recorded version")
+            return new
+        if event == "rebind":
+            binding = data["binding"]
+            if not isinstance(binding, list) or not all(isinstance(f, str) for f in binding):
+                raise IntegrityError("rebind record has no binding")
+            return replace(state, binding=tuple(binding))
+        if event == "clock":
+            mark = data["clock_hwm"]
+            if type(mark) is not int:
+                raise IntegrityError("clock record has no time")
+            return replace(state, clock_hwm=max(state.clock_hwm, mark))
+    except IntegrityError:
+        raise
+    except (LicensingError, KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"{type(exc).__name__}: {exc}") from exc
+    return state
+
+
 # ---------------------------------------------------------------- trust rotation
 
 
@@ -659,6 +753,8 @@ class CheckResult:
     license: License | None = None
     in_grace: bool = False
     clock_set_back: bool = False
+    #: said alongside the answer (e.g. the clock mark could not be saved)
+    warnings: tuple[str, ...] = ()
 
 
 def check_feature(
@@ -672,7 +768,8 @@ def check_feature(
     back = clock_set_back(state, now, limits)
     t = max(now, state.clock_hwm)
     lic = next((x for x in state.licenses if x.feature == feature), None)
-    note = " (clock set back: using the latest time seen)" if back else ""
+    note = (f" (clock set back: it reads {_iso(now)}; using the latest time seen, "
+            f"{_iso(state.clock_hwm)}; set the system clock right)") if back else ""
     if lic is None:
         return CheckResult(feature, False, f"{feature}: not licensed{note}", None, False, back)
     if lic.count <= 0:

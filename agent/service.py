@@ -17,7 +17,7 @@ from typing import Any
 from agent import protocol
 from agent.cose import PublicKey, SigningKey
 from agent.durable import FileOps
-from agent.errors import ExpiredError, LicensingError, UsageError
+from agent.errors import ExpiredError, LicensingError, StorageError, UsageError
 from agent.formats import iso
 from agent.identity import FactsProvider, HardwareFacts, host_id, require_identifying
 from agent.journal import JournalReport
@@ -94,10 +94,10 @@ class Agent:
     @contextmanager
     def _open(self) -> Iterator[tuple[Store, int]]:
         now = self.clock()
-        with store_lock(self.directory):
+        with store_lock(self.directory) as writable:
             store = Store.open(
                 self.directory, self.hardware().binding_facts(), ops=self.ops, now=now,
-                facts_simulated=self.facts.simulated,
+                facts_simulated=self.facts.simulated, writable=writable, limits=self.limits,
             )
             yield store, now
 
@@ -120,7 +120,11 @@ class Agent:
             key.public, model, serial or hw.serial, hw.binding_facts(),
             [TrustKey(k) for k in trust], now, simulated=self.facts.simulated,
         )
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StorageError(f"cannot create the store folder {self.directory}: "
+                               f"{exc.strerror or exc}") from exc
         with store_lock(self.directory):
             return Store.create(self.directory, key, state, self.ops)
 
@@ -146,6 +150,7 @@ class Agent:
         """Sign a request and keep it outstanding; ``origin`` names the peer that asked
         (:class:`agent.protocol.Outstanding`), None for the local command line."""
         with self._open() as (store, now):
+            store.require_writable("create a request")
             new, data, req = protocol.create_request(
                 store.state, action, features, os.urandom(16), now, store.key, self.limits,
                 origin,
@@ -159,6 +164,7 @@ class Agent:
     def apply(self, data: bytes) -> tuple[ApplyResult, str | None]:
         """Verify and apply a response; returns the result and a journal warning if any."""
         with self._open() as (store, now):
+            store.require_writable("apply a response")
             try:
                 res = protocol.apply_response(store.state, data, now, store.key, self.limits)
             except LicensingError as err:
@@ -177,26 +183,52 @@ class Agent:
                 "state_digest": res.state.digest.hex(),
                 "changes": [c.to_cbor() for c in res.response.changes],
                 "removed": [lic.feature for lic in res.removed],
+                "response": data,  # what a replay after a crash redoes (protocol.replay_event)
             }, now)
             return res, warn
 
     def check(self, feature: str) -> CheckResult:
+        """Is ``feature`` licensed now? Moves the clock mark when the answer depended on it.
+
+        The mark is committed (a ``clock`` journal record, then the slot) whenever the
+        answer at ``now`` differs from the answer at the mark (a license seen expired),
+        and at most hourly otherwise. If it cannot be saved (a read-only file system, a
+        full disk) the answer stands and says so in ``warnings``.
+        """
         with self._open() as (store, now):
             res = protocol.check_feature(store.state, feature, now, self.limits)
+            edge = protocol.clock_edge(store.state, feature, now, self.limits)
             new, persist = protocol.observe_clock(store.state, now, self.limits)
-            if persist:
-                store.save(new)
+            if edge is not None:
+                new, persist = replace(store.state, clock_hwm=now), True
+            if not persist:
+                return res
+            detail: dict[str, Any] = {"clock_hwm": now}
+            if edge is not None:
+                detail |= {"feature": feature, "decided": edge}
+            why = (f"{self.directory} is on a read-only file system" if not store.writable
+                   else "")
+            if store.writable:
+                try:
+                    store.commit(new, "clock", detail, now)
+                except StorageError as exc:
+                    why = str(exc)
+            if why:
+                return replace(res, warnings=(
+                    f"the clock high-water mark ({iso(now)}) could not be saved: {why}",))
             return res
 
     def trust_update(self, data: bytes) -> TrustUpdate:
         with self._open() as (store, now):
+            store.require_writable("install a trust update")
             try:
                 new, upd = protocol.apply_trust_update(store.state, data, now, self.limits)
             except LicensingError as err:
                 store.record_refusal(err, "trust-update", now)
                 raise
             store.commit(new, "trust-update", {"version": upd.version,
-                                               "kids": [k.kid.hex() for k in upd.keys]}, now)
+                                               "kids": [k.kid.hex() for k in upd.keys],
+                                               "update": data}, now)
             return upd
 
     def features_from_license_info(self, data: bytes, action: Action) -> list[str]:

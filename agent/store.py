@@ -16,6 +16,12 @@ and be writable by nobody else, and no file is followed through a symbolic link
 Write recipe (per slot): temporary file in the same directory, write, fsync,
 close, ``os.replace``, fsync the directory. Each syscall goes through
 :class:`FileOps`, so tests can fail or crash at every step.
+
+Commit order (write-ahead): the journal record is appended and fsynced first, then
+the slot is written; the slot records the journal's head (the record of its own
+commit). Opening checks that record and replays the ones after it, so a crash
+between the two writes, an older slot put back or a damaged newest slot all end
+at the newest committed state; a journal shorter than the head is refused.
 """
 
 from __future__ import annotations
@@ -47,19 +53,35 @@ from agent.errors import (
     IntegrityError,
     LicensingError,
     MalformedError,
+    ReadOnlyStoreError,
     StorageError,
     UnsafeFileError,
     UsageError,
 )
 from agent.identity import binding_refusal, check_binding, check_facts_source
-from agent.journal import Journal
-from agent.protocol import AgentState
+from agent.journal import EMPTY_HEAD, Journal, JournalEntry, JournalHead
+from agent.protocol import DEFAULT_LIMITS, AgentState, Limits
 from agent.record import field, record
 
-__all__ = ["STATE_FILES", "FileOps", "LoadReport", "Store", "check_state_dir", "read_state_file"]
+__all__ = [
+    "STATE_FILES",
+    "FileOps",
+    "LoadReport",
+    "Store",
+    "check_state_dir",
+    "decode_slot",
+    "decode_slot_head",
+    "encode_slot",
+    "read_state_file",
+    "store_lock",
+]
 
 SLOT_MAGIC = "licagent-store"
-SLOT_VERSION = 1
+SLOT_VERSION = 2  # 2 records the journal head; 1 (read, never written) did not
+SLOT_V1 = 1
+#: records past the slot's head that a store open replays or skips before it re-saves the
+#: slot (a save moves the head to the journal's end), so opening stays cheap
+RESAVE_AFTER = 256
 MAX_SLOT = 1024 * 1024
 KEY_FILE = "device.key"
 SLOTS = ("state.0", "state.1")
@@ -142,20 +164,57 @@ class LoadReport:
     warnings: list[str] = field(default_factory=list)
 
 
-def _mac(key: bytes, generation: int, state_bytes: bytes) -> bytes:
-    msg = canonical([SLOT_MAGIC, SLOT_VERSION, generation, state_bytes])
+def _mac(key: bytes, generation: int, state_bytes: bytes,
+         head: JournalHead | None = None) -> bytes:
+    if head is None:  # slot format 1
+        return hmac_sha256(key, canonical([SLOT_MAGIC, SLOT_V1, generation, state_bytes]))
+    msg = canonical([SLOT_MAGIC, SLOT_VERSION, generation, state_bytes, head.to_cbor()])
     return hmac_sha256(key, msg)
 
 
-def encode_slot(key: bytes, generation: int, state_bytes: bytes) -> bytes:
-    mac = _mac(key, generation, state_bytes)
-    copy = [SLOT_MAGIC, SLOT_VERSION, generation, state_bytes, mac]
+def encode_slot(key: bytes, generation: int, state_bytes: bytes,
+                head: JournalHead | None = None) -> bytes:
+    """A slot file: format 2 with the journal ``head``; format 1 (tests of old stores) without."""
+    mac = _mac(key, generation, state_bytes, head)
+    if head is None:
+        copy: list[Any] = [SLOT_MAGIC, SLOT_V1, generation, state_bytes, mac]
+    else:
+        copy = [SLOT_MAGIC, SLOT_VERSION, generation, state_bytes, head.to_cbor(), mac]
     # two identical copies: a flipped bit or a torn tail in one leaves the other intact
     return canonical([copy, copy])
 
 
 def decode_slot(key: bytes, data: bytes) -> tuple[int, bytes, list[str]]:
     """Return (generation, state bytes, warnings) from the first copy whose MAC holds."""
+    gen, sb, _head, warnings = decode_slot_head(key, data)
+    return gen, sb, warnings
+
+
+def _copy_fields(key: bytes, c: Any) -> tuple[int, bytes, JournalHead | None] | None:
+    """(generation, state bytes, head or None for format 1) of a good copy, else None."""
+    if not isinstance(c, list) or len(c) not in (5, 6) or c[0] != SLOT_MAGIC:
+        return None
+    if not (isinstance(c[2], int) and isinstance(c[3], bytes) and isinstance(c[-1], bytes)):
+        return None
+    head: JournalHead | None = None
+    if len(c) == 6 and c[1] == SLOT_VERSION:
+        try:
+            head = JournalHead.from_cbor(c[4])
+        except MalformedError:
+            return None
+    elif not (len(c) == 5 and c[1] == SLOT_V1):
+        return None
+    if not equal(_mac(key, c[2], c[3], head), c[-1]):
+        return None
+    return c[2], c[3], head
+
+
+def decode_slot_head(key: bytes, data: bytes
+                     ) -> tuple[int, bytes, JournalHead | None, list[str]]:
+    """Return (generation, state bytes, journal head, warnings) from the first good copy.
+
+    The head is None for a slot of format 1 (written before slots recorded it).
+    """
     warnings: list[str] = []
     copies: list[Any] = []
     try:
@@ -167,14 +226,11 @@ def decode_slot(key: bytes, data: bytes) -> tuple[int, bytes, list[str]]:
     if not copies:
         copies = _salvage_copies(data)
     for i, c in enumerate(copies):
-        if (
-            isinstance(c, list) and len(c) == 5 and c[0] == SLOT_MAGIC and c[1] == SLOT_VERSION
-            and isinstance(c[2], int) and isinstance(c[3], bytes) and isinstance(c[4], bytes)
-            and equal(_mac(key, c[2], c[3]), c[4])
-        ):
+        got = _copy_fields(key, c)
+        if got is not None:
             if i:
                 warnings.append("first copy of the slot is damaged; the second copy was used")
-            return c[2], c[3], warnings
+            return got[0], got[1], got[2], warnings
     raise IntegrityError("no copy in the slot passes its integrity check")
 
 
@@ -219,6 +275,9 @@ class Store:
         slot: int,
         ops: FileOps,
         report: LoadReport,
+        head: JournalHead | None = EMPTY_HEAD,
+        writable: bool = True,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.directory = directory
         self.key = key
@@ -227,6 +286,11 @@ class Store:
         self.slot = slot
         self.ops = ops
         self.report = report
+        #: the journal head the loaded slot records (None: a slot of format 1)
+        self.head = head
+        #: False on a read-only file system: reading works, every write is refused
+        self.writable = writable
+        self.limits = limits
         self.mac_key = key.secret_digest(b"store-mac")
         self.journal = Journal(directory / JOURNAL_FILE, key.secret_digest(b"journal-mac"), ops)
 
@@ -243,26 +307,33 @@ class Store:
             raise UsageError(
                 f"{directory} already holds a license store; refusing to overwrite it"
             )
+        _require_writable_dir(directory, "initialise a license store")
         atomic_write(ops, directory / KEY_FILE, key.to_pem(), 0o600)
         store = cls(directory, key, state, 0, 1, ops, LoadReport(1, 0))
         try:
-            store.save(state)
+            # a journal left by an init that failed before its slot belongs to no store
+            (directory / JOURNAL_FILE).unlink(missing_ok=True)
+            # write-ahead like every commit: the init record, then the slot naming it
             store.journal.append("init", {"device_id": state.device_id, "model": state.model,
                                            "sequence": state.sequence}, state.created)
-        except StorageError:
+            store.save(state)
+        except (StorageError, OSError) as exc:
             # a half-provisioned directory would block a retried init: take it all back
             for n in (SLOTS[0], JOURNAL_FILE, KEY_FILE):
                 try:
                     (directory / n).unlink()
                 except OSError:
                     pass
-            raise
+            if isinstance(exc, StorageError):
+                raise
+            raise StorageError(f"could not initialise the store in {directory}: {exc}") from exc
         return store
 
     @classmethod
     def open(
         cls, directory: Path, binding_facts: tuple[str, ...] | None = None,
         ops: FileOps | None = None, now: int = 0, facts_simulated: bool = False,
+        writable: bool | None = None, limits: Limits = DEFAULT_LIMITS,
     ) -> Store:
         """Load the last good state; check it still sits on the same hardware.
 
@@ -272,10 +343,13 @@ class Store:
             facts_simulated: ``binding_facts`` were given as data, not read from this
                 machine; refused (the slots untouched, the refusal journaled) unless
                 the store was initialised that way.
+            writable: whether the store may be written; None asks the file system
+                (False on a read-only mount: the state is read, nothing is written).
 
         Raises:
             UsageError: no store in ``directory``.
-            IntegrityError: no slot passes its integrity check (never reset to empty).
+            IntegrityError: no slot passes its integrity check (never reset to empty),
+                or the journal does not match the slot (missing, emptied, cut, altered).
             CopiedStoreError: the store was copied from other hardware.
             FactsOverrideError: facts given as data for a store bound to real hardware.
         """
@@ -296,9 +370,12 @@ class Store:
             key = SigningKey.from_pem(pem)
         except MalformedError as exc:
             raise IntegrityError(f"device key {key_path} is damaged: {exc}") from exc
+        if writable is None:
+            writable = not _read_only(directory)
         mac_key = key.secret_digest(b"store-mac")
-        _remove_stale_temporaries(directory)
-        best: tuple[int, int, bytes] | None = None
+        if writable:
+            _remove_stale_temporaries(directory)
+        best: tuple[int, int, bytes, JournalHead | None] | None = None
         warnings: list[str] = []
         missing: list[str] = []
         for idx, name in enumerate(SLOTS):
@@ -311,20 +388,20 @@ class Store:
                 warnings.append(f"{name} unreadable: {exc}")
                 continue
             try:
-                gen, sb, w = decode_slot(mac_key, data)
+                gen, sb, head, w = decode_slot_head(mac_key, data)
             except IntegrityError as exc:
                 warnings.append(f"{name} is damaged ({exc}); ignored")
                 continue
             warnings.extend(f"{name}: {x}" for x in w)
             if best is None or gen > best[0]:
-                best = (gen, idx, sb)
+                best = (gen, idx, sb, head)
         if best is None:
             raise IntegrityError(
                 f"no intact license state in {directory}: both slots are missing or fail their "
                 f"integrity check. The store is NOT reset; restore it from a backup or "
                 f"re-provision the device with the vendor."
             )
-        gen, idx, sb = best
+        gen, idx, sb, head = best
         try:
             state = AgentState.from_cbor(strict_loads(sb, max_size=MAX_SLOT))
         except MalformedError as exc:
@@ -336,19 +413,78 @@ class Store:
             warnings.extend(f"{n} is missing" for n in missing)
         if warnings:
             warnings.append(f"using {SLOTS[idx]} (generation {gen}), the last good state")
-        store = cls(directory, key, state, gen, idx, ops, LoadReport(idx, gen, warnings))
+        store = cls(directory, key, state, gen, idx, ops, LoadReport(idx, gen, warnings),
+                    head, writable, limits)
+        # before anything is written: the journal agrees with the slot (never append to,
+        # or run on, a journal that was deleted, emptied or cut)
+        pending = store._journal_past_head()
         if binding_facts is not None:
             store._check_facts_source(facts_simulated, now)
-        if warnings:
-            store._recover_from_journal(now)
-        if warnings:
+        if head is None:
+            if warnings and writable:
+                store._recover_from_journal(now)
+        else:
+            store._catch_up(pending, now)
+        if warnings and writable:
             store.journal.append("recovered", {"warnings": warnings, "generation": gen}, now)
         if binding_facts is not None:
             store._check_binding(binding_facts, now)
         return store
 
+    def _journal_past_head(self) -> list[JournalEntry]:
+        """The journal records after the slot's head, the head record checked in place.
+
+        Raises:
+            IntegrityError: exit 8, with the journal named: a state change can never be
+                made on a journal that lost records the slot says it has.
+        """
+        if self.head is None:  # slot format 1: the journal is verified at the next append
+            return []
+        try:
+            return self.journal.since_head(self.head)
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"{exc}. Nothing is changed until the journal is restored from a backup "
+                f"together with the slots (state.0, state.1), or the device is re-provisioned"
+            ) from exc
+
+    def _catch_up(self, pending: list[JournalEntry], now: int) -> None:
+        """Redo the commits journaled after the slot's head (write-ahead: the slot lags).
+
+        A crash between a journal append and its slot write, an older slot put back,
+        or a damaged newest slot all leave committed records past the head: each is
+        replayed at the protocol level and must reproduce what it recorded, so the
+        newest committed state is never lost and a reclaimed license never returns.
+        """
+        state = self.state
+        for e in pending:
+            try:
+                state = protocol.replay_event(state, e.event, e.data, e.time, self.key,
+                                              self.limits)
+            except IntegrityError as exc:
+                raise IntegrityError(
+                    f"journal record {e.n} ({e.event}) cannot be replayed onto the stored "
+                    f"state ({exc}). Refusing to run on an older state (reclaimed licenses "
+                    f"would come back); restore the store from a backup or re-provision the "
+                    f"device with the vendor."
+                ) from exc
+        changed = state != self.state
+        if changed:
+            self.report.warnings.append(
+                f"{len(pending)} journal record(s) past the slot replayed: state rolled "
+                f"forward from the journal to sequence {state.sequence}"
+            )
+        if not self.writable:
+            self.state = state
+            if changed:
+                self.report.warnings.append(
+                    "read-only file system: the recovered state is used but not saved")
+            return
+        if changed or len(pending) > RESAVE_AFTER:
+            self.save(state)
+
     def _recover_from_journal(self, now: int) -> None:
-        """After falling back to an older slot, redo the applies the journal holds beyond it.
+        """A slot of format 1 fell back to its older copy: redo the applies journaled beyond it.
 
         A rollback would bring reclaimed licenses back, so a state older than
         the journal is never used as it is: either the journal replays onto it
@@ -368,8 +504,8 @@ class Store:
                 f"Refusing to roll back (reclaimed licenses would come back); restore the store "
                 f"from a backup or re-provision the device with the vendor."
             ) from exc
-        self.save(recovered)
         self.journal.append("recovered", {"rolled_forward_to": recovered.sequence}, now)
+        self.save(recovered)
         self.report.warnings.append(
             f"state rolled forward from the journal to sequence {recovered.sequence}"
         )
@@ -385,9 +521,10 @@ class Store:
     def _check_binding(self, facts: tuple[str, ...], now: int) -> None:
         chk = check_binding(self.state.binding, facts)
         if not chk.ok:
-            self.journal.append_refusal({"reason": "copied-store",
-                                         "missing": list(chk.missing),
-                                         "added": list(chk.added)}, now)
+            if self.writable:
+                self.journal.append_refusal({"reason": "copied-store",
+                                             "missing": list(chk.missing),
+                                             "added": list(chk.added)}, now)
             raise CopiedStoreError(binding_refusal(chk))
         if chk.changed:
             from agent.record import replace
@@ -396,9 +533,15 @@ class Store:
             if not any(f.startswith("model=") for f in new_binding):
                 # the hardware cannot name our model; keep the one bound at provisioning
                 new_binding |= {f for f in self.state.binding if f.startswith("model=")}
+            if not self.writable:
+                self.report.warnings.append(
+                    f"hardware changed ({', '.join(chk.missing)} gone, "
+                    f"{', '.join(chk.added)} new); not re-bound: read-only file system")
+                return
             self.commit(replace(self.state, binding=tuple(sorted(new_binding))), "rebind",
                         {"missing": list(chk.missing), "added": list(chk.added),
-                         "matched": chk.matched, "total": chk.total}, now)
+                         "matched": chk.matched, "total": chk.total,
+                         "binding": sorted(new_binding)}, now)
             self.report.warnings.append(
                 f"hardware changed ({', '.join(chk.missing)} gone, {', '.join(chk.added)} new); "
                 f"store re-bound"
@@ -406,29 +549,65 @@ class Store:
 
     # ------------------------------------------------------------ writing
 
+    def require_writable(self, what: str) -> None:
+        """Refuse a write up front on a read-only file system (exit 8, nothing attempted)."""
+        if not self.writable:
+            raise ReadOnlyStoreError(_read_only_message(self.directory, what))
+
     def save(self, state: AgentState) -> None:
-        """Persist ``state`` into the older slot; on success it becomes the current state."""
+        """Persist ``state`` into the older slot, with the journal's head as it is now."""
+        self.require_writable("save the license state")
         gen = self.generation + 1
         slot = 1 - self.slot
-        data = encode_slot(self.mac_key, gen, state.encode())
+        head = self.journal.head()
+        data = encode_slot(self.mac_key, gen, state.encode(), head)
         atomic_write(self.ops, self.directory / SLOTS[slot], data)
-        self.state, self.generation, self.slot = state, gen, slot
+        self.state, self.generation, self.slot, self.head = state, gen, slot, head
 
     def commit(self, state: AgentState, event: str, details: dict[str, Any], now: int) -> str | None:
-        """Save, then journal. Returns a warning if only the journal write failed.
+        """Journal, then save (write-ahead): every committed state has its journal record.
 
-        The state is the commit point; the journal records it afterwards, so a
-        journal failure cannot undo an apply whose receipt the caller may use.
+        The journal record is the commit point. If the slot write fails before its
+        rename, the record is taken back and the command fails (exit 8, the old state
+        kept); after the rename the record stays (the slot may hold the new state,
+        and the next open replays it if not). Returns None (a journal failure is an
+        error now: nothing is committed without its record).
         """
-        self.save(state)
+        self.require_writable(f"save the {event} change")
+        before = self.journal.head()
+        self.journal.append(event, details, now)
         try:
-            self.journal.append(event, details, now)
-        except StorageError as exc:
-            return f"state saved, but the audit journal could not be written: {exc}"
+            self.save(state)
+        except StorageError:
+            if not self._slot_holds(self.generation + 1):
+                try:
+                    self.journal.truncate_to(before)
+                except StorageError:
+                    pass  # the record stays: the next open replays it (it was committed)
+            raise
         return None
+
+    def _slot_holds(self, generation: int) -> bool:
+        """Whether the slot a failed save wrote may hold ``generation`` (its rename done).
+
+        False only when the slot is known not to (missing, or another generation): the
+        journal record is taken back only then, never under a slot that names it.
+        """
+        try:
+            data = read_state_file(self.directory, SLOTS[1 - self.slot], MAX_SLOT)
+        except FileNotFoundError:
+            return False
+        except (OSError, StorageError):
+            return True
+        try:
+            return decode_slot_head(self.mac_key, data)[0] == generation
+        except LicensingError:
+            return False
 
     def record_refusal(self, err: LicensingError, what: str, now: int) -> None:
         """Journal a refusal; the license state itself stays untouched."""
+        if not self.writable:
+            return
         try:
             self.journal.append_refusal({"what": what, "reason": err.reason,
                                          "message": str(err)[:300]}, now)
@@ -436,27 +615,61 @@ class Store:
             pass
 
 
-def open_lock_file(directory: Path) -> int:
-    """Open (create) the lock file in a private directory: never through a symlink, never
-    blocking on a FIFO; anything but a private regular file of its own is refused.
+def _read_only(directory: Path) -> bool:
+    """Whether ``directory`` is on a file system mounted read-only."""
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _read_only_message(directory: Path, what: str) -> str:
+    return (f"cannot {what}: the license store {directory} is on a read-only file system "
+            f"(status, check, info and journal still work); remount it read-write")
+
+
+def _require_writable_dir(directory: Path, what: str) -> None:
+    if _read_only(directory):
+        raise ReadOnlyStoreError(_read_only_message(directory, what))
+
+
+def open_lock_file(directory: Path) -> tuple[int, bool]:
+    """Open (create) the lock file in a private directory, and say whether the store can be
+    written: never through a symlink, never blocking on a FIFO; anything but a private
+    regular file of its own is refused.
+
+    On a read-only file system the lock file is opened read-only (a shared lock then
+    still keeps a writer on another mount of the same files out), or not at all if it
+    does not exist (-1): reading never needs writing.
 
     Raises:
         UnsafeFileError: the directory is not private, or the lock file is not such a file.
+        StorageError: it cannot be opened.
     """
     dfd = check_private_dir(directory)  # not even a lock file in someone else's folder
+    label = os.path.join(directory, LOCK_FILE)
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    writable = True
     try:
-        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                     | os.O_NOCTTY | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | flags, 0o600, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            writable = False
+            try:
+                fd = os.open(LOCK_FILE, os.O_RDONLY | flags, dir_fd=dfd)
+            except FileNotFoundError:
+                return -1, False
     except OSError as exc:
         os.close(dfd)
         if exc.errno == errno.ELOOP:
-            raise UnsafeFileError(f"{os.path.join(directory, LOCK_FILE)} is a symbolic link, "
-                                  f"expected a regular file of the license store; refused "
-                                  f"(nothing read or written through it)") from exc
-        raise
+            raise UnsafeFileError(f"{label} is a symbolic link, expected a regular file of the "
+                                  f"license store; refused (nothing read or written through "
+                                  f"it)") from exc
+        raise StorageError(f"cannot open lock file in {directory}: {exc}") from exc
     try:
         st = os.fstat(fd)
-        label = os.path.join(directory, LOCK_FILE)
         if not stat.S_ISREG(st.st_mode) or st.st_dev != os.fstat(dfd).st_dev:
             raise UnsafeFileError(f"{label} is {describe(st.st_mode)}, expected a regular file "
                                   f"of the license store; refused")
@@ -469,25 +682,25 @@ def open_lock_file(directory: Path) -> int:
         raise
     finally:
         os.close(dfd)
-    return fd
+    return fd, writable
 
 
 @contextmanager
-def store_lock(directory: Path) -> Iterator[None]:
-    """Exclusive advisory lock on a state directory for one operation.
+def store_lock(directory: Path) -> Iterator[bool]:
+    """Advisory lock on a state directory for one operation; yields whether it is writable.
 
-    The directory is checked first, so that a directory someone else could change is
-    not even given a lock file; :meth:`Store.open` then checks every state file.
+    Exclusive on a writable store; shared (or none, with no lock file) on a
+    read-only file system, where nothing can be written anyway.
     """
     if not directory.is_dir():
-        yield
+        yield True
+        return
+    fd, writable = open_lock_file(directory)
+    if fd < 0:
+        yield False
         return
     try:
-        fd = open_lock_file(directory)
-    except OSError as exc:
-        raise StorageError(f"cannot open lock file in {directory}: {exc}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        fcntl.flock(fd, fcntl.LOCK_EX if writable else fcntl.LOCK_SH)
+        yield writable and not _read_only(directory)
     finally:
         os.close(fd)

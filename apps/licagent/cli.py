@@ -209,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if c == "check":
         r = agent.check(args.feature)
+        for w in r.warnings:
+            print(f"{PROG}: warning: {w}", file=sys.stderr)
         return show_check(r.licensed, r.message)
     if c == "journal":
         rep = agent.journal()
@@ -218,10 +220,11 @@ def run(args: argparse.Namespace) -> int:
                          for e in rep.entries])
         elif not args.verify:
             for e in rep.entries:
-                print(f"{e.n:>5} {iso(e.time)} {e.event:<13} {dumps_json(jsonable(e.data))}")
+                print(f"{e.n:>5} {iso(e.time)} {e.event:<13} {dumps_json(_brief(e.data))}")
         if args.verify:
             tail = f"; {rep.torn_tail} bytes of a torn last record" if rep.torn_tail else ""
-            print(f"journal OK: {len(rep.entries)} entries, hash chain and MACs verified{tail}",
+            print(f"journal OK: {len(rep.entries)} entries, hash chain and MACs verified, "
+                  f"the record the state slots name in place{tail}",
                   file=sys.stderr if args.json else sys.stdout)
         return EXIT_OK
     if c == "trust-update":
@@ -232,6 +235,15 @@ def run(args: argparse.Namespace) -> int:
     raise UsageError(f"unknown command {c}")
 
 
+
+
+def _brief(data: Any) -> Any:
+    """An entry's data for the text listing: a file it carries (the response an apply
+    recorded for replay) shown by its size, not as kilobytes of hex (``--json`` has it all)."""
+    if isinstance(data, dict):
+        return {k: f"<{len(v)} bytes>" if isinstance(v, bytes) and len(v) > 64 else jsonable(v)
+                for k, v in data.items()}
+    return jsonable(data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,11 +28,12 @@ import pytest
 from agent import protocol
 from agent.cose import strict_loads
 from agent.durable import FileOps
-from agent.errors import AlreadyAppliedError, IntegrityError, UsageError
+from agent.errors import IntegrityError, LicensingError, UsageError
 from agent.identity import HardwareFacts
 from agent.journal import Journal
 from agent.messages import Action
 from agent.protocol import AgentState
+from agent.record import replace
 from agent.service import Agent
 from agent.store import JOURNAL_FILE, MAX_SLOT, SLOTS, Store, decode_slot
 from apps.licagent.cli import main as licagent_main
@@ -233,24 +234,30 @@ def test_crash_at_every_call(scenario: Scenario, tmp_path: Path, op: str, mode: 
         with pytest.raises(SimulatedCrash):
             run_op(Agent(d, dev.facts, clock=dev.clock, ops=ops), op, scenario.resp)
         ops.die()
+        j_re = re.escape(JOURNAL_FILE) + "$"
         if mode == "power-loss":
             lose_unsynced(d, pristine, ops, rng)
-            expect_new = ops.done("fsync", f"^{re.escape(str(d))}$")
-        else:
-            expect_new = ops.done("replace", ".")
+            # write-ahead: the commit point is the journal record reaching the disk
+            expect_new = ops.done("fsync", j_re)
+        else:  # a dead process's writes are in the page cache: a whole record is committed
+            expect_new = ops.done("write", j_re)
         where = f"crash at call {k}/{total} ({ops.crashed}), {mode}"
 
         # a fresh process loads exactly the old or exactly the new state
-        loaded = state_of(d).encode()
+        loaded = state_of(d)
         if expect_new:
-            assert loaded == intended_state(d, ops), where
             if op == "apply":
-                assert loaded == ref_new, where
+                assert loaded.encode() == ref_new, where
+            else:  # the request's nonce is fresh: one more outstanding request, nothing else
+                assert loaded.outstanding[:-1] == state_of(pristine).outstanding, where
+                assert replace(loaded, outstanding=state_of(pristine).outstanding
+                               ).encode() == scenario.old, where
+            if ops.tmp_path() in ops.written and ops.done("fsync", re.escape(ops.tmp_path() or "")):
+                assert loaded.encode() == intended_state(d, ops), where
         else:
-            assert loaded == scenario.old, where
+            assert loaded.encode() == scenario.old, where
         outcomes.append(expect_new)
         rep = Store.open(d, None).journal.read()  # never a broken chain, at most a torn tail
-        j_re = re.escape(JOURNAL_FILE) + "$"
         if mode == "power-loss" and ops.done("write", j_re) and not ops.done("fsync", j_re):
             assert rep.torn_tail > 0, where
 
@@ -379,9 +386,11 @@ def test_newest_slot_destroyed_rolls_forward_never_back(device: Device) -> None:
     assert any(f"{slot.name} is damaged" in w for w in s.report.warnings)
     assert any("rolled forward" in w for w in s.report.warnings)
     assert s.journal.read().entries[-1].event == "recovered"
-    # the reclaim cannot be undone by replaying anything
-    with pytest.raises(AlreadyAppliedError):
-        device.agent.apply(resp)
+    # the reclaim cannot be undone by replaying anything: the journal's replay kept its
+    # receipt, so the same response is the idempotent no-op that hands it back
+    res, _ = device.agent.apply(resp)
+    assert res.already_applied and res.receipt == lost.last_receipt
+    assert "bacnet" not in {lic.feature for lic in state_of(device.directory).licenses}
     assert Store.open(device.directory, None).report.warnings == []  # the bad slot was rewritten
     device.activate(lon=1)
     assert device.agent.check("lon").licensed
@@ -390,8 +399,9 @@ def test_newest_slot_destroyed_rolls_forward_never_back(device: Device) -> None:
 def test_newest_slot_destroyed_with_no_journal_record_uses_last_good_state(
     device: Device,
 ) -> None:
-    """If the apply never reached the journal (the journal write failed), the older slot is
-    the truth: its request is still outstanding and the response applies again."""
+    """The journal lost its last record and the newest slot is damaged: the older slot, whose
+    head is the journal's end, is the truth: its request is still outstanding and the
+    response applies again. (Write-ahead: a commit never reaches a slot without its record.)"""
     device.activate(knx=1)
     journal = device.directory / JOURNAL_FILE
     req = device.request(Action.ACTIVATE, ["bacnet"])
@@ -400,8 +410,10 @@ def test_newest_slot_destroyed_with_no_journal_record_uses_last_good_state(
     before_apply = journal.read_bytes()
     device.agent.apply(resp)
     lost = state_of(device.directory).encode()
-    journal.write_bytes(before_apply)
     slot, _ = newest(device.directory)
+    journal.write_bytes(before_apply)
+    with pytest.raises(IntegrityError, match="cut short"):  # the newest slot names the record
+        Store.open(device.directory, None)
     slot.write_bytes(random.Random(2).randbytes(slot.stat().st_size))
 
     s = Store.open(device.directory, None)
@@ -485,12 +497,17 @@ def test_torn_journal_tail_is_reported_and_cut_off(
     journal_device: Device, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A record past the slot's head cut short by a crash is a torn tail (exit 0, cut off at
+    the next append); a cut into the head record itself is a cut journal (exit 8)."""
     dev = journal_device
+    with pytest.raises(LicensingError):  # a refusal: journaled past the head, no slot save
+        dev.agent.apply(b"not a response")
     jpath = dev.directory / JOURNAL_FILE
     data = jpath.read_bytes()
     last = record_offsets(data)[-1]
     blob = len(data) - last
     s = Store.open(dev.directory, None)
+    assert s.head is not None and s.head.end == last  # the refusal lies past the head
     n = len(s.journal.read().entries)
     j = Journal(jpath, s.journal.mac_key, FileOps())
 
@@ -510,6 +527,14 @@ def test_torn_journal_tail_is_reported_and_cut_off(
         assert f"journal OK: {n - 1} entries" in out, cut
         assert f"{blob - cut} bytes of a torn last record" in out, cut
 
+    for cut in (blob + 1, blob + 4, len(data) // 2):  # into the record the slot names
+        jpath.write_bytes(data[:-cut])
+        code, out, err = run_cli(capsys, "journal", "--state", str(dev.directory),
+                                 "--facts", str(facts), "--verify")
+        assert code == 8 and "store-integrity" in err and "cut short" in err, cut
+        assert len(err.strip().splitlines()) == 1, err
+    jpath.write_bytes(data[:-1])
+
     dev.request(Action.ACTIVATE, ["knx"])  # the next append cuts the torn tail off
     rep = j.read()
     assert rep.torn_tail == 0 and len(rep.entries) == n
@@ -524,9 +549,13 @@ def test_modified_byte_in_earlier_record_is_exit_8(
     journal_device: Device, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A damaged record before the slot's head: ``journal --verify`` says so (exit 8) every
+    time. Commands check only the head record and those after it (constant time), so the
+    license state stays usable; a damaged head record stops every command (exit 8)."""
     dev = journal_device
     jpath = dev.directory / JOURNAL_FILE
-    data = bytearray(jpath.read_bytes())
+    pristine = jpath.read_bytes()
+    data = bytearray(pristine)
     offs = record_offsets(bytes(data))
     assert len(offs) >= 4
     data[(offs[1] + offs[2]) // 2] ^= 0x01  # inside record 1, well before the tail
@@ -536,14 +565,26 @@ def test_modified_byte_in_earlier_record_is_exit_8(
 
     code, _, err = run_cli(capsys, "journal", "--state", str(dev.directory),
                            "--facts", str(facts), "--verify")
-    assert code == 8 and "store-integrity" in err
-    # the license state itself is fine and stays usable, but nothing is appended behind
-    # the tampered record: verification keeps failing
+    assert code == 8 and "store-integrity" in err and "record 1" in err
     dev.request(Action.ACTIVATE, ["knx"])
-    assert jpath.read_bytes() == bytes(data)
     code, _, _ = run_cli(capsys, "journal", "--state", str(dev.directory),
                          "--facts", str(facts), "--verify")
     assert code == 8
+
+    # the record the slot names (the last one here) damaged: every command refuses
+    s = Store.open(dev.directory, None)
+    assert s.head is not None
+    data = bytearray(jpath.read_bytes())
+    data[(s.head.start + s.head.end) // 2] ^= 0x01
+    jpath.write_bytes(bytes(data))
+    before = dev.store_bytes()
+    for cmd in (["status"], ["check", "knx"], ["journal", "--verify"], ["info"]):
+        code, _, err = run_cli(capsys, *cmd, "--state", str(dev.directory), "--facts", str(facts))
+        assert code == 8 and "does not hold the record the store's slot names" in err, cmd
+        assert len(err.strip().splitlines()) == 1, err
+    with pytest.raises(IntegrityError):
+        dev.request(Action.ACTIVATE, ["lon"])
+    assert dev.store_bytes() == before and jpath.read_bytes() == bytes(data)
 
 
 def test_every_modified_byte_of_the_journal_is_detected(journal_device: Device) -> None:

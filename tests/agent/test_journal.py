@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from agent.durable import FileOps
 from agent.errors import IntegrityError
 from agent.journal import Journal
+from tests.conftest import Device
 
 KEY = bytes(range(32))
 
@@ -77,3 +78,46 @@ def test_refusals_are_journalled_at_most_so_many_an_hour(tmp_path: Path) -> None
     assert j.read().entries[-1].event == "refused"
     # other events are never held back
     assert j.append("apply", {"sequence": 2}, now=t + 3700).event == "apply"
+
+
+def test_read_journal_over_a_link_leaves_the_replay_files_out(device: Device) -> None:
+    """``apply`` records carry their response for replay; a link's read-journal names its
+    size instead, so a long journal stays within one frame (80 KiB) over a real socket."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import hw
+    from agent.store import Store
+    from hw.framing import DEFAULT_MAX_FRAME
+
+    for i in range(150):
+        device.activate(**{f"f{i}": 1})
+    jpath = device.directory / "journal.log"
+    assert jpath.stat().st_size > DEFAULT_MAX_FRAME  # responses included, it would not fit
+    full = Store.open(device.directory, None).journal.read().entries
+    applies = [e for e in full if e.event == "apply"]
+    assert all(isinstance(e.data["response"], bytes) for e in applies)
+
+    facts = device.directory.parent / "facts.json"
+    facts.write_text(json.dumps(device.facts.read().as_dict()))
+    env = {**os.environ, "LICAGENT_TIME": str(device.clock()),
+           "LICAGENT_FACTS": str(facts)}
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "apps.licagent.cli", "run", "--state",
+                             str(device.directory), "--listen", "tcp://127.0.0.1:0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        address = proc.stdout.readline().decode().split(" ", 1)[1].strip()
+        with hw.connect(address) as c:
+            got = c.journal()["entries"]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert [e["n"] for e in got] == [e.n for e in full]
+    shown = [e["data"] for e in got if e["event"] == "apply"]
+    assert [d["response"] for d in shown] == [f"<{len(e.data['response'])} bytes>"
+                                              for e in applies]
+    assert [d["state_digest"] for d in shown] == [e.data["state_digest"] for e in applies]

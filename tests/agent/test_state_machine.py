@@ -104,6 +104,7 @@ class DeviceMachine(RuleBasedStateMachine):
         self.applied_memory: list[tuple[bytes, bytes]] = []  # (nonce, digest)
         self.max_sequence_seen = 0
         self.journal_len = 0
+        self.seen_unlicensed: set[tuple[str, object]] = set()
 
     def teardown(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -346,17 +347,36 @@ class DeviceMachine(RuleBasedStateMachine):
             self.do_apply(sent)
         self.clock.t = saved
 
+    def licensed_at(self, feature: str, t: int) -> bool:
+        """Whether ``feature`` is licensed at time ``t``, by the model."""
+        lic = self.licenses.get(feature)
+        return (
+            lic is not None and lic.count > 0
+            and (lic.not_before is None or t >= lic.not_before)
+            and (lic.not_after is None or t <= lic.not_after + lic.grace)
+        )
+
+    @staticmethod
+    def phase(lic: License, t: int) -> str:
+        if lic.not_before is not None and t < lic.not_before:
+            return "not yet valid"
+        if lic.not_after is not None and t > lic.not_after:
+            return "in grace" if t <= lic.not_after + lic.grace else "expired"
+        return "valid"
+
     @rule(feature=st.sampled_from(FEATURES))
     def check(self, feature: str) -> None:
         res = self.device.agent.check(feature)
         t = max(self.now, self.hwm)
         lic = self.licenses.get(feature)
-        licensed = (
-            lic is not None and lic.count > 0
-            and (lic.not_before is None or t >= lic.not_before)
-            and (lic.not_after is None or t <= lic.not_after + lic.grace)
-        )
+        licensed = self.licensed_at(feature, t)
         assert res.licensed == licensed, res.message
+        if lic is not None and not licensed:
+            self.seen_unlicensed.add((feature, lic))
+        # item 6: a license once seen expired (or not valid) stays so whatever the clock reads
+        assert not (res.licensed and (feature, lic) in self.seen_unlicensed
+                    and lic is not None and lic.not_after is not None
+                    and self.hwm > lic.not_after + lic.grace), res.message
         event(f"check: licensed={licensed} in_grace={res.in_grace} set_back={res.clock_set_back}")
         assert res.clock_set_back == self.clock_is_set_back()
         if res.licensed:
@@ -364,6 +384,11 @@ class DeviceMachine(RuleBasedStateMachine):
             assert res.in_grace == (lic.not_after is not None and t > lic.not_after)
             # a clock set back never extends a license past the latest time already seen
             assert lic.not_after is None or lic.not_after + lic.grace >= self.hwm
+        # the mark moves (and is saved) when the license's phase differs between the mark
+        # and now (the answer depended on it), else hourly
+        if self.now > self.hwm and lic is not None and lic.count > 0 and (
+                self.phase(lic, self.now) != self.phase(lic, self.hwm)):
+            self.hwm = self.now
         if self.now > self.hwm + LIMITS.hwm_persist_interval:
             self.hwm = self.now
 

@@ -2,9 +2,10 @@
 
 A FileOps subclass makes the real syscalls, logs each one with what it acts
 on, and turns the N-th call of one method into an ``OSError``. For every step
-of a full ``apply`` and ``request`` the agent must report ``StorageError``
-(exit code 8), keep the old state byte for byte (or, once the rename is done,
-exactly the new one), leave no temporary file and no open descriptor, never
+of a full ``apply`` and ``request`` (write-ahead: the journal record, then the
+slot) the agent must report ``StorageError`` (exit code 8), keep the old state
+and journal byte for byte (or, once the slot's rename is done, exactly the new
+state with its record), leave no temporary file and no open descriptor, never
 retry the failing call, and keep working once the fault clears.
 """
 
@@ -171,28 +172,34 @@ def counted_run(site: Site, op: str) -> list[Step]:
     return steps_of(ops)
 
 
+def journal_phase(steps: list[Step]) -> list[Step]:
+    """The calls that append the journal record (write-ahead: before the slot is touched)."""
+    first_slot = next(s.index for s in steps if s.target == ".state.N.tmp")
+    return steps[:first_slot]
+
+
 def state_phase(steps: list[Step]) -> list[Step]:
-    """The calls that persist the state (everything before the journal is touched)."""
-    first_journal = next(s.index for s in steps if s.target == JOURNAL_FILE)
-    return steps[:first_journal]
+    """The calls that persist the state (everything after the journal record)."""
+    return steps[len(journal_phase(steps)):]
 
 
 def test_recipe_is_what_the_fault_tests_assume(site: Site) -> None:
     """The counting run sees the documented recipe; the loops below cover each of its steps."""
     for op in ("apply", "request"):
         steps = counted_run(site, op)
+        assert [(s.method, s.target) for s in journal_phase(steps)] == [
+            ("open", JOURNAL_FILE), ("write", JOURNAL_FILE), ("fsync", JOURNAL_FILE),
+            ("close", JOURNAL_FILE)]
         recipe = [(s.method, s.target) for s in state_phase(steps)]
         assert recipe[:5] == [("open", ".state.N.tmp"), ("write", ".state.N.tmp"),
                               ("fsync", ".state.N.tmp"), ("close", ".state.N.tmp"),
                               ("replace", "state.N")]
         assert recipe[5:] == [("open", "<dir>"), ("fsync", "<dir>"), ("close", "<dir>")]
-        assert [(s.method, s.target) for s in steps[len(recipe):]] == [
-            ("open", JOURNAL_FILE), ("write", JOURNAL_FILE), ("fsync", JOURNAL_FILE),
-            ("close", JOURNAL_FILE)]
 
 
 def check_fault_contract(ops: FaultOps, exc: pytest.ExceptionInfo[StorageError], err: int,
-                         step: Step, device: Device) -> None:
+                         step: Step, device: Device, journal_before: bytes,
+                         renamed: bool) -> None:
     assert exc.value.exit_code == 8, step
     assert isinstance(exc.value.__cause__, OSError) and exc.value.__cause__.errno == err, step
     assert ops.failed is not None and ops._label(ops.failed[1]) == step.target, step
@@ -200,8 +207,11 @@ def check_fault_contract(ops: FaultOps, exc: pytest.ExceptionInfo[StorageError],
     assert not ops.retried(), (step, ops.labelled())
     assert device.leftovers() == [], step
     assert ops.open_fds == set(), f"{step}: descriptors leaked"
-    assert not any(t == str(device.directory / JOURNAL_FILE) for _, t in ops.calls), \
-        f"{step}: nothing may be journaled for a state that was not saved"
+    journal = (device.directory / JOURNAL_FILE).read_bytes()
+    if renamed:  # the slot may hold the new state: its record stays (replayed if need be)
+        assert journal.startswith(journal_before) and journal != journal_before, step
+    else:  # nothing is journaled for a state that was not saved: the record is taken back
+        assert journal == journal_before, f"{step}: the journal record was not taken back"
 
 
 @pytest.mark.parametrize("err", ERRNOS)
@@ -215,18 +225,20 @@ def test_apply_fault_at_every_state_step(site: Site, err: int) -> None:
         old = disk_state(dev.directory)
         new_enc = expected_after(dev.directory, old, resp, dev.clock())
         before = dev.store_bytes()
+        journal_before = (dev.directory / JOURNAL_FILE).read_bytes()
         ops = FaultOps(dev.directory, step.method, step.n, err)
 
         with pytest.raises(StorageError) as exc:
             replace(dev.agent, ops=ops).apply(resp)
 
-        check_fault_contract(ops, exc, err, step, dev)
+        check_fault_contract(ops, exc, err, step, dev, journal_before, step.index > renamed_at)
         loaded = disk_state(dev.directory).encode()
         if step.index <= renamed_at:
             assert loaded == old.encode(), step
             assert dev.store_bytes() == before, step
-        else:  # the rename happened; only its directory entry's durability is in doubt
-            assert loaded in (old.encode(), new_enc), step
+        else:  # the rename happened; only its directory entry's durability is in doubt,
+            # and the journal record replays it if the entry is lost
+            assert loaded == new_enc, step
 
         # the fault has cleared: the same response completes (or is the idempotent no-op)
         res, warn = dev.agent.apply(resp)
@@ -249,12 +261,13 @@ def test_request_fault_at_every_state_step(site: Site, err: int) -> None:
         dev = site.device()
         old = disk_state(dev.directory)
         before = dev.store_bytes()
+        journal_before = (dev.directory / JOURNAL_FILE).read_bytes()
         ops = FaultOps(dev.directory, step.method, step.n, err)
 
         with pytest.raises(StorageError) as exc:
             replace(dev.agent, ops=ops).request(Action.ACTIVATE, ["bacnet"])
 
-        check_fault_contract(ops, exc, err, step, dev)
+        check_fault_contract(ops, exc, err, step, dev, journal_before, step.index > renamed_at)
         loaded = disk_state(dev.directory)
         if step.index <= renamed_at:
             assert loaded.encode() == old.encode(), step
@@ -272,32 +285,40 @@ def test_request_fault_at_every_state_step(site: Site, err: int) -> None:
 
 
 @pytest.mark.parametrize("err", ERRNOS)
-def test_journal_fault_after_the_state_is_saved(site: Site, err: int) -> None:
-    """The state is the commit point: a journal fault afterwards is a warning, never a torn record."""
+def test_journal_fault_before_the_state_is_saved(site: Site, err: int) -> None:
+    """Write-ahead: the journal record is the commit point. A fault while appending it fails
+    the command (exit 8) with the slots and the journal as they were, never a torn record,
+    and the same response applies once the fault clears."""
     steps = counted_run(site, "apply")
-    journal_steps = steps[len(state_phase(steps)):]
-    assert journal_steps
-    for step in journal_steps:
+    jsteps = journal_phase(steps)
+    assert jsteps
+    for step in jsteps:
         dev = site.device()
         resp = pending_apply(dev)
         old = disk_state(dev.directory)
         new_enc = expected_after(dev.directory, old, resp, dev.clock())
-        n_before = len(Store.open(dev.directory, None).journal.read().entries)
+        before = dev.store_bytes()
+        journal_before = (dev.directory / JOURNAL_FILE).read_bytes()
         ops = FaultOps(dev.directory, step.method, step.n, err)
 
-        res, warn = replace(dev.agent, ops=ops).apply(resp)
-
+        if step.method == "close":  # after a good fsync the record is durable: committed
+            res, warn = replace(dev.agent, ops=ops).apply(resp)
+            assert warn is None and not res.already_applied, step
+            assert disk_state(dev.directory).encode() == new_enc, step
+        else:
+            with pytest.raises(StorageError) as exc:
+                replace(dev.agent, ops=ops).apply(resp)
+            assert exc.value.exit_code == 8, step
+            assert dev.store_bytes() == before, step
+            assert (dev.directory / JOURNAL_FILE).read_bytes() == journal_before, step
+            assert disk_state(dev.directory).encode() == old.encode(), step
+            res, warn = dev.agent.apply(resp)
+            assert not res.already_applied and warn is None, step
         assert not ops.retried(), step
-        assert not res.already_applied
-        assert disk_state(dev.directory).encode() == new_enc, step
         assert dev.leftovers() == [] and ops.open_fds == set(), step
         rep = Store.open(dev.directory, None).journal.read()
-        assert rep.torn_tail == 0, step
-        if step.method == "close":  # after a good fsync the record is durable
-            assert warn is None and len(rep.entries) == n_before + 1, step
-        else:
-            assert warn is not None and "journal" in warn, step
-            assert len(rep.entries) == n_before, step
+        assert rep.torn_tail == 0 and rep.entries[-1].event == "apply", step
+        assert disk_state(dev.directory).encode() == new_enc, step
 
         dev.activate(modbus=1)
         rep = Store.open(dev.directory, None).journal.read()
@@ -311,7 +332,7 @@ def test_failed_directory_fsync_is_reported(device: Device, err: int) -> None:
     resp = pending_apply(device)
     old = disk_state(device.directory)
     new_enc = expected_after(device.directory, old, resp, device.clock())
-    ops = FaultOps(device.directory, "fsync", 2, err)
+    ops = FaultOps(device.directory, "fsync", 3, err)  # journal, temporary file, directory
 
     with pytest.raises(StorageError) as exc:
         replace(device.agent, ops=ops).apply(resp)
@@ -340,6 +361,8 @@ class ShortWriteOps(FaultOps):
 
     def write(self, fd: int, data: bytes) -> int:
         self._call("write", self.fds[fd])
+        if ".tmp" not in self.fds[fd]:  # the slot's temporary file only
+            return os.write(fd, data)
         if self.fill_after is not None and self.written >= self.fill_after:
             self.fail_here()
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

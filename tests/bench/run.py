@@ -154,12 +154,17 @@ def main() -> int:
                  "ru_maxrss of the children"))
     size = sum(p.stat().st_size for p in (tmp / "s").iterdir())
     rows.append(("store size after 200 applies (slots + journal)", f"{size / 1024:.0f} KiB",
-                 "journal dominates; slots hold the last 32 applied response digests"))
+                 "journal dominates (each `apply` record carries its response, so a crash or "
+                 "an older slot can be replayed); slots hold the last 32 applied response "
+                 "digests"))
 
     rows += daemon_rows(tmp, fjson)
     from tests.bench.assign import assign_rows
 
     rows += assign_rows()
+    from tests.bench.journal import journal_rows
+
+    rows += journal_rows()
     from tests.bench.hal import framing_rows
 
     rows += framing_rows()
