@@ -85,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--key", required=True, metavar="KEYFILE")
     sp.add_argument("--port", required=True, type=int, metavar="N", help="0 picks a free port")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sp.add_argument("--cert", metavar="FILE", help="serve HTTPS with this PEM certificate "
+                                                   "(chain) and --tls-key")
+    sp.add_argument("--tls-key", metavar="FILE",
+                    help="the PEM private key of --cert (--key is the vendor signing key)")
     sp.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
     sp = sub.add_parser("entitle", help="record a purchase in the ledger (adds to an entitlement)")
     sp.add_argument("--db", required=True, metavar="FILE")
@@ -93,8 +97,23 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--feature", required=True, action="append", metavar="FEATURE=COUNT")
     sp.add_argument("--until", metavar="DATE",
                     help="subscription end: ISO date (end of that day, UTC) or date-time")
-    sp = sub.add_parser("report", help="show entitlements, assignments, installed licenses and "
-                                       "pending reclaims")
+    sp = sub.add_parser("token", help="bearer tokens of the HTTP API: create, revoke")
+    tsub = sp.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    tp = tsub.add_parser("create", help="make a token; its secret goes to --out (mode 0600), "
+                                        "the ledger keeps only its SHA-256")
+    tp.add_argument("--db", required=True, metavar="FILE")
+    tp.add_argument("--role", required=True, choices=("vendor-admin", "site-admin"))
+    tp.add_argument("--entitlement", action="append", default=[], metavar="ID",
+                    help="an entitlement a site-admin token may use (repeat for each)")
+    tp.add_argument("--name", metavar="NAME",
+                    help="the token's name in the report and the log (default: --out's file "
+                         "name without its extension)")
+    tp.add_argument("--out", required=True, metavar="TOKEN_FILE")
+    tp = tsub.add_parser("revoke", help="refuse a token from now on (HTTP 401)")
+    tp.add_argument("--db", required=True, metavar="FILE")
+    tp.add_argument("--name", required=True, metavar="NAME")
+    sp = sub.add_parser("report", help="show entitlements, assignments, installed licenses, "
+                                       "pending reclaims and tokens")
     sp.add_argument("--db", required=True, metavar="FILE")
     sp.add_argument("--json", action="store_true")
     return p
@@ -146,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"genuine receipt from device {rc.device_id}: sequence {rc.sequence}, "
               f"removed {removed}")
         return EXIT_OK
-    if args.command in ("serve", "entitle", "report"):
+    if args.command in ("serve", "entitle", "report", "token"):
         from simulators.licensing_server._commands import run as run_ledger_command
 
         return run_ledger_command(args, _load_key, _now)

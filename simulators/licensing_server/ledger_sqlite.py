@@ -2,13 +2,14 @@
 
 Every transaction is ``BEGIN IMMEDIATE ... COMMIT`` on a WAL database with
 ``synchronous=FULL``, so a crash or a restart leaves each operation either
-wholly recorded or not at all. The schema (``PRAGMA user_version`` 1) is the
+wholly recorded or not at all. The schema (``PRAGMA user_version`` 2) is the
 file format: an existing ledger file must keep opening, so it changes only
-with a new version and a migration.
+with a new version and a migration (1 -> 2 added ``tokens``).
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -24,7 +25,9 @@ from simulators.licensing_server.rules import (
     KnownDevice,
     OpenResponse,
     ResponseStatus,
+    Role,
     Stock,
+    Token,
     target,
 )
 from simulators.licensing_server.storage import (
@@ -38,7 +41,7 @@ from simulators.licensing_server.storage import (
 
 __all__ = ["SCHEMA_VERSION", "SqliteStorage", "SqliteTransaction"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE entitlements (
@@ -127,6 +130,18 @@ CREATE TABLE operations (
     detail    TEXT NOT NULL
 );
 CREATE INDEX responses_by_device ON responses(device_id, status);
+"""
+
+#: version 1 -> 2: bearer tokens, kept as their SHA-256 only
+_TOKENS = """
+CREATE TABLE tokens (
+    name         TEXT PRIMARY KEY,
+    role         TEXT NOT NULL CHECK (role IN ('vendor-admin', 'site-admin')),
+    entitlements TEXT NOT NULL,
+    digest       BLOB NOT NULL UNIQUE,
+    created      INTEGER NOT NULL,
+    revoked      INTEGER
+)
 """
 
 
@@ -367,6 +382,36 @@ class SqliteTransaction:
         self._db.execute("INSERT INTO receipts_seen VALUES (?, ?, ?, ?, ?)",
                          (digest, response_digest, device_id, sequence, accepted))
 
+    # ------------------------------------------------------------ tokens
+
+    _TOKEN = "SELECT name, role, entitlements, digest, created, revoked FROM tokens"
+
+    @staticmethod
+    def _token(row: Any) -> Token:
+        name, role, ents, digest, created, revoked = row
+        return Token(name, Role(role), tuple(json.loads(ents)), bytes(digest), created, revoked)
+
+    def add_token(self, token: Token) -> None:
+        t = token
+        self._db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
+                         (t.name, t.role.value, json.dumps(list(t.entitlements)), t.digest,
+                          t.created, t.revoked))
+
+    def token(self, digest: bytes) -> Token | None:
+        row = self._db.execute(self._TOKEN + " WHERE digest=?", (digest,)).fetchone()
+        return None if row is None else self._token(row)
+
+    def token_named(self, name: str) -> Token | None:
+        row = self._db.execute(self._TOKEN + " WHERE name=?", (name,)).fetchone()
+        return None if row is None else self._token(row)
+
+    def tokens(self) -> list[Token]:
+        return [self._token(r) for r in self._db.execute(self._TOKEN + " ORDER BY name")]
+
+    def revoke_token(self, name: str, now: int) -> None:
+        self._db.execute("UPDATE tokens SET revoked=? WHERE name=? AND revoked IS NULL",
+                         (now, name))
+
     # ------------------------------------------------------------ operations
 
     def record(self, operation: Operation) -> None:
@@ -414,9 +459,12 @@ class SqliteStorage:
         with self._tx() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
-                for stmt in _SCHEMA.split(";"):
+                for stmt in (_SCHEMA + ";" + _TOKENS).split(";"):
                     if stmt.strip():
                         db.execute(stmt)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            elif version == 1:
+                db.execute(_TOKENS)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise StorageError(f"the ledger {self.path} has schema version {version}; "
