@@ -6,7 +6,7 @@ CWT_VENV := .venv-cwt
 STAMP  := $(VENV)/.installed
 CWT_STAMP := $(CWT_VENV)/.installed
 
-.PHONY: run demo-files test lint unit fuzz bench clean venv broker qemu-tools qemu-image \
+.PHONY: run demo-files test lint unit fuzz bench clean venv broker postgres qemu-tools qemu-image \
 	test-qemu test-qemu-user qemu-clean
 
 $(STAMP): pyproject.toml
@@ -43,7 +43,14 @@ broker:
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update && $$SUDO apt-get install -y mosquitto; }
 
-unit: $(STAMP) $(CWT_STAMP) broker
+# The ledger tests also run on a real PostgreSQL server (initdb into a temporary folder,
+# a loopback port); install Debian's postgresql package when its programs are missing.
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update && $$SUDO apt-get install -y postgresql; }
+
+unit: $(STAMP) $(CWT_STAMP) broker postgres
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test: lint unit
@@ -51,7 +58,7 @@ test: lint unit
 fuzz: $(STAMP)
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q -p no:cacheprovider tests/agent/test_fuzz.py
 
-bench: $(STAMP) broker
+bench: $(STAMP) broker postgres
 	$(PY) tests/bench/run.py
 
 # The emulated ARM automation server (issue 7): an arm64 Debian bookworm guest built from

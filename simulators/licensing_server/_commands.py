@@ -17,7 +17,7 @@ from agent.cose import SigningKey
 from agent.durable import FileOps, atomic_write
 from agent.errors import EXIT_OK, UsageError
 from apps.common import parse_time
-from simulators.licensing_server.ledger import Ledger
+from simulators.licensing_server.ledger import Ledger, is_url
 from simulators.licensing_server.server import serve, tls_context
 from simulators.licensing_server.vendor import Vendor
 
@@ -57,8 +57,7 @@ def run(args: argparse.Namespace, load_key: Callable[[str], SigningKey],
     if args.command == "token":
         return _token(args, clock)
     if args.command == "report":
-        if not Path(args.db).is_file():
-            raise UsageError(f"no ledger at {args.db} (licserver entitle or serve creates one)")
+        _existing(args.db)
         with Ledger(args.db, clock=clock) as ledger:
             rep = ledger.report()
         if args.json:
@@ -69,10 +68,15 @@ def run(args: argparse.Namespace, load_key: Callable[[str], SigningKey],
     raise UsageError(f"unknown command {args.command}")
 
 
+def _existing(db: str) -> None:
+    """Refuse a ledger file that is not there (a database server's ledger is checked on opening)."""
+    if not is_url(db) and not Path(db).is_file():
+        raise UsageError(f"no ledger at {db} (licserver entitle or serve creates one)")
+
+
 def _token(args: argparse.Namespace, clock: Callable[[], int]) -> int:
     if args.token_command == "revoke":
-        if not Path(args.db).is_file():
-            raise UsageError(f"no ledger at {args.db} (licserver entitle or serve creates one)")
+        _existing(args.db)
         with Ledger(args.db, clock=clock) as ledger:
             tok = ledger.revoke_token(args.name)
         print(f"token {tok.name} ({tok.role.value}) "

@@ -81,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("receipt", metavar="RECEIPT_FILE")
     sp = sub.add_parser("serve", help="run the licensing server's HTTP API over a ledger "
                                       "(docs/licensing-api.md) until SIGTERM or SIGINT")
-    sp.add_argument("--db", required=True, metavar="FILE", help="SQLite ledger (created if missing)")
+    sp.add_argument("--db", required=True, metavar="FILE|URL",
+                    help="the ledger: an SQLite file (created if missing) or "
+                         "postgresql://USER@HOST:PORT/DATABASE")
     sp.add_argument("--key", required=True, metavar="KEYFILE")
     sp.add_argument("--port", required=True, type=int, metavar="N", help="0 picks a free port")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -91,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="the PEM private key of --cert (--key is the vendor signing key)")
     sp.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
     sp = sub.add_parser("entitle", help="record a purchase in the ledger (adds to an entitlement)")
-    sp.add_argument("--db", required=True, metavar="FILE")
+    sp.add_argument("--db", required=True, metavar="FILE|URL")
     sp.add_argument("--entitlement", required=True, metavar="ID")
     sp.add_argument("--product", required=True, metavar="NAME")
     sp.add_argument("--feature", required=True, action="append", metavar="FEATURE=COUNT")
@@ -101,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     tsub = sp.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     tp = tsub.add_parser("create", help="make a token; its secret goes to --out (mode 0600), "
                                         "the ledger keeps only its SHA-256")
-    tp.add_argument("--db", required=True, metavar="FILE")
+    tp.add_argument("--db", required=True, metavar="FILE|URL")
     tp.add_argument("--role", required=True, choices=("vendor-admin", "site-admin"))
     tp.add_argument("--entitlement", action="append", default=[], metavar="ID",
                     help="an entitlement a site-admin token may use (repeat for each)")
@@ -110,11 +112,11 @@ def _parser() -> argparse.ArgumentParser:
                          "name without its extension)")
     tp.add_argument("--out", required=True, metavar="TOKEN_FILE")
     tp = tsub.add_parser("revoke", help="refuse a token from now on (HTTP 401)")
-    tp.add_argument("--db", required=True, metavar="FILE")
+    tp.add_argument("--db", required=True, metavar="FILE|URL")
     tp.add_argument("--name", required=True, metavar="NAME")
     sp = sub.add_parser("report", help="show entitlements, assignments, installed licenses, "
                                        "pending reclaims and tokens")
-    sp.add_argument("--db", required=True, metavar="FILE")
+    sp.add_argument("--db", required=True, metavar="FILE|URL")
     sp.add_argument("--json", action="store_true")
     return p
 

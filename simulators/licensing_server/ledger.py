@@ -58,6 +58,8 @@ __all__ = [
     "Ledger",
     "NotEntitledError",
     "ReceiptResult",
+    "is_url",
+    "open_storage",
 ]
 
 REQUEST_MAX = 64 * 1024
@@ -128,11 +130,39 @@ class _StockUse:
         self._targets.pop(dev, None)
 
 
+def open_storage(db: Path | str) -> LedgerStorage:
+    """The storage ``db`` names: ``postgresql://...`` (or ``postgres://``) a PostgreSQL
+    database (:mod:`~simulators.licensing_server.ledger_postgres`, imported only then),
+    anything else an SQLite file.
+
+    Raises:
+        UsageError: another ``SCHEME://``.
+        StorageError: the database cannot be opened.
+    """
+    text = str(db)
+    scheme, sep, _rest = text.partition("://")
+    if not sep:
+        return SqliteStorage(Path(db))
+    if scheme.lower() in ("postgresql", "postgres"):
+        from simulators.licensing_server.ledger_postgres import PostgresStorage
+
+        return PostgresStorage(text)
+    raise UsageError(f"--db {scheme}://...: not a ledger this licserver opens (an SQLite file "
+                     "path, or postgresql://USER@HOST:PORT/DATABASE)")
+
+
+def is_url(db: Path | str) -> bool:
+    """Whether ``db`` names a database server rather than a file."""
+    return "://" in str(db)
+
+
 class Ledger:
-    """The ledger in one SQLite file; safe to share between threads (operations serialise).
+    """The ledger in one SQLite file or a PostgreSQL database; safe to share between threads
+    (operations serialise; on PostgreSQL also between processes).
 
     Args:
-        path: the database file (created with its schema if missing).
+        path: the SQLite file (created with its schema if missing), or a
+            ``postgresql://`` URL (the schema created in an empty database).
         vendor: signs license information and responses; verifies receipts against its key.
         clock: POSIX seconds for operations not given ``now``.
         response_valid: how long a response may be applied (seconds).
@@ -145,8 +175,8 @@ class Ledger:
     def __init__(self, path: Path | str, vendor: Vendor | None = None,
                  clock: Callable[[], int] = _wall_clock,
                  response_valid: int = RESPONSE_VALID) -> None:
-        self.path = Path(path)
-        self._setup(SqliteStorage(self.path), vendor, clock, response_valid)
+        self.path = None if is_url(path) else Path(path)
+        self._setup(open_storage(path), vendor, clock, response_valid)
 
     @classmethod
     def over(cls, storage: LedgerStorage, vendor: Vendor | None = None,

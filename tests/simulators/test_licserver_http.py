@@ -56,8 +56,9 @@ def admin_client(srv: LicensingServer) -> LicensingClient:
 
 
 @pytest.fixture
-def server(tmp_path: Path, vendor: Vendor) -> Iterator[tuple[Ledger, LicensingServer]]:
-    led = Ledger(tmp_path / "ledger.db", vendor, clock=lambda: T0)
+def server(ledger_db: str, vendor: Vendor) -> Iterator[tuple[Ledger, LicensingServer]]:
+    """The server in a thread over a ledger on each backend (SQLite, PostgreSQL)."""
+    led = Ledger(ledger_db, vendor, clock=lambda: T0)
     with serving(led, vendor) as srv:
         yield led, srv
     led.close()
@@ -265,11 +266,12 @@ def test_client_explains_an_unreachable_server(server: tuple[Ledger, LicensingSe
 
 
 class Licserver:
-    """``licserver`` subprocesses on one ledger file, with a vendor key on disk."""
+    """``licserver`` subprocesses on one ledger (a file, or ``db``: a PostgreSQL URL), with a
+    vendor key on disk."""
 
-    def __init__(self, root: Path, vendor: Vendor) -> None:
+    def __init__(self, root: Path, vendor: Vendor, db: str | None = None) -> None:
         self.root = root
-        self.db = root / "ledger.db"
+        self.db = db or str(root / "ledger.db")
         self.key = root / "vendor.key"
         self.key.write_bytes(vendor.key.to_pem())
         self.env = dict(os.environ, LICSERVER_TIME=str(T0))
@@ -325,8 +327,9 @@ class Licserver:
 
 
 @pytest.fixture
-def licserver(tmp_path: Path, vendor: Vendor) -> Iterator[Licserver]:
-    ls = Licserver(tmp_path, vendor)
+def licserver(tmp_path: Path, vendor: Vendor, ledger_db: str) -> Iterator[Licserver]:
+    """On each backend: an SQLite file, a PostgreSQL database."""
+    ls = Licserver(tmp_path, vendor, ledger_db)
     try:
         yield ls
     finally:
