@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, event, settings
@@ -28,6 +28,7 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 
 from agent import errors
@@ -45,6 +46,7 @@ from agent.messages import (
 from simulators.licensing_server.ledger import Ledger, NotEntitledError
 from simulators.licensing_server.vendor import DAY, Grant, Vendor
 from tests.conftest import T0, Device, Site
+from tests.support.postgres import PostgresServer
 
 E, P = "ORDER-1", "BMS-Pro"
 
@@ -509,8 +511,13 @@ class LedgerMachine(RuleBasedStateMachine):
         self.site = Site(VENDOR, self.root)
         self.devices = [self.site.device() for _ in range(N_DEVICES)]
         self.ids = [dev_id(d) for d in self.devices]
-        self.ledger = Ledger(self.root / "ledger.db", VENDOR, clock=self.site.clock)
+        self.db = self.new_ledger_db()
+        self.ledger = Ledger(self.db, VENDOR, clock=self.site.clock)
         self.model = Model()
+
+    def new_ledger_db(self) -> str:
+        """Where this example's ledger lives: an SQLite file."""
+        return str(self.root / "ledger.db")
 
     def teardown(self) -> None:
         self.ledger.close()
@@ -728,7 +735,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         self.ledger.close()
-        self.ledger = Ledger(self.root / "ledger.db", VENDOR, clock=self.site.clock)
+        self.ledger = Ledger(self.db, VENDOR, clock=self.site.clock)
 
     # ------------------------------------------------------------ invariants
 
@@ -775,3 +782,24 @@ LedgerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestLedgerMachine = LedgerMachine.TestCase
+
+
+class PostgresLedgerMachine(LedgerMachine):
+    """The same machine, each example on a new database of a real PostgreSQL server."""
+
+    server: ClassVar[PostgresServer | None] = None
+
+    def new_ledger_db(self) -> str:
+        assert self.server is not None
+        return self.server.database()
+
+
+def test_the_ledger_machine_on_postgresql(postgres: PostgresServer) -> None:
+    """The accounting invariants hold on PostgreSQL too (fewer examples: a database each)."""
+    PostgresLedgerMachine.server = postgres
+    try:
+        run_state_machine_as_test(PostgresLedgerMachine, settings=settings(
+            max_examples=max(1, EXAMPLES // 4), stateful_step_count=30, deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+    finally:
+        PostgresLedgerMachine.server = None

@@ -66,6 +66,10 @@ class PostgresServer:
         subprocess.run([*self._as, find_bin("initdb"), "-D", str(self.data), "-U", "postgres",
                         "--auth=trust", "--no-locale", "-E", "UTF8", "--no-sync"],
                        check=True, capture_output=True, timeout=WAIT)
+        self._run()
+        return self
+
+    def _run(self) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [*self._as, find_bin("postgres"), "-D", str(self.data), "-p", str(self.port),
@@ -76,13 +80,19 @@ class PostgresServer:
         while True:
             try:
                 psycopg.connect(self.url("postgres"), connect_timeout=5).close()
-                return self
+                return
             except psycopg.OperationalError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    log = self.log.read_text()
+                    text = self.log.read_text()
                     self.stop()
-                    raise RuntimeError(f"PostgreSQL did not start: {log}") from None
+                    raise RuntimeError(f"PostgreSQL did not start: {text}") from None
                 time.sleep(0.1)
+
+    def restart(self) -> None:
+        """Stop the server (fast shutdown: clients are disconnected) and start it again on
+        the same folder and port."""
+        self._shutdown()
+        self._run()
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -97,6 +107,10 @@ class PostgresServer:
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT to the postmaster), then the folder goes."""
+        self._shutdown()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _shutdown(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             pid_file = self.data / "postmaster.pid"
             try:
@@ -109,4 +123,3 @@ class PostgresServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(WAIT)
-        shutil.rmtree(self.root, ignore_errors=True)
