@@ -162,6 +162,9 @@ def main() -> int:
     from tests.bench.assign import assign_rows
 
     rows += assign_rows()
+    from tests.bench.workers import workers_rows
+
+    rows += workers_rows()  # issue 18: 10,000 requests, one worker and two on PostgreSQL
     from tests.bench.journal import journal_rows
 
     rows += journal_rows()
