@@ -152,3 +152,60 @@ def _status(c: Any) -> str | None:
         return str(c.status()["device_id"])
     except TransportError:
         return None
+
+
+def test_the_bridge_licsim_writes_is_the_shipped_one() -> None:
+    """licsim's [broker] bridge_to writes the directives of contrib/mosquitto/bridge.conf."""
+    from simulators.fleet.broker import bridge_config
+
+    def directives(text: str) -> set[str]:
+        return {line.split()[0] for line in text.splitlines()
+                if line.strip() and not line.startswith("#")}
+
+    shipped = directives((EXAMPLE / "bridge.conf").read_text())
+    here = Path(__file__)
+    written = directives(bridge_config("plant-1", f"mqtts://hq:8883?ca={here}&cert={here}"
+                                                  f"&key={here}"))
+    assert written == shipped
+    assert "bridge_cafile" not in bridge_config("plant-1", "mqtt://hq:1883")
+    for bad in ("http://hq:1", "mqtt://hq", "mqtt://hq:1/site", "mqtts://hq:1?ca=/x",
+                "mqtt://hq:1?ca=x"):
+        with pytest.raises(Exception, match="bridge_to"):
+            bridge_config("plant-1", bad)
+
+
+def test_licsim_sites_each_with_its_broker_bridged_to_headquarters(tmp_path: Path) -> None:
+    """Two licsim runs, each a site with its own mosquitto bridged over TLS to headquarters
+    ([broker] bridge_to); licadmin at headquarters gathers both sites."""
+    from tests.simulators.test_licsim import Licsim
+
+    hq = Broker.secure(tmp_path / "hq")
+    assert hq.pki is not None
+    acl = tmp_path / "hq" / "acl"
+    acl.write_text(acl.read_text() + "\nuser bridge-plant-2\ntopic readwrite lic/plant-2/#\n")
+    hq.start()
+    sims: list[Licsim] = []
+    try:
+        for name, count in (("plant-1", 3), ("plant-2", 2)):
+            cert, key = hq.pki.client(f"bridge-{name}")
+            (tmp_path / f"{name}.toml").write_text(
+                f'site = "{name}"\n[broker]\nstart = true\n'
+                f'bridge_to = "mqtts://127.0.0.1:{hq.port}?ca={hq.pki.ca_cert}&cert={cert}'
+                f'&key={key}"\n[[servers]]\nmodel = "Edge-Server"\ncount = {count}\n'
+                'links = ["mqtt"]\n')
+            sims.append(Licsim(tmp_path, f"{name}.toml"))
+        for sim in sims:
+            sim.wait_for("ready")
+        p = hq.pki
+        q = f"?ca={p.ca_cert}&cert={p.client_cert}&key={p.client_key}"
+        for name, count in (("plant-1", 3), ("plant-2", 2)):
+            url = f"mqtts://127.0.0.1:{hq.port}/{name}{q}"
+            eventually(f"{name}'s servers announced at headquarters", lambda url=url, n=count:
+                       len([d for d, _m, on in discover(url) if on]) == n)
+            out = json.loads(licadmin(tmp_path, "gather", "--server", url, "--out",
+                                      str(tmp_path / f"{name}.cbor"), "--json").stdout)
+            assert [r["status"] for r in out["results"]] == ["ok"] * count
+    finally:
+        for sim in sims:
+            sim.kill()
+        hq.stop()
