@@ -183,6 +183,9 @@ def main() -> int:
     from tests.bench.licsim_sites import sites_rows
 
     rows += sites_rows()  # stretch: 50,000 servers as five licsim processes and brokers
+    from tests.bench.bridged_sites import bridged_rows
+
+    rows += bridged_rows()  # issue 18: 100,000 servers as 10 sites bridged to headquarters
     from tests.bench.qemu import qemu_rows
 
     rows += qemu_rows()  # the agent in the emulated arm64 server (after `make qemu-image`)
