@@ -9,9 +9,9 @@ a real process; files travel through real folders.
 from __future__ import annotations
 
 import json
-import re
 import os
 import pty
+import re
 import select
 import shutil
 import subprocess
