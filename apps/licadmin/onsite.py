@@ -16,6 +16,7 @@ from pathlib import Path
 from agent.errors import LicensingError, MalformedError, TrustError, UsageError
 from agent.formats import (
     LICENSE_INFO_MAX,
+    RECEIPT_MAX,
     SITE_INFO_MAX,
     SiteInfo,
     peek_payload,
@@ -287,12 +288,31 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
     server_outcomes = each_server(servers, job, connect, console, "send", jobs, stop, timeout)
     res.outcomes = server_outcomes + res.outcomes
     interrupted = any(o.status == INTERRUPTED for o in server_outcomes)
+    earlier = 0
     for dev, held in sorted(by_dev.items()):
-        if dev not in sent and not interrupted:
-            o = Outcome(held.path.name, device_id=dev)
-            o.miss(f"not sent: no server given answered as device {short(dev)}")
-            res.outcomes.append(o)
+        if dev in sent or interrupted:
+            continue
+        if _receipt_done(device_file(folder, dev, "receipt"), held.data):
+            earlier += 1  # applied by an earlier (interrupted) send: done
+            continue
+        o = Outcome(held.path.name, device_id=dev)
+        o.miss(f"not sent: no server given answered as device {short(dev)}")
+        res.outcomes.append(o)
+    if earlier:
+        res.notes.append(f"{earlier} other response(s) were applied before: their receipts "
+                         f"are in {folder}")
     n = sum(1 for o in server_outcomes if o.status == OK)
     res.notes.append(f"wrote {n} receipt(s) to {folder}")
     res.facts = {"receipts_dir": str(folder), "receipts": n}
     return res
+
+
+def _receipt_done(path: Path, response: bytes) -> bool:
+    """Whether ``path`` holds the receipt of exactly this response (sent before)."""
+    if not path.is_file():
+        return False
+    try:
+        verify_receipt(read_input(str(path), RECEIPT_MAX), response=response)
+    except LicensingError:
+        return False
+    return True
