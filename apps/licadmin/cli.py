@@ -22,6 +22,7 @@ import argparse
 import shlex
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -248,18 +249,19 @@ def run_workflow(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     servers: list[inventory.ServerRef] = []
     site: str | None = None
     connect = runner.connector(runner.DEFAULT_TIMEOUT)
-    if hasattr(args, "servers"):
-        servers, site = inventory.servers_from(args.server, args.servers, args.timeout)
-        connect = runner.connector(args.timeout)
     stop = runner.Stop()
-    try:
-        if c in SITE_STEPS:
-            with stop.installed():
-                return _run_steps(args, c, console, licensing, servers, site, connect, stop,
-                                  argv)
-        return _run_steps(args, c, console, licensing, servers, site, connect, stop, argv)
-    finally:
-        inventory.close_servers(servers)
+    with stop.installed() if c in SITE_STEPS else nullcontext(stop):
+        if hasattr(args, "servers"):
+            servers, site = inventory.servers_from(args.server, args.servers, args.timeout)
+            connect = runner.connector(args.timeout)
+        try:
+            if stop.requested:
+                print(f"{PROG}: interrupted while listing the servers: nothing was done on "
+                      f"any server; run the same command again", file=sys.stderr)
+                return outcome.EXIT_INTERRUPTED
+            return _run_steps(args, c, console, licensing, servers, site, connect, stop, argv)
+        finally:
+            inventory.close_servers(servers)
 
 
 def _one_go(args: argparse.Namespace, c: str, console: Console, licensing: online.Licensing,

@@ -113,7 +113,10 @@ def connector(timeout: float) -> Connect:
     per_try = max(0.5, timeout / TRIES)
 
     def connect(url: str) -> ServerClient:
-        client: ServerClient = hw.connect(url, timeout=per_try, tries=TRIES)
+        # presence_timeout: an MQTT device away (its broker restarting) is waited for
+        # up to the whole time, then reported
+        client: ServerClient = hw.connect(url, timeout=per_try, tries=TRIES,
+                                          presence_timeout=timeout)
         return client
     return connect
 

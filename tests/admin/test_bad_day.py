@@ -170,17 +170,19 @@ class Fleet:
 
 
 def _host_port(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("tcp://").rsplit(":", 1)
+    host, port = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
     return host, int(port)
 
 
-def _start_fleet(root: Path, count: int) -> Fleet:
+def start_fleet(root: Path, count: int, link: str = "tcp", broker: str = "") -> Fleet:
+    """licsim's ``count`` servers on ``link`` (an MQTT fleet uses the ``broker`` URL)."""
     key = SigningKey.generate()
     (root / "vendor.key").write_bytes(key.to_pem())
     os.chmod(root / "vendor.key", 0o600)
-    (root / "s.toml").write_text(f'site = "bad-day"\nvendor_key = "vendor.key"\n'
-                                 f'[[servers]]\nmodel = "AS-P"\ncount = {count}\n'
-                                 f'links = ["tcp"]\n')
+    (root / "s.toml").write_text('site = "bad-day"\nvendor_key = "vendor.key"\n'
+                                 + (f'[broker]\nurl = "{broker}"\n' if broker else "")
+                                 + f'[[servers]]\nmodel = "AS-P"\ncount = {count}\n'
+                                 f'links = ["{link}"]\n')
     proc = subprocess.Popen([str(BIN / "licsim"), "run", "s.toml", "--urls", "servers.toml",
                              "--workdir", "fleet"], cwd=root, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -212,7 +214,7 @@ def _start_fleet(root: Path, count: int) -> Fleet:
     return fleet
 
 
-def _stop_fleet(fleet: Fleet) -> None:
+def stop_fleet(fleet: Fleet) -> None:
     if fleet.slow is not None:
         fleet.slow.close()
     fleet.licserver.close()
@@ -227,20 +229,20 @@ def _stop_fleet(fleet: Fleet) -> None:
 
 @pytest.fixture
 def fleet300(tmp_path: Path) -> Iterator[Fleet]:
-    f = _start_fleet(tmp_path, 300)
+    f = start_fleet(tmp_path, 300)
     try:
         yield f
     finally:
-        _stop_fleet(f)
+        stop_fleet(f)
 
 
 @pytest.fixture
 def fleet4(tmp_path: Path) -> Iterator[Fleet]:
-    f = _start_fleet(tmp_path, 4)
+    f = start_fleet(tmp_path, 4)
     try:
         yield f
     finally:
-        _stop_fleet(f)
+        stop_fleet(f)
 
 
 def _read_until(proc: subprocess.Popen[str], pattern: str, times: int = 1) -> str:
