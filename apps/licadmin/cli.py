@@ -26,11 +26,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import hw
 from agent.errors import EXIT_OK, UsageError
 from agent.formats import LICENSE_INFO_MAX, verify_receipt
 from agent.messages import DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
+from agent.rpc import TransportError
 from apps.common import (
     add_operation_commands,
     exit_code_of,
@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--server", required=True, metavar="URL",
                         help="link URL of the server, e.g. https://HOST:PORT?ca=ca.pem")
         sp.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                        help=f"how long to wait for the server (default {DEFAULT_TIMEOUT:g})")
+                        help=f"the total time allowed for the server, in seconds: connecting, "
+                             f"the operation and its retries (default {DEFAULT_TIMEOUT:g})")
         return sp
 
     add_operation_commands(cmd, {
@@ -414,7 +415,12 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
     if c == "apply":
         _check_folder(args.receipt_out)
         response = read_input(args.response, DEFAULT_LIMITS.max_file)
-        res = client.apply(response)
+        try:
+            res = client.apply(response)
+        except TransportError as err:
+            raise TransportError(f"{err}; the response may or may not have been applied: "
+                                 f"sending it again is safe (a server answers a response it "
+                                 f"already applied with the same receipt)") from err
         verify_receipt(res.receipt, response=response)  # what send checks, the same way
         show_applied(PROG, res, args.receipt_out)
         return EXIT_OK
@@ -430,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def command() -> int:
         if args.command in WORKFLOW:
             return run_workflow(args, list(sys.argv[1:] if argv is None else argv))
-        client: ServerClient = hw.connect(args.server, timeout=args.timeout)
+        client = runner.open_client(args.server, args.timeout)
         with client:
             return run(args, client)
 

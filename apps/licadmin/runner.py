@@ -27,7 +27,7 @@ from apps.licadmin.outcome import Outcome
 from hw.link import ServerClient, StreamClient
 
 __all__ = ["DEFAULT_JOBS", "DEFAULT_TIMEOUT", "MAX_JOBS", "TRIES", "Connect", "ServerJob",
-           "Stop", "connector", "each_server"]
+           "Stop", "connector", "each_server", "open_client"]
 
 DEFAULT_JOBS = 8
 MAX_JOBS = 64
@@ -119,6 +119,11 @@ def connector(timeout: float) -> Connect:
                                           presence_timeout=timeout)
         return client
     return connect
+
+
+def open_client(url: str, timeout: float) -> ServerClient:
+    """One server for the single-server commands, with ``timeout`` as its total time."""
+    return _Bounded(connector(timeout)(url), time.monotonic() + timeout, timeout)
 
 
 def each_server(servers: Sequence[ServerRef], job: ServerJob, connect: Connect,

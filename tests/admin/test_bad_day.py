@@ -455,6 +455,11 @@ def test_dead_and_silent_servers_cost_the_timeout_and_never_exit_0(fleet4: Fleet
                   "none.cbor", "--timeout", "2", code=1)
         assert "no server answered: none.cbor not written" in p.stdout
         assert not (f.root / "none.cbor").exists()
+        # one server: the same total time; an apply that got no answer says what to do
+        (f.root / "r.resp").write_bytes(b"\xa0")
+        p = f.run("apply", "--server", quiet, "--timeout", "2", "r.resp", code=1)
+        assert "(the 2 s allowed per server, --timeout, ran out); the response may or may " \
+               "not have been applied: sending it again is safe" in p.stderr
     finally:
         silent.close()
     help_text = f.run("send", "--help").stdout
