@@ -204,8 +204,8 @@ def _workflow_parsers(sub: Any) -> None:
 SITE_STEPS = frozenset({"gather", "requests", "send", "activate", "reclaim"})
 #: what ``--timeout`` means on them (a dead server costs at most that)
 TIMEOUT_HELP = ("the total time allowed per server, in seconds: connecting, every operation "
-                "and its retries (each try gets a quarter of it); a server that does not "
-                "answer costs at most this (default {default:g})")
+                "and its retries (on links that retry, each try gets a quarter of it); a "
+                "server that does not answer costs at most this (default {default:g})")
 
 
 def _server_args_removed(argv: Sequence[str], drop_flags: Sequence[str] = ()) -> list[str]:

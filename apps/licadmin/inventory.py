@@ -110,7 +110,7 @@ def _expand_sites(refs: list[ServerRef], timeout: float | None = None) -> list[S
 
             total = timeout or DEFAULT_TIMEOUT
             tries = 4
-            site = MqttSite(r.url, timeout=max(0.5, total / tries), tries=tries,
+            site = MqttSite(r.url, timeout=max(total / tries, min(total, 0.5)), tries=tries,
                             presence_timeout=total)
             opened.append(site)
             base, _, query = r.url.partition("?")

@@ -166,7 +166,10 @@ def failure_table(outcomes: Sequence[Outcome], steps: Sequence[str] | None = Non
             continue
         detail = f"{o.reason}: {o.detail}" if o.status == FAILED else o.detail
         step = (steps[k],) if steps is not None else ()
-        rows.append((*step, o.who, o.status.upper(), detail))
+        who = o.who
+        if o.who in ("request", "receipt") and o.device_id:  # a file: whose it is
+            who = f"{o.who} of device {short(o.device_id)}"
+        rows.append((*step, who, o.status.upper(), detail))
     if not rows:
         return []
     rows.insert(0, (*(("STEP",) if steps is not None else ()), "SERVER", "RESULT", "DETAIL"))

@@ -54,6 +54,11 @@ class Stop:
         if self.requested:
             self.hard = True
             self._say(f"\n{name} again: not waiting for the servers in flight\n")
+            # a third Ctrl-C interrupts whatever still waits (a licensing server, say)
+            try:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            except ValueError:  # not the main thread: nothing installed there
+                pass
             return
         self.requested, self.signal = True, name
         self._say(f"\n{name}: interrupted: no new server will be started; waiting for the "
@@ -108,11 +113,17 @@ class _Bounded(ServerClient):
         self.inner.close()
 
 
+#: the links whose clients send a request again after each try's timeout; the others
+#: (https, usbdrop) make one try, which gets the whole time
+RETRYING = frozenset({"tcp", "tls", "serial", "pty", "loop", "sim", "mqtt", "mqtts"})
+
+
 def connector(timeout: float) -> Connect:
     """Clients whose every try is a share of ``timeout`` (the total per server)."""
-    per_try = max(0.5, timeout / TRIES)
 
     def connect(url: str) -> ServerClient:
+        scheme = url.partition("://")[0].lower()
+        per_try = max(timeout / TRIES, min(timeout, 0.5)) if scheme in RETRYING else timeout
         # presence_timeout: an MQTT device away (its broker restarting) is waited for
         # up to the whole time, then reported
         client: ServerClient = hw.connect(url, timeout=per_try, tries=TRIES,
