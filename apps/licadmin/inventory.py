@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,8 @@ from agent.errors import UsageError
 from agent.rpc import TransportError
 from apps.common import read_toml, write_output
 
-__all__ = ["ServerRef", "close_servers", "load_servers", "servers_from", "write_servers"]
+__all__ = ["ServerRef", "close_servers", "load_servers", "servers_from", "unlisted",
+           "write_servers"]
 
 
 @dataclass(frozen=True)
@@ -115,10 +117,16 @@ def _expand_sites(refs: list[ServerRef], timeout: float | None = None) -> list[S
             opened.append(site)
             base, _, query = r.url.partition("?")
             listed = site.devices()
+            deadline = time.monotonic() + total
+            while not listed and time.monotonic() < deadline:
+                # none back yet (the broker just restarted?): wait up to the time allowed
+                time.sleep(0.1)
+                listed = site.devices()
             if not listed:
                 raise TransportError(f"{r.url}: no device of the site has announced itself "
-                                     f"on the broker (no retained presence): nothing to do "
-                                     f"there; is it the right site name?")
+                                     f"on the broker within {total:g} s (no retained "
+                                     f"presence): nothing to do there; is it the right site "
+                                     f"name?")
             for device_id, model, _online in listed:
                 url = f"{base.rstrip('/')}/{device_id}" + (f"?{query}" if query else "")
                 out.append(ServerRef(url, f"{r.name or model} {device_id[:12]}", via=site,
@@ -128,6 +136,22 @@ def _expand_sites(refs: list[ServerRef], timeout: float | None = None) -> list[S
             site.close()
         raise
     return out
+
+
+def unlisted(servers: Sequence[ServerRef], device_ids: Iterable[str]) -> list[ServerRef]:
+    """When ``servers`` are one whole MQTT site: its devices among ``device_ids`` that the
+    site did not list (their presence not back yet, after a broker restart), each to be
+    waited for up to the time allowed, then reported. Else nothing."""
+    sites = {id(s.via) for s in servers}
+    if not servers or len(sites) != 1 or servers[0].via is None:
+        return []
+    first = servers[0]
+    known = {s.device for s in servers}
+    base, _, query = first.url.partition("?")
+    base = base.rsplit("/", 1)[0]
+    return [ServerRef(f"{base}/{dev}" + (f"?{query}" if query else ""),
+                      f"(not listed) {dev[:12]}", via=first.via, device=dev)
+            for dev in sorted(set(device_ids) - known)]
 
 
 def close_servers(servers: Iterable[ServerRef]) -> None:

@@ -38,7 +38,7 @@ from apps.licadmin.files import (
     short,
     write_file,
 )
-from apps.licadmin.inventory import ServerRef
+from apps.licadmin.inventory import ServerRef, unlisted
 from apps.licadmin.outcome import FAILED, INTERRUPTED, OK, Outcome, StepResult
 from apps.licadmin.runner import DEFAULT_JOBS, DEFAULT_TIMEOUT, Connect, Stop, each_server
 from hw.link import ServerClient
@@ -248,6 +248,9 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
     by_dev = _responses_by_device(responses_dir, res)
     if devices is not None:
         by_dev = {d: h for d, h in by_dev.items() if d in devices}
+    # a device of an MQTT site whose presence is not back yet (a broker restart) is
+    # still asked: waited for up to the time allowed, then reported
+    servers = [*servers, *unlisted(servers, by_dev)]
     folder = ensure_dir(receipts_out)
     sent: set[str] = set()
     lock = threading.Lock()

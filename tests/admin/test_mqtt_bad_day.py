@@ -101,8 +101,9 @@ def test_broker_restart_in_the_middle_of_send_never_exits_0_with_work_left(
     assert len(receipts) + len(not_done) == N, out
     # a second send (the broker is up) finishes the rest, never applying anything twice
     p = f.run("send", "--server", _site(f, None, broker), "--responses", "responses",
-              "--receipts-out", "receipts", "--json")
+              "--receipts-out", "receipts", "--json", code=None)
     again = json.loads(p.stdout)["results"]
+    assert p.returncode == 0, [r for r in again if r["status"] != "ok"]
     assert all(r["status"] == "ok" for r in again) and len(again) == N
     assert all(h == {"bacnet": 1} for h in f.holdings().values())
 
