@@ -490,3 +490,30 @@ def test_send_with_a_dead_server_and_a_missing_response_exits_partial(fleet4: Fl
     assert js["exit_code"] == PARTIAL and js["interrupted"] is False and js["resume"] is None
     missed = [r for r in js["results"] if r["status"] == "missed"]
     assert [(r["server"], r["code"]) for r in missed] == [(names[3], PARTIAL)]
+
+
+def test_sigterm_during_requests_with_json_names_the_rest_and_the_command(
+        fleet4: Fleet) -> None:
+    f = fleet4
+    f.assign_all(1)
+    f.run("gather", "--servers", "servers.toml", "--out", "site.cbor")
+    f.run("license-info", "--licensing-server", f.licensing, "--site-info", "site.cbor",
+          "--out", "li.cbor")
+    slow = f.slowed(0.3)
+    proc = f.start("requests", "--servers", slow, "--license-info", "li.cbor", "--out-dir",
+                   "requests", "--jobs", "1", "--json")
+    time.sleep(1.0)  # the first server is in flight
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = _finish(proc)
+    assert code == INTERRUPTED, (out, err)
+    doc = json.loads(out)
+    assert doc["exit_code"] == INTERRUPTED and doc["interrupted"] is True
+    statuses = [r["status"] for r in doc["results"]]
+    assert statuses.count("interrupted") >= 1 and set(statuses) <= {"ok", "interrupted"}
+    made = len(list((f.root / "requests").glob("*.req")))
+    assert made == statuses.count("ok")
+    assert doc["resume"].startswith("licadmin requests ")
+    assert doc["resume"].endswith("--servers requests.rest.toml")
+    f.slow.delay = 0  # type: ignore[union-attr]
+    f.run(*shlex.split(doc["resume"])[1:])
+    assert len(list((f.root / "requests").glob("*.req"))) == 4
