@@ -106,7 +106,8 @@ def _workflow_parsers(sub: Any) -> None:
 
     def cmd(name: str, help_: str, servers: bool = False,
             licensing: bool = False) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
+        sp: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_, description=help_, epilog=SITE_EPILOG if servers else None)
         if servers:
             sp.add_argument("--server", action="append", default=[], metavar="URL",
                             help="link URL of a server (repeat for each)")
@@ -206,6 +207,13 @@ SITE_STEPS = frozenset({"gather", "requests", "send", "activate", "reclaim"})
 TIMEOUT_HELP = ("the total time allowed per server, in seconds: connecting, every operation "
                 "and its retries (on links that retry, each try gets a quarter of it); a "
                 "server that does not answer costs at most this (default {default:g})")
+
+
+SITE_EPILOG = ("Exit 0 only when every server was done; 10 (partial) when anything was not "
+               "(failed, no response for it, absent from an MQTT site). Ctrl-C (SIGINT or "
+               "SIGTERM) starts no further server, lets the ones in flight finish (a second "
+               "signal stops waiting), writes the servers not done into a servers file, "
+               "prints the command that finishes them, and exits 130.")
 
 
 def _server_args_removed(argv: Sequence[str], drop_flags: Sequence[str] = ()) -> list[str]:
