@@ -360,7 +360,8 @@ def _run_steps(args: argparse.Namespace, c: str, console: Console,
         raise UsageError(f"unknown command {c}")
     code, resume, rest = res.code, None, []
     if stop.requested:
-        rest = [s for s, o in zip(servers, res.outcomes, strict=False)
+        went = res.servers or servers
+        rest = [s for s, o in zip(went, res.outcomes, strict=False)
                 if o.status in (outcome.FAILED, outcome.INTERRUPTED)]
         if any(o.status == outcome.INTERRUPTED for o in res.outcomes):
             rest_file = _rest_file(c, args)
@@ -383,8 +384,9 @@ def _run_steps(args: argparse.Namespace, c: str, console: Console,
     for n in res.notes:
         print(n)
     if resume is not None:
-        done = len(servers) - len(rest)
-        print(f"interrupted: {done} of {len(servers)} server(s) done; the other {len(rest)} "
+        total = len(res.servers or servers)
+        done = total - len(rest)
+        print(f"interrupted: {done} of {total} server(s) done; the other {len(rest)} "
               f"are listed in {_rest_file(c, args)}; finish them with:")
         print(f"  {resume}")
     elif code == outcome.EXIT_PARTIAL:

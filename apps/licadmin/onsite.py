@@ -250,7 +250,7 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
         by_dev = {d: h for d, h in by_dev.items() if d in devices}
     # a device of an MQTT site whose presence is not back yet (a broker restart) is
     # still asked: waited for up to the time allowed, then reported
-    servers = [*servers, *unlisted(servers, by_dev)]
+    servers = res.servers = [*servers, *unlisted(servers, by_dev)]
     folder = ensure_dir(receipts_out)
     sent: set[str] = set()
     lock = threading.Lock()

@@ -116,6 +116,9 @@ class StepResult:
     facts: dict[str, Any] = field(default_factory=dict)
     #: per-server lines printed with --verbose only (a site may have 10,000)
     details: list[str] = field(default_factory=list)
+    #: the servers the step went to, in the order of the first outcomes, when it added
+    #: some to those it was given (devices of an MQTT site not listed yet)
+    servers: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def code(self) -> int:
