@@ -517,3 +517,40 @@ def test_sigterm_during_requests_with_json_names_the_rest_and_the_command(
     f.slow.delay = 0  # type: ignore[union-attr]
     f.run(*shlex.split(doc["resume"])[1:])
     assert len(list((f.root / "requests").glob("*.req"))) == 4
+
+
+def test_every_site_step_of_activate_draws_its_bar_on_a_terminal(fleet4: Fleet) -> None:
+    f = fleet4
+    f.assign_all(1)
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([str(BIN / "licadmin"), "activate", "--servers", "servers.toml",
+                                 "--licensing-server", f.licensing], cwd=f.root, env=f.env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        seen = b""
+        while True:
+            r, _w, _x = select.select([master], [], [], WAIT)
+            if not r:
+                break
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert proc.wait(timeout=WAIT) == 0
+        assert proc.stdout is not None
+        stdout = proc.stdout.read().decode()
+        proc.stdout.close()
+    finally:
+        os.close(master)
+    bar = seen.decode()
+    for step in ("gather", "requests", "send"):
+        assert f"\r{step} [{'#' * 30}] 4/4" in bar, bar
+    # stdout: the steps' summaries by outcome class, no bar, no per-server line
+    assert "\r" not in stdout and "as-p-0001" not in stdout
+    for line in ("gather: gathered 4", "requests: activate 4", "send: applied 4",
+                 "confirm: confirmed 4"):
+        assert line in stdout, stdout
