@@ -44,6 +44,7 @@ class SlowLinks:
 
     def __init__(self, targets: list[tuple[str, int]], delay: float) -> None:
         self.delay = delay
+        self.accepted = 0  # connections relayed so far
         self._stop = threading.Event()
         self._socks: list[socket.socket] = []
         self.ports: list[int] = []
@@ -65,6 +66,7 @@ class SlowLinks:
                 conn, _ = lsock.accept()
             except (TimeoutError, OSError):
                 continue
+            self.accepted += 1
             try:
                 up = socket.create_connection(target, timeout=5)
             except OSError:
@@ -90,6 +92,13 @@ class SlowLinks:
                     s.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+
+    def wait_accepted(self, n: int) -> None:
+        """Until ``n`` connections came through (licadmin is in the middle of the site)."""
+        deadline = time.monotonic() + WAIT
+        while self.accepted < n:
+            assert time.monotonic() < deadline, self.accepted
+            time.sleep(0.02)
 
     def close(self) -> None:
         self._stop.set()
@@ -349,7 +358,9 @@ def test_a_second_sigint_stops_waiting_and_lists_what_may_have_run(fleet4: Fleet
     slow = f.slowed(1.0)
     proc = f.start("gather", "--servers", slow, "--out", "site.cbor", "--jobs", "2",
                    "--timeout", "60")
-    time.sleep(0.5)  # both jobs are now waiting on the slow link
+    assert f.slow is not None
+    f.slow.wait_accepted(2)  # both jobs are now waiting on the slow link
+    time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
@@ -502,7 +513,8 @@ def test_sigterm_during_requests_with_json_names_the_rest_and_the_command(
     slow = f.slowed(0.3)
     proc = f.start("requests", "--servers", slow, "--license-info", "li.cbor", "--out-dir",
                    "requests", "--jobs", "1", "--json")
-    time.sleep(1.0)  # the first server is in flight
+    assert f.slow is not None
+    f.slow.wait_accepted(1)  # the first server is in flight
     proc.send_signal(signal.SIGTERM)
     code, out, err = _finish(proc)
     assert code == INTERRUPTED, (out, err)

@@ -135,7 +135,8 @@ def test_broker_restart_during_activate_and_sigint_after_it(
     try:
         proc = f.start("gather", "--server", _site(f, relay, broker), "--out", "g.cbor",
                        "--jobs", "1")
-        time.sleep(1.5)
+        relay.wait_accepted(1)  # listing the site: the handler is in place
+        time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
         code, out, err = _finish(proc)
     finally:
