@@ -322,9 +322,10 @@ def _trusted_key(state: AgentState, kid: bytes, now: int) -> PublicKey:
     for tk in state.trust:
         if tk.kid == kid:
             if tk.not_before is not None and now < tk.not_before:
-                raise TrustError(f"vendor key {kid.hex()[:16]} is not valid before {tk.not_before}")
+                raise TrustError(f"vendor key {kid.hex()[:16]} is not valid before "
+                                 f"{_iso(tk.not_before)}")
             if tk.not_after is not None and now > tk.not_after:
-                raise TrustError(f"vendor key {kid.hex()[:16]} expired at {tk.not_after}")
+                raise TrustError(f"vendor key {kid.hex()[:16]} expired at {_iso(tk.not_after)}")
             return tk.key
     raise TrustError(f"file is signed by key {kid.hex()[:16]}…, which this device does not trust")
 
@@ -339,12 +340,16 @@ def verify_vendor_file(
         MalformedError, TrustError: the file is not acceptable at all.
     """
     env = read_signed(data, limits)
+    # the kind first: a request given where a response belongs is named as such, not as a
+    # file signed by an untrusted key (the header is not trusted for anything else)
+    if env.content_type is not None and env.content_type != expect.KIND.content_type:
+        got = env.content_type.removeprefix("application/vnd.bms-license.").removesuffix("+cbor")
+        raise MalformedError(f"this is a {got} file, expected a {expect.KIND.value} file"
+                             if got in {k.value for k in Kind} else
+                             f"expected a {expect.KIND.value} file, the header says "
+                             f"{env.content_type}")
     key = _trusted_key(state, env.kid, max(now, state.clock_hwm))
     payload_bytes = env.verify_with(key)
-    if env.content_type is not None and env.content_type != expect.KIND.content_type:
-        raise MalformedError(
-            f"expected a {expect.KIND.value} file, the header says {env.content_type}"
-        )
     payload = decode_payload(strict_loads(payload_bytes, max_size=limits.max_file), expect)
     return payload, env
 
@@ -446,6 +451,11 @@ def _anonymous(origin: str | None) -> bool:
         return False
     kind, _, rest = origin.partition(" ")
     return kind in ("tcp", "tls", "https") and not rest.startswith("cert ")
+
+
+#: how to recover from a clock set back, in every message that reports one
+CLOCK_RECOVERY = ("set the system clock to the right time (NTP, or date -s) and run the "
+                  "command again; nothing was changed")
 
 
 def _iso(t: int) -> str:
@@ -552,13 +562,15 @@ def apply_response(
         )
     if clock_set_back(state, now, limits):
         raise ClockSetBackError(
-            f"clock reads {now}, earlier than {state.clock_hwm} already seen: clock set back"
+            f"clock reads {_iso(now)}, earlier than {_iso(state.clock_hwm)} already seen: "
+            f"clock set back; {CLOCK_RECOVERY}"
         )
     if now < resp.not_before:
-        raise NotYetValidError(f"response is not valid before {resp.not_before} (now {now})")
+        raise NotYetValidError(f"response is not valid before {_iso(resp.not_before)} "
+                               f"(now {_iso(now)})")
     latest = max(now, state.clock_hwm)  # a clock stepped back within tolerance gains nothing
     if latest > resp.expires:
-        raise ExpiredError(f"response expired at {resp.expires} (now {latest})")
+        raise ExpiredError(f"response expired at {_iso(resp.expires)} (now {_iso(latest)})")
     licenses, removed = _apply_changes(state.licenses, resp.changes)
     if len(licenses) > MAX_LIST:
         raise MalformedError(
@@ -672,7 +684,8 @@ def check_feature(
     back = clock_set_back(state, now, limits)
     t = max(now, state.clock_hwm)
     lic = next((x for x in state.licenses if x.feature == feature), None)
-    note = " (clock set back: using the latest time seen)" if back else ""
+    note = (f" (clock set back: using the latest time seen, {_iso(state.clock_hwm)}; "
+            f"{CLOCK_RECOVERY})" if back else "")
     if lic is None:
         return CheckResult(feature, False, f"{feature}: not licensed{note}", None, False, back)
     if lic.count <= 0:

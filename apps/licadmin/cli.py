@@ -28,6 +28,7 @@ from agent.messages import DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from apps.common import (
     add_operation_commands,
+    add_version,
     exit_code_of,
     print_json,
     read_input,
@@ -63,6 +64,7 @@ def _timeout(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Administer the licenses of a BMS automation server over a link.")
+    add_version(p, PROG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
@@ -296,7 +298,8 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         return EXIT_OK
     if c == "request":
         _check_folder(args.out)
-        license_info = (read_input(args.license_info, LICENSE_INFO_MAX)
+        license_info = (read_input(args.license_info, LICENSE_INFO_MAX,
+                                   "license information file", expect="license-info")
                         if args.license_info else None)
         data = client.request(args.action, args.feature, license_info)
         write_output(args.out, data)
@@ -304,7 +307,8 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         return EXIT_OK
     if c == "apply":
         _check_folder(args.receipt_out)
-        response = read_input(args.response, DEFAULT_LIMITS.max_file)
+        response = read_input(args.response, DEFAULT_LIMITS.max_file, "response file",
+                              expect="response")
         res = client.apply(response)
         verify_receipt(res.receipt, response=response)  # what send checks, the same way
         show_applied(PROG, res, args.receipt_out)

@@ -71,7 +71,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from agent.cose import canonical, jsonable, strict_loads
-from agent.errors import MalformedError, UsageError
+from agent.errors import MalformedError, UsageError, listen_error
 from agent.record import record
 from agent.rpc import Handler, Op, RemoteError, RpcError, TransportError, for_origin, wire
 from hw.httpjson import CBOR, HTTP_STATUS, JSON, Answer, HttpRefusal, JsonHandler, Route
@@ -466,7 +466,7 @@ class HttpsListener(Listener):
                 self.idle_timeout, self.max_per_peer, self.max_handshakes,
                 self.handshake_timeout)
         except OSError as exc:
-            raise UsageError(f"cannot listen on {self.url.host}:{self.url.port}: {exc}") from exc
+            raise listen_error(f"{self.url.host}:{self.url.port}", exc) from exc
         host, port = server.server_address[:2]
         self.address = f"https://{netloc(str(host), int(port))}"
         self._server = server

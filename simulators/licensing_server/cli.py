@@ -14,9 +14,17 @@ from pathlib import Path
 from agent.cose import ALG_EDDSA, ALG_ES256, PublicKey, SigningKey
 from agent.durable import FileOps, atomic_write
 from agent.errors import EXIT_OK, UsageError
-from agent.formats import RECEIPT_MAX, read_device_info, verify_receipt
+from agent.formats import DEVICE_FILE_MAX, RECEIPT_MAX, read_device_info, verify_receipt
 from agent.messages import License
-from apps.common import exit_code_of, parse_time, read_input, write_output
+from apps.common import (
+    add_version,
+    exit_code_of,
+    parse_time,
+    read_input,
+    read_public_key,
+    read_signing_key,
+    write_output,
+)
 from simulators.licensing_server.vendor import DAY, Grant, Vendor
 
 __all__ = ["main", "parse_grant"]
@@ -40,21 +48,16 @@ def _now() -> int:
 
 
 def _load_key(path: str) -> SigningKey:
-    try:
-        return SigningKey.from_pem(Path(path).read_bytes())
-    except OSError as exc:
-        raise UsageError(f"cannot read vendor key {path}: {exc}") from exc
+    return read_signing_key(path, "vendor key")
 
 
 def _load_pub(path: str) -> PublicKey:
-    try:
-        return PublicKey.from_pem(Path(path).read_bytes())
-    except OSError as exc:
-        raise UsageError(f"cannot read public key {path}: {exc}") from exc
+    return read_public_key(path, "vendor public key")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Vendor licensing server (simulator).")
+    add_version(p, PROG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sp = sub.add_parser("keygen", help="create a vendor signing key pair")
     sp.add_argument("--out", required=True, metavar="DIR")
@@ -120,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         grants = [replace(parse_grant(g), grace=args.grace_days * DAY) for g in args.grant]
         if args.valid_days < 1:
             raise UsageError("--valid-days must be at least 1")
-        data = vendor.issue(read_input(args.request, 64 * 1024), grants, args.remove, _now(),
+        data = vendor.issue(read_input(args.request, 64 * 1024, "request file",
+                                       expect="request"), grants, args.remove, _now(),
                             args.valid_days * DAY)
         write_output(args.out, data)
         print(f"wrote response to {args.out}")
@@ -129,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
         vendor = Vendor(_load_key(args.key))
         entries: dict[str, tuple[list[License], list[License]]] = {}
         for f in args.device_info:
-            info = read_device_info(read_input(f, 64 * 1024))
+            info = read_device_info(read_input(f, DEVICE_FILE_MAX, "device information file",
+                                               expect="device-info"))
             wanted = set(args.reclaim)
             picked = [x for x in info.licenses if not wanted or x.feature in wanted]
             entries[info.device_id] = (picked, [])
@@ -141,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "verify-receipt":
         trusted = [_load_pub(t) for t in args.trust]
-        rc = verify_receipt(read_input(args.receipt, RECEIPT_MAX), trusted)
+        rc = verify_receipt(read_input(args.receipt, RECEIPT_MAX, "receipt file",
+                                       expect="receipt"), trusted)
         removed = ", ".join(f"{x.feature}={x.count}" for x in rc.removed) or "nothing"
         print(f"genuine receipt from device {rc.device_id}: sequence {rc.sequence}, "
               f"removed {removed}")
