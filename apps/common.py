@@ -307,24 +307,33 @@ def add_operation_commands(cmd: Callable[[str, str], argparse.ArgumentParser],
     on a server over a link, with the same arguments and flags (a contract), declared here
     once. ``cmd(name, help)`` makes a subcommand with the tool's own common flags."""
     sp = cmd("info", helps["info"])
-    sp.add_argument("--out", metavar="FILE")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--out", metavar="FILE",
+                    help="write the signed device-information file here (for licadmin "
+                         "license-info or the vendor)")
+    sp.add_argument("--json", action="store_true", help="print the fields as JSON")
 
     sp = cmd("status", helps["status"])
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true",
+                    help="print the status as JSON (dates in ISO 8601)")
 
     sp = cmd("request", helps["request"])
-    sp.add_argument("action", choices=[a.value for a in Action])
-    sp.add_argument("--feature", action="append", default=[], metavar="F")
+    sp.add_argument("action", choices=[a.value for a in Action],
+                    help="what the request asks the vendor for")
+    sp.add_argument("--feature", action="append", default=[], metavar="F",
+                    help="a feature to ask for (repeat for each)")
     sp.add_argument("--license-info", metavar="FILE", help=helps["license-info"])
-    sp.add_argument("--out", required=True, metavar="FILE")
+    sp.add_argument("--out", required=True, metavar="FILE",
+                    help="where to write the signed request file")
 
     sp = cmd("apply", helps["apply"])
-    sp.add_argument("response", metavar="RESPONSE_FILE")
-    sp.add_argument("--receipt-out", metavar="FILE")
+    sp.add_argument("response", metavar="RESPONSE_FILE",
+                    help="the vendor's response file (not a request: that one is refused "
+                         "and named)")
+    sp.add_argument("--receipt-out", metavar="FILE",
+                    help="write the signed receipt here (for licadmin confirm or the vendor)")
 
     sp = cmd("check", helps["check"])
-    sp.add_argument("feature", metavar="FEATURE")
+    sp.add_argument("feature", metavar="FEATURE", help="the feature name, e.g. bacnet-ip")
 
 
 def exit_code_of(prog: str, command: Callable[[], int]) -> int:

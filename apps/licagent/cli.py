@@ -60,8 +60,10 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     sp = cmd("init", "provision a new license store with a fresh device key")
-    sp.add_argument("--model", required=True, choices=MODELS)
-    sp.add_argument("--serial", metavar="SN")
+    sp.add_argument("--model", required=True, choices=MODELS, help="the server's model")
+    sp.add_argument("--serial", metavar="SN",
+                    help="the serial number printed on the server (default: read from the "
+                         "hardware)")
     sp.add_argument("--trust", required=True, metavar="VENDOR_PUBKEY_FILE",
                     help="PEM public key of the vendor (repeat for several)", action="append")
     sp.add_argument("--alg", choices=("Ed25519", "ES256"), default="Ed25519",
@@ -77,11 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     })
 
     sp = cmd("journal", "print or verify the audit journal")
-    sp.add_argument("--verify", action="store_true")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--verify", action="store_true",
+                    help="check the hash chain and MACs (exit 8 if the journal was cut or "
+                         "changed)")
+    sp.add_argument("--json", action="store_true", help="print the entries as JSON")
 
     sp = cmd("trust-update", "install a new set of vendor keys signed by a trusted key")
-    sp.add_argument("update", metavar="TRUST_UPDATE_FILE")
+    sp.add_argument("update", metavar="TRUST_UPDATE_FILE",
+                    help="the vendor-signed trust-update file")
 
     help_ = "serve the store on every --listen URL until SIGTERM (the daemon)"
     sp = sub.add_parser("run", help=help_, description=help_)

@@ -55,51 +55,68 @@ def _load_pub(path: str) -> PublicKey:
     return read_public_key(path, "vendor public key")
 
 
+KEY_HELP = "the vendor's private signing key (PEM; licserver keygen wrote it)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Vendor licensing server (simulator).")
     add_version(p, PROG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sp = sub.add_parser("keygen", help="create a vendor signing key pair")
-    sp.add_argument("--out", required=True, metavar="DIR")
-    sp.add_argument("--alg", choices=("Ed25519", "ES256"), default="Ed25519")
+    sp.add_argument("--out", required=True, metavar="DIR",
+                    help="folder for vendor.key (mode 0600) and vendor.pub (created if missing)")
+    sp.add_argument("--alg", choices=("Ed25519", "ES256"), default="Ed25519",
+                    help="key algorithm (default Ed25519)")
     sp = sub.add_parser("issue", help="answer a request file with a signed response")
-    sp.add_argument("--key", required=True, metavar="KEYFILE")
-    sp.add_argument("--request", required=True, metavar="REQ")
-    sp.add_argument("--grant", action="append", default=[], metavar="FEATURE=COUNT[@EXPIRY]")
-    sp.add_argument("--remove", action="append", default=[], metavar="FEATURE")
+    sp.add_argument("--key", required=True, metavar="KEYFILE", help=KEY_HELP)
+    sp.add_argument("--request", required=True, metavar="REQ",
+                    help="the device's signed request file")
+    sp.add_argument("--grant", action="append", default=[], metavar="FEATURE=COUNT[@EXPIRY]",
+                    help="a license to install; EXPIRY is an ISO date (end of that day, UTC) "
+                         "or date-time (repeat for each)")
+    sp.add_argument("--remove", action="append", default=[], metavar="FEATURE",
+                    help="a license to reclaim (repeat for each)")
     sp.add_argument("--grace-days", type=int, default=0,
                     help="grace period after each granted license's expiry (default 0)")
     sp.add_argument("--valid-days", type=int, default=30,
                     help="how long the response may be applied (default 30 days)")
-    sp.add_argument("--out", required=True, metavar="RESP")
+    sp.add_argument("--out", required=True, metavar="RESP",
+                    help="where to write the signed response file")
     sp = sub.add_parser("license-info",
                         help="sign license information: which installed licenses to reclaim")
-    sp.add_argument("--key", required=True, metavar="KEYFILE")
-    sp.add_argument("--device-info", required=True, action="append", metavar="FILE")
+    sp.add_argument("--key", required=True, metavar="KEYFILE", help=KEY_HELP)
+    sp.add_argument("--device-info", required=True, action="append", metavar="FILE",
+                    help="a device-information file (licagent info --out; repeat for each)")
     sp.add_argument("--reclaim", action="append", default=[], metavar="FEATURE",
                     help="feature to reclaim where installed (default: every installed license)")
-    sp.add_argument("--out", required=True, metavar="LICENSE_INFO")
+    sp.add_argument("--out", required=True, metavar="LICENSE_INFO",
+                    help="where to write the signed license information")
     sp = sub.add_parser("verify-receipt", help="check a device's receipt (exit 0 only if genuine)")
-    sp.add_argument("--trust", required=True, action="append", metavar="VENDOR_PUBKEY_FILE")
-    sp.add_argument("receipt", metavar="RECEIPT_FILE")
+    sp.add_argument("--trust", required=True, action="append", metavar="VENDOR_PUBKEY_FILE",
+                    help="the vendor public key (PEM) the response inside must be signed "
+                         "with (repeat for several)")
+    sp.add_argument("receipt", metavar="RECEIPT_FILE", help="the device's receipt file")
     sp = sub.add_parser("serve", help="run the licensing server's HTTP API over a ledger "
                                       "(docs/licensing-api.md) until SIGTERM or SIGINT")
     sp.add_argument("--db", required=True, metavar="FILE", help="SQLite ledger (created if missing)")
-    sp.add_argument("--key", required=True, metavar="KEYFILE")
+    sp.add_argument("--key", required=True, metavar="KEYFILE", help=KEY_HELP)
     sp.add_argument("--port", required=True, type=int, metavar="N", help="0 picks a free port")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     sp.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
     sp = sub.add_parser("entitle", help="record a purchase in the ledger (adds to an entitlement)")
-    sp.add_argument("--db", required=True, metavar="FILE")
-    sp.add_argument("--entitlement", required=True, metavar="ID")
-    sp.add_argument("--product", required=True, metavar="NAME")
-    sp.add_argument("--feature", required=True, action="append", metavar="FEATURE=COUNT")
+    sp.add_argument("--db", required=True, metavar="FILE", help="SQLite ledger (created if missing)")
+    sp.add_argument("--entitlement", required=True, metavar="ID",
+                    help="the entitlement (order), free text as the vendor writes it")
+    sp.add_argument("--product", required=True, metavar="NAME",
+                    help="the product bought, free text")
+    sp.add_argument("--feature", required=True, action="append", metavar="FEATURE=COUNT",
+                    help="licenses bought, added to what the product holds (repeat for each)")
     sp.add_argument("--until", metavar="DATE",
                     help="subscription end: ISO date (end of that day, UTC) or date-time")
     sp = sub.add_parser("report", help="show entitlements, assignments, installed licenses and "
                                        "pending reclaims")
-    sp.add_argument("--db", required=True, metavar="FILE")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--db", required=True, metavar="FILE", help="the SQLite ledger")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
