@@ -347,7 +347,7 @@ def verify_vendor_file(
         raise MalformedError(f"this is a {got} file, expected a {expect.KIND.value} file"
                              if got in {k.value for k in Kind} else
                              f"expected a {expect.KIND.value} file, the header says "
-                             f"{env.content_type}")
+                             f"{env.content_type!r}")
     key = _trusted_key(state, env.kid, max(now, state.clock_hwm))
     payload_bytes = env.verify_with(key)
     payload = decode_payload(strict_loads(payload_bytes, max_size=limits.max_file), expect)

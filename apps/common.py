@@ -40,6 +40,7 @@ __all__ = [
     "show_applied",
     "show_check",
     "exit_code_of",
+    "one_line",
     "facts_provider",
     "info_json",
     "parse_time",
@@ -336,6 +337,14 @@ def add_operation_commands(cmd: Callable[[str, str], argparse.ArgumentParser],
     sp.add_argument("feature", metavar="FEATURE", help="the feature name, e.g. bacnet-ip")
 
 
+def one_line(text: str) -> str:
+    """A message as one line: line breaks and other control characters that came from a
+    file or a peer are shown escaped, so that no input can forge a second line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def exit_code_of(prog: str, command: Callable[[], int]) -> int:
     """Run a tool's command and turn what it raises into the documented exit code.
 
@@ -347,7 +356,7 @@ def exit_code_of(prog: str, command: Callable[[], int]) -> int:
     except NotLicensedError:
         return NotLicensedError.exit_code
     except LicensingError as err:
-        print(f"{prog}: {err.reason}: {err}", file=sys.stderr)
+        print(f"{prog}: {err.reason}: {one_line(str(err))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         return 130
