@@ -204,7 +204,7 @@ class _RequestHandler(JsonHandler):
         else:
             try:
                 obj = json.loads(body)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise MalformedError(f"the request body is not JSON: {exc}") from exc
         if not isinstance(obj, dict):
             raise MalformedError('the request body must be a map: {"action": ..., "features": [...]}')
@@ -588,7 +588,7 @@ class HttpsClient(ServerClient):
                 "changes": [str(c) for c in changes],
                 "warning": warning,
             }
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise TransportError(f"{self.where} answered apply without readable "
                                  f"X-Sequence/X-Changes headers: {exc}") from exc
 
@@ -675,7 +675,7 @@ def refusal_from_body(where: str, status: int, phrase: str, data: bytes) -> Remo
     ``message`` (licagent's exit codes), or a plain HTTP failure (exit 1)."""
     try:
         err = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         err = None
     if not isinstance(err, dict) or not isinstance(err.get("message"), str):
         text = data[:200].decode("utf-8", "replace").strip()

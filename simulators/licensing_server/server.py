@@ -145,7 +145,7 @@ class _Handler(JsonHandler):
         data = self.read_body(limit or self.server.limits.max_json_body, f" of {self._path}")
         try:
             return json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise MalformedError(f"the body is not JSON: {exc}") from exc
 
     # -- the exchange

@@ -44,6 +44,7 @@ from simulators.fleet.scenario import load_scenario
 from simulators.licensing_server.cli import main as licserver_main
 from simulators.licensing_server.vendor import Vendor
 from tests.agent.test_fuzz import mutated_files
+from tests.support.fuzzcount import record_inputs
 
 _env = os.environ.get("CLI_FUZZ_EXAMPLES") or os.environ.get("FUZZ_EXAMPLES")
 EXAMPLES = int(_env) if _env else 12
@@ -298,12 +299,16 @@ def test_every_file_argument_is_listed() -> None:
 @pytest.mark.parametrize(("name", "tool", "template"), TARGETS, ids=[t[0] for t in TARGETS])
 def test_cli_file_argument_fuzz(files: Files, name: str, tool: str,
                                 template: tuple[str, ...]) -> None:
+    done = [0]
+
     @FUZZ
     @given(contents(files))
     def run(data: bytes) -> None:
+        done[0] += 1
         run_target(files, tool, template, data)
 
     run()
+    record_inputs(done[0])
 
 
 @pytest.mark.parametrize(("given_as", "where", "expected"), [
