@@ -23,8 +23,10 @@ import io
 import os
 import shutil
 import socket
+import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +89,7 @@ class Files:
     root: Path
     valid: dict[str, bytes]
     closed_url: str
+    agent_url: str = ""
 
     def path(self, name: str) -> str:
         return str(self.root / name)
@@ -211,6 +214,9 @@ TARGETS: list[tuple[str, str, tuple[str, ...]]] = [
     ("licagent run --config", "licagent",
      ("run", "--config", "FILE", "--state", "st", "--facts", "facts.json", "--listen",
       "nope://flags-win")),
+    ("licadmin apply", "licadmin", ("apply", "FILE", "--server", "AGENT", "--receipt-out", "OUT")),
+    ("licadmin request --license-info", "licadmin",
+     ("request", "reclaim", "--license-info", "FILE", "--server", "AGENT", "--out", "OUT")),
     ("licadmin show", "licadmin", ("show", "FILE")),
     ("licadmin show --trust", "licadmin", ("show", "a.resp", "--trust", "FILE")),
     ("licadmin gather --servers", "licadmin",
@@ -254,7 +260,7 @@ def run_target(files: Files, tool: str, template: tuple[str, ...], data: bytes) 
     folder.mkdir()
     (folder / ("x.receipt" if "confirm" in template else "x.req")).write_bytes(data)
     subst = {"FILE": str(f), "NEW": str(case / "new-store"), "OUT": str(case / "out"),
-             "DIR": str(folder), "CLOSED": files.closed_url}
+             "DIR": str(folder), "CLOSED": files.closed_url, "AGENT": files.agent_url}
     argv = [subst.get(a, a) for a in template]
     if tool == "licsim":  # a scenario that parses is a fleet to run, not an input to refuse
         try:
@@ -283,8 +289,33 @@ def run_target(files: Files, tool: str, template: tuple[str, ...], data: bytes) 
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
-    return make_files(tmp_path_factory.mktemp("cli-fuzz"))
+def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Files]:
+    """The files, and a real ``licagent run`` on loopback for licadmin's one-server commands
+    (its own store, the same vendor)."""
+    fs = make_files(tmp_path_factory.mktemp("cli-fuzz"))
+    ok("licagent", "init", "--state", str(fs.root / "served"), "--facts",
+       str(fs.root / "facts.json"), "--model", "AS-P", "--serial", "SN-F1", "--trust",
+       str(fs.root / "vendor" / "vendor.pub"))
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    url = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+    log = fs.root / "daemon.log"
+    with open(log, "wb") as err:  # a file, not a pipe: its log lines never block it
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "licagent"), "run",
+                                 "--state", str(fs.root / "served"), "--facts",
+                                 str(fs.root / "facts.json"), "--listen", url],
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while b" listening " not in log.read_bytes():  # logged once it serves
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        fs.agent_url = url
+        yield fs
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def test_every_file_argument_is_listed() -> None:
