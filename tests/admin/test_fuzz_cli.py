@@ -18,6 +18,7 @@ without it a small seeded layer runs inside ``make test``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import os
@@ -112,6 +113,15 @@ def _pem_public(key: object) -> bytes:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def other_oid(pem: bytes, last: int) -> bytes:
+    """``pem`` (an Ed25519 key, OID 1.3.101.112) with the OID's last arc set to ``last``."""
+    lines = pem.strip().split(b"\n")
+    der = bytearray(base64.b64decode(b"".join(lines[1:-1])))
+    i = der.find(bytes([0x2B, 0x65, 0x70]))
+    der[i + 2] = last
+    return b"\n".join([lines[0], base64.encodebytes(bytes(der)).strip(), lines[-1]]) + b"\n"
+
+
 def make_files(root: Path) -> Files:
     root.mkdir(parents=True, exist_ok=True)
     cwd = os.getcwd()
@@ -153,6 +163,12 @@ def make_files(root: Path) -> Files:
             "dsa-public": _pem_public(dsa.generate_private_key(1024)),
             "ed448-private": _pem_private(ed448.Ed448PrivateKey.generate()),
             "p384-public": _pem_public(ec.generate_private_key(ec.SECP384R1())),
+            # Ed25519 keys with the algorithm OID changed: OpenSSL's UnsupportedAlgorithm
+            # (1.3.101.114, no such algorithm) and InternalError (1.3.101.113, Ed448 OID on
+            # 32 key bytes)
+            "oid114-private": other_oid(Path("vendor/vendor.key").read_bytes(), 0x72),
+            "oid113-private": other_oid(Path("vendor/vendor.key").read_bytes(), 0x71),
+            "oid114-public": other_oid(Path("vendor/vendor.pub").read_bytes(), 0x72),
             "facts": facts,
             "config": b'state = "st"\nlisten = ["tcp://127.0.0.1:0"]\nmax_clients = 4\n',
             "csv": ("device,feature=count\n" + "ab" * 32 + ",bacnet=2\n").encode(),
@@ -371,6 +387,29 @@ def test_a_file_in_the_wrong_place_is_named(files: Files, given_as: str, where: 
         os.chdir(cwd)
     assert code == 3, err
     assert refusal_lines(err) == [f"{tool}: malformed: {f} {expected}"], err
+
+
+@pytest.mark.parametrize(("key", "flag", "expected"), [
+    ("oid114-private", "licserver issue --key", "a PEM private key of an unsupported kind"),
+    ("oid113-private", "licserver issue --key", "whose key material OpenSSL refuses"),
+    ("oid114-public", "licagent init --trust", "a PEM public key of an unsupported kind")])
+def test_a_key_openssl_cannot_load_is_one_line(files: Files, key: str, flag: str,
+                                               expected: str) -> None:
+    """Found by this fuzzing: cryptography's UnsupportedAlgorithm and InternalError escaped."""
+    tool, template = next((t[1], t[2]) for t in TARGETS if t[0] == flag)
+    f = files.root / f"{key}.pem"
+    f.write_bytes(files.valid[key])
+    argv = [{"FILE": str(f), "NEW": str(files.root / "never"), "OUT": str(files.root / "o")
+             }.get(a, a) for a in template]
+    cwd = os.getcwd()
+    os.chdir(files.root)
+    try:
+        code, _out, err = call(tool, argv)
+    finally:
+        os.chdir(cwd)
+    assert code == 3, err
+    [line] = refusal_lines(err)
+    assert line.startswith(f"{tool}: malformed: ") and expected in line, line
 
 
 @pytest.mark.parametrize(("key", "flag"), [

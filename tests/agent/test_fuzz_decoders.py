@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent import protocol, rpc
-from agent.cose import decode_sign1, strict_loads
+from agent.cose import PublicKey, SigningKey, decode_sign1, strict_loads
 from agent.errors import LicensingError
 from agent.formats import (
     SiteInfo,
@@ -161,6 +161,8 @@ def decoders(w: World) -> dict[str, Callable[[bytes], object]]:
         "site_info": SiteInfo.decode,
         "decode_slot": lambda d: decode_slot(mac_key, d),
         "identify": identify,
+        "public_pem": PublicKey.from_pem,
+        "private_pem": SigningKey.from_pem,
         "expect_kind": lambda d: expect_kind(d, "response", "f"),
         # link frames and RPC
         "frames": _frames,
@@ -216,6 +218,8 @@ def seeds(w: World) -> list[bytes]:
         json.dumps({"action": "activate", "features": ["bacnet"]}).encode(),
         json.dumps({"model": "AS-P", "serial": "S", "macs": ["00:80:f4:00:00:01"]}).encode(),
         b'state = "st"\nlisten = ["tcp://127.0.0.1:0"]\n',
+        w.vendor.public.to_pem(), w.key.to_pem(), SigningKey.generate(-7).to_pem(),
+        SigningKey.generate(-7).public.to_pem(),
         b"device,feature=count\n" + b"ab" * 32 + b",bacnet=2\n",
     ) if x]
 
