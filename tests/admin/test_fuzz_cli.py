@@ -233,6 +233,10 @@ TARGETS: list[tuple[str, str, tuple[str, ...]]] = [
     ("licadmin apply", "licadmin", ("apply", "FILE", "--server", "AGENT", "--receipt-out", "OUT")),
     ("licadmin request --license-info", "licadmin",
      ("request", "reclaim", "--license-info", "FILE", "--server", "AGENT", "--out", "OUT")),
+    ("licadmin status --server tls ca=", "licadmin",
+     ("status", "--server", "TLSCA", "--timeout", "0.5")),
+    ("licagent run --listen tls key=", "licagent",
+     ("run", "--state", "st", "--facts", "facts.json", "--listen", "TLSKEY")),
     ("licadmin show", "licadmin", ("show", "FILE")),
     ("licadmin show --trust", "licadmin", ("show", "a.resp", "--trust", "FILE")),
     ("licadmin gather --servers", "licadmin",
@@ -276,7 +280,11 @@ def run_target(files: Files, tool: str, template: tuple[str, ...], data: bytes) 
     folder.mkdir()
     (folder / ("x.receipt" if "confirm" in template else "x.req")).write_bytes(data)
     subst = {"FILE": str(f), "NEW": str(case / "new-store"), "OUT": str(case / "out"),
-             "DIR": str(folder), "CLOSED": files.closed_url, "AGENT": files.agent_url}
+             "DIR": str(folder), "CLOSED": files.closed_url, "AGENT": files.agent_url,
+             # a port nothing listens on; key= a fuzzed file beside a certificate that is
+             # not one, so that no example can start serving
+             "TLSCA": f"tls://127.0.0.1:{files.closed_url.rsplit(':', 1)[1]}?ca={f}",
+             "TLSKEY": f"tls://127.0.0.1:0?cert={files.path('a.req')}&key={f}"}
     argv = [subst.get(a, a) for a in template]
     if tool == "licsim":  # a scenario that parses is a fleet to run, not an input to refuse
         try:
@@ -387,6 +395,15 @@ def test_a_file_in_the_wrong_place_is_named(files: Files, given_as: str, where: 
         os.chdir(cwd)
     assert code == 3, err
     assert refusal_lines(err) == [f"{tool}: malformed: {f} {expected}"], err
+
+
+def test_a_tls_file_of_the_wrong_kind_is_named(files: Files) -> None:
+    url = f"tls://127.0.0.1:1?ca={files.path('a.req')}"
+    code, _out, err = call("licadmin", ["status", "--server", url, "--timeout", "0.5"])
+    assert code == 2
+    assert refusal_lines(err) == [f"licadmin: usage: {url}: cannot load the TLS files: "
+                                  f"ca={files.path('a.req')} is a request file, expected a "
+                                  f"PEM certificate (the site CA)"]
 
 
 @pytest.mark.parametrize(("key", "flag", "expected"), [
