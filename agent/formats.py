@@ -110,6 +110,9 @@ def identify(data: bytes) -> str:
         if label == b"CERTIFICATE":
             return "pem-certificate"
         return "pem"
+    fast = _content_type_kind(data)
+    if fast is not None:  # the protected header alone: no second decode of a large file
+        return fast
     try:
         obj = strict_loads(data, max_size=LICENSE_INFO_MAX, allow_sign1_tag=True)
     except LicensingError:
@@ -129,6 +132,28 @@ def identify(data: bytes) -> str:
         text = _text_kind(data)  # "1" or "x" alone are also one CBOR item
         return "cbor" if text == "binary" else text
     return _signed_kind(obj.value)
+
+
+def _content_type_kind(data: bytes) -> str | None:
+    """The kind a COSE_Sign1 file's protected header names, read without decoding the rest."""
+    if data[:2] != b"\xd2\x84" or len(data) < 4:
+        return None
+    first, pos = data[2], 3
+    if first >> 5 != 2:  # the protected header is a byte string
+        return None
+    n = first & 0x1F
+    if n == 24:
+        n, pos = data[3], 4
+    elif n == 25:
+        n, pos = int.from_bytes(data[3:5]), 5
+    elif n > 25:
+        return None
+    try:
+        header = strict_loads(data[pos:pos + n], max_size=4096)
+    except LicensingError:
+        return None
+    ctype = header.get(3) if isinstance(header, dict) else None
+    return _CONTENT_TYPES.get(ctype) if isinstance(ctype, str) else None
 
 
 def _signed_kind(v: object) -> str:
