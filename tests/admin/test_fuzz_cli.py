@@ -397,6 +397,14 @@ def test_a_file_in_the_wrong_place_is_named(files: Files, given_as: str, where: 
     assert refusal_lines(err) == [f"{tool}: malformed: {f} {expected}"], err
 
 
+def test_a_ledger_that_is_no_database_is_named(files: Files) -> None:
+    code, _out, err = call("licserver", ["report", "--db", files.path("a.req")])
+    assert code == 8
+    [line] = refusal_lines(err)
+    assert line.startswith("licserver: storage: cannot open the ledger ")
+    assert line.endswith("(it is a request file, expected an SQLite ledger)")
+
+
 def test_a_tls_file_of_the_wrong_kind_is_named(files: Files) -> None:
     url = f"tls://127.0.0.1:1?ca={files.path('a.req')}"
     code, _out, err = call("licadmin", ["status", "--server", url, "--timeout", "0.5"])
