@@ -253,7 +253,7 @@ class Fleet(FaultInjection):
             try:
                 key = read_signing_key(str(sc.vendor_key), "scenario vendor_key")
             except MalformedError as exc:  # a bad scenario is a usage error (exit 2)
-                raise UsageError(str(exc)) from exc
+                raise UsageError(f"scenario vendor_key: {exc}") from exc
             self.vendor = Vendor(key)
             self.vendor_key_path = sc.vendor_key
         elif sc.trust is None:
@@ -268,7 +268,7 @@ class Fleet(FaultInjection):
             try:
                 self.trust = [read_public_key(str(sc.trust), "scenario trust")]
             except MalformedError as exc:
-                raise UsageError(str(exc)) from exc
+                raise UsageError(f"scenario trust: {exc}") from exc
             self.trust_path = sc.trust
         else:
             assert self.vendor is not None

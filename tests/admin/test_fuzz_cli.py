@@ -405,6 +405,18 @@ def test_a_ledger_that_is_no_database_is_named(files: Files) -> None:
     assert line.endswith("(it is a request file, expected an SQLite ledger)")
 
 
+def test_a_scenario_key_of_the_wrong_kind_is_named(files: Files) -> None:
+    sc = files.root / "named-scenario.toml"
+    sc.write_text(f'site = "x"\ntrust = "{files.path("a.req")}"\n'
+                  f'vendor_key = "{files.path("vendor/vendor.pub")}"\n'
+                  '[[servers]]\nmodel = "AS-P"\ncount = 1\nlinks = ["tcp"]\n')
+    code, _out, err = call("licsim", ["run", str(sc), "--duration", "0"])
+    assert code == 2
+    assert refusal_lines(err) == [f"licsim: usage: scenario vendor_key: "
+                                  f"{files.path('vendor/vendor.pub')} is a PEM public key, "
+                                  f"expected a PEM private key"]
+
+
 def test_a_tls_file_of_the_wrong_kind_is_named(files: Files) -> None:
     url = f"tls://127.0.0.1:1?ca={files.path('a.req')}"
     code, _out, err = call("licadmin", ["status", "--server", url, "--timeout", "0.5"])
