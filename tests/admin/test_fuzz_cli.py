@@ -23,6 +23,7 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -410,7 +411,12 @@ def test_a_scenario_key_of_the_wrong_kind_is_named(files: Files) -> None:
     sc.write_text(f'site = "x"\ntrust = "{files.path("a.req")}"\n'
                   f'vendor_key = "{files.path("vendor/vendor.pub")}"\n'
                   '[[servers]]\nmodel = "AS-P"\ncount = 1\nlinks = ["tcp"]\n')
-    code, _out, err = call("licsim", ["run", str(sc), "--duration", "0"])
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:  # licsim run takes SIGINT and SIGTERM for itself
+        code, _out, err = call("licsim", ["run", str(sc), "--duration", "0"])
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     assert code == 2
     assert refusal_lines(err) == [f"licsim: usage: scenario vendor_key: "
                                   f"{files.path('vendor/vendor.pub')} is a PEM public key, "
