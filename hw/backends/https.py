@@ -208,9 +208,9 @@ class _RequestHandler(JsonHandler):
                 raise MalformedError(f"the request body is not JSON: {exc}") from exc
         if not isinstance(obj, dict):
             raise MalformedError('the request body must be a map: {"action": ..., "features": [...]}')
-        unknown = sorted(set(obj) - {"action", "features", "license_info"})
+        unknown = sorted(map(repr, set(obj) - {"action", "features", "license_info"}))
         if unknown:
-            raise UsageError(f"unknown field {', '.join(map(str, unknown))} in the request body "
+            raise UsageError(f"unknown field {', '.join(unknown)} in the request body "
                              "(fields: action, features, license_info)")
         args: dict[str, Any] = {"action": obj.get("action"), "features": obj.get("features", [])}
         if "license_info" in obj:
