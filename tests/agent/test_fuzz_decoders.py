@@ -26,6 +26,7 @@ import resource
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
@@ -34,7 +35,7 @@ from hypothesis import strategies as st
 
 from agent import protocol, rpc
 from agent.cose import PublicKey, SigningKey, decode_sign1, strict_loads
-from agent.errors import LicensingError
+from agent.errors import LicensingError, UsageError
 from agent.formats import (
     SiteInfo,
     expect_kind,
@@ -45,6 +46,7 @@ from agent.formats import (
     verify_receipt,
 )
 from agent.messages import DeviceInfo, LicenseInfo, Request, decode_payload
+from agent.ops import AgentOps
 from agent.store import decode_slot
 from apps import licensing_api
 from apps.licadmin.assign import _csv_rows
@@ -53,6 +55,7 @@ from hw.backends import mqtt_contract
 from hw.backends.https import refusal_from_body
 from hw.backends.usbdrop import _parse_want
 from hw.facts import StaticFactsProvider
+from hw.rpc import RpcServer
 from simulators.licensing_server.vendor import Vendor
 from simulators.mqttlite import codec as mqtt_codec
 from tests.agent.test_fuzz import World, cbor_values, make_tmp, make_world
@@ -140,10 +143,41 @@ def _toml(data: bytes) -> object:
         raise LicensingError(str(exc)) from exc
 
 
+#: operations that would write the store: answered with a refusal in this fuzz, so that a
+#: million inputs do not become a million fsyncs (test_fuzz.py applies to a real store)
+WRITING_OPS = {rpc.Op.CREATE_REQUEST.value, rpc.Op.APPLY_RESPONSE.value}
+
+
+def read_only(w: World) -> Callable[..., object]:
+    """The device's real operations (AgentOps on the world's store), reads only."""
+    ops = AgentOps(w.device.agent)
+
+    def handler(op: str, args: Any, origin: str | None = None) -> object:
+        if op in WRITING_OPS:
+            raise UsageError(f"{op} is not served in this fuzz")
+        return ops(op, args, origin)
+    return handler
+
+
 def decoders(w: World) -> dict[str, Callable[[bytes], object]]:
     """Every function that reads bytes from outside, bound to a real world."""
     mac_key = w.key.secret_digest(b"store-mac")
+    handler = read_only(w)
+    server = RpcServer(handler)
+    server.receive(framing.encode_frame(cbor2.dumps(  # a session that said hello
+        {"v": 1, "id": 1, "op": "hello", "args": rpc.hello_args()})))
+    memory = mqtt_contract.AnswerMemory(count=64, size=1 << 20)
+    reply_to = mqtt_contract.response_topic("site", w.state.device_id, "c1")
+    n = [0]
+
+    def mqtt_request(d: bytes) -> object:
+        n[0] += 1
+        return mqtt_contract.answer_request(handler, "site", w.state.device_id, d, reply_to,
+                                            n[0].to_bytes(8), memory)
     return {
+        "rpc_server_frame": lambda d: server.receive(framing.encode_frame(d)),
+        "rpc_server_stream": server.receive,
+        "mqtt_request": mqtt_request,
         # signed files
         "strict_loads": lambda d: strict_loads(d, max_size=1 << 20),
         "decode_sign1": lambda d: decode_sign1(d, max_size=1 << 20),
@@ -204,6 +238,11 @@ def seeds(w: World) -> list[bytes]:
         framing.encode_frame(cbor2.dumps({"id": 1, "ok": True, "result": {}})),
         cbor2.dumps({"id": 1, "op": "apply", "args": {"file": w.pending}}),
         cbor2.dumps({"code": 6, "reason": "stale", "message": "m"}),
+        *(cbor2.dumps({"v": 1, "id": 5, "op": op, "args": args}) for op, args in (
+            ("hello", rpc.hello_args()), ("get-status", {}), ("get-info", {}), ("check-feature",
+                                                                  {"feature": "bacnet"}),
+            ("read-journal", {}), ("get-license-info", {}), ("apply-response",
+                                                             {"file": w.pending}))),
         mqtt_codec.encode(mqtt_codec.Connect(client_id="c", keepalive=30)),
         mqtt_codec.encode(mqtt_codec.Publish(topic="lic/s/d/req", payload=b"\xa0", qos=1,
                                              packet_id=3)),
@@ -287,7 +326,7 @@ def test_every_decoder_raises_only_its_own_errors(tmp_path: Path) -> None:
     w = make_world(make_tmp(tmp_path))
     fns = decoders(w)
     pool = seeds(w)
-    assert len(fns) >= 35
+    assert len(fns) >= 40
     done = [0]
     before = peak_rss()
 
@@ -325,6 +364,14 @@ def test_valid_seeds_are_read_by_their_decoders(tmp_path: Path) -> None:
         "lic/site/dev/presence",
         mqtt_contract.encode_presence(mqtt_contract.Presence("dev", "AS-P", True)))
     assert presence is not None and presence.online
+    # the RPC server of every stream link answers through the device's real operations
+    server = RpcServer(read_only(w))
+    out = server.receive(b"".join(framing.encode_frame(cbor2.dumps(
+        {"v": 1, "id": i, "op": op, "args": args})) for i, op, args in (
+            (1, "hello", rpc.hello_args()), (2, "get-status", {}))))
+    answers = [rpc.decode_message(e.payload, 1 << 20) for f in out
+               for e in framing.FrameDecoder().feed(f) if isinstance(e, framing.Frame)]
+    assert [(a.id, getattr(a, "ok", None)) for a in answers] == [(1, True), (2, True)]
 
 
 @pytest.mark.parametrize("data", HOSTILE, ids=range(len(HOSTILE)))
