@@ -60,6 +60,7 @@ fuzz: $(STAMP)
 	FUZZ_COUNT_FILE=$(CURDIR)/.fuzz-count FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} \
 	  DECODER_FUZZ_EXAMPLES=$${DECODER_FUZZ_EXAMPLES:-38000} \
 	  CLI_FUZZ_EXAMPLES=$${CLI_FUZZ_EXAMPLES:-1000} HTTP_FUZZ_EXAMPLES=$${HTTP_FUZZ_EXAMPLES:-5000} \
+	  HTTPS_FUZZ_EXAMPLES=$${HTTPS_FUZZ_EXAMPLES:-1000} \
 	  $(PY) -m pytest -q -p no:cacheprovider $(FUZZ_FILES) || exit 1; \
 	awk -v t=$$(( $$(date +%s) - start )) \
 	  '{n += $$1} END {printf "fuzz: %d generated inputs in %d s, no exception escaped\n", n, t}' \

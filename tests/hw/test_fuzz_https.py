@@ -7,7 +7,7 @@ valid signed files and their mutations, random bytes). Every answer is the agent
 2xx, or an error whose JSON body has a documented exit code and a one-line message;
 never a 500, and the store is the one it was unless a valid response was applied.
 
-``HTTP_FUZZ_EXAMPLES`` (else ``FUZZ_EXAMPLES``) sets the number of requests.
+``HTTPS_FUZZ_EXAMPLES`` (else ``FUZZ_EXAMPLES``) sets the number of requests.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from tests.conftest import Device
 from tests.support.fuzzcount import record_inputs
 from tests.support.pki import Pki, make_pki
 
-_env = os.environ.get("HTTP_FUZZ_EXAMPLES") or os.environ.get("FUZZ_EXAMPLES")
+_env = os.environ.get("HTTPS_FUZZ_EXAMPLES") or os.environ.get("FUZZ_EXAMPLES")
 EXAMPLES = int(_env) if _env else 30
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=_env is None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
