@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.durable import FileOps, atomic_write
 from agent.errors import (
+    EXIT_FAILURE,
     EXIT_OK,
     LicensingError,
     MalformedError,
@@ -349,7 +350,9 @@ def exit_code_of(prog: str, command: Callable[[], int]) -> int:
     """Run a tool's command and turn what it raises into the documented exit code.
 
     ``not licensed`` exits 1 silently (``check``); any other LicensingError prints
-    ``PROG: REASON: MESSAGE`` and exits with its code; Ctrl-C exits 130.
+    ``PROG: REASON: MESSAGE`` and exits with its code; Ctrl-C exits 130. Anything else
+    is a bug of the tool: one line ``PROG: internal: ...`` and exit 1, never a traceback
+    (``LICENSING_TRACEBACK=1`` shows it, for a bug report).
     """
     try:
         return command()
@@ -360,3 +363,10 @@ def exit_code_of(prog: str, command: Callable[[], int]) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if os.environ.get("LICENSING_TRACEBACK"):
+            raise
+        print(f"{prog}: internal: {type(exc).__name__}: {one_line(str(exc))[:300]} (a bug in "
+              f"{prog}: please report it with the command that caused it; "
+              f"LICENSING_TRACEBACK=1 shows where)", file=sys.stderr)
+        return EXIT_FAILURE

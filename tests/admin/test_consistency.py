@@ -214,3 +214,24 @@ def test_clock_set_back_says_iso_dates_and_how_to_recover(device: Device) -> Non
                      r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ already seen", text), text
     assert "set the system clock to the right time" in text
     assert not re.search(r"\b1[0-9]{9}\b", text), "raw POSIX seconds in a message"
+
+
+# ---------------------------------------------------------------- the last resort
+
+
+def test_a_bug_is_one_line_and_exit_1_never_a_traceback(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from apps.common import exit_code_of
+
+    def buggy() -> int:
+        return {}["missing"]  # type: ignore[no-any-return]
+
+    monkeypatch.delenv("LICENSING_TRACEBACK", raising=False)
+    assert exit_code_of("licadmin", buggy) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("licadmin: internal: KeyError: 'missing' (a bug in licadmin: please "
+                          "report it")
+    monkeypatch.setenv("LICENSING_TRACEBACK", "1")
+    with pytest.raises(KeyError):
+        exit_code_of("licadmin", buggy)

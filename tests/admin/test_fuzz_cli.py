@@ -311,6 +311,7 @@ def run_target(files: Files, tool: str, template: tuple[str, ...], data: bytes) 
         lines = refusal_lines(err)
         assert len(lines) == 1, (argv, code, err)
         assert lines[0].startswith(f"{tool}: "), lines
+        assert not lines[0].startswith(f"{tool}: internal: "), lines  # a bug, caught last
 
 
 @pytest.fixture(scope="module")
