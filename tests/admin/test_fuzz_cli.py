@@ -244,6 +244,10 @@ TARGETS: list[tuple[str, str, tuple[str, ...]]] = [
      ("gather", "--servers", "FILE", "--out", "OUT", "--timeout", "0.5")),
     ("licadmin license-info --site-info", "licadmin",
      ("license-info", "--site-info", "FILE", "--out", "OUT", "--licensing-server", "CLOSED")),
+    ("licadmin requests --license-info", "licadmin",
+     ("requests", "--license-info", "FILE", "--out-dir", "OUT", "--server", "AGENT")),
+    ("licadmin send --responses", "licadmin",
+     ("send", "--responses", "DIR", "--receipts-out", "OUT", "--server", "AGENT")),
     ("licadmin upload --requests", "licadmin",
      ("upload", "--requests", "DIR", "--out-dir", "OUT", "--licensing-server", "CLOSED")),
     ("licadmin confirm --receipts", "licadmin",
@@ -279,7 +283,8 @@ def run_target(files: Files, tool: str, template: tuple[str, ...], data: bytes) 
     f.write_bytes(data)
     folder = case / "folder"
     folder.mkdir()
-    (folder / ("x.receipt" if "confirm" in template else "x.req")).write_bytes(data)
+    suffix = {"confirm": ".receipt", "send": ".resp"}.get(template[0], ".req")
+    (folder / f"x{suffix}").write_bytes(data)
     subst = {"FILE": str(f), "NEW": str(case / "new-store"), "OUT": str(case / "out"),
              "DIR": str(folder), "CLOSED": files.closed_url, "AGENT": files.agent_url,
              # a port nothing listens on; key= a fuzzed file beside a certificate that is
