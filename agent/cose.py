@@ -206,6 +206,7 @@ class PublicKey:
 
     @classmethod
     def from_pem(cls, data: bytes) -> PublicKey:
+        from cryptography.exceptions import InternalError, UnsupportedAlgorithm
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -213,6 +214,10 @@ class PublicKey:
             key = serialization.load_pem_public_key(data)
         except ValueError as exc:
             raise MalformedError(f"not a PEM public key: {exc}") from exc
+        except UnsupportedAlgorithm as exc:  # an algorithm OID OpenSSL does not know
+            raise MalformedError(f"a PEM public key of an unsupported kind: {exc}") from exc
+        except InternalError as exc:  # OpenSSL refused the key material itself
+            raise MalformedError("a PEM public key whose key material OpenSSL refuses") from exc
         if isinstance(key, ed25519.Ed25519PublicKey):
             return cls(ALG_EDDSA, key.public_bytes_raw())
         if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
@@ -281,6 +286,7 @@ class SigningKey:
         raw = _ed25519_pkcs8_raw(data)
         if raw is not None:  # the common case, without the serialization module
             return cls(ed25519.Ed25519PrivateKey.from_private_bytes(raw))
+        from cryptography.exceptions import InternalError, UnsupportedAlgorithm
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -288,6 +294,10 @@ class SigningKey:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as exc:
             raise MalformedError(f"not an unencrypted PEM private key: {exc}") from exc
+        except UnsupportedAlgorithm as exc:  # an algorithm OID OpenSSL does not know
+            raise MalformedError(f"a PEM private key of an unsupported kind: {exc}") from exc
+        except InternalError as exc:  # OpenSSL refused the key material itself
+            raise MalformedError("a PEM private key whose key material OpenSSL refuses") from exc
         if isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
             return cls(key)
         raise MalformedError("only Ed25519 and P-256 private keys are supported")

@@ -344,9 +344,8 @@ def _phase(lic: License, t: int) -> str:
 def clock_set_back_message(state: AgentState, now: int) -> str:
     """One line: what the clock reads, the latest time seen (ISO 8601), and how to recover."""
     return (f"the clock reads {_iso(now)}, earlier than {_iso(state.clock_hwm)} already "
-            f"seen: clock set back. Set the system clock to the correct time (NTP) and try "
-            f"again; if {_iso(state.clock_hwm)} itself was wrong (a clock that ran ahead), "
-            f"licenses count from it until that time has passed")
+            f"seen: clock set back; {CLOCK_RECOVERY}; if {_iso(state.clock_hwm)} itself was "
+            f"wrong (a clock that ran ahead), licenses count from it until that time has passed")
 
 
 # ---------------------------------------------------------------- verification
@@ -361,9 +360,10 @@ def _trusted_key(state: AgentState, kid: bytes, now: int) -> PublicKey:
     for tk in state.trust:
         if tk.kid == kid:
             if tk.not_before is not None and now < tk.not_before:
-                raise TrustError(f"vendor key {kid.hex()[:16]} is not valid before {tk.not_before}")
+                raise TrustError(f"vendor key {kid.hex()[:16]} is not valid before "
+                                 f"{_iso(tk.not_before)}")
             if tk.not_after is not None and now > tk.not_after:
-                raise TrustError(f"vendor key {kid.hex()[:16]} expired at {tk.not_after}")
+                raise TrustError(f"vendor key {kid.hex()[:16]} expired at {_iso(tk.not_after)}")
             return tk.key
     raise TrustError(f"file is signed by key {kid.hex()[:16]}…, which this device does not trust")
 
@@ -378,12 +378,16 @@ def verify_vendor_file(
         MalformedError, TrustError: the file is not acceptable at all.
     """
     env = read_signed(data, limits)
+    # the kind first: a request given where a response belongs is named as such, not as a
+    # file signed by an untrusted key (the header is not trusted for anything else)
+    if env.content_type is not None and env.content_type != expect.KIND.content_type:
+        got = env.content_type.removeprefix("application/vnd.bms-license.").removesuffix("+cbor")
+        raise MalformedError(f"this is a {got} file, expected a {expect.KIND.value} file"
+                             if got in {k.value for k in Kind} else
+                             f"expected a {expect.KIND.value} file, the header says "
+                             f"{env.content_type!r}")
     key = _trusted_key(state, env.kid, max(now, state.clock_hwm))
     payload_bytes = env.verify_with(key)
-    if env.content_type is not None and env.content_type != expect.KIND.content_type:
-        raise MalformedError(
-            f"expected a {expect.KIND.value} file, the header says {env.content_type}"
-        )
     payload = decode_payload(strict_loads(payload_bytes, max_size=limits.max_file), expect)
     return payload, env
 
@@ -485,6 +489,11 @@ def _anonymous(origin: str | None) -> bool:
         return False
     kind, _, rest = origin.partition(" ")
     return kind in ("tcp", "tls", "https") and not rest.startswith("cert ")
+
+
+#: how to recover from a clock set back, in every message that reports one
+CLOCK_RECOVERY = ("set the system clock to the right time (NTP, or date -s) and run the "
+                  "command again; nothing was changed")
 
 
 def _iso(t: int) -> str:
@@ -769,7 +778,7 @@ def check_feature(
     t = max(now, state.clock_hwm)
     lic = next((x for x in state.licenses if x.feature == feature), None)
     note = (f" (clock set back: it reads {_iso(now)}; using the latest time seen, "
-            f"{_iso(state.clock_hwm)}; set the system clock right)") if back else ""
+            f"{_iso(state.clock_hwm)}; {CLOCK_RECOVERY})") if back else ""
     if lic is None:
         return CheckResult(feature, False, f"{feature}: not licensed{note}", None, False, back)
     if lic.count <= 0:

@@ -33,6 +33,7 @@ from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from agent.rpc import TransportError
 from apps.common import (
     add_operation_commands,
+    add_version,
     exit_code_of,
     print_json,
     read_input,
@@ -68,6 +69,7 @@ def _timeout(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Administer the licenses of a BMS automation server over a link.")
+    add_version(p, PROG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
@@ -131,7 +133,8 @@ def _workflow_parsers(sub: Any) -> None:
 
     sp = cmd("gather", "step 1 (site): gather every server's device information into SITE_INFO",
              servers=True)
-    sp.add_argument("--out", required=True, metavar="SITE_INFO")
+    sp.add_argument("--out", required=True, metavar="SITE_INFO",
+                    help="where to write the SITE_INFO bundle")
     sp.add_argument("--site", metavar="NAME", help="the site's name (default: from --servers, "
                                                    "else the file name)")
     sp.add_argument("--append", action="store_true",
@@ -139,28 +142,40 @@ def _workflow_parsers(sub: Any) -> None:
                          "interrupted gather is finished)")
     sp = cmd("license-info", "step 2 (online): download the license information for SITE_INFO",
              licensing=True)
-    sp.add_argument("--site-info", required=True, metavar="SITE_INFO")
+    sp.add_argument("--site-info", required=True, metavar="SITE_INFO",
+                    help="the SITE_INFO file licadmin gather wrote")
     sp.add_argument("--device", action="append", default=[], metavar="DEVICE_ID",
                     help="only these servers (default: all in SITE_INFO)")
-    sp.add_argument("--out", required=True, metavar="LICENSE_INFO")
+    sp.add_argument("--out", required=True, metavar="LICENSE_INFO",
+                    help="where to write the license information (each server's own "
+                         "beside it, in LICENSE_INFO.d)")
     sp = cmd("requests", "step 3 (site): each server signs its request from LICENSE_INFO",
              servers=True)
-    sp.add_argument("--license-info", required=True, metavar="LICENSE_INFO")
-    sp.add_argument("--out-dir", required=True, metavar="REQUESTS")
+    sp.add_argument("--license-info", required=True, metavar="LICENSE_INFO",
+                    help="the license information licadmin license-info wrote")
+    sp.add_argument("--out-dir", required=True, metavar="REQUESTS",
+                    help="folder for the request files, one per server (created if missing)")
     sp = cmd("upload", "step 4 (online): upload the requests, download one response per server",
              licensing=True)
-    sp.add_argument("--requests", required=True, metavar="REQUESTS")
-    sp.add_argument("--out-dir", required=True, metavar="RESPONSES")
+    sp.add_argument("--requests", required=True, metavar="REQUESTS",
+                    help="the folder licadmin requests wrote")
+    sp.add_argument("--out-dir", required=True, metavar="RESPONSES",
+                    help="folder for the response files, one per server (created if "
+                         "missing)")
     sp.add_argument("--receipts", metavar="RECEIPTS",
                     help="receipts to confirm on the way (default: a receipts folder beside "
                          "REQUESTS, if there is one)")
     sp = cmd("send", "step 5 (site): each server applies its own response and returns a receipt",
              servers=True)
-    sp.add_argument("--responses", required=True, metavar="RESPONSES")
-    sp.add_argument("--receipts-out", required=True, metavar="RECEIPTS")
+    sp.add_argument("--responses", required=True, metavar="RESPONSES",
+                    help="the folder licadmin upload wrote")
+    sp.add_argument("--receipts-out", required=True, metavar="RECEIPTS",
+                    help="folder for the receipts, one per server (created if missing)")
     sp = cmd("confirm", "step 6 (online): confirm the receipts; reclaimed licenses become free",
              licensing=True)
-    sp.add_argument("--receipts", required=True, metavar="RECEIPTS")
+    sp.add_argument("--receipts", required=True, metavar="RECEIPTS",
+                    help="the folder licadmin send wrote (or receipts from licagent apply "
+                         "--receipt-out)")
     for name, what in (("activate", "activation"), ("reclaim", "license reclaim")):
         sp = cmd(name, f"steps 1 to 6 in one go ({what}; this computer online, the servers not)",
                  servers=True, licensing=True)
@@ -196,7 +211,8 @@ def _workflow_parsers(sub: Any) -> None:
                     help="the device's total of FEATURE (0 releases it); repeat for each "
                          "feature; not with a CSV, whose rows carry their own")
     sp = cmd("show", "print any file of this project with its kind, signer and signature verdict")
-    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("file", metavar="FILE",
+                    help="a signed file, SITE_INFO bundle or PEM key of this project")
     sp.add_argument("--trust", action="append", default=[], metavar="VENDOR_PUB",
                     help="vendor public key (PEM) to check vendor signatures with")
 
@@ -416,7 +432,8 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         return EXIT_OK
     if c == "request":
         _check_folder(args.out)
-        license_info = (read_input(args.license_info, LICENSE_INFO_MAX)
+        license_info = (read_input(args.license_info, LICENSE_INFO_MAX,
+                                   "license information file", expect="license-info")
                         if args.license_info else None)
         data = client.request(args.action, args.feature, license_info)
         write_output(args.out, data)
@@ -424,7 +441,8 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         return EXIT_OK
     if c == "apply":
         _check_folder(args.receipt_out)
-        response = read_input(args.response, DEFAULT_LIMITS.max_file)
+        response = read_input(args.response, DEFAULT_LIMITS.max_file, "response file",
+                              expect="response")
         try:
             res = client.apply(response)
         except TransportError as err:

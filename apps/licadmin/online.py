@@ -57,7 +57,7 @@ def license_info(site_info: str, devices: Sequence[str], out: str,
     """Have the licensing server answer, for the gathered servers, what to reclaim and install."""
     if not Path(out).absolute().parent.is_dir():
         raise UsageError(f"cannot write {out}: its folder does not exist")
-    data = read_input(site_info, SITE_INFO_MAX)
+    data = read_input(site_info, SITE_INFO_MAX, "SITE_INFO file", expect="site-info")
     bundle = SiteInfo.decode(data)
     if devices:  # only to name a --device the bundle does not hold: the IDs, unverified
         known = set()

@@ -136,7 +136,8 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
     activate when it lists licenses to install. ``mode`` reclaim: only servers
     with something to reclaim; ``features`` then names what (where installed).
     """
-    data = read_input(license_info_file, LICENSE_INFO_MAX)
+    data = read_input(license_info_file, LICENSE_INFO_MAX, "license information file",
+                      expect="license-info")
     info, _kid = peek_payload(data, LicenseInfo, LICENSE_INFO_MAX)
     folder = ensure_dir(out_dir)
     own_dir = per_device_dir(license_info_file)
@@ -146,7 +147,8 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
         path = device_file(own_dir, dev, "license-info")
         if not path.is_file():
             return data
-        one = read_input(str(path), LICENSE_INFO_MAX)
+        one = read_input(str(path), LICENSE_INFO_MAX, "license information file",
+                         expect="license-info")
         part, _kid = peek_payload(one, LicenseInfo, LICENSE_INFO_MAX)
         if ([e.device_id for e in part.entries] != [dev]
                 or part.for_device(dev) != info.for_device(dev)):

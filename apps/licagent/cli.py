@@ -12,19 +12,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.cose import PublicKey, jsonable
+from agent.cose import jsonable
 from agent.errors import EXIT_OK, UsageError
-from agent.formats import iso
+from agent.formats import LICENSE_INFO_MAX, iso
 from agent.messages import Action
 from agent.rpc import ApplyResult
 from agent.service import MODELS, Agent
 from apps.common import (
     add_operation_commands,
+    add_version,
     dumps_json,
     exit_code_of,
     facts_provider,
     print_json,
     read_input,
+    read_public_key,
     show_applied,
     show_check,
     show_info,
@@ -45,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     import argparse  # not for `licagent run`: see fast_run_args
 
     p = argparse.ArgumentParser(prog=PROG, description="License agent of a BMS automation server.")
+    add_version(p, PROG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
@@ -57,8 +60,10 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     sp = cmd("init", "provision a new license store with a fresh device key")
-    sp.add_argument("--model", required=True, choices=MODELS)
-    sp.add_argument("--serial", metavar="SN")
+    sp.add_argument("--model", required=True, choices=MODELS, help="the server's model")
+    sp.add_argument("--serial", metavar="SN",
+                    help="the serial number printed on the server (default: read from the "
+                         "hardware)")
     sp.add_argument("--trust", required=True, metavar="VENDOR_PUBKEY_FILE",
                     help="PEM public key of the vendor (repeat for several)", action="append")
     sp.add_argument("--alg", choices=("Ed25519", "ES256"), default="Ed25519",
@@ -74,11 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     })
 
     sp = cmd("journal", "print or verify the audit journal")
-    sp.add_argument("--verify", action="store_true")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--verify", action="store_true",
+                    help="check the hash chain and MACs (exit 8 if the journal was cut or "
+                         "changed)")
+    sp.add_argument("--json", action="store_true", help="print the entries as JSON")
 
     sp = cmd("trust-update", "install a new set of vendor keys signed by a trusted key")
-    sp.add_argument("update", metavar="TRUST_UPDATE_FILE")
+    sp.add_argument("update", metavar="TRUST_UPDATE_FILE",
+                    help="the vendor-signed trust-update file")
 
     help_ = "serve the store on every --listen URL until SIGTERM (the daemon)"
     sp = sub.add_parser("run", help=help_, description=help_)
@@ -167,12 +175,7 @@ def run(args: argparse.Namespace) -> int:
     agent = Agent(Path(args.state), facts_provider(args.facts), clock=tool_clock)
     c = args.command
     if c == "init":
-        keys = []
-        for t in args.trust:
-            try:
-                keys.append(PublicKey.from_pem(Path(t).read_bytes()))
-            except OSError as exc:
-                raise UsageError(f"cannot read trust key {t}: {exc}") from exc
+        keys = [read_public_key(t, "vendor public key") for t in args.trust]
         from agent.cose import ALG_EDDSA, ALG_ES256
 
         store = agent.init(args.model, args.serial, keys,
@@ -196,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
         features = list(args.feature)
         if args.license_info:
             features += agent.features_from_license_info(
-                read_input(args.license_info, 16 * 1024 * 1024), Action(args.action))
+                read_input(args.license_info, LICENSE_INFO_MAX, "license information file",
+                           expect="license-info"), Action(args.action))
         data = agent.request(Action(args.action), features)
         write_output(args.out, data)
         print(f"wrote {args.action} request to {args.out}")
@@ -204,7 +208,8 @@ def run(args: argparse.Namespace) -> int:
     if c == "apply":
         if args.receipt_out and not Path(args.receipt_out).absolute().parent.is_dir():
             raise UsageError(f"cannot write {args.receipt_out}: its folder does not exist")
-        res, warn = agent.apply(read_input(args.response, agent.limits.max_file))
+        res, warn = agent.apply(read_input(args.response, agent.limits.max_file, "response file",
+                                            expect="response"))
         show_applied(PROG, ApplyResult.of(res, warn), args.receipt_out)
         return EXIT_OK
     if c == "check":
@@ -228,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr if args.json else sys.stdout)
         return EXIT_OK
     if c == "trust-update":
-        upd = agent.trust_update(read_input(args.update, agent.limits.max_file))
+        upd = agent.trust_update(read_input(args.update, agent.limits.max_file,
+                                             "trust-update file", expect="trust-update"))
         print(f"trusted keys replaced (version {upd.version}): "
               f"{', '.join(k.kid.hex()[:16] for k in upd.keys)}")
         return EXIT_OK

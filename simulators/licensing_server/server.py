@@ -23,7 +23,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from agent.cose import canonical, strict_loads
-from agent.errors import MalformedError, UsageError
+from agent.errors import MalformedError, listen_error
 from agent.formats import SITE_INFO_MAX
 from apps.licensing_api import (
     AssignmentBatch,
@@ -145,7 +145,7 @@ class _Handler(JsonHandler):
         data = self.read_body(limit or self.server.limits.max_json_body, f" of {self._path}")
         try:
             return json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise MalformedError(f"the body is not JSON: {exc}") from exc
 
     # -- the exchange
@@ -248,5 +248,5 @@ def serve(ledger: Ledger, vendor: Vendor | None = None, host: str = "127.0.0.1",
         httpd = _HTTPServer((host, port), ledger, vendor or ledger.vendor,
                             limits or ServerLimits(), log or _quiet)
     except OSError as exc:
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        raise listen_error(f"{host}:{port}", exc) from exc
     return LicensingServer(httpd)

@@ -334,7 +334,7 @@ def test_show_prints_every_kind_with_signer_and_verdict(ws: WorkSite) -> None:
     (ws.root / "tampered.req").write_bytes(bytes(data))
     assert "signature       FAILED: DOES NOT VERIFY" in ws.run("show", "tampered.req", code=4).stdout
     (ws.root / "junk").write_bytes(b"\xff\x00junk")
-    assert "not a file of this project" in ws.run("show", "junk", code=3).stderr
+    assert "expected a file of this project" in ws.run("show", "junk", code=3).stderr
     assert "no such file" in ws.run("show", "nope", code=2).stderr
 
 
