@@ -30,11 +30,13 @@ import pytest
 
 from agent.cose import SigningKey
 from agent.formats import SiteInfo, read_device_info
+from agent.messages import Response
 from simulators.licensing_server.ledger import Ledger
 from simulators.licensing_server.server import LicensingServer, serve
 from simulators.licensing_server.vendor import Vendor
 
 BIN = Path(sys.executable).parent
+T_RESP = 1_800_000_000  # any time: the server never answers
 WAIT = 180.0  # an upper bound for a step; never asserted as a time
 PARTIAL, INTERRUPTED, USAGE = 10, 130, 2
 
@@ -467,7 +469,10 @@ def test_dead_and_silent_servers_cost_the_timeout_and_never_exit_0(fleet4: Fleet
         assert "no server answered: none.cbor not written" in p.stdout
         assert not (f.root / "none.cbor").exists()
         # one server: the same total time; an apply that got no answer says what to do
-        (f.root / "r.resp").write_bytes(b"\xa0")
+        # a well-formed response (the file is checked for its kind before any link is used)
+        (f.root / "r.resp").write_bytes(Vendor(SigningKey.generate()).sign(Response(
+            device_id="0" * 64, nonce=bytes(16), base_sequence=0, base_digest=bytes(32),
+            sequence=1, changes=(), issued=T_RESP, not_before=T_RESP, expires=T_RESP + 86_400)))
         p = f.run("apply", "--server", quiet, "--timeout", "2", "r.resp", code=1)
         assert "(the 2 s allowed per server, --timeout, ran out); the response may or may " \
                "not have been applied: sending it again is safe" in p.stderr
