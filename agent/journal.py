@@ -279,6 +279,14 @@ class Journal:
         self._remember(self._scan(entries.append, start=self._start))
         return entries
 
+    def anchor(self, head: JournalHead) -> None:
+        """A slot naming ``head`` was just written: scans start there, as after :meth:`since_head`.
+
+        Only for a journal already anchored (its chain verified up to ``head``).
+        """
+        if self._start.count and head.count:
+            self._start = _Start(head.count, head.digest, head.end)
+
     def _remember(self, tail: _Tail) -> None:
         self._tail = tail
 

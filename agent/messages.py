@@ -9,6 +9,7 @@ else. See docs/protocol.md for the CDDL.
 from __future__ import annotations
 
 import enum
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar, overload
@@ -36,6 +37,7 @@ __all__ = [
     "TrustKey",
     "TrustUpdate",
     "decode_payload",
+    "sort_licenses",
     "state_digest",
     "valid_count",
     "valid_device_id",
@@ -234,12 +236,42 @@ def _licenses(v: object, what: str = "licenses") -> tuple[License, ...]:
     names = [lic.feature for lic in items]
     if len(set(names)) != len(names):
         raise MalformedError(f"{what} names a feature twice")
-    return tuple(sorted(items))
+    return sort_licenses(items)
+
+
+def _feature_of(lic: License) -> str:
+    return lic.feature
+
+
+def sort_licenses(items: Iterable[License]) -> tuple[License, ...]:
+    """Licenses in the order of their fields (feature first), sorted by the feature string.
+
+    A feature is installed once, so its name alone decides the order, without the
+    generic field-by-field comparison; a list naming a feature twice (never a state)
+    falls back to it, so the result is the same either way.
+    """
+    items = tuple(items)
+    out = sorted(items, key=_feature_of)
+    for a, b in itertools.pairwise(out):
+        if a.feature == b.feature:
+            return tuple(sorted(items))
+    return tuple(out)
+
+
+#: the last tuple of licenses digested and its digest: a state and the states made from it
+#: by a request, a clock mark or a re-bind share the very same (immutable) tuple
+_LAST_DIGEST: list[tuple[Any, bytes]] = [(None, b"")]  # one tuple: swapped atomically
 
 
 def state_digest(licenses: Iterable[License]) -> bytes:
     """SHA-256 over the canonical CBOR of the installed licenses, sorted by feature."""
-    return sha256(canonical([lic.to_cbor() for lic in sorted(licenses)]))
+    last = _LAST_DIGEST[0]
+    if licenses is last[0]:
+        return last[1]
+    digest = sha256(canonical([lic.to_cbor() for lic in sort_licenses(licenses)]))
+    if type(licenses) is tuple and all(type(lic) is License for lic in licenses):
+        _LAST_DIGEST[0] = (licenses, digest)  # held: its id cannot be reused meanwhile
+    return digest
 
 
 @record(frozen=True)

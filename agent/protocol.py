@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from typing import Any, TypeVar
 
 from agent.cose import PublicKey, Sign1, SigningKey, canonical, decode_sign1, sign1, strict_loads
@@ -45,6 +46,7 @@ from agent.messages import (
     TrustUpdate,
     decode_payload,
     licenses_from,
+    sort_licenses,
     state_digest,
 )
 from agent.record import field, record, replace
@@ -201,8 +203,9 @@ class AgentState:
     #: requests dropped unanswered since the last apply, oldest first
     dropped: tuple[Dropped, ...] = ()
 
-    @property
+    @cached_property
     def digest(self) -> bytes:
+        """The state digest of the licenses, computed once per state (it is immutable)."""
         return state_digest(self.licenses)
 
     @property
@@ -525,7 +528,7 @@ def _apply_changes(
             if have is None:
                 raise MalformedError(f"response removes {ch.feature}, which is not installed")
             removed.append(by_name.pop(ch.feature))
-    return tuple(sorted(by_name.values())), tuple(removed)
+    return sort_licenses(by_name.values()), tuple(removed)
 
 
 def apply_response(
@@ -627,6 +630,7 @@ def apply_response(
         last_receipt=receipt_bytes,
         clock_hwm=max(state.clock_hwm, now),
     )
+    new.__dict__["digest"] = new_digest  # the cached property, already computed above
     return ApplyResult(new, receipt_bytes, resp, already_applied=False, removed=removed)
 
 

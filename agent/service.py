@@ -24,7 +24,7 @@ from agent.journal import JournalReport
 from agent.messages import Action, LicenseInfo, TrustKey, TrustUpdate
 from agent.protocol import DEFAULT_LIMITS, ApplyResult, CheckResult, Limits
 from agent.record import record, replace
-from agent.store import Store, store_lock
+from agent.store import OpenStore, Store, store_lock
 
 __all__ = ["Agent", "status_dict"]
 
@@ -80,6 +80,10 @@ class Agent:
         facts: where hardware facts come from (``hw.facts`` providers).
         clock: returns POSIX seconds; the only source of time.
         ops: file syscalls (fault injection in tests).
+        keep_open: keep the opened store between operations (the daemon): each
+            operation, under the store lock, compares the files with what they held
+            after the last one (:class:`agent.store.OpenStore`) and opens the store
+            from scratch only if another process changed them.
     """
 
     directory: Path
@@ -87,6 +91,7 @@ class Agent:
     clock: Callable[[], int] = _wall_clock
     ops: FileOps | None = None
     limits: Limits = DEFAULT_LIMITS
+    keep_open: bool = False
 
     def hardware(self) -> HardwareFacts:
         return self.facts.read()
@@ -95,11 +100,34 @@ class Agent:
     def _open(self) -> Iterator[tuple[Store, int]]:
         now = self.clock()
         with store_lock(self.directory) as writable:
-            store = Store.open(
-                self.directory, self.hardware().binding_facts(), ops=self.ops, now=now,
-                facts_simulated=self.facts.simulated, writable=writable, limits=self.limits,
-            )
+            if not self.keep_open:
+                yield Store.open(
+                    self.directory, self.hardware().binding_facts(), ops=self.ops, now=now,
+                    facts_simulated=self.facts.simulated, writable=writable,
+                    limits=self.limits,
+                ), now
+                return
+            kept: OpenStore | None = self.__dict__.pop("_kept", None)
+            store = kept.reuse(writable) if kept is not None else None
+            facts = self.hardware().binding_facts()
+            if store is None:
+                store = Store.open(
+                    self.directory, facts, ops=self.ops, now=now,
+                    facts_simulated=self.facts.simulated, writable=writable, limits=self.limits,
+                )
+                # a store whose opening warned (a damaged copy, a replay) is not kept: the
+                # next operation opens it again and says so again, as a fresh process would
+                clean = not store.report.warnings
+            else:
+                # the files are byte for byte those a fresh open read: the facts' source
+                # and the binding are checked again, as Store.open does each time
+                store.check_hardware(facts, self.facts.simulated, now)
+                clean = True
             yield store, now
+            # only after a whole operation (an exception drops the kept store: the next
+            # operation opens from scratch), with the lock still held
+            if clean:
+                self.__dict__["_kept"] = OpenStore.snapshot(store)
 
     # ------------------------------------------------------------ operations
 

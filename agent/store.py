@@ -67,6 +67,7 @@ __all__ = [
     "STATE_FILES",
     "FileOps",
     "LoadReport",
+    "OpenStore",
     "Store",
     "check_state_dir",
     "decode_slot",
@@ -547,6 +548,12 @@ class Store:
                 f"store re-bound"
             )
 
+    def check_hardware(self, binding_facts: tuple[str, ...], facts_simulated: bool,
+                       now: int) -> None:
+        """What :meth:`open` checks of the hardware, for a store kept open (:class:`OpenStore`)."""
+        self._check_facts_source(facts_simulated, now)
+        self._check_binding(binding_facts, now)
+
     # ------------------------------------------------------------ writing
 
     def require_writable(self, what: str) -> None:
@@ -563,6 +570,7 @@ class Store:
         data = encode_slot(self.mac_key, gen, state.encode(), head)
         atomic_write(self.ops, self.directory / SLOTS[slot], data)
         self.state, self.generation, self.slot, self.head = state, gen, slot, head
+        self.journal.anchor(head)  # as a fresh open of this slot would (refusals counted on)
 
     def commit(self, state: AgentState, event: str, details: dict[str, Any], now: int) -> str | None:
         """Journal, then save (write-ahead): every committed state has its journal record.
@@ -613,6 +621,90 @@ class Store:
                                          "message": str(err)[:300]}, now)
         except StorageError:
             pass
+
+
+@record(frozen=True)
+class _Files:
+    """The bytes :meth:`Store.open` reads: key, both slots, the journal from the head on."""
+
+    key: bytes
+    slots: tuple[bytes | None, bytes | None]
+    journal_size: int
+    journal_tail: bytes
+
+
+def _files(directory: Path, journal_from: int) -> _Files:
+    """Read what opening the store reads (raises FileNotFoundError/OSError/UnsafeFileError)."""
+    key = read_state_file(directory, KEY_FILE, MAX_KEY)
+    slots: list[bytes | None] = []
+    for name in SLOTS:
+        try:
+            slots.append(read_state_file(directory, name, MAX_SLOT))
+        except FileNotFoundError:
+            slots.append(None)
+    tail = b""
+    size = 0
+    try:
+        fd = os.open(os.path.join(directory, JOURNAL_FILE),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        pass
+    else:
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(fd).st_size
+            if size - journal_from <= MAX_SLOT:  # bounded (RESAVE_AFTER); else never kept
+                f.seek(journal_from)
+                tail = f.read(size - journal_from)
+            else:
+                tail = b"\0"  # matches no snapshot's tail: the store is opened again
+    return _Files(key, (slots[0], slots[1]), size, tail)
+
+
+class OpenStore:
+    """A store kept open between operations (the daemon), and the files it stands for.
+
+    Taken after an operation, under the store lock: the bytes of the device key, of
+    both slots, and of the journal from the slot's head on (with the journal's
+    size), which is all :meth:`Store.open` reads. :meth:`reuse`, under the lock
+    again, reads them once more and returns the kept store only if every byte is
+    the same: a fresh open would then load exactly this store (the same slot, the
+    same head record, the same records past it). Anything another process did, a
+    slot put back, a journal cut or appended to, a key replaced, differs in some
+    byte and the store is opened from scratch. Comparing bytes, not times or inode
+    numbers, is exact whatever the file system's timestamp granularity.
+    """
+
+    __slots__ = ("files", "journal_from", "store", "writable")
+
+    def __init__(self, store: Store, files: _Files, journal_from: int) -> None:
+        self.store = store
+        self.files = files
+        self.journal_from = journal_from
+        self.writable = store.writable
+
+    @classmethod
+    def snapshot(cls, store: Store) -> OpenStore | None:
+        """The store and its files now; None when it cannot be kept (a slot of format 1)."""
+        if store.head is None:
+            return None
+        try:
+            return cls(store, _files(store.directory, store.head.start), store.head.start)
+        except (OSError, LicensingError):
+            return None
+
+    def reuse(self, writable: bool) -> Store | None:
+        """The kept store if the files are unchanged (call under the store lock), else None."""
+        if writable != self.writable:
+            return None
+        try:
+            check_state_dir(self.store.directory)
+            if _files(self.store.directory, self.journal_from) != self.files:
+                return None
+        except (OSError, LicensingError):
+            return None  # opening from scratch says what is wrong
+        store = self.store
+        store.report = LoadReport(store.slot, store.generation)
+        return store
 
 
 def _read_only(directory: Path) -> bool:

@@ -156,8 +156,9 @@ def run_daemon(config: str | None, state: str | None, listen: list[str] | None,
     cfg = daemon.resolve_config(
         Path(config) if config else None, state=state, listen=listen,
         facts=facts, max_clients=max_clients, log_level=log_level)
+    # the daemon keeps its store open; each request revalidates it under the lock
     return daemon.serve(Agent(cfg.state, facts_provider(str(cfg.facts) if cfg.facts else None),
-                              clock=tool_clock), cfg)
+                              clock=tool_clock, keep_open=True), cfg)
 
 
 def run(args: argparse.Namespace) -> int:
