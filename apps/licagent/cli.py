@@ -214,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{PROG}: warning: {w}", file=sys.stderr)
         return show_check(r.licensed, r.message)
     if c == "journal":
-        rep = agent.journal()
+        # --verify alone prints only the count: every record is verified, none kept
+        rep = agent.journal(entries=not args.verify or args.json)
         if args.json:
             print_json([{"n": e.n, "time": iso(e.time), "event": e.event,
                           "data": jsonable(e.data), "digest": e.digest.hex()}
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{e.n:>5} {iso(e.time)} {e.event:<13} {dumps_json(_brief(e.data))}")
         if args.verify:
             tail = f"; {rep.torn_tail} bytes of a torn last record" if rep.torn_tail else ""
-            print(f"journal OK: {len(rep.entries)} entries, hash chain and MACs verified, "
+            print(f"journal OK: {rep.records} entries, hash chain and MACs verified, "
                   f"the record the state slots name in place{tail}",
                   file=sys.stderr if args.json else sys.stdout)
         return EXIT_OK
