@@ -20,10 +20,11 @@ from agent.errors import EXIT_OK, LicensingError, NotLicensedError, StorageError
 from agent.formats import iso
 from agent.identity import FactsProvider
 from agent.messages import Action, DeviceInfo
-from agent.rpc import ApplyResult
 
 if TYPE_CHECKING:
     import argparse
+
+    from agent.rpc import ApplyResult  # only for show_applied's signature
 
 __all__ = [
     "add_operation_commands",

@@ -16,7 +16,6 @@ from agent.cose import PublicKey, jsonable
 from agent.errors import EXIT_OK, UsageError
 from agent.formats import iso
 from agent.messages import Action
-from agent.rpc import ApplyResult
 from agent.service import MODELS, Agent
 from apps.common import (
     add_operation_commands,
@@ -36,7 +35,7 @@ from apps.common import (
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["RUN_FLAGS", "fast_run_args", "main"]
+__all__ = ["RUN_FLAGS", "fast_query_args", "fast_run_args", "main"]
 
 PROG = "licagent"
 
@@ -206,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
         if args.receipt_out and not Path(args.receipt_out).absolute().parent.is_dir():
             raise UsageError(f"cannot write {args.receipt_out}: its folder does not exist")
         res, warn = agent.apply(read_input(args.response, agent.limits.max_file))
+        from agent.rpc import ApplyResult  # not loaded by check and status
+
         show_applied(PROG, ApplyResult.of(res, warn), args.receipt_out)
         return EXIT_OK
     if c == "check":
@@ -248,11 +249,55 @@ def _brief(data: Any) -> Any:
     return jsonable(data)
 
 
+def fast_query_args(argv: Sequence[str]) -> Any:
+    """``licagent check``'s and ``status``'s arguments without argparse, or None.
+
+    These are what server software runs per call, and argparse's help formatter
+    (shutil, gettext, locale) is a sixth of such a process. Only a plain, well-formed
+    line is taken here (``--state DIR`` or ``--state=DIR``, ``--facts FILE``, ``--json``
+    for status, one FEATURE for check, each once); help, abbreviations, ``--`` and every
+    error go to argparse, so messages and exit codes stay argparse's own.
+    """
+    if not argv or argv[0] not in ("check", "status"):
+        return None
+    from types import SimpleNamespace
+
+    command = argv[0]
+    out: dict[str, Any] = {"command": command, "state": None, "facts": None}
+    if command == "status":
+        out["json"] = False
+    rest = list(argv[1:])
+    while rest:
+        token = rest.pop(0)
+        flag, eq, value = token.partition("=")
+        if flag in ("--state", "--facts"):
+            if not eq:
+                if not rest or rest[0].startswith("-"):
+                    return None
+                value = rest.pop(0)
+            key = flag[2:]
+            if out[key] is not None or not value:
+                return None
+            out[key] = value
+        elif token == "--json" and command == "status" and not out["json"]:
+            out["json"] = True
+        elif command == "check" and "feature" not in out and token and token[0] != "-":
+            out["feature"] = token
+        else:
+            return None
+    if out["state"] is None or (command == "check" and "feature" not in out):
+        return None
+    return SimpleNamespace(**out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     fast = fast_run_args(argv)
     if fast is not None:
         return exit_code_of(PROG, lambda: run_daemon(**fast))
+    query = fast_query_args(argv)
+    if query is not None:
+        return exit_code_of(PROG, lambda: run(query))
     args = _parser().parse_args(argv)
     return exit_code_of(PROG, lambda: run(args))
 
