@@ -320,6 +320,11 @@ class Journal:
         if self._start.count and head.count:
             self._start = _Start(head.count, head.digest, head.end)
 
+    def tail_token(self) -> object:
+        """The chain's end as known in memory: a new object after every append, take-back
+        or re-read (what :meth:`agent.store.Store.write_mark` compares by identity)."""
+        return self._tail
+
     def _remember(self, tail: _Tail) -> None:
         self._tail = tail
 

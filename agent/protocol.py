@@ -62,6 +62,7 @@ __all__ = [
     "apply_response",
     "apply_trust_update",
     "check_feature",
+    "licensed_at",
     "clock_edge",
     "create_request",
     "make_device_info",
@@ -759,6 +760,14 @@ class CheckResult:
     clock_set_back: bool = False
     #: said alongside the answer (e.g. the clock mark could not be saved)
     warnings: tuple[str, ...] = ()
+
+
+def licensed_at(lic: License, t: int) -> bool:
+    """Whether ``lic`` licenses its feature at ``t`` (already the later of the clock and the
+    high-water mark): what :func:`check_feature` answers for it, without its message."""
+    if lic.count <= 0 or (lic.not_before is not None and t < lic.not_before):
+        return False
+    return lic.not_after is None or t <= lic.not_after + lic.grace
 
 
 def check_feature(

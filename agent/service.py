@@ -33,6 +33,7 @@ MODELS = ("AS-P", "AS-B", "Edge-Server")
 
 def status_dict(state: protocol.AgentState, now: int, warnings: Iterable[str] = ()) -> dict[str, Any]:
     """The JSON of ``licagent status --json`` (and ``licadmin status --json``)."""
+    latest = max(now, state.clock_hwm)  # as check_feature: a clock set back gains nothing
     return {
         "device_id": state.device_id,
         "model": state.model,
@@ -46,7 +47,7 @@ def status_dict(state: protocol.AgentState, now: int, warnings: Iterable[str] = 
                 "not_before": iso(lic.not_before),
                 "not_after": iso(lic.not_after),
                 "grace_seconds": lic.grace,
-                "licensed_now": protocol.check_feature(state, lic.feature, now).licensed,
+                "licensed_now": protocol.licensed_at(lic, latest),
             }
             for lic in state.licenses
         ],
@@ -127,7 +128,8 @@ class Agent:
             # only after a whole operation (an exception drops the kept store: the next
             # operation opens from scratch), with the lock still held
             if clean:
-                self.__dict__["_kept"] = OpenStore.snapshot(store)
+                self.__dict__["_kept"] = (kept.after(store) if kept is not None
+                                          else OpenStore.snapshot(store))
 
     # ------------------------------------------------------------ operations
 

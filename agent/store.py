@@ -548,6 +548,11 @@ class Store:
                 f"store re-bound"
             )
 
+    def write_mark(self) -> tuple[int, object]:
+        """Changes whenever this store writes (a slot saved, a journal record appended or
+        taken back, the journal's end re-read): an :class:`OpenStore` re-reads only then."""
+        return self.generation, self.journal.tail_token()
+
     def check_hardware(self, binding_facts: tuple[str, ...], facts_simulated: bool,
                        now: int) -> None:
         """What :meth:`open` checks of the hardware, for a store kept open (:class:`OpenStore`)."""
@@ -633,31 +638,40 @@ class _Files:
     journal_tail: bytes
 
 
-def _files(directory: Path, journal_from: int) -> _Files:
-    """Read what opening the store reads (raises FileNotFoundError/OSError/UnsafeFileError)."""
-    key = read_state_file(directory, KEY_FILE, MAX_KEY)
-    slots: list[bytes | None] = []
-    for name in SLOTS:
-        try:
-            slots.append(read_state_file(directory, name, MAX_SLOT))
-        except FileNotFoundError:
-            slots.append(None)
-    tail = b""
-    size = 0
+_RAW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _raw(dfd: int, name: str, cap: int, start: int = 0) -> tuple[bytes, int] | None:
+    """(bytes from ``start``, at most ``cap + 1``; the file's size) of a regular file in
+    ``dfd``, or None if there is none; never through a symlink nor blocking on a FIFO."""
     try:
-        fd = os.open(os.path.join(directory, JOURNAL_FILE),
-                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(name, _RAW, dir_fd=dfd)
     except FileNotFoundError:
-        pass
-    else:
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(fd).st_size
-            if size - journal_from <= MAX_SLOT:  # bounded (RESAVE_AFTER); else never kept
-                f.seek(journal_from)
-                tail = f.read(size - journal_from)
-            else:
-                tail = b"\0"  # matches no snapshot's tail: the store is opened again
-    return _Files(key, (slots[0], slots[1]), size, tail)
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError(f"{name} is {describe(st.st_mode)}")
+        return os.pread(fd, min(max(st.st_size - start, 0), cap) + 1, start), st.st_size
+    finally:
+        os.close(fd)
+
+
+def _files(directory: Path, journal_from: int) -> _Files:
+    """Read what opening the store reads (raises OSError/UnsafeFileError)."""
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        key = _raw(dfd, KEY_FILE, MAX_KEY)
+        if key is None:
+            raise FileNotFoundError(os.path.join(directory, KEY_FILE))
+        s0, s1 = _raw(dfd, SLOTS[0], MAX_SLOT), _raw(dfd, SLOTS[1], MAX_SLOT)
+        # the journal from the head on is bounded (RESAVE_AFTER records); one over
+        # MAX_SLOT is cut there, and its size still tells any change
+        j = _raw(dfd, JOURNAL_FILE, MAX_SLOT, journal_from)
+    finally:
+        os.close(dfd)
+    return _Files(key[0], (None if s0 is None else s0[0], None if s1 is None else s1[0]),
+                  -1 if j is None else j[1], b"" if j is None else j[0])
 
 
 class OpenStore:
@@ -674,23 +688,28 @@ class OpenStore:
     numbers, is exact whatever the file system's timestamp granularity.
     """
 
-    __slots__ = ("files", "journal_from", "store", "writable")
+    __slots__ = ("files", "journal_from", "mark", "store", "writable")
 
     def __init__(self, store: Store, files: _Files, journal_from: int) -> None:
         self.store = store
         self.files = files
         self.journal_from = journal_from
         self.writable = store.writable
+        self.mark = store.write_mark()
 
     @classmethod
     def snapshot(cls, store: Store) -> OpenStore | None:
-        """The store and its files now; None when it cannot be kept (a slot of format 1)."""
+        """The store and its files now (under the lock); None when it cannot be kept (a slot
+        of format 1, or more past the head than is compared)."""
         if store.head is None:
             return None
         try:
-            return cls(store, _files(store.directory, store.head.start), store.head.start)
+            files = _files(store.directory, store.head.start)
         except (OSError, LicensingError):
             return None
+        if files.journal_size - store.head.start > MAX_SLOT:
+            return None
+        return cls(store, files, store.head.start)
 
     def reuse(self, writable: bool) -> Store | None:
         """The kept store if the files are unchanged (call under the store lock), else None."""
@@ -705,6 +724,15 @@ class OpenStore:
         store = self.store
         store.report = LoadReport(store.slot, store.generation)
         return store
+
+    def after(self, store: Store) -> OpenStore | None:
+        """What to keep after an operation on ``store`` (still under the lock): this very
+        snapshot if the operation wrote nothing (no slot saved, no journal record), else
+        a new one read from the files."""
+        gen, tail = store.write_mark()
+        if store is self.store and gen == self.mark[0] and tail is self.mark[1] is not None:
+            return self  # the same objects: nothing written (None: the end was forgotten)
+        return OpenStore.snapshot(store)
 
 
 def _read_only(directory: Path) -> bool:
