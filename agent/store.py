@@ -106,25 +106,30 @@ def check_state_dir(directory: Path) -> None:
         UnsafeFileError: the directory or a file fails a check (one line naming it).
     """
     dfd = check_private_dir(directory)
-    euid = os.geteuid()
     try:
-        dev = os.fstat(dfd).st_dev
-        for name in STATE_FILES:
-            st = kind_at(dfd, name)
-            if st is None or (stat.S_ISREG(st.st_mode) and st.st_dev == dev
-                              and st.st_uid == euid and not st.st_mode & 0o022):
-                continue  # the common case, without building a message
-            label = os.path.join(directory, name)
-            if not stat.S_ISREG(st.st_mode):
-                raise UnsafeFileError(f"{label} is {describe(st.st_mode)}, expected a regular "
-                                      f"file of the license store; refused (nothing read or "
-                                      f"written through it)")
-            if st.st_dev != dev:
-                raise UnsafeFileError(f"{label} is on another filesystem than {directory}, "
-                                      f"expected a file of the state directory itself; refused")
-            check_private(st, label)
+        _check_entries(dfd, directory)
     finally:
         os.close(dfd)
+
+
+def _check_entries(dfd: int, directory: Path) -> None:
+    """:func:`check_state_dir`'s check of each state file, in the open directory ``dfd``."""
+    euid = os.geteuid()
+    dev = os.fstat(dfd).st_dev
+    for name in STATE_FILES:
+        st = kind_at(dfd, name)
+        if st is None or (stat.S_ISREG(st.st_mode) and st.st_dev == dev
+                          and st.st_uid == euid and not st.st_mode & 0o022):
+            continue  # the common case, without building a message
+        label = os.path.join(directory, name)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError(f"{label} is {describe(st.st_mode)}, expected a regular "
+                                  f"file of the license store; refused (nothing read or "
+                                  f"written through it)")
+        if st.st_dev != dev:
+            raise UnsafeFileError(f"{label} is on another filesystem than {directory}, "
+                                  f"expected a file of the state directory itself; refused")
+        check_private(st, label)
 
 
 def read_state_file(directory: Path, name: str, cap: int) -> bytes:
@@ -292,6 +297,8 @@ class Store:
         #: False on a read-only file system: reading works, every write is refused
         self.writable = writable
         self.limits = limits
+        #: (state, facts, facts given as data) that last passed :meth:`check_hardware`
+        self._hw_passed: tuple[AgentState, tuple[str, ...], bool] | None = None
         self.mac_key = key.secret_digest(b"store-mac")
         self.journal = Journal(directory / JOURNAL_FILE, key.secret_digest(b"journal-mac"), ops)
 
@@ -555,9 +562,21 @@ class Store:
 
     def check_hardware(self, binding_facts: tuple[str, ...], facts_simulated: bool,
                        now: int) -> None:
-        """What :meth:`open` checks of the hardware, for a store kept open (:class:`OpenStore`)."""
+        """What :meth:`open` checks of the hardware, for a store kept open (:class:`OpenStore`).
+
+        Both checks are pure functions of the state and the facts: when the facts are
+        those that passed unchanged last time, against the very same state, they pass
+        again and are not redone.
+        """
+        passed = (self.state, binding_facts, facts_simulated)
+        last = self._hw_passed
+        if last is not None and last[0] is self.state and last[1:] == passed[1:]:
+            return
         self._check_facts_source(facts_simulated, now)
+        before = self.state
         self._check_binding(binding_facts, now)
+        if self.state is before and not self.report.warnings:
+            self._hw_passed = passed
 
     # ------------------------------------------------------------ writing
 
@@ -657,10 +676,16 @@ def _raw(dfd: int, name: str, cap: int, start: int = 0) -> tuple[bytes, int] | N
         os.close(fd)
 
 
-def _files(directory: Path, journal_from: int) -> _Files:
-    """Read what opening the store reads (raises OSError/UnsafeFileError)."""
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _files(directory: Path, journal_from: int, check: bool = False) -> _Files:
+    """Read what opening the store reads (raises OSError/UnsafeFileError); with ``check``,
+    check the directory and its files first as :func:`check_state_dir` does."""
+    if check:
+        dfd = check_private_dir(directory)
+    else:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        if check:
+            _check_entries(dfd, directory)
         key = _raw(dfd, KEY_FILE, MAX_KEY)
         if key is None:
             raise FileNotFoundError(os.path.join(directory, KEY_FILE))
@@ -716,8 +741,7 @@ class OpenStore:
         if writable != self.writable:
             return None
         try:
-            check_state_dir(self.store.directory)
-            if _files(self.store.directory, self.journal_from) != self.files:
+            if _files(self.store.directory, self.journal_from, check=True) != self.files:
                 return None
         except (OSError, LicensingError):
             return None  # opening from scratch says what is wrong
