@@ -42,8 +42,6 @@ mode, state = sys.argv[2], Path(sys.argv[3])
 agent = Agent(state, facts_provider(None), clock=lambda: int(os.environ["LICAGENT_TIME"]),
               keep_open=True)
 cfg = DaemonConfig(state=state, listen=("tcp://127.0.0.1:0",))
-import apps.licagent.daemon as dm
-if os.environ.get("NOTRIM"): dm.release_free_memory = lambda: False
 daemon = Daemon(agent, cfg, make_logger("info", open(os.devnull, "w")))
 if mode == "empty":
     real = daemon.ops
