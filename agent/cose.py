@@ -32,6 +32,7 @@ __all__ = [
     "ALG_EDDSA",
     "ALG_ES256",
     "COSE_SIGN1_TAG",
+    "Encoded",
     "PublicKey",
     "SigningKey",
     "Sign1",
@@ -123,9 +124,29 @@ def strict_loads(
     return obj
 
 
+class Encoded:
+    """An item already in canonical CBOR, written as it is by :func:`canonical`.
+
+    Deterministic encoding is compositional (a map's or an array's encoding is its
+    head and its items' encodings), so an immutable part encoded once (a license)
+    gives the same bytes inside any larger item as encoding it again would.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _write_encoded(encoder: Any, value: Any) -> None:
+    if type(value) is not Encoded:
+        raise cbor2.CBOREncodeError(f"cannot serialize type {type(value).__name__}")
+    encoder.write(value.data)
+
+
 def canonical(obj: object) -> bytes:
     """Deterministic CBOR encoding (RFC 8949 core deterministic: sorted keys, shortest forms)."""
-    return cbor2.dumps(obj, canonical=True)
+    return cbor2.dumps(obj, canonical=True, default=_write_encoded)
 
 
 def jsonable(v: Any) -> Any:

@@ -12,9 +12,10 @@ import enum
 import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
 from typing import Any, ClassVar, TypeVar, overload
 
-from agent.cose import PublicKey, canonical
+from agent.cose import Encoded, PublicKey, canonical
 from agent.digest import sha256
 from agent.errors import MalformedError
 from agent.record import record
@@ -218,6 +219,12 @@ class License:
             "grace": self.grace,
         }
 
+    @cached_property
+    def encoded(self) -> Encoded:
+        """``to_cbor()`` in canonical CBOR, encoded once (the license is immutable): the
+        state, its digest and each receipt carry it as these very bytes."""
+        return Encoded(canonical(self.to_cbor()))
+
     @classmethod
     def from_cbor(cls, obj: object) -> License:
         m = _map(obj, "license")
@@ -268,7 +275,7 @@ def state_digest(licenses: Iterable[License]) -> bytes:
     last = _LAST_DIGEST[0]
     if licenses is last[0]:
         return last[1]
-    digest = sha256(canonical([lic.to_cbor() for lic in sort_licenses(licenses)]))
+    digest = sha256(canonical([lic.encoded for lic in sort_licenses(licenses)]))
     if type(licenses) is tuple and all(type(lic) is License for lic in licenses):
         _LAST_DIGEST[0] = (licenses, digest)  # held: its id cannot be reused meanwhile
     return digest
@@ -318,8 +325,12 @@ class Payload:
     def fields(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def wire_fields(self) -> dict[str, Any]:
+        """:meth:`fields` as :meth:`encode` writes them (parts may be pre-encoded)."""
+        return self.fields()
+
     def encode(self) -> bytes:
-        return canonical({"v": FORMAT_VERSION, "kind": self.KIND.value, **self.fields()})
+        return canonical({"v": FORMAT_VERSION, "kind": self.KIND.value, **self.wire_fields()})
 
 
 @record(frozen=True)
@@ -465,6 +476,11 @@ class Receipt(Payload):
             "licenses": [lic.to_cbor() for lic in self.licenses],
             "applied_at": self.applied_at,
         }
+
+    def wire_fields(self) -> dict[str, Any]:
+        # the installed licenses as encoded once (the same bytes: Encoded)
+        return {**self.fields(), "removed": [lic.encoded for lic in self.removed],
+                "licenses": [lic.encoded for lic in self.licenses]}
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> Receipt:

@@ -238,7 +238,10 @@ class AgentState:
         return out
 
     def encode(self) -> bytes:
-        return canonical(self.to_cbor())
+        """``to_cbor()`` in canonical CBOR; each license as encoded once (the same bytes)."""
+        m = self.to_cbor()
+        m["licenses"] = [lic.encoded for lic in self.licenses]
+        return canonical(m)
 
     @classmethod
     def from_cbor(cls, m: Mapping[str, Any]) -> AgentState:

@@ -81,3 +81,22 @@ def test_status_licensed_now_is_check_feature(lics: list[License], now: int, hwm
     for lic, row in zip(s.licenses, st_["licenses"], strict=True):
         assert row["licensed_now"] == check_feature(s, lic.feature, now).licensed
         assert licensed_at(lic, max(now, hwm)) == row["licensed_now"]
+
+
+@settings(max_examples=100)
+@given(licenses(), licenses())
+def test_licenses_encoded_once_are_the_same_bytes(a: list[License], b: list[License]) -> None:
+    """The state and a receipt carry each license as encoded once: byte for byte what
+    encoding the whole again gives (cbor2's own canonical encoder)."""
+    import cbor2
+
+    from agent.messages import FORMAT_VERSION, Receipt
+
+    s = replace(_state(KEY), licenses=sort_licenses(a), clock_hwm=T + 5)
+    assert s.encode() == cbor2.dumps(s.to_cbor(), canonical=True)
+    r = Receipt(device_id=s.device_id, device_key=s.device_key, response=b"r" * 40,
+                response_digest=bytes(32), sequence=3, state_digest=s.digest, applied=(),
+                removed=sort_licenses(b), licenses=s.licenses, applied_at=T)
+    assert r.encode() == cbor2.dumps({"v": FORMAT_VERSION, "kind": "receipt", **r.fields()},
+                                     canonical=True)
+    assert Receipt.from_map(cbor2.loads(r.encode())) == r
