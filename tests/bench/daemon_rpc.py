@@ -2,10 +2,10 @@
 
 Two daemon processes serve the same store over ``tcp://127.0.0.1``, both built
 exactly as ``licagent run`` builds its daemon (listener, sessions, framing, the
-operation gate, the log line per operation, ``malloc_trim``): one with the real
-operations (the agent keeps its store open and revalidates it under the lock on
-every request), one whose operations return the answer computed once at start (no
-store work at all: the floor). One client process calls ``check-feature`` and
+operation gate, the log line per operation, ``malloc_trim``, the operation table
+:class:`agent.ops.AgentOps`): one with the real agent (it keeps its store open and
+revalidates it under the lock on every request), one whose agent answers with what
+it computed once at start (no store work at all: the floor). One client process calls ``check-feature`` and
 ``get-status`` on each in turn, so drift in the machine hits both alike.
 
 Run alone: ``.venv/bin/python tests/bench/daemon_rpc.py`` (prints the rows).
@@ -44,15 +44,22 @@ agent = Agent(state, facts_provider(None), clock=lambda: int(os.environ["LICAGEN
 cfg = DaemonConfig(state=state, listen=("tcp://127.0.0.1:0",))
 daemon = Daemon(agent, cfg, make_logger("info", open(os.devnull, "w")))
 if mode == "empty":
-    real = daemon.ops
-    canned = {}
-    for op, args in (("check-feature", {"feature": "f0"}), ("get-status", {})):
-        canned[op] = real(op, args)
+    # the same AgentOps (argument checks, result records) over an agent doing no store
+    # work: its answers computed once, here, by the real one
+    from agent.ops import AgentOps
+    canned = {"check": agent.check("f0"), "status": agent.status(), "state": agent.state()}
 
-    def empty(op, args, origin=None):
-        return canned[op] if op in canned else real(op, args, origin)
+    class NoStore(Agent):
+        def check(self, feature):
+            return canned["check"]
 
-    daemon.ops = empty
+        def status(self):
+            return canned["status"]
+
+        def state(self):
+            return canned["state"]
+
+    daemon.ops = AgentOps(NoStore(state, agent.facts), log=daemon._note)
 (address,) = daemon.start()
 print(address, flush=True)
 sys.stdin.read()  # until the bench closes it
@@ -116,8 +123,9 @@ def rpc_rows(calls: int = 1000) -> list[tuple[str, str, str]]:
         floor = statistics.median(out[(op, "empty")]) * 1e3
         rows.append((f"daemon `{op}` over tcp (store kept open, revalidated per request)",
                      f"{real:.3f} ms", f"{floor:.3f} ms", real / floor, 1.5,
-                     f"median of {calls} alternating calls; floor: the same daemon, listener "
-                     f"and RPC stack with a handler returning a canned answer"))
+                     f"median of {calls} alternating calls; floor: the same daemon, listener, "
+                     f"RPC stack and operation table over an agent that does no store work (its "
+                     f"answer computed once)"))
     return rows  # type: ignore[return-value]
 
 
