@@ -112,14 +112,19 @@ def check_state_dir(directory: Path) -> None:
         os.close(dfd)
 
 
-def _check_entries(dfd: int, directory: Path) -> None:
-    """:func:`check_state_dir`'s check of each state file, in the open directory ``dfd``."""
+def _check_entries(dfd: int, directory: Path) -> dict[str, int]:
+    """:func:`check_state_dir`'s check of each state file, in the open directory ``dfd``;
+    returns the size of each that exists."""
     euid = os.geteuid()
     dev = os.fstat(dfd).st_dev
+    sizes: dict[str, int] = {}
     for name in STATE_FILES:
         st = kind_at(dfd, name)
-        if st is None or (stat.S_ISREG(st.st_mode) and st.st_dev == dev
-                          and st.st_uid == euid and not st.st_mode & 0o022):
+        if st is None:
+            continue
+        if (stat.S_ISREG(st.st_mode) and st.st_dev == dev
+                and st.st_uid == euid and not st.st_mode & 0o022):
+            sizes[name] = st.st_size
             continue  # the common case, without building a message
         label = os.path.join(directory, name)
         if not stat.S_ISREG(st.st_mode):
@@ -130,6 +135,8 @@ def _check_entries(dfd: int, directory: Path) -> None:
             raise UnsafeFileError(f"{label} is on another filesystem than {directory}, "
                                   f"expected a file of the state directory itself; refused")
         check_private(st, label)
+        sizes[name] = st.st_size
+    return sizes
 
 
 def read_state_file(directory: Path, name: str, cap: int) -> bytes:
@@ -660,18 +667,26 @@ class _Files:
 _RAW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def _raw(dfd: int, name: str, cap: int, start: int = 0) -> tuple[bytes, int] | None:
+def _raw(dfd: int, name: str, cap: int, start: int = 0,
+         size: int | None = None) -> tuple[bytes, int] | None:
     """(bytes from ``start``, at most ``cap + 1``; the file's size) of a regular file in
-    ``dfd``, or None if there is none; never through a symlink nor blocking on a FIFO."""
+    ``dfd``, or None if there is none; never through a symlink nor blocking on a FIFO.
+
+    ``size``: the size an ``lstat`` of this entry just found a regular file to have (its
+    check done there); otherwise the open file is checked. A file that grew since is
+    read one byte longer, which no snapshot matches.
+    """
     try:
         fd = os.open(name, _RAW, dir_fd=dfd)
     except FileNotFoundError:
         return None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafeFileError(f"{name} is {describe(st.st_mode)}")
-        return os.pread(fd, min(max(st.st_size - start, 0), cap) + 1, start), st.st_size
+        if size is None:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafeFileError(f"{name} is {describe(st.st_mode)}")
+            size = st.st_size
+        return os.pread(fd, min(max(size - start, 0), cap) + 1, start), size
     finally:
         os.close(fd)
 
@@ -684,15 +699,15 @@ def _files(directory: Path, journal_from: int, check: bool = False) -> _Files:
     else:
         dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if check:
-            _check_entries(dfd, directory)
-        key = _raw(dfd, KEY_FILE, MAX_KEY)
+        sizes = _check_entries(dfd, directory) if check else {}
+        key = _raw(dfd, KEY_FILE, MAX_KEY, 0, sizes.get(KEY_FILE))
         if key is None:
             raise FileNotFoundError(os.path.join(directory, KEY_FILE))
-        s0, s1 = _raw(dfd, SLOTS[0], MAX_SLOT), _raw(dfd, SLOTS[1], MAX_SLOT)
+        s0 = _raw(dfd, SLOTS[0], MAX_SLOT, 0, sizes.get(SLOTS[0]))
+        s1 = _raw(dfd, SLOTS[1], MAX_SLOT, 0, sizes.get(SLOTS[1]))
         # the journal from the head on is bounded (RESAVE_AFTER records); one over
         # MAX_SLOT is cut there, and its size still tells any change
-        j = _raw(dfd, JOURNAL_FILE, MAX_SLOT, journal_from)
+        j = _raw(dfd, JOURNAL_FILE, MAX_SLOT, journal_from, sizes.get(JOURNAL_FILE))
     finally:
         os.close(dfd)
     return _Files(key[0], (None if s0 is None else s0[0], None if s1 is None else s1[0]),
