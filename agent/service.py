@@ -24,7 +24,7 @@ from agent.journal import JournalReport
 from agent.messages import Action, LicenseInfo, TrustKey, TrustUpdate
 from agent.protocol import DEFAULT_LIMITS, ApplyResult, CheckResult, Limits
 from agent.record import record, replace
-from agent.store import OpenStore, Store, store_lock
+from agent.store import KeptLock, OpenStore, Store, store_lock
 
 __all__ = ["Agent", "status_dict"]
 
@@ -100,7 +100,13 @@ class Agent:
     @contextmanager
     def _open(self) -> Iterator[tuple[Store, int]]:
         now = self.clock()
-        with store_lock(self.directory) as writable:
+        lock = store_lock(self.directory)
+        if self.keep_open:  # the lock file stays open too (verified after each flock)
+            kept_lock: KeptLock | None = self.__dict__.get("_lock")
+            if kept_lock is None:
+                kept_lock = self.__dict__.setdefault("_lock", KeptLock(self.directory))
+            lock = kept_lock.hold()
+        with lock as writable:
             if not self.keep_open:
                 yield Store.open(
                     self.directory, self.hardware().binding_facts(), ops=self.ops, now=now,

@@ -30,6 +30,7 @@ import errno
 import fcntl
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,6 +67,7 @@ from agent.record import field, record
 __all__ = [
     "STATE_FILES",
     "FileOps",
+    "KeptLock",
     "LoadReport",
     "OpenStore",
     "Store",
@@ -842,6 +844,72 @@ def open_lock_file(directory: Path) -> tuple[int, bool]:
     finally:
         os.close(dfd)
     return fd, writable
+
+
+class KeptLock:
+    """The store lock of an agent that keeps its store open: the lock file stays open.
+
+    Each :meth:`hold` takes the flock on the kept descriptor, then checks that the
+    lock file's name still names that very file (device, inode, one link); if not
+    (removed, replaced), the descriptor is dropped and the lock file opened again with
+    every check of :func:`open_lock_file`, so a lock on a file no longer in the
+    directory never excludes nothing. The directory's own checks are those the
+    operation makes next (:class:`OpenStore`, :meth:`Store.open`). One operation at
+    a time (a thread lock): an flock does not exclude another thread of the same
+    open file.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.fd = -1
+        self.writable = True
+        self.ident: tuple[int, int] = (0, 0)
+        self.threads = threading.Lock()
+
+    def _open(self) -> None:
+        fd, writable = open_lock_file(self.directory)
+        self.fd, self.writable = fd, writable
+        if fd >= 0:
+            st = os.fstat(fd)
+            self.ident = (st.st_dev, st.st_ino)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+    @contextmanager
+    def hold(self) -> Iterator[bool]:
+        """:func:`store_lock` on the kept descriptor; yields whether the store is writable."""
+        with self.threads:
+            if not self.directory.is_dir():
+                self.close()
+                yield True
+                return
+            for _ in range(3):
+                if self.fd < 0:
+                    self._open()
+                    if self.fd < 0:  # read-only, no lock file: nothing to lock
+                        yield False
+                        return
+                fcntl.flock(self.fd, fcntl.LOCK_EX if self.writable else fcntl.LOCK_SH)
+                try:
+                    st = os.stat(os.path.join(self.directory, LOCK_FILE), follow_symlinks=False)
+                    same = (st.st_dev, st.st_ino) == self.ident and st.st_nlink == 1
+                except OSError:
+                    same = False
+                if same:
+                    break
+                self.close()  # the name names another file now: lock that one instead
+            else:
+                raise StorageError(f"the lock file in {self.directory} keeps being replaced")
+            try:
+                yield self.writable and not _read_only(self.directory)
+            finally:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 @contextmanager

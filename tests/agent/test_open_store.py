@@ -185,3 +185,44 @@ def test_a_failed_operation_drops_the_kept_store(setup: Any) -> None:
     assert kept_store(kept) is None
     assert status(kept)["sequence"] == 1
     assert kept_store(kept) is not None
+
+
+LOCK_PROBE = """
+import fcntl, sys
+with open(sys.argv[1], "rb") as f:
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(3)
+sys.exit(0)
+"""
+
+
+def other_process_can_lock(path: Path) -> bool:
+    r = subprocess.run([sys.executable, "-c", LOCK_PROBE, str(path)], capture_output=True,
+                       check=False)
+    assert r.returncode in (0, 3), r.stderr
+    return r.returncode == 0
+
+
+def test_kept_lock_excludes_other_processes_even_after_the_lock_file_is_replaced(
+        setup: Any) -> None:
+    kept, _fresh, vendor, clock, _facts = setup
+    lock = kept.directory / "lock"
+    activate(kept, vendor, clock, "bacnet")
+    with kept._open():  # an operation in progress: another process cannot take the lock
+        assert not other_process_can_lock(lock)
+    assert other_process_can_lock(lock)  # released between operations (the file kept open)
+    # the lock file removed and made again: the kept descriptor names a file no longer
+    # there, so the next operation locks the new one
+    lock.unlink()
+    lock.write_bytes(b"")
+    lock.chmod(0o600)
+    with kept._open():
+        assert not other_process_can_lock(lock)
+    assert other_process_can_lock(lock)
+    lock.unlink()  # and gone altogether: made again by the next operation
+    assert status(kept)["sequence"] == 1
+    assert lock.exists()
+    with kept._open():
+        assert not other_process_can_lock(lock)
