@@ -30,7 +30,6 @@ import errno
 import fcntl
 import os
 import stat
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -864,6 +863,8 @@ class KeptLock:
         self.fd = -1
         self.writable = True
         self.ident: tuple[int, int] = (0, 0)
+        import threading  # only a daemon keeps its lock: check and status never load it
+
         self.threads = threading.Lock()
 
     def _open(self) -> None:
