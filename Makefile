@@ -6,7 +6,7 @@ CWT_VENV := .venv-cwt
 STAMP  := $(VENV)/.installed
 CWT_STAMP := $(CWT_VENV)/.installed
 
-.PHONY: run demo-files test lint unit fuzz bench clean venv broker qemu-tools qemu-image \
+.PHONY: run demo-files test lint unit fuzz bench bench-ratios clean venv broker qemu-tools qemu-image \
 	test-qemu test-qemu-user qemu-clean
 
 $(STAMP): pyproject.toml
@@ -68,6 +68,10 @@ fuzz: $(STAMP)
 
 bench: $(STAMP) broker
 	$(PY) tests/bench/run.py
+
+# only the rows measured against a floor (issue 17) and the growth table: about a minute
+bench-ratios: $(STAMP)
+	$(PY) tests/bench/run.py --ratios
 
 # The emulated ARM automation server (issue 7): an arm64 Debian bookworm guest built from
 # Debian's packages into $(LICQEMU_CACHE) (outside the repository; reused when present),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any, TypeVar
 
 import cbor2
@@ -64,6 +65,11 @@ def iso(t: int | None) -> str | None:
     """POSIX seconds as ISO 8601 UTC (``2026-11-28T00:00:00Z``), None stays None."""
     if t is None:
         return None
+    return _iso(t)
+
+
+@lru_cache(maxsize=256)  # a status names the same few dates (its licenses' ends) each time
+def _iso(t: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 

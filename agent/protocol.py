@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from typing import Any, TypeVar
 
 from agent.cose import PublicKey, Sign1, SigningKey, canonical, decode_sign1, sign1, strict_loads
@@ -45,6 +46,7 @@ from agent.messages import (
     TrustUpdate,
     decode_payload,
     licenses_from,
+    sort_licenses,
     state_digest,
 )
 from agent.record import field, record, replace
@@ -60,6 +62,7 @@ __all__ = [
     "apply_response",
     "apply_trust_update",
     "check_feature",
+    "licensed_at",
     "clock_edge",
     "create_request",
     "make_device_info",
@@ -201,8 +204,9 @@ class AgentState:
     #: requests dropped unanswered since the last apply, oldest first
     dropped: tuple[Dropped, ...] = ()
 
-    @property
+    @cached_property
     def digest(self) -> bytes:
+        """The state digest of the licenses, computed once per state (it is immutable)."""
         return state_digest(self.licenses)
 
     @property
@@ -234,7 +238,10 @@ class AgentState:
         return out
 
     def encode(self) -> bytes:
-        return canonical(self.to_cbor())
+        """``to_cbor()`` in canonical CBOR; each license as encoded once (the same bytes)."""
+        m = self.to_cbor()
+        m["licenses"] = [lic.encoded for lic in self.licenses]
+        return canonical(m)
 
     @classmethod
     def from_cbor(cls, m: Mapping[str, Any]) -> AgentState:
@@ -534,7 +541,7 @@ def _apply_changes(
             if have is None:
                 raise MalformedError(f"response removes {ch.feature}, which is not installed")
             removed.append(by_name.pop(ch.feature))
-    return tuple(sorted(by_name.values())), tuple(removed)
+    return sort_licenses(by_name.values()), tuple(removed)
 
 
 def apply_response(
@@ -636,6 +643,7 @@ def apply_response(
         last_receipt=receipt_bytes,
         clock_hwm=max(state.clock_hwm, now),
     )
+    new.__dict__["digest"] = new_digest  # the cached property, already computed above
     return ApplyResult(new, receipt_bytes, resp, already_applied=False, removed=removed)
 
 
@@ -764,6 +772,14 @@ class CheckResult:
     clock_set_back: bool = False
     #: said alongside the answer (e.g. the clock mark could not be saved)
     warnings: tuple[str, ...] = ()
+
+
+def licensed_at(lic: License, t: int) -> bool:
+    """Whether ``lic`` licenses its feature at ``t`` (already the later of the clock and the
+    high-water mark): what :func:`check_feature` answers for it, without its message."""
+    if lic.count <= 0 or (lic.not_before is not None and t < lic.not_before):
+        return False
+    return lic.not_after is None or t <= lic.not_after + lic.grace
 
 
 def check_feature(

@@ -28,12 +28,12 @@ from agent.errors import (
 from agent.formats import iso
 from agent.identity import FactsProvider
 from agent.messages import Action, DeviceInfo
-from agent.rpc import ApplyResult
 
 if TYPE_CHECKING:
     import argparse
 
     from agent.cose import PublicKey, SigningKey
+    from agent.rpc import ApplyResult  # only for show_applied's signature
 
 __all__ = [
     "add_version",

@@ -16,7 +16,6 @@ from agent.cose import jsonable
 from agent.errors import EXIT_OK, UsageError
 from agent.formats import LICENSE_INFO_MAX, iso
 from agent.messages import Action
-from agent.rpc import ApplyResult
 from agent.service import MODELS, Agent
 from apps.common import (
     add_operation_commands,
@@ -38,7 +37,7 @@ from apps.common import (
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["RUN_FLAGS", "fast_run_args", "main"]
+__all__ = ["RUN_FLAGS", "fast_query_args", "fast_run_args", "main"]
 
 PROG = "licagent"
 
@@ -164,8 +163,9 @@ def run_daemon(config: str | None, state: str | None, listen: list[str] | None,
     cfg = daemon.resolve_config(
         Path(config) if config else None, state=state, listen=listen,
         facts=facts, max_clients=max_clients, log_level=log_level)
+    # the daemon keeps its store open; each request revalidates it under the lock
     return daemon.serve(Agent(cfg.state, facts_provider(str(cfg.facts) if cfg.facts else None),
-                              clock=tool_clock), cfg)
+                              clock=tool_clock, keep_open=True), cfg)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"cannot write {args.receipt_out}: its folder does not exist")
         res, warn = agent.apply(read_input(args.response, agent.limits.max_file, "response file",
                                             expect="response"))
+        from agent.rpc import ApplyResult  # not loaded by check and status
+
         show_applied(PROG, ApplyResult.of(res, warn), args.receipt_out)
         return EXIT_OK
     if c == "check":
@@ -218,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{PROG}: warning: {w}", file=sys.stderr)
         return show_check(r.licensed, r.message)
     if c == "journal":
-        rep = agent.journal()
+        # --verify alone prints only the count: every record is verified, none kept
+        rep = agent.journal(entries=not args.verify or args.json)
         if args.json:
             print_json([{"n": e.n, "time": iso(e.time), "event": e.event,
                           "data": jsonable(e.data), "digest": e.digest.hex()}
@@ -228,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{e.n:>5} {iso(e.time)} {e.event:<13} {dumps_json(_brief(e.data))}")
         if args.verify:
             tail = f"; {rep.torn_tail} bytes of a torn last record" if rep.torn_tail else ""
-            print(f"journal OK: {len(rep.entries)} entries, hash chain and MACs verified, "
+            print(f"journal OK: {rep.records} entries, hash chain and MACs verified, "
                   f"the record the state slots name in place{tail}",
                   file=sys.stderr if args.json else sys.stdout)
         return EXIT_OK
@@ -252,11 +255,55 @@ def _brief(data: Any) -> Any:
     return jsonable(data)
 
 
+def fast_query_args(argv: Sequence[str]) -> Any:
+    """``licagent check``'s and ``status``'s arguments without argparse, or None.
+
+    These are what server software runs per call, and argparse's help formatter
+    (shutil, gettext, locale) is a sixth of such a process. Only a plain, well-formed
+    line is taken here (``--state DIR`` or ``--state=DIR``, ``--facts FILE``, ``--json``
+    for status, one FEATURE for check, each once); help, abbreviations, ``--`` and every
+    error go to argparse, so messages and exit codes stay argparse's own.
+    """
+    if not argv or argv[0] not in ("check", "status"):
+        return None
+    from types import SimpleNamespace
+
+    command = argv[0]
+    out: dict[str, Any] = {"command": command, "state": None, "facts": None}
+    if command == "status":
+        out["json"] = False
+    rest = list(argv[1:])
+    while rest:
+        token = rest.pop(0)
+        flag, eq, value = token.partition("=")
+        if flag in ("--state", "--facts"):
+            if not eq:
+                if not rest or rest[0].startswith("-"):
+                    return None
+                value = rest.pop(0)
+            key = flag[2:]
+            if out[key] is not None or not value:
+                return None
+            out[key] = value
+        elif token == "--json" and command == "status" and not out["json"]:
+            out["json"] = True
+        elif command == "check" and "feature" not in out and token and token[0] != "-":
+            out["feature"] = token
+        else:
+            return None
+    if out["state"] is None or (command == "check" and "feature" not in out):
+        return None
+    return SimpleNamespace(**out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     fast = fast_run_args(argv)
     if fast is not None:
         return exit_code_of(PROG, lambda: run_daemon(**fast))
+    query = fast_query_args(argv)
+    if query is not None:
+        return exit_code_of(PROG, lambda: run(query))
     args = _parser().parse_args(argv)
     return exit_code_of(PROG, lambda: run(args))
 
