@@ -6,7 +6,7 @@ CWT_VENV := .venv-cwt
 STAMP  := $(VENV)/.installed
 CWT_STAMP := $(CWT_VENV)/.installed
 
-.PHONY: run demo-files test lint unit fuzz bench clean venv broker postgres qemu-tools qemu-image \
+.PHONY: run demo-files test lint unit fuzz bench bench-ratios clean venv broker postgres qemu-tools qemu-image \
 	test-qemu test-qemu-user qemu-clean
 
 $(STAMP): pyproject.toml
@@ -55,11 +55,30 @@ unit: $(STAMP) $(CWT_STAMP) broker postgres
 
 test: lint unit
 
+# At least 1,000,000 generated inputs across every decoder: signed files and the store
+# (tests/agent/test_fuzz.py), every decoder at once with a seeded mutator (test_fuzz_decoders:
+# frames, RPC, MQTT, HTTP bodies, facts, settings, CSV), every CLI file argument and the
+# licensing server's and the agent's HTTP bodies. Each test adds its count to .fuzz-count; the total and the
+# time are printed at the end (README: Results). The same tests run small inside `make test`.
+FUZZ_FILES := tests/agent/test_fuzz.py tests/agent/test_fuzz_decoders.py \
+	tests/admin/test_fuzz_cli.py tests/simulators/test_fuzz_http.py tests/hw/test_fuzz_https.py
 fuzz: $(STAMP)
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q -p no:cacheprovider tests/agent/test_fuzz.py
+	@rm -f .fuzz-count; start=$$(date +%s); \
+	FUZZ_COUNT_FILE=$(CURDIR)/.fuzz-count FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} \
+	  DECODER_FUZZ_EXAMPLES=$${DECODER_FUZZ_EXAMPLES:-38000} \
+	  CLI_FUZZ_EXAMPLES=$${CLI_FUZZ_EXAMPLES:-1000} HTTP_FUZZ_EXAMPLES=$${HTTP_FUZZ_EXAMPLES:-5000} \
+	  HTTPS_FUZZ_EXAMPLES=$${HTTPS_FUZZ_EXAMPLES:-1000} \
+	  $(PY) -m pytest -q -p no:cacheprovider $(FUZZ_FILES) || exit 1; \
+	awk -v t=$$(( $$(date +%s) - start )) \
+	  '{n += $$1} END {printf "fuzz: %d generated inputs in %d s, no exception escaped\n", n, t}' \
+	  .fuzz-count
 
 bench: $(STAMP) broker postgres
 	$(PY) tests/bench/run.py
+
+# only the rows measured against a floor (issue 17) and the growth table: about a minute
+bench-ratios: $(STAMP)
+	$(PY) tests/bench/run.py --ratios
 
 # The emulated ARM automation server (issue 7): an arm64 Debian bookworm guest built from
 # Debian's packages into $(LICQEMU_CACHE) (outside the repository; reused when present),

@@ -9,6 +9,7 @@ no shared values).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
 import cbor2
@@ -31,6 +32,7 @@ __all__ = [
     "ALG_EDDSA",
     "ALG_ES256",
     "COSE_SIGN1_TAG",
+    "Encoded",
     "PublicKey",
     "SigningKey",
     "Sign1",
@@ -78,6 +80,17 @@ def _tag_hook_reject(*args: Any) -> Any:
     raise ValueError(f"CBOR tag {_tag_of(args).tag} is not allowed here")
 
 
+def _tag_hook_sign1(*args: Any) -> Any:
+    tag = _tag_of(args)
+    if tag.tag != COSE_SIGN1_TAG:
+        raise ValueError(f"CBOR tag {tag.tag} is not allowed here")
+    return tag
+
+
+#: the decoder tables, built once (not on every call): every tag refused, or all but Sign1
+_SEMANTIC_SIGN1 = {t: f for t, f in _SEMANTIC.items() if t != COSE_SIGN1_TAG}
+
+
 def strict_loads(
     data: bytes, *, max_size: int, allow_sign1_tag: bool = False, allow_trailing: bool = False
 ) -> Any:
@@ -89,26 +102,13 @@ def strict_loads(
     """
     if len(data) > max_size:
         raise MalformedError(f"input is {len(data)} bytes, larger than the {max_size}-byte limit")
-    semantic = dict(_SEMANTIC)
-    if allow_sign1_tag:
-        semantic.pop(COSE_SIGN1_TAG, None)
-
-        def tag_hook(*args: Any) -> Any:
-            tag = _tag_of(args)
-            if tag.tag != COSE_SIGN1_TAG:
-                raise ValueError(f"CBOR tag {tag.tag} is not allowed here")
-            return tag
-    else:
-        tag_hook = _tag_hook_reject
     # loads() ignores trailing bytes, so decode through a stream and check the end.
-    import io
-
-    fp = io.BytesIO(data)
+    fp = BytesIO(data)
     try:
         dec = cbor2.CBORDecoder(
             fp,
-            tag_hook=tag_hook,
-            semantic_decoders=semantic,
+            tag_hook=_tag_hook_sign1 if allow_sign1_tag else _tag_hook_reject,
+            semantic_decoders=_SEMANTIC_SIGN1 if allow_sign1_tag else _SEMANTIC,
             max_depth=MAX_DEPTH,
             allow_indefinite=False,
             allow_duplicate_keys=False,
@@ -124,9 +124,29 @@ def strict_loads(
     return obj
 
 
+class Encoded:
+    """An item already in canonical CBOR, written as it is by :func:`canonical`.
+
+    Deterministic encoding is compositional (a map's or an array's encoding is its
+    head and its items' encodings), so an immutable part encoded once (a license)
+    gives the same bytes inside any larger item as encoding it again would.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _write_encoded(encoder: Any, value: Any) -> None:
+    if type(value) is not Encoded:
+        raise cbor2.CBOREncodeError(f"cannot serialize type {type(value).__name__}")
+    encoder.write(value.data)
+
+
 def canonical(obj: object) -> bytes:
     """Deterministic CBOR encoding (RFC 8949 core deterministic: sorted keys, shortest forms)."""
-    return cbor2.dumps(obj, canonical=True)
+    return cbor2.dumps(obj, canonical=True, default=_write_encoded)
 
 
 def jsonable(v: Any) -> Any:
@@ -206,6 +226,7 @@ class PublicKey:
 
     @classmethod
     def from_pem(cls, data: bytes) -> PublicKey:
+        from cryptography.exceptions import InternalError, UnsupportedAlgorithm
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -213,6 +234,10 @@ class PublicKey:
             key = serialization.load_pem_public_key(data)
         except ValueError as exc:
             raise MalformedError(f"not a PEM public key: {exc}") from exc
+        except UnsupportedAlgorithm as exc:  # an algorithm OID OpenSSL does not know
+            raise MalformedError(f"a PEM public key of an unsupported kind: {exc}") from exc
+        except InternalError as exc:  # OpenSSL refused the key material itself
+            raise MalformedError("a PEM public key whose key material OpenSSL refuses") from exc
         if isinstance(key, ed25519.Ed25519PublicKey):
             return cls(ALG_EDDSA, key.public_bytes_raw())
         if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
@@ -281,6 +306,7 @@ class SigningKey:
         raw = _ed25519_pkcs8_raw(data)
         if raw is not None:  # the common case, without the serialization module
             return cls(ed25519.Ed25519PrivateKey.from_private_bytes(raw))
+        from cryptography.exceptions import InternalError, UnsupportedAlgorithm
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -288,6 +314,10 @@ class SigningKey:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as exc:
             raise MalformedError(f"not an unencrypted PEM private key: {exc}") from exc
+        except UnsupportedAlgorithm as exc:  # an algorithm OID OpenSSL does not know
+            raise MalformedError(f"a PEM private key of an unsupported kind: {exc}") from exc
+        except InternalError as exc:  # OpenSSL refused the key material itself
+            raise MalformedError("a PEM private key whose key material OpenSSL refuses") from exc
         if isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
             return cls(key)
         raise MalformedError("only Ed25519 and P-256 private keys are supported")

@@ -22,6 +22,7 @@ from __future__ import annotations
 __all__ = [
     "EXIT_FAILURE",
     "EXIT_OK",
+    "AddressInUseError",
     "AlreadyAppliedError",
     "ClockSetBackError",
     "CopiedStoreError",
@@ -44,6 +45,7 @@ __all__ = [
     "UsageError",
     "ValidityError",
     "WrongDeviceError",
+    "listen_error",
 ]
 
 EXIT_OK = 0
@@ -82,6 +84,25 @@ class NoIdentityError(UsageError):
     """``init`` on hardware that reports no serial number, MAC address or machine ID."""
 
     reason = "no-identity"
+
+
+class AddressInUseError(UsageError):
+    """A listener's address or port is taken (by another process, or given twice).
+
+    The same code in every tool that listens (``licagent run``, ``licserver serve``, ``licsim``).
+    """
+
+    reason = "address-in-use"
+
+
+def listen_error(where: str, exc: OSError) -> UsageError:
+    """The one message and code (2) of every tool for an address it cannot listen on."""
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        return AddressInUseError(f"cannot listen on {where}: address already in use (another "
+                                 f"process listens there; stop it or pick another port)")
+    return UsageError(f"cannot listen on {where}: {exc.strerror or exc}")
 
 
 class MalformedError(LicensingError):

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import TypeVar
+from functools import lru_cache
+from typing import Any, TypeVar
 
-from agent.cose import PublicKey, canonical, strict_loads
+import cbor2
+
+from agent.cose import COSE_SIGN1_TAG, PublicKey, canonical, strict_loads
 from agent.digest import sha256
-from agent.errors import MalformedError, TrustError
+from agent.errors import LicensingError, MalformedError, TrustError
 from agent.messages import (
     ChangeOp,
     DeviceInfo,
+    Kind,
     Payload,
     Receipt,
     Response,
@@ -34,7 +38,11 @@ __all__ = [
     "RECEIPT_MAX",
     "SITE_INFO_MAX",
     "SiteInfo",
+    "describe_kind",
+    "expect_kind",
+    "identify",
     "iso",
+    "loads_json",
     "peek_payload",
     "read_device_info",
     "verify_receipt",
@@ -57,7 +65,192 @@ def iso(t: int | None) -> str | None:
     """POSIX seconds as ISO 8601 UTC (``2026-11-28T00:00:00Z``), None stays None."""
     if t is None:
         return None
+    return _iso(t)
+
+
+@lru_cache(maxsize=256)  # a status names the same few dates (its licenses' ends) each time
+def _iso(t: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+#: what :func:`identify` names, beyond the signed kinds of :class:`agent.messages.Kind`
+_KIND_TEXT = {
+    "empty": "an empty file",
+    "site-info": "a SITE_INFO bundle",
+    "pem-public-key": "a PEM public key",
+    "pem-private-key": "a PEM private key",
+    "pem-encrypted-key": "an encrypted PEM private key",
+    "pem-certificate": "a PEM certificate",
+    "pem": "a PEM file of another kind",
+    "signed": "a COSE-signed file of an unknown kind",
+    "cbor": "CBOR data that is no file of this project",
+    "json": "a JSON document",
+    "text": "a text file",
+    "binary": "binary data",
+    **{k.value: f"a {k.value} file" for k in Kind},
+    "toml": "a TOML file",
+    "csv": "a CSV file",
+}
+_CONTENT_TYPES = {k.content_type: k.value for k in Kind}
+
+
+def identify(data: bytes) -> str:
+    """What ``data`` is, as a short name: a :class:`Kind` value (``request``, ``response``,
+    ...), ``site-info``, ``pem-public-key``, ``pem-private-key``, ``pem-certificate``,
+    ``pem``, ``signed``, ``cbor``, ``json``, ``text``, ``binary`` or ``empty``.
+
+    For messages only ("FILE is a request file, expected a response file"): it
+    verifies nothing and never raises; a file is accepted only by its own decoder.
+    """
+    if not data.strip():
+        return "empty"
+    head = data.lstrip()[:64]
+    if head.startswith(b"-----BEGIN "):
+        label = head[11:].split(b"-----", 1)[0]
+        if label == b"PUBLIC KEY":
+            return "pem-public-key"
+        if label == b"ENCRYPTED PRIVATE KEY":
+            return "pem-encrypted-key"
+        if label.endswith(b"PRIVATE KEY"):
+            return "pem-private-key"
+        if label == b"CERTIFICATE":
+            return "pem-certificate"
+        return "pem"
+    fast = _content_type_kind(data)
+    if fast is not None:  # the protected header alone: no second decode of a large file
+        return fast
+    try:
+        obj = strict_loads(data, max_size=LICENSE_INFO_MAX, allow_sign1_tag=True)
+    except LicensingError:
+        text = _text_kind(data)
+        if text != "binary":
+            return text
+        try:  # a signed file with bytes appended is still named for what it is
+            obj = strict_loads(data, max_size=LICENSE_INFO_MAX, allow_sign1_tag=True,
+                               allow_trailing=True)
+        except LicensingError:
+            return "binary"
+        if not (isinstance(obj, cbor2.CBORTag) and obj.tag == COSE_SIGN1_TAG):
+            return "binary"
+    if isinstance(obj, dict):
+        return "site-info" if obj.get("kind") == "site-info" else "cbor"
+    if not (isinstance(obj, cbor2.CBORTag) and obj.tag == COSE_SIGN1_TAG):
+        text = _text_kind(data)  # "1" or "x" alone are also one CBOR item
+        return "cbor" if text == "binary" else text
+    return _signed_kind(obj.value)
+
+
+def _content_type_kind(data: bytes) -> str | None:
+    """The kind a COSE_Sign1 file's protected header names, read without decoding the rest."""
+    if data[:2] != b"\xd2\x84" or len(data) < 4:
+        return None
+    first, pos = data[2], 3
+    if first >> 5 != 2:  # the protected header is a byte string
+        return None
+    n = first & 0x1F
+    if n == 24:
+        n, pos = data[3], 4
+    elif n == 25:
+        n, pos = int.from_bytes(data[3:5]), 5
+    elif n > 25:
+        return None
+    try:
+        header = strict_loads(data[pos:pos + n], max_size=4096)
+    except LicensingError:
+        return None
+    ctype = header.get(3) if isinstance(header, dict) else None
+    return _CONTENT_TYPES.get(ctype) if isinstance(ctype, str) else None
+
+
+def _signed_kind(v: object) -> str:
+    if not isinstance(v, list | tuple) or len(v) != 4 or not isinstance(v[0], bytes):
+        return "signed"
+    try:
+        header = strict_loads(v[0], max_size=4096) if v[0] else {}
+    except LicensingError:
+        header = {}
+    ctype = header.get(3) if isinstance(header, dict) else None
+    if isinstance(ctype, str) and ctype in _CONTENT_TYPES:
+        return _CONTENT_TYPES[ctype]
+    if isinstance(v[2], bytes):
+        try:
+            payload = strict_loads(v[2], max_size=LICENSE_INFO_MAX)
+        except LicensingError:
+            return "signed"
+        kind = payload.get("kind") if isinstance(payload, dict) else None
+        if isinstance(kind, str) and kind in {k.value for k in Kind}:
+            return kind
+    return "signed"
+
+
+def _text_kind(data: bytes) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary"
+    if any(ord(c) < 32 and c not in "\t\r\n\f" for c in text[:4096]):
+        return "binary"
+    if text.lstrip()[:1] in ("{", "["):
+        import json  # only to name a file in a refusal
+
+        try:
+            json.loads(text)
+        except (ValueError, RecursionError):
+            return "text"
+        return "json"
+    return "text"
+
+
+def loads_json(data: bytes, name: str, expected: str = "a JSON document") -> Any:
+    """Decode JSON from outside (a facts file, an HTTP body), as one of the project's errors.
+
+    Refused: not UTF-8, not JSON, NaN or Infinity, and nesting so deep that the
+    standard decoder runs out of recursion (its RecursionError is one of ours here).
+
+    Raises:
+        MalformedError: ``NAME is WHAT, expected EXPECTED: detail``.
+    """
+    import json  # the daemon's RPC is CBOR; JSON only at the tools' and HTTP's edges
+
+    def refuse(detail: str) -> MalformedError:
+        return MalformedError(f"{name} is {describe_kind(identify(data))}, expected "
+                              f"{expected}: {detail}")
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise refuse(f"not UTF-8 text at byte {exc.start}") from exc
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise refuse(str(exc) or type(exc).__name__) from exc
+
+
+def describe_kind(kind: str) -> str:
+    """The words for an :func:`identify` name or an expected kind (``a request file``)."""
+    return _KIND_TEXT.get(kind, kind)
+
+
+def expect_kind(data: bytes, expected: str | Kind, name: str) -> None:
+    """Refuse ``data`` at once when it is plainly another kind of file than ``expected``.
+
+    ``name`` (the file's path, as the user gave it) starts the message:
+    ``req.cbor is a request file, expected a response file``.
+
+    Raises:
+        MalformedError: what the file is, and what was expected.
+    """
+    want = str(expected.value if isinstance(expected, Kind) else expected)
+    got = identify(data)
+    if got == want or (got == "signed" and want in _CONTENT_TYPES.values()):
+        return  # the file's own decoder says what is wrong with it, if anything
+    extra = f" ({len(data)} bytes)" if got in ("binary", "cbor", "text") else ""
+    raise MalformedError(f"{name} is {describe_kind(got)}{extra}, "
+                         f"expected {describe_kind(want)}")
 
 
 @record(frozen=True)

@@ -109,6 +109,10 @@ class _Start:
 
 
 _FIELDS = frozenset({"n", "time", "event", "data", "prev", "mac"})
+#: how a canonical record starts: a map of six, ``"n"`` and its value, then the MAC's key
+#: and a 32-byte string head (:meth:`Journal._mac_in_place`)
+_MAC_KEY = b"\x63mac\x58\x20"
+_N_LEAD = tuple(b"\xa6\x61n" + canonical(i) for i in range(24))
 
 
 @record(frozen=True)
@@ -116,6 +120,7 @@ class JournalReport:
     entries: tuple[JournalEntry, ...]
     torn_tail: int  # bytes of an incomplete last record, 0 if none
     good_length: int
+    records: int = 0  # verified records (``entries`` may be left empty: Journal.read)
 
 
 def _whole_record_at(data: bytes, off: int) -> bool:
@@ -144,16 +149,43 @@ class Journal:
     def _mac(self, body: dict[str, Any]) -> bytes:
         return hmac_sha256(self.mac_key, canonical(body))
 
-    def read(self) -> JournalReport:
+    def read(self, entries: bool = True) -> JournalReport:
         """Read and verify every complete record.
+
+        ``entries=False`` verifies the same way but keeps no entry (``journal --verify``
+        needs only the count): no memory for a journal of years.
 
         Raises:
             IntegrityError: a record fails its MAC, breaks the hash chain or
                 does not decode: the journal was tampered with.
         """
-        entries: list[JournalEntry] = []
-        tail = self._scan(entries.append)
-        return JournalReport(tuple(entries), tail.torn, tail.good_length)
+        kept: list[JournalEntry] = []
+        tail = self._scan(kept.append if entries else None)
+        return JournalReport(tuple(kept), tail.torn, tail.good_length, tail.count)
+
+    def _mac_in_place(self, raw: bytes, n: int, mac: bytes) -> bool:
+        """Whether ``mac`` holds over the body as written, taken from ``raw`` without re-encoding.
+
+        A record is written canonically, so its bytes are ``{"n": n, "mac": ...}`` first
+        (the shortest keys), then the other fields: the body the MAC covers is those
+        bytes less the ``mac`` entry, with a map head of five. True only if ``raw`` has
+        exactly that layout and the MAC over the body holds, which makes ``raw`` the
+        very record the key's holder wrote; otherwise the caller re-encodes the decoded
+        body (:meth:`_mac`), so what is accepted is unchanged.
+        """
+        if n < 24:
+            lead = _N_LEAD[n]
+        elif n < 0x100:
+            lead = b"\xa6\x61n\x18" + n.to_bytes(1, "big")
+        elif n < 0x10000:
+            lead = b"\xa6\x61n\x19" + n.to_bytes(2, "big")
+        else:
+            lead = b"\xa6\x61n" + canonical(n)
+        at = len(lead)
+        if raw[:at] != lead or raw[at:at + 6] != _MAC_KEY or len(mac) != 32:
+            return False
+        body = b"\xa5" + raw[1:at] + raw[at + 38:]
+        return equal(mac, hmac_sha256(self.mac_key, body)) and raw[at + 6:at + 38] == mac
 
     def _verified(self, raw: bytes, n: int, prev: bytes) -> dict[str, Any]:
         """Record ``n``'s decoded body, checked: fields, MAC, index and link to ``prev``."""
@@ -161,10 +193,11 @@ class Journal:
             e = strict_loads(raw, max_size=MAX_RECORD)
         except MalformedError as exc:
             raise IntegrityError(f"journal record {n} does not decode") from exc
-        if not isinstance(e, dict) or set(e) != _FIELDS:
+        if not isinstance(e, dict) or e.keys() != _FIELDS:
             raise IntegrityError(f"journal record {n} has the wrong fields")
         mac = e.pop("mac")
-        if not isinstance(mac, bytes) or not equal(mac, self._mac(e)):
+        if not isinstance(mac, bytes) or not (self._mac_in_place(raw, n, mac)
+                                              or equal(mac, self._mac(e))):
             raise IntegrityError(f"journal record {n} fails its MAC (tampered)")
         if e["prev"] != prev or e["n"] != n:
             raise IntegrityError(f"journal hash chain broken at record {n}")
@@ -278,6 +311,19 @@ class Journal:
         entries: list[JournalEntry] = []
         self._remember(self._scan(entries.append, start=self._start))
         return entries
+
+    def anchor(self, head: JournalHead) -> None:
+        """A slot naming ``head`` was just written: scans start there, as after :meth:`since_head`.
+
+        Only for a journal already anchored (its chain verified up to ``head``).
+        """
+        if self._start.count and head.count:
+            self._start = _Start(head.count, head.digest, head.end)
+
+    def tail_token(self) -> object:
+        """The chain's end as known in memory: a new object after every append, take-back
+        or re-read (what :meth:`agent.store.Store.write_mark` compares by identity)."""
+        return self._tail
 
     def _remember(self, tail: _Tail) -> None:
         self._tail = tail

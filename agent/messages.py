@@ -9,11 +9,13 @@ else. See docs/protocol.md for the CDDL.
 from __future__ import annotations
 
 import enum
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
 from typing import Any, ClassVar, TypeVar, overload
 
-from agent.cose import PublicKey, canonical
+from agent.cose import Encoded, PublicKey, canonical
 from agent.digest import sha256
 from agent.errors import MalformedError
 from agent.record import record
@@ -36,6 +38,7 @@ __all__ = [
     "TrustKey",
     "TrustUpdate",
     "decode_payload",
+    "sort_licenses",
     "state_digest",
     "valid_count",
     "valid_device_id",
@@ -216,6 +219,12 @@ class License:
             "grace": self.grace,
         }
 
+    @cached_property
+    def encoded(self) -> Encoded:
+        """``to_cbor()`` in canonical CBOR, encoded once (the license is immutable): the
+        state, its digest and each receipt carry it as these very bytes."""
+        return Encoded(canonical(self.to_cbor()))
+
     @classmethod
     def from_cbor(cls, obj: object) -> License:
         m = _map(obj, "license")
@@ -234,12 +243,42 @@ def _licenses(v: object, what: str = "licenses") -> tuple[License, ...]:
     names = [lic.feature for lic in items]
     if len(set(names)) != len(names):
         raise MalformedError(f"{what} names a feature twice")
-    return tuple(sorted(items))
+    return sort_licenses(items)
+
+
+def _feature_of(lic: License) -> str:
+    return lic.feature
+
+
+def sort_licenses(items: Iterable[License]) -> tuple[License, ...]:
+    """Licenses in the order of their fields (feature first), sorted by the feature string.
+
+    A feature is installed once, so its name alone decides the order, without the
+    generic field-by-field comparison; a list naming a feature twice (never a state)
+    falls back to it, so the result is the same either way.
+    """
+    items = tuple(items)
+    out = sorted(items, key=_feature_of)
+    for a, b in itertools.pairwise(out):
+        if a.feature == b.feature:
+            return tuple(sorted(items))
+    return tuple(out)
+
+
+#: the last tuple of licenses digested and its digest: a state and the states made from it
+#: by a request, a clock mark or a re-bind share the very same (immutable) tuple
+_LAST_DIGEST: list[tuple[Any, bytes]] = [(None, b"")]  # one tuple: swapped atomically
 
 
 def state_digest(licenses: Iterable[License]) -> bytes:
     """SHA-256 over the canonical CBOR of the installed licenses, sorted by feature."""
-    return sha256(canonical([lic.to_cbor() for lic in sorted(licenses)]))
+    last = _LAST_DIGEST[0]
+    if licenses is last[0]:
+        return last[1]
+    digest = sha256(canonical([lic.encoded for lic in sort_licenses(licenses)]))
+    if type(licenses) is tuple and all(type(lic) is License for lic in licenses):
+        _LAST_DIGEST[0] = (licenses, digest)  # held: its id cannot be reused meanwhile
+    return digest
 
 
 @record(frozen=True)
@@ -286,8 +325,12 @@ class Payload:
     def fields(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def wire_fields(self) -> dict[str, Any]:
+        """:meth:`fields` as :meth:`encode` writes them (parts may be pre-encoded)."""
+        return self.fields()
+
     def encode(self) -> bytes:
-        return canonical({"v": FORMAT_VERSION, "kind": self.KIND.value, **self.fields()})
+        return canonical({"v": FORMAT_VERSION, "kind": self.KIND.value, **self.wire_fields()})
 
 
 @record(frozen=True)
@@ -433,6 +476,11 @@ class Receipt(Payload):
             "licenses": [lic.to_cbor() for lic in self.licenses],
             "applied_at": self.applied_at,
         }
+
+    def wire_fields(self) -> dict[str, Any]:
+        # the installed licenses as encoded once (the same bytes: Encoded)
+        return {**self.fields(), "removed": [lic.encoded for lic in self.removed],
+                "licenses": [lic.encoded for lic in self.licenses]}
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> Receipt:

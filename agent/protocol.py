@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from functools import cached_property
 from typing import Any, TypeVar
 
 from agent.cose import PublicKey, Sign1, SigningKey, canonical, decode_sign1, sign1, strict_loads
@@ -45,6 +46,7 @@ from agent.messages import (
     TrustUpdate,
     decode_payload,
     licenses_from,
+    sort_licenses,
     state_digest,
 )
 from agent.record import field, record, replace
@@ -60,6 +62,7 @@ __all__ = [
     "apply_response",
     "apply_trust_update",
     "check_feature",
+    "licensed_at",
     "clock_edge",
     "create_request",
     "make_device_info",
@@ -201,8 +204,9 @@ class AgentState:
     #: requests dropped unanswered since the last apply, oldest first
     dropped: tuple[Dropped, ...] = ()
 
-    @property
+    @cached_property
     def digest(self) -> bytes:
+        """The state digest of the licenses, computed once per state (it is immutable)."""
         return state_digest(self.licenses)
 
     @property
@@ -234,7 +238,10 @@ class AgentState:
         return out
 
     def encode(self) -> bytes:
-        return canonical(self.to_cbor())
+        """``to_cbor()`` in canonical CBOR; each license as encoded once (the same bytes)."""
+        m = self.to_cbor()
+        m["licenses"] = [lic.encoded for lic in self.licenses]
+        return canonical(m)
 
     @classmethod
     def from_cbor(cls, m: Mapping[str, Any]) -> AgentState:
@@ -344,9 +351,8 @@ def _phase(lic: License, t: int) -> str:
 def clock_set_back_message(state: AgentState, now: int) -> str:
     """One line: what the clock reads, the latest time seen (ISO 8601), and how to recover."""
     return (f"the clock reads {_iso(now)}, earlier than {_iso(state.clock_hwm)} already "
-            f"seen: clock set back. Set the system clock to the correct time (NTP) and try "
-            f"again; if {_iso(state.clock_hwm)} itself was wrong (a clock that ran ahead), "
-            f"licenses count from it until that time has passed")
+            f"seen: clock set back; {CLOCK_RECOVERY}; if {_iso(state.clock_hwm)} itself was "
+            f"wrong (a clock that ran ahead), licenses count from it until that time has passed")
 
 
 # ---------------------------------------------------------------- verification
@@ -361,9 +367,10 @@ def _trusted_key(state: AgentState, kid: bytes, now: int) -> PublicKey:
     for tk in state.trust:
         if tk.kid == kid:
             if tk.not_before is not None and now < tk.not_before:
-                raise TrustError(f"vendor key {kid.hex()[:16]} is not valid before {tk.not_before}")
+                raise TrustError(f"vendor key {kid.hex()[:16]} is not valid before "
+                                 f"{_iso(tk.not_before)}")
             if tk.not_after is not None and now > tk.not_after:
-                raise TrustError(f"vendor key {kid.hex()[:16]} expired at {tk.not_after}")
+                raise TrustError(f"vendor key {kid.hex()[:16]} expired at {_iso(tk.not_after)}")
             return tk.key
     raise TrustError(f"file is signed by key {kid.hex()[:16]}…, which this device does not trust")
 
@@ -378,12 +385,16 @@ def verify_vendor_file(
         MalformedError, TrustError: the file is not acceptable at all.
     """
     env = read_signed(data, limits)
+    # the kind first: a request given where a response belongs is named as such, not as a
+    # file signed by an untrusted key (the header is not trusted for anything else)
+    if env.content_type is not None and env.content_type != expect.KIND.content_type:
+        got = env.content_type.removeprefix("application/vnd.bms-license.").removesuffix("+cbor")
+        raise MalformedError(f"this is a {got} file, expected a {expect.KIND.value} file"
+                             if got in {k.value for k in Kind} else
+                             f"expected a {expect.KIND.value} file, the header says "
+                             f"{env.content_type!r}")
     key = _trusted_key(state, env.kid, max(now, state.clock_hwm))
     payload_bytes = env.verify_with(key)
-    if env.content_type is not None and env.content_type != expect.KIND.content_type:
-        raise MalformedError(
-            f"expected a {expect.KIND.value} file, the header says {env.content_type}"
-        )
     payload = decode_payload(strict_loads(payload_bytes, max_size=limits.max_file), expect)
     return payload, env
 
@@ -487,6 +498,11 @@ def _anonymous(origin: str | None) -> bool:
     return kind in ("tcp", "tls", "https") and not rest.startswith("cert ")
 
 
+#: how to recover from a clock set back, in every message that reports one
+CLOCK_RECOVERY = ("set the system clock to the right time (NTP, or date -s) and run the "
+                  "command again; nothing was changed")
+
+
 def _iso(t: int) -> str:
     """POSIX seconds as ISO 8601 UTC (a formatting function: no clock is read)."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
@@ -525,7 +541,7 @@ def _apply_changes(
             if have is None:
                 raise MalformedError(f"response removes {ch.feature}, which is not installed")
             removed.append(by_name.pop(ch.feature))
-    return tuple(sorted(by_name.values())), tuple(removed)
+    return sort_licenses(by_name.values()), tuple(removed)
 
 
 def apply_response(
@@ -627,6 +643,7 @@ def apply_response(
         last_receipt=receipt_bytes,
         clock_hwm=max(state.clock_hwm, now),
     )
+    new.__dict__["digest"] = new_digest  # the cached property, already computed above
     return ApplyResult(new, receipt_bytes, resp, already_applied=False, removed=removed)
 
 
@@ -757,6 +774,14 @@ class CheckResult:
     warnings: tuple[str, ...] = ()
 
 
+def licensed_at(lic: License, t: int) -> bool:
+    """Whether ``lic`` licenses its feature at ``t`` (already the later of the clock and the
+    high-water mark): what :func:`check_feature` answers for it, without its message."""
+    if lic.count <= 0 or (lic.not_before is not None and t < lic.not_before):
+        return False
+    return lic.not_after is None or t <= lic.not_after + lic.grace
+
+
 def check_feature(
     state: AgentState, feature: str, now: int, limits: Limits = DEFAULT_LIMITS
 ) -> CheckResult:
@@ -769,7 +794,7 @@ def check_feature(
     t = max(now, state.clock_hwm)
     lic = next((x for x in state.licenses if x.feature == feature), None)
     note = (f" (clock set back: it reads {_iso(now)}; using the latest time seen, "
-            f"{_iso(state.clock_hwm)}; set the system clock right)") if back else ""
+            f"{_iso(state.clock_hwm)}; {CLOCK_RECOVERY})") if back else ""
     if lic is None:
         return CheckResult(feature, False, f"{feature}: not licensed{note}", None, False, back)
     if lic.count <= 0:

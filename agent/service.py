@@ -24,7 +24,7 @@ from agent.journal import JournalReport
 from agent.messages import Action, LicenseInfo, TrustKey, TrustUpdate
 from agent.protocol import DEFAULT_LIMITS, ApplyResult, CheckResult, Limits
 from agent.record import record, replace
-from agent.store import Store, store_lock
+from agent.store import KeptLock, OpenStore, Store, store_lock
 
 __all__ = ["Agent", "status_dict"]
 
@@ -33,6 +33,7 @@ MODELS = ("AS-P", "AS-B", "Edge-Server")
 
 def status_dict(state: protocol.AgentState, now: int, warnings: Iterable[str] = ()) -> dict[str, Any]:
     """The JSON of ``licagent status --json`` (and ``licadmin status --json``)."""
+    latest = max(now, state.clock_hwm)  # as check_feature: a clock set back gains nothing
     return {
         "device_id": state.device_id,
         "model": state.model,
@@ -46,7 +47,7 @@ def status_dict(state: protocol.AgentState, now: int, warnings: Iterable[str] = 
                 "not_before": iso(lic.not_before),
                 "not_after": iso(lic.not_after),
                 "grace_seconds": lic.grace,
-                "licensed_now": protocol.check_feature(state, lic.feature, now).licensed,
+                "licensed_now": protocol.licensed_at(lic, latest),
             }
             for lic in state.licenses
         ],
@@ -80,6 +81,10 @@ class Agent:
         facts: where hardware facts come from (``hw.facts`` providers).
         clock: returns POSIX seconds; the only source of time.
         ops: file syscalls (fault injection in tests).
+        keep_open: keep the opened store between operations (the daemon): each
+            operation, under the store lock, compares the files with what they held
+            after the last one (:class:`agent.store.OpenStore`) and opens the store
+            from scratch only if another process changed them.
     """
 
     directory: Path
@@ -87,6 +92,7 @@ class Agent:
     clock: Callable[[], int] = _wall_clock
     ops: FileOps | None = None
     limits: Limits = DEFAULT_LIMITS
+    keep_open: bool = False
 
     def hardware(self) -> HardwareFacts:
         return self.facts.read()
@@ -94,12 +100,42 @@ class Agent:
     @contextmanager
     def _open(self) -> Iterator[tuple[Store, int]]:
         now = self.clock()
-        with store_lock(self.directory) as writable:
-            store = Store.open(
-                self.directory, self.hardware().binding_facts(), ops=self.ops, now=now,
-                facts_simulated=self.facts.simulated, writable=writable, limits=self.limits,
-            )
+        lock = store_lock(self.directory)
+        if self.keep_open:  # the lock file stays open too (verified after each flock)
+            kept_lock: KeptLock | None = self.__dict__.get("_lock")
+            if kept_lock is None:
+                kept_lock = self.__dict__.setdefault("_lock", KeptLock(self.directory))
+            lock = kept_lock.hold()
+        with lock as writable:
+            if not self.keep_open:
+                yield Store.open(
+                    self.directory, self.hardware().binding_facts(), ops=self.ops, now=now,
+                    facts_simulated=self.facts.simulated, writable=writable,
+                    limits=self.limits,
+                ), now
+                return
+            kept: OpenStore | None = self.__dict__.pop("_kept", None)
+            store = kept.reuse(writable) if kept is not None else None
+            facts = self.hardware().binding_facts()
+            if store is None:
+                store = Store.open(
+                    self.directory, facts, ops=self.ops, now=now,
+                    facts_simulated=self.facts.simulated, writable=writable, limits=self.limits,
+                )
+                # a store whose opening warned (a damaged copy, a replay) is not kept: the
+                # next operation opens it again and says so again, as a fresh process would
+                clean = not store.report.warnings
+            else:
+                # the files are byte for byte those a fresh open read: the facts' source
+                # and the binding are checked again, as Store.open does each time
+                store.check_hardware(facts, self.facts.simulated, now)
+                clean = True
             yield store, now
+            # only after a whole operation (an exception drops the kept store: the next
+            # operation opens from scratch), with the lock still held
+            if clean:
+                self.__dict__["_kept"] = (kept.after(store) if kept is not None
+                                          else OpenStore.snapshot(store))
 
     # ------------------------------------------------------------ operations
 
@@ -250,6 +286,7 @@ class Agent:
             lics = entry.reclaim if action is Action.RECLAIM else entry.install
             return [lic.feature for lic in lics]
 
-    def journal(self) -> JournalReport:
+    def journal(self, entries: bool = True) -> JournalReport:
+        """The verified journal; ``entries=False`` verifies it all and keeps only the count."""
         with self._open() as (store, _now):
-            return store.journal.read()
+            return store.journal.read(entries)

@@ -66,7 +66,9 @@ from agent.record import field, record
 __all__ = [
     "STATE_FILES",
     "FileOps",
+    "KeptLock",
     "LoadReport",
+    "OpenStore",
     "Store",
     "check_state_dir",
     "decode_slot",
@@ -105,25 +107,37 @@ def check_state_dir(directory: Path) -> None:
         UnsafeFileError: the directory or a file fails a check (one line naming it).
     """
     dfd = check_private_dir(directory)
-    euid = os.geteuid()
     try:
-        dev = os.fstat(dfd).st_dev
-        for name in STATE_FILES:
-            st = kind_at(dfd, name)
-            if st is None or (stat.S_ISREG(st.st_mode) and st.st_dev == dev
-                              and st.st_uid == euid and not st.st_mode & 0o022):
-                continue  # the common case, without building a message
-            label = os.path.join(directory, name)
-            if not stat.S_ISREG(st.st_mode):
-                raise UnsafeFileError(f"{label} is {describe(st.st_mode)}, expected a regular "
-                                      f"file of the license store; refused (nothing read or "
-                                      f"written through it)")
-            if st.st_dev != dev:
-                raise UnsafeFileError(f"{label} is on another filesystem than {directory}, "
-                                      f"expected a file of the state directory itself; refused")
-            check_private(st, label)
+        _check_entries(dfd, directory)
     finally:
         os.close(dfd)
+
+
+def _check_entries(dfd: int, directory: Path) -> dict[str, int]:
+    """:func:`check_state_dir`'s check of each state file, in the open directory ``dfd``;
+    returns the size of each that exists."""
+    euid = os.geteuid()
+    dev = os.fstat(dfd).st_dev
+    sizes: dict[str, int] = {}
+    for name in STATE_FILES:
+        st = kind_at(dfd, name)
+        if st is None:
+            continue
+        if (stat.S_ISREG(st.st_mode) and st.st_dev == dev
+                and st.st_uid == euid and not st.st_mode & 0o022):
+            sizes[name] = st.st_size
+            continue  # the common case, without building a message
+        label = os.path.join(directory, name)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError(f"{label} is {describe(st.st_mode)}, expected a regular "
+                                  f"file of the license store; refused (nothing read or "
+                                  f"written through it)")
+        if st.st_dev != dev:
+            raise UnsafeFileError(f"{label} is on another filesystem than {directory}, "
+                                  f"expected a file of the state directory itself; refused")
+        check_private(st, label)
+        sizes[name] = st.st_size
+    return sizes
 
 
 def read_state_file(directory: Path, name: str, cap: int) -> bytes:
@@ -291,6 +305,8 @@ class Store:
         #: False on a read-only file system: reading works, every write is refused
         self.writable = writable
         self.limits = limits
+        #: (state, facts, facts given as data) that last passed :meth:`check_hardware`
+        self._hw_passed: tuple[AgentState, tuple[str, ...], bool] | None = None
         self.mac_key = key.secret_digest(b"store-mac")
         self.journal = Journal(directory / JOURNAL_FILE, key.secret_digest(b"journal-mac"), ops)
 
@@ -547,6 +563,29 @@ class Store:
                 f"store re-bound"
             )
 
+    def write_mark(self) -> tuple[int, object]:
+        """Changes whenever this store writes (a slot saved, a journal record appended or
+        taken back, the journal's end re-read): an :class:`OpenStore` re-reads only then."""
+        return self.generation, self.journal.tail_token()
+
+    def check_hardware(self, binding_facts: tuple[str, ...], facts_simulated: bool,
+                       now: int) -> None:
+        """What :meth:`open` checks of the hardware, for a store kept open (:class:`OpenStore`).
+
+        Both checks are pure functions of the state and the facts: when the facts are
+        those that passed unchanged last time, against the very same state, they pass
+        again and are not redone.
+        """
+        passed = (self.state, binding_facts, facts_simulated)
+        last = self._hw_passed
+        if last is not None and last[0] is self.state and last[1:] == passed[1:]:
+            return
+        self._check_facts_source(facts_simulated, now)
+        before = self.state
+        self._check_binding(binding_facts, now)
+        if self.state is before and not self.report.warnings:
+            self._hw_passed = passed
+
     # ------------------------------------------------------------ writing
 
     def require_writable(self, what: str) -> None:
@@ -563,6 +602,7 @@ class Store:
         data = encode_slot(self.mac_key, gen, state.encode(), head)
         atomic_write(self.ops, self.directory / SLOTS[slot], data)
         self.state, self.generation, self.slot, self.head = state, gen, slot, head
+        self.journal.anchor(head)  # as a fresh open of this slot would (refusals counted on)
 
     def commit(self, state: AgentState, event: str, details: dict[str, Any], now: int) -> str | None:
         """Journal, then save (write-ahead): every committed state has its journal record.
@@ -613,6 +653,126 @@ class Store:
                                          "message": str(err)[:300]}, now)
         except StorageError:
             pass
+
+
+@record(frozen=True)
+class _Files:
+    """The bytes :meth:`Store.open` reads: key, both slots, the journal from the head on."""
+
+    key: bytes
+    slots: tuple[bytes | None, bytes | None]
+    journal_size: int
+    journal_tail: bytes
+
+
+_RAW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _raw(dfd: int, name: str, cap: int, start: int = 0,
+         size: int | None = None) -> tuple[bytes, int] | None:
+    """(bytes from ``start``, at most ``cap + 1``; the file's size) of a regular file in
+    ``dfd``, or None if there is none; never through a symlink nor blocking on a FIFO.
+
+    ``size``: the size an ``lstat`` of this entry just found a regular file to have (its
+    check done there); otherwise the open file is checked. A file that grew since is
+    read one byte longer, which no snapshot matches.
+    """
+    try:
+        fd = os.open(name, _RAW, dir_fd=dfd)
+    except FileNotFoundError:
+        return None
+    try:
+        if size is None:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafeFileError(f"{name} is {describe(st.st_mode)}")
+            size = st.st_size
+        return os.pread(fd, min(max(size - start, 0), cap) + 1, start), size
+    finally:
+        os.close(fd)
+
+
+def _files(directory: Path, journal_from: int, check: bool = False) -> _Files:
+    """Read what opening the store reads (raises OSError/UnsafeFileError); with ``check``,
+    check the directory and its files first as :func:`check_state_dir` does."""
+    if check:
+        dfd = check_private_dir(directory)
+    else:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        sizes = _check_entries(dfd, directory) if check else {}
+        key = _raw(dfd, KEY_FILE, MAX_KEY, 0, sizes.get(KEY_FILE))
+        if key is None:
+            raise FileNotFoundError(os.path.join(directory, KEY_FILE))
+        s0 = _raw(dfd, SLOTS[0], MAX_SLOT, 0, sizes.get(SLOTS[0]))
+        s1 = _raw(dfd, SLOTS[1], MAX_SLOT, 0, sizes.get(SLOTS[1]))
+        # the journal from the head on is bounded (RESAVE_AFTER records); one over
+        # MAX_SLOT is cut there, and its size still tells any change
+        j = _raw(dfd, JOURNAL_FILE, MAX_SLOT, journal_from, sizes.get(JOURNAL_FILE))
+    finally:
+        os.close(dfd)
+    return _Files(key[0], (None if s0 is None else s0[0], None if s1 is None else s1[0]),
+                  -1 if j is None else j[1], b"" if j is None else j[0])
+
+
+class OpenStore:
+    """A store kept open between operations (the daemon), and the files it stands for.
+
+    Taken after an operation, under the store lock: the bytes of the device key, of
+    both slots, and of the journal from the slot's head on (with the journal's
+    size), which is all :meth:`Store.open` reads. :meth:`reuse`, under the lock
+    again, reads them once more and returns the kept store only if every byte is
+    the same: a fresh open would then load exactly this store (the same slot, the
+    same head record, the same records past it). Anything another process did, a
+    slot put back, a journal cut or appended to, a key replaced, differs in some
+    byte and the store is opened from scratch. Comparing bytes, not times or inode
+    numbers, is exact whatever the file system's timestamp granularity.
+    """
+
+    __slots__ = ("files", "journal_from", "mark", "store", "writable")
+
+    def __init__(self, store: Store, files: _Files, journal_from: int) -> None:
+        self.store = store
+        self.files = files
+        self.journal_from = journal_from
+        self.writable = store.writable
+        self.mark = store.write_mark()
+
+    @classmethod
+    def snapshot(cls, store: Store) -> OpenStore | None:
+        """The store and its files now (under the lock); None when it cannot be kept (a slot
+        of format 1, or more past the head than is compared)."""
+        if store.head is None:
+            return None
+        try:
+            files = _files(store.directory, store.head.start)
+        except (OSError, LicensingError):
+            return None
+        if files.journal_size - store.head.start > MAX_SLOT:
+            return None
+        return cls(store, files, store.head.start)
+
+    def reuse(self, writable: bool) -> Store | None:
+        """The kept store if the files are unchanged (call under the store lock), else None."""
+        if writable != self.writable:
+            return None
+        try:
+            if _files(self.store.directory, self.journal_from, check=True) != self.files:
+                return None
+        except (OSError, LicensingError):
+            return None  # opening from scratch says what is wrong
+        store = self.store
+        store.report = LoadReport(store.slot, store.generation)
+        return store
+
+    def after(self, store: Store) -> OpenStore | None:
+        """What to keep after an operation on ``store`` (still under the lock): this very
+        snapshot if the operation wrote nothing (no slot saved, no journal record), else
+        a new one read from the files."""
+        gen, tail = store.write_mark()
+        if store is self.store and gen == self.mark[0] and tail is self.mark[1] is not None:
+            return self  # the same objects: nothing written (None: the end was forgotten)
+        return OpenStore.snapshot(store)
 
 
 def _read_only(directory: Path) -> bool:
@@ -683,6 +843,74 @@ def open_lock_file(directory: Path) -> tuple[int, bool]:
     finally:
         os.close(dfd)
     return fd, writable
+
+
+class KeptLock:
+    """The store lock of an agent that keeps its store open: the lock file stays open.
+
+    Each :meth:`hold` takes the flock on the kept descriptor, then checks that the
+    lock file's name still names that very file (device, inode, one link); if not
+    (removed, replaced), the descriptor is dropped and the lock file opened again with
+    every check of :func:`open_lock_file`, so a lock on a file no longer in the
+    directory never excludes nothing. The directory's own checks are those the
+    operation makes next (:class:`OpenStore`, :meth:`Store.open`). One operation at
+    a time (a thread lock): an flock does not exclude another thread of the same
+    open file.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.fd = -1
+        self.writable = True
+        self.ident: tuple[int, int] = (0, 0)
+        import threading  # only a daemon keeps its lock: check and status never load it
+
+        self.threads = threading.Lock()
+
+    def _open(self) -> None:
+        fd, writable = open_lock_file(self.directory)
+        self.fd, self.writable = fd, writable
+        if fd >= 0:
+            st = os.fstat(fd)
+            self.ident = (st.st_dev, st.st_ino)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+    def __del__(self) -> None:
+        self.close()
+
+    @contextmanager
+    def hold(self) -> Iterator[bool]:
+        """:func:`store_lock` on the kept descriptor; yields whether the store is writable."""
+        with self.threads:
+            if not self.directory.is_dir():
+                self.close()
+                yield True
+                return
+            for _ in range(3):
+                if self.fd < 0:
+                    self._open()
+                    if self.fd < 0:  # read-only, no lock file: nothing to lock
+                        yield False
+                        return
+                fcntl.flock(self.fd, fcntl.LOCK_EX if self.writable else fcntl.LOCK_SH)
+                try:
+                    st = os.stat(os.path.join(self.directory, LOCK_FILE), follow_symlinks=False)
+                    same = (st.st_dev, st.st_ino) == self.ident and st.st_nlink == 1
+                except OSError:
+                    same = False
+                if same:
+                    break
+                self.close()  # the name names another file now: lock that one instead
+            else:
+                raise StorageError(f"the lock file in {self.directory} keeps being replaced")
+            try:
+                yield self.writable and not _read_only(self.directory)
+            finally:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 @contextmanager

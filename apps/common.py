@@ -16,26 +16,40 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.durable import FileOps, atomic_write
-from agent.errors import EXIT_OK, LicensingError, NotLicensedError, StorageError, UsageError
+from agent.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    LicensingError,
+    MalformedError,
+    NotLicensedError,
+    StorageError,
+    UsageError,
+)
 from agent.formats import iso
 from agent.identity import FactsProvider
 from agent.messages import Action, DeviceInfo
-from agent.rpc import ApplyResult
 
 if TYPE_CHECKING:
     import argparse
 
+    from agent.cose import PublicKey, SigningKey
+    from agent.rpc import ApplyResult  # only for show_applied's signature
+
 __all__ = [
+    "add_version",
     "add_operation_commands",
     "show_applied",
     "show_check",
     "exit_code_of",
+    "one_line",
     "facts_provider",
     "info_json",
     "parse_time",
     "print_json",
     "print_status",
     "read_input",
+    "read_public_key",
+    "read_signing_key",
     "read_toml",
     "show_info",
     "show_status",
@@ -94,34 +108,110 @@ def read_toml(path: str | Path, what: str = "file") -> dict[str, Any]:
     """A TOML file (``what`` names it in errors: config file, scenario, servers file).
 
     Raises:
-        UsageError: it cannot be read or is not TOML.
+        UsageError: it cannot be read, or it is not TOML (what it is instead): a settings
+        file is the user's own, so a bad one is a usage error (exit 2) in every tool.
     """
     import tomllib  # only for the tools' settings files: a daemon started by flags never pays
 
+    data = read_input(str(path), TOML_MAX, what)
+    if len(data) > TOML_MAX:
+        raise UsageError(f"{what} {path} is larger than {TOML_MAX} bytes: not a settings file")
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError as exc:
-        raise UsageError(f"cannot read {what} {path}: no such file") from exc
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:  # binary data, a signed file, a key in DER ...
+        raise UsageError(f"{what} {path} is {_what_is(data)} (not UTF-8 text at byte "
+                         f"{exc.start})") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"{what} {path} is not valid TOML: {exc}") from exc
-    except UnicodeDecodeError as exc:  # tomllib decodes before it parses
-        raise UsageError(f"{what} {path} is not valid TOML: not UTF-8 text "
-                         f"(byte {exc.start})") from exc
+        raise UsageError(f"{what} {path} is {_what_is(data)}: {exc}") from exc
+    except RecursionError as exc:  # tomllib recurses per nesting level of arrays and tables
+        raise UsageError(f"{what} {path} nests arrays or tables too deeply: "
+                         f"not a settings file") from exc
 
 
-def read_input(path: str, limit: int) -> bytes:
-    """Read a file once, capped: the bytes read are the bytes verified and applied."""
+#: a settings file (config, scenario, servers list) is small: far below this
+TOML_MAX = 4 * 1024 * 1024
+
+
+def _what_is(data: bytes) -> str:
+    from agent.formats import describe_kind, identify
+
+    kind = identify(data)
+    if kind == "text":
+        return "not valid TOML"
+    return f"{describe_kind(kind)}, expected a TOML file"
+
+
+def read_input(path: str, limit: int, what: str = "file", expect: str | None = None) -> bytes:
+    """Read a file once, capped: the bytes read are the bytes verified and applied.
+
+    Args:
+        what: names the file in errors (``response file``, ``vendor key``).
+        expect: an :func:`agent.formats.identify` kind (``response``, ``pem-public-key``):
+            a file that is plainly something else is refused at once, naming what it is.
+
+    Raises:
+        UsageError: no such file, or a folder (exit 2); StorageError: it cannot be read
+        (exit 8); MalformedError: another kind of file (exit 3). A file larger than
+        ``limit`` comes back as ``limit + 1`` bytes, which its decoder refuses (the same
+        message as over a link).
+    """
     try:
         with open(path, "rb") as f:
             data = f.read(limit + 1)
     except FileNotFoundError as exc:
-        raise UsageError(f"no such file: {path}") from exc
+        raise UsageError(f"cannot read {what} {path}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise UsageError(f"cannot read {what} {path}: it is a folder, expected a file") from exc
     except OSError as exc:
-        raise StorageError(f"cannot read {path}: {exc}") from exc
+        raise StorageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a path with a NUL byte
+        raise UsageError(f"cannot read {what} {path!r}: not a valid path") from exc
+    if expect is not None and len(data) <= limit:  # a larger one: its decoder says so
+        from agent.formats import expect_kind
+
+        expect_kind(data, expect, path)
     return data
+
+
+def read_public_key(path: str, what: str = "public key") -> PublicKey:
+    """A PEM public key (``--trust``); a private key or anything else is named as such."""
+    from agent.cose import PublicKey
+
+    data = read_input(path, KEY_MAX, what, expect="pem-public-key")
+    try:
+        return PublicKey.from_pem(data)
+    except LicensingError as exc:
+        raise MalformedError(f"{what} {path}: {exc}") from exc
+
+
+def read_signing_key(path: str, what: str = "signing key") -> SigningKey:
+    """A PEM private key (``--key``); a public key or anything else is named as such."""
+    from agent.cose import SigningKey
+
+    data = read_input(path, KEY_MAX, what, expect="pem-private-key")
+    try:
+        return SigningKey.from_pem(data)
+    except LicensingError as exc:
+        raise MalformedError(f"{what} {path}: {exc}") from exc
+
+
+#: a PEM key of this project is a few hundred bytes
+KEY_MAX = 64 * 1024
+
+
+def add_version(parser: argparse.ArgumentParser, prog: str) -> None:
+    """``--version`` of every tool: the package's version and the file format it reads."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from agent.messages import FORMAT_VERSION
+
+    try:
+        v = version("bms-licensing")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        v = "unknown (not installed)"
+    parser.add_argument("--version", action="version",
+                        version=f"{prog} {v} (bms-licensing, file format {FORMAT_VERSION})",
+                        help="print the version and exit")
 
 
 def dumps_json(obj: Any, indent: int | None = None) -> str:
@@ -219,38 +309,64 @@ def add_operation_commands(cmd: Callable[[str, str], argparse.ArgumentParser],
     on a server over a link, with the same arguments and flags (a contract), declared here
     once. ``cmd(name, help)`` makes a subcommand with the tool's own common flags."""
     sp = cmd("info", helps["info"])
-    sp.add_argument("--out", metavar="FILE")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--out", metavar="FILE",
+                    help="write the signed device-information file here (for licadmin "
+                         "license-info or the vendor)")
+    sp.add_argument("--json", action="store_true", help="print the fields as JSON")
 
     sp = cmd("status", helps["status"])
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true",
+                    help="print the status as JSON (dates in ISO 8601)")
 
     sp = cmd("request", helps["request"])
-    sp.add_argument("action", choices=[a.value for a in Action])
-    sp.add_argument("--feature", action="append", default=[], metavar="F")
+    sp.add_argument("action", choices=[a.value for a in Action],
+                    help="what the request asks the vendor for")
+    sp.add_argument("--feature", action="append", default=[], metavar="F",
+                    help="a feature to ask for (repeat for each)")
     sp.add_argument("--license-info", metavar="FILE", help=helps["license-info"])
-    sp.add_argument("--out", required=True, metavar="FILE")
+    sp.add_argument("--out", required=True, metavar="FILE",
+                    help="where to write the signed request file")
 
     sp = cmd("apply", helps["apply"])
-    sp.add_argument("response", metavar="RESPONSE_FILE")
-    sp.add_argument("--receipt-out", metavar="FILE")
+    sp.add_argument("response", metavar="RESPONSE_FILE",
+                    help="the vendor's response file (not a request: that one is refused "
+                         "and named)")
+    sp.add_argument("--receipt-out", metavar="FILE",
+                    help="write the signed receipt here (for licadmin confirm or the vendor)")
 
     sp = cmd("check", helps["check"])
-    sp.add_argument("feature", metavar="FEATURE")
+    sp.add_argument("feature", metavar="FEATURE", help="the feature name, e.g. bacnet-ip")
+
+
+def one_line(text: str) -> str:
+    """A message as one line: line breaks and other control characters that came from a
+    file or a peer are shown escaped, so that no input can forge a second line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def exit_code_of(prog: str, command: Callable[[], int]) -> int:
     """Run a tool's command and turn what it raises into the documented exit code.
 
     ``not licensed`` exits 1 silently (``check``); any other LicensingError prints
-    ``PROG: REASON: MESSAGE`` and exits with its code; Ctrl-C exits 130.
+    ``PROG: REASON: MESSAGE`` and exits with its code; Ctrl-C exits 130. Anything else
+    is a bug of the tool: one line ``PROG: internal: ...`` and exit 1, never a traceback
+    (``LICENSING_TRACEBACK=1`` shows it, for a bug report).
     """
     try:
         return command()
     except NotLicensedError:
         return NotLicensedError.exit_code
     except LicensingError as err:
-        print(f"{prog}: {err.reason}: {err}", file=sys.stderr)
+        print(f"{prog}: {err.reason}: {one_line(str(err))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if os.environ.get("LICENSING_TRACEBACK"):
+            raise
+        print(f"{prog}: internal: {type(exc).__name__}: {one_line(str(exc))[:300]} (a bug in "
+              f"{prog}: please report it with the command that caused it; "
+              f"LICENSING_TRACEBACK=1 shows where)", file=sys.stderr)
+        return EXIT_FAILURE

@@ -326,7 +326,7 @@ class LicensingClient:
             if ctype == CBOR:
                 return strict_loads(data, max_size=MAX_ANSWER)
             return json.loads(data)
-        except (MalformedError, ValueError) as exc:
+        except (MalformedError, ValueError, RecursionError) as exc:
             raise TransportError(f"{self.url}{path}: unreadable answer: {exc}") from exc
 
     def _read(self, decode: Callable[[object], _B], data: bytes, ctype: str, path: str) -> _B:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from agent.errors import UsageError
+from agent.errors import MalformedError, UsageError
 from agent.identity import HardwareFacts
 
 __all__ = [
@@ -285,6 +285,10 @@ class StaticFactsProvider:
         )
 
 
+#: a facts file lists a few identifiers
+FACTS_FILE_MAX = 64 * 1024
+
+
 def load_facts_file(path: Path) -> StaticFactsProvider:
     """Read hardware facts from a JSON object file (keys as in :meth:`from_mapping`).
 
@@ -292,12 +296,23 @@ def load_facts_file(path: Path) -> StaticFactsProvider:
         UsageError: the file is missing, unreadable, not JSON, not an object,
             or has an unknown key or a wrongly typed value.
     """
-    try:
-        import json  # only for simulated servers' facts files
+    from agent.formats import loads_json  # only for simulated servers' facts files
 
-        data: object = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # ValueError covers JSON and UTF-8 decode errors
-        raise UsageError(f"cannot read hardware facts file {path}: {exc}") from exc
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(FACTS_FILE_MAX + 1)
+    except FileNotFoundError as exc:
+        raise UsageError(f"cannot read hardware facts file {path}: no such file") from exc
+    except OSError as exc:
+        raise UsageError(f"cannot read hardware facts file {path}: "
+                         f"{exc.strerror or exc}") from exc
+    if len(raw) > FACTS_FILE_MAX:
+        raise UsageError(f"hardware facts file {path} is larger than {FACTS_FILE_MAX} bytes")
+    try:
+        data: object = loads_json(raw, f"hardware facts file {path}",
+                                  "a JSON object of hardware facts")
+    except MalformedError as exc:  # a facts file is the tester's own: a usage error
+        raise UsageError(str(exc)) from exc
     if not isinstance(data, dict):
         raise UsageError(
             f"cannot read hardware facts file {path}: expected a JSON object, "

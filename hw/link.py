@@ -301,7 +301,13 @@ class StreamClient(SessionClient):
         timeout: seconds to wait for each try.
         tries: how many times one request is sent before giving up.
         clock: monotonic seconds (injectable for tests).
+
+    Attributes:
+        deadline: a time on ``clock`` after which no answer is waited for (a whole
+            job's time limit, such as ``licadmin --timeout``); None: only the tries.
     """
+
+    deadline: float | None = None
 
     def __init__(self, link: Link, timeout: float = 2.0, tries: int = 4,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -314,6 +320,9 @@ class StreamClient(SessionClient):
         self.link.write(frame)
         while True:
             now = self.clock()
+            if self.deadline is not None and now >= self.deadline:
+                self.rpc.abandon(rid)
+                raise TransportError(f"{op}: no answer within the time allowed")
             resend, failed = self.rpc.due(now)
             for f in failed:
                 if f.id == rid:
@@ -322,6 +331,8 @@ class StreamClient(SessionClient):
                 self.link.write(fr)
             deadline = self.rpc.next_deadline()
             wait = 0.05 if deadline is None else max(0.001, min(deadline - now, 0.5))
+            if self.deadline is not None:
+                wait = max(0.001, min(wait, self.deadline - now))
             data = self.link.read(wait)
             if not data:
                 continue

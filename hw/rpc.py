@@ -227,6 +227,10 @@ class RpcClient:
                 resend.append(p.frame)
         return resend, failed
 
+    def abandon(self, rid: int) -> None:
+        """Stop waiting for ``rid`` (its answer, if it comes, is ignored)."""
+        self._pending.pop(rid, None)
+
     def next_deadline(self) -> float | None:
         return min((p.deadline for p in self._pending.values()), default=None)
 

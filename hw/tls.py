@@ -18,7 +18,44 @@ if TYPE_CHECKING:
 
     from hw.link import LinkURL
 
-__all__ = ["client_context", "origin_of", "server_context"]
+__all__ = ["check_tls_files", "client_context", "origin_of", "server_context"]
+
+
+#: what each TLS option of a URL must hold, as a PEM marker and in words
+_TLS_FILES = {"ca": (b"-----BEGIN CERTIFICATE-----", "a PEM certificate (the site CA)"),
+              "cert": (b"-----BEGIN CERTIFICATE-----", "a PEM certificate"),
+              "key": (b"PRIVATE KEY-----", "a PEM private key")}
+#: a CA bundle may hold many certificates; a key or certificate is a few KiB
+_TLS_FILE_MAX = 4 * 1024 * 1024
+
+
+def check_tls_files(url: LinkURL) -> None:
+    """Each TLS file of ``url`` exists and holds what its option says, named if not.
+
+    ``ssl`` alone would say only "PEM lib" or "no certificate or crl found".
+
+    Raises:
+        UsageError: ``URL: cannot load the TLS files: ca=FILE is a request file, expected
+        a PEM certificate (the site CA)``.
+    """
+    from agent.formats import describe_kind, identify
+
+    for opt, (marker, words) in _TLS_FILES.items():
+        path = url.option(opt)
+        if not path:
+            continue
+        try:
+            with open(path, "rb") as f:
+                data = f.read(_TLS_FILE_MAX + 1)
+        except FileNotFoundError as exc:
+            raise UsageError(f"{url.text}: cannot load the TLS files: {opt}={path}: "
+                             f"no such file") from exc
+        except OSError as exc:
+            raise UsageError(f"{url.text}: cannot load the TLS files: {opt}={path}: "
+                             f"{exc.strerror or exc}") from exc
+        if marker not in data[:_TLS_FILE_MAX]:
+            raise UsageError(f"{url.text}: cannot load the TLS files: {opt}={path} is "
+                             f"{describe_kind(identify(data))}, expected {words}")
 
 
 def client_context(url: LinkURL) -> ssl.SSLContext:
@@ -32,6 +69,7 @@ def client_context(url: LinkURL) -> ssl.SSLContext:
     ca, cert, key = url.option("ca"), url.option("cert"), url.option("key")
     if key and not cert:
         raise UsageError(f"{url.text}: key= needs cert= (the client certificate)")
+    check_tls_files(url)
     try:
         ctx = ssl.create_default_context(cafile=ca or None)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -64,6 +102,7 @@ def server_context(url: LinkURL, usage: str, require_client_cert: bool | None = 
     if require and not ca:
         raise UsageError(f"{url.text}: require_client_cert needs ca=PATH "
                          f"(the CA that signs client certificates)")
+    check_tls_files(url)
     try:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2

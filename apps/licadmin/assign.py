@@ -121,7 +121,7 @@ def plan(entitlement: str, product: str | None, devices: Sequence[str],
         targets = [(d, feats) for d in dict.fromkeys(devices)]
     else:
         assert devices_from is not None
-        data = read_input(devices_from, max(SITE_INFO_MAX, CSV_MAX))
+        data = read_input(devices_from, max(SITE_INFO_MAX, CSV_MAX), "--devices-from file")
         if data[:1] and 0xA0 <= data[0] <= 0xBF:  # a CBOR map: a SITE_INFO bundle
             try:
                 bundle = SiteInfo.decode(data)

@@ -9,25 +9,31 @@ A server is named by a link URL (``--server https://HOST:PORT?ca=FILE``,
 ``tcp://...``, ...; see :mod:`hw`). Exit codes are those of ``licagent``
 (see agent.errors): the server's refusal comes back with its code. A link
 failure (connection refused, timeout, TLS) exits 1 with a message. A
-workflow step where some servers failed and others succeeded exits 10
-(partial).
+workflow step where anything was not done (a server failed, was missed or
+interrupted) while others succeeded exits 10 (partial). Ctrl-C (SIGINT or
+SIGTERM) during a site step starts no further server, lets the ones in flight
+finish, writes the servers not done into a servers file, prints the command
+that finishes them, and exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import hw
 from agent.errors import EXIT_OK, UsageError
 from agent.formats import LICENSE_INFO_MAX, verify_receipt
 from agent.messages import DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
+from agent.rpc import TransportError
 from apps.common import (
     add_operation_commands,
+    add_version,
     exit_code_of,
     print_json,
     read_input,
@@ -63,6 +69,7 @@ def _timeout(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Administer the licenses of a BMS automation server over a link.")
+    add_version(p, PROG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
@@ -70,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--server", required=True, metavar="URL",
                         help="link URL of the server, e.g. https://HOST:PORT?ca=ca.pem")
         sp.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                        help=f"how long to wait for the server (default {DEFAULT_TIMEOUT:g})")
+                        help=f"the total time allowed for the server, in seconds: connecting, "
+                             f"the operation and its retries (default {DEFAULT_TIMEOUT:g})")
         return sp
 
     add_operation_commands(cmd, {
@@ -100,58 +108,86 @@ def _workflow_parsers(sub: Any) -> None:
 
     def cmd(name: str, help_: str, servers: bool = False,
             licensing: bool = False) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = sub.add_parser(name, help=help_, description=help_)
+        sp: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_, description=help_, epilog=SITE_EPILOG if servers else None)
         if servers:
             sp.add_argument("--server", action="append", default=[], metavar="URL",
                             help="link URL of a server (repeat for each)")
             sp.add_argument("--servers", metavar="FILE.toml",
                             help='the site\'s servers: [[server]] tables with url = "..." '
                                  'and an optional name = "..."')
-            sp.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT,
+            sp.add_argument("--timeout", type=_timeout, default=runner.DEFAULT_TIMEOUT,
                             metavar="SECONDS",
-                            help=f"how long to wait for each server (default {DEFAULT_TIMEOUT:g})")
+                            help=TIMEOUT_HELP.format(default=runner.DEFAULT_TIMEOUT))
             sp.add_argument("--jobs", type=_jobs, default=runner.DEFAULT_JOBS, metavar="N",
                             help=f"servers handled at once (default {runner.DEFAULT_JOBS})")
         if licensing:
             licensing_access.add_options(sp)
         sp.add_argument("--json", action="store_true", help="print a summary as JSON")
+        if name != "show":
+            sp.add_argument("--verbose", action="store_true",
+                            help="one line per server (or file) as it finishes; by default "
+                                 "one line per outcome class and a table of what was not done")
         return sp
 
     sp = cmd("gather", "step 1 (site): gather every server's device information into SITE_INFO",
              servers=True)
-    sp.add_argument("--out", required=True, metavar="SITE_INFO")
+    sp.add_argument("--out", required=True, metavar="SITE_INFO",
+                    help="where to write the SITE_INFO bundle")
     sp.add_argument("--site", metavar="NAME", help="the site's name (default: from --servers, "
                                                    "else the file name)")
+    sp.add_argument("--append", action="store_true",
+                    help="keep the servers SITE_INFO already holds and add these (how an "
+                         "interrupted gather is finished)")
     sp = cmd("license-info", "step 2 (online): download the license information for SITE_INFO",
              licensing=True)
-    sp.add_argument("--site-info", required=True, metavar="SITE_INFO")
+    sp.add_argument("--site-info", required=True, metavar="SITE_INFO",
+                    help="the SITE_INFO file licadmin gather wrote")
     sp.add_argument("--device", action="append", default=[], metavar="DEVICE_ID",
                     help="only these servers (default: all in SITE_INFO)")
-    sp.add_argument("--out", required=True, metavar="LICENSE_INFO")
+    sp.add_argument("--out", required=True, metavar="LICENSE_INFO",
+                    help="where to write the license information (each server's own "
+                         "beside it, in LICENSE_INFO.d)")
     sp = cmd("requests", "step 3 (site): each server signs its request from LICENSE_INFO",
              servers=True)
-    sp.add_argument("--license-info", required=True, metavar="LICENSE_INFO")
-    sp.add_argument("--out-dir", required=True, metavar="REQUESTS")
+    sp.add_argument("--license-info", required=True, metavar="LICENSE_INFO",
+                    help="the license information licadmin license-info wrote")
+    sp.add_argument("--out-dir", required=True, metavar="REQUESTS",
+                    help="folder for the request files, one per server (created if missing)")
     sp = cmd("upload", "step 4 (online): upload the requests, download one response per server",
              licensing=True)
-    sp.add_argument("--requests", required=True, metavar="REQUESTS")
-    sp.add_argument("--out-dir", required=True, metavar="RESPONSES")
+    sp.add_argument("--requests", required=True, metavar="REQUESTS",
+                    help="the folder licadmin requests wrote")
+    sp.add_argument("--out-dir", required=True, metavar="RESPONSES",
+                    help="folder for the response files, one per server (created if "
+                         "missing)")
     sp.add_argument("--receipts", metavar="RECEIPTS",
                     help="receipts to confirm on the way (default: a receipts folder beside "
                          "REQUESTS, if there is one)")
     sp = cmd("send", "step 5 (site): each server applies its own response and returns a receipt",
              servers=True)
-    sp.add_argument("--responses", required=True, metavar="RESPONSES")
-    sp.add_argument("--receipts-out", required=True, metavar="RECEIPTS")
+    sp.add_argument("--responses", required=True, metavar="RESPONSES",
+                    help="the folder licadmin upload wrote")
+    sp.add_argument("--receipts-out", required=True, metavar="RECEIPTS",
+                    help="folder for the receipts, one per server (created if missing)")
     sp = cmd("confirm", "step 6 (online): confirm the receipts; reclaimed licenses become free",
              licensing=True)
-    sp.add_argument("--receipts", required=True, metavar="RECEIPTS")
+    sp.add_argument("--receipts", required=True, metavar="RECEIPTS",
+                    help="the folder licadmin send wrote (or receipts from licagent apply "
+                         "--receipt-out)")
     for name, what in (("activate", "activation"), ("reclaim", "license reclaim")):
         sp = cmd(name, f"steps 1 to 6 in one go ({what}; this computer online, the servers not)",
                  servers=True, licensing=True)
         sp.add_argument("--work-dir", metavar="DIR",
                         help="keep the files of every step here (default: a temporary folder, "
                              "kept only if something failed)")
+        sp.add_argument("--dry-run", action="store_true",
+                        help="run steps 1 and 2 only and print the plan per server (install, "
+                             "update, reclaim); change nothing")
+        if name == "activate":
+            sp.add_argument("--yes", action="store_true",
+                            help="allow the reclaims the license information lists (without "
+                                 "it, activate asks on a terminal, else refuses with exit 2)")
         if name == "reclaim":
             sp.add_argument("--feature", action="append", default=[], metavar="F",
                             help="reclaim these features where installed (default: what the "
@@ -174,15 +210,55 @@ def _workflow_parsers(sub: Any) -> None:
                     help="the device's total of FEATURE (0 releases it); repeat for each "
                          "feature; not with a CSV, whose rows carry their own")
     sp = cmd("show", "print any file of this project with its kind, signer and signature verdict")
-    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("file", metavar="FILE",
+                    help="a signed file, SITE_INFO bundle or PEM key of this project")
     sp.add_argument("--trust", action="append", default=[], metavar="VENDOR_PUB",
                     help="vendor public key (PEM) to check vendor signatures with")
 
 
-def run_workflow(args: argparse.Namespace) -> int:
+#: the site steps: they talk to the servers, and Ctrl-C stops them cleanly
+SITE_STEPS = frozenset({"gather", "requests", "send", "activate", "reclaim"})
+#: what ``--timeout`` means on them (a dead server costs at most that)
+TIMEOUT_HELP = ("the total time allowed per server, in seconds: connecting, every operation "
+                "and its retries (on links that retry, each try gets a quarter of it); a "
+                "server that does not answer costs at most this (default {default:g})")
+
+
+SITE_EPILOG = ("Exit 0 only when every server was done; 10 (partial) when anything was not "
+               "(failed, no response for it, absent from an MQTT site). Ctrl-C (SIGINT or "
+               "SIGTERM) starts no further server, lets the ones in flight finish (a second "
+               "signal stops waiting), writes the servers not done into a servers file, "
+               "prints the command that finishes them, and exits 130.")
+
+
+def _server_args_removed(argv: Sequence[str], drop_flags: Sequence[str] = ()) -> list[str]:
+    """``argv`` without its --server/--servers arguments (and ``drop_flags``)."""
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--server", "--servers"):
+            skip = True
+            continue
+        if a.startswith(("--server=", "--servers=")) or a in drop_flags:
+            continue
+        out.append(a)
+    return out
+
+
+def resume_command(argv: Sequence[str], rest_file: Path, extra: Sequence[str] = ()) -> str:
+    """The exact command that runs the same step for the servers in ``rest_file`` only."""
+    args = _server_args_removed(argv)
+    return shlex.join([PROG, *args, "--servers", str(rest_file),
+                       *[x for x in extra if x not in args]])
+
+
+def run_workflow(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
     """The workflow commands; each prints its lines (or one JSON document) and returns the code."""
     c = args.command
-    console = Console(sys.stdout, quiet=args.json)
+    console = Console(sys.stdout, quiet=args.json, verbose=getattr(args, "verbose", False))
     if c == "show":
         from apps.licadmin.show import describe_file, load_trust, render_text
 
@@ -196,39 +272,74 @@ def run_workflow(args: argparse.Namespace) -> int:
                  if getattr(args, "licensing_server", None) else None)
     servers: list[inventory.ServerRef] = []
     site: str | None = None
-    connect = runner.connector(DEFAULT_TIMEOUT)
-    if hasattr(args, "servers"):
-        servers, site = inventory.servers_from(args.server, args.servers, args.timeout)
-        connect = runner.connector(args.timeout)
-    try:
-        return _run_steps(args, c, console, licensing, servers, site, connect)
-    finally:
-        inventory.close_servers(servers)
+    connect = runner.connector(runner.DEFAULT_TIMEOUT)
+    stop = runner.Stop()
+    with stop.installed() if c in SITE_STEPS else nullcontext(stop):
+        if hasattr(args, "servers"):
+            servers, site = inventory.servers_from(args.server, args.servers, args.timeout)
+            connect = runner.connector(args.timeout)
+        try:
+            if stop.requested:
+                print(f"{PROG}: interrupted while listing the servers: nothing was done on "
+                      f"any server; run the same command again", file=sys.stderr)
+                return outcome.EXIT_INTERRUPTED
+            return _run_steps(args, c, console, licensing, servers, site, connect, stop, argv)
+        finally:
+            inventory.close_servers(servers)
+
+
+def _one_go(args: argparse.Namespace, c: str, console: Console, licensing: online.Licensing,
+            servers: list[inventory.ServerRef], site: str | None, connect: runner.Connect,
+            stop: runner.Stop, argv: Sequence[str]) -> int:
+    go = onego.OneGo(servers, licensing, connect, console, c, getattr(args, "feature", []),
+                     args.work_dir, args.jobs, stop=stop, timeout=args.timeout,
+                     dry_run=args.dry_run, yes=getattr(args, "yes", False))
+    code, work, kept = go.run()
+    resume = None
+    if go.interrupted and go.rest:
+        rest_file = work / "rest.toml"
+        inventory.write_servers(rest_file, go.rest, site)
+        extra = [] if args.work_dir else ["--work-dir", str(work)]
+        resume = resume_command(argv, rest_file, extra)
+    plan = [p.to_json() for p in go.plan] if go.plan is not None else None
+    if args.json:
+        print_json({"command": c, "exit_code": code,
+                    "work_dir": str(work) if kept else None,
+                    "steps": [s.to_json() for s in go.steps],
+                    "plan": plan, "interrupted": go.interrupted, "resume": resume})
+        return code
+    for line in go.failure_table():
+        print(line)
+    failures = go.failures()
+    if failures and not go.interrupted:
+        print(f"{'partial' if code == outcome.EXIT_PARTIAL else 'failed'}: "
+              f"{len(failures)} failure(s), listed above")
+    if kept:
+        print(f"files of every step are in {work}" + (
+            "; rerun the failed steps with them" if code != EXIT_OK and not resume else ""))
+    if resume:
+        done = len(servers) - len(go.rest)
+        print(f"interrupted: {done} of {len(servers)} server(s) done; the other "
+              f"{len(go.rest)} are listed in {work / 'rest.toml'}; finish them with:")
+        print(f"  {resume}")
+    return code
+
+
+def _rest_file(c: str, args: argparse.Namespace) -> Path:
+    """Where an interrupted site step writes the servers it did not do."""
+    target = {"gather": args.out if c == "gather" else "",
+              "requests": getattr(args, "out_dir", ""),
+              "send": getattr(args, "receipts_out", "")}[c]
+    return Path(str(target).rstrip("/") + ".rest.toml")
 
 
 def _run_steps(args: argparse.Namespace, c: str, console: Console,
                licensing: online.Licensing | None, servers: list[inventory.ServerRef],
-               site: str | None, connect: runner.Connect) -> int:
+               site: str | None, connect: runner.Connect, stop: runner.Stop,
+               argv: Sequence[str]) -> int:
     if c in ("activate", "reclaim"):
         assert licensing is not None
-        go = onego.OneGo(servers, licensing, connect, console, c,
-                         getattr(args, "feature", []), args.work_dir, args.jobs)
-        code, work, kept = go.run()
-        if args.json:
-            print_json({"command": c, "exit_code": code,
-                         "work_dir": str(work) if kept else None,
-                         "steps": [s.to_json() for s in go.steps]})
-        else:
-            failures = go.failures()
-            if failures:
-                print(f"{'partial' if code == outcome.EXIT_PARTIAL else 'failed'}: "
-                      f"{len(failures)} failure(s):")
-                for line in failures:
-                    print(f"  {line}")
-            if kept:
-                print(f"files of every step are in {work}" + (
-                    "; rerun the failed steps with them" if code != EXIT_OK else ""))
-        return code
+        return _one_go(args, c, console, licensing, servers, site, connect, stop, argv)
     if c == "assign":
         assert licensing is not None
         from apps.licadmin.assign import plan, run_assign
@@ -241,38 +352,63 @@ def _run_steps(args: argparse.Namespace, c: str, console: Console,
         else:
             print("\n".join(lines))
         return code
+    timeout = getattr(args, "timeout", runner.DEFAULT_TIMEOUT)
     if c == "gather":
-        res = onsite.gather(servers, args.out, args.site or site, connect, console, args.jobs)
+        res = onsite.gather(servers, args.out, args.site or site, connect, console, args.jobs,
+                            stop, timeout, args.append)
     elif c == "license-info":
         assert licensing is not None
         res = online.license_info(args.site_info, args.device, args.out, licensing)
     elif c == "requests":
         res = onsite.make_requests(servers, args.license_info, args.out_dir, connect, console,
-                                   args.jobs)
+                                   args.jobs, stop=stop, timeout=timeout)
     elif c == "upload":
         assert licensing is not None
         res = online.upload(args.requests, args.out_dir, args.receipts, licensing, console)
     elif c == "send":
         res = onsite.send(servers, args.responses, args.receipts_out, connect, console,
-                          args.jobs)
+                          args.jobs, stop, timeout)
     elif c == "confirm":
         assert licensing is not None
         res = online.confirm(args.receipts, licensing, console)
     else:
         raise UsageError(f"unknown command {c}")
+    code, resume, rest = res.code, None, []
+    if stop.requested:
+        went = res.servers or servers
+        rest = [s for s, o in zip(went, res.outcomes, strict=False)
+                if o.status in (outcome.FAILED, outcome.INTERRUPTED)]
+        if any(o.status == outcome.INTERRUPTED for o in res.outcomes):
+            rest_file = _rest_file(c, args)
+            inventory.write_servers(rest_file, rest, args.site or site if c == "gather" else site)
+            resume = resume_command(argv, rest_file, ["--append"] if c == "gather" else [])
+            code = outcome.EXIT_INTERRUPTED
     if args.json:
-        print_json(res.to_json())
-        return res.code
-    if c == "send":
-        for line in outcome.table(res.outcomes):
+        print_json({**res.to_json(), "exit_code": code, "interrupted": resume is not None,
+                    "resume": resume})
+        return code
+    if console.verbose:
+        for line in (outcome.table(res.outcomes) if c == "send" else []) + res.details:
+            print(line)
+    if res.outcomes:
+        for line in outcome.summary_lines(c, res.outcomes):
+            print(line)
+    if not (console.verbose and c == "send"):  # (its whole table is above)
+        for line in outcome.failure_table(res.outcomes):
             print(line)
     for n in res.notes:
         print(n)
-    if res.code == outcome.EXIT_PARTIAL:
-        failed = sum(1 for o in res.outcomes if o.status == outcome.FAILED)
-        print(f"partial: {failed} of {len(res.outcomes)} failed (listed above); "
+    if resume is not None:
+        total = len(res.servers or servers)
+        done = total - len(rest)
+        print(f"interrupted: {done} of {total} server(s) done; the other {len(rest)} "
+              f"are listed in {_rest_file(c, args)}; finish them with:")
+        print(f"  {resume}")
+    elif code == outcome.EXIT_PARTIAL:
+        bad = sum(1 for o in res.outcomes if o.status in outcome.NOT_DONE)
+        print(f"partial: {bad} of {len(res.outcomes)} not done (listed above); "
               f"the others are done; rerun {c} for the failed ones")
-    return res.code
+    return code
 
 
 def _check_folder(path: str | None) -> None:
@@ -295,7 +431,8 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         return EXIT_OK
     if c == "request":
         _check_folder(args.out)
-        license_info = (read_input(args.license_info, LICENSE_INFO_MAX)
+        license_info = (read_input(args.license_info, LICENSE_INFO_MAX,
+                                   "license information file", expect="license-info")
                         if args.license_info else None)
         data = client.request(args.action, args.feature, license_info)
         write_output(args.out, data)
@@ -303,8 +440,14 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         return EXIT_OK
     if c == "apply":
         _check_folder(args.receipt_out)
-        response = read_input(args.response, DEFAULT_LIMITS.max_file)
-        res = client.apply(response)
+        response = read_input(args.response, DEFAULT_LIMITS.max_file, "response file",
+                              expect="response")
+        try:
+            res = client.apply(response)
+        except TransportError as err:
+            raise TransportError(f"{err}; the response may or may not have been applied: "
+                                 f"sending it again is safe (a server answers a response it "
+                                 f"already applied with the same receipt)") from err
         verify_receipt(res.receipt, response=response)  # what send checks, the same way
         show_applied(PROG, res, args.receipt_out)
         return EXIT_OK
@@ -319,8 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def command() -> int:
         if args.command in WORKFLOW:
-            return run_workflow(args)
-        client: ServerClient = hw.connect(args.server, timeout=args.timeout)
+            return run_workflow(args, list(sys.argv[1:] if argv is None else argv))
+        client = runner.open_client(args.server, args.timeout)
         with client:
             return run(args, client)
 

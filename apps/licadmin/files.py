@@ -81,7 +81,7 @@ def read_device_files(folder: str | Path, kind: str) -> list[tuple[Path, bytes]]
     for f in sorted(p.iterdir()):
         if f.name.startswith(".") or not f.name.endswith(SUFFIX[kind]) or not f.is_file():
             continue
-        out.append((f, read_input(str(f), DEVICE_FILE_MAX)))
+        out.append((f, read_input(str(f), DEVICE_FILE_MAX, f"{kind} file")))  # each judged alone
     return out
 
 

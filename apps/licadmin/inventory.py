@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from agent.errors import UsageError
-from apps.common import read_toml
+from agent.rpc import TransportError
+from apps.common import read_toml, write_output
 
-__all__ = ["ServerRef", "close_servers", "load_servers", "servers_from"]
+__all__ = ["ServerRef", "close_servers", "load_servers", "servers_from", "unlisted",
+           "write_servers"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,10 @@ def servers_from(urls: Sequence[str], servers_file: str | None,
     that announced itself there (its retained presence), each as
     ``mqtt://HOST:PORT/SITE/DEVICE_ID`` with the same options; all of them are reached
     through one broker session (:class:`hw.backends.mqtt.MqttSite`), which
-    :func:`close_servers` closes. ``timeout``: seconds per try on those sessions.
+    :func:`close_servers` closes. ``timeout``: the total seconds allowed per server:
+    a device whose presence is away (still reconnecting after a broker restart) is
+    waited for that long, then reported; each try gets a share of it. A site that
+    lists no device at all is a failure (exit 1), never an empty success.
     """
     if urls and servers_file:
         raise UsageError("give either --server URL ... or --servers FILE.toml, not both")
@@ -103,10 +110,24 @@ def _expand_sites(refs: list[ServerRef], timeout: float | None = None) -> list[S
                 continue
             from hw.backends.mqtt import DEFAULT_TIMEOUT, MqttSite
 
-            site = MqttSite(r.url, timeout=timeout or DEFAULT_TIMEOUT)
+            total = timeout or DEFAULT_TIMEOUT
+            tries = 4
+            site = MqttSite(r.url, timeout=max(total / tries, min(total, 0.5)), tries=tries,
+                            presence_timeout=total)
             opened.append(site)
             base, _, query = r.url.partition("?")
-            for device_id, model, _online in site.devices():
+            listed = site.devices()
+            deadline = time.monotonic() + total
+            while not listed and time.monotonic() < deadline:
+                # none back yet (the broker just restarted?): wait up to the time allowed
+                time.sleep(0.1)
+                listed = site.devices()
+            if not listed:
+                raise TransportError(f"{r.url}: no device of the site has announced itself "
+                                     f"on the broker within {total:g} s (no retained "
+                                     f"presence): nothing to do there; is it the right site "
+                                     f"name?")
+            for device_id, model, _online in listed:
                 url = f"{base.rstrip('/')}/{device_id}" + (f"?{query}" if query else "")
                 out.append(ServerRef(url, f"{r.name or model} {device_id[:12]}", via=site,
                                      device=device_id))
@@ -115,6 +136,22 @@ def _expand_sites(refs: list[ServerRef], timeout: float | None = None) -> list[S
             site.close()
         raise
     return out
+
+
+def unlisted(servers: Sequence[ServerRef], device_ids: Iterable[str]) -> list[ServerRef]:
+    """When ``servers`` are one whole MQTT site: its devices among ``device_ids`` that the
+    site did not list (their presence not back yet, after a broker restart), each to be
+    waited for up to the time allowed, then reported. Else nothing."""
+    sites = {id(s.via) for s in servers}
+    if not servers or len(sites) != 1 or servers[0].via is None:
+        return []
+    first = servers[0]
+    known = {s.device for s in servers}
+    base, _, query = first.url.partition("?")
+    base = base.rsplit("/", 1)[0]
+    return [ServerRef(f"{base}/{dev}" + (f"?{query}" if query else ""),
+                      f"(not listed) {dev[:12]}", via=first.via, device=dev)
+            for dev in sorted(set(device_ids) - known)]
 
 
 def close_servers(servers: Iterable[ServerRef]) -> None:
@@ -130,3 +167,23 @@ def _distinct(refs: list[ServerRef]) -> list[ServerRef]:
             raise UsageError(f"server {r.url} is named twice")
         seen.add(r.url)
     return refs
+
+
+def _toml_text(text: str) -> str:
+    """A TOML basic string (JSON's escapes, minus what TOML lacks: no \\/)."""
+    import json
+
+    return json.dumps(text, ensure_ascii=False)
+
+
+def write_servers(path: Path, servers: Sequence[ServerRef], site: str | None) -> None:
+    """Write a servers file (:func:`load_servers` reads it back): the rest of an interrupted
+    step. A device of a whole MQTT site is written by its own URL."""
+    lines = ["# the servers not done when licadmin was interrupted (written by licadmin)"]
+    if site is not None:
+        lines.append(f"site = {_toml_text(site)}")
+    for r in servers:
+        lines += ["", "[[server]]", f"url = {_toml_text(r.url)}"]
+        if r.name:
+            lines.append(f"name = {_toml_text(r.name)}")
+    write_output(str(path), ("\n".join(lines) + "\n").encode())

@@ -22,7 +22,7 @@ from apps.licadmin.files import (
     short,
     write_file,
 )
-from apps.licadmin.outcome import OK, Outcome, StepResult, outcome_line
+from apps.licadmin.outcome import OK, Outcome, StepResult
 from apps.licensing_api import AssignmentQuery, Confirmation, UploadAnswer
 
 __all__ = ["Licensing", "confirm", "license_info", "licensing_client", "receipts_beside",
@@ -57,7 +57,7 @@ def license_info(site_info: str, devices: Sequence[str], out: str,
     """Have the licensing server answer, for the gathered servers, what to reclaim and install."""
     if not Path(out).absolute().parent.is_dir():
         raise UsageError(f"cannot write {out}: its folder does not exist")
-    data = read_input(site_info, SITE_INFO_MAX)
+    data = read_input(site_info, SITE_INFO_MAX, "SITE_INFO file", expect="site-info")
     bundle = SiteInfo.decode(data)
     if devices:  # only to name a --device the bundle does not hold: the IDs, unverified
         known = set()
@@ -89,11 +89,16 @@ def license_info(site_info: str, devices: Sequence[str], out: str,
     res = StepResult("license-info")
     entries = []
     for e in info.entries:
-        res.notes.append(f"device {short(e.device_id)}: reclaim {features_text(e.reclaim)}; "
-                         f"install {features_text(e.install)}")
+        res.details.append(f"device {short(e.device_id)}: reclaim {features_text(e.reclaim)}; "
+                           f"install {features_text(e.install)}")
         entries.append({"device_id": e.device_id,
                         "reclaim": [x.to_cbor() for x in e.reclaim],
                         "install": [x.to_cbor() for x in e.install]})
+    n_reclaim = sum(1 for e in info.entries if e.reclaim)
+    n_install = sum(1 for e in info.entries if e.install and not e.reclaim)
+    res.notes.append(f"license information: {n_reclaim} server(s) with licenses to reclaim, "
+                     f"{n_install} with licenses to install, "
+                     f"{len(info.entries) - n_reclaim - n_install} with nothing to do")
     res.notes.append(f"wrote license information for {len(info.entries)} server(s) to {out}, "
                      f"and each server's own to {folder}")
     res.facts = {"out": out, "per_device": str(folder), "entries": entries,
@@ -178,7 +183,7 @@ def upload(requests_dir: str, out_dir: str, receipts: str | None,
         verdicts = _receipt_outcomes(answer.receipts, rc_files)
         res.outcomes += verdicts
     for o in res.outcomes:
-        console.line(outcome_line(o))
+        console.each(o)
     if rc_files:
         res.notes.append(f"{len(rc_files)} receipt(s) from {rc_dir} rode along: "
                          + _verdict_counts(verdicts))
@@ -238,7 +243,7 @@ def confirm(receipts_dir: str, licensing: Licensing, console: Console) -> StepRe
     answer = licensing.confirm([d for _p, d in files])
     res.outcomes = _receipt_outcomes(answer, files)
     for o in res.outcomes:
-        console.line(outcome_line(o))
+        console.each(o)
     res.notes.append(f"{len(files)} receipt(s) from {receipts_dir}: "
                      + _verdict_counts(res.outcomes))
     res.facts = {"receipts": len(files)}

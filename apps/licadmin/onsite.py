@@ -9,14 +9,23 @@ the rest: a server answers a response it already applied with the same receipt.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import LicensingError, MalformedError, TrustError, UsageError
-from agent.formats import LICENSE_INFO_MAX, SiteInfo, peek_payload, read_device_info, verify_receipt
+from agent.formats import (
+    LICENSE_INFO_MAX,
+    RECEIPT_MAX,
+    SITE_INFO_MAX,
+    SiteInfo,
+    peek_payload,
+    read_device_info,
+    verify_receipt,
+)
 from agent.messages import Action, LicenseInfo, Request, Response
 from agent.protocol import self_signed_payload
+from agent.rpc import TransportError
 from apps.common import read_input
 from apps.licadmin.console import Console
 from apps.licadmin.files import (
@@ -29,9 +38,9 @@ from apps.licadmin.files import (
     short,
     write_file,
 )
-from apps.licadmin.inventory import ServerRef
-from apps.licadmin.outcome import FAILED, OK, Outcome, StepResult
-from apps.licadmin.runner import DEFAULT_JOBS, Connect, each_server
+from apps.licadmin.inventory import ServerRef, unlisted
+from apps.licadmin.outcome import FAILED, INTERRUPTED, OK, Outcome, StepResult
+from apps.licadmin.runner import DEFAULT_JOBS, DEFAULT_TIMEOUT, Connect, Stop, each_server
 from hw.link import ServerClient
 
 __all__ = ["device_id_of", "gather", "make_requests", "send"]
@@ -51,11 +60,19 @@ def device_id_of(client: ServerClient) -> str:
 
 
 def gather(servers: Sequence[ServerRef], out: str, site: str | None, connect: Connect,
-           console: Console, jobs: int = DEFAULT_JOBS) -> StepResult:
-    """Fetch and verify every server's device information; write one SITE_INFO bundle."""
+           console: Console, jobs: int = DEFAULT_JOBS, stop: Stop | None = None,
+           timeout: float = DEFAULT_TIMEOUT, append: bool = False) -> StepResult:
+    """Fetch and verify every server's device information; write one SITE_INFO bundle.
+
+    ``append``: keep the devices ``out`` already holds (the servers an interrupted
+    gather finished) and add these; a device gathered again replaces its old file.
+    """
     out_path = Path(out)
     if not out_path.absolute().parent.is_dir():
         raise UsageError(f"cannot write {out}: its folder does not exist")
+    before: SiteInfo | None = None
+    if append and out_path.exists():
+        before = SiteInfo.decode(read_input(out, SITE_INFO_MAX))
 
     def job(client: ServerClient, o: Outcome) -> None:
         data = client.info()
@@ -65,7 +82,8 @@ def gather(servers: Sequence[ServerRef], out: str, site: str | None, connect: Co
                     f"licenses: {features_text(info.licenses)}")
         o.result = "gathered"
 
-    res = StepResult("gather", each_server(servers, job, connect, console, "gather", jobs))
+    res = StepResult("gather", each_server(servers, job, connect, console, "gather", jobs,
+                                           stop, timeout))
     first: dict[str, str] = {}
     for o in res.outcomes:
         if o.status == OK and o.device_id is not None:
@@ -78,6 +96,14 @@ def gather(servers: Sequence[ServerRef], out: str, site: str | None, connect: Co
     devices = tuple(o.data for o in res.outcomes if o.status == OK and o.data is not None)
     failed = tuple((o.who, f"{o.reason}: {o.detail}") for o in res.outcomes if o.status == FAILED)
     res.facts = {"out": out, "devices": len(devices), "failed": len(failed)}
+    if before is not None:
+        new = set(first)
+        names = {o.who for o in res.outcomes}
+        kept = tuple(d for d in before.devices if _device_of(d) not in new)
+        devices = kept + devices
+        failed = tuple(f for f in before.failed if f[0] not in names) + failed
+        site = site or before.site
+        res.notes.append(f"kept {len(kept)} server(s) {out} already held")
     if devices:
         bundle = SiteInfo(site or out_path.stem, now(), devices, failed)
         write_file(out_path, bundle.encode())
@@ -89,12 +115,20 @@ def gather(servers: Sequence[ServerRef], out: str, site: str | None, connect: Co
     return res
 
 
+def _device_of(device_info: bytes) -> str | None:
+    try:
+        return read_device_info(device_info).device_id
+    except LicensingError:
+        return None
+
+
 # ---------------------------------------------------------------- step 3: requests
 
 
 def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir: str,
                   connect: Connect, console: Console, jobs: int = DEFAULT_JOBS,
-                  mode: str = "auto", features: Sequence[str] = ()) -> StepResult:
+                  mode: str = "auto", features: Sequence[str] = (), stop: Stop | None = None,
+                  timeout: float = DEFAULT_TIMEOUT) -> StepResult:
     """Each server checks the license information against its own state and signs a request.
 
     ``mode`` auto/activate: reclaim when the server's entry lists licenses to
@@ -102,7 +136,8 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
     activate when it lists licenses to install. ``mode`` reclaim: only servers
     with something to reclaim; ``features`` then names what (where installed).
     """
-    data = read_input(license_info_file, LICENSE_INFO_MAX)
+    data = read_input(license_info_file, LICENSE_INFO_MAX, "license information file",
+                      expect="license-info")
     info, _kid = peek_payload(data, LicenseInfo, LICENSE_INFO_MAX)
     folder = ensure_dir(out_dir)
     own_dir = per_device_dir(license_info_file)
@@ -112,7 +147,8 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
         path = device_file(own_dir, dev, "license-info")
         if not path.is_file():
             return data
-        one = read_input(str(path), LICENSE_INFO_MAX)
+        one = read_input(str(path), LICENSE_INFO_MAX, "license information file",
+                         expect="license-info")
         part, _kid = peek_payload(one, LicenseInfo, LICENSE_INFO_MAX)
         if ([e.device_id for e in part.entries] != [dev]
                 or part.for_device(dev) != info.for_device(dev)):
@@ -133,7 +169,8 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
                 return
             action, li = Action.RECLAIM, None
         elif entry is None:
-            o.skip("not named in the license information")
+            o.miss("not named in the license information (gathered after it was made?): "
+                   "run gather and license-info again for it")
             return
         elif entry.reclaim:
             action, li = Action.RECLAIM, own_file(dev)
@@ -152,7 +189,8 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
         o.detail = (f"{action.value} {', '.join(payload.features) or '(as assigned)'} "
                     f"on sequence {payload.sequence}")
 
-    res = StepResult("requests", each_server(servers, job, connect, console, "requests", jobs))
+    res = StepResult("requests", each_server(servers, job, connect, console, "requests", jobs,
+                                             stop, timeout))
     n = sum(1 for o in res.outcomes if o.status == OK)
     res.notes.append(f"wrote {n} request(s) to {folder}")
     res.facts = {"out_dir": str(folder), "requests": n}
@@ -199,10 +237,22 @@ def _responses_by_device(responses_dir: str, res: StepResult) -> dict[str, _Held
 
 
 def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
-         connect: Connect, console: Console, jobs: int = DEFAULT_JOBS) -> StepResult:
-    """Give each server the response for its own device; write the receipts it returns."""
+         connect: Connect, console: Console, jobs: int = DEFAULT_JOBS,
+         stop: Stop | None = None, timeout: float = DEFAULT_TIMEOUT,
+         devices: Collection[str] | None = None) -> StepResult:
+    """Give each server the response for its own device; write the receipts it returns.
+
+    A server with no response, and a response no server given answered for, are
+    ``missed`` (exit 10). ``devices``: only the responses of these devices (the
+    one-go commands send only what they just made).
+    """
     res = StepResult("send")
     by_dev = _responses_by_device(responses_dir, res)
+    if devices is not None:
+        by_dev = {d: h for d, h in by_dev.items() if d in devices}
+    # a device of an MQTT site whose presence is not back yet (a broker restart) is
+    # still asked: waited for up to the time allowed, then reported
+    servers = res.servers = [*servers, *unlisted(servers, by_dev)]
     folder = ensure_dir(receipts_out)
     sent: set[str] = set()
     lock = threading.Lock()
@@ -211,11 +261,19 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
         dev = o.device_id = device_id_of(client)
         held = by_dev.get(dev)
         if held is None:
-            o.skip("no response for this device")
+            o.miss(f"no response for this device in {responses_dir}")
             return
         with lock:
             sent.add(dev)
-        answer = client.apply(held.data)
+        try:
+            answer = client.apply(held.data)
+        except TransportError as err:
+            if "sent again" in str(err):
+                raise
+            raise TransportError(f"{err}; the response may or may not have been applied "
+                                 f"there: sending it again is safe (a server answers a "
+                                 f"response it already applied with the same receipt)"
+                                 ) from err
         receipt = answer.receipt
         # the one receipt check, anchored on the exact response sent (licadmin holds no vendor key)
         payload = verify_receipt(receipt, response=held.data)
@@ -232,13 +290,34 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
         if answer.warning:
             o.detail += f" (warning: {answer.warning})"
 
-    server_outcomes = each_server(servers, job, connect, console, "send", jobs)
+    server_outcomes = each_server(servers, job, connect, console, "send", jobs, stop, timeout)
     res.outcomes = server_outcomes + res.outcomes
+    interrupted = any(o.status == INTERRUPTED for o in server_outcomes)
+    earlier = 0
     for dev, held in sorted(by_dev.items()):
-        if dev not in sent:
-            res.notes.append(f"not sent: {held.path.name} (device {short(dev)}): no server "
-                             f"given answered as that device")
+        if dev in sent or interrupted:
+            continue
+        if _receipt_done(device_file(folder, dev, "receipt"), held.data):
+            earlier += 1  # applied by an earlier (interrupted) send: done
+            continue
+        o = Outcome(held.path.name, device_id=dev)
+        o.miss(f"not sent: no server given answered as device {short(dev)}")
+        res.outcomes.append(o)
+    if earlier:
+        res.notes.append(f"{earlier} other response(s) were applied before: their receipts "
+                         f"are in {folder}")
     n = sum(1 for o in server_outcomes if o.status == OK)
     res.notes.append(f"wrote {n} receipt(s) to {folder}")
     res.facts = {"receipts_dir": str(folder), "receipts": n}
     return res
+
+
+def _receipt_done(path: Path, response: bytes) -> bool:
+    """Whether ``path`` holds the receipt of exactly this response (sent before)."""
+    if not path.is_file():
+        return False
+    try:
+        verify_receipt(read_input(str(path), RECEIPT_MAX), response=response)
+    except LicensingError:
+        return False
+    return True

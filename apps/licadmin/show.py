@@ -10,16 +10,22 @@ was not checked. Nothing here trusts a file: it only reports.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from agent.cose import ALG_NAMES, PublicKey, SigningKey, decode_sign1, strict_loads
 from agent.digest import sha256
-from agent.errors import LicensingError, MalformedError, UsageError
-from agent.formats import LICENSE_INFO_MAX, SiteInfo, iso, verify_receipt
+from agent.errors import LicensingError, MalformedError
+from agent.formats import (
+    LICENSE_INFO_MAX,
+    SiteInfo,
+    describe_kind,
+    identify,
+    iso,
+    verify_receipt,
+)
 from agent.messages import DeviceInfo, Kind, Payload, Receipt, Request, decode_payload
 from agent.protocol import Limits, self_signed_payload, verify_self_signed
-from apps.common import read_input
+from apps.common import read_input, read_public_key
 from apps.licadmin.files import short
 
 __all__ = ["describe", "describe_file", "load_trust", "render_text"]
@@ -31,19 +37,19 @@ NOT_CHECKED = "vendor signature not checked (give --trust VENDOR_PUB)"
 
 def load_trust(paths: Sequence[str]) -> list[PublicKey]:
     """The vendor public keys (PEM) given with ``--trust``."""
-    keys = []
-    for p in paths:
-        try:
-            keys.append(PublicKey.from_pem(Path(p).read_bytes()))
-        except OSError as exc:
-            raise UsageError(f"cannot read --trust {p}: {exc}") from exc
-        except LicensingError as exc:
-            raise UsageError(f"--trust {p} is not a vendor public key (PEM): {exc}") from exc
-    return keys
+    return [read_public_key(p, "--trust vendor public key") for p in paths]
 
 
 def describe_file(path: str, trusted: Sequence[PublicKey]) -> dict[str, Any]:
-    return describe(read_input(path, LICENSE_INFO_MAX), trusted)
+    data = read_input(path, LICENSE_INFO_MAX)
+    try:
+        return describe(data, trusted)
+    except MalformedError as exc:
+        kind = identify(data)
+        what = (f"{describe_kind(kind)}" + (f" ({len(data)} bytes)" if kind in (
+            "binary", "cbor", "text", "json") else ""))
+        raise MalformedError(f"{path} is {what}, expected a file of this project: "
+                             f"{exc}") from exc
 
 
 def describe(data: bytes, trusted: Sequence[PublicKey]) -> dict[str, Any]:
@@ -58,7 +64,7 @@ def describe(data: bytes, trusted: Sequence[PublicKey]) -> dict[str, Any]:
     try:
         obj = strict_loads(data, max_size=LICENSE_INFO_MAX, allow_sign1_tag=True)
     except MalformedError as exc:
-        raise MalformedError(f"not a file of this project (not CBOR, not a PEM key): {exc}") from exc
+        raise MalformedError(f"neither CBOR nor a PEM key: {exc}") from exc
     if isinstance(obj, dict) and obj.get("kind") == "site-info":
         return _site_info(SiteInfo.from_map(obj))
     return _signed(data, trusted)

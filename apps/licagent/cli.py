@@ -12,19 +12,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.cose import PublicKey, jsonable
+from agent.cose import jsonable
 from agent.errors import EXIT_OK, UsageError
-from agent.formats import iso
+from agent.formats import LICENSE_INFO_MAX, iso
 from agent.messages import Action
-from agent.rpc import ApplyResult
 from agent.service import MODELS, Agent
 from apps.common import (
     add_operation_commands,
+    add_version,
     dumps_json,
     exit_code_of,
     facts_provider,
     print_json,
     read_input,
+    read_public_key,
     show_applied,
     show_check,
     show_info,
@@ -36,7 +37,7 @@ from apps.common import (
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ["RUN_FLAGS", "fast_run_args", "main"]
+__all__ = ["RUN_FLAGS", "fast_query_args", "fast_run_args", "main"]
 
 PROG = "licagent"
 
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     import argparse  # not for `licagent run`: see fast_run_args
 
     p = argparse.ArgumentParser(prog=PROG, description="License agent of a BMS automation server.")
+    add_version(p, PROG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
@@ -57,8 +59,10 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     sp = cmd("init", "provision a new license store with a fresh device key")
-    sp.add_argument("--model", required=True, choices=MODELS)
-    sp.add_argument("--serial", metavar="SN")
+    sp.add_argument("--model", required=True, choices=MODELS, help="the server's model")
+    sp.add_argument("--serial", metavar="SN",
+                    help="the serial number printed on the server (default: read from the "
+                         "hardware)")
     sp.add_argument("--trust", required=True, metavar="VENDOR_PUBKEY_FILE",
                     help="PEM public key of the vendor (repeat for several)", action="append")
     sp.add_argument("--alg", choices=("Ed25519", "ES256"), default="Ed25519",
@@ -74,11 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     })
 
     sp = cmd("journal", "print or verify the audit journal")
-    sp.add_argument("--verify", action="store_true")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--verify", action="store_true",
+                    help="check the hash chain and MACs (exit 8 if the journal was cut or "
+                         "changed)")
+    sp.add_argument("--json", action="store_true", help="print the entries as JSON")
 
     sp = cmd("trust-update", "install a new set of vendor keys signed by a trusted key")
-    sp.add_argument("update", metavar="TRUST_UPDATE_FILE")
+    sp.add_argument("update", metavar="TRUST_UPDATE_FILE",
+                    help="the vendor-signed trust-update file")
 
     help_ = "serve the store on every --listen URL until SIGTERM (the daemon)"
     sp = sub.add_parser("run", help=help_, description=help_)
@@ -156,8 +163,9 @@ def run_daemon(config: str | None, state: str | None, listen: list[str] | None,
     cfg = daemon.resolve_config(
         Path(config) if config else None, state=state, listen=listen,
         facts=facts, max_clients=max_clients, log_level=log_level)
+    # the daemon keeps its store open; each request revalidates it under the lock
     return daemon.serve(Agent(cfg.state, facts_provider(str(cfg.facts) if cfg.facts else None),
-                              clock=tool_clock), cfg)
+                              clock=tool_clock, keep_open=True), cfg)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,12 +175,7 @@ def run(args: argparse.Namespace) -> int:
     agent = Agent(Path(args.state), facts_provider(args.facts), clock=tool_clock)
     c = args.command
     if c == "init":
-        keys = []
-        for t in args.trust:
-            try:
-                keys.append(PublicKey.from_pem(Path(t).read_bytes()))
-            except OSError as exc:
-                raise UsageError(f"cannot read trust key {t}: {exc}") from exc
+        keys = [read_public_key(t, "vendor public key") for t in args.trust]
         from agent.cose import ALG_EDDSA, ALG_ES256
 
         store = agent.init(args.model, args.serial, keys,
@@ -196,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
         features = list(args.feature)
         if args.license_info:
             features += agent.features_from_license_info(
-                read_input(args.license_info, 16 * 1024 * 1024), Action(args.action))
+                read_input(args.license_info, LICENSE_INFO_MAX, "license information file",
+                           expect="license-info"), Action(args.action))
         data = agent.request(Action(args.action), features)
         write_output(args.out, data)
         print(f"wrote {args.action} request to {args.out}")
@@ -204,7 +208,10 @@ def run(args: argparse.Namespace) -> int:
     if c == "apply":
         if args.receipt_out and not Path(args.receipt_out).absolute().parent.is_dir():
             raise UsageError(f"cannot write {args.receipt_out}: its folder does not exist")
-        res, warn = agent.apply(read_input(args.response, agent.limits.max_file))
+        res, warn = agent.apply(read_input(args.response, agent.limits.max_file, "response file",
+                                            expect="response"))
+        from agent.rpc import ApplyResult  # not loaded by check and status
+
         show_applied(PROG, ApplyResult.of(res, warn), args.receipt_out)
         return EXIT_OK
     if c == "check":
@@ -213,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{PROG}: warning: {w}", file=sys.stderr)
         return show_check(r.licensed, r.message)
     if c == "journal":
-        rep = agent.journal()
+        # --verify alone prints only the count: every record is verified, none kept
+        rep = agent.journal(entries=not args.verify or args.json)
         if args.json:
             print_json([{"n": e.n, "time": iso(e.time), "event": e.event,
                           "data": jsonable(e.data), "digest": e.digest.hex()}
@@ -223,12 +231,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{e.n:>5} {iso(e.time)} {e.event:<13} {dumps_json(_brief(e.data))}")
         if args.verify:
             tail = f"; {rep.torn_tail} bytes of a torn last record" if rep.torn_tail else ""
-            print(f"journal OK: {len(rep.entries)} entries, hash chain and MACs verified, "
+            print(f"journal OK: {rep.records} entries, hash chain and MACs verified, "
                   f"the record the state slots name in place{tail}",
                   file=sys.stderr if args.json else sys.stdout)
         return EXIT_OK
     if c == "trust-update":
-        upd = agent.trust_update(read_input(args.update, agent.limits.max_file))
+        upd = agent.trust_update(read_input(args.update, agent.limits.max_file,
+                                             "trust-update file", expect="trust-update"))
         print(f"trusted keys replaced (version {upd.version}): "
               f"{', '.join(k.kid.hex()[:16] for k in upd.keys)}")
         return EXIT_OK
@@ -246,11 +255,55 @@ def _brief(data: Any) -> Any:
     return jsonable(data)
 
 
+def fast_query_args(argv: Sequence[str]) -> Any:
+    """``licagent check``'s and ``status``'s arguments without argparse, or None.
+
+    These are what server software runs per call, and argparse's help formatter
+    (shutil, gettext, locale) is a sixth of such a process. Only a plain, well-formed
+    line is taken here (``--state DIR`` or ``--state=DIR``, ``--facts FILE``, ``--json``
+    for status, one FEATURE for check, each once); help, abbreviations, ``--`` and every
+    error go to argparse, so messages and exit codes stay argparse's own.
+    """
+    if not argv or argv[0] not in ("check", "status"):
+        return None
+    from types import SimpleNamespace
+
+    command = argv[0]
+    out: dict[str, Any] = {"command": command, "state": None, "facts": None}
+    if command == "status":
+        out["json"] = False
+    rest = list(argv[1:])
+    while rest:
+        token = rest.pop(0)
+        flag, eq, value = token.partition("=")
+        if flag in ("--state", "--facts"):
+            if not eq:
+                if not rest or rest[0].startswith("-"):
+                    return None
+                value = rest.pop(0)
+            key = flag[2:]
+            if out[key] is not None or not value:
+                return None
+            out[key] = value
+        elif token == "--json" and command == "status" and not out["json"]:
+            out["json"] = True
+        elif command == "check" and "feature" not in out and token and token[0] != "-":
+            out["feature"] = token
+        else:
+            return None
+    if out["state"] is None or (command == "check" and "feature" not in out):
+        return None
+    return SimpleNamespace(**out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     fast = fast_run_args(argv)
     if fast is not None:
         return exit_code_of(PROG, lambda: run_daemon(**fast))
+    query = fast_query_args(argv)
+    if query is not None:
+        return exit_code_of(PROG, lambda: run(query))
     args = _parser().parse_args(argv)
     return exit_code_of(PROG, lambda: run(args))
 

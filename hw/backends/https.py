@@ -71,7 +71,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from agent.cose import canonical, jsonable, strict_loads
-from agent.errors import MalformedError, UsageError
+from agent.errors import MalformedError, UsageError, listen_error
 from agent.record import record
 from agent.rpc import Handler, Op, RemoteError, RpcError, TransportError, for_origin, wire
 from hw.httpjson import CBOR, HTTP_STATUS, JSON, Answer, HttpRefusal, JsonHandler, Route
@@ -204,13 +204,13 @@ class _RequestHandler(JsonHandler):
         else:
             try:
                 obj = json.loads(body)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise MalformedError(f"the request body is not JSON: {exc}") from exc
         if not isinstance(obj, dict):
             raise MalformedError('the request body must be a map: {"action": ..., "features": [...]}')
-        unknown = sorted(set(obj) - {"action", "features", "license_info"})
+        unknown = sorted(map(repr, set(obj) - {"action", "features", "license_info"}))
         if unknown:
-            raise UsageError(f"unknown field {', '.join(map(str, unknown))} in the request body "
+            raise UsageError(f"unknown field {', '.join(unknown)} in the request body "
                              "(fields: action, features, license_info)")
         args: dict[str, Any] = {"action": obj.get("action"), "features": obj.get("features", [])}
         if "license_info" in obj:
@@ -466,7 +466,7 @@ class HttpsListener(Listener):
                 self.idle_timeout, self.max_per_peer, self.max_handshakes,
                 self.handshake_timeout)
         except OSError as exc:
-            raise UsageError(f"cannot listen on {self.url.host}:{self.url.port}: {exc}") from exc
+            raise listen_error(f"{self.url.host}:{self.url.port}", exc) from exc
         host, port = server.server_address[:2]
         self.address = f"https://{netloc(str(host), int(port))}"
         self._server = server
@@ -588,7 +588,7 @@ class HttpsClient(ServerClient):
                 "changes": [str(c) for c in changes],
                 "warning": warning,
             }
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise TransportError(f"{self.where} answered apply without readable "
                                  f"X-Sequence/X-Changes headers: {exc}") from exc
 
@@ -675,7 +675,7 @@ def refusal_from_body(where: str, status: int, phrase: str, data: bytes) -> Remo
     ``message`` (licagent's exit codes), or a plain HTTP failure (exit 1)."""
     try:
         err = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         err = None
     if not isinstance(err, dict) or not isinstance(err.get("message"), str):
         text = data[:200].decode("utf-8", "replace").strip()

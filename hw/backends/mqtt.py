@@ -531,7 +531,8 @@ class MqttClient(ServerClient):
 
 
 def connect(url: LinkURL, timeout: float = DEFAULT_TIMEOUT, tries: int = DEFAULT_TRIES,
-            loop: MqttLoop | None = None, **_ctx: Any) -> MqttClient:
+            loop: MqttLoop | None = None, presence_timeout: float = PRESENCE_TIMEOUT,
+            **_ctx: Any) -> MqttClient:
     """A client of one device, ``mqtt://HOST:PORT/SITE/DEVICE_ID``, once its presence is seen.
 
     Raises:
@@ -539,7 +540,8 @@ def connect(url: LinkURL, timeout: float = DEFAULT_TIMEOUT, tries: int = DEFAULT
         TransportError: the broker is unreachable or refuses us, or the device's
             presence did not appear within ``presence_timeout``.
     """
-    return MqttClient(url, timeout=timeout, tries=tries, loop=loop)
+    return MqttClient(url, timeout=timeout, tries=tries, presence_timeout=presence_timeout,
+                      loop=loop)
 
 
 # ---------------------------------------------------------------- a whole site

@@ -206,7 +206,7 @@ def decode_presence(topic: str, payload: bytes) -> Presence | None:
         return None
     try:
         doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep
         return None
     if not isinstance(doc, dict):
         return None

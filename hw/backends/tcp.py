@@ -53,7 +53,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from agent.errors import LicensingError, UsageError
+from agent.errors import LicensingError, UsageError, listen_error
 from agent.record import field, record
 from agent.rpc import Handler, RpcAnswer, TransportError, decode_message, for_origin
 from hw.framing import Frame, FrameDecoder, encode_frame
@@ -305,7 +305,7 @@ class TcpListener(Listener):
             sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
-            raise TransportError(f"cannot listen on {self.url.text}: {exc}") from exc
+            raise listen_error(self.url.text, exc) from exc
         # accept() wakes up this often to notice stop() where shutdown() does not wake it
         sock.settimeout(0.2)
         self._sock = sock

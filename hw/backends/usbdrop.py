@@ -676,7 +676,7 @@ def _parse_want(data: bytes) -> dict[str, Any]:
         raise MalformedError(f"{WANT} is larger than {MAX_WANT} bytes")
     try:
         obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep
         raise MalformedError(f"{WANT} is not JSON (half-written?): {exc}") from exc
     shape = f'{WANT} must be {{"action": "activate"|"reclaim"|"renew", "features": [NAME, ...]}}'
     if not isinstance(obj, dict) or not isinstance(obj.get("action"), str) or (

@@ -11,6 +11,7 @@ marked ``optional`` could not be injected, 2 a bad scenario or flag, 8 storage.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -21,8 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from agent.errors import EXIT_FAILURE, EXIT_OK, UsageError
-from apps.common import exit_code_of
+from agent.errors import EXIT_FAILURE, EXIT_OK, UsageError, listen_error
+from apps.common import add_version, exit_code_of
 
 if TYPE_CHECKING:
     from simulators.fleet.fleet import Fleet
@@ -35,6 +36,7 @@ PROG = "licsim"
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Fleet simulator: many simulated "
                                 "automation servers with real license stores, faults and a report.")
+    add_version(p, PROG)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a scenario until --duration or SIGINT/SIGTERM")
     r.add_argument("scenario", type=Path, help="the scenario TOML file")
@@ -117,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return run(args)
         except OSError as exc:  # a folder or port licsim itself could not use
+            if exc.errno == errno.EADDRINUSE:  # the same code as licagent and licserver
+                raise listen_error(exc.filename or "a port of the fleet", exc) from exc
             print(f"{PROG}: {exc}", file=sys.stderr)
             return EXIT_FAILURE
 

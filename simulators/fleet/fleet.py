@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.cose import PublicKey, SigningKey
-from agent.errors import LicensingError, UsageError
+from agent.errors import LicensingError, MalformedError, UsageError
 from agent.messages import Action
+from apps.common import read_public_key, read_signing_key
 from simulators.fleet.broker import MosquittoBroker, bridge_config, free_port, plain_config
 from simulators.fleet.clients import MAX_CLIENTS, FleetClients
 from simulators.fleet.faults import SUBSCRIPTION, FaultInjection, FaultRecord
@@ -250,9 +251,9 @@ class Fleet(FaultInjection):
         vdir = self.workdir / "vendor"
         if sc.vendor_key is not None:
             try:
-                key = SigningKey.from_pem(sc.vendor_key.read_bytes())
-            except OSError as exc:
-                raise UsageError(f"scenario vendor_key {sc.vendor_key}: {exc.strerror}") from exc
+                key = read_signing_key(str(sc.vendor_key), "scenario vendor_key")
+            except MalformedError as exc:  # a bad scenario is a usage error (exit 2)
+                raise UsageError(f"scenario vendor_key: {exc}") from exc
             self.vendor = Vendor(key)
             self.vendor_key_path = sc.vendor_key
         elif sc.trust is None:
@@ -265,10 +266,9 @@ class Fleet(FaultInjection):
             self.vendor = Vendor(key)
         if sc.trust is not None:
             try:
-                self.trust = [PublicKey.from_pem(sc.trust.read_bytes())]
-            except OSError as exc:
-                raise UsageError(f"scenario trust {sc.trust}: cannot read the vendor public "
-                                 f"key: {exc.strerror}") from exc
+                self.trust = [read_public_key(str(sc.trust), "scenario trust")]
+            except MalformedError as exc:
+                raise UsageError(f"scenario trust: {exc}") from exc
             self.trust_path = sc.trust
         else:
             assert self.vendor is not None

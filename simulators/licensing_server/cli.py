@@ -14,9 +14,17 @@ from pathlib import Path
 from agent.cose import ALG_EDDSA, ALG_ES256, PublicKey, SigningKey
 from agent.durable import FileOps, atomic_write
 from agent.errors import EXIT_OK, UsageError
-from agent.formats import RECEIPT_MAX, read_device_info, verify_receipt
+from agent.formats import DEVICE_FILE_MAX, RECEIPT_MAX, read_device_info, verify_receipt
 from agent.messages import License
-from apps.common import exit_code_of, parse_time, read_input, write_output
+from apps.common import (
+    add_version,
+    exit_code_of,
+    parse_time,
+    read_input,
+    read_public_key,
+    read_signing_key,
+    write_output,
+)
 from simulators.licensing_server.vendor import DAY, Grant, Vendor
 
 __all__ = ["main", "parse_grant"]
@@ -40,51 +48,59 @@ def _now() -> int:
 
 
 def _load_key(path: str) -> SigningKey:
-    try:
-        return SigningKey.from_pem(Path(path).read_bytes())
-    except OSError as exc:
-        raise UsageError(f"cannot read vendor key {path}: {exc}") from exc
+    return read_signing_key(path, "vendor key")
 
 
 def _load_pub(path: str) -> PublicKey:
-    try:
-        return PublicKey.from_pem(Path(path).read_bytes())
-    except OSError as exc:
-        raise UsageError(f"cannot read public key {path}: {exc}") from exc
+    return read_public_key(path, "vendor public key")
+
+
+KEY_HELP = "the vendor's private signing key (PEM; licserver keygen wrote it)"
+DB_HELP = "the ledger: an SQLite file (created if missing) or postgresql://USER@HOST:PORT/DATABASE"
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Vendor licensing server (simulator).")
+    add_version(p, PROG)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sp = sub.add_parser("keygen", help="create a vendor signing key pair")
-    sp.add_argument("--out", required=True, metavar="DIR")
-    sp.add_argument("--alg", choices=("Ed25519", "ES256"), default="Ed25519")
+    sp.add_argument("--out", required=True, metavar="DIR",
+                    help="folder for vendor.key (mode 0600) and vendor.pub (created if missing)")
+    sp.add_argument("--alg", choices=("Ed25519", "ES256"), default="Ed25519",
+                    help="key algorithm (default Ed25519)")
     sp = sub.add_parser("issue", help="answer a request file with a signed response")
-    sp.add_argument("--key", required=True, metavar="KEYFILE")
-    sp.add_argument("--request", required=True, metavar="REQ")
-    sp.add_argument("--grant", action="append", default=[], metavar="FEATURE=COUNT[@EXPIRY]")
-    sp.add_argument("--remove", action="append", default=[], metavar="FEATURE")
+    sp.add_argument("--key", required=True, metavar="KEYFILE", help=KEY_HELP)
+    sp.add_argument("--request", required=True, metavar="REQ",
+                    help="the device's signed request file")
+    sp.add_argument("--grant", action="append", default=[], metavar="FEATURE=COUNT[@EXPIRY]",
+                    help="a license to install; EXPIRY is an ISO date (end of that day, UTC) "
+                         "or date-time (repeat for each)")
+    sp.add_argument("--remove", action="append", default=[], metavar="FEATURE",
+                    help="a license to reclaim (repeat for each)")
     sp.add_argument("--grace-days", type=int, default=0,
                     help="grace period after each granted license's expiry (default 0)")
     sp.add_argument("--valid-days", type=int, default=30,
                     help="how long the response may be applied (default 30 days)")
-    sp.add_argument("--out", required=True, metavar="RESP")
+    sp.add_argument("--out", required=True, metavar="RESP",
+                    help="where to write the signed response file")
     sp = sub.add_parser("license-info",
                         help="sign license information: which installed licenses to reclaim")
-    sp.add_argument("--key", required=True, metavar="KEYFILE")
-    sp.add_argument("--device-info", required=True, action="append", metavar="FILE")
+    sp.add_argument("--key", required=True, metavar="KEYFILE", help=KEY_HELP)
+    sp.add_argument("--device-info", required=True, action="append", metavar="FILE",
+                    help="a device-information file (licagent info --out; repeat for each)")
     sp.add_argument("--reclaim", action="append", default=[], metavar="FEATURE",
                     help="feature to reclaim where installed (default: every installed license)")
-    sp.add_argument("--out", required=True, metavar="LICENSE_INFO")
+    sp.add_argument("--out", required=True, metavar="LICENSE_INFO",
+                    help="where to write the signed license information")
     sp = sub.add_parser("verify-receipt", help="check a device's receipt (exit 0 only if genuine)")
-    sp.add_argument("--trust", required=True, action="append", metavar="VENDOR_PUBKEY_FILE")
-    sp.add_argument("receipt", metavar="RECEIPT_FILE")
+    sp.add_argument("--trust", required=True, action="append", metavar="VENDOR_PUBKEY_FILE",
+                    help="the vendor public key (PEM) the response inside must be signed "
+                         "with (repeat for several)")
+    sp.add_argument("receipt", metavar="RECEIPT_FILE", help="the device's receipt file")
     sp = sub.add_parser("serve", help="run the licensing server's HTTP API over a ledger "
                                       "(docs/licensing-api.md) until SIGTERM or SIGINT")
-    sp.add_argument("--db", required=True, metavar="FILE|URL",
-                    help="the ledger: an SQLite file (created if missing) or "
-                         "postgresql://USER@HOST:PORT/DATABASE")
-    sp.add_argument("--key", required=True, metavar="KEYFILE")
+    sp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
+    sp.add_argument("--key", required=True, metavar="KEYFILE", help=KEY_HELP)
     sp.add_argument("--port", required=True, type=int, metavar="N", help="0 picks a free port")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     sp.add_argument("--cert", metavar="FILE", help="serve HTTPS with this PEM certificate "
@@ -93,31 +109,36 @@ def _parser() -> argparse.ArgumentParser:
                     help="the PEM private key of --cert (--key is the vendor signing key)")
     sp.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
     sp = sub.add_parser("entitle", help="record a purchase in the ledger (adds to an entitlement)")
-    sp.add_argument("--db", required=True, metavar="FILE|URL")
-    sp.add_argument("--entitlement", required=True, metavar="ID")
-    sp.add_argument("--product", required=True, metavar="NAME")
-    sp.add_argument("--feature", required=True, action="append", metavar="FEATURE=COUNT")
+    sp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
+    sp.add_argument("--entitlement", required=True, metavar="ID",
+                    help="the entitlement (order), free text as the vendor writes it")
+    sp.add_argument("--product", required=True, metavar="NAME",
+                    help="the product bought, free text")
+    sp.add_argument("--feature", required=True, action="append", metavar="FEATURE=COUNT",
+                    help="licenses bought, added to what the product holds (repeat for each)")
     sp.add_argument("--until", metavar="DATE",
                     help="subscription end: ISO date (end of that day, UTC) or date-time")
     sp = sub.add_parser("token", help="bearer tokens of the HTTP API: create, revoke")
     tsub = sp.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     tp = tsub.add_parser("create", help="make a token; its secret goes to --out (mode 0600), "
                                         "the ledger keeps only its SHA-256")
-    tp.add_argument("--db", required=True, metavar="FILE|URL")
-    tp.add_argument("--role", required=True, choices=("vendor-admin", "site-admin"))
+    tp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
+    tp.add_argument("--role", required=True, choices=("vendor-admin", "site-admin"),
+                    help="vendor-admin: every route; site-admin: only its --entitlement(s)")
     tp.add_argument("--entitlement", action="append", default=[], metavar="ID",
                     help="an entitlement a site-admin token may use (repeat for each)")
     tp.add_argument("--name", metavar="NAME",
                     help="the token's name in the report and the log (default: --out's file "
                          "name without its extension)")
-    tp.add_argument("--out", required=True, metavar="TOKEN_FILE")
+    tp.add_argument("--out", required=True, metavar="TOKEN_FILE",
+                    help="where to write the token's secret (mode 0600)")
     tp = tsub.add_parser("revoke", help="refuse a token from now on (HTTP 401)")
-    tp.add_argument("--db", required=True, metavar="FILE|URL")
-    tp.add_argument("--name", required=True, metavar="NAME")
+    tp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
+    tp.add_argument("--name", required=True, metavar="NAME", help="the token to revoke")
     sp = sub.add_parser("report", help="show entitlements, assignments, installed licenses, "
                                        "pending reclaims and tokens")
-    sp.add_argument("--db", required=True, metavar="FILE|URL")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
 
@@ -141,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
         grants = [replace(parse_grant(g), grace=args.grace_days * DAY) for g in args.grant]
         if args.valid_days < 1:
             raise UsageError("--valid-days must be at least 1")
-        data = vendor.issue(read_input(args.request, 64 * 1024), grants, args.remove, _now(),
+        data = vendor.issue(read_input(args.request, 64 * 1024, "request file",
+                                       expect="request"), grants, args.remove, _now(),
                             args.valid_days * DAY)
         write_output(args.out, data)
         print(f"wrote response to {args.out}")
@@ -150,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
         vendor = Vendor(_load_key(args.key))
         entries: dict[str, tuple[list[License], list[License]]] = {}
         for f in args.device_info:
-            info = read_device_info(read_input(f, 64 * 1024))
+            info = read_device_info(read_input(f, DEVICE_FILE_MAX, "device information file",
+                                               expect="device-info"))
             wanted = set(args.reclaim)
             picked = [x for x in info.licenses if not wanted or x.feature in wanted]
             entries[info.device_id] = (picked, [])
@@ -162,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "verify-receipt":
         trusted = [_load_pub(t) for t in args.trust]
-        rc = verify_receipt(read_input(args.receipt, RECEIPT_MAX), trusted)
+        rc = verify_receipt(read_input(args.receipt, RECEIPT_MAX, "receipt file",
+                                       expect="receipt"), trusted)
         removed = ", ".join(f"{x.feature}={x.count}" for x in rc.removed) or "nothing"
         print(f"genuine receipt from device {rc.device_id}: sequence {rc.sequence}, "
               f"removed {removed}")

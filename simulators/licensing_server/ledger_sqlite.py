@@ -147,7 +147,8 @@ class SqliteStorage:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot open the ledger {self.path}: {exc}") from exc
+            raise StorageError(f"cannot open the ledger {self.path}: {exc}"
+                               f"{_what_it_is(self.path)}") from exc
 
     def close(self) -> None:
         with self._lock:
@@ -210,3 +211,17 @@ class SqliteStorage:
                     db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot read the ledger {self.path}: {exc}") from exc
+
+
+def _what_it_is(path: Path) -> str:
+    """``" (it is a request file, expected an SQLite ledger)"`` for a file that is no database."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return ""
+    if not head or head.startswith(b"SQLite format 3\x00"):
+        return ""
+    from agent.formats import describe_kind, identify
+
+    return f" (it is {describe_kind(identify(head))}, expected an SQLite ledger)"

@@ -28,7 +28,7 @@ from http.server import ThreadingHTTPServer
 from typing import Any
 
 from agent.cose import canonical, strict_loads
-from agent.errors import MalformedError, UsageError
+from agent.errors import MalformedError, UsageError, listen_error
 from agent.formats import SITE_INFO_MAX
 from apps.licensing_api import (
     AssignmentBatch,
@@ -187,7 +187,7 @@ class _Handler(JsonHandler):
         data = self.read_body(limit or self.server.limits.max_json_body, f" of {self._path}")
         try:
             return json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise MalformedError(f"the body is not JSON: {exc}") from exc
 
     # -- the exchange
@@ -311,7 +311,7 @@ def serve(ledger: Ledger, vendor: Vendor | None = None, host: str = "127.0.0.1",
         httpd = _HTTPServer((host, port), ledger, vendor or ledger.vendor,
                             limits or ServerLimits(), log or _quiet, tls)
     except OSError as exc:
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        raise listen_error(f"{host}:{port}", exc) from exc
     return LicensingServer(httpd)
 
 
@@ -326,9 +326,9 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(cert, key)
     except FileNotFoundError as exc:
-        raise UsageError(f"cannot read {exc.filename}: no such file (--cert and --key name the "
+        raise UsageError(f"cannot read {exc.filename}: no such file (--cert and --tls-key name the "
                          "server's PEM certificate and its key)") from exc
     except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"--cert {cert} --key {key}: not a PEM certificate and its matching "
+        raise UsageError(f"--cert {cert} --tls-key {key}: not a PEM certificate and its matching "
                          f"key: {exc}") from exc
     return ctx

@@ -166,7 +166,7 @@ def test_receipt_from_licagent_apply_is_confirmed_like_one_from_send(
         err = tools("licserver", "verify-receipt", "--trust", "vendor.pub", str(path),
                     code=code).stderr
         assert err.strip() == f"licserver: {reason}: {message}"
-        out = tools("licadmin", "confirm", "--receipts", "bad", "--licensing-server", url,
+        out = tools("licadmin", "confirm", "--verbose", "--receipts", "bad", "--licensing-server", url,
                     code=code).stdout
         assert f"{name}.receipt: {reason}: {message}" in out
         answer = client.confirm([data])
@@ -185,14 +185,14 @@ def test_receipt_from_licagent_apply_is_confirmed_like_one_from_send(
     ok = tools("licserver", "verify-receipt", "--trust", "vendor.pub",
                "mine/as-p-01.reclaim.receipt").stdout
     assert f"genuine receipt from device {dev}: sequence 2, removed bacnet=10" in ok
-    out = tools("licadmin", "confirm", "--receipts", "mine", "--licensing-server", url).stdout
+    out = tools("licadmin", "confirm", "--verbose", "--receipts", "mine", "--licensing-server", url).stdout
     assert "freed bacnet=10" in out and "2 receipt(s) from mine" in out
     report = json.loads(licserver.run("report", "--db", str(licserver.db), "--json"))
     assert report["pending_reclaims"] == []
     (feature,) = report["entitlements"][0]["products"][0]["features"]
     assert (feature["assigned"], feature["used"], feature["free"]) == (0, 0, 10)
     # ... and send's copy is now the same receipt the ledger has seen: accepted once only
-    again = tools("licadmin", "confirm", "--receipts", "sent", "--licensing-server", url).stdout
+    again = tools("licadmin", "confirm", "--verbose", "--receipts", "sent", "--licensing-server", url).stdout
     assert "accepted before" in again
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import subprocess
@@ -35,6 +36,9 @@ from tests.conftest import Device, Site
 
 BIN = Path(sys.executable).parent
 PARTIAL = 10
+#: the commands that print one line per server with --verbose
+STEPS = frozenset({"gather", "license-info", "requests", "upload", "send", "confirm",
+                   "activate", "reclaim"})
 
 
 @dataclass
@@ -120,7 +124,11 @@ class WorkSite:
                ) -> subprocess.CompletedProcess[str]:
         return self.run(command, "--licensing-server", self.licensing, *args, code=code)
 
-    def run(self, *args: str, code: int | None = 0) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, code: int | None = 0, verbose: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        """A licadmin process; the steps with --verbose (these tests read per-server lines)."""
+        if verbose and args and args[0] in STEPS:
+            args = (args[0], "--verbose", *args[1:])
         p = subprocess.run([str(BIN / "licadmin"), *args], cwd=self.root, env=self.env,
                            capture_output=True, text=True, timeout=60, check=False)
         if code is not None:
@@ -235,10 +243,11 @@ def test_gather_from_a_servers_file_names_the_site_and_refuses_bad_files(ws: Wor
 def test_gather_on_a_terminal_draws_a_progress_bar(ws: WorkSite) -> None:
     master, slave = pty.openpty()
     try:
+        # the bar goes to stderr when stderr is a terminal; stdout stays plain
         proc = subprocess.Popen([str(BIN / "licadmin"), "gather", *ws.server_args(), "--server",
                                  "tcp://127.0.0.1:1", "--out", "tty.info"],
-                                cwd=ws.root, env=ws.env, stdout=slave,
-                                stderr=subprocess.PIPE)
+                                cwd=ws.root, env=ws.env, stderr=slave,
+                                stdout=subprocess.PIPE)
         os.close(slave)
         out = b""
         while True:
@@ -252,18 +261,23 @@ def test_gather_on_a_terminal_draws_a_progress_bar(ws: WorkSite) -> None:
             if not chunk:
                 break
             out += chunk
-        assert proc.wait(timeout=30) == PARTIAL, proc.stderr.read() if proc.stderr else b""
-        if proc.stderr:
-            proc.stderr.close()
+        assert proc.wait(timeout=30) == PARTIAL
+        assert proc.stdout is not None
+        stdout = proc.stdout.read().decode()
+        proc.stdout.close()
     finally:
         os.close(master)
     text = out.decode()
     assert "\rgather [" in text and "] 0/4" in text and "] 4/4" in text
     assert "#" * 30 in text
-    # on a terminal only failures get a line of their own, above the bar
-    assert "ok      " not in text
-    assert "\r\x1b[KFAILED  tcp://127.0.0.1:1: transport: cannot connect" in text
-    assert "wrote site information of 3 server(s)" in text
+    assert text.endswith("\r\x1b[K")  # the bar is wiped at the end of the step
+    # stdout: one line per outcome class, a table of the failures only, no bar
+    assert "\r" not in stdout and "ok      " not in stdout
+    assert "gather: gathered 3\ngather: FAILED   1\n" in stdout
+    table = stdout[stdout.index("SERVER "):].splitlines()
+    assert table[0].split() == ["SERVER", "RESULT", "DETAIL"]
+    assert table[1].split()[:4] == ["tcp://127.0.0.1:1", "FAILED", "transport:", "cannot"]
+    assert "wrote site information of 3 server(s)" in stdout
 
 
 # ---------------------------------------------------------------- show
@@ -323,7 +337,7 @@ def test_show_prints_every_kind_with_signer_and_verdict(ws: WorkSite) -> None:
     (ws.root / "tampered.req").write_bytes(bytes(data))
     assert "signature       FAILED: DOES NOT VERIFY" in ws.run("show", "tampered.req", code=4).stdout
     (ws.root / "junk").write_bytes(b"\xff\x00junk")
-    assert "not a file of this project" in ws.run("show", "junk", code=3).stderr
+    assert "expected a file of this project" in ws.run("show", "junk", code=3).stderr
     assert "no such file" in ws.run("show", "nope", code=2).stderr
 
 
@@ -350,7 +364,7 @@ def result_table(out: str) -> dict[str, str]:
     assert lines[0].split() == ["SERVER", "DEVICE", "RESULT", "DETAIL"]
     rows = {}
     for line in lines[1:]:
-        if line.startswith(("wrote ", "partial:", "not sent:", "note:")):
+        if line.startswith(("wrote ", "partial:", "not sent:", "note:", "send:", "SERVER ")):
             break
         rows[line.split()[0]] = " ".join(line.split())
     return rows
@@ -420,7 +434,7 @@ def test_activation_step_by_step_over_tcp_pty_and_usbdrop(lws: WorkSite) -> None
     # every step is safe to repeat: same receipts, nothing counted twice
     out = w.run("send", "--responses", "responses", "--servers", toml,
                 "--receipts-out", "receipts").stdout
-    assert out.count("already applied") == 3
+    assert sum("already applied" in r for r in result_table(out).values()) == 3
     assert "3 already confirmed" in w.online("confirm", "--receipts", "receipts").stdout
     assert installed(w) == ASSIGNED and w.ledger_.free("E-100", "bacnet") == 4
     # --json summaries for scripts
@@ -445,7 +459,8 @@ def test_reclaim_waits_for_its_receipt_which_also_rides_along_an_upload(lws: Wor
     assert f"device {asb.device_id[:12]}…: reclaim bacnet=2; install nothing" in out
     out = w.run("requests", "--license-info", "li.cbor", "--servers", toml,
                 "--out-dir", "requests").stdout
-    assert out.count("skipped") == 2 and "nothing to reclaim or install" in out
+    assert out.count("\nskipped ") + out.startswith("skipped ") == 2
+    assert "nothing to reclaim or install" in out
     assert [p.name for p in (w.root / "requests").iterdir()] == [f"{asb.device_id}.req"]
     out = w.online("upload", "--requests", "requests", "--out-dir", "responses").stdout
     assert "response: sequence 1 -> 2: remove bacnet" in out
@@ -453,7 +468,11 @@ def test_reclaim_waits_for_its_receipt_which_also_rides_along_an_upload(lws: Wor
     assert [(p["device_id"], p["feature"], p["count"]) for p in pending] == [
         (asb.device_id, "bacnet", 2)]
     assert w.ledger_.free("E-100", "bacnet") == 4  # not free before the receipt
-    w.run("send", "--responses", "responses", "--servers", toml, "--receipts-out", "receipts")
+    # the two servers with no response are listed as missed: never exit 0 (item 12)
+    out = w.run("send", "--responses", "responses", "--servers", toml, "--receipts-out",
+                "receipts", code=PARTIAL).stdout
+    assert sum(line.startswith("MISSED  ") for line in out.splitlines()) == 2
+    assert re.search(r"^send: MISSED +2$", out, re.M)
     assert asb.licenses() == {"modbus": 1}
     # the licensing server restarts between upload and confirm: nothing is forgotten
     w.stop_licensing()
@@ -537,8 +556,9 @@ def test_a_server_that_goes_away_before_send_is_listed_and_a_rerun_completes(
     assert f"{asp.url} - FAILED transport: cannot connect" in rows[asp.url]
     for s in w.servers[1:]:
         assert "applied sequence 0 -> 1" in rows[s.url]
-    assert "partial: 1 of 3 failed" in p.stdout
-    assert f"not sent: {asp.device_id}.resp" in p.stdout
+    # asp-1's response is not sent either: listed as missed
+    assert "partial: 2 of 4 not done" in p.stdout
+    assert "missed not sent: no server given answered" in rows[f"{asp.device_id}.resp"]
     assert asp.device.store_bytes() == before and asp.device.leftovers() == []
     assert (w.root / "responses" / f"{asp.device_id}.resp").exists()  # nothing lost
     assert not (w.root / "receipts" / f"{asp.device_id}.receipt").exists()
@@ -567,11 +587,14 @@ def test_a_response_carried_to_the_wrong_server_is_never_applied(lws: WorkSite) 
         (w.root / "responses" / f"{asp.device_id}.resp").read_bytes())
     before = asb.device.store_bytes()
     out = w.run("send", "--responses", "wrong", *w.server_args(asb), "--receipts-out",
-                "receipts").stdout
+                "receipts", code=PARTIAL).stdout
     assert f"holds the response for device {asp.device_id[:12]}…, not the one its name says" \
         in out
-    assert "skipped" in out and "no response for this device" in out
-    assert f"not sent: {asb.device_id}.resp (device {asp.device_id[:12]}…)" in out
+    # nothing sent is no success (issue 13, item 12): both sides listed as missed, exit 10
+    assert f"MISSED  {asb.url} device {asb.device_id[:12]}…: no response for this device" in out
+    assert result_table(out)[f"{asb.device_id}.resp"] == (
+        f"{asb.device_id}.resp {asp.device_id[:12]}… missed not sent: no server given "
+        f"answered as device {asp.device_id[:12]}…")
     assert asb.device.store_bytes() == before and asb.licenses() == {}
     assert list((w.root / "receipts").iterdir()) == []
     # forced by hand, the server itself refuses it (exit 5) and stays unchanged
@@ -630,7 +653,11 @@ def test_one_go_with_the_licensing_server_unreachable_keeps_what_it_gathered(
                code=1)
     assert "FAILED  licensing server: transport: cannot connect to the licensing server" \
         in p.stdout
-    assert "failed: 1 failure(s):\n  license-info: licensing server: transport:" in p.stdout
+    table = p.stdout[p.stdout.index("STEP "):].splitlines()
+    assert table[0].split() == ["STEP", "SERVER", "RESULT", "DETAIL"]
+    assert table[1].split()[:5] == ["license-info", "licensing", "server", "FAILED",
+                                    "transport:"]
+    assert "failed: 1 failure(s), listed above" in p.stdout
     work = Path(p.stdout.rsplit("files of every step are in ", 1)[1].split(";")[0])
     try:
         assert (work / "site-info.cbor").is_file()

@@ -128,7 +128,7 @@ def test_a_clock_set_back_is_refused_with_iso_dates_and_a_way_back(
     line = err.strip()
     assert "\n" not in line and line.startswith("licagent: clock-set-back: ")
     assert iso(back) in line and iso(T0) in line
-    assert "Set the system clock to the correct time" in line
+    assert "set the system clock to the right time" in line
     assert str(back) not in line  # dates, never raw POSIX seconds
     assert {p: (device.directory / p).read_bytes() for p in SLOTS} == before
     # the way back works: the clock put right, the same response applies

@@ -518,3 +518,54 @@ def test_release_free_memory_uses_glibc_when_present() -> None:
     del blocks
     assert release_free_memory() is glibc
     assert release_free_memory() is glibc  # loaded once, callable again
+
+
+def test_daemon_keeps_its_store_open_and_sees_a_cli_beside_it(agentd: Agentd,
+                                                              tmp_path: Path) -> None:
+    """Issue 17, item 2: the daemon keeps its store open between requests; a real
+    ``licagent`` process applying a response and a slot put back beside it are seen by
+    its next answer (revalidated under the lock), never an answer from the kept state."""
+    proc = agentd.start("--listen", "tcp://127.0.0.1:0")
+    (address,) = listening(proc)
+    env = dict(agentd.env, LICAGENT_FACTS=str(agentd.facts))
+
+    def cli(*args: str) -> None:
+        p = subprocess.run([str(BIN / "licagent"), *args[:1], "--state", str(agentd.state),
+                            *args[1:]], env=env, capture_output=True, text=True,
+                           timeout=60, check=False)
+        assert p.returncode == 0, p.stderr
+
+    with hw.connect(address) as c:
+        req = c.request("activate", ["bacnet"])
+        c.apply(agentd.vendor.issue(req, [Grant("bacnet", 3)], now=T0))
+        assert c.check("modbus")["licensed"] is False
+        saved = {n: (agentd.state / n).read_bytes() for n in ("state.0", "state.1")}
+        # a CLI process beside the daemon: request, then apply its response
+        cli("request", "activate", "--feature", "modbus", "--out", str(tmp_path / "r.cbor"))
+        resp = agentd.vendor.issue((tmp_path / "r.cbor").read_bytes(), [Grant("modbus", 2)],
+                                   now=T0)
+        (tmp_path / "resp.cbor").write_bytes(resp)
+        cli("apply", str(tmp_path / "resp.cbor"))
+        assert c.check("modbus")["licensed"] is True
+        st = c.status()
+        assert st["sequence"] == 2
+        assert {lic["feature"] for lic in st["licenses"]} == {"bacnet", "modbus"}
+        # the older slots put back: the daemon replays the journal, as a fresh open does
+        for n, b in saved.items():
+            (agentd.state / n).write_bytes(b)
+        assert c.check("modbus")["licensed"] is True
+        assert c.status()["sequence"] == 2
+        # the journal emptied under it: refused as a fresh process refuses, never answered
+        # from memory; then put back, answered again
+        j = agentd.state / "journal.log"
+        whole = j.read_bytes()
+        j.write_bytes(b"")
+        fresh = subprocess.run([str(BIN / "licagent"), "check", "--state", str(agentd.state),
+                                "modbus"], env=env, capture_output=True, text=True,
+                               timeout=60, check=False)
+        assert fresh.returncode == 8, fresh.stderr
+        with pytest.raises(RemoteError) as err:
+            c.check("modbus")
+        assert err.value.exit_code == 8
+        j.write_bytes(whole)
+        assert c.check("modbus")["licensed"] is True

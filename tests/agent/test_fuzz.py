@@ -16,12 +16,13 @@ Three kinds of input:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cbor2
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,8 +48,11 @@ from agent.protocol import AgentState, Limits
 from agent.store import KEY_FILE, decode_slot
 from simulators.licensing_server.vendor import Grant, Vendor
 from tests.conftest import T0, Device, Site
+from tests.support.fuzzcount import record_inputs
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
+#: generated inputs fed to the parsers by this module's tests (``make fuzz`` sums them)
+RUNS = [0]
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -56,6 +60,12 @@ FUZZ = settings(
                            HealthCheck.large_base_example],
 )
 MAX_FILE = Limits().max_file
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _count_inputs() -> Iterator[None]:
+    yield
+    record_inputs(RUNS[0])
 
 
 # ---------------------------------------------------------------- the world under test
@@ -359,6 +369,7 @@ def test_random_bytes_raise_only_licensing_errors(tmp_path: Path) -> None:
     @FUZZ
     @given(random_inputs(kids, payloads))
     def run(data: bytes) -> None:
+        RUNS[0] += 1
         outcome = run_parsers(w, data)
         for name in ("apply_response", "apply_trust_update", "license_info", "read_request",
                      "verify_receipt", "read_device_info", "decode_slot"):
@@ -395,6 +406,7 @@ def test_mutated_files_raise_only_licensing_errors(tmp_path: Path) -> None:
     @FUZZ
     @given(mutated_files(w.files))
     def run(data: bytes) -> None:
+        RUNS[0] += 1
         outcome = run_parsers(w, data)
         for name, ok in valid.items():
             if outcome[name] == "accepted":
@@ -410,6 +422,7 @@ def test_mutated_response_never_changes_the_store(tmp_path: Path) -> None:
     @FUZZ
     @given(mutated_files(w.files))
     def run(data: bytes) -> None:
+        RUNS[0] += 1
         w.restore()
         before = dev.store_bytes()
         try:
@@ -462,6 +475,7 @@ def test_signed_payloads_with_random_fields(tmp_path: Path) -> None:
     @given(st.sampled_from(range(len(kinds))).flatmap(
         lambda i: st.tuples(st.just(i), replaced_fields(kinds[i][0], interesting))))
     def run(case: tuple[int, dict[str, Any]]) -> None:
+        RUNS[0] += 1
         i, m = case
         _orig, key, ctype = kinds[i]
         data = sign1(encode(m), key, ctype or "")
@@ -495,6 +509,7 @@ def test_trust_update_fuzz_never_lets_an_untrusted_key_sign(tmp_path: Path) -> N
     @FUZZ
     @given(replaced_fields(base, [stranger.public.raw, -8, -7, 2, 3, None, w.now]))
     def run(m: dict[str, Any]) -> None:
+        RUNS[0] += 1
         data = sign1(encode(m), stranger, Kind.TRUST_UPDATE.content_type)
         try:
             protocol.apply_trust_update(w.state, data, w.now)

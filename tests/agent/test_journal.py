@@ -121,3 +121,57 @@ def test_read_journal_over_a_link_leaves_the_replay_files_out(device: Device) ->
     assert [d["response"] for d in shown] == [f"<{len(e.data['response'])} bytes>"
                                               for e in applies]
     assert [d["state_digest"] for d in shown] == [e.data["state_digest"] for e in applies]
+
+
+# ---------------------------------------------------------------- issue 17, item 4
+
+
+def _records(data: bytes) -> list[tuple[int, bytes]]:
+    out, off = [], 0
+    while off < len(data):
+        n = int.from_bytes(data[off:off + 4], "big")
+        out.append((off, data[off + 4:off + 4 + n]))
+        off += 4 + n
+    return out
+
+
+def test_verify_without_entries_counts_what_read_verifies(tmp_path: Path) -> None:
+    j = make(tmp_path / "j.log", 300)  # record numbers past 23 and 255 (longer heads)
+    full = j.read()
+    bare = j.read(entries=False)
+    assert bare.entries == () and bare.records == full.records == len(full.entries) == 300
+    assert (bare.torn_tail, bare.good_length) == (full.torn_tail, full.good_length)
+
+
+def test_mac_taken_in_place_is_no_weaker_than_re_encoding(tmp_path: Path) -> None:
+    """The MAC is checked on the record's bytes less its mac entry (no re-encoding); every
+    byte of a record changed is still refused, and a record whose fields are written in
+    another order (not as the agent writes it) is still judged by re-encoding its body."""
+    import cbor2
+
+    from agent.cose import strict_loads
+
+    path = tmp_path / "j.log"
+    j = make(path, 30)
+    data = path.read_bytes()
+    off, raw = _records(data)[-1]
+    for i in range(len(raw)):
+        bad = bytearray(data)
+        bad[off + 4 + i] ^= 0x01
+        path.write_bytes(bytes(bad))
+        with pytest.raises(IntegrityError):
+            Journal(path, j.mac_key, FileOps()).read(entries=False)
+            pytest.fail(f"byte {i} of the last record changed and not noticed")
+    # the same fields, the mac entry last (not canonical): the in-place check declines,
+    # re-encoding the body accepts it, as before
+    e = strict_loads(raw, max_size=1 << 20)
+    mac = e.pop("mac")
+    odd = cbor2.dumps({**e, "mac": mac})
+    assert odd != raw
+    path.write_bytes(data[:off] + len(odd).to_bytes(4, "big") + odd)
+    assert Journal(path, j.mac_key, FileOps()).read().records == 30
+    # and with a MAC that does not hold it is refused
+    odd = cbor2.dumps({**e, "mac": bytes(32)})
+    path.write_bytes(data[:off] + len(odd).to_bytes(4, "big") + odd)
+    with pytest.raises(IntegrityError, match="fails its MAC"):
+        Journal(path, j.mac_key, FileOps()).read()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.messages import Action
+from agent.messages import Action, TrustKey
 from agent.store import JOURNAL_FILE, LOCK_FILE, SLOTS, Store
 from simulators.licensing_server.vendor import Grant
 from tests.conftest import T0, Device
@@ -118,7 +118,8 @@ def test_every_write_fails_with_exit_8_and_one_line(
     req = device.request(Action.ACTIVATE, ["modbus"])
     resp.write_bytes(device.vendor.issue(req, [Grant("modbus", 1)], now=device.clock()))
     trust = tmp_path / "trust.upd"
-    trust.write_bytes(b"refused before it is read as a trust update")
+    trust.write_bytes(device.vendor.trust_update([TrustKey(device.vendor.public)], 2,
+                                                 now=device.clock()))
     for argv in (["request", "activate", "--feature", "modbus", "--out", str(tmp_path / "r")],
                  ["apply", str(resp)], ["trust-update", str(trust)]):
         p = licagent(ro, facts, device.clock(), *argv)

@@ -173,7 +173,8 @@ def test_oversized_file(device: Device) -> None:
 
 def test_request_signed_by_device_is_not_a_response(device: Device) -> None:
     req = fresh_request(device)
-    refused(device, req, errors.TrustError, 4)  # device key is not a vendor key
+    # named for what it is before its signer is even looked at (issue 13, item 15)
+    refused(device, req, errors.MalformedError, 3)
 
 
 def test_vendor_file_of_another_kind(device: Device, vendor: Vendor) -> None:

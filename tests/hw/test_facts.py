@@ -322,19 +322,19 @@ def test_load_facts_file_missing(tmp_path: Path) -> None:
 def test_load_facts_file_unparseable_or_not_object(tmp_path: Path, content: str) -> None:
     path = tmp_path / "facts.json"
     path.write_text(content)
-    with pytest.raises(UsageError, match="cannot read hardware facts file"):
+    with pytest.raises(UsageError, match="hardware facts file"):
         load_facts_file(path)
 
 
 def test_load_facts_file_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "facts.json"
     path.write_bytes(b'{"model": "\xff"}')
-    with pytest.raises(UsageError, match="cannot read hardware facts file"):
+    with pytest.raises(UsageError, match="hardware facts file"):
         load_facts_file(path)
 
 
 def test_load_facts_file_directory(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="cannot read hardware facts file"):
+    with pytest.raises(UsageError, match="hardware facts file"):
         load_facts_file(tmp_path)
 
 

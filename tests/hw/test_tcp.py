@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 import pytest
 
 from agent.cose import canonical
-from agent.errors import UsageError
+from agent.errors import AddressInUseError, UsageError
 from agent.ops import AgentOps
 from agent.rpc import RemoteError, TransportError
 from hw import connect, listen
@@ -191,9 +191,11 @@ def test_connect_to_nothing_is_a_transport_error(device: Device) -> None:
 
 def test_address_in_use_is_reported(device: Device) -> None:
     with served(device, "tcp://127.0.0.1:0") as lst:
-        with pytest.raises(TransportError, match="cannot listen"):
+        with pytest.raises(AddressInUseError, match=r"cannot listen .* address already in use"
+                           ) as caught:
             served_again = listen(lst.address, AgentOps(device.agent))
             served_again.start()
+        assert caught.value.exit_code == 2  # as licserver serve and licsim (README)
 
 
 # ---------------------------------------------------------------- many clients, limits
