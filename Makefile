@@ -6,7 +6,7 @@ CWT_VENV := .venv-cwt
 STAMP  := $(VENV)/.installed
 CWT_STAMP := $(CWT_VENV)/.installed
 
-.PHONY: run demo-files test lint unit fuzz bench bench-ratios clean venv broker qemu-tools qemu-image \
+.PHONY: run demo-files test lint unit fuzz bench bench-ratios clean venv broker postgres qemu-tools qemu-image \
 	test-qemu test-qemu-user qemu-clean
 
 $(STAMP): pyproject.toml
@@ -43,7 +43,14 @@ broker:
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update && $$SUDO apt-get install -y mosquitto; }
 
-unit: $(STAMP) $(CWT_STAMP) broker
+# The ledger tests also run on a real PostgreSQL server (initdb into a temporary folder,
+# a loopback port); install Debian's postgresql package when its programs are missing.
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update && $$SUDO apt-get install -y postgresql; }
+
+unit: $(STAMP) $(CWT_STAMP) broker postgres
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test: lint unit
@@ -66,7 +73,7 @@ fuzz: $(STAMP)
 	  '{n += $$1} END {printf "fuzz: %d generated inputs in %d s, no exception escaped\n", n, t}' \
 	  .fuzz-count
 
-bench: $(STAMP) broker
+bench: $(STAMP) broker postgres
 	$(PY) tests/bench/run.py
 
 # only the rows measured against a floor (issue 17) and the growth table: about a minute

@@ -6,12 +6,18 @@ HTTP error status) is raised as :class:`hw.rpc.RemoteError` carrying the
 server's exit code and reason, so a command can exit with it; a failure to
 reach the server or an unreadable answer is :class:`hw.rpc.TransportError`
 (exit 1).
+
+Every exchange carries the caller's bearer token (``Authorization: Bearer``;
+:func:`read_token` reads a token file); over ``https://`` the server is verified
+against the system's CAs or the one CA file given.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -32,7 +38,35 @@ from apps.licensing_api import (
 from hw.backends.https import refusal_from_body
 from hw.httpjson import CBOR, JSON
 
-__all__ = ["MAX_ANSWER", "LicensingClient"]
+__all__ = ["MAX_ANSWER", "TOKEN_ENV", "LicensingClient", "read_token"]
+
+#: the environment variable licadmin reads the bearer token from without --token-file
+TOKEN_ENV = "LICADMIN_TOKEN"
+#: the largest token file read
+TOKEN_FILE_MAX = 4096
+
+
+def read_token(path: str | None, env: str | None = None) -> str | None:
+    """The bearer token from ``path`` (its first line), else from the environment variable
+    ``env`` (default :data:`TOKEN_ENV`), else None.
+
+    Raises:
+        UsageError: the file cannot be read, is empty, or holds more than a token.
+    """
+    if path is None:
+        value = os.environ.get(env or TOKEN_ENV, "").strip()
+        return value or None
+    try:
+        with open(path, "rb") as f:
+            data = f.read(TOKEN_FILE_MAX + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read the token file {path}: {exc.strerror or exc}") from exc
+    lines = data.decode("utf-8", "replace").strip().splitlines()
+    if len(data) > TOKEN_FILE_MAX or len(lines) != 1 or not lines[0].isprintable() \
+            or " " in lines[0]:
+        raise UsageError(f"{path} is not a token file: expected one line holding the token "
+                         "(licserver token create --out writes one)")
+    return lines[0]
 
 #: the largest answer read: license information may be up to 16 MiB
 MAX_ANSWER = 16 * 1024 * 1024 + 64 * 1024
@@ -70,13 +104,17 @@ class LicensingClient:
     Args:
         url: base URL of the licensing server; a path prefix is allowed.
         timeout: seconds for connecting and for each answer.
+        token: the bearer token sent with every exchange (None: none, answered 401).
+        ca: over ``https://``, the PEM CA file to verify the server with (default: the
+            system's CAs); the server's name or address must match its certificate.
 
     Raises (every method):
         RemoteError: the server refused (``exit_code``/``reason`` are the server's).
         TransportError: the server could not be reached or answered nonsense.
     """
 
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, timeout: float = 30.0, token: str | None = None,
+                 ca: str | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UsageError(f"licensing server URL {url!r}: expected http://HOST:PORT "
@@ -91,6 +129,16 @@ class LicensingClient:
         self.port = port
         self.prefix = parts.path.rstrip("/")
         self.timeout = timeout
+        self.token = token
+        self._tls: ssl.SSLContext | None = None
+        if ca is not None and self.scheme != "https":
+            raise UsageError(f"--licensing-ca {ca}: the licensing server {url} is not https://")
+        if self.scheme == "https":
+            try:
+                self._tls = ssl.create_default_context(cafile=ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"--licensing-ca {ca}: not a readable PEM CA certificate: "
+                                 f"{exc}") from exc
 
     # ------------------------------------------------------------ the workflow
 
@@ -227,7 +275,10 @@ class LicensingClient:
             "count", "entitlement", "issued"}],
             "devices": [{"device_id", "model", "serial", "sequence", "state_digest",
             "source", "updated"}],
+            "tokens": [{"name", "role", "entitlements", "created", "revoked"}],
             "open_responses": int, "operations": int}``; times are ISO 8601 text or null.
+            A site administrator's token sees only its entitlements, their assignments and
+            devices, and no tokens.
             ``used`` is what assignments take (the larger of the assigned count and what
             the device may hold, pending reclaims included); ``free = count - used``.
         """
@@ -243,13 +294,16 @@ class LicensingClient:
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.scheme == "https":
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout)
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                               context=self._tls)
         return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
     def _exchange(self, method: str, path: str, body: bytes | None = None,
                   ctype: str | None = None) -> tuple[bytes, str]:
         """One request; returns the answer body and its content type."""
         headers = {"Accept": f"{CBOR}, {JSON}"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         if ctype:
             headers["Content-Type"] = ctype
         conn = self._connection()
@@ -294,6 +348,9 @@ class LicensingClient:
                     "(is licserver serve running there?)")
         if isinstance(exc, TimeoutError):
             return f"no answer from the licensing server {self.url} within {self.timeout:g} s"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return (f"the licensing server {self.url} is not who it claims: "
+                    f"{exc.verify_message} (give its CA with --licensing-ca FILE)")
         return f"talking to the licensing server {self.url} failed: {exc}"
 
     def _refusal(self, status: int, phrase: str, data: bytes) -> RemoteError:

@@ -105,9 +105,13 @@ def _run(site: Site, root: Path, t0: float) -> int:
     site.run("licserver", "entitle", "--db", f"{root}/ledger.db", "--entitlement", "E-1001",
              "--product", "BO-site-bundle", "--feature", "bacnet-ip=300",
              "--feature", "trend-log=100", "--feature", "web-station=25", "--until", "2027-12-31")
+    token = f"{root}/vendor-admin.token"
+    site.run("licserver", "token", "create", "--db", f"{root}/ledger.db", "--role",
+             "vendor-admin", "--out", token)
     url = site.start("licserver", "serve", "--db", f"{root}/ledger.db", "--key",
                      f"{root}/vendor/vendor.key", "--port", "0", "--quiet", prefix="serving ")
     print(f"  licensing server at {url}")
+    online = ["--licensing-server", url, "--token-file", token]
 
     step("Provision the servers and start their agent daemons on loopback")
     urls: dict[str, str] = {}
@@ -131,41 +135,41 @@ def _run(site: Site, root: Path, t0: float) -> int:
             "as-b-01": ["bacnet-ip=50", "trend-log=20"], "edge-01": ["web-station=25"]}
     for name, feats in plan.items():
         args = [a for f in feats for a in ("--feature", f)]
-        site.run("licadmin", "assign", "--licensing-server", url, "--entitlement", "E-1001",
+        site.run("licadmin", "assign", *online, "--entitlement", "E-1001",
                  "--device", ids[name], *args)
 
     step("Activation, steps 1 to 6 one by one (offline site, online office)")
     w = root / "activate"
     w.mkdir()
     site.run("licadmin", "gather", "--servers", "site.toml", "--out", f"{w}/site.info")
-    site.run("licadmin", "license-info", "--site-info", f"{w}/site.info", "--licensing-server",
-             url, "--out", f"{w}/license.info")
+    site.run("licadmin", "license-info", "--site-info", f"{w}/site.info", *online,
+             "--out", f"{w}/license.info")
     site.run("licadmin", "requests", "--license-info", f"{w}/license.info", "--servers",
              "site.toml", "--out-dir", f"{w}/requests")
-    site.run("licadmin", "upload", "--requests", f"{w}/requests", "--licensing-server", url,
+    site.run("licadmin", "upload", "--requests", f"{w}/requests", *online,
              "--out-dir", f"{w}/responses")
     site.run("licadmin", "send", "--responses", f"{w}/responses", "--servers", "site.toml",
              "--receipts-out", f"{w}/receipts")
-    site.run("licadmin", "confirm", "--receipts", f"{w}/receipts", "--licensing-server", url)
+    site.run("licadmin", "confirm", "--receipts", f"{w}/receipts", *online)
     site.run("licadmin", "check", "--server", urls["as-p-01"], "bacnet-ip")
 
     step("Subscription expansion: as-p-02 moves from 100 to 250 BACnet/IP points (E-1002)")
     site.run("licserver", "entitle", "--db", f"{root}/ledger.db", "--entitlement", "E-1002",
              "--product", "BACnet-IP-expansion", "--feature", "bacnet-ip=250",
              "--until", "2028-12-31")
-    site.run("licadmin", "assign", "--licensing-server", url, "--entitlement", "E-1001",
+    site.run("licadmin", "assign", *online, "--entitlement", "E-1001",
              "--device", ids["as-p-02"], "--feature", "bacnet-ip=0")
-    site.run("licadmin", "reclaim", "--server", urls["as-p-02"], "--licensing-server", url,
+    site.run("licadmin", "reclaim", "--server", urls["as-p-02"], *online,
              "--work-dir", f"{root}/expand")
-    site.run("licadmin", "assign", "--licensing-server", url, "--entitlement", "E-1002",
+    site.run("licadmin", "assign", *online, "--entitlement", "E-1002",
              "--device", ids["as-p-02"], "--feature", "bacnet-ip=250")
-    site.run("licadmin", "activate", "--server", urls["as-p-02"], "--licensing-server", url,
+    site.run("licadmin", "activate", "--server", urls["as-p-02"], *online,
              "--work-dir", f"{root}/expand2")
 
     step("Reclaim with confirmation: as-b-01 is being replaced")
-    site.run("licadmin", "assign", "--licensing-server", url, "--entitlement", "E-1001",
+    site.run("licadmin", "assign", *online, "--entitlement", "E-1001",
              "--device", ids["as-b-01"], "--feature", "bacnet-ip=0", "--feature", "trend-log=0")
-    site.run("licadmin", "reclaim", "--server", urls["as-b-01"], "--licensing-server", url,
+    site.run("licadmin", "reclaim", "--server", urls["as-b-01"], *online,
              "--work-dir", f"{root}/reclaim")
     site.run("licadmin", "check", "--server", urls["as-b-01"], "bacnet-ip", expect=1)
 

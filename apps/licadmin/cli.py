@@ -43,7 +43,7 @@ from apps.common import (
     show_status,
     write_output,
 )
-from apps.licadmin import inventory, onego, online, onsite, outcome, runner
+from apps.licadmin import inventory, licensing_access, onego, online, onsite, outcome, runner
 from apps.licadmin.console import Console
 from hw.link import ServerClient
 
@@ -122,8 +122,7 @@ def _workflow_parsers(sub: Any) -> None:
             sp.add_argument("--jobs", type=_jobs, default=runner.DEFAULT_JOBS, metavar="N",
                             help=f"servers handled at once (default {runner.DEFAULT_JOBS})")
         if licensing:
-            sp.add_argument("--licensing-server", required=True, metavar="URL",
-                            help="the licensing server, e.g. http://127.0.0.1:8400")
+            licensing_access.add_options(sp)
         sp.add_argument("--json", action="store_true", help="print a summary as JSON")
         if name != "show":
             sp.add_argument("--verbose", action="store_true",
@@ -269,7 +268,7 @@ def run_workflow(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         else:
             print("\n".join(render_text(d, args.file)))
         return 4 if d["signature"]["verified"] is False else EXIT_OK
-    licensing = (online.licensing_client(args.licensing_server)
+    licensing = (licensing_access.client_from(args)
                  if getattr(args, "licensing_server", None) else None)
     servers: list[inventory.ServerRef] = []
     site: str | None = None

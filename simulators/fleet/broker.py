@@ -18,10 +18,11 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from agent.errors import LicensingError, UsageError
 
-__all__ = ["MosquittoBroker", "free_port", "mosquitto_path", "plain_config"]
+__all__ = ["MosquittoBroker", "bridge_config", "free_port", "mosquitto_path", "plain_config"]
 
 #: an upper bound for the broker to start or stop
 WAIT = 20.0
@@ -73,6 +74,52 @@ def plain_config(port: int, max_connections: int = -1) -> str:
         "log_type warning",
         "",
     ])
+
+
+def bridge_config(site: str, to: str) -> str:
+    """The bridge section that carries ``lic/SITE/#`` both ways to the broker at ``to``.
+
+    The directives are those of ``contrib/mosquitto/bridge.conf`` (MQTT 5, QoS 1, a new
+    session at each connection, reconnect at once then back off to 10 s; the remote client
+    ID ``bridge-SITE``). ``to``: ``mqtt://HOST:PORT``, or ``mqtts://HOST:PORT?ca=FILE&cert=
+    FILE&key=FILE`` for TLS with the bridge's own certificate (CN ``bridge-SITE``).
+
+    Raises:
+        UsageError: another scheme, no port, or TLS files missing or unreadable.
+    """
+    parts = urlsplit(to)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or parts.path not in ("", "/"):
+        raise UsageError(f"[broker] bridge_to {to!r}: expected mqtt://HOST:PORT or "
+                         "mqtts://HOST:PORT?ca=FILE&cert=FILE&key=FILE (no site: the bridge "
+                         "carries this scenario's site)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        raise UsageError(f"[broker] bridge_to {to!r}: give the port")
+    opts = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    lines = [f"connection hq-{site}", f"address {host}:{port}",
+             "bridge_protocol_version mqttv50", f"topic lic/{site}/# both 1",
+             f"remote_clientid bridge-{site}", "cleansession true", "restart_timeout 1 10",
+             "keepalive_interval 30", "notifications false"]
+    if parts.scheme == "mqtts":
+        unknown = set(opts) - {"ca", "cert", "key"}
+        if unknown or set(opts) != {"ca", "cert", "key"}:
+            raise UsageError(f"[broker] bridge_to {to!r}: mqtts:// takes ca=, cert= and key= "
+                             "(headquarters' CA, this bridge's certificate and key), nothing "
+                             "else")
+        for k in ("ca", "cert", "key"):
+            if not os.access(opts[k], os.R_OK):
+                raise UsageError(f"[broker] bridge_to: {k}={opts[k]} cannot be read")
+        lines += [f"bridge_cafile {os.path.abspath(opts['ca'])}",
+                  f"bridge_certfile {os.path.abspath(opts['cert'])}",
+                  f"bridge_keyfile {os.path.abspath(opts['key'])}",
+                  "bridge_tls_version tlsv1.2", "bridge_insecure false"]
+    elif opts:
+        raise UsageError(f"[broker] bridge_to {to!r}: mqtt:// takes no options")
+    return "\n".join(lines) + "\n"
 
 
 class MosquittoBroker:

@@ -35,7 +35,7 @@ from agent.cose import PublicKey, SigningKey
 from agent.errors import LicensingError, MalformedError, UsageError
 from agent.messages import Action
 from apps.common import read_public_key, read_signing_key
-from simulators.fleet.broker import MosquittoBroker
+from simulators.fleet.broker import MosquittoBroker, bridge_config, free_port, plain_config
 from simulators.fleet.clients import MAX_CLIENTS, FleetClients
 from simulators.fleet.faults import SUBSCRIPTION, FaultInjection, FaultRecord
 from simulators.fleet.invariants import check_invariants
@@ -293,7 +293,13 @@ class Fleet(FaultInjection):
     def _broker(self) -> None:
         sc = self.scenario
         if sc.broker.start:
-            self.broker = MosquittoBroker(self.workdir / "broker")
+            config = None
+            if sc.broker.bridge_to is not None:
+                port = free_port()
+                config = plain_config(port) + bridge_config(sc.site, sc.broker.bridge_to)
+                self.broker = MosquittoBroker(self.workdir / "broker", config=config, port=port)
+            else:
+                self.broker = MosquittoBroker(self.workdir / "broker")
             self.broker.start()
             self.log(f"broker started: {self.broker.url}")
         url = self.broker.url if self.broker is not None else sc.broker.url

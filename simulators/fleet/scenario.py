@@ -34,13 +34,13 @@ TOP_KEYS: Mapping[str, str] = {
     "trust": "the vendor public key file the servers trust (text, a path)",
     "vendor_key": "the vendor private key file, to issue licenses and stage faults (text)",
     "state_dir": "where the stores go; kept after the run (text, a path)",
-    "broker": "a table: url, start",
+    "broker": "a table: url, start, bridge_to",
     "servers": "an array of tables: model, count, links, licenses",
     "faults": "an array of scheduled faults, or a table: seed, every, count, kinds, schedule, "
               "optional",
     "load": "a table: rate, ops, links, features, timeout, sim_line",
 }
-BROKER_KEYS = ("url", "start")
+BROKER_KEYS = ("url", "start", "bridge_to")
 SERVER_KEYS = ("model", "count", "links", "licenses", "name")
 FAULT_KEYS = ("kind", "at", "server", "link", "seconds", "step", "optional")
 RANDOM_KEYS = ("seed", "every", "count", "kinds", "schedule", "optional")
@@ -63,6 +63,8 @@ LOAD_OPS = ("status", "check", "info")
 class BrokerSpec:
     url: str | None = None  # mqtt://HOST:PORT; None with start: licsim runs mosquitto itself
     start: bool = False
+    #: licsim's own broker bridges lic/SITE/# to this one (mqtt://, or mqtts://...?ca=&cert=&key=)
+    bridge_to: str | None = None
 
 
 @dataclass(frozen=True)
@@ -236,7 +238,18 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
     if start and url is not None:
         raise c.fail("[broker]", "url (a running broker) and start = true (licsim's own) "
                                  "exclude each other: give one")
-    broker = BrokerSpec(url, start)
+    bridge_to = c.text(b["bridge_to"], "[broker] bridge_to") if "bridge_to" in b else None
+    if bridge_to is not None and not start:
+        raise c.fail("[broker] bridge_to", "bridges licsim's own broker: not with url (bridge "
+                                           "that broker in its own configuration)")
+    if bridge_to is not None:
+        from simulators.fleet.broker import bridge_config
+
+        try:
+            bridge_config(site, bridge_to)
+        except UsageError as err:
+            raise c.fail("[broker] bridge_to", str(err)) from None
+    broker = BrokerSpec(url, start, bridge_to)
 
     groups: list[ServerGroup] = []
     raw_servers = top.get("servers", [])

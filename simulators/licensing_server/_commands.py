@@ -1,4 +1,4 @@
-"""``licserver serve``, ``entitle`` and ``report``: the commands over the SQLite ledger."""
+"""``licserver serve``, ``entitle``, ``token`` and ``report``: the commands over the ledger."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from types import FrameType
 from typing import Any
 
 from agent.cose import SigningKey
+from agent.durable import FileOps, atomic_write
 from agent.errors import EXIT_OK, UsageError
 from apps.common import parse_time
-from simulators.licensing_server.ledger import Ledger
-from simulators.licensing_server.server import serve
+from simulators.licensing_server.ledger import Ledger, is_url
+from simulators.licensing_server.server import serve, tls_context
 from simulators.licensing_server.vendor import Vendor
 
 __all__ = ["format_report", "parse_feature_count", "run"]
@@ -53,9 +54,10 @@ def run(args: argparse.Namespace, load_key: Callable[[str], SigningKey],
                     print(f"{args.entitlement} / {args.product}: {f['feature']} now {f['count']} "
                           f"(free {f['free']}), until {f['until'] or 'perpetual'}")
         return EXIT_OK
+    if args.command == "token":
+        return _token(args, clock)
     if args.command == "report":
-        if not Path(args.db).is_file():
-            raise UsageError(f"no ledger at {args.db} (licserver entitle or serve creates one)")
+        _existing(args.db)
         with Ledger(args.db, clock=clock) as ledger:
             rep = ledger.report()
         if args.json:
@@ -66,10 +68,42 @@ def run(args: argparse.Namespace, load_key: Callable[[str], SigningKey],
     raise UsageError(f"unknown command {args.command}")
 
 
+def _existing(db: str) -> None:
+    """Refuse a ledger file that is not there (a database server's ledger is checked on opening)."""
+    if not is_url(db) and not Path(db).is_file():
+        raise UsageError(f"no ledger at {db} (licserver entitle or serve creates one)")
+
+
+def _token(args: argparse.Namespace, clock: Callable[[], int]) -> int:
+    if args.token_command == "revoke":
+        _existing(args.db)
+        with Ledger(args.db, clock=clock) as ledger:
+            tok = ledger.revoke_token(args.name)
+        print(f"token {tok.name} ({tok.role.value}) "
+              + ("was already revoked" if tok.revoked else "revoked: refused from now on"))
+        return EXIT_OK
+    out = Path(args.out)
+    if not out.absolute().parent.is_dir():
+        raise UsageError(f"cannot write {out}: its folder does not exist")
+    if out.exists() or out.is_symlink():
+        raise UsageError(f"{out} exists; refusing to overwrite a token file")
+    name = args.name or out.name.split(".")[0]
+    with Ledger(args.db, clock=clock) as ledger:
+        secret = ledger.create_token(name, args.role, args.entitlement)
+    atomic_write(FileOps(), out.absolute(), secret.encode() + b"\n", 0o600)
+    scope = f" for {', '.join(sorted(set(args.entitlement)))}" if args.entitlement else ""
+    print(f"token {name} ({args.role}{scope}) written to {out} (mode 0600); the ledger keeps "
+          "only its SHA-256")
+    return EXIT_OK
+
+
 def _serve(args: argparse.Namespace, load_key: Callable[[str], SigningKey],
            clock: Callable[[], int]) -> int:
     if not 0 <= args.port <= 65535:
         raise UsageError("--port must be from 0 to 65535")
+    if bool(args.cert) != bool(args.tls_key):
+        raise UsageError("HTTPS needs both --cert FILE and --tls-key FILE")
+    tls = tls_context(args.cert, args.tls_key) if args.cert else None
     vendor = Vendor(load_key(args.key))
     stop = threading.Event()
 
@@ -80,7 +114,7 @@ def _serve(args: argparse.Namespace, load_key: Callable[[str], SigningKey],
     try:
         with Ledger(args.db, vendor, clock=clock) as ledger:
             log = None if args.quiet else _stderr
-            with serve(ledger, vendor, args.host, args.port, log=log) as srv:
+            with serve(ledger, vendor, args.host, args.port, log=log, tls=tls) as srv:
                 print(f"serving {srv.url}", flush=True)
                 while not stop.wait(0.5):
                     pass
@@ -140,5 +174,12 @@ def format_report(rep: dict[str, Any]) -> str:
         w(f"  device {_short(r['device_id'])}: {r['feature']}={r['count']} "
           f"(response {r['response_digest'][:12]}…, sequence {r['sequence']}, issued "
           f"{r['issued']})")
+    w("tokens (the ledger keeps their SHA-256 only)")
+    if not rep.get("tokens"):
+        w("  none (licserver token create makes one)")
+    for t in rep.get("tokens", []):
+        scope = f" for {', '.join(t['entitlements'])}" if t["entitlements"] else ""
+        state = f"revoked {t['revoked']}" if t["revoked"] else "live"
+        w(f"  {t['name']}: {t['role']}{scope}, created {t['created']}, {state}")
     w(f"open responses: {rep['open_responses']}; operations recorded: {rep['operations']}")
     return "\n".join(out) + "\n"

@@ -56,6 +56,7 @@ def _load_pub(path: str) -> PublicKey:
 
 
 KEY_HELP = "the vendor's private signing key (PEM; licserver keygen wrote it)"
+DB_HELP = "the ledger: an SQLite file (created if missing) or postgresql://USER@HOST:PORT/DATABASE"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,13 +99,17 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("receipt", metavar="RECEIPT_FILE", help="the device's receipt file")
     sp = sub.add_parser("serve", help="run the licensing server's HTTP API over a ledger "
                                       "(docs/licensing-api.md) until SIGTERM or SIGINT")
-    sp.add_argument("--db", required=True, metavar="FILE", help="SQLite ledger (created if missing)")
+    sp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
     sp.add_argument("--key", required=True, metavar="KEYFILE", help=KEY_HELP)
     sp.add_argument("--port", required=True, type=int, metavar="N", help="0 picks a free port")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sp.add_argument("--cert", metavar="FILE", help="serve HTTPS with this PEM certificate "
+                                                   "(chain) and --tls-key")
+    sp.add_argument("--tls-key", metavar="FILE",
+                    help="the PEM private key of --cert (--key is the vendor signing key)")
     sp.add_argument("--quiet", action="store_true", help="no log line per request on stderr")
     sp = sub.add_parser("entitle", help="record a purchase in the ledger (adds to an entitlement)")
-    sp.add_argument("--db", required=True, metavar="FILE", help="SQLite ledger (created if missing)")
+    sp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
     sp.add_argument("--entitlement", required=True, metavar="ID",
                     help="the entitlement (order), free text as the vendor writes it")
     sp.add_argument("--product", required=True, metavar="NAME",
@@ -113,9 +118,26 @@ def _parser() -> argparse.ArgumentParser:
                     help="licenses bought, added to what the product holds (repeat for each)")
     sp.add_argument("--until", metavar="DATE",
                     help="subscription end: ISO date (end of that day, UTC) or date-time")
-    sp = sub.add_parser("report", help="show entitlements, assignments, installed licenses and "
-                                       "pending reclaims")
-    sp.add_argument("--db", required=True, metavar="FILE", help="the SQLite ledger")
+    sp = sub.add_parser("token", help="bearer tokens of the HTTP API: create, revoke")
+    tsub = sp.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    tp = tsub.add_parser("create", help="make a token; its secret goes to --out (mode 0600), "
+                                        "the ledger keeps only its SHA-256")
+    tp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
+    tp.add_argument("--role", required=True, choices=("vendor-admin", "site-admin"),
+                    help="vendor-admin: every route; site-admin: only its --entitlement(s)")
+    tp.add_argument("--entitlement", action="append", default=[], metavar="ID",
+                    help="an entitlement a site-admin token may use (repeat for each)")
+    tp.add_argument("--name", metavar="NAME",
+                    help="the token's name in the report and the log (default: --out's file "
+                         "name without its extension)")
+    tp.add_argument("--out", required=True, metavar="TOKEN_FILE",
+                    help="where to write the token's secret (mode 0600)")
+    tp = tsub.add_parser("revoke", help="refuse a token from now on (HTTP 401)")
+    tp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
+    tp.add_argument("--name", required=True, metavar="NAME", help="the token to revoke")
+    sp = sub.add_parser("report", help="show entitlements, assignments, installed licenses, "
+                                       "pending reclaims and tokens")
+    sp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
@@ -169,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"genuine receipt from device {rc.device_id}: sequence {rc.sequence}, "
               f"removed {removed}")
         return EXIT_OK
-    if args.command in ("serve", "entitle", "report"):
+    if args.command in ("serve", "entitle", "report", "token"):
         from simulators.licensing_server._commands import run as run_ledger_command
 
         return run_ledger_command(args, _load_key, _now)

@@ -19,6 +19,7 @@ docs/licensing-api.md.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,9 +36,12 @@ from simulators.licensing_server import rules
 from simulators.licensing_server.ledger_sqlite import SqliteStorage
 from simulators.licensing_server.rules import (
     Assignment,
+    NotAuthenticatedError,
     NotEntitledError,
     ResponseStatus,
+    Role,
     Stock,
+    Token,
 )
 from simulators.licensing_server.storage import (
     IssuedResponse,
@@ -50,12 +54,20 @@ from simulators.licensing_server.vendor import DAY, Vendor
 __all__ = [
     "LICENSE_INFO_VALID",
     "RESPONSE_VALID",
+    "TOKEN_PREFIX",
     "Ledger",
     "NotEntitledError",
     "ReceiptResult",
+    "is_url",
+    "open_storage",
 ]
 
 REQUEST_MAX = 64 * 1024
+#: a bearer token: this prefix, then 43 characters of base64url (256 random bits)
+TOKEN_PREFIX = "lst_"
+TOKEN_MAX = 256
+
+Scope = frozenset[str] | None  # the entitlements a caller may touch; None: every one
 RESPONSE_VALID = 30 * DAY
 LICENSE_INFO_VALID = 30 * DAY
 
@@ -118,11 +130,39 @@ class _StockUse:
         self._targets.pop(dev, None)
 
 
+def open_storage(db: Path | str) -> LedgerStorage:
+    """The storage ``db`` names: ``postgresql://...`` (or ``postgres://``) a PostgreSQL
+    database (:mod:`~simulators.licensing_server.ledger_postgres`, imported only then),
+    anything else an SQLite file.
+
+    Raises:
+        UsageError: another ``SCHEME://``.
+        StorageError: the database cannot be opened.
+    """
+    text = str(db)
+    scheme, sep, _rest = text.partition("://")
+    if not sep:
+        return SqliteStorage(Path(db))
+    if scheme.lower() in ("postgresql", "postgres"):
+        from simulators.licensing_server.ledger_postgres import PostgresStorage
+
+        return PostgresStorage(text)
+    raise UsageError(f"--db {scheme}://...: not a ledger this licserver opens (an SQLite file "
+                     "path, or postgresql://USER@HOST:PORT/DATABASE)")
+
+
+def is_url(db: Path | str) -> bool:
+    """Whether ``db`` names a database server rather than a file."""
+    return "://" in str(db)
+
+
 class Ledger:
-    """The ledger in one SQLite file; safe to share between threads (operations serialise).
+    """The ledger in one SQLite file or a PostgreSQL database; safe to share between threads
+    (operations serialise; on PostgreSQL also between processes).
 
     Args:
-        path: the database file (created with its schema if missing).
+        path: the SQLite file (created with its schema if missing), or a
+            ``postgresql://`` URL (the schema created in an empty database).
         vendor: signs license information and responses; verifies receipts against its key.
         clock: POSIX seconds for operations not given ``now``.
         response_valid: how long a response may be applied (seconds).
@@ -135,8 +175,8 @@ class Ledger:
     def __init__(self, path: Path | str, vendor: Vendor | None = None,
                  clock: Callable[[], int] = _wall_clock,
                  response_valid: int = RESPONSE_VALID) -> None:
-        self.path = Path(path)
-        self._setup(SqliteStorage(self.path), vendor, clock, response_valid)
+        self.path = None if is_url(path) else Path(path)
+        self._setup(open_storage(path), vendor, clock, response_valid)
 
     @classmethod
     def over(cls, storage: LedgerStorage, vendor: Vendor | None = None,
@@ -275,7 +315,8 @@ class Ledger:
             return self._entitlement_json(tx, entitlement)
 
     def assign(self, entitlement: str, device_id: str, feature: str, count: int,
-               product: str | None = None, now: int | None = None) -> dict[str, Any]:
+               product: str | None = None, now: int | None = None,
+               scope: Scope = None) -> dict[str, Any]:
         """Assign ``count`` of ``feature`` of ``entitlement`` to a device (the total, not a delta).
 
         Lowering the count (0 releases) takes effect for accounting only once the
@@ -291,10 +332,10 @@ class Ledger:
                 device already holds the feature from another entitlement.
         """
         return self.assign_many([AssignmentQuery(entitlement, device_id, feature, count,
-                                                 product)], now)[0]
+                                                 product)], now, scope)[0]
 
-    def assign_many(self, wanted: Sequence[AssignmentQuery], now: int | None = None
-                    ) -> list[dict[str, Any]]:
+    def assign_many(self, wanted: Sequence[AssignmentQuery], now: int | None = None,
+                    scope: Scope = None) -> list[dict[str, Any]]:
         """Make every assignment of ``wanted`` in ONE transaction, or none of them.
 
         Each is what :meth:`assign` makes, in order (a later one sees the earlier
@@ -323,6 +364,7 @@ class Ledger:
                 rules.check_device_id(q.device_id)
                 rules.check_feature(q.feature)
                 rules.check_count(q.count)
+                rules.check_scope(scope, [q.entitlement], f"entitlement {q.entitlement}")
                 first = seen.setdefault((q.device_id, q.feature), i)
                 if first != i:
                     raise UsageError(f"the same device and feature as assignment #{first}: "
@@ -349,7 +391,7 @@ class Ledger:
         """In a batch (``of`` > 0), a refusal names the assignment and says none was made."""
         try:
             yield
-        except (UsageError, NotEntitledError) as err:
+        except (UsageError, NotEntitledError, rules.ForbiddenError) as err:
             if not of:
                 raise
             dev = q.device_id[:12] + "…" if isinstance(q.device_id, str) else repr(q.device_id)
@@ -401,7 +443,8 @@ class Ledger:
     # ------------------------------------------------------------ step 2: license information
 
     def license_info(self, site_info: bytes, devices: Sequence[str] | None = None,
-                     now: int | None = None, vendor: Vendor | None = None) -> bytes:
+                     now: int | None = None, vendor: Vendor | None = None,
+                     scope: Scope = None) -> bytes:
         """Verify the device files of a SITE_INFO bundle, update the ledger, sign license info.
 
         Per device: ``reclaim`` = installed licenses beyond what is assigned (the
@@ -412,11 +455,13 @@ class Ledger:
             MalformedError: no device-information file in the bundle verifies.
             UsageError: ``devices`` names a device the bundle does not hold.
         """
-        return self.license_info_files(site_info, devices, now, vendor, per_device=False)[0]
+        return self.license_info_files(site_info, devices, now, vendor, per_device=False,
+                                       scope=scope)[0]
 
     def license_info_files(self, site_info: bytes, devices: Sequence[str] | None = None,
                            now: int | None = None, vendor: Vendor | None = None,
-                           per_device: bool = True) -> tuple[bytes, dict[str, bytes]]:
+                           per_device: bool = True, scope: Scope = None
+                           ) -> tuple[bytes, dict[str, bytes]]:
         """:meth:`license_info`, plus (``per_device``) one signed file per device naming only it.
 
         A server is handed only its own file in step 3: the whole site's file grows
@@ -435,6 +480,8 @@ class Ledger:
         infos = rules.latest_infos(verified)
         with self._operation("license-info", now) as (tx, rec):
             wanted = rules.wanted_devices(infos, len(files), devices)
+            for dev in wanted:
+                self._check_device(tx, dev, scope)
             for info in infos.values():
                 self._observe(tx, self._seen_info(info, now), info.licenses)
             entries: dict[str, tuple[list[License], list[License]]] = {}
@@ -451,7 +498,7 @@ class Ledger:
     # ------------------------------------------------------------ step 4: requests
 
     def answer_request(self, data: bytes, now: int | None = None,
-                       vendor: Vendor | None = None) -> bytes:
+                       vendor: Vendor | None = None, scope: Scope = None) -> bytes:
         """Verify a request and sign the response the ledger decides; record it as issued.
 
         What the response changes is :func:`~simulators.licensing_server.rules.decide`'s
@@ -467,12 +514,13 @@ class Ledger:
         if len(data) > REQUEST_MAX:
             raise MalformedError(f"request file larger than {REQUEST_MAX} bytes")
         with self._operation("request", now) as (tx, rec):
-            return self._answer(tx, rec, Vendor.read_request(data), data, now, signer)
+            return self._answer(tx, rec, Vendor.read_request(data), data, now, signer, scope)
 
     def _answer(self, tx: LedgerTransaction, rec: dict[str, Any], req: Request, data: bytes,
-                now: int, signer: Vendor) -> bytes:
+                now: int, signer: Vendor, scope: Scope = None) -> bytes:
         """:meth:`answer_request` for a request already verified (``req`` read from ``data``)."""
         dev = rec["device_id"] = req.device_id
+        self._check_device(tx, dev, scope)
         rec["detail"] = f"{req.action.value} on sequence {req.sequence}"
         rdigest = sha256(data)
         prev = tx.response_to(dev, req.nonce)
@@ -503,7 +551,7 @@ class Ledger:
     # ------------------------------------------------------------ steps 5-6: receipts
 
     def accept_receipt(self, data: bytes, now: int | None = None,
-                       vendor: Vendor | None = None) -> ReceiptResult:
+                       vendor: Vendor | None = None, scope: Scope = None) -> ReceiptResult:
         """Verify a receipt for a response this ledger issued; accept it once; free its reclaims.
 
         Raises:
@@ -517,6 +565,7 @@ class Ledger:
         with self._operation("receipt", now) as (tx, rec):
             rc = verify_receipt(data, [signer.public])  # size cap, signatures, consistency
             dev = rec["device_id"] = rc.device_id
+            self._check_device(tx, dev, scope)
             rec["detail"] = f"sequence {rc.sequence}"
             digest = sha256(data)
             seen_before = tx.receipt_seen(digest)
@@ -547,7 +596,7 @@ class Ledger:
             return ReceiptResult(dev, rc.sequence, tuple(freed))
 
     def confirm(self, receipts: Sequence[bytes], now: int | None = None,
-                vendor: Vendor | None = None) -> Confirmation:
+                vendor: Vendor | None = None, scope: Scope = None) -> Confirmation:
         """Accept each receipt on its own; ``{"accepted": [...], "refused": [...]}``.
 
         ``refused`` entries are ``{"index", "code", "reason", "message"}``.
@@ -555,7 +604,7 @@ class Ledger:
         out = Confirmation()
         for i, data in enumerate(receipts):
             try:
-                rc = self.accept_receipt(data, now, vendor)
+                rc = self.accept_receipt(data, now, vendor, scope)
                 out.accept(rc.device_id, rc.sequence, rc.freed)
             except StorageError:
                 raise
@@ -564,9 +613,10 @@ class Ledger:
         return out
 
     def upload(self, requests: Sequence[bytes], receipts: Sequence[bytes] = (),
-               now: int | None = None, vendor: Vendor | None = None) -> UploadAnswer:
+               now: int | None = None, vendor: Vendor | None = None,
+               scope: Scope = None) -> UploadAnswer:
         """Confirm the receipts first, then answer each request (each its own operation)."""
-        res = UploadAnswer(receipts=self.confirm(receipts, now, vendor))
+        res = UploadAnswer(receipts=self.confirm(receipts, now, vendor, scope))
         for i, data in enumerate(requests):
             key = f"#{i}"
             try:
@@ -577,7 +627,7 @@ class Ledger:
                     except LicensingError:
                         pass
                 if req is None:  # answer_request refuses it and records the refusal
-                    res.responses[key] = self.answer_request(data, now, vendor)
+                    res.responses[key] = self.answer_request(data, now, vendor, scope)
                     continue
                 if req.device_id in res.responses or req.device_id in res.errors:
                     raise UsageError(f"another request of device {req.device_id[:12]}… is in "
@@ -585,12 +635,105 @@ class Ledger:
                 key = req.device_id
                 at, signer = self._now(now), self._vendor(vendor)
                 with self._operation("request", at) as (tx, rec):
-                    res.responses[key] = self._answer(tx, rec, req, data, at, signer)
+                    res.responses[key] = self._answer(tx, rec, req, data, at, signer, scope)
             except StorageError:
                 raise
             except LicensingError as err:
                 res.errors[key] = refusal(err)
         return res
+
+    # ------------------------------------------------------------ tokens
+
+    @staticmethod
+    def _check_device(tx: LedgerTransaction, dev: str, scope: Scope) -> None:
+        """A caller limited to ``scope`` may act on a device only if every assignment of it is
+        from an entitlement in the scope (a device assigned nothing yet is anyone's)."""
+        if scope is not None:
+            rules.check_scope(scope, tx.entitlements_of(dev).values(), f"device {dev[:12]}…")
+
+    def create_token(self, name: str, role: Role | str, entitlements: Sequence[str] = (),
+                     now: int | None = None) -> str:
+        """Make a bearer token; the ledger keeps only its SHA-256.
+
+        Args:
+            role: ``vendor-admin`` (everything) or ``site-admin`` (limited to
+                ``entitlements``, at least one, each already in the ledger).
+
+        Returns:
+            The secret: shown once, never stored.
+
+        Raises:
+            UsageError: bad name or role, a name already taken, entitlements missing or
+                unknown, or entitlements given to a vendor-admin token.
+        """
+        now = self._now(now)
+        rules.check_name(name, "token name")
+        try:
+            r = Role(role)
+        except ValueError:
+            raise UsageError(f"role {role!r}: expected vendor-admin or site-admin") from None
+        ents = tuple(sorted(set(entitlements)))
+        for e in ents:
+            rules.check_name(e, "entitlement")
+        if r is Role.VENDOR_ADMIN and ents:
+            raise UsageError("a vendor-admin token covers every entitlement; --entitlement is "
+                             "for site-admin tokens")
+        if r is Role.SITE_ADMIN and not ents:
+            raise UsageError("a site-admin token needs the entitlements it may use: "
+                             "--entitlement ID (repeat for each)")
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        with self._operation("token", now) as (tx, rec):
+            if tx.token_named(name) is not None:
+                raise UsageError(f"a token named {name!r} exists already (choose another "
+                                 "--name; revoked names stay taken)")
+            for e in ents:
+                if not tx.has_entitlement(e):
+                    raise UsageError(f"no entitlement {e} in the ledger (licserver entitle "
+                                     "records one)")
+            tx.add_token(Token(name, r, ents, sha256(secret.encode()), now))
+            rec["detail"] = f"created {name} ({r.value}" + (
+                f": {', '.join(ents)})" if ents else ")")
+        return secret
+
+    def revoke_token(self, name: str, now: int | None = None) -> Token:
+        """Revoke a token by name: from now on it is refused (HTTP 401).
+
+        Returns:
+            The token as it was (``revoked`` set if it already was revoked).
+
+        Raises:
+            UsageError: no token of that name.
+        """
+        now = self._now(now)
+        with self._operation("token", now) as (tx, rec):
+            tok = tx.token_named(name)
+            if tok is None:
+                raise UsageError(f"no token named {name!r} in the ledger "
+                                 "(licserver report lists them)")
+            tx.revoke_token(name, now)
+            rec["detail"] = f"revoked {name}" + (" (already revoked)" if tok.revoked else "")
+            return tok
+
+    def authenticate(self, secret: str | None) -> Token:
+        """The live token a bearer secret stands for.
+
+        Raises:
+            NotAuthenticatedError: no secret, or one the ledger does not hold or revoked.
+        """
+        if not secret:
+            raise NotAuthenticatedError("this licensing server answers only with a bearer "
+                                        "token (licadmin --token-file FILE or LICADMIN_TOKEN; "
+                                        "licserver token create makes one)")
+        if len(secret) > TOKEN_MAX:
+            raise NotAuthenticatedError("the bearer token is not one this server issued")
+        with self._storage.snapshot() as tx:
+            tok = tx.token(sha256(secret.encode()))
+        if tok is None:
+            raise NotAuthenticatedError("the bearer token is not one this server issued")
+        if tok.revoked is not None:
+            raise NotAuthenticatedError(f"the bearer token {tok.name!r} was revoked at "
+                                        f"{iso(tok.revoked)}")
+        return tok
 
     # ------------------------------------------------------------ report
 
@@ -617,20 +760,30 @@ class Ledger:
             return sum(s.count - self._used(tx, s, holds=holds)
                        for s in tx.stocks(entitlement, product=product, feature=feature))
 
-    def report(self) -> dict[str, Any]:
-        """Entitlements, assignments, installed licenses per device, pending reclaims, devices.
+    def report(self, scope: Scope = None) -> dict[str, Any]:
+        """Entitlements, assignments, installed licenses per device, pending reclaims, devices,
+        tokens.
 
         The shape is documented in :meth:`LicensingClient.report
-        <apps.licensing_client.LicensingClient.report>`.
+        <apps.licensing_client.LicensingClient.report>`. With a ``scope`` (a site
+        administrator's entitlements), only those entitlements, their assignments and the
+        devices they are assigned to, and no tokens.
         """
         with self._storage.snapshot() as tx:
             holds = _Holds(tx)  # each device's, read once for the whole report
-            ents = [self._entitlement_json(tx, e, holds) for e in tx.entitlements()]
+            ents = [self._entitlement_json(tx, e, holds) for e in tx.entitlements()
+                    if scope is None or e in scope]
             assignments = [
                 {"entitlement": a.entitlement, "product": a.product, "device_id": a.device_id,
-                 "feature": a.feature, "count": a.count} for a in tx.assignments()]
+                 "feature": a.feature, "count": a.count} for a in tx.assignments()
+                if scope is None or a.entitlement in scope]
+            mine = {a["device_id"] for a in assignments}
+
+            def shown(dev: str) -> bool:
+                return scope is None or dev in mine
+
             installed: dict[str, list[dict[str, Any]]] = {}
-            for row in tx.all_installed():
+            for row in (r for r in tx.all_installed() if shown(r.device_id)):
                 installed.setdefault(row.device_id, []).append(
                     {"feature": row.feature, "count": row.count,
                      "not_before": iso(row.not_before), "not_after": iso(row.not_after),
@@ -639,13 +792,17 @@ class Ledger:
                 {"response_digest": p.response_digest.hex(), "device_id": p.device_id,
                  "sequence": p.sequence, "feature": p.feature, "count": p.count,
                  "entitlement": p.entitlement, "issued": iso(p.issued)}
-                for p in tx.pending_reclaims()]
+                for p in tx.pending_reclaims() if shown(p.device_id)]
             devices = [{"device_id": d.device_id, "model": d.model, "serial": d.serial,
                         "sequence": d.sequence, "state_digest": d.digest.hex(),
                         "source": d.source, "updated": iso(d.updated)}
-                       for d in tx.devices()]
+                       for d in tx.devices() if shown(d.device_id)]
             return {"entitlements": ents, "assignments": assignments, "installed": installed,
                     "pending_reclaims": pending, "devices": devices,
+                    "tokens": [] if scope is not None else [
+                        {"name": t.name, "role": t.role.value,
+                         "entitlements": list(t.entitlements), "created": iso(t.created),
+                         "revoked": iso(t.revoked)} for t in tx.tokens()],
                     "open_responses": tx.count_open_responses(),
                     "operations": tx.count_operations()}
 

@@ -28,6 +28,7 @@ from agent.errors import (
     MalformedError,
     SequenceError,
     StaleError,
+    TrustError,
     UnknownRequestError,
     UsageError,
 )
@@ -49,11 +50,15 @@ __all__ = [
     "MAX_COUNT",
     "NAME_MAX",
     "Assignment",
+    "ForbiddenError",
     "KnownDevice",
+    "NotAuthenticatedError",
     "NotEntitledError",
     "OpenResponse",
     "ResponseStatus",
+    "Role",
     "Stock",
+    "Token",
     "add_to_stock",
     "apply_changes",
     "check_assignable",
@@ -63,6 +68,7 @@ __all__ = [
     "check_name",
     "check_receipt",
     "check_request",
+    "check_scope",
     "choose_product",
     "decide",
     "latest_infos",
@@ -89,6 +95,60 @@ class NotEntitledError(SequenceError):
     """The entitlement does not hold enough of a feature for what was asked (HTTP 409)."""
 
     reason = "not-entitled"
+
+
+class NotAuthenticatedError(TrustError):
+    """No bearer token, or one the ledger does not hold or has revoked (HTTP 401, exit 4)."""
+
+    reason = "unauthenticated"
+
+
+class ForbiddenError(TrustError):
+    """The token's role may not do this, or not with this entitlement or device (HTTP 403)."""
+
+    reason = "forbidden"
+
+
+class Role(enum.StrEnum):
+    """What a token may do: the vendor's staff everything, a site's administrator its own."""
+
+    VENDOR_ADMIN = "vendor-admin"  # every route, every entitlement, tokens in the report
+    SITE_ADMIN = "site-admin"  # the site workflow on its entitlements and their devices
+
+
+@dataclass(frozen=True)
+class Token:
+    """A bearer token as the ledger keeps it: never the secret, only its SHA-256.
+
+    ``entitlements``: for a site administrator, the entitlements it may use
+    (sorted); empty for a vendor administrator.
+    """
+
+    name: str
+    role: Role
+    entitlements: tuple[str, ...]
+    digest: bytes
+    created: int
+    revoked: int | None = None
+
+    @property
+    def scope(self) -> frozenset[str] | None:
+        """The entitlements this token may touch; None: all of them."""
+        return None if self.role is Role.VENDOR_ADMIN else frozenset(self.entitlements)
+
+
+def check_scope(scope: frozenset[str] | None, entitlements: Iterable[str], what: str) -> None:
+    """Refuse (ForbiddenError) unless every entitlement named lies within ``scope``.
+
+    ``what`` names the thing refused (``device 1a2b…``, ``entitlement E-1``).
+    """
+    if scope is None:
+        return
+    outside = sorted(set(entitlements) - scope)
+    if outside:
+        raise ForbiddenError(f"{what}: this token may not use entitlement "
+                             f"{', '.join(outside)} (it is limited to "
+                             f"{', '.join(sorted(scope)) or 'none'})")
 
 
 class ResponseStatus(enum.StrEnum):

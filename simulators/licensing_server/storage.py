@@ -25,6 +25,7 @@ from simulators.licensing_server.rules import (
     OpenResponse,
     ResponseStatus,
     Stock,
+    Token,
 )
 
 __all__ = [
@@ -191,6 +192,17 @@ class LedgerTransaction(Protocol):
     def receipt_seen(self, digest: bytes) -> bool: ...
     def add_receipt(self, digest: bytes, response_digest: bytes, device_id: str,
                     sequence: int, accepted: int) -> None: ...
+
+    # tokens (their SHA-256 only)
+    def add_token(self, token: Token) -> None:
+        """Insert a token; its name is not yet taken (the caller checked)."""
+    def token(self, digest: bytes) -> Token | None:
+        """The token with this SHA-256, revoked or not."""
+    def token_named(self, name: str) -> Token | None: ...
+    def tokens(self) -> list[Token]:
+        """Every token, revoked ones too, by name."""
+    def revoke_token(self, name: str, now: int) -> None:
+        """Mark the token revoked at ``now`` (if it is not already)."""
 
     # operations
     def record(self, operation: Operation) -> None: ...

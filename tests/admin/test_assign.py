@@ -50,8 +50,8 @@ class LicServer:
         return out
 
     def assign(self, *args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
-        return run(self.root, "licadmin", "assign", "--licensing-server", self.url, *args,
-                   code=code)
+        return run(self.root, "licadmin", "assign", "--licensing-server", self.url,
+                   "--token-file", "vendor-admin.token", *args, code=code)
 
     def stop(self) -> str:
         """SIGTERM; the server's stderr (one line per exchange)."""
@@ -66,6 +66,8 @@ def licserver(tmp_path: Path) -> Iterator[LicServer]:
     run(tmp_path, "licserver", "keygen", "--out", "vendor")
     run(tmp_path, "licserver", "entitle", "--db", "ledger.db", "--entitlement", ENT,
         "--product", PROD, "--feature", "bacnet-ip=1000", "--feature", "trend-log=300")
+    run(tmp_path, "licserver", "token", "create", "--db", "ledger.db", "--role", "vendor-admin",
+        "--out", "vendor-admin.token")
     proc = subprocess.Popen([str(BIN / "licserver"), "serve", "--db", "ledger.db", "--key",
                              "vendor/vendor.key", "--port", "0"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -234,12 +236,14 @@ def test_the_batch_body_is_checked_like_the_single_one(licserver: LicServer) -> 
     import http.client
 
     host, port = licserver.url.removeprefix("http://").split(":")
+    token = (licserver.root / "vendor-admin.token").read_text().strip()
 
     def post(body: bytes) -> tuple[int, dict[str, Any]]:
         conn = http.client.HTTPConnection(host, int(port), timeout=WAIT)
         try:
             conn.request("POST", "/v1/assignments", body=body,
-                         headers={"Content-Type": "application/json"})
+                         headers={"Content-Type": "application/json",
+                                  "Authorization": f"Bearer {token}"})
             r = conn.getresponse()
             return r.status, json.loads(r.read())
         finally:

@@ -215,6 +215,7 @@ def start_fleet(root: Path, count: int, link: str = "tcp", broker: str = "") -> 
     licserver = serve(ledger)
     ledger.entitle("E-1", "BMS", {"bacnet": 1000})
     fleet = Fleet(root, proc, urls, names, vendor, ledger, licserver)
+    fleet.env["LICADMIN_TOKEN"] = ledger.create_token("bad-day", "vendor-admin")
     fleet.servers_file("servers.toml", urls)
     # which device is which server
     p = fleet.run("gather", "--servers", "servers.toml", "--out", "ids.cbor", "--jobs", "16",

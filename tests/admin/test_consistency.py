@@ -171,20 +171,24 @@ def test_not_entitled_is_exit_6_in_licadmin_and_in_the_http_api(tmp_path: Path) 
     assert run(tmp_path, "licserver", "keygen", "--out", ".").returncode == 0
     assert run(tmp_path, "licserver", "entitle", "--db", "l.db", "--entitlement", "PO 1",
                "--product", "P", "--feature", "bacnet=1").returncode == 0
+    assert run(tmp_path, "licserver", "token", "create", "--db", "l.db", "--role",
+               "vendor-admin", "--out", "admin.token").returncode == 0
     proc = subprocess.Popen([str(BIN / "licserver"), "serve", "--db", "l.db", "--key",
                              "vendor.key", "--port", "0", "--quiet"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().split()[1]
-        p = run(tmp_path, "licadmin", "assign", "--licensing-server", url, "--entitlement",
-                "PO 1", "--device", "ab" * 32, "--feature", "bacnet=2")
+        p = run(tmp_path, "licadmin", "assign", "--licensing-server", url, "--token-file",
+                "admin.token", "--entitlement", "PO 1", "--device", "ab" * 32, "--feature",
+                "bacnet=2")
         assert p.returncode == 6, p
         assert one_line(p).startswith("licadmin: not-entitled: ")
         from apps.licensing_client import LicensingClient
 
         with pytest.raises(Exception) as exc:
-            LicensingClient(url).assign("PO 1", "cd" * 32, "bacnet", 5)
+            token = (tmp_path / "admin.token").read_text().strip()
+            LicensingClient(url, token=token).assign("PO 1", "cd" * 32, "bacnet", 5)
         assert (getattr(exc.value, "exit_code", None), getattr(exc.value, "reason", None)) == (
             6, "not-entitled")
     finally:

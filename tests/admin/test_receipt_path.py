@@ -29,7 +29,6 @@ from agent.errors import LicensingError, TrustError
 from agent.formats import RECEIPT_MAX, verify_receipt
 from agent.messages import Kind, Receipt, decode_payload
 from agent.record import replace
-from apps.licensing_client import LicensingClient
 from simulators.licensing_server.vendor import Vendor
 from tests.conftest import T0, Site, stop_processes
 from tests.simulators.test_licserver_http import BIN, WAIT, Licserver
@@ -105,6 +104,7 @@ def test_receipt_from_licagent_apply_is_confirmed_like_one_from_send(
     licserver.run("entitle", "--db", str(licserver.db), "--entitlement", E, "--product", P,
                   "--feature", "bacnet=10", "--until", "2027-12-31")
     _proc, url = licserver.start()
+    tools.env["LICADMIN_TOKEN"] = licserver.token
     tools("licagent", "init", "--state", "as-p-01", "--model", "AS-P", "--trust", "vendor.pub")
     dev = json.loads(tools("licagent", "status", "--state", "as-p-01", "--json").stdout)[
         "device_id"]
@@ -146,7 +146,7 @@ def test_receipt_from_licagent_apply_is_confirmed_like_one_from_send(
     rc = _receipt(mine)
     assert [lic.feature for lic in rc.removed] == ["bacnet"]
     forged = sign1(replace(rc, removed=()).encode(), key, Kind.RECEIPT.content_type)
-    client = LicensingClient(url)
+    client = licserver.client(url)
     big = mine + bytes(RECEIPT_MAX + 1 - len(mine))
     for name, data, code, reason, message in [
         ("flipped", bytes(flipped), 4, "untrusted", "signature does not verify"),

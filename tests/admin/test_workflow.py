@@ -104,6 +104,9 @@ class WorkSite:
         """The licensing server on its ledger file (again, after a restart: a new port)."""
         self.ledger = Ledger(self.root / "ledger.db", vendor=self.site.vendor,
                              clock=self.site.clock)
+        if "token" not in self.extra:  # the ledger keeps it across restarts
+            self.extra["token"] = self.ledger.create_token("site-tests", "vendor-admin")
+            self.env["LICADMIN_TOKEN"] = self.extra["token"]
         self.licserver = serve(self.ledger)
 
     def stop_licensing(self) -> None:

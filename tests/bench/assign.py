@@ -28,6 +28,8 @@ def assign_rows(runs: int = 5) -> list[tuple[str, str, str]]:
     with tempfile.TemporaryDirectory(prefix="bench-assign-") as tmp:
         root = Path(tmp)
         _run(root, "licserver", "keygen", "--out", "vendor")
+        _run(root, "licserver", "token", "create", "--db", "ledger.db", "--role",
+             "vendor-admin", "--out", "vendor-admin.token")
         srv = subprocess.Popen([str(BIN / "licserver"), "serve", "--db", "ledger.db", "--key",
                                 "vendor/vendor.key", "--port", "0", "--quiet"], cwd=root,
                                stdout=subprocess.PIPE)
@@ -42,7 +44,8 @@ def assign_rows(runs: int = 5) -> list[tuple[str, str, str]]:
                 rows = [f"{secrets.token_hex(32)},bacnet-ip=5,trend-log=2" for _ in range(150)]
                 (root / "site.csv").write_text("\n".join(rows) + "\n")
                 t = time.perf_counter()
-                _run(root, "licadmin", "assign", "--licensing-server", url, "--entitlement", ent,
+                _run(root, "licadmin", "assign", "--licensing-server", url, "--token-file",
+                     "vendor-admin.token", "--entitlement", ent,
                      "--devices-from", "site.csv")
                 walls.append(time.perf_counter() - t)
         finally:

@@ -101,8 +101,11 @@ def licsim_rows(n: int = N) -> list[tuple[str, str, str]]:
         for dev in devices:
             ledger.assign("E-BENCH", dev, "bacnet-ip", 1)
         licensing = serve(ledger, vendor)
+        (root / "site.token").write_text(ledger.create_token("bench", "site-admin",
+                                                             ["E-BENCH"]) + "\n")
         took, code, out = _licadmin("activate", "--server", site_url, "--licensing-server",
-                                    licensing.url, "--work-dir", str(root / "activate"))
+                                    licensing.url, "--token-file", str(root / "site.token"),
+                                    "--work-dir", str(root / "activate"))
         installed = ledger.report()["installed"]
         done = sum(1 for d in devices if any(x["feature"] == "bacnet-ip"
                                              for x in installed.get(d, [])))

@@ -180,6 +180,9 @@ def main() -> int:
     from tests.bench.assign import assign_rows
 
     rows += assign_rows()
+    from tests.bench.workers import workers_rows
+
+    rows += workers_rows()  # issue 18: 10,000 requests, one worker and two on PostgreSQL
     from tests.bench.journal import journal_rows
 
     rows += journal_rows()
@@ -198,6 +201,9 @@ def main() -> int:
     from tests.bench.licsim_sites import sites_rows
 
     rows += sites_rows()  # stretch: 50,000 servers as five licsim processes and brokers
+    from tests.bench.bridged_sites import bridged_rows
+
+    rows += bridged_rows()  # issue 18: 100,000 servers as 10 sites bridged to headquarters
     from tests.bench.qemu import qemu_rows
 
     rows += qemu_rows()  # the agent in the emulated arm64 server (after `make qemu-image`)

@@ -38,6 +38,9 @@ def licensing_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     tool("licserver", "entitle", "--db", str(tmp_path / "ledger.db"), "--entitlement", "E-1",
          "--product", "AS-P-bundle", "--feature", "bacnet-ip=100", "--feature",
          "trend-log=10")
+    tool("licserver", "token", "create", "--db", str(tmp_path / "ledger.db"), "--role",
+         "site-admin", "--entitlement", "E-1", "--out", str(tmp_path / "site.token"))
+    os.environ["LICADMIN_TOKEN"] = (tmp_path / "site.token").read_text().strip()
     proc = subprocess.Popen([str(BIN / "licserver"), "serve", "--db", str(tmp_path / "ledger.db"),
                              "--key", str(tmp_path / "vendor/vendor.key"), "--port", "0",
                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -58,6 +61,7 @@ def licensing_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         proc.terminate()
         proc.wait(15)
         proc.stdout.close()
+        os.environ.pop("LICADMIN_TOKEN", None)
 
 
 def test_activation_over_serial_and_reclaim_over_lan(

@@ -47,6 +47,9 @@ CTYPES = ["application/json", "application/cbor", "text/plain", ""]
 WAIT = 20.0
 
 
+TOKEN = ""  # a vendor-admin token of the world's ledger
+
+
 @pytest.fixture
 def world(tmp_path: Path, vendor: Vendor, site: Site) -> Iterator[tuple[LicensingServer,
                                                                          list[bytes]]]:
@@ -68,6 +71,8 @@ def world(tmp_path: Path, vendor: Vendor, site: Site) -> Iterator[tuple[Licensin
                           "count": 1}]},
         {"entitlement": "PO 1", "product": "P", "features": {"bacnet": 1}},
     )]
+    global TOKEN
+    TOKEN = led.create_token("fuzz", "vendor-admin")  # the bodies reach the decoders behind it
     with serve(led, vendor) as srv:
         yield srv, files + bodies
     led.close()
@@ -76,7 +81,9 @@ def world(tmp_path: Path, vendor: Vendor, site: Site) -> Iterator[tuple[Licensin
 def post(srv: LicensingServer, path: str, body: bytes, ctype: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(srv.host, srv.port, timeout=WAIT)
     try:
-        headers = {"Content-Type": ctype} if ctype else {}
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        if ctype:
+            headers["Content-Type"] = ctype
         conn.request("POST", path, body=body, headers=headers)
         r = conn.getresponse()
         return r.status, r.read()
@@ -127,7 +134,7 @@ def test_http_bodies_get_the_servers_own_answers(
     record_inputs(done[0])
     conn = http.client.HTTPConnection(srv.host, srv.port, timeout=WAIT)
     try:
-        conn.request("GET", "/v1/health")
+        conn.request("GET", "/v1/health", headers={"Authorization": f"Bearer {TOKEN}"})
         assert conn.getresponse().status == 200
     finally:
         conn.close()

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, event, settings
@@ -28,6 +28,7 @@ from hypothesis.stateful import (
     invariant,
     precondition,
     rule,
+    run_state_machine_as_test,
 )
 
 from agent import errors
@@ -45,6 +46,7 @@ from agent.messages import (
 from simulators.licensing_server.ledger import Ledger, NotEntitledError
 from simulators.licensing_server.vendor import DAY, Grant, Vendor
 from tests.conftest import T0, Device, Site
+from tests.support.postgres import PostgresServer
 
 E, P = "ORDER-1", "BMS-Pro"
 
@@ -73,8 +75,9 @@ def held(d: Device) -> dict[str, int]:
 
 
 @pytest.fixture
-def ledger(tmp_path: Path, vendor: Vendor) -> Iterable[Ledger]:
-    led = Ledger(tmp_path / "ledger.db", vendor, clock=lambda: T0)
+def ledger(ledger_db: str, vendor: Vendor) -> Iterable[Ledger]:
+    """A new ledger on each backend (tests/simulators/conftest.py: SQLite and PostgreSQL)."""
+    led = Ledger(ledger_db, vendor, clock=lambda: T0)
     yield led
     led.close()
 
@@ -229,7 +232,7 @@ def test_renew_moves_licenses_to_the_entitlement_end(ledger: Ledger, site: Site)
     assert [(c.op, c.count, c.not_after) for c in ch] == [(ChangeOp.UPDATE, 2, T0 + 395 * DAY)]
 
 
-def test_a_failure_while_answering_leaves_no_trace(tmp_path: Path, site: Site) -> None:
+def test_a_failure_while_answering_leaves_no_trace(ledger_db: str, site: Site) -> None:
     """One transaction per operation: a crash between deciding and recording changes nothing."""
 
     class CrashingVendor(Vendor):
@@ -237,7 +240,7 @@ def test_a_failure_while_answering_leaves_no_trace(tmp_path: Path, site: Site) -
             raise RuntimeError("power cut")
 
     d = site.device()
-    led = Ledger(tmp_path / "l.db", site.vendor, clock=lambda: T0)
+    led = Ledger(ledger_db, site.vendor, clock=lambda: T0)
     led.entitle(E, P, {"bacnet": 5})
     led.assign(E, dev_id(d), "bacnet", 2)
     before = led.report()
@@ -325,13 +328,14 @@ def test_late_receipts_are_accepted_in_any_order(ledger: Ledger, site: Site) -> 
     assert ledger.free(E, "bacnet") == 5
 
 
-def test_receipt_for_a_response_the_ledger_did_not_issue(ledger: Ledger, site: Site) -> None:
+def test_receipt_for_a_response_the_ledger_did_not_issue(ledger: Ledger, site: Site,
+                                                        tmp_path: Path) -> None:
     d = site.device()
     resp = site.vendor.issue(d.request(Action.ACTIVATE, ["bacnet"]), [Grant("bacnet", 1)], now=T0)
     res, _ = d.agent.apply(resp)
     with pytest.raises(errors.UnknownRequestError):
         ledger.accept_receipt(res.receipt)
-    other = Ledger(ledger.path.with_name("other.db"), Vendor(SigningKey.generate()))
+    other = Ledger(tmp_path / "other.db", Vendor(SigningKey.generate()))
     with pytest.raises(errors.TrustError):
         other.accept_receipt(res.receipt, now=T0)
     other.close()
@@ -390,10 +394,10 @@ def test_license_info_lists_reclaims_and_installs(ledger: Ledger, site: Site) ->
     assert ledger.report()["devices"][0]["source"] == "device-info"
 
 
-def test_ledger_survives_a_restart_between_upload_and_confirm(tmp_path: Path,
+def test_ledger_survives_a_restart_between_upload_and_confirm(ledger_db: str,
                                                               site: Site) -> None:
     a = site.device()
-    led = Ledger(tmp_path / "l.db", site.vendor, clock=lambda: T0)
+    led = Ledger(ledger_db, site.vendor, clock=lambda: T0)
     led.entitle(E, P, {"bacnet": 5})
     led.assign(E, dev_id(a), "bacnet", 5)
     activate(led, a)
@@ -401,16 +405,17 @@ def test_ledger_survives_a_restart_between_upload_and_confirm(tmp_path: Path,
     assert set(up.responses) == {dev_id(a)} and set(up.errors) == {"#1"}
     led.close()
     res, _ = a.agent.apply(up.responses[dev_id(a)])
-    led = Ledger(tmp_path / "l.db", site.vendor, clock=lambda: T0)
+    led = Ledger(ledger_db, site.vendor, clock=lambda: T0)
     assert led.free(E, "bacnet") == 0
     out = led.confirm([res.receipt, res.receipt])
     assert [x["freed"] for x in out["accepted"]] == [[{"feature": "bacnet", "count": 5}]]
     assert [(x["index"], x["reason"]) for x in out["refused"]] == [(1, "replay")]
     assert led.free(E, "bacnet") == 5
+    kinds = [o["kind"] for o in led.operations()]
     led.close()
-    with sqlite3.connect(tmp_path / "l.db") as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        kinds = [r[0] for r in db.execute("SELECT kind FROM operations ORDER BY id")]
+    if led.path is not None:
+        with sqlite3.connect(led.path) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert kinds == ["entitle", "assign", "request", "receipt", "request", "request",
                      "receipt", "receipt"]
 
@@ -506,8 +511,13 @@ class LedgerMachine(RuleBasedStateMachine):
         self.site = Site(VENDOR, self.root)
         self.devices = [self.site.device() for _ in range(N_DEVICES)]
         self.ids = [dev_id(d) for d in self.devices]
-        self.ledger = Ledger(self.root / "ledger.db", VENDOR, clock=self.site.clock)
+        self.db = self.new_ledger_db()
+        self.ledger = Ledger(self.db, VENDOR, clock=self.site.clock)
         self.model = Model()
+
+    def new_ledger_db(self) -> str:
+        """Where this example's ledger lives: an SQLite file."""
+        return str(self.root / "ledger.db")
 
     def teardown(self) -> None:
         self.ledger.close()
@@ -725,7 +735,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         self.ledger.close()
-        self.ledger = Ledger(self.root / "ledger.db", VENDOR, clock=self.site.clock)
+        self.ledger = Ledger(self.db, VENDOR, clock=self.site.clock)
 
     # ------------------------------------------------------------ invariants
 
@@ -772,3 +782,24 @@ LedgerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestLedgerMachine = LedgerMachine.TestCase
+
+
+class PostgresLedgerMachine(LedgerMachine):
+    """The same machine, each example on a new database of a real PostgreSQL server."""
+
+    server: ClassVar[PostgresServer | None] = None
+
+    def new_ledger_db(self) -> str:
+        assert self.server is not None
+        return self.server.database()
+
+
+def test_the_ledger_machine_on_postgresql(postgres: PostgresServer) -> None:
+    """The accounting invariants hold on PostgreSQL too (fewer examples: a database each)."""
+    PostgresLedgerMachine.server = postgres
+    try:
+        run_state_machine_as_test(PostgresLedgerMachine, settings=settings(
+            max_examples=max(1, EXAMPLES // 4), stateful_step_count=30, deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+    finally:
+        PostgresLedgerMachine.server = None

@@ -37,17 +37,36 @@ WAIT = 20.0  # an upper bound for start-up and shutdown; never asserted as a tim
 E, P = "ORDER-7", "BMS-Pro"
 
 
+#: the vendor-admin token of each running test server, by port (see :func:`serving`)
+TOKENS: dict[int, str] = {}
+ANONYMOUS = ""
+
+
+def serving(led: Ledger, vendor: Vendor, **kw: Any) -> LicensingServer:
+    """``serve`` with a vendor-admin token made in its ledger, used by :func:`raw` and
+    :func:`admin_client`."""
+    token = led.create_token(f"vendor-{len(TOKENS)}", "vendor-admin")
+    srv = serve(led, vendor, **kw)
+    TOKENS[srv.port] = token
+    return srv
+
+
+def admin_client(srv: LicensingServer) -> LicensingClient:
+    return LicensingClient(srv.url, token=TOKENS[srv.port])
+
+
 @pytest.fixture
-def server(tmp_path: Path, vendor: Vendor) -> Iterator[tuple[Ledger, LicensingServer]]:
-    led = Ledger(tmp_path / "ledger.db", vendor, clock=lambda: T0)
-    with serve(led, vendor) as srv:
+def server(ledger_db: str, vendor: Vendor) -> Iterator[tuple[Ledger, LicensingServer]]:
+    """The server in a thread over a ledger on each backend (SQLite, PostgreSQL)."""
+    led = Ledger(ledger_db, vendor, clock=lambda: T0)
+    with serving(led, vendor) as srv:
         yield led, srv
     led.close()
 
 
 @pytest.fixture
 def client(server: tuple[Ledger, LicensingServer]) -> LicensingClient:
-    return LicensingClient(server[1].url)
+    return admin_client(server[1])
 
 
 def dev_id(d: Device) -> str:
@@ -55,10 +74,17 @@ def dev_id(d: Device) -> str:
 
 
 def raw(srv: LicensingServer, method: str, path: str, body: bytes | None = None,
-        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        headers: dict[str, str] | None = None, token: str | None = None
+        ) -> tuple[int, dict[str, str], bytes]:
+    """One exchange, with the server's vendor-admin token unless ``token`` is given
+    (:data:`ANONYMOUS`: none)."""
+    token = TOKENS[srv.port] if token is None else token
+    sent = dict(headers or {})
+    if token:
+        sent["Authorization"] = f"Bearer {token}"
     conn = http.client.HTTPConnection(srv.host, srv.port, timeout=WAIT)
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        conn.request(method, path, body=body, headers=sent)
         resp = conn.getresponse()
         return resp.status, dict(resp.getheaders()), resp.read()
     finally:
@@ -175,6 +201,7 @@ def test_refusals_carry_the_exit_codes(server: tuple[Ledger, LicensingServer],
     # no Content-Length at all
     conn = http.client.HTTPConnection(srv.host, srv.port, timeout=WAIT)
     conn.putrequest("POST", "/v1/receipts")
+    conn.putheader("Authorization", f"Bearer {TOKENS[srv.port]}")
     conn.endheaders()
     resp = conn.getresponse()
     assert resp.status == 411 and json.loads(resp.read())["code"] == 2
@@ -185,7 +212,7 @@ def test_body_size_caps(tmp_path: Path, vendor: Vendor) -> None:
     led = Ledger(tmp_path / "l.db", vendor, clock=lambda: T0)
     limits = ServerLimits(max_json_body=100, max_files_body=1000, max_files=2,
                           max_assignments_body=100)
-    with serve(led, vendor, limits=limits) as srv:
+    with serving(led, vendor, limits=limits) as srv:
         st, _h, data = raw(srv, "POST", "/v1/receipts", canonical({"receipts": [b"x" * 2000]}))
         assert st == 413 and json.loads(data)["reason"] == "too-large"
         st, _h, data = raw(srv, "POST", "/v1/assignments", b" " * 101)
@@ -194,7 +221,7 @@ def test_body_size_caps(tmp_path: Path, vendor: Vendor) -> None:
         assert st == 413
         st, _h, data = raw(srv, "POST", "/v1/receipts", canonical({"receipts": [b""] * 3}))
         assert st == 400 and "at most 2" in json.loads(data)["message"]
-        assert LicensingClient(srv.url).health() == {"ok": True}
+        assert admin_client(srv).health() == {"ok": True}
     led.close()
 
 
@@ -239,16 +266,31 @@ def test_client_explains_an_unreachable_server(server: tuple[Ledger, LicensingSe
 
 
 class Licserver:
-    """``licserver`` subprocesses on one ledger file, with a vendor key on disk."""
+    """``licserver`` subprocesses on one ledger (a file, or ``db``: a PostgreSQL URL), with a
+    vendor key on disk."""
 
-    def __init__(self, root: Path, vendor: Vendor) -> None:
+    def __init__(self, root: Path, vendor: Vendor, db: str | None = None) -> None:
         self.root = root
-        self.db = root / "ledger.db"
+        self.db = db or str(root / "ledger.db")
         self.key = root / "vendor.key"
         self.key.write_bytes(vendor.key.to_pem())
         self.env = dict(os.environ, LICSERVER_TIME=str(T0))
         self.procs: list[subprocess.Popen[bytes]] = []
         self.log = root / "licserver.log"
+        self._token: str | None = None
+
+    @property
+    def token(self) -> str:
+        """A vendor-admin token of the ledger (``licserver token create``, made once)."""
+        if self._token is None:
+            out = self.root / "vendor-admin.token"
+            self.run("token", "create", "--db", str(self.db), "--role", "vendor-admin",
+                     "--out", str(out))
+            self._token = out.read_text().strip()
+        return self._token
+
+    def client(self, url: str) -> LicensingClient:
+        return LicensingClient(url, token=self.token)
 
     def run(self, *args: str, code: int = 0) -> str:
         p = subprocess.run([str(BIN / "licserver"), *args], env=self.env, capture_output=True,
@@ -256,12 +298,14 @@ class Licserver:
         assert p.returncode == code, p.stderr
         return p.stdout
 
-    def start(self) -> tuple[subprocess.Popen[bytes], str]:
-        """Start ``licserver serve`` on a free port; returns it and its URL once it serves."""
+    def start(self, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+        """Start ``licserver serve`` on a free port; returns it and its URL once it serves.
+
+        ``extra``: further options (``--cert``, ``--tls-key``)."""
         with open(self.log, "ab") as log:
             proc = subprocess.Popen(
                 [str(BIN / "licserver"), "serve", "--db", str(self.db), "--key", str(self.key),
-                 "--port", "0"], env=self.env, stdout=subprocess.PIPE, stderr=log)
+                 "--port", "0", *extra], env=self.env, stdout=subprocess.PIPE, stderr=log)
         self.procs.append(proc)
         assert proc.stdout is not None
         buf = b""
@@ -275,7 +319,7 @@ class Licserver:
                 assert chunk, f"licserver exited with {proc.wait(WAIT)}: {self.log.read_text()}"
                 buf += chunk
         line = buf.decode().splitlines()[0]
-        assert line.startswith("serving http://127.0.0.1:"), line
+        assert line.startswith(("serving http://127.0.0.1:", "serving https://127.0.0.1:")), line
         return proc, line.split(" ", 1)[1]
 
     def close(self) -> None:
@@ -283,8 +327,9 @@ class Licserver:
 
 
 @pytest.fixture
-def licserver(tmp_path: Path, vendor: Vendor) -> Iterator[Licserver]:
-    ls = Licserver(tmp_path, vendor)
+def licserver(tmp_path: Path, vendor: Vendor, ledger_db: str) -> Iterator[Licserver]:
+    """On each backend: an SQLite file, a PostgreSQL database."""
+    ls = Licserver(tmp_path, vendor, ledger_db)
     try:
         yield ls
     finally:
@@ -301,7 +346,7 @@ def test_restart_between_upload_and_confirm_keeps_the_ledger(licserver: Licserve
                   "--feature", "bacnet=x", code=2)
 
     proc, url = licserver.start()
-    client = LicensingClient(url)
+    client = licserver.client(url)
     client.assign(E, dev_id(a), "bacnet", 4)
     up = client.upload([a.request(Action.ACTIVATE)])
     client.confirm([a.agent.apply(up["responses"][dev_id(a)])[0].receipt])
@@ -310,7 +355,7 @@ def test_restart_between_upload_and_confirm_keeps_the_ledger(licserver: Licserve
 
     # upload a reclaim, then the server dies hard before the receipt comes back
     proc, url = licserver.start()
-    client = LicensingClient(url)
+    client = licserver.client(url)
     req = a.request(Action.RECLAIM, ["bacnet"])
     resp = client.upload([req])["responses"][dev_id(a)]
     proc.kill()
@@ -318,7 +363,7 @@ def test_restart_between_upload_and_confirm_keeps_the_ledger(licserver: Licserve
     receipt = a.agent.apply(resp)[0].receipt
 
     proc, url = licserver.start()
-    client = LicensingClient(url)
+    client = licserver.client(url)
     assert client.upload([req])["responses"][dev_id(a)] == resp  # the same answer again
     # another process records a purchase while the server runs on the same ledger
     licserver.run("entitle", "--db", str(licserver.db), "--entitlement", "ORDER-8",
@@ -365,9 +410,9 @@ def test_a_site_larger_than_one_call_goes_in_batches(tmp_path: Path, vendor: Ven
     import apps.licensing_client as client_mod
 
     led = Ledger(tmp_path / "l.db", vendor, clock=lambda: T0)
-    with serve(led, vendor, limits=ServerLimits(max_files=2)) as srv:
+    with serving(led, vendor, limits=ServerLimits(max_files=2)) as srv:
         monkeypatch.setattr(client_mod, "BATCH_FILES", 2)
-        client = LicensingClient(srv.url)
+        client = admin_client(srv)
         devices = [site.device() for _ in range(4)]
         client.entitle(E, P, {"bacnet": 4})
         for d in devices:

@@ -344,6 +344,8 @@ def test_activation_round_trip_with_licadmin_and_licserver(tmp_path: Path,
     sim.wait_for("ready")
     _run(tmp_path, "licserver", "entitle", "--db", "ledger.db", "--entitlement", "E-1",
          "--product", "bench", "--feature", "bacnet-ip=500", "--until", "2099-12-31")
+    _run(tmp_path, "licserver", "token", "create", "--db", "ledger.db", "--role", "site-admin",
+         "--entitlement", "E-1", "--out", "site.token")
     srv = subprocess.Popen([str(BIN / "licserver"), "serve", "--db", "ledger.db", "--key",
                             "vendor/vendor.key", "--port", "0", "--quiet"], cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -358,10 +360,12 @@ def test_activation_round_trip_with_licadmin_and_licserver(tmp_path: Path,
         assert len(servers) == 4
         for u in servers:
             dev = json.loads(_run(tmp_path, "licadmin", "status", "--server", u, "--json"))
-            _run(tmp_path, "licadmin", "assign", "--licensing-server", url, "--entitlement",
+            _run(tmp_path, "licadmin", "assign", "--licensing-server", url, "--token-file",
+                 "site.token", "--entitlement",
                  "E-1", "--device", dev["device_id"], "--feature", "bacnet-ip=100")
         args = [a for u in servers for a in ("--server", u)]
         _run(tmp_path, "licadmin", "activate", *args, "--licensing-server", url,
+             "--token-file", "site.token",
              "--work-dir", "act")
         for u in servers:
             _run(tmp_path, "licadmin", "check", "--server", u, "bacnet-ip")
