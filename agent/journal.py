@@ -66,18 +66,31 @@ class JournalHead:
     start: int
     end: int
     digest: bytes
+    #: the journal file's identity ``(st_ino, st_size, st_ctime_ns)`` right after this
+    #: process appended the head record (or verified the chain), None if unknown: a
+    #: journal still of that identity was not changed since, so opening checks the
+    #: head record only; any other is verified whole once (:meth:`Journal.since_head`)
+    file: tuple[int, int, int] | None = None
 
     def to_cbor(self) -> list[Any]:
-        return [self.count, self.start, self.end, self.digest]
+        base: list[Any] = [self.count, self.start, self.end, self.digest]
+        return base if self.file is None else [*base, list(self.file)]
 
     @classmethod
     def from_cbor(cls, v: Any) -> JournalHead:
-        if (not isinstance(v, list) or len(v) != 4
+        if (not isinstance(v, list) or len(v) not in (4, 5)
                 or not all(type(x) is int and x >= 0 for x in v[:3])
                 or not isinstance(v[3], bytes) or len(v[3]) != 32
                 or not v[1] <= v[2] or (v[0] == 0) != (v[2] == 0)):
-            raise MalformedError("journal head is not [count, start, end, digest]")
-        return cls(v[0], v[1], v[2], v[3])
+            raise MalformedError("journal head is not [count, start, end, digest, ? file]")
+        file: tuple[int, int, int] | None = None
+        if len(v) == 5:
+            f = v[4]
+            if (not isinstance(f, list) or len(f) != 3
+                    or not all(type(x) is int and x >= 0 for x in f)):
+                raise MalformedError("journal head's file is not [ino, size, ctime_ns]")
+            file = (f[0], f[1], f[2])
+        return cls(v[0], v[1], v[2], v[3], file)
 
 
 EMPTY_HEAD = JournalHead(0, 0, 0, ZERO)
@@ -145,6 +158,12 @@ class Journal:
         self._tail: _Tail | None = None
         #: where refusal counting and a fresh scan begin (the slot's head, once known)
         self._start = _Start()
+        #: the file's identity (:attr:`JournalHead.file`) while ``_tail`` is the chain's
+        #: end this process wrote or verified whole, with that very tail object
+        self._ident: tuple[_Tail, tuple[int, int, int]] | None = None
+        #: whether the last :meth:`since_head` verified the whole chain (the file's identity
+        #: was not the slot's) rather than the head record and those after it only
+        self.verified_whole = False
 
     def _mac(self, body: dict[str, Any]) -> bytes:
         return hmac_sha256(self.mac_key, canonical(body))
@@ -261,40 +280,55 @@ class Journal:
     def since_head(self, head: JournalHead) -> list[JournalEntry]:
         """Check the record a slot names as its head, and return the verified records after it.
 
-        Reads the head record and what follows it only, so opening a store costs
-        the same however long the journal is. The chain before the head is
-        verified by :meth:`read` (``licagent journal --verify``).
+        If the journal file's identity (inode, size, change time) is the one the slot
+        records (:attr:`JournalHead.file`), the file was not changed since this agent
+        last wrote it (no unprivileged process can set a change time back): the head
+        record and what follows it are read only, so opening a store costs the same
+        however long the journal is. Otherwise (copied, restored, edited, or a record
+        appended after the slot) the whole chain is verified once, as
+        ``licagent journal --verify`` does (:attr:`verified_whole`).
 
         Raises:
-            IntegrityError: the journal is missing, shorter than the head, or its
-                record there is not the one the slot names (the journal was
-                deleted, emptied, cut or replaced by an older copy).
+            IntegrityError: the journal is missing, shorter than the head, its record
+                there is not the one the slot names (the journal was deleted, emptied,
+                cut or replaced by an older copy), or a record before it is damaged.
         """
         where = (f"the store's slot names {head.count} journal records ending at byte "
                  f"{head.end}")
+        self.verified_whole = False
         try:
-            size = os.stat(self.path).st_size
+            f = open(self.path, "rb", opener=_no_follow)
         except FileNotFoundError:
             if head.count:
                 raise IntegrityError(
                     f"{self.path} is missing, but {where}: the journal was deleted"
                 ) from None
-            size = 0
+            f = None
         except OSError as exc:
             raise StorageError(f"cannot read {self.path}: {exc}") from exc
-        if size < head.end:
-            what = "emptied" if size == 0 else "cut short"
-            raise IntegrityError(
-                f"{self.path} holds {size} bytes, but {where}: the journal was {what} "
-                f"(or an older copy put back)"
-            )
+        ident: tuple[int, int, int] | None = None
+        blob = b""
+        try:
+            size = 0
+            if f is not None:
+                # taken before anything is read: a change after it changes the change time
+                st = os.fstat(f.fileno())
+                size, ident = st.st_size, (st.st_ino, st.st_size, st.st_ctime_ns)
+            if size < head.end:
+                what = "emptied" if size == 0 else "cut short"
+                raise IntegrityError(
+                    f"{self.path} holds {size} bytes, but {where}: the journal was {what} "
+                    f"(or an older copy put back)"
+                )
+            if head.count and f is not None:
+                f.seek(head.start)
+                blob = f.read(head.end - head.start)
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.path}: {exc}") from exc
+        finally:
+            if f is not None:
+                f.close()
         if head.count:
-            try:
-                with open(self.path, "rb", opener=_no_follow) as f:
-                    f.seek(head.start)
-                    blob = f.read(head.end - head.start)
-            except OSError as exc:
-                raise StorageError(f"cannot read {self.path}: {exc}") from exc
             raw = blob[4:]
             try:
                 if int.from_bytes(blob[:4], "big") != len(raw) or sha256(raw) != head.digest:
@@ -309,7 +343,27 @@ class Journal:
                 ) from exc
         self._start = _Start(head.count, head.digest, head.end)
         entries: list[JournalEntry] = []
-        self._remember(self._scan(entries.append, start=self._start))
+        if ident is not None and head.file == ident:
+            tail = self._scan(entries.append, start=self._start)
+        else:
+            self.verified_whole = True
+
+            def keep(e: JournalEntry) -> None:
+                if e.n >= head.count:
+                    entries.append(e)
+
+            try:
+                tail = self._scan(keep)
+            except IntegrityError as exc:
+                raise IntegrityError(
+                    f"{self.path} is damaged before the record the store's slot names: "
+                    f"{exc}"
+                ) from exc
+            if tail.count < head.count:  # cannot be: the head record was found in place
+                raise IntegrityError(f"{self.path} holds fewer records than {where}")
+        self._remember(tail)
+        if ident is not None:
+            self._ident = (tail, ident)  # the chain as verified here, this file
         return entries
 
     def anchor(self, head: JournalHead) -> None:
@@ -327,6 +381,23 @@ class Journal:
 
     def _remember(self, tail: _Tail) -> None:
         self._tail = tail
+
+    def _known_ident(self, tail: _Tail | None) -> tuple[int, int, int] | None:
+        """The file's identity if ``tail`` is the chain's end this process last wrote or
+        verified (the same records), else None."""
+        i = self._ident
+        if i is None or tail is None:
+            return None
+        t = i[0]
+        if t is tail or (t.count, t.prev, t.good_length, t.torn) == (
+                tail.count, tail.prev, tail.good_length, tail.torn):
+            return i[1]
+        return None
+
+    def identity(self) -> tuple[int, int, int] | None:
+        """The file's identity for a slot written now (:attr:`JournalHead.file`): known only
+        while the chain's end is the one this process last wrote or verified."""
+        return self._known_ident(self._tail)
 
     def _current(self) -> _Tail:
         """The chain's end: the one in memory if the file is still the size it stands for.
@@ -346,8 +417,13 @@ class Journal:
         return t
 
     def head(self) -> JournalHead:
-        """The head a slot written now records: the journal's last whole record."""
-        return self._current().head()
+        """The head a slot written now records: the journal's last whole record (and the
+        file's identity, when known: :meth:`identity`)."""
+        h = self._current().head()
+        ident = self.identity()
+        if ident is None or not h.count:
+            return h
+        return JournalHead(h.count, h.start, h.end, h.digest, ident)
 
     def append(self, event: str, data: Any, now: int) -> JournalEntry:
         """Append one entry and fsync it; a torn tail from an earlier crash is cut off first.
@@ -387,6 +463,7 @@ class Journal:
             raise StorageError(f"could not take back the journal record: {exc}") from exc
         finally:
             self._tail = None
+            self._ident = None
             if fd >= 0:
                 try:
                     self.ops.close(fd)
@@ -400,14 +477,23 @@ class Journal:
             raise StorageError(f"journal record of {len(record)} bytes is over the "
                                f"{MAX_RECORD}-byte limit")
         blob = struct.pack(">I", len(record)) + record
+        # the identity is carried forward only if the file is still the one this process
+        # wrote or verified (or holds no record): never vouch for a chain changed meanwhile
+        known = None if rep.count else (0, 0, 0)
+        known = known or self._known_ident(rep)
+        carried = False
         fd = -1
         try:
             fd = self.ops.open(str(self.path), os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            if known is not None:
+                st0 = os.fstat(fd)
+                carried = not rep.count or (st0.st_ino, st0.st_size, st0.st_ctime_ns) == known
             if rep.torn:
                 self.ops.ftruncate(fd, rep.good_length)
             os.lseek(fd, rep.good_length, os.SEEK_SET)
             write_all(self.ops, fd, blob)
             self.ops.fsync(fd)
+            st = os.fstat(fd)  # after the fsync: what the slot written next records
         except OSError as exc:
             self._tail = None
             if fd >= 0:
@@ -426,4 +512,6 @@ class Journal:
         digest = sha256(record)
         self._tail = _Tail(rep.count + 1, digest, rep.good_length + len(blob), 0,
                            last_start=rep.good_length)
+        self._ident = ((self._tail, (st.st_ino, st.st_size, st.st_ctime_ns)) if carried
+                       else None)
         return JournalEntry(body["n"], now, event, data, digest)

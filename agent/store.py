@@ -19,9 +19,12 @@ close, ``os.replace``, fsync the directory. Each syscall goes through
 
 Commit order (write-ahead): the journal record is appended and fsynced first, then
 the slot is written; the slot records the journal's head (the record of its own
-commit). Opening checks that record and replays the ones after it, so a crash
+commit) and the journal file's identity right after that append (inode, size,
+change time). Opening checks that record and replays the ones after it, so a crash
 between the two writes, an older slot put back or a damaged newest slot all end
-at the newest committed state; a journal shorter than the head is refused.
+at the newest committed state; a journal shorter than the head is refused. A
+journal whose identity is not the slot's (copied, restored, edited) has its whole
+chain verified first: a damaged earlier record is refused too (exit 8).
 """
 
 from __future__ import annotations
@@ -663,6 +666,9 @@ class _Files:
     slots: tuple[bytes | None, bytes | None]
     journal_size: int
     journal_tail: bytes
+    #: the journal's (inode, size, change time): a change before the head (which the bytes
+    #: from the head on do not show) changes the change time
+    journal_ident: tuple[int, int, int] | None = None
 
 
 _RAW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -708,11 +714,16 @@ def _files(directory: Path, journal_from: int, check: bool = False) -> _Files:
         s1 = _raw(dfd, SLOTS[1], MAX_SLOT, 0, sizes.get(SLOTS[1]))
         # the journal from the head on is bounded (RESAVE_AFTER records); one over
         # MAX_SLOT is cut there, and its size still tells any change
+        try:
+            st = os.stat(JOURNAL_FILE, dir_fd=dfd, follow_symlinks=False)
+            ident: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_ctime_ns)
+        except FileNotFoundError:
+            ident = None
         j = _raw(dfd, JOURNAL_FILE, MAX_SLOT, journal_from, sizes.get(JOURNAL_FILE))
     finally:
         os.close(dfd)
     return _Files(key[0], (None if s0 is None else s0[0], None if s1 is None else s1[0]),
-                  -1 if j is None else j[1], b"" if j is None else j[0])
+                  -1 if j is None else j[1], b"" if j is None else j[0], ident)
 
 
 class OpenStore:
@@ -726,7 +737,9 @@ class OpenStore:
     same head record, the same records past it). Anything another process did, a
     slot put back, a journal cut or appended to, a key replaced, differs in some
     byte and the store is opened from scratch. Comparing bytes, not times or inode
-    numbers, is exact whatever the file system's timestamp granularity.
+    numbers, is exact whatever the file system's timestamp granularity; the journal's
+    identity (inode, size, change time) is compared too, since a record changed before
+    the head shows in no byte read here (a fresh open then verifies the whole chain).
     """
 
     __slots__ = ("files", "journal_from", "mark", "store", "writable")

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -549,9 +550,10 @@ def test_modified_byte_in_earlier_record_is_exit_8(
     journal_device: Device, tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A damaged record before the slot's head: ``journal --verify`` says so (exit 8) every
-    time. Commands check only the head record and those after it (constant time), so the
-    license state stays usable; a damaged head record stops every command (exit 8)."""
+    """A damaged record before the slot's head: the journal file is no longer the one the
+    slot recorded (its change time moved), so opening verifies the whole chain and every
+    command refuses (exit 8, one line naming the record), as for a cut journal; the
+    state is not changed and ``journal --verify`` says so too."""
     dev = journal_device
     jpath = dev.directory / JOURNAL_FILE
     pristine = jpath.read_bytes()
@@ -562,14 +564,29 @@ def test_modified_byte_in_earlier_record_is_exit_8(
     jpath.write_bytes(bytes(data))
     facts = facts_file(dev, tmp_path)
     monkeypatch.setenv("LICAGENT_TIME", str(dev.clock()))
+    before = dev.store_bytes()
 
-    code, _, err = run_cli(capsys, "journal", "--state", str(dev.directory),
-                           "--facts", str(facts), "--verify")
-    assert code == 8 and "store-integrity" in err and "record 1" in err
+    out_file = tmp_path / "req.cbor"
+    code, _, err = run_cli(capsys, "request", "--state", str(dev.directory),
+                           "--facts", str(facts), "activate", "--feature", "knx",
+                           "--out", str(out_file))
+    assert code == 8 and "store-integrity" in err and "record 1" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not out_file.exists()
+    assert dev.store_bytes() == before and jpath.read_bytes() == bytes(data)
+    for cmd in (["status"], ["check", "knx"], ["info"], ["journal", "--verify"]):
+        code, _, err = run_cli(capsys, *cmd, "--state", str(dev.directory), "--facts", str(facts))
+        assert code == 8 and "store-integrity" in err and "record 1" in err, (cmd, err)
+        assert len(err.strip().splitlines()) == 1, err
+    with pytest.raises(IntegrityError, match="record 1"):
+        dev.request(Action.ACTIVATE, ["knx"])
+    assert dev.store_bytes() == before and jpath.read_bytes() == bytes(data)
+
+    jpath.write_bytes(pristine)  # put back as it was (a new change time): verified, usable
     dev.request(Action.ACTIVATE, ["knx"])
     code, _, _ = run_cli(capsys, "journal", "--state", str(dev.directory),
                          "--facts", str(facts), "--verify")
-    assert code == 8
+    assert code == 0
 
     # the record the slot names (the last one here) damaged: every command refuses
     s = Store.open(dev.directory, None)
@@ -689,3 +706,75 @@ def test_sigkill_mid_apply(tmp_path: Path, vendor: Vendor) -> None:
     leftovers = [n for n in os.listdir(d) if ".tmp" in n]
     print(f"\nSIGKILL outcomes over {iterations} runs (full run {full_run * 1000:.0f} ms): "
           f"{outcomes}; temp files left by killed processes: {len(leftovers)}")
+
+
+def test_restored_store_is_verified_whole_once_and_works(
+    journal_device: Device, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A store copied away and put back with ``cp -a`` (a new inode and change time, the
+    same bytes): the journal is not the file the slot recorded, so the first open verifies
+    its whole chain, which passes; commands work, and the next save records the new file."""
+    dev = journal_device
+    backup = tmp_path / "backup"
+    subprocess.run(["cp", "-a", str(dev.directory), str(backup)], check=True)
+    shutil.rmtree(dev.directory)
+    subprocess.run(["cp", "-a", str(backup), str(dev.directory)], check=True)
+
+    s = Store.open(dev.directory, None)
+    assert s.journal.verified_whole
+    assert s.head is not None and s.head.file is not None
+    st = (dev.directory / JOURNAL_FILE).stat()
+    assert s.head.file != (st.st_ino, st.st_size, st.st_ctime_ns)
+
+    facts = facts_file(dev, tmp_path)
+    monkeypatch.setenv("LICAGENT_TIME", str(dev.clock()))
+    out_file = tmp_path / "req.cbor"
+    code, _, err = run_cli(capsys, "request", "--state", str(dev.directory),
+                           "--facts", str(facts), "activate", "--feature", "knx",
+                           "--out", str(out_file))
+    assert code == 0, err
+    assert out_file.exists()
+    s = Store.open(dev.directory, None)  # the request's save recorded this journal file
+    assert not s.journal.verified_whole
+    st = (dev.directory / JOURNAL_FILE).stat()
+    assert s.head is not None and s.head.file == (st.st_ino, st.st_size, st.st_ctime_ns)
+    code, _, _ = run_cli(capsys, "journal", "--state", str(dev.directory),
+                         "--facts", str(facts), "--verify")
+    assert code == 0
+
+
+def test_common_open_reads_the_journal_from_the_head_only(
+    journal_device: Device, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the agent's own commit the journal is the file the slot recorded: opening
+    scans from the head record on, never from the journal's first byte (constant time)."""
+    dev = journal_device
+    dev.request(Action.ACTIVATE, ["knx"])
+    starts: list[int] = []
+    scan = Journal._scan
+
+    def counting(self: Journal, keep: Any = None, since: int | None = None,
+                 start: Any = None) -> Any:
+        starts.append(0 if start is None else start.offset)
+        return scan(self, keep, since, start)
+
+    monkeypatch.setattr(Journal, "_scan", counting)
+    s = Store.open(dev.directory, None)
+    assert s.head is not None and s.head.count >= 4 and s.head.file is not None
+    assert not s.journal.verified_whole
+    assert starts and all(o >= s.head.end > 0 for o in starts), starts
+
+    # the daemon's kept store: a changed earlier record changes the file's identity, so the
+    # kept store is not reused and the fresh open verifies the whole chain (exit 8)
+    agent = Agent(dev.directory, dev.agent.facts, clock=dev.clock, keep_open=True)
+    agent.status()
+    agent.status()
+    assert starts and all(o >= s.head.start for o in starts), starts
+    jpath = dev.directory / JOURNAL_FILE
+    data = bytearray(jpath.read_bytes())
+    offs = record_offsets(bytes(data))
+    data[(offs[1] + offs[2]) // 2] ^= 0x01
+    jpath.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="record 1"):
+        agent.status()

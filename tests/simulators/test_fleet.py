@@ -278,7 +278,10 @@ def test_broken_invariants_are_reported(tmp_path: Path) -> None:
     s = f.summary()
     broken = {i.name: i.detail for i in s.invariants if not i.held}
     assert "as-p-0001: bacnet-ip 11 > 10" in broken["within-entitlement"]
-    assert "as-p-0002" in broken["journals-verify"]
+    # a damaged journal record stops the store from opening at all (exit 8, as a cut
+    # journal does: issue 13 item 5), so it shows as a store that does not verify
+    assert "as-p-0002: store-integrity" in broken["stores-verify"]
+    assert "journal.log is damaged before the record" in broken["stores-verify"]
     assert "as-p-0003: copied-store" in broken["stores-verify"]
     assert not s.ok and s.to_text().endswith("INVARIANT BROKEN")
     assert (tmp_path / "fleet").exists()  # a given folder is kept
