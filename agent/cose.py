@@ -8,7 +8,8 @@ no shared values).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from functools import cached_property
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +145,15 @@ def _write_encoded(encoder: Any, value: Any) -> None:
     encoder.write(value.data)
 
 
+def encoded_array(items: Iterable[Encoded]) -> Encoded:
+    """An array of items already encoded, as one :class:`Encoded` (the array's head and
+    the items' bytes: what :func:`canonical` writes for the list, without a call per item)."""
+    parts = [x.data for x in items]
+    head = bytearray(canonical(len(parts)))  # major type 0 (uint) ...
+    head[0] |= 0x80  # ... made major type 4 (array), same length encoding
+    return Encoded(bytes(head) + b"".join(parts))
+
+
 def canonical(obj: object) -> bytes:
     """Deterministic CBOR encoding (RFC 8949 core deterministic: sorted keys, shortest forms)."""
     return cbor2.dumps(obj, canonical=True, default=_write_encoded)
@@ -182,9 +192,14 @@ class PublicKey:
         else:
             raise MalformedError(f"unsupported COSE algorithm {self.alg}")
 
-    @property
+    @cached_property
     def kid(self) -> bytes:
         return sha256(self.raw)
+
+    @cached_property
+    def _ed25519(self) -> ed25519.Ed25519PublicKey:
+        """The key as loaded by cryptography, once (a kept state verifies with it often)."""
+        return ed25519.Ed25519PublicKey.from_public_bytes(self.raw)
 
     @property
     def alg_name(self) -> str:
@@ -194,7 +209,7 @@ class PublicKey:
         """Raise :class:`TrustError` unless ``signature`` is valid over ``message``."""
         try:
             if self.alg == ALG_EDDSA:
-                ed25519.Ed25519PublicKey.from_public_bytes(self.raw).verify(signature, message)
+                self._ed25519.verify(signature, message)
             else:
                 if len(signature) != 64:
                     raise TrustError("ES256 signature must be 64 bytes (r || s)")

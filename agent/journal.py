@@ -164,9 +164,26 @@ class Journal:
         #: whether the last :meth:`since_head` verified the whole chain (the file's identity
         #: was not the slot's) rather than the head record and those after it only
         self.verified_whole = False
+        #: the last record this process appended: (the tail it made, its bytes with their
+        #: length prefix, the file's identity right after the append); see :meth:`written`
+        self._written: tuple[_Tail, bytes, tuple[int, int, int]] | None = None
 
     def _mac(self, body: dict[str, Any]) -> bytes:
         return hmac_sha256(self.mac_key, canonical(body))
+
+    def _seal(self, body: dict[str, Any]) -> bytes:
+        """``canonical({**body, "mac": MAC over canonical(body)})``, the body encoded once.
+
+        In canonical order ``"n"`` (the shortest key) comes first and ``"mac"`` second,
+        so the record is the body's bytes with the map head of six and the MAC's entry
+        put in after ``"n"`` and its value (the layout :meth:`_mac_in_place` reads).
+        """
+        enc = canonical(body)
+        mac = hmac_sha256(self.mac_key, enc)
+        cut = 3 + len(canonical(body["n"]))  # map head, "n", its value
+        if enc[0] != 0xA5 or enc[1:3] != b"\x61n":  # never: five keys, "n" first
+            return canonical({**body, "mac": mac})
+        return b"\xa6" + enc[1:cut] + _MAC_KEY + mac + enc[cut:]
 
     def read(self, entries: bool = True) -> JournalReport:
         """Read and verify every complete record.
@@ -379,6 +396,16 @@ class Journal:
         or re-read (what :meth:`agent.store.Store.write_mark` compares by identity)."""
         return self._tail
 
+    def written(self) -> tuple[int, bytes, tuple[int, int, int]] | None:
+        """(where it starts, its bytes, the file's identity then) of the journal's last
+        record, if this process appended it and nothing was appended, taken back or re-read
+        since; else None. What the file holds from that record on, as this process left it
+        (:meth:`agent.store.OpenStore.after`)."""
+        w = self._written
+        if w is None or w[0] is not self._tail or w[0].torn:
+            return None
+        return w[0].last_start, w[1], w[2]
+
     def _remember(self, tail: _Tail) -> None:
         self._tail = tail
 
@@ -472,7 +499,7 @@ class Journal:
 
     def _write(self, rep: _Tail, event: str, data: Any, now: int) -> JournalEntry:
         body = {"n": rep.count, "time": now, "event": event, "data": data, "prev": rep.prev}
-        record = canonical({**body, "mac": self._mac(body)})
+        record = self._seal(body)
         if len(record) > MAX_RECORD:
             raise StorageError(f"journal record of {len(record)} bytes is over the "
                                f"{MAX_RECORD}-byte limit")
@@ -512,6 +539,7 @@ class Journal:
         digest = sha256(record)
         self._tail = _Tail(rep.count + 1, digest, rep.good_length + len(blob), 0,
                            last_start=rep.good_length)
-        self._ident = ((self._tail, (st.st_ino, st.st_size, st.st_ctime_ns)) if carried
-                       else None)
+        ident = (st.st_ino, st.st_size, st.st_ctime_ns)
+        self._ident = (self._tail, ident) if carried else None
+        self._written = (self._tail, blob, ident)
         return JournalEntry(body["n"], now, event, data, digest)

@@ -647,6 +647,11 @@ class TrustKey:
             "not_after": self.not_after,
         }
 
+    @cached_property
+    def encoded(self) -> Encoded:
+        """``to_cbor()`` in canonical CBOR, encoded once (the key is immutable)."""
+        return Encoded(canonical(self.to_cbor()))
+
     @classmethod
     def from_cbor(cls, obj: object) -> TrustKey:
         m = _map(obj, "trusted key")

@@ -13,7 +13,17 @@ from collections.abc import Iterable, Mapping
 from functools import cached_property
 from typing import Any, TypeVar
 
-from agent.cose import PublicKey, Sign1, SigningKey, canonical, decode_sign1, sign1, strict_loads
+from agent.cose import (
+    Encoded,
+    PublicKey,
+    Sign1,
+    SigningKey,
+    canonical,
+    decode_sign1,
+    encoded_array,
+    sign1,
+    strict_loads,
+)
 from agent.digest import sha256
 from agent.errors import (
     AlreadyAppliedError,
@@ -174,6 +184,12 @@ class Applied:
     def to_cbor(self) -> list[Any]:
         return [self.nonce, self.sequence, self.response_digest]
 
+    @cached_property
+    def encoded(self) -> Encoded:
+        """``to_cbor()`` in canonical CBOR, encoded once: a state carries the same entries
+        from apply to apply."""
+        return Encoded(canonical(self.to_cbor()))
+
     @classmethod
     def from_cbor(cls, v: list[Any]) -> Applied:
         return cls(v[0], v[1], v[2])
@@ -240,7 +256,9 @@ class AgentState:
     def encode(self) -> bytes:
         """``to_cbor()`` in canonical CBOR; each license as encoded once (the same bytes)."""
         m = self.to_cbor()
-        m["licenses"] = [lic.encoded for lic in self.licenses]
+        m["licenses"] = encoded_array(lic.encoded for lic in self.licenses)
+        m["applied"] = encoded_array(a.encoded for a in self.applied)
+        m["trust"] = encoded_array(k.encoded for k in self.trust)
         return canonical(m)
 
     @classmethod

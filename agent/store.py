@@ -310,6 +310,8 @@ class Store:
         self.limits = limits
         #: (state, facts, facts given as data) that last passed :meth:`check_hardware`
         self._hw_passed: tuple[AgentState, tuple[str, ...], bool] | None = None
+        #: (generation, slot index, bytes) of the last slot this object wrote
+        self.saved: tuple[int, int, bytes] | None = None
         self.mac_key = key.secret_digest(b"store-mac")
         self.journal = Journal(directory / JOURNAL_FILE, key.secret_digest(b"journal-mac"), ops)
 
@@ -605,6 +607,7 @@ class Store:
         data = encode_slot(self.mac_key, gen, state.encode(), head)
         atomic_write(self.ops, self.directory / SLOTS[slot], data)
         self.state, self.generation, self.slot, self.head = state, gen, slot, head
+        self.saved = (gen, slot, data)
         self.journal.anchor(head)  # as a fresh open of this slot would (refusals counted on)
 
     def commit(self, state: AgentState, event: str, details: dict[str, Any], now: int) -> str | None:
@@ -785,7 +788,31 @@ class OpenStore:
         gen, tail = store.write_mark()
         if store is self.store and gen == self.mark[0] and tail is self.mark[1] is not None:
             return self  # the same objects: nothing written (None: the end was forgotten)
-        return OpenStore.snapshot(store)
+        return self._committed(store) or OpenStore.snapshot(store)
+
+    def _committed(self, store: Store) -> OpenStore | None:
+        """After one commit on this kept store (records appended, then one slot saved naming
+        the last of them): the files as this process wrote them, without reading them back.
+
+        The key and the other slot are the bytes :meth:`reuse` compared at the start of
+        the operation, the saved slot and the journal's head record the bytes written, the
+        journal's identity the one taken right after the append. Anything written by
+        another process meanwhile differs from these in some byte or in that identity,
+        so the next :meth:`reuse` opens from scratch, as a re-read snapshot would (which
+        would take such a change for the store's own).
+        """
+        saved, written, head = store.saved, store.journal.written(), store.head
+        if (store is not self.store or saved is None or written is None or head is None
+                or store.generation != self.mark[0] + 1 or saved[0] != store.generation):
+            return None
+        start, blob, ident = written
+        if (head.start != start or head.end != start + len(blob) or ident[1] != head.end
+                or len(blob) > MAX_SLOT):
+            return None
+        slots = list(self.files.slots)
+        slots[saved[1]] = saved[2]
+        files = _Files(self.files.key, (slots[0], slots[1]), head.end, blob, ident)
+        return OpenStore(store, files, start)
 
 
 def _read_only(directory: Path) -> bool:

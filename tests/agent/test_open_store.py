@@ -226,3 +226,40 @@ def test_kept_lock_excludes_other_processes_even_after_the_lock_file_is_replaced
     assert lock.exists()
     with kept._open():
         assert not other_process_can_lock(lock)
+
+
+def test_after_a_commit_the_kept_files_are_exactly_what_a_reread_finds(setup: Any) -> None:
+    """Issue 17: after its own commit the kept store takes the files as it wrote them (no
+    read back); they must be byte for byte, and in the journal's identity, what reading
+    them finds, or every later request would open the store from scratch (or worse)."""
+    from agent.store import _files
+
+    kept, fresh, vendor, clock, _facts = setup
+    for i in range(4):
+        activate(kept, vendor, clock, f"f{i}")
+        k = kept.__dict__["_kept"]
+        assert k.files == _files(kept.directory, k.journal_from)
+        assert k.store.saved is not None and k.store.saved[0] == k.store.generation
+    before = kept_store(kept)
+    kept.status()
+    assert kept_store(kept) is before  # reused: what it kept is what is on disk
+    assert status(kept) == status(fresh)
+
+
+def test_a_slot_rewritten_in_place_right_after_a_commit_is_noticed(setup: Any) -> None:
+    """Another process puts the older slot's bytes into the newest slot's file, same inode
+    and size where it can (an in-place write: no rename), right after the kept agent's
+    commit: the next request opens from scratch and says what it found."""
+    kept, fresh, vendor, clock, _facts = setup
+    activate(kept, vendor, clock, "bacnet")
+    activate(kept, vendor, clock, "modbus")
+    k = kept.__dict__["_kept"]
+    newest = kept.directory / SLOTS[k.store.slot]
+    older = (kept.directory / SLOTS[1 - k.store.slot]).read_bytes()
+    with open(newest, "r+b") as f:  # in place: same inode
+        f.write(older)
+        f.truncate(len(older))
+    st = status(kept)
+    assert kept_store(kept) is not k.store  # opened again: the journal rolls it forward
+    assert {lic["feature"] for lic in st["licenses"]} == {"bacnet", "modbus"}
+    assert st == status(fresh)
