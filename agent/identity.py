@@ -53,6 +53,9 @@ class HardwareFacts:
         (a firmware upgrade, a laptop plugged in) and say nothing about whether
         this is the same box.
         """
+        kept: tuple[str, ...] | None = self.__dict__.get("_binding")
+        if kept is not None:  # the facts are immutable: computed once per instance
+            return kept
         out: list[str] = []
         if self.model:
             out.append(f"model={self.model}")
@@ -63,7 +66,9 @@ class HardwareFacts:
         if self.machine_id:
             out.append(f"machine-id={self.machine_id}")
         out.extend(f"mac={m.lower()}" for m in self.macs)
-        return tuple(sorted(set(out)))
+        got = tuple(sorted(set(out)))
+        self.__dict__["_binding"] = got
+        return got
 
     def as_dict(self) -> dict[str, object]:
         return {

@@ -56,6 +56,10 @@ CONFIG_KEYS: Mapping[str, str] = {
 }
 #: how long stopping waits for the operation in progress
 STOP_TIMEOUT = 30.0
+#: the C heap's free pages are handed back at most this often while operations come in,
+#: and once the daemon is idle again (:meth:`Daemon.trim_if_due`): a ``malloc_trim`` walks
+#: the whole heap, which costs a request answered from the kept store as much as its work
+TRIM_INTERVAL = 1.0
 
 
 @record(frozen=True)
@@ -277,6 +281,9 @@ class Daemon:
         self.listeners: list[Listener] = []
         self._gate = threading.Lock()
         self._stopping = False
+        #: when the heap was last trimmed, and whether an operation ran since
+        self._trimmed_at = 0.0
+        self._untrimmed = False
         self._detail = threading.local()
         self.ops = AgentOps(agent, log=self._note)
 
@@ -308,13 +315,32 @@ class Daemon:
                 raise LicensingError(f"internal error in the license agent: {exc!r}; "
                                      f"see its log") from exc
             if op != "hello":
-                release_free_memory()
+                self._untrimmed = True
+                self.trim_if_due()
         detail = [d.removeprefix(op).strip() for d in self._detail.lines]
         if isinstance(result, FeatureCheck):
             detail.append(f"feature={result.feature} licensed={result.licensed}")
         outcome = " ".join(["ok", *[d for d in detail if d]])
         self._log_op(listener, op, outcome, DEBUG if op == "hello" else INFO)
         return result
+
+    def trim_if_due(self) -> None:
+        """Hand free heap pages back (:func:`release_free_memory`) if an operation ran since
+        the last time and that was at least :data:`TRIM_INTERVAL` ago; the serve loop calls
+        it when idle, so a burst of operations is trimmed after it too."""
+        now = time.monotonic()
+        if self._untrimmed and now - self._trimmed_at >= TRIM_INTERVAL:
+            self._untrimmed = False
+            self._trimmed_at = now
+            release_free_memory()
+
+    def trim_when_idle(self) -> None:
+        """:meth:`trim_if_due` unless an operation is running (it trims after itself)."""
+        if self._gate.acquire(blocking=False):
+            try:
+                self.trim_if_due()
+            finally:
+                self._gate.release()
 
     def _log_op(self, listener: str, op: str, outcome: str, level: int) -> None:
         self.log.log(level, "%s %s %s", listener, op, outcome)
@@ -432,8 +458,8 @@ def serve(agent: Agent, config: DaemonConfig, stop: threading.Event | None = Non
         except OSError as exc:
             log.warning("could not notify systemd (NOTIFY_SOCKET): %s", exc)
         release_free_memory()
-        while not stop.wait(60):
-            pass
+        while not stop.wait(TRIM_INTERVAL):
+            daemon.trim_when_idle()
         log.info("%s, stopping", f"{received[0]} received" if received else "asked to stop")
     finally:
         try:

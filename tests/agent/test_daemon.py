@@ -520,6 +520,32 @@ def test_release_free_memory_uses_glibc_when_present() -> None:
     assert release_free_memory() is glibc  # loaded once, callable again
 
 
+def test_heap_trimmed_at_most_once_an_interval_and_after_a_burst(device: Device) -> None:
+    """Issue 17: ``malloc_trim`` walks the whole heap, so the daemon trims after an
+    operation only if the last trim is at least TRIM_INTERVAL old, and when idle after a
+    burst (the serve loop's :meth:`Daemon.trim_when_idle`), never during an operation."""
+    import time
+
+    from apps.licagent.daemon import TRIM_INTERVAL
+
+    log = logging.getLogger(f"test-trim-{uuid.uuid4().hex}")
+    daemon = Daemon(device.agent, DaemonConfig(device.directory, ("tcp://127.0.0.1:0",)), log)
+    daemon.run_op("test", "get-status", {})
+    first = daemon._trimmed_at
+    assert first > 0 and not daemon._untrimmed  # the first operation trims
+    for _ in range(20):
+        daemon.run_op("test", "check-feature", {"feature": "x"})
+    assert daemon._trimmed_at == first and daemon._untrimmed  # a burst: not each time
+    with daemon._gate:  # an operation is running: the idle trim waits for it
+        time.sleep(TRIM_INTERVAL)
+        daemon.trim_when_idle()
+        assert daemon._untrimmed
+    daemon.trim_when_idle()
+    assert daemon._trimmed_at > first and not daemon._untrimmed
+    daemon.trim_when_idle()  # nothing ran since: nothing to do
+    assert not daemon._untrimmed
+
+
 def test_daemon_keeps_its_store_open_and_sees_a_cli_beside_it(agentd: Agentd,
                                                               tmp_path: Path) -> None:
     """Issue 17, item 2: the daemon keeps its store open between requests; a real

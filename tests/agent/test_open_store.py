@@ -263,3 +263,48 @@ def test_a_slot_rewritten_in_place_right_after_a_commit_is_noticed(setup: Any) -
     assert kept_store(kept) is not k.store  # opened again: the journal rolls it forward
     assert {lic["feature"] for lic in st["licenses"]} == {"bacnet", "modbus"}
     assert st == status(fresh)
+
+
+def test_a_state_directory_swapped_for_another_between_requests_is_opened(setup: Any) -> None:
+    """The kept store keeps its directory and files open between requests (issue 17): a
+    directory put in place of the old one (an older copy restored under the same path) is
+    another file, so the next request opens it from scratch, as a fresh process does."""
+    import shutil
+
+    kept, fresh, vendor, clock, _facts = setup
+    d = kept.directory
+    activate(kept, vendor, clock, "bacnet")
+    copy = d.parent / "copy"
+    shutil.copytree(d, copy)  # the store with bacnet only
+    activate(kept, vendor, clock, "modbus")
+    before = kept_store(kept)
+    d.rename(d.parent / "old")
+    copy.rename(d)
+    st = status(kept)
+    assert kept_store(kept) is not before
+    assert {lic["feature"] for lic in st["licenses"]} == {"bacnet"}
+    assert st == status(fresh)
+
+
+def test_kept_files_are_closed_when_the_kept_store_is_dropped(setup: Any) -> None:
+    kept, _fresh, vendor, clock, _facts = setup
+    activate(kept, vendor, clock, "bacnet")
+    kept.status()
+    k = kept.__dict__["_kept"]
+    fds = [fd for fd, _ident in k.fds.values()]
+    assert len(fds) == 5  # the directory, the key, both slots, the journal
+    def open_in_store() -> list[int]:
+        out = []
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(kept.directory)):
+                out.append(fd)
+        return out
+
+    assert open_in_store() == fds
+    del kept.__dict__["_kept"]
+    del k
+    assert open_in_store() == []
