@@ -360,6 +360,17 @@ class SigningKey:
             )
         return sha256(b"licagent-derive\x00" + label + b"\x00" + raw)
 
+    def protected_header(self, content_type: str) -> bytes:
+        """The protected header of a COSE_Sign1 this key signs: ``alg`` (1), ``content type``
+        (3) and ``kid`` (4), in canonical CBOR; encoded once per content type."""
+        headers: dict[str, bytes] = self.__dict__.setdefault("_protected", {})
+        got = headers.get(content_type)
+        if got is None:
+            got = headers[content_type] = canonical(
+                {HDR_ALG: self.public.alg, HDR_CONTENT_TYPE: content_type,
+                 HDR_KID: self.public.kid})
+        return got
+
     def sign(self, message: bytes) -> bytes:
         if isinstance(self._key, ed25519.Ed25519PrivateKey):
             return self._key.sign(message)
@@ -381,9 +392,7 @@ def sign1(payload: bytes, key: SigningKey, content_type: str) -> bytes:
 
     The protected header carries ``alg`` (1), ``content type`` (3) and ``kid`` (4).
     """
-    protected = canonical(
-        {HDR_ALG: key.public.alg, HDR_CONTENT_TYPE: content_type, HDR_KID: key.public.kid}
-    )
+    protected = key.protected_header(content_type)
     signature = key.sign(_sig_structure(protected, payload))
     return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from typing import Any, ClassVar, TypeVar, overload
 
-from agent.cose import Encoded, PublicKey, canonical
+from agent.cose import Encoded, PublicKey, canonical, encoded_array
 from agent.digest import sha256
 from agent.errors import MalformedError
 from agent.record import record
@@ -479,8 +479,19 @@ class Receipt(Payload):
 
     def wire_fields(self) -> dict[str, Any]:
         # the installed licenses as encoded once (the same bytes: Encoded)
-        return {**self.fields(), "removed": [lic.encoded for lic in self.removed],
-                "licenses": [lic.encoded for lic in self.licenses]}
+        return {
+            "device_id": self.device_id,
+            "device_alg": self.device_key.alg,
+            "device_key": self.device_key.raw,
+            "response": self.response,
+            "response_digest": self.response_digest,
+            "sequence": self.sequence,
+            "state_digest": self.state_digest,
+            "applied": [c.to_cbor() for c in self.applied],
+            "removed": encoded_array(lic.encoded for lic in self.removed),
+            "licenses": encoded_array(lic.encoded for lic in self.licenses),
+            "applied_at": self.applied_at,
+        }
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> Receipt:

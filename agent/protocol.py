@@ -230,6 +230,11 @@ class AgentState:
         return self.applied[-1] if self.applied else None
 
     def to_cbor(self) -> dict[str, Any]:
+        return self._map([k.to_cbor() for k in self.trust],
+                         [lic.to_cbor() for lic in self.licenses],
+                         [a.to_cbor() for a in self.applied])
+
+    def _map(self, trust: Any, licenses: Any, applied: Any) -> dict[str, Any]:
         out: dict[str, Any] = {
             "device_id": self.device_id,
             "device_alg": self.device_key.alg,
@@ -237,12 +242,12 @@ class AgentState:
             "model": self.model,
             "serial": self.serial,
             "binding": list(self.binding),
-            "trust": [k.to_cbor() for k in self.trust],
+            "trust": trust,
             "trust_version": self.trust_version,
             "sequence": self.sequence,
-            "licenses": [lic.to_cbor() for lic in self.licenses],
+            "licenses": licenses,
             "outstanding": [o.to_cbor() for o in self.outstanding],
-            "applied": [a.to_cbor() for a in self.applied],
+            "applied": applied,
             "last_receipt": self.last_receipt,
             "clock_hwm": self.clock_hwm,
             "created": self.created,
@@ -255,11 +260,9 @@ class AgentState:
 
     def encode(self) -> bytes:
         """``to_cbor()`` in canonical CBOR; each license as encoded once (the same bytes)."""
-        m = self.to_cbor()
-        m["licenses"] = encoded_array(lic.encoded for lic in self.licenses)
-        m["applied"] = encoded_array(a.encoded for a in self.applied)
-        m["trust"] = encoded_array(k.encoded for k in self.trust)
-        return canonical(m)
+        return canonical(self._map(encoded_array(k.encoded for k in self.trust),
+                                   encoded_array(lic.encoded for lic in self.licenses),
+                                   encoded_array(a.encoded for a in self.applied)))
 
     @classmethod
     def from_cbor(cls, m: Mapping[str, Any]) -> AgentState:
@@ -288,6 +291,16 @@ class AgentState:
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise MalformedError(f"stored state has the wrong shape: {exc}") from exc
+
+
+def evolve(state: AgentState, **changes: Any) -> AgentState:
+    """``replace(state, **changes)`` keeping the state digest already computed when the
+    licenses are not among the changes (the digest is of the licenses alone)."""
+    new = replace(state, **changes)
+    digest = state.__dict__.get("digest")
+    if digest is not None and "licenses" not in changes:
+        new.__dict__["digest"] = digest
+    return new
 
 
 def new_state(
@@ -329,7 +342,7 @@ def observe_clock(state: AgentState, now: int, limits: Limits = DEFAULT_LIMITS) 
     write, so that frequent ``check`` calls do not wear out flash storage.
     """
     if now > state.clock_hwm + limits.hwm_persist_interval:
-        return replace(state, clock_hwm=now), True
+        return evolve(state, clock_hwm=now), True
     return state, False
 
 
@@ -475,7 +488,7 @@ def create_request(
         [*state.outstanding,
          Outstanding(nonce, state.sequence, state.digest, action, feats, now, origin)],
         limits)
-    new = replace(
+    new = evolve(
         state,
         outstanding=tuple(kept),
         dropped=(*state.dropped, *(Dropped(o.nonce, now) for o in dropped)
@@ -747,12 +760,12 @@ def replay_event(state: AgentState, event: str, data: Any, time_: int, key: Sign
             binding = data["binding"]
             if not isinstance(binding, list) or not all(isinstance(f, str) for f in binding):
                 raise IntegrityError("rebind record has no binding")
-            return replace(state, binding=tuple(binding))
+            return evolve(state, binding=tuple(binding))
         if event == "clock":
             mark = data["clock_hwm"]
             if type(mark) is not int:
                 raise IntegrityError("clock record has no time")
-            return replace(state, clock_hwm=max(state.clock_hwm, mark))
+            return evolve(state, clock_hwm=max(state.clock_hwm, mark))
     except IntegrityError:
         raise
     except (LicensingError, KeyError, TypeError, ValueError) as exc:

@@ -236,7 +236,7 @@ class Agent:
             edge = protocol.clock_edge(store.state, feature, now, self.limits)
             new, persist = protocol.observe_clock(store.state, now, self.limits)
             if edge is not None:
-                new, persist = replace(store.state, clock_hwm=now), True
+                new, persist = protocol.evolve(store.state, clock_hwm=now), True
             if not persist:
                 return res
             detail: dict[str, Any] = {"clock_hwm": now}

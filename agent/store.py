@@ -308,8 +308,9 @@ class Store:
         #: False on a read-only file system: reading works, every write is refused
         self.writable = writable
         self.limits = limits
-        #: (state, facts, facts given as data) that last passed :meth:`check_hardware`
-        self._hw_passed: tuple[AgentState, tuple[str, ...], bool] | None = None
+        #: (the state's binding and simulated mark, the facts, facts given as data) that
+        #: last passed :meth:`check_hardware`
+        self._hw_passed: tuple[tuple[str, ...], bool, tuple[str, ...], bool] | None = None
         #: (generation, slot index, bytes) of the last slot this object wrote
         self.saved: tuple[int, int, bytes] | None = None
         self.mac_key = key.secret_digest(b"store-mac")
@@ -577,13 +578,13 @@ class Store:
                        now: int) -> None:
         """What :meth:`open` checks of the hardware, for a store kept open (:class:`OpenStore`).
 
-        Both checks are pure functions of the state and the facts: when the facts are
-        those that passed unchanged last time, against the very same state, they pass
-        again and are not redone.
+        Both checks are pure functions of the state's binding and simulated mark and of
+        the facts: when all four are those that passed last time, they pass again and are
+        not redone (an apply or a request changes neither binding nor mark).
         """
-        passed = (self.state, binding_facts, facts_simulated)
-        last = self._hw_passed
-        if last is not None and last[0] is self.state and last[1:] == passed[1:]:
+        # what both checks read of the state: its binding and whether it was simulated
+        passed = (self.state.binding, self.state.simulated, binding_facts, facts_simulated)
+        if passed == self._hw_passed:
             return
         self._check_facts_source(facts_simulated, now)
         before = self.state
