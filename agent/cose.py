@@ -149,9 +149,16 @@ def encoded_array(items: Iterable[Encoded]) -> Encoded:
     """An array of items already encoded, as one :class:`Encoded` (the array's head and
     the items' bytes: what :func:`canonical` writes for the list, without a call per item)."""
     parts = [x.data for x in items]
-    head = bytearray(canonical(len(parts)))  # major type 0 (uint) ...
+    n = len(parts)
+    if n < 24:
+        return Encoded(_ARRAY_HEADS[n] + b"".join(parts))
+    head = bytearray(canonical(n))  # major type 0 (uint) ...
     head[0] |= 0x80  # ... made major type 4 (array), same length encoding
     return Encoded(bytes(head) + b"".join(parts))
+
+
+#: the one-byte heads of arrays of 0 to 23 items
+_ARRAY_HEADS = tuple(bytes([0x80 + n]) for n in range(24))
 
 
 def canonical(obj: object) -> bytes:

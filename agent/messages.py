@@ -275,7 +275,7 @@ def state_digest(licenses: Iterable[License]) -> bytes:
     last = _LAST_DIGEST[0]
     if licenses is last[0]:
         return last[1]
-    digest = sha256(canonical([lic.encoded for lic in sort_licenses(licenses)]))
+    digest = sha256(encoded_array(lic.encoded for lic in sort_licenses(licenses)).data)
     if type(licenses) is tuple and all(type(lic) is License for lic in licenses):
         _LAST_DIGEST[0] = (licenses, digest)  # held: its id cannot be reused meanwhile
     return digest
@@ -296,7 +296,12 @@ class LicenseChange:
         self.license()  # validates the fields
 
     def license(self) -> License:
-        return License(self.feature, self.count, self.not_before, self.not_after, self.grace)
+        """The license this change installs (made and checked once: the change is immutable)."""
+        lic: License | None = self.__dict__.get("_license")
+        if lic is None:
+            lic = License(self.feature, self.count, self.not_before, self.not_after, self.grace)
+            self.__dict__["_license"] = lic
+        return lic
 
     def to_cbor(self) -> dict[str, Any]:
         if self.op is ChangeOp.REMOVE:

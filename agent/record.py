@@ -254,16 +254,16 @@ def fields(obj: Any) -> tuple[Field, ...]:
 
 def replace(obj: T, /, **changes: Any) -> T:
     """A copy of the record ``obj`` with ``changes``; runs ``__init__`` (and its checks) again."""
-    kwargs: dict[str, Any] = {}
+    args: list[Any] = []  # every init field in order: __init__'s positional (fast) path
     for f in fields(obj):
         if not f.init:
             if f.name in changes:
                 raise ValueError(f"field {f.name} is not set by __init__ and cannot be replaced")
             continue
-        kwargs[f.name] = changes.pop(f.name) if f.name in changes else getattr(obj, f.name)
+        args.append(changes.pop(f.name) if f.name in changes else getattr(obj, f.name))
     if changes:
         raise TypeError(f"{type(obj).__qualname__} has no field(s) {', '.join(sorted(changes))}")
-    return obj.__class__(**kwargs)
+    return obj.__class__(*args)
 
 
 class WireView:

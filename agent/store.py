@@ -192,13 +192,17 @@ def _mac(key: bytes, generation: int, state_bytes: bytes,
 def encode_slot(key: bytes, generation: int, state_bytes: bytes,
                 head: JournalHead | None = None) -> bytes:
     """A slot file: format 2 with the journal ``head``; format 1 (tests of old stores) without."""
-    mac = _mac(key, generation, state_bytes, head)
     if head is None:
+        mac = _mac(key, generation, state_bytes, head)
         copy: list[Any] = [SLOT_MAGIC, SLOT_V1, generation, state_bytes, mac]
-    else:
-        copy = [SLOT_MAGIC, SLOT_VERSION, generation, state_bytes, head.to_cbor(), mac]
-    # two identical copies: a flipped bit or a torn tail in one leaves the other intact
-    return canonical([copy, copy])
+        # two identical copies: a flipped bit or a torn tail in one leaves the other intact
+        return canonical([copy, copy])
+    # the MAC's message is the copy less its last item: [magic, version, generation, state,
+    # head] (an array of five); the copy is that array made one of six, with the MAC after
+    msg = canonical([SLOT_MAGIC, SLOT_VERSION, generation, state_bytes, head.to_cbor()])
+    mac = hmac_sha256(key, msg)
+    copy_bytes = b"\x86" + msg[1:] + canonical(mac)
+    return b"\x82" + copy_bytes + copy_bytes  # two identical copies, as above
 
 
 def decode_slot(key: bytes, data: bytes) -> tuple[int, bytes, list[str]]:

@@ -92,10 +92,12 @@ def daemon_rows(tmp: Path, fjson: Path) -> list[tuple[str, str, str]]:
     ]
 
 
-def write_ratios(text: str) -> None:
-    """The ratios and growth tables (issue 17) into README.md, with the date."""
-    stamp = time.strftime("%Y-%m-%d", time.gmtime())
-    text += f"\n\nMeasured by `make bench` on {stamp}, 2-core machine (floors in the same run).\n"
+def write_ratios(text: str, load: tuple[float, float]) -> None:
+    """The ratios and growth tables (issue 17) into README.md, with the date and the load."""
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    text += (f"\n\nMeasured by `make bench` on {stamp}, {os.cpu_count()}-core machine (floors "
+             f"in the same run, alternating); load average {load[0]:.1f} at the start, "
+             f"{load[1]:.1f} at the end.\n")
     readme = ROOT / "README.md"
     s = readme.read_text()
     s = re.sub(r"<!-- bench-ratios:start -->.*<!-- bench-ratios:end -->",
@@ -107,8 +109,11 @@ def write_ratios(text: str) -> None:
 def main() -> int:
     from tests.bench.ratios import main as ratios
 
-    # each row as this project / floor / ratio, floors measured alternating in this run
-    write_ratios(ratios())
+    # each row as this project / floor / ratio, floors measured alternating in this run;
+    # the machine's load said beside them (other work shares its cores)
+    start = os.getloadavg()[0]
+    text = ratios()
+    write_ratios(text, (start, os.getloadavg()[0]))
     if "--ratios" in sys.argv:  # `make bench-ratios`: only these (a minute, not an hour)
         return 0
     rows: list[tuple[str, str, str]] = []
