@@ -175,3 +175,22 @@ def test_mac_taken_in_place_is_no_weaker_than_re_encoding(tmp_path: Path) -> Non
     path.write_bytes(data[:off] + len(odd).to_bytes(4, "big") + odd)
     with pytest.raises(IntegrityError, match="fails its MAC"):
         Journal(path, j.mac_key, FileOps()).read()
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(min_value=0, max_value=2**40),
+       data=st.recursive(st.none() | st.integers() | st.binary(max_size=300) | st.text(max_size=40),
+                         lambda kids: st.lists(kids, max_size=4)
+                         | st.dictionaries(st.text(max_size=8), kids, max_size=4), max_leaves=12),
+       event=st.sampled_from(["apply", "request", "clock", "refused", "x" * 30]))
+def test_a_record_sealed_with_its_body_encoded_once_is_the_canonical_record(
+        n: int, data: object, event: str) -> None:
+    """Issue 17: the MAC is spliced into the body's bytes (encoded once); the record must be
+    byte for byte ``canonical({**body, "mac": MAC})``, the format docs/protocol.md gives."""
+    import os
+
+    from agent.cose import canonical
+
+    j = Journal(Path("/nonexistent/journal.log"), os.urandom(32), FileOps())
+    body = {"n": n, "time": 1_800_000_000, "event": event, "data": data, "prev": os.urandom(32)}
+    assert j._seal(body) == canonical({**body, "mac": j._mac(body)})

@@ -138,3 +138,29 @@ def test_inheritance_and_class_checks() -> None:
         @rec.record
         class Shared:
             a: list[int] = []  # noqa: RUF012 - the mistake being tested
+
+
+def test_encoded_array_is_the_canonical_array_at_every_length() -> None:
+    """Issue 17: arrays of pre-encoded items are spliced (their head, then the items' bytes)."""
+    from agent.cose import Encoded, canonical, encoded_array
+
+    for n in (0, 1, 23, 24, 255, 256, 300):
+        items = [["x" * (i % 7), i, bytes(i % 5)] for i in range(n)]
+        assert encoded_array(Encoded(canonical(x)) for x in items).data == canonical(items)
+
+
+def test_slot_encoded_with_its_copy_spliced_is_the_canonical_slot() -> None:
+    import os
+
+    from agent.cose import canonical
+    from agent.journal import JournalHead
+    from agent.store import SLOT_MAGIC, SLOT_VERSION, _mac, encode_slot
+
+    key = os.urandom(32)
+    for gen in (0, 23, 24, 70_000):
+        for state in (b"", os.urandom(40), os.urandom(70_000)):
+            for head in (JournalHead(3, 10, 20, bytes(32)),
+                         JournalHead(3, 10, 20, bytes(32), (1, 2, 3))):
+                copy = [SLOT_MAGIC, SLOT_VERSION, gen, state, head.to_cbor(),
+                        _mac(key, gen, state, head)]
+                assert encode_slot(key, gen, state, head) == canonical([copy, copy])
