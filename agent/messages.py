@@ -196,6 +196,8 @@ class License:
     not_before: int | None = None
     not_after: int | None = None
     grace: int = 0
+    #: issue 15: served as COUNT floating seats by the agent that holds it (agent.seats)
+    floating: bool = False
 
     def __post_init__(self) -> None:
         _feature(self.feature)
@@ -211,13 +213,16 @@ class License:
             raise MalformedError(f"license {self.feature} ends before it starts")
 
     def to_cbor(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "feature": self.feature,
             "count": self.count,
             "not_before": self.not_before,
             "not_after": self.not_after,
             "grace": self.grace,
         }
+        if self.floating:  # issue 15: written only when set (older files stay byte-identical)
+            out["floating"] = True
+        return out
 
     @cached_property
     def encoded(self) -> Encoded:
@@ -228,13 +233,17 @@ class License:
     @classmethod
     def from_cbor(cls, obj: object) -> License:
         m = _map(obj, "license")
-        _keys(m, "license", ["feature", "count"], ["not_before", "not_after", "grace"])
+        _keys(m, "license", ["feature", "count"],
+              ["not_before", "not_after", "grace", "floating"])
+        if "floating" in m and m["floating"] is not True:  # issue 15: true or absent
+            raise MalformedError("license floating must be true when present")
         return cls(
             feature=_feature(m["feature"]),
             count=_uint(m["count"], "count", MAX_COUNT),
             not_before=_opt_time(m.get("not_before"), "not_before"),
             not_after=_opt_time(m.get("not_after"), "not_after"),
             grace=_uint(m.get("grace", 0), "grace", 366 * 86400),
+            floating="floating" in m,
         )
 
 
@@ -291,12 +300,14 @@ class LicenseChange:
     not_before: int | None = None
     not_after: int | None = None
     grace: int = 0
+    floating: bool = False  # issue 15
 
     def __post_init__(self) -> None:
         self.license()  # validates the fields
 
     def license(self) -> License:
-        return License(self.feature, self.count, self.not_before, self.not_after, self.grace)
+        return License(self.feature, self.count, self.not_before, self.not_after, self.grace,
+                       floating=self.floating)
 
     def to_cbor(self) -> dict[str, Any]:
         if self.op is ChangeOp.REMOVE:
@@ -311,7 +322,8 @@ class LicenseChange:
             _keys(m, "remove change", ["op", "feature"])
             return cls(op, _feature(m["feature"]))
         lic = License.from_cbor({k: v for k, v in m.items() if k != "op"})
-        return cls(op, lic.feature, lic.count, lic.not_before, lic.not_after, lic.grace)
+        return cls(op, lic.feature, lic.count, lic.not_before, lic.not_after, lic.grace,
+                   floating=lic.floating)
 
 
 # ---------------------------------------------------------------- payloads

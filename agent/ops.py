@@ -27,6 +27,10 @@ from agent.rpc import (
     Op,
     RequestArgs,
     RequestResult,
+    SeatCheckoutArgs,
+    SeatListResult,
+    SeatResult,
+    SeatTokenArgs,
     StatusResult,
     read_args,
 )
@@ -105,6 +109,35 @@ class AgentOps:
                                "data": _audit_view(e.data), "digest": e.digest}
                               for e in rep.entries], rep.torn_tail, True)
 
+    # -- issue 15: floating seats
+
+    def _seat_checkout(self, args: SeatCheckoutArgs, origin: str | None) -> SeatResult:
+        seat, token = self.agent.seat_checkout(args.feature, args.client, args.lease_seconds,
+                                               args.borrow_seconds)
+        self.log(f"seat-checkout feature={seat.feature} client={seat.client!r} "
+                 f"until={seat.until}{' borrowed' if seat.borrowed else ''} "
+                 f"origin={origin or 'local'}")
+        return SeatResult(token, seat.feature, seat.client, seat.since, seat.until,
+                          seat.borrowed)
+
+    def _seat_renew(self, args: SeatTokenArgs, _origin: str | None) -> SeatResult:
+        seat, token = self.agent.seat_renew(args.token, args.lease_seconds)
+        return SeatResult(token, seat.feature, seat.client, seat.since, seat.until,
+                          seat.borrowed)
+
+    def _seat_return(self, args: SeatTokenArgs, _origin: str | None) -> SeatResult:
+        seat = self.agent.seat_return(args.token)
+        self.log(f"seat-return feature={seat.feature} client={seat.client!r}")
+        return SeatResult(args.token, seat.feature, seat.client, seat.since, seat.until,
+                          seat.borrowed)
+
+    def _seat_list(self, _args: NoArgs, _origin: str | None) -> SeatListResult:
+        out, pools = self.agent.seat_list()
+        return SeatListResult(
+            [s.as_json() for s in out],
+            [{"feature": p.feature, "count": p.count, "out": p.out, "free": p.free,
+              "next_free": p.next_free} for p in pools])
+
 
 def _no_log(_line: str) -> None:
     pass
@@ -132,6 +165,11 @@ _IMPLS: Mapping[Op, Callable[[AgentOps, Any, str | None], Any]] = {
     Op.APPLY_RESPONSE: AgentOps._apply,
     Op.CHECK_FEATURE: AgentOps._check,
     Op.READ_JOURNAL: AgentOps._journal,
+    # issue 15: floating seats
+    Op.SEAT_CHECKOUT: AgentOps._seat_checkout,
+    Op.SEAT_RENEW: AgentOps._seat_renew,
+    Op.SEAT_RETURN: AgentOps._seat_return,
+    Op.SEAT_LIST: AgentOps._seat_list,
 }
 if set(_IMPLS) != set(Op):  # adding an operation is one table entry plus its handler here
     raise ImportError(f"agent.ops implements no {', '.join(sorted(set(Op) - set(_IMPLS)))}")

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from functools import cached_property
 from typing import Any, TypeVar
 
+from agent import seats
 from agent.cose import PublicKey, Sign1, SigningKey, canonical, decode_sign1, sign1, strict_loads
 from agent.digest import sha256
 from agent.errors import (
@@ -50,6 +51,7 @@ from agent.messages import (
     state_digest,
 )
 from agent.record import field, record, replace
+from agent.seats import Seat
 
 __all__ = [
     "AgentState",
@@ -203,6 +205,8 @@ class AgentState:
     simulated: bool = False
     #: requests dropped unanswered since the last apply, oldest first
     dropped: tuple[Dropped, ...] = ()
+    #: issue 15: the seats of floating licenses out to clients (agent.seats), sorted
+    seats: tuple[Seat, ...] = ()
 
     @cached_property
     def digest(self) -> bytes:
@@ -235,6 +239,8 @@ class AgentState:
         }
         if self.dropped:  # absent when empty: such a state is byte for byte the older format
             out["dropped"] = [d.to_cbor() for d in self.dropped]
+        if self.seats:  # issue 15: absent when none is out
+            out["seats"] = [x.to_cbor() for x in self.seats]
         return out
 
     def encode(self) -> bytes:
@@ -267,6 +273,7 @@ class AgentState:
                 # it as real hardware, so that a facts override can never unlock it
                 simulated=m.get("simulated", False) is True,
                 dropped=tuple(Dropped.from_cbor(d) for d in m.get("dropped", ())),
+                seats=tuple(Seat.from_cbor(x) for x in m.get("seats", ())),  # issue 15
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise MalformedError(f"stored state has the wrong shape: {exc}") from exc
@@ -730,6 +737,9 @@ def replay_event(state: AgentState, event: str, data: Any, time_: int, key: Sign
             if not isinstance(binding, list) or not all(isinstance(f, str) for f in binding):
                 raise IntegrityError("rebind record has no binding")
             return replace(state, binding=tuple(binding))
+        if event == "seat":  # issue 15: a checkout, renew, return or drop of seats
+            return replace(state, seats=seats.redo(state.seats, data, time_),
+                           clock_hwm=max(state.clock_hwm, data.get("t", time_)))
         if event == "clock":
             mark = data["clock_hwm"]
             if type(mark) is not int:

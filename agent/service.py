@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agent import protocol
+from agent import protocol, seats
 from agent.cose import PublicKey, SigningKey
 from agent.durable import FileOps
 from agent.errors import ExpiredError, LicensingError, StorageError, UsageError
@@ -290,3 +290,70 @@ class Agent:
         """The verified journal; ``entries=False`` verifies it all and keeps only the count."""
         with self._open() as (store, _now):
             return store.journal.read(entries)
+
+    # ------------------------------------------------------------ issue 15: floating seats
+
+    def _seat_change(self, what: str,
+                     change: Callable[[protocol.AgentState, int], tuple[tuple[seats.Seat, ...],
+                                                                        seats.Seat]],
+                     borrow_proof: bool = False) -> tuple[seats.Seat, bytes]:
+        """Run one seat rule at ``t`` (the later of the clock and the mark), journal it
+        (event ``seat``), save it, and sign the seat's token."""
+        with self._open() as (store, now):
+            store.require_writable(f"{what} a seat")
+            t = max(now, store.state.clock_hwm)
+            new_seats, seat = change(store.state, t)
+            detail: dict[str, Any] = {"op": what, "t": t}
+            detail |= {"id": seat.id} if what == "return" else {"seat": seat.to_cbor()}
+            store.commit(replace(store.state, seats=new_seats, clock_hwm=t), "seat", detail, now)
+            proof = self._license_proof(store, seat.feature) if borrow_proof else None
+            key = store.key
+            token = seats.SeatToken(seat, store.state.device_id, key.public.alg,
+                                    key.public.raw, proof)
+            return seat, seats.sign_token(token, key)
+
+    def _license_proof(self, store: Store, feature: str) -> bytes | None:
+        """The vendor-signed response that last set ``feature`` here (a borrowed token's
+        chain to the vendor), from the journal's apply records; None if none is kept."""
+        found = None
+        for e in store.journal.read(True).entries:
+            if e.event == "apply" and isinstance(e.data, dict):
+                if any(isinstance(c, dict) and c.get("feature") == feature
+                       for c in e.data.get("changes", ())):
+                    resp = e.data.get("response")
+                    found = resp if isinstance(resp, bytes) else None
+        return found
+
+    def seat_checkout(self, feature: str, client: str, lease: int | None = None,
+                      borrow: int | None = None) -> tuple[seats.Seat, bytes]:
+        """Check out one seat of the floating license ``feature`` for ``client``.
+
+        Raises:
+            NoSeatError: all seats are out (exit 9).
+        """
+        def change(st: protocol.AgentState, t: int) -> tuple[tuple[seats.Seat, ...], seats.Seat]:
+            return seats.checkout(st.licenses, st.seats, feature, client, t, os.urandom(16),
+                                  lease or seats.DEFAULT_LEASE, borrow)
+        return self._seat_change("checkout", change, borrow_proof=borrow is not None)
+
+    def _own_token(self, data: bytes) -> seats.SeatToken:
+        with self._open() as (store, _now):
+            return seats.read_token(data, store.key.public)
+
+    def seat_renew(self, token: bytes, lease: int | None = None) -> tuple[seats.Seat, bytes]:
+        sid = self._own_token(token).seat.id
+        return self._seat_change("renew", lambda st, t: seats.renew(
+            st.licenses, st.seats, sid, t, lease or seats.DEFAULT_LEASE))
+
+    def seat_return(self, token: bytes) -> seats.Seat:
+        sid = self._own_token(token).seat.id
+        seat, _token = self._seat_change("return", lambda st, t: seats.give_back(
+            st.seats, sid, t))
+        return seat
+
+    def seat_list(self) -> tuple[tuple[seats.Seat, ...], list[seats.Pool]]:
+        """The seats out now and every floating license's pool."""
+        with self._open() as (store, now):
+            t = max(now, store.state.clock_hwm)
+            st = store.state
+            return seats.live(st.seats, t), seats.pools(st.licenses, st.seats, t)

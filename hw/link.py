@@ -30,6 +30,10 @@ from agent.rpc import (
     LicenseInfoResult,
     Op,
     RequestResult,
+    SeatCheckoutArgs,
+    SeatListResult,
+    SeatResult,
+    SeatTokenArgs,
     StatusResult,
     TransportError,
     hello_args,
@@ -272,6 +276,26 @@ class ServerClient(abc.ABC):
 
     def journal(self) -> JournalResult:
         result: JournalResult = self.typed(Op.READ_JOURNAL)
+        return result
+
+    # issue 15: floating seats
+    def seat_checkout(self, feature: str, client: str, borrow_seconds: int | None = None,
+                      lease_seconds: int | None = None) -> SeatResult:
+        args = SeatCheckoutArgs(feature, client, borrow_seconds, lease_seconds).to_wire()
+        result: SeatResult = self.typed(Op.SEAT_CHECKOUT, args)
+        return result
+
+    def seat_renew(self, token: bytes, lease_seconds: int | None = None) -> SeatResult:
+        result: SeatResult = self.typed(Op.SEAT_RENEW,
+                                        SeatTokenArgs(token, lease_seconds).to_wire())
+        return result
+
+    def seat_return(self, token: bytes) -> SeatResult:
+        result: SeatResult = self.typed(Op.SEAT_RETURN, SeatTokenArgs(token).to_wire())
+        return result
+
+    def seat_list(self) -> SeatListResult:
+        result: SeatListResult = self.typed(Op.SEAT_LIST)
         return result
 
 

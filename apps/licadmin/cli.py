@@ -43,7 +43,16 @@ from apps.common import (
     show_status,
     write_output,
 )
-from apps.licadmin import inventory, licensing_access, onego, online, onsite, outcome, runner
+from apps.licadmin import (
+    inventory,
+    licensing_access,
+    onego,
+    online,
+    onsite,
+    outcome,
+    runner,
+    seat,
+)
 from apps.licadmin.console import Console
 from hw.link import ServerClient
 
@@ -73,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
+        return server_args(sub.add_parser(name, help=help_, description=help_))
+
+    def server_args(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--server", required=True, metavar="URL",
                         help="link URL of the server, e.g. https://HOST:PORT?ca=ca.pem")
         sp.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -89,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         "apply": "send a vendor response file to the server to verify and apply",
         "check": "is FEATURE licensed on the server now? (exit 0 yes, 1 no)",
     })
+    seat.add_parser(sub, server_args)  # issue 15
     _workflow_parsers(sub)
     return p
 
@@ -463,9 +475,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def command() -> int:
         if args.command in WORKFLOW:
             return run_workflow(args, list(sys.argv[1:] if argv is None else argv))
+        if args.command == "seat" and args.seat_command in seat.OFFLINE:
+            return seat.run_offline(args)
         client = runner.open_client(args.server, args.timeout)
         with client:
-            return run(args, client)
+            return seat.run(args, client) if args.command == "seat" else run(args, client)
 
     return exit_code_of(PROG, command)
 

@@ -130,6 +130,11 @@ class _RequestHandler(JsonHandler):
             "/v1/request": {"POST": self._request},
             "/v1/apply": {"POST": self._apply},
             "/v1/journal": {"GET": self._journal},
+            # issue 15: floating seats (the body is the operation's CBOR argument map)
+            "/v1/seat/checkout": {"POST": lambda: self._seat(Op.SEAT_CHECKOUT)},
+            "/v1/seat/renew": {"POST": lambda: self._seat(Op.SEAT_RENEW)},
+            "/v1/seat/return": {"POST": lambda: self._seat(Op.SEAT_RETURN)},
+            "/v1/seat/list": {"GET": lambda: self._structured(self._op(Op.SEAT_LIST, {}))},
         }
         if path.startswith("/v1/check/"):
             return {"GET": self._check}
@@ -173,6 +178,12 @@ class _RequestHandler(JsonHandler):
 
     def _journal(self) -> Answer:
         return self._structured(self._op(Op.READ_JOURNAL, {}))
+
+    def _seat(self, op: str) -> Answer:
+        args = strict_loads(self.read_body(self.server.max_body), max_size=self.server.max_body)
+        if not isinstance(args, dict):
+            raise MalformedError("the seat request body must be a CBOR map of arguments")
+        return self._structured(self._op(op, args))
 
     # -- helpers
 
@@ -548,6 +559,11 @@ class HttpsClient(ServerClient):
             Op.APPLY_RESPONSE: self._apply,
             Op.CHECK_FEATURE: self._check,
             Op.READ_JOURNAL: lambda _a: self._structured("GET", "/v1/journal"),
+            # issue 15: floating seats
+            Op.SEAT_CHECKOUT: lambda a: self._structured("POST", "/v1/seat/checkout", a),
+            Op.SEAT_RENEW: lambda a: self._structured("POST", "/v1/seat/renew", a),
+            Op.SEAT_RETURN: lambda a: self._structured("POST", "/v1/seat/return", a),
+            Op.SEAT_LIST: lambda _a: self._structured("GET", "/v1/seat/list"),
         }
 
     def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
@@ -600,8 +616,11 @@ class HttpsClient(ServerClient):
 
     # -- HTTP
 
-    def _structured(self, method: str, path: str) -> Any:
-        body, headers = self._exchange(method, path, accept=CBOR)
+    def _structured(self, method: str, path: str,
+                    args: Mapping[str, Any] | None = None) -> Any:
+        body, headers = self._exchange(
+            method, path, None if args is None else canonical(dict(args)),
+            None if args is None else {"Content-Type": CBOR}, accept=CBOR)
         if headers.get("Content-Type", "").split(";")[0].strip() != CBOR:
             raise TransportError(f"{self.where}{path} did not answer in CBOR")
         try:

@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="a license to reclaim (repeat for each)")
     sp.add_argument("--grace-days", type=int, default=0,
                     help="grace period after each granted license's expiry (default 0)")
+    sp.add_argument("--floating", action="store_true",
+                    help="the granted licenses are floating: COUNT seats the device serves to "
+                         "clients (licadmin seat checkout)")
     sp.add_argument("--valid-days", type=int, default=30,
                     help="how long the response may be applied (default 30 days)")
     sp.add_argument("--out", required=True, metavar="RESP",
@@ -159,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
         vendor = Vendor(_load_key(args.key))
         if not 0 <= args.grace_days <= 366:
             raise UsageError("--grace-days must be from 0 to 366")
-        grants = [replace(parse_grant(g), grace=args.grace_days * DAY) for g in args.grant]
+        grants = [replace(parse_grant(g), grace=args.grace_days * DAY, floating=args.floating)
+                  for g in args.grant]
         if args.valid_days < 1:
             raise UsageError("--valid-days must be at least 1")
         data = vendor.issue(read_input(args.request, 64 * 1024, "request file",
