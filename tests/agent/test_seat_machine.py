@@ -155,7 +155,8 @@ class SeatMachine(RuleBasedStateMachine):
         # the crash left the old pool or the pool with the new seat, nothing else
         now_out = {s.id: (s.until, s.borrowed) for s in self.agent.seat_list()[0]}
         new = set(now_out) - set(live)
-        assert len(new) <= 1 and len(live) < self.count or not new
+        assert {k: now_out.get(k) for k in live} == live
+        assert not new or (len(new) == 1 and len(live) < self.count)
         if new:
             (sid,) = new
             assert now_out[sid] == (t + seats.DEFAULT_LEASE, False)
