@@ -338,9 +338,12 @@ def verify_borrowed(data: bytes, vendor: PublicKey, now: int) -> SeatToken:
     """
     token = read_token(data)
     seat = token.seat
-    if not seat.borrowed or token.license is None:
+    if not seat.borrowed:
         raise MalformedError("this seat token is a lease, not a borrowed seat: it is valid only "
                              "while its server renews it (check out with --borrow-hours)")
+    if token.license is None:
+        raise TrustError("the borrowed seat carries no vendor-signed license: its chain does "
+                         "not reach the vendor")
     env = decode_sign1(token.license, max_size=MAX_TOKEN)
     if env.content_type != Kind.RESPONSE.content_type:
         raise TrustError("the seat token's proof is not a vendor response file")

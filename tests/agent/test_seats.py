@@ -186,3 +186,55 @@ def test_a_reclaimed_pool_is_checked_by_the_license(device: Device) -> None:
         device.agent.seat_checkout("editor", "ws-2")
     st = state_of(device.directory)
     assert replace(st, seats=()).encode() != st.encode()
+
+
+# ---------------------------------------------------------------- borrowed tokens (item 4)
+
+
+def test_a_borrowed_token_and_the_attacks_on_its_chain(device: Device) -> None:
+    from agent.cose import SigningKey, decode_sign1, sign1, strict_loads
+    from agent.errors import ExpiredError, MalformedError, TrustError
+
+    floating(device)
+    node_req = device.request(features=["bacnet"])
+    node_locked = device.vendor.issue(node_req, [Grant("bacnet", 3)], now=device.clock())
+    device.agent.apply(node_locked)
+    seat, token = device.agent.seat_checkout("editor", "laptop-7", borrow=48 * 3600)
+    vendor = device.vendor.public
+    good = seats.verify_borrowed(token, vendor, T0 + 3600)
+    assert good.seat == seat and good.license is not None
+    with pytest.raises(ExpiredError):
+        seats.verify_borrowed(token, vendor, seat.until)
+    with pytest.raises(TrustError, match="not by the trusted vendor key"):
+        seats.verify_borrowed(token, SigningKey.generate().public, T0)
+    payload = strict_loads(decode_sign1(token, max_size=65536).payload, max_size=65536)
+
+    def forged(key: SigningKey, **change: object) -> bytes:
+        m = {**payload, **change}
+        return sign1(canonical(m), key, seats.SEAT_TOKEN_TYPE)
+
+    # another machine lifts the vendor's license into a token it signs itself
+    thief = SigningKey.generate()
+    with pytest.raises(TrustError, match="issued to device"):
+        seats.verify_borrowed(forged(thief, device_id=thief.public.kid.hex(),
+                                     device_key=thief.public.raw), vendor, T0)
+    # a longer borrow signed by anyone but the device: refused
+    with pytest.raises(TrustError):
+        seats.verify_borrowed(forged(thief, until=seat.until + 86400), vendor, T0)
+    # the same bytes with one payload byte changed: the device's signature fails
+    env = decode_sign1(token, max_size=65536)
+    moved = canonical({**payload, "until": seat.until + 1})
+    assert len(moved) == len(env.payload)
+    with pytest.raises(TrustError):
+        seats.verify_borrowed(token.replace(env.payload, moved), vendor, T0)
+    # even with the device's own key (stolen): a node-locked license is no proof, and a
+    # borrow past the license's end is refused
+    key = Store.open(device.directory, None).key
+    with pytest.raises(TrustError, match="does not install editor as a floating"):
+        seats.verify_borrowed(forged(key, license=node_locked), vendor, T0)
+    with pytest.raises(TrustError, match="carries no vendor-signed license"):
+        seats.verify_borrowed(sign1(
+            canonical({k: v for k, v in payload.items() if k != "license"}), key,
+            seats.SEAT_TOKEN_TYPE), vendor, T0)
+    with pytest.raises(MalformedError, match="not a seat token"):
+        seats.verify_borrowed(node_locked, vendor, T0)
