@@ -14,7 +14,7 @@ code meaning
 6    replay, stale, too new, or no such outstanding request
 7    expired, not yet valid, or clock set back
 8    storage or store-integrity failure
-9    no seat free in a floating license's pool (issue 15)
+9    no seat free in a floating license's pool, or seats out of a pool to reclaim (issue 15)
 ==== ===========================================================
 """
 
@@ -38,6 +38,7 @@ __all__ = [
     "NotYetValidError",
     "ReadOnlyStoreError",
     "SeatNotOutError",
+    "SeatsOutError",
     "SequenceError",
     "StaleError",
     "StorageError",
@@ -235,3 +236,10 @@ class SeatNotOutError(SequenceError):
     """A renew or return of a seat that is not out (returned, lapsed or reclaimed)."""
 
     reason = "seat-not-out"
+
+
+class SeatsOutError(LicensingError):
+    """A reclaim of a floating license while seats of it are out (without ``--force``)."""
+
+    exit_code = 9
+    reason = "seats-out"

@@ -454,6 +454,32 @@ class Response(Payload):
 
 
 @record(frozen=True)
+class SeatOut:
+    """Issue 15: a seat of a floating license still out when a receipt removed or cut its
+    license (a reclaim given ``--force``): it runs to ``until`` and is never renewed."""
+
+    feature: str
+    client: str
+    until: int
+    borrowed: bool = False
+
+    def to_cbor(self) -> dict[str, Any]:
+        return {"feature": self.feature, "client": self.client, "until": self.until,
+                "borrowed": self.borrowed}
+
+    @classmethod
+    def from_cbor(cls, obj: object) -> SeatOut:
+        m = _map(obj, "seat out")
+        _keys(m, "seat out", ["feature", "client", "until", "borrowed"])
+        client = m["client"]
+        if not isinstance(client, str) or not 0 < len(client) <= 128:
+            raise MalformedError("seat out client must be a name")
+        if not isinstance(m["borrowed"], bool):
+            raise MalformedError("seat out borrowed must be true or false")
+        return cls(_feature(m["feature"]), client, _time(m["until"], "until"), m["borrowed"])
+
+
+@record(frozen=True)
 class Receipt(Payload):
     """Signed by the device after applying a response; proof of what it now holds.
 
@@ -473,8 +499,22 @@ class Receipt(Payload):
     removed: tuple[License, ...]
     licenses: tuple[License, ...]
     applied_at: int
+    #: issue 15: seats still out of the licenses this receipt removed or cut (written
+    #: with ``seats_end``, the last one's end, only when there are any)
+    seats_out: tuple[SeatOut, ...] = ()
+
+    @property
+    def seats_end(self) -> int | None:
+        return max((s.until for s in self.seats_out), default=None)
 
     def fields(self) -> dict[str, Any]:
+        out = self._fields()
+        if self.seats_out:
+            out["seats_out"] = [s.to_cbor() for s in self.seats_out]
+            out["seats_end"] = self.seats_end
+        return out
+
+    def _fields(self) -> dict[str, Any]:
         return {
             "device_id": self.device_id,
             "device_alg": self.device_key.alg,
@@ -498,7 +538,12 @@ class Receipt(Payload):
     def from_map(cls, m: Mapping[str, Any]) -> Receipt:
         _keys(m, "receipt", ["v", "kind", "device_id", "device_alg", "device_key", "response",
                              "response_digest", "sequence", "state_digest", "applied",
-                             "removed", "licenses", "applied_at"])
+                             "removed", "licenses", "applied_at"], ["seats_out", "seats_end"])
+        seats_out = tuple(SeatOut.from_cbor(x) for x in _list(m.get("seats_out", []),
+                                                                "seats_out"))
+        if ("seats_out" in m) != ("seats_end" in m) or ("seats_out" in m and (
+                not seats_out or m["seats_end"] != max(x.until for x in seats_out))):
+            raise MalformedError("receipt seats_end must be the last end of its seats_out")
         return cls(
             device_id=_device_id(m["device_id"]),
             device_key=_pubkey(m),
@@ -510,6 +555,7 @@ class Receipt(Payload):
             removed=_licenses(m["removed"], "removed"),
             licenses=_licenses(m["licenses"]),
             applied_at=_time(m["applied_at"], "applied_at"),
+            seats_out=seats_out,
         )
 
 

@@ -637,6 +637,7 @@ def apply_response(
         removed=removed,
         licenses=licenses,
         applied_at=now,
+        seats_out=seats.still_out(licenses, state.seats, latest),  # issue 15, item 6
     )
     receipt_bytes = sign1(receipt.encode(), key, Kind.RECEIPT.content_type)
     applied = (*state.applied, Applied(resp.nonce, resp.sequence, digest))

@@ -336,6 +336,8 @@ class RequestArgs:
     action: Action
     features: tuple[str, ...] = ()
     license_info: bytes | None = None
+    #: issue 15: reclaim floating licenses even while seats are out (the receipt records them)
+    force: bool = False
 
     @classmethod
     def from_wire(cls, args: Mapping[str, Any]) -> RequestArgs:
@@ -348,12 +350,17 @@ class RequestArgs:
                 or not all(isinstance(x, str) for x in f)):
             raise UsageError("features must be a list of names")
         li = _bytes_arg(args, "license_info") if "license_info" in args else None
-        return cls(action, tuple(f), li)
+        force = args.get("force", False)
+        if not isinstance(force, bool):
+            raise UsageError("force must be true or false")
+        return cls(action, tuple(f), li, force)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"action": self.action.value, "features": list(self.features)}
         if self.license_info is not None:
             out["license_info"] = self.license_info
+        if self.force:
+            out["force"] = True
         return out
 
 

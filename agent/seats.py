@@ -24,11 +24,20 @@ from agent.errors import (
     NoSeatError,
     NotLicensedError,
     SeatNotOutError,
+    SeatsOutError,
     TrustError,
     UsageError,
     WrongDeviceError,
 )
-from agent.messages import ChangeOp, Kind, License, Response, decode_payload, valid_feature
+from agent.messages import (
+    ChangeOp,
+    Kind,
+    License,
+    Response,
+    SeatOut,
+    decode_payload,
+    valid_feature,
+)
 from agent.record import record, replace
 
 __all__ = [
@@ -39,6 +48,7 @@ __all__ = [
     "SEAT_TOKEN_TYPE",
     "Seat",
     "SeatToken",
+    "check_reclaim",
     "checkout",
     "give_back",
     "live",
@@ -48,6 +58,7 @@ __all__ = [
     "renew",
     "seats_of",
     "sign_token",
+    "still_out",
     "verify_borrowed",
 ]
 
@@ -222,6 +233,11 @@ def renew(licenses: Iterable[License], seats: Iterable[Seat], seat_id: bytes, t:
     lic = _pool_license(licenses, seat.feature, t)
     if not MIN_LEASE <= lease <= MAX_LEASE:
         raise UsageError(f"a lease must be {MIN_LEASE} to {MAX_LEASE} seconds, not {lease}")
+    n = len(seats_of(seats, seat.feature, t))
+    if n > lic.count:  # the pool was cut below the seats out: they run out, none renewed
+        raise SeatNotOutError(f"cannot renew the seat {seat_id.hex()[:12]}…: {seat.feature} "
+                              f"now has {lic.count} seat(s) and {n} are out; it ends at "
+                              f"{_iso(seat.until)}")
     new = replace(seat, until=max(seat.until, _end(lic, t + lease)))
     rest = [s for s in live(seats, t) if s.id != seat_id]
     return tuple(sorted((*rest, new))), new
@@ -235,6 +251,40 @@ def give_back(seats: Iterable[Seat], seat_id: bytes, t: int) -> tuple[tuple[Seat
     """
     seat = _find(seats, seat_id, t, "return")
     return tuple(s for s in live(seats, t) if s.id != seat_id), seat
+
+
+def check_reclaim(licenses: Iterable[License], seats: Iterable[Seat], features: Iterable[str],
+                  t: int) -> None:
+    """Refuse to reclaim a floating license while seats of it are out (item 6).
+
+    ``features``: those to reclaim (empty: every installed license).
+
+    Raises:
+        SeatsOutError: naming each holder and until when (exit 9); ``--force`` goes on.
+    """
+    wanted = set(features) or {lic.feature for lic in licenses}
+    held = [s for s in live(seats, t) if s.feature in wanted]
+    if held:
+        who = ", ".join(f"{s.client} until {_iso(s.until)}{' (borrowed)' if s.borrowed else ''}"
+                        for s in sorted(held, key=lambda s: (s.until, s.client))[:10])
+        more = f" and {len(held) - 10} more" if len(held) > 10 else ""
+        raise SeatsOutError(
+            f"cannot reclaim {', '.join(sorted({s.feature for s in held}))}: {len(held)} "
+            f"seat(s) out: {who}{more}; have them returned, or give --force (the receipt "
+            f"then records them; the last ends at {_iso(max(s.until for s in held))})")
+
+
+def still_out(after: Iterable[License], seats: Iterable[Seat], t: int) -> tuple[SeatOut, ...]:
+    """The seats out at ``t`` whose license ``after`` a change no longer covers: removed,
+    no longer floating, or cut below the seats out (what a receipt records)."""
+    pools = {lic.feature: lic for lic in after if lic.floating}
+    out = live(seats, t)
+    hit = []
+    for s in out:
+        lic = pools.get(s.feature)
+        if lic is None or sum(1 for x in out if x.feature == s.feature) > lic.count:
+            hit.append(SeatOut(s.feature, s.client, s.until, s.borrowed))
+    return tuple(sorted(hit, key=lambda x: (x.feature, x.until, x.client)))
 
 
 def redo(seats: Iterable[Seat], data: Mapping[str, Any], t: int) -> tuple[Seat, ...]:

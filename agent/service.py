@@ -182,11 +182,25 @@ class Agent:
             )
             return data, info
 
-    def request(self, action: Action, features: Iterable[str], origin: str | None = None) -> bytes:
+    def request(self, action: Action, features: Iterable[str], origin: str | None = None,
+                force: bool = False) -> bytes:
         """Sign a request and keep it outstanding; ``origin`` names the peer that asked
-        (:class:`agent.protocol.Outstanding`), None for the local command line."""
+        (:class:`agent.protocol.Outstanding`), None for the local command line.
+
+        Raises:
+            SeatsOutError: a reclaim of a floating license whose seats are out, without
+                ``force`` (issue 15; exit 9).
+        """
+        features = list(features)
         with self._open() as (store, now):
             store.require_writable("create a request")
+            if action is Action.RECLAIM and not force:  # issue 15, item 6
+                try:
+                    seats.check_reclaim(store.state.licenses, store.state.seats, features,
+                                        max(now, store.state.clock_hwm))
+                except LicensingError as err:
+                    store.record_refusal(err, "request", now)
+                    raise
             new, data, req = protocol.create_request(
                 store.state, action, features, os.urandom(16), now, store.key, self.limits,
                 origin,

@@ -259,10 +259,12 @@ class ServerClient(abc.ABC):
         return result
 
     def request(self, action: str, features: Iterable[str] = (),
-                license_info: bytes | None = None) -> bytes:
+                license_info: bytes | None = None, force: bool = False) -> bytes:
         args: dict[str, Any] = {"action": action, "features": list(features)}
         if license_info is not None:
             args["license_info"] = license_info
+        if force:  # issue 15: reclaim floating licenses with seats out
+            args["force"] = True
         result: RequestResult = self.typed(Op.CREATE_REQUEST, args)
         return result.file
 

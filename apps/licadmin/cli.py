@@ -446,7 +446,7 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         license_info = (read_input(args.license_info, LICENSE_INFO_MAX,
                                    "license information file", expect="license-info")
                         if args.license_info else None)
-        data = client.request(args.action, args.feature, license_info)
+        data = client.request(args.action, args.feature, license_info, force=args.force)
         write_output(args.out, data)
         print(f"wrote {args.action} request to {args.out}")
         return EXIT_OK

@@ -8,6 +8,7 @@ public key. A checkout refused because every seat is out exits 9.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from agent.errors import EXIT_OK, UsageError
@@ -41,7 +42,7 @@ def add_parser(sub: Any, server_args: Any) -> None:
     seat = sp.add_subparsers(dest="seat_command", required=True, metavar="SEAT_COMMAND")
     p = seat.add_parser("checkout", help="check out one seat of FEATURE (exit 9: none free)")
     server_args(p)
-    p.add_argument("feature", metavar="FEATURE")
+    p.add_argument("feature", metavar="FEATURE", help="the floating license's feature")
     p.add_argument("--client", required=True, metavar="NAME",
                    help="who holds the seat (an editor's or client's name)")
     p.add_argument("--borrow-hours", type=_hours, metavar="H",
@@ -50,15 +51,16 @@ def add_parser(sub: Any, server_args: Any) -> None:
                    help="where to write the seat token")
     p = seat.add_parser("renew", help="renew the lease of a checked-out seat")
     server_args(p)
-    p.add_argument("token", metavar="TOKEN_FILE")
+    p.add_argument("token", metavar="TOKEN_FILE",
+                   help="the seat token checkout wrote (rewritten with the new lease)")
     p = seat.add_parser("return", help="give a seat back (it is free at once)")
     server_args(p)
-    p.add_argument("token", metavar="TOKEN_FILE")
+    p.add_argument("token", metavar="TOKEN_FILE", help="the seat token checkout wrote")
     p = seat.add_parser("list", help="the seats out and every floating license's pool")
     server_args(p)
     p.add_argument("--json", action="store_true", help="print the seats and pools as JSON")
     p = seat.add_parser("verify", help="check a seat token offline against the vendor's key")
-    p.add_argument("token", metavar="TOKEN_FILE")
+    p.add_argument("token", metavar="TOKEN_FILE", help="a borrowed seat's token")
     p.add_argument("--trust", required=True, metavar="VENDOR_PUB",
                    help="the vendor's public key (PEM)")
 
@@ -75,7 +77,7 @@ def _print_seat(what: str, feature: str, client: str, until: int, borrowed: bool
 def run(args: argparse.Namespace, client: ServerClient) -> int:
     c = args.seat_command
     if c == "checkout":
-        if args.out and not __import__("pathlib").Path(args.out).absolute().parent.is_dir():
+        if not Path(args.out).absolute().parent.is_dir():
             raise UsageError(f"cannot write {args.out}: its folder does not exist")
         borrow = round(args.borrow_hours * 3600) if args.borrow_hours else None
         res = client.seat_checkout(args.feature, args.client, borrow)

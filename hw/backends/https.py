@@ -219,11 +219,13 @@ class _RequestHandler(JsonHandler):
                 raise MalformedError(f"the request body is not JSON: {exc}") from exc
         if not isinstance(obj, dict):
             raise MalformedError('the request body must be a map: {"action": ..., "features": [...]}')
-        unknown = sorted(map(repr, set(obj) - {"action", "features", "license_info"}))
+        unknown = sorted(map(repr, set(obj) - {"action", "features", "license_info", "force"}))
         if unknown:
             raise UsageError(f"unknown field {', '.join(unknown)} in the request body "
-                             "(fields: action, features, license_info)")
+                             "(fields: action, features, license_info, force)")
         args: dict[str, Any] = {"action": obj.get("action"), "features": obj.get("features", [])}
+        if "force" in obj:  # issue 15: reclaim a pool with seats out
+            args["force"] = obj["force"]
         if "license_info" in obj:
             li = obj["license_info"]
             if isinstance(li, str):

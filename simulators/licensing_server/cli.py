@@ -14,7 +14,7 @@ from pathlib import Path
 from agent.cose import ALG_EDDSA, ALG_ES256, PublicKey, SigningKey
 from agent.durable import FileOps, atomic_write
 from agent.errors import EXIT_OK, UsageError
-from agent.formats import DEVICE_FILE_MAX, RECEIPT_MAX, read_device_info, verify_receipt
+from agent.formats import DEVICE_FILE_MAX, RECEIPT_MAX, iso, read_device_info, verify_receipt
 from agent.messages import License
 from apps.common import (
     add_version,
@@ -194,6 +194,11 @@ def run(args: argparse.Namespace) -> int:
         removed = ", ".join(f"{x.feature}={x.count}" for x in rc.removed) or "nothing"
         print(f"genuine receipt from device {rc.device_id}: sequence {rc.sequence}, "
               f"removed {removed}")
+        if rc.seats_out:  # issue 15: a reclaim given --force while seats were out
+            print(f"{len(rc.seats_out)} seat(s) still out, the last until "
+                  f"{iso(rc.seats_end)}: " + ", ".join(
+                      f"{s.feature} {s.client} until {iso(s.until)}"
+                      f"{' (borrowed)' if s.borrowed else ''}" for s in rc.seats_out))
         return EXIT_OK
     if args.command in ("serve", "entitle", "report", "token"):
         from simulators.licensing_server._commands import run as run_ledger_command

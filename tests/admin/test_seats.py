@@ -159,3 +159,30 @@ def test_a_borrowed_seat_verifies_offline_until_its_end(site: SeatSite) -> None:
     assert [s["borrowed"] for s in listed["seats"] if s["client"] == "laptop-7"] == [True]
     site.seat("return", "l.seat")
     assert json.loads(site.seat("list", "--json").stdout)["pools"][0]["out"] == 1
+
+
+def test_a_pool_reclaimed_refused_then_forced_and_recorded(site: SeatSite) -> None:
+    site.seat("checkout", "editor", "--client", "ws-anna", "--out", "a.seat")
+    site.seat("checkout", "editor", "--client", "laptop-7", "--borrow-hours", "2",
+              "--out", "l.seat")
+    p = site.admin("request", "reclaim", "--feature", "editor", "--out", "rec.req", code=9)
+    assert p.stderr == (
+        "licadmin: seats-out: cannot reclaim editor: 2 seat(s) out: ws-anna until "
+        "2027-01-15T08:05:00Z, laptop-7 until 2027-01-15T10:00:00Z (borrowed); have them "
+        "returned, or give --force (the receipt then records them; the last ends at "
+        "2027-01-15T10:00:00Z)\n")
+    assert not (site.root / "rec.req").exists()
+    site.admin("request", "reclaim", "--feature", "editor", "--force", "--out", "rec.req")
+    site.run("licserver", "issue", "--key", "vendor.key", "--request", "rec.req",
+             "--remove", "editor", "--out", "rec.resp")
+    site.admin("apply", "rec.resp", "--receipt-out", "rec.receipt")
+    p = site.run("licserver", "verify-receipt", "--trust", "vendor.pub", "rec.receipt")
+    assert p.stdout.splitlines()[1] == (
+        "2 seat(s) still out, the last until 2027-01-15T10:00:00Z: editor ws-anna until "
+        "2027-01-15T08:05:00Z, editor laptop-7 until 2027-01-15T10:00:00Z (borrowed)")
+    shown = json.loads(site.run("licadmin", "show", "rec.receipt", "--json").stdout)
+    assert shown["content"]["seats_end"] == "2027-01-15T10:00:00Z"
+    # the seats run out and none is renewed or added
+    site.seat("renew", "a.seat", code=1)
+    site.seat("checkout", "editor", "--client", "ws-ben", "--out", "b.seat", code=1)
+    assert json.loads(site.seat("list", "--json").stdout)["pools"] == []

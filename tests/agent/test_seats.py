@@ -238,3 +238,61 @@ def test_a_borrowed_token_and_the_attacks_on_its_chain(device: Device) -> None:
             seats.SEAT_TOKEN_TYPE), vendor, T0)
     with pytest.raises(MalformedError, match="not a seat token"):
         seats.verify_borrowed(node_locked, vendor, T0)
+
+
+# ---------------------------------------------------------------- reclaim (item 6)
+
+
+def test_reclaim_refused_while_seats_are_out_unless_forced(device: Device) -> None:
+    from agent.errors import SeatsOutError
+    from agent.formats import verify_receipt
+    from agent.messages import Action, SeatOut
+
+    floating(device)
+    _anna, anna_token = device.agent.seat_checkout("editor", "ws-anna")
+    device.agent.seat_checkout("editor", "laptop-7", borrow=7200)
+    before = device.store_bytes()
+    with pytest.raises(SeatsOutError) as exc:
+        device.agent.request(Action.RECLAIM, ["editor"])
+    assert exc.value.exit_code == 9
+    assert str(exc.value) == (
+        "cannot reclaim editor: 2 seat(s) out: ws-anna until 2027-01-15T08:05:00Z, laptop-7 "
+        "until 2027-01-15T10:00:00Z (borrowed); have them returned, or give --force (the "
+        "receipt then records them; the last ends at 2027-01-15T10:00:00Z)")
+    with pytest.raises(SeatsOutError):
+        device.agent.request(Action.RECLAIM, [])  # everything installed, editor included
+    assert device.store_bytes() == before  # nothing changed (the refusal is journaled)
+    req = device.agent.request(Action.RECLAIM, ["editor"], force=True)
+    res, _w = device.agent.apply(device.vendor.issue(req, [], ["editor"], now=device.clock()))
+    receipt = verify_receipt(res.receipt, [device.vendor.public])
+    assert receipt.seats_out == (SeatOut("editor", "ws-anna", T0 + 300),
+                                 SeatOut("editor", "laptop-7", T0 + 7200, True))
+    assert receipt.seats_end == T0 + 7200
+    # no seat outlives the recorded end: none renewed, none checked out, all lapse by then
+    with pytest.raises(NotLicensedError):
+        device.agent.seat_checkout("editor", "ws-ben")
+    with pytest.raises(NotLicensedError):
+        device.agent.seat_renew(anna_token)
+    device.clock.t = T0 + 7199
+    assert [s.client for s in device.agent.seat_list()[0]] == ["laptop-7"]
+    device.clock.t = receipt.seats_end
+    assert device.agent.seat_list() == ((), [])
+
+
+def test_a_pool_cut_below_its_seats_out_renews_none_until_it_fits(device: Device) -> None:
+    floating(device, count=3)
+    tokens = [device.agent.seat_checkout("editor", f"ws-{i}")[1] for i in range(3)]
+    req = device.request(features=["editor"])
+    res, _w = device.agent.apply(device.vendor.issue(
+        req, [Grant("editor", 1, floating=True)], now=device.clock()))
+    from agent.formats import verify_receipt
+
+    assert [s.client for s in verify_receipt(res.receipt, [device.vendor.public]).seats_out] == ["ws-0", "ws-1", "ws-2"]
+    with pytest.raises(SeatNotOutError, match="now has 1 seat"):
+        device.agent.seat_renew(tokens[0])
+    with pytest.raises(NoSeatError, match="3 of 1 out"):
+        device.agent.seat_checkout("editor", "ws-3")
+    device.agent.seat_return(tokens[0])
+    device.agent.seat_return(tokens[1])
+    device.clock.t += 10
+    assert device.agent.seat_renew(tokens[2])[0].until == device.clock() + 300  # fits again
