@@ -107,9 +107,14 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
             print("no floating license installed")
         for p in pools:
             print(f"{p['feature']}: {p['out']} of {p['count']} out, {p['free']} free")
-        for s in seats:
-            print(f"  {s['feature']}  {s['client']}  since {s['since']}  until {s['until']}"
-                  f"{'  borrowed' if s['borrowed'] else ''}")
+        pooled = {p["feature"] for p in pools}
+        left = [s for s in seats if s["feature"] not in pooled]
+        for group in ([s for s in seats if s["feature"] in pooled], left):
+            if group is left and left:
+                print("still out of reclaimed licenses (each runs to its end, never renewed):")
+            for s in group:
+                print(f"  {s['feature']}  {s['client']}  since {s['since']}  until "
+                      f"{s['until']}{'  borrowed' if s['borrowed'] else ''}")
         return EXIT_OK
     raise UsageError(f"unknown seat command {c}")
 
