@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.rpc import (
+    SEAT_PAGE,
     ApplyArgs,
     ApplyResult,
     CheckArgs,
@@ -28,6 +29,7 @@ from agent.rpc import (
     RequestArgs,
     RequestResult,
     SeatCheckoutArgs,
+    SeatListArgs,
     SeatListResult,
     SeatResult,
     SeatTokenArgs,
@@ -131,12 +133,14 @@ class AgentOps:
         return SeatResult(args.token, seat.feature, seat.client, seat.since, seat.until,
                           seat.borrowed)
 
-    def _seat_list(self, _args: NoArgs, _origin: str | None) -> SeatListResult:
+    def _seat_list(self, args: SeatListArgs, _origin: str | None) -> SeatListResult:
         out, pools = self.agent.seat_list()
+        end = args.offset + SEAT_PAGE
         return SeatListResult(
-            [s.as_json() for s in out],
+            [s.as_json() for s in out[args.offset:end]],
             [{"feature": p.feature, "count": p.count, "out": p.out, "free": p.free,
-              "next_free": p.next_free} for p in pools])
+              "next_free": p.next_free} for p in pools],
+            end if end < len(out) else None)
 
 
 def _no_log(_line: str) -> None:

@@ -56,6 +56,7 @@ __all__ = [
     "RpcError",
     "RpcRequest",
     "SeatCheckoutArgs",
+    "SeatListArgs",
     "SeatListResult",
     "SeatResult",
     "SeatTokenArgs",
@@ -638,24 +639,45 @@ class SeatResult(WireView):
         return cls(*(d[k] for k in cls.KEYS))
 
 
+#: seats in one seat-list answer (about 100 bytes each: well within every link's frame)
+SEAT_PAGE = 200
+
+
+@record(frozen=True)
+class SeatListArgs:
+    """seat-list: from which seat on (the seats out are listed in pages of SEAT_PAGE)."""
+
+    offset: int = 0
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, Any]) -> SeatListArgs:
+        return cls(_opt_uint(args, "offset") or 0)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"offset": self.offset} if self.offset else {}
+
+
 @record(frozen=True)
 class SeatListResult(WireView):
-    """seat-list: the seats out (each feature, client, since, until, borrowed) and the pools
-    (each feature, count, out, free, next_free)."""
+    """seat-list: the seats out (each feature, client, since, until, borrowed) from the
+    offset asked, at most SEAT_PAGE, the pools (each feature, count, out, free,
+    next_free), and the offset of the next page (None on the last)."""
 
-    KEYS: ClassVar[tuple[str, ...]] = ("seats", "pools")
+    KEYS: ClassVar[tuple[str, ...]] = ("seats", "pools", "next")
     seats: list[dict[str, Any]]
     pools: list[dict[str, Any]]
+    next: int | None = None
 
     @classmethod
     def from_wire(cls, m: object) -> SeatListResult:
         d = _need(m, {"seats": list, "pools": list}, "seat-list")
+        nxt = d.get("next")
         for s in d["seats"]:
             _need(s, {"feature": str, "client": str, "since": int, "until": int,
                       "borrowed": bool}, "seat-list seat")
         for p in d["pools"]:
             _need(p, {"feature": str, "count": int, "out": int, "free": int}, "seat-list pool")
-        return cls(d["seats"], d["pools"])
+        return cls(d["seats"], d["pools"], nxt if type(nxt) is int else None)
 
 
 # ---------------------------------------------------------------- the operation table
@@ -684,7 +706,7 @@ OPERATIONS: Mapping[Op, Operation] = {o.op: o for o in (
     Operation(Op.SEAT_CHECKOUT, SeatCheckoutArgs.from_wire, SeatResult.from_wire),
     Operation(Op.SEAT_RENEW, SeatTokenArgs.from_wire, SeatResult.from_wire),
     Operation(Op.SEAT_RETURN, SeatTokenArgs.from_wire, SeatResult.from_wire),
-    Operation(Op.SEAT_LIST, NoArgs.from_wire, SeatListResult.from_wire),
+    Operation(Op.SEAT_LIST, SeatListArgs.from_wire, SeatListResult.from_wire),
 )}
 
 

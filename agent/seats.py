@@ -70,6 +70,9 @@ MAX_LEASE = 24 * 3600
 MAX_BORROW = 90 * 24 * 3600
 MAX_CLIENT = 128
 SEAT_ID_LEN = 16
+#: seats one agent has out at once, all pools together: each is about 100 bytes of the
+#: store's slot (at most 1 MiB, rewritten by every change)
+MAX_SEATS_OUT = 4096
 
 
 def valid_client(name: object) -> str:
@@ -202,6 +205,9 @@ def checkout(licenses: Iterable[License], seats: Iterable[Seat], feature: str, c
     mine = [s for s in now_out if s.feature == feature]
     if len(mine) >= lic.count:
         raise NoSeatError(feature, len(mine), lic.count, min(s.until for s in mine))
+    if len(now_out) >= MAX_SEATS_OUT:  # the agent's own limit, whatever the pools hold
+        raise NoSeatError(feature, len(now_out), MAX_SEATS_OUT,
+                          min(s.until for s in now_out))
     if any(s.id == seat_id for s in now_out):
         raise UsageError("seat ID in use")  # 16 random bytes: never in practice
     seat = Seat(feature, _end(lic, t + (borrow if borrow is not None else lease)), seat_id,

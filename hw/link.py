@@ -31,6 +31,7 @@ from agent.rpc import (
     Op,
     RequestResult,
     SeatCheckoutArgs,
+    SeatListArgs,
     SeatListResult,
     SeatResult,
     SeatTokenArgs,
@@ -297,8 +298,17 @@ class ServerClient(abc.ABC):
         return result
 
     def seat_list(self) -> SeatListResult:
-        result: SeatListResult = self.typed(Op.SEAT_LIST)
-        return result
+        """Every seat out, page after page (each page a snapshot of its own), and the pools
+        as the last page saw them."""
+        seats: list[dict[str, Any]] = []
+        offset: int | None = 0
+        while offset is not None:
+            page: SeatListResult = self.typed(Op.SEAT_LIST, SeatListArgs(offset).to_wire())
+            seats += page.seats
+            if page.next is not None and page.next <= offset:
+                raise TransportError("the seat-list answer's next page does not move on")
+            offset = page.next
+        return SeatListResult(seats, page.pools)
 
 
 class SessionClient(ServerClient):

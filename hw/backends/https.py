@@ -68,7 +68,7 @@ import time
 from collections.abc import Callable, Mapping
 from http.server import ThreadingHTTPServer
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from agent.cose import canonical, jsonable, strict_loads
 from agent.errors import MalformedError, UsageError, listen_error
@@ -134,7 +134,7 @@ class _RequestHandler(JsonHandler):
             "/v1/seat/checkout": {"POST": lambda: self._seat(Op.SEAT_CHECKOUT)},
             "/v1/seat/renew": {"POST": lambda: self._seat(Op.SEAT_RENEW)},
             "/v1/seat/return": {"POST": lambda: self._seat(Op.SEAT_RETURN)},
-            "/v1/seat/list": {"GET": lambda: self._structured(self._op(Op.SEAT_LIST, {}))},
+            "/v1/seat/list": {"GET": self._seat_list},
         }
         if path.startswith("/v1/check/"):
             return {"GET": self._check}
@@ -178,6 +178,12 @@ class _RequestHandler(JsonHandler):
 
     def _journal(self) -> Answer:
         return self._structured(self._op(Op.READ_JOURNAL, {}))
+
+    def _seat_list(self) -> Answer:
+        raw = (parse_qs(urlsplit(self.path).query).get("offset") or ["0"])[-1]
+        if not raw.isdigit() or len(raw) > 9:
+            raise HttpRefusal(400, 2, "usage", "offset must be a whole number")
+        return self._structured(self._op(Op.SEAT_LIST, {"offset": int(raw)}))
 
     def _seat(self, op: str) -> Answer:
         args = strict_loads(self.read_body(self.server.max_body), max_size=self.server.max_body)
@@ -565,7 +571,8 @@ class HttpsClient(ServerClient):
             Op.SEAT_CHECKOUT: lambda a: self._structured("POST", "/v1/seat/checkout", a),
             Op.SEAT_RENEW: lambda a: self._structured("POST", "/v1/seat/renew", a),
             Op.SEAT_RETURN: lambda a: self._structured("POST", "/v1/seat/return", a),
-            Op.SEAT_LIST: lambda _a: self._structured("GET", "/v1/seat/list"),
+            Op.SEAT_LIST: lambda a: self._structured(
+                "GET", f"/v1/seat/list?offset={int(a.get('offset', 0))}"),
         }
 
     def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:

@@ -296,3 +296,15 @@ def test_a_pool_cut_below_its_seats_out_renews_none_until_it_fits(device: Device
     device.agent.seat_return(tokens[1])
     device.clock.t += 10
     assert device.agent.seat_renew(tokens[2])[0].until == device.clock() + 300  # fits again
+
+
+def test_the_agent_serves_at_most_max_seats_out() -> None:
+    big = (License("editor", seats.MAX_SEATS_OUT + 10, floating=True),)
+    out = tuple(seats.Seat("editor", T0 + 300 + i, i.to_bytes(16, "big"), f"c{i}", T0)
+                for i in range(seats.MAX_SEATS_OUT))
+    with pytest.raises(NoSeatError, match=f"{seats.MAX_SEATS_OUT} of {seats.MAX_SEATS_OUT}"):
+        seats.checkout(big, out, "editor", "one-more", T0, ID[1])
+    # the slot holding them all stays under its limit
+    from agent.store import MAX_SLOT
+
+    assert len(canonical([s.to_cbor() for s in out])) < MAX_SLOT // 2

@@ -279,8 +279,11 @@ def test_check_of_an_unknown_feature_is_not_licensed(served: tuple[ServerClient,
 # ---------------------------------------------------------------- issue 15: floating seats
 
 
-def test_floating_seats_over_the_link(served: tuple[ServerClient, Device]) -> None:
-    """Check out until the pool is empty (exit 9), list, renew, return: the store agrees."""
+def test_floating_seats_over_the_link(served: tuple[ServerClient, Device],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check out until the pool is empty (exit 9), list (one seat a page), renew, return:
+    the store agrees."""
+    monkeypatch.setattr("agent.ops.SEAT_PAGE", 1)
     c, device = served
     req = c.request("activate", ["editor"])
     c.apply(device.vendor.issue(req, [Grant("editor", 2, floating=True)], now=device.clock()))
@@ -292,7 +295,9 @@ def test_floating_seats_over_the_link(served: tuple[ServerClient, Device]) -> No
         c.seat_checkout("editor", "ws-3")
     assert exc.value.exit_code == 9 and exc.value.reason == "no-seat"
     assert str(exc.value).startswith("no seat free: 2 of 2 out; next free at ")
-    lst = c.seat_list()
+    first = c.call("seat-list", {})
+    assert len(first["seats"]) == 1 and first["next"] == 1
+    lst = c.seat_list()  # both pages
     assert lst.pools == [{"feature": "editor", "count": 2, "out": 2, "free": 0,
                           "next_free": b.until}]
     assert sorted(s["client"] for s in lst.seats) == ["ws-1", "ws-2"]
