@@ -161,8 +161,10 @@ def _pool_license(licenses: Iterable[License], feature: str, t: int) -> License:
         raise UsageError(f"{feature} is a node-locked license of this server, not a floating "
                          "one: it serves no seats")
     if not _licensed(lic, t):
-        raise NotLicensedError(f"{feature} is not licensed now (valid "
-                               f"{lic.not_before or '-'} to {lic.not_after or '-'}): no seat")
+        valid = " to ".join(_iso(x) if x is not None else "-"
+                            for x in (lic.not_before, lic.not_after))
+        raise NotLicensedError(f"{feature} is not licensed now (valid {valid}, count "
+                               f"{lic.count}): no seat to serve")
     return lic
 
 

@@ -58,7 +58,8 @@ def test_refusals_of_the_rules() -> None:
     with pytest.raises(NotLicensedError, match="not installed"):
         seats.checkout(POOL, (), "modbus", "ws", T0, ID[1])
     expired = (License("editor", 2, not_after=T0 - 1, floating=True),)
-    with pytest.raises(NotLicensedError, match="not licensed now"):
+    with pytest.raises(NotLicensedError, match=r"not licensed now \(valid - to "
+                       r"2027-01-15T07:59:59Z, count 2\)"):
         seats.checkout(expired, (), "editor", "ws", T0, ID[1])
     for bad in ("", "x" * 129, "two\nlines"):
         with pytest.raises(UsageError, match="client name"):
