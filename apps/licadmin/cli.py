@@ -63,6 +63,9 @@ PROG = "licadmin"
 WORKFLOW = frozenset({"gather", "license-info", "requests", "upload", "send", "confirm",
                       "activate", "reclaim", "assign", "show"})
 DEFAULT_TIMEOUT = 10.0
+FORCE_HELP = ("reclaim floating licenses even while seats are out (issue 15; without it such "
+              "a server refuses, exit 9, naming each holder; the receipt records the seats "
+              "still out and when the last one ends)")
 
 
 def _timeout(text: str) -> float:
@@ -166,6 +169,7 @@ def _workflow_parsers(sub: Any) -> None:
                     help="the license information licadmin license-info wrote")
     sp.add_argument("--out-dir", required=True, metavar="REQUESTS",
                     help="folder for the request files, one per server (created if missing)")
+    sp.add_argument("--force", action="store_true", help=FORCE_HELP)
     sp = cmd("upload", "step 4 (online): upload the requests, download one response per server",
              licensing=True)
     sp.add_argument("--requests", required=True, metavar="REQUESTS",
@@ -201,6 +205,7 @@ def _workflow_parsers(sub: Any) -> None:
                             help="allow the reclaims the license information lists (without "
                                  "it, activate asks on a terminal, else refuses with exit 2)")
         if name == "reclaim":
+            sp.add_argument("--force", action="store_true", help=FORCE_HELP)
             sp.add_argument("--feature", action="append", default=[], metavar="F",
                             help="reclaim these features where installed (default: what the "
                                  "license information lists)")
@@ -305,7 +310,8 @@ def _one_go(args: argparse.Namespace, c: str, console: Console, licensing: onlin
             stop: runner.Stop, argv: Sequence[str]) -> int:
     go = onego.OneGo(servers, licensing, connect, console, c, getattr(args, "feature", []),
                      args.work_dir, args.jobs, stop=stop, timeout=args.timeout,
-                     dry_run=args.dry_run, yes=getattr(args, "yes", False))
+                     dry_run=args.dry_run, yes=getattr(args, "yes", False),
+                     force=getattr(args, "force", False))
     code, work, kept = go.run()
     resume = None
     if go.interrupted and go.rest:
@@ -373,7 +379,7 @@ def _run_steps(args: argparse.Namespace, c: str, console: Console,
         res = online.license_info(args.site_info, args.device, args.out, licensing)
     elif c == "requests":
         res = onsite.make_requests(servers, args.license_info, args.out_dir, connect, console,
-                                   args.jobs, stop=stop, timeout=timeout)
+                                   args.jobs, stop=stop, timeout=timeout, force=args.force)
     elif c == "upload":
         assert licensing is not None
         res = online.upload(args.requests, args.out_dir, args.receipts, licensing, console)

@@ -186,3 +186,18 @@ def test_a_pool_reclaimed_refused_then_forced_and_recorded(site: SeatSite) -> No
     site.seat("renew", "a.seat", code=1)
     site.seat("checkout", "editor", "--client", "ws-ben", "--out", "b.seat", code=1)
     assert json.loads(site.seat("list", "--json").stdout)["pools"] == []
+
+
+def test_the_site_requests_step_refuses_a_pool_with_seats_out_unless_forced(
+        site: SeatSite) -> None:
+    site.seat("checkout", "editor", "--client", "ws-anna", "--out", "a.seat")
+    site.admin("info", "--out", "dev.info")
+    site.run("licserver", "license-info", "--key", "vendor.key", "--device-info", "dev.info",
+             "--reclaim", "editor", "--out", "li.cbor")
+    p = site.run("licadmin", "requests", "--license-info", "li.cbor", "--server", site.url,
+                 "--out-dir", "reqs", code=9)
+    assert "seats-out" in p.stdout + p.stderr and "ws-anna until" in p.stdout + p.stderr
+    assert not list((site.root / "reqs").glob("*.req"))
+    site.run("licadmin", "requests", "--license-info", "li.cbor", "--server", site.url,
+             "--out-dir", "reqs", "--force")
+    assert len(list((site.root / "reqs").glob("*.req"))) == 1
