@@ -350,19 +350,18 @@ class Agent:
                                   lease or seats.DEFAULT_LEASE, borrow)
         return self._seat_change("checkout", change, borrow_proof=borrow is not None)
 
-    def _own_token(self, data: bytes) -> seats.SeatToken:
-        with self._open() as (store, _now):
-            return seats.read_token(data, store.key.public)
-
     def seat_renew(self, token: bytes, lease: int | None = None) -> tuple[seats.Seat, bytes]:
-        sid = self._own_token(token).seat.id
-        return self._seat_change("renew", lambda st, t: seats.renew(
-            st.licenses, st.seats, sid, t, lease or seats.DEFAULT_LEASE))
+        """Renew the seat of ``token`` (signed by this device's key: checked first)."""
+        def change(st: protocol.AgentState, t: int) -> tuple[tuple[seats.Seat, ...], seats.Seat]:
+            sid = seats.read_token(token, st.device_key).seat.id
+            return seats.renew(st.licenses, st.seats, sid, t, lease or seats.DEFAULT_LEASE)
+        return self._seat_change("renew", change)
 
     def seat_return(self, token: bytes) -> seats.Seat:
-        sid = self._own_token(token).seat.id
-        seat, _token = self._seat_change("return", lambda st, t: seats.give_back(
-            st.seats, sid, t))
+        """Return the seat of ``token`` (signed by this device's key: checked first)."""
+        def change(st: protocol.AgentState, t: int) -> tuple[tuple[seats.Seat, ...], seats.Seat]:
+            return seats.give_back(st.seats, seats.read_token(token, st.device_key).seat.id, t)
+        seat, _token = self._seat_change("return", change)
         return seat
 
     def seat_list(self) -> tuple[tuple[seats.Seat, ...], list[seats.Pool]]:
