@@ -14,6 +14,7 @@ code meaning
 6    replay, stale, too new, or no such outstanding request
 7    expired, not yet valid, or clock set back
 8    storage or store-integrity failure
+9    no seat free in a floating license's pool, or seats out of a pool to reclaim (issue 15)
 ==== ===========================================================
 """
 
@@ -32,9 +33,12 @@ __all__ = [
     "LicensingError",
     "MalformedError",
     "NoIdentityError",
+    "NoSeatError",
     "NotLicensedError",
     "NotYetValidError",
     "ReadOnlyStoreError",
+    "SeatNotOutError",
+    "SeatsOutError",
     "SequenceError",
     "StaleError",
     "StorageError",
@@ -207,3 +211,35 @@ class ReadOnlyStoreError(StorageError):
     """A write to a store on a read-only file system (reading still works)."""
 
     reason = "read-only"
+
+
+# ---------------------------------------------------------------- issue 15: floating seats
+
+
+class NoSeatError(LicensingError):
+    """Every seat of a floating license is out: "no seat free: N of N out; next free at …"."""
+
+    exit_code = 9
+    reason = "no-seat"
+
+    def __init__(self, feature: str, out: int, count: int, next_free: int) -> None:
+        import datetime
+
+        when = datetime.datetime.fromtimestamp(next_free, datetime.UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")
+        super().__init__(f"no seat free: {out} of {count} out; next free at {when} "
+                         f"({feature}; try again then, or ask a holder to return theirs)")
+        self.feature, self.out, self.count, self.next_free = feature, out, count, next_free
+
+
+class SeatNotOutError(SequenceError):
+    """A renew or return of a seat that is not out (returned, lapsed or reclaimed)."""
+
+    reason = "seat-not-out"
+
+
+class SeatsOutError(LicensingError):
+    """A reclaim of a floating license while seats of it are out (without ``--force``)."""
+
+    exit_code = 9
+    reason = "seats-out"

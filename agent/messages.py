@@ -196,6 +196,8 @@ class License:
     not_before: int | None = None
     not_after: int | None = None
     grace: int = 0
+    #: issue 15: served as COUNT floating seats by the agent that holds it (agent.seats)
+    floating: bool = False
 
     def __post_init__(self) -> None:
         _feature(self.feature)
@@ -211,13 +213,16 @@ class License:
             raise MalformedError(f"license {self.feature} ends before it starts")
 
     def to_cbor(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "feature": self.feature,
             "count": self.count,
             "not_before": self.not_before,
             "not_after": self.not_after,
             "grace": self.grace,
         }
+        if self.floating:  # issue 15: written only when set (older files stay byte-identical)
+            out["floating"] = True
+        return out
 
     @cached_property
     def encoded(self) -> Encoded:
@@ -228,13 +233,17 @@ class License:
     @classmethod
     def from_cbor(cls, obj: object) -> License:
         m = _map(obj, "license")
-        _keys(m, "license", ["feature", "count"], ["not_before", "not_after", "grace"])
+        _keys(m, "license", ["feature", "count"],
+              ["not_before", "not_after", "grace", "floating"])
+        if "floating" in m and m["floating"] is not True:  # issue 15: true or absent
+            raise MalformedError("license floating must be true when present")
         return cls(
             feature=_feature(m["feature"]),
             count=_uint(m["count"], "count", MAX_COUNT),
             not_before=_opt_time(m.get("not_before"), "not_before"),
             not_after=_opt_time(m.get("not_after"), "not_after"),
             grace=_uint(m.get("grace", 0), "grace", 366 * 86400),
+            floating="floating" in m,
         )
 
 
@@ -291,6 +300,7 @@ class LicenseChange:
     not_before: int | None = None
     not_after: int | None = None
     grace: int = 0
+    floating: bool = False  # issue 15
 
     def __post_init__(self) -> None:
         self.license()  # validates the fields
@@ -299,7 +309,8 @@ class LicenseChange:
         """The license this change installs (made and checked once: the change is immutable)."""
         lic: License | None = self.__dict__.get("_license")
         if lic is None:
-            lic = License(self.feature, self.count, self.not_before, self.not_after, self.grace)
+            lic = License(self.feature, self.count, self.not_before, self.not_after, self.grace,
+                          floating=self.floating)
             self.__dict__["_license"] = lic
         return lic
 
@@ -316,7 +327,8 @@ class LicenseChange:
             _keys(m, "remove change", ["op", "feature"])
             return cls(op, _feature(m["feature"]))
         lic = License.from_cbor({k: v for k, v in m.items() if k != "op"})
-        return cls(op, lic.feature, lic.count, lic.not_before, lic.not_after, lic.grace)
+        return cls(op, lic.feature, lic.count, lic.not_before, lic.not_after, lic.grace,
+                   floating=lic.floating)
 
 
 # ---------------------------------------------------------------- payloads
@@ -447,6 +459,32 @@ class Response(Payload):
 
 
 @record(frozen=True)
+class SeatOut:
+    """Issue 15: a seat of a floating license still out when a receipt removed or cut its
+    license (a reclaim given ``--force``): it runs to ``until`` and is never renewed."""
+
+    feature: str
+    client: str
+    until: int
+    borrowed: bool = False
+
+    def to_cbor(self) -> dict[str, Any]:
+        return {"feature": self.feature, "client": self.client, "until": self.until,
+                "borrowed": self.borrowed}
+
+    @classmethod
+    def from_cbor(cls, obj: object) -> SeatOut:
+        m = _map(obj, "seat out")
+        _keys(m, "seat out", ["feature", "client", "until", "borrowed"])
+        client = m["client"]
+        if not isinstance(client, str) or not 0 < len(client) <= 128:
+            raise MalformedError("seat out client must be a name")
+        if not isinstance(m["borrowed"], bool):
+            raise MalformedError("seat out borrowed must be true or false")
+        return cls(_feature(m["feature"]), client, _time(m["until"], "until"), m["borrowed"])
+
+
+@record(frozen=True)
 class Receipt(Payload):
     """Signed by the device after applying a response; proof of what it now holds.
 
@@ -466,8 +504,25 @@ class Receipt(Payload):
     removed: tuple[License, ...]
     licenses: tuple[License, ...]
     applied_at: int
+    #: issue 15: seats still out of the licenses this receipt removed or cut (written
+    #: with ``seats_end``, the last one's end, only when there are any)
+    seats_out: tuple[SeatOut, ...] = ()
+
+    @property
+    def seats_end(self) -> int | None:
+        return max((s.until for s in self.seats_out), default=None)
 
     def fields(self) -> dict[str, Any]:
+        return self._optional(self._fields())
+
+    def _optional(self, out: dict[str, Any]) -> dict[str, Any]:
+        """The optional keys, written only when set (both encodings add them alike)."""
+        if self.seats_out:
+            out["seats_out"] = [s.to_cbor() for s in self.seats_out]
+            out["seats_end"] = self.seats_end
+        return out
+
+    def _fields(self) -> dict[str, Any]:
         return {
             "device_id": self.device_id,
             "device_alg": self.device_key.alg,
@@ -484,7 +539,7 @@ class Receipt(Payload):
 
     def wire_fields(self) -> dict[str, Any]:
         # the installed licenses as encoded once (the same bytes: Encoded)
-        return {
+        return self._optional({
             "device_id": self.device_id,
             "device_alg": self.device_key.alg,
             "device_key": self.device_key.raw,
@@ -496,13 +551,18 @@ class Receipt(Payload):
             "removed": encoded_array(lic.encoded for lic in self.removed),
             "licenses": encoded_array(lic.encoded for lic in self.licenses),
             "applied_at": self.applied_at,
-        }
+        })
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> Receipt:
         _keys(m, "receipt", ["v", "kind", "device_id", "device_alg", "device_key", "response",
                              "response_digest", "sequence", "state_digest", "applied",
-                             "removed", "licenses", "applied_at"])
+                             "removed", "licenses", "applied_at"], ["seats_out", "seats_end"])
+        seats_out = tuple(SeatOut.from_cbor(x) for x in _list(m.get("seats_out", []),
+                                                                "seats_out"))
+        if ("seats_out" in m) != ("seats_end" in m) or ("seats_out" in m and (
+                not seats_out or m["seats_end"] != max(x.until for x in seats_out))):
+            raise MalformedError("receipt seats_end must be the last end of its seats_out")
         return cls(
             device_id=_device_id(m["device_id"]),
             device_key=_pubkey(m),
@@ -514,6 +574,7 @@ class Receipt(Payload):
             removed=_licenses(m["removed"], "removed"),
             licenses=_licenses(m["licenses"]),
             applied_at=_time(m["applied_at"], "applied_at"),
+            seats_out=seats_out,
         )
 
 

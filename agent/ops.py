@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from agent.rpc import (
+    SEAT_PAGE,
     ApplyArgs,
     ApplyResult,
     CheckArgs,
@@ -27,6 +28,11 @@ from agent.rpc import (
     Op,
     RequestArgs,
     RequestResult,
+    SeatCheckoutArgs,
+    SeatListArgs,
+    SeatListResult,
+    SeatResult,
+    SeatTokenArgs,
     StatusResult,
     read_args,
 )
@@ -84,7 +90,7 @@ class AgentOps:
         features = list(args.features)
         if args.license_info is not None:
             features += self.agent.features_from_license_info(args.license_info, args.action)
-        data = self.agent.request(args.action, features, origin)
+        data = self.agent.request(args.action, features, origin, force=args.force)
         self.log(f"create-request action={args.action.value} "
                  f"features={','.join(features) or '-'} origin={origin or 'local'}")
         return RequestResult(data)
@@ -104,6 +110,37 @@ class AgentOps:
         return JournalResult([{"n": e.n, "time": e.time, "event": e.event,
                                "data": _audit_view(e.data), "digest": e.digest}
                               for e in rep.entries], rep.torn_tail, True)
+
+    # -- issue 15: floating seats
+
+    def _seat_checkout(self, args: SeatCheckoutArgs, origin: str | None) -> SeatResult:
+        seat, token = self.agent.seat_checkout(args.feature, args.client, args.lease_seconds,
+                                               args.borrow_seconds)
+        self.log(f"seat-checkout feature={seat.feature} client={seat.client!r} "
+                 f"until={seat.until}{' borrowed' if seat.borrowed else ''} "
+                 f"origin={origin or 'local'}")
+        return SeatResult(token, seat.feature, seat.client, seat.since, seat.until,
+                          seat.borrowed)
+
+    def _seat_renew(self, args: SeatTokenArgs, _origin: str | None) -> SeatResult:
+        seat, token = self.agent.seat_renew(args.token, args.lease_seconds)
+        return SeatResult(token, seat.feature, seat.client, seat.since, seat.until,
+                          seat.borrowed)
+
+    def _seat_return(self, args: SeatTokenArgs, _origin: str | None) -> SeatResult:
+        seat = self.agent.seat_return(args.token)
+        self.log(f"seat-return feature={seat.feature} client={seat.client!r}")
+        return SeatResult(args.token, seat.feature, seat.client, seat.since, seat.until,
+                          seat.borrowed)
+
+    def _seat_list(self, args: SeatListArgs, _origin: str | None) -> SeatListResult:
+        out, pools = self.agent.seat_list()
+        end = args.offset + SEAT_PAGE
+        return SeatListResult(
+            [s.as_json() for s in out[args.offset:end]],
+            [{"feature": p.feature, "count": p.count, "out": p.out, "free": p.free,
+              "next_free": p.next_free} for p in pools],
+            end if end < len(out) else None)
 
 
 def _no_log(_line: str) -> None:
@@ -132,6 +169,11 @@ _IMPLS: Mapping[Op, Callable[[AgentOps, Any, str | None], Any]] = {
     Op.APPLY_RESPONSE: AgentOps._apply,
     Op.CHECK_FEATURE: AgentOps._check,
     Op.READ_JOURNAL: AgentOps._journal,
+    # issue 15: floating seats
+    Op.SEAT_CHECKOUT: AgentOps._seat_checkout,
+    Op.SEAT_RENEW: AgentOps._seat_renew,
+    Op.SEAT_RETURN: AgentOps._seat_return,
+    Op.SEAT_LIST: AgentOps._seat_list,
 }
 if set(_IMPLS) != set(Op):  # adding an operation is one table entry plus its handler here
     raise ImportError(f"agent.ops implements no {', '.join(sorted(set(Op) - set(_IMPLS)))}")

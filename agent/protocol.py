@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from functools import cached_property
 from typing import Any, TypeVar
 
+from agent import seats
 from agent.cose import (
     Encoded,
     PublicKey,
@@ -60,6 +61,7 @@ from agent.messages import (
     state_digest,
 )
 from agent.record import field, record, replace
+from agent.seats import Seat
 
 __all__ = [
     "AgentState",
@@ -219,6 +221,8 @@ class AgentState:
     simulated: bool = False
     #: requests dropped unanswered since the last apply, oldest first
     dropped: tuple[Dropped, ...] = ()
+    #: issue 15: the seats of floating licenses out to clients (agent.seats), sorted
+    seats: tuple[Seat, ...] = ()
 
     @cached_property
     def digest(self) -> bytes:
@@ -256,6 +260,8 @@ class AgentState:
         }
         if self.dropped:  # absent when empty: such a state is byte for byte the older format
             out["dropped"] = [d.to_cbor() for d in self.dropped]
+        if self.seats:  # issue 15: absent when none is out
+            out["seats"] = [x.to_cbor() for x in self.seats]
         return out
 
     def encode(self) -> bytes:
@@ -288,6 +294,7 @@ class AgentState:
                 # it as real hardware, so that a facts override can never unlock it
                 simulated=m.get("simulated", False) is True,
                 dropped=tuple(Dropped.from_cbor(d) for d in m.get("dropped", ())),
+                seats=tuple(Seat.from_cbor(x) for x in m.get("seats", ())),  # issue 15
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise MalformedError(f"stored state has the wrong shape: {exc}") from exc
@@ -661,6 +668,7 @@ def apply_response(
         removed=removed,
         licenses=licenses,
         applied_at=now,
+        seats_out=seats.still_out(licenses, state.seats, latest),  # issue 15, item 6
     )
     receipt_bytes = sign1(receipt.encode(), key, Kind.RECEIPT.content_type)
     applied = (*state.applied, Applied(resp.nonce, resp.sequence, digest))
@@ -761,6 +769,9 @@ def replay_event(state: AgentState, event: str, data: Any, time_: int, key: Sign
             if not isinstance(binding, list) or not all(isinstance(f, str) for f in binding):
                 raise IntegrityError("rebind record has no binding")
             return evolve(state, binding=tuple(binding))
+        if event == "seat":  # issue 15: a checkout, renew, return or drop of seats
+            return evolve(state, seats=seats.redo(state.seats, data, time_),
+                          clock_hwm=max(state.clock_hwm, data.get("t", time_)))
         if event == "clock":
             mark = data["clock_hwm"]
             if type(mark) is not int:

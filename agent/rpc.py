@@ -55,6 +55,11 @@ __all__ = [
     "RpcAnswer",
     "RpcError",
     "RpcRequest",
+    "SeatCheckoutArgs",
+    "SeatListArgs",
+    "SeatListResult",
+    "SeatResult",
+    "SeatTokenArgs",
     "StatusResult",
     "TransportError",
     "answer",
@@ -85,6 +90,11 @@ class Op(enum.StrEnum):
     APPLY_RESPONSE = "apply-response"
     CHECK_FEATURE = "check-feature"
     READ_JOURNAL = "read-journal"
+    # issue 15: floating seats
+    SEAT_CHECKOUT = "seat-checkout"
+    SEAT_RENEW = "seat-renew"
+    SEAT_RETURN = "seat-return"
+    SEAT_LIST = "seat-list"
 
 
 OPS = frozenset(o.value for o in Op)
@@ -327,6 +337,8 @@ class RequestArgs:
     action: Action
     features: tuple[str, ...] = ()
     license_info: bytes | None = None
+    #: issue 15: reclaim floating licenses even while seats are out (the receipt records them)
+    force: bool = False
 
     @classmethod
     def from_wire(cls, args: Mapping[str, Any]) -> RequestArgs:
@@ -339,12 +351,17 @@ class RequestArgs:
                 or not all(isinstance(x, str) for x in f)):
             raise UsageError("features must be a list of names")
         li = _bytes_arg(args, "license_info") if "license_info" in args else None
-        return cls(action, tuple(f), li)
+        force = args.get("force", False)
+        if not isinstance(force, bool):
+            raise UsageError("force must be true or false")
+        return cls(action, tuple(f), li, force)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"action": self.action.value, "features": list(self.features)}
         if self.license_info is not None:
             out["license_info"] = self.license_info
+        if self.force:
+            out["force"] = True
         return out
 
 
@@ -545,6 +562,124 @@ class JournalResult(WireView):
         return cls(d["entries"], d["torn_tail"], d["verified"])
 
 
+# ---------------------------------------------------------------- issue 15: floating seats
+
+
+def _opt_uint(args: Mapping[str, Any], name: str) -> int | None:
+    v = args.get(name)
+    if v is None:
+        return None
+    if type(v) is not int or v < 0:
+        raise UsageError(f"argument {name!r} must be a whole number of seconds")
+    return v
+
+
+@record(frozen=True)
+class SeatCheckoutArgs:
+    """seat-checkout: the feature, the client's name, a borrow period or a lease (seconds)."""
+
+    feature: str
+    client: str
+    borrow_seconds: int | None = None
+    lease_seconds: int | None = None
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, Any]) -> SeatCheckoutArgs:
+        feature, client = args.get("feature"), args.get("client")
+        if not isinstance(feature, str) or not isinstance(client, str):
+            raise UsageError("feature and client must be names")
+        return cls(feature, client, _opt_uint(args, "borrow_seconds"),
+                   _opt_uint(args, "lease_seconds"))
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"feature": self.feature, "client": self.client}
+        if self.borrow_seconds is not None:
+            out["borrow_seconds"] = self.borrow_seconds
+        if self.lease_seconds is not None:
+            out["lease_seconds"] = self.lease_seconds
+        return out
+
+
+@record(frozen=True)
+class SeatTokenArgs:
+    """seat-renew, seat-return: the seat token's exact bytes (and, to renew, a lease)."""
+
+    token: bytes
+    lease_seconds: int | None = None
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, Any]) -> SeatTokenArgs:
+        return cls(_bytes_arg(args, "token"), _opt_uint(args, "lease_seconds"))
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"token": self.token}
+        if self.lease_seconds is not None:
+            out["lease_seconds"] = self.lease_seconds
+        return out
+
+
+@record(frozen=True)
+class SeatResult(WireView):
+    """seat-checkout, seat-renew, seat-return: the seat (times in POSIX seconds) and its token
+    (signed by the serving agent; for a return, the token given back)."""
+
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "token", "feature", "client", "since", "until", "borrowed")
+    token: bytes
+    feature: str
+    client: str
+    since: int
+    until: int
+    borrowed: bool
+
+    @classmethod
+    def from_wire(cls, m: object) -> SeatResult:
+        d = _need(m, {"token": bytes, "feature": str, "client": str, "since": int,
+                      "until": int, "borrowed": bool}, "seat")
+        return cls(*(d[k] for k in cls.KEYS))
+
+
+#: seats in one seat-list answer (about 100 bytes each: well within every link's frame)
+SEAT_PAGE = 200
+
+
+@record(frozen=True)
+class SeatListArgs:
+    """seat-list: from which seat on (the seats out are listed in pages of SEAT_PAGE)."""
+
+    offset: int = 0
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, Any]) -> SeatListArgs:
+        return cls(_opt_uint(args, "offset") or 0)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"offset": self.offset} if self.offset else {}
+
+
+@record(frozen=True)
+class SeatListResult(WireView):
+    """seat-list: the seats out (each feature, client, since, until, borrowed) from the
+    offset asked, at most SEAT_PAGE, the pools (each feature, count, out, free,
+    next_free), and the offset of the next page (None on the last)."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ("seats", "pools", "next")
+    seats: list[dict[str, Any]]
+    pools: list[dict[str, Any]]
+    next: int | None = None
+
+    @classmethod
+    def from_wire(cls, m: object) -> SeatListResult:
+        d = _need(m, {"seats": list, "pools": list}, "seat-list")
+        nxt = d.get("next")
+        for s in d["seats"]:
+            _need(s, {"feature": str, "client": str, "since": int, "until": int,
+                      "borrowed": bool}, "seat-list seat")
+        for p in d["pools"]:
+            _need(p, {"feature": str, "count": int, "out": int, "free": int}, "seat-list pool")
+        return cls(d["seats"], d["pools"], nxt if type(nxt) is int else None)
+
+
 # ---------------------------------------------------------------- the operation table
 
 
@@ -567,6 +702,11 @@ OPERATIONS: Mapping[Op, Operation] = {o.op: o for o in (
     Operation(Op.APPLY_RESPONSE, ApplyArgs.from_wire, ApplyResult.from_wire),
     Operation(Op.CHECK_FEATURE, CheckArgs.from_wire, FeatureCheck.from_wire),
     Operation(Op.READ_JOURNAL, NoArgs.from_wire, JournalResult.from_wire),
+    # issue 15: floating seats (agent.seats; records in agent.seat_rpc)
+    Operation(Op.SEAT_CHECKOUT, SeatCheckoutArgs.from_wire, SeatResult.from_wire),
+    Operation(Op.SEAT_RENEW, SeatTokenArgs.from_wire, SeatResult.from_wire),
+    Operation(Op.SEAT_RETURN, SeatTokenArgs.from_wire, SeatResult.from_wire),
+    Operation(Op.SEAT_LIST, SeatListArgs.from_wire, SeatListResult.from_wire),
 )}
 
 

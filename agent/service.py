@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agent import protocol
+from agent import protocol, seats
 from agent.cose import PublicKey, SigningKey
 from agent.durable import FileOps
 from agent.errors import ExpiredError, LicensingError, StorageError, UsageError
@@ -182,11 +182,25 @@ class Agent:
             )
             return data, info
 
-    def request(self, action: Action, features: Iterable[str], origin: str | None = None) -> bytes:
+    def request(self, action: Action, features: Iterable[str], origin: str | None = None,
+                force: bool = False) -> bytes:
         """Sign a request and keep it outstanding; ``origin`` names the peer that asked
-        (:class:`agent.protocol.Outstanding`), None for the local command line."""
+        (:class:`agent.protocol.Outstanding`), None for the local command line.
+
+        Raises:
+            SeatsOutError: a reclaim of a floating license whose seats are out, without
+                ``force`` (issue 15; exit 9).
+        """
+        features = list(features)
         with self._open() as (store, now):
             store.require_writable("create a request")
+            if action is Action.RECLAIM and not force:  # issue 15, item 6
+                try:
+                    seats.check_reclaim(store.state.licenses, store.state.seats, features,
+                                        max(now, store.state.clock_hwm))
+                except LicensingError as err:
+                    store.record_refusal(err, "request", now)
+                    raise
             new, data, req = protocol.create_request(
                 store.state, action, features, os.urandom(16), now, store.key, self.limits,
                 origin,
@@ -290,3 +304,69 @@ class Agent:
         """The verified journal; ``entries=False`` verifies it all and keeps only the count."""
         with self._open() as (store, _now):
             return store.journal.read(entries)
+
+    # ------------------------------------------------------------ issue 15: floating seats
+
+    def _seat_change(self, what: str,
+                     change: Callable[[protocol.AgentState, int], tuple[tuple[seats.Seat, ...],
+                                                                        seats.Seat]],
+                     borrow_proof: bool = False) -> tuple[seats.Seat, bytes]:
+        """Run one seat rule at ``t`` (the later of the clock and the mark), journal it
+        (event ``seat``), save it, and sign the seat's token."""
+        with self._open() as (store, now):
+            store.require_writable(f"{what} a seat")
+            t = max(now, store.state.clock_hwm)
+            new_seats, seat = change(store.state, t)
+            detail: dict[str, Any] = {"op": what, "t": t}
+            detail |= {"id": seat.id} if what == "return" else {"seat": seat.to_cbor()}
+            store.commit(replace(store.state, seats=new_seats, clock_hwm=t), "seat", detail, now)
+            proof = self._license_proof(store, seat.feature) if borrow_proof else None
+            key = store.key
+            token = seats.SeatToken(seat, store.state.device_id, key.public.alg,
+                                    key.public.raw, proof)
+            return seat, seats.sign_token(token, key)
+
+    def _license_proof(self, store: Store, feature: str) -> bytes | None:
+        """The vendor-signed response that last set ``feature`` here (a borrowed token's
+        chain to the vendor), from the journal's apply records; None if none is kept."""
+        found = None
+        for e in store.journal.read(True).entries:
+            if e.event == "apply" and isinstance(e.data, dict):
+                if any(isinstance(c, dict) and c.get("feature") == feature
+                       for c in e.data.get("changes", ())):
+                    resp = e.data.get("response")
+                    found = resp if isinstance(resp, bytes) else None
+        return found
+
+    def seat_checkout(self, feature: str, client: str, lease: int | None = None,
+                      borrow: int | None = None) -> tuple[seats.Seat, bytes]:
+        """Check out one seat of the floating license ``feature`` for ``client``.
+
+        Raises:
+            NoSeatError: all seats are out (exit 9).
+        """
+        def change(st: protocol.AgentState, t: int) -> tuple[tuple[seats.Seat, ...], seats.Seat]:
+            return seats.checkout(st.licenses, st.seats, feature, client, t, os.urandom(16),
+                                  lease or seats.DEFAULT_LEASE, borrow)
+        return self._seat_change("checkout", change, borrow_proof=borrow is not None)
+
+    def seat_renew(self, token: bytes, lease: int | None = None) -> tuple[seats.Seat, bytes]:
+        """Renew the seat of ``token`` (signed by this device's key: checked first)."""
+        def change(st: protocol.AgentState, t: int) -> tuple[tuple[seats.Seat, ...], seats.Seat]:
+            sid = seats.read_token(token, st.device_key).seat.id
+            return seats.renew(st.licenses, st.seats, sid, t, lease or seats.DEFAULT_LEASE)
+        return self._seat_change("renew", change)
+
+    def seat_return(self, token: bytes) -> seats.Seat:
+        """Return the seat of ``token`` (signed by this device's key: checked first)."""
+        def change(st: protocol.AgentState, t: int) -> tuple[tuple[seats.Seat, ...], seats.Seat]:
+            return seats.give_back(st.seats, seats.read_token(token, st.device_key).seat.id, t)
+        seat, _token = self._seat_change("return", change)
+        return seat
+
+    def seat_list(self) -> tuple[tuple[seats.Seat, ...], list[seats.Pool]]:
+        """The seats out now and every floating license's pool."""
+        with self._open() as (store, now):
+            t = max(now, store.state.clock_hwm)
+            st = store.state
+            return seats.live(st.seats, t), seats.pools(st.licenses, st.seats, t)

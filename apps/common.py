@@ -326,6 +326,10 @@ def add_operation_commands(cmd: Callable[[str, str], argparse.ArgumentParser],
     sp.add_argument("--license-info", metavar="FILE", help=helps["license-info"])
     sp.add_argument("--out", required=True, metavar="FILE",
                     help="where to write the signed request file")
+    sp.add_argument("--force", action="store_true",
+                    help="reclaim floating licenses even while seats are out (without it the "
+                         "request is refused, exit 9, naming each holder; the receipt records "
+                         "the seats still out and when the last one ends)")
 
     sp = cmd("apply", helps["apply"])
     sp.add_argument("response", metavar="RESPONSE_FILE",

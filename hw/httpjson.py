@@ -27,7 +27,8 @@ CBOR = "application/cbor"
 JSON = "application/json"
 
 #: licagent exit code -> HTTP status of the refusal
-HTTP_STATUS: Mapping[int, int] = {1: 500, 2: 400, 3: 400, 4: 403, 5: 409, 6: 409, 7: 422, 8: 500}
+HTTP_STATUS: Mapping[int, int] = {1: 500, 2: 400, 3: 400, 4: 403, 5: 409, 6: 409, 7: 422, 8: 500,
+                                 9: 503}  # 9: no seat free (issue 15)
 
 
 class HttpRefusal(Exception):

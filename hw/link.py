@@ -30,6 +30,11 @@ from agent.rpc import (
     LicenseInfoResult,
     Op,
     RequestResult,
+    SeatCheckoutArgs,
+    SeatListArgs,
+    SeatListResult,
+    SeatResult,
+    SeatTokenArgs,
     StatusResult,
     TransportError,
     hello_args,
@@ -255,10 +260,12 @@ class ServerClient(abc.ABC):
         return result
 
     def request(self, action: str, features: Iterable[str] = (),
-                license_info: bytes | None = None) -> bytes:
+                license_info: bytes | None = None, force: bool = False) -> bytes:
         args: dict[str, Any] = {"action": action, "features": list(features)}
         if license_info is not None:
             args["license_info"] = license_info
+        if force:  # issue 15: reclaim floating licenses with seats out
+            args["force"] = True
         result: RequestResult = self.typed(Op.CREATE_REQUEST, args)
         return result.file
 
@@ -273,6 +280,35 @@ class ServerClient(abc.ABC):
     def journal(self) -> JournalResult:
         result: JournalResult = self.typed(Op.READ_JOURNAL)
         return result
+
+    # issue 15: floating seats
+    def seat_checkout(self, feature: str, client: str, borrow_seconds: int | None = None,
+                      lease_seconds: int | None = None) -> SeatResult:
+        args = SeatCheckoutArgs(feature, client, borrow_seconds, lease_seconds).to_wire()
+        result: SeatResult = self.typed(Op.SEAT_CHECKOUT, args)
+        return result
+
+    def seat_renew(self, token: bytes, lease_seconds: int | None = None) -> SeatResult:
+        result: SeatResult = self.typed(Op.SEAT_RENEW,
+                                        SeatTokenArgs(token, lease_seconds).to_wire())
+        return result
+
+    def seat_return(self, token: bytes) -> SeatResult:
+        result: SeatResult = self.typed(Op.SEAT_RETURN, SeatTokenArgs(token).to_wire())
+        return result
+
+    def seat_list(self) -> SeatListResult:
+        """Every seat out, page after page (each page a snapshot of its own), and the pools
+        as the last page saw them."""
+        seats: list[dict[str, Any]] = []
+        offset: int | None = 0
+        while offset is not None:
+            page: SeatListResult = self.typed(Op.SEAT_LIST, SeatListArgs(offset).to_wire())
+            seats += page.seats
+            if page.next is not None and page.next <= offset:
+                raise TransportError("the seat-list answer's next page does not move on")
+            offset = page.next
+        return SeatListResult(seats, page.pools)
 
 
 class SessionClient(ServerClient):

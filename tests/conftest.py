@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from agent.cose import SigningKey
 from agent.durable import FileOps
@@ -19,6 +20,11 @@ from agent.service import Agent
 from agent.store import SLOTS
 from hw.facts import StaticFactsProvider
 from simulators.licensing_server.vendor import Grant, Vendor
+
+# Tests never assert wall-clock times: no hypothesis deadline (a loaded machine made
+# per-example deadlines fail tests that were right).
+settings.register_profile("project", deadline=None)
+settings.load_profile("project")
 
 T0 = 1_800_000_000  # 2027-01-15, a fixed "now" for deterministic tests
 

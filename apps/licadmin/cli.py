@@ -43,7 +43,16 @@ from apps.common import (
     show_status,
     write_output,
 )
-from apps.licadmin import inventory, licensing_access, onego, online, onsite, outcome, runner
+from apps.licadmin import (
+    inventory,
+    licensing_access,
+    onego,
+    online,
+    onsite,
+    outcome,
+    runner,
+    seat,
+)
 from apps.licadmin.console import Console
 from hw.link import ServerClient
 
@@ -54,6 +63,9 @@ PROG = "licadmin"
 WORKFLOW = frozenset({"gather", "license-info", "requests", "upload", "send", "confirm",
                       "activate", "reclaim", "assign", "show"})
 DEFAULT_TIMEOUT = 10.0
+FORCE_HELP = ("reclaim floating licenses even while seats are out (issue 15; without it such "
+              "a server refuses, exit 9, naming each holder; the receipt records the seats "
+              "still out and when the last one ends)")
 
 
 def _timeout(text: str) -> float:
@@ -73,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(name: str, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
+        return server_args(sub.add_parser(name, help=help_, description=help_))
+
+    def server_args(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sp.add_argument("--server", required=True, metavar="URL",
                         help="link URL of the server, e.g. https://HOST:PORT?ca=ca.pem")
         sp.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
@@ -89,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
         "apply": "send a vendor response file to the server to verify and apply",
         "check": "is FEATURE licensed on the server now? (exit 0 yes, 1 no)",
     })
+    seat.add_parser(sub, server_args)  # issue 15
     _workflow_parsers(sub)
     return p
 
@@ -154,6 +169,7 @@ def _workflow_parsers(sub: Any) -> None:
                     help="the license information licadmin license-info wrote")
     sp.add_argument("--out-dir", required=True, metavar="REQUESTS",
                     help="folder for the request files, one per server (created if missing)")
+    sp.add_argument("--force", action="store_true", help=FORCE_HELP)
     sp = cmd("upload", "step 4 (online): upload the requests, download one response per server",
              licensing=True)
     sp.add_argument("--requests", required=True, metavar="REQUESTS",
@@ -189,6 +205,7 @@ def _workflow_parsers(sub: Any) -> None:
                             help="allow the reclaims the license information lists (without "
                                  "it, activate asks on a terminal, else refuses with exit 2)")
         if name == "reclaim":
+            sp.add_argument("--force", action="store_true", help=FORCE_HELP)
             sp.add_argument("--feature", action="append", default=[], metavar="F",
                             help="reclaim these features where installed (default: what the "
                                  "license information lists)")
@@ -293,7 +310,8 @@ def _one_go(args: argparse.Namespace, c: str, console: Console, licensing: onlin
             stop: runner.Stop, argv: Sequence[str]) -> int:
     go = onego.OneGo(servers, licensing, connect, console, c, getattr(args, "feature", []),
                      args.work_dir, args.jobs, stop=stop, timeout=args.timeout,
-                     dry_run=args.dry_run, yes=getattr(args, "yes", False))
+                     dry_run=args.dry_run, yes=getattr(args, "yes", False),
+                     force=getattr(args, "force", False))
     code, work, kept = go.run()
     resume = None
     if go.interrupted and go.rest:
@@ -361,7 +379,7 @@ def _run_steps(args: argparse.Namespace, c: str, console: Console,
         res = online.license_info(args.site_info, args.device, args.out, licensing)
     elif c == "requests":
         res = onsite.make_requests(servers, args.license_info, args.out_dir, connect, console,
-                                   args.jobs, stop=stop, timeout=timeout)
+                                   args.jobs, stop=stop, timeout=timeout, force=args.force)
     elif c == "upload":
         assert licensing is not None
         res = online.upload(args.requests, args.out_dir, args.receipts, licensing, console)
@@ -434,7 +452,7 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         license_info = (read_input(args.license_info, LICENSE_INFO_MAX,
                                    "license information file", expect="license-info")
                         if args.license_info else None)
-        data = client.request(args.action, args.feature, license_info)
+        data = client.request(args.action, args.feature, license_info, force=args.force)
         write_output(args.out, data)
         print(f"wrote {args.action} request to {args.out}")
         return EXIT_OK
@@ -463,9 +481,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def command() -> int:
         if args.command in WORKFLOW:
             return run_workflow(args, list(sys.argv[1:] if argv is None else argv))
+        if args.command == "seat" and args.seat_command in seat.OFFLINE:
+            return seat.run_offline(args)
         client = runner.open_client(args.server, args.timeout)
         with client:
-            return run(args, client)
+            return seat.run(args, client) if args.command == "seat" else run(args, client)
 
     return exit_code_of(PROG, command)
 

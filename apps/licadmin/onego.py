@@ -99,6 +99,7 @@ class OneGo:
     timeout: float = DEFAULT_TIMEOUT
     dry_run: bool = False
     yes: bool = False
+    force: bool = False  # issue 15: reclaim floating licenses with seats out
     ask: Callable[[str], bool] = _ask_terminal
     steps: list[StepResult] = field(default_factory=list)
     plan: list[ServerPlan] | None = None
@@ -194,7 +195,7 @@ class OneGo:
         self._say(3, "requests", "create the request files")
         rq = make_requests(here, str(work / "license-info.cbor"), str(work / "requests"),
                            self.connect, self.console, self.jobs, self.mode, self.features,
-                           self.stop, self.timeout)
+                           self.stop, self.timeout, self.force)
         self._report(rq)
         nothing = {o.url for o in rq.outcomes if o.status == SKIPPED}
         if not rq.facts["requests"] or self._stopped():

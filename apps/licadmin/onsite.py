@@ -128,13 +128,14 @@ def _device_of(device_info: bytes) -> str | None:
 def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir: str,
                   connect: Connect, console: Console, jobs: int = DEFAULT_JOBS,
                   mode: str = "auto", features: Sequence[str] = (), stop: Stop | None = None,
-                  timeout: float = DEFAULT_TIMEOUT) -> StepResult:
+                  timeout: float = DEFAULT_TIMEOUT, force: bool = False) -> StepResult:
     """Each server checks the license information against its own state and signs a request.
 
     ``mode`` auto/activate: reclaim when the server's entry lists licenses to
     reclaim (a reclaim response also installs what waits for it), else
     activate when it lists licenses to install. ``mode`` reclaim: only servers
     with something to reclaim; ``features`` then names what (where installed).
+    ``force``: reclaim floating licenses even while seats are out (issue 15).
     """
     data = read_input(license_info_file, LICENSE_INFO_MAX, "license information file",
                       expect="license-info")
@@ -179,7 +180,8 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
         else:
             o.skip("nothing to reclaim" if mode == "reclaim" else "nothing to reclaim or install")
             return
-        req = client.request(action.value, wanted, license_info=li)
+        req = client.request(action.value, wanted, license_info=li,
+                             force=force and action is Action.RECLAIM)
         payload, _key = self_signed_payload(req, Request)
         if payload.device_id != dev:
             raise TrustError(f"the server answered with a request of device {short(payload.device_id)}")

@@ -30,7 +30,8 @@ from apps.licadmin.files import short
 
 __all__ = ["describe", "describe_file", "load_trust", "render_text"]
 
-TIME_KEYS = {"created", "issued", "expires", "not_before", "not_after", "applied_at"}
+TIME_KEYS = {"created", "issued", "expires", "not_before", "not_after", "applied_at",
+             "until", "seats_end"}  # until, seats_end: a receipt's seats still out (issue 15)
 LIMITS = Limits(max_file=LICENSE_INFO_MAX)
 NOT_CHECKED = "vendor signature not checked (give --trust VENDOR_PUB)"
 

@@ -68,7 +68,7 @@ import time
 from collections.abc import Callable, Mapping
 from http.server import ThreadingHTTPServer
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from agent.cose import canonical, jsonable, strict_loads
 from agent.errors import MalformedError, UsageError, listen_error
@@ -130,6 +130,11 @@ class _RequestHandler(JsonHandler):
             "/v1/request": {"POST": self._request},
             "/v1/apply": {"POST": self._apply},
             "/v1/journal": {"GET": self._journal},
+            # issue 15: floating seats (the body is the operation's CBOR argument map)
+            "/v1/seat/checkout": {"POST": lambda: self._seat(Op.SEAT_CHECKOUT)},
+            "/v1/seat/renew": {"POST": lambda: self._seat(Op.SEAT_RENEW)},
+            "/v1/seat/return": {"POST": lambda: self._seat(Op.SEAT_RETURN)},
+            "/v1/seat/list": {"GET": self._seat_list},
         }
         if path.startswith("/v1/check/"):
             return {"GET": self._check}
@@ -174,6 +179,18 @@ class _RequestHandler(JsonHandler):
     def _journal(self) -> Answer:
         return self._structured(self._op(Op.READ_JOURNAL, {}))
 
+    def _seat_list(self) -> Answer:
+        raw = (parse_qs(urlsplit(self.path).query).get("offset") or ["0"])[-1]
+        if not raw.isdigit() or len(raw) > 9:
+            raise HttpRefusal(400, 2, "usage", "offset must be a whole number")
+        return self._structured(self._op(Op.SEAT_LIST, {"offset": int(raw)}))
+
+    def _seat(self, op: str) -> Answer:
+        args = strict_loads(self.read_body(self.server.max_body), max_size=self.server.max_body)
+        if not isinstance(args, dict):
+            raise MalformedError("the seat request body must be a CBOR map of arguments")
+        return self._structured(self._op(op, args))
+
     # -- helpers
 
     def _wants_cbor(self) -> bool:
@@ -208,11 +225,13 @@ class _RequestHandler(JsonHandler):
                 raise MalformedError(f"the request body is not JSON: {exc}") from exc
         if not isinstance(obj, dict):
             raise MalformedError('the request body must be a map: {"action": ..., "features": [...]}')
-        unknown = sorted(map(repr, set(obj) - {"action", "features", "license_info"}))
+        unknown = sorted(map(repr, set(obj) - {"action", "features", "license_info", "force"}))
         if unknown:
             raise UsageError(f"unknown field {', '.join(unknown)} in the request body "
-                             "(fields: action, features, license_info)")
+                             "(fields: action, features, license_info, force)")
         args: dict[str, Any] = {"action": obj.get("action"), "features": obj.get("features", [])}
+        if "force" in obj:  # issue 15: reclaim a pool with seats out
+            args["force"] = obj["force"]
         if "license_info" in obj:
             li = obj["license_info"]
             if isinstance(li, str):
@@ -548,6 +567,12 @@ class HttpsClient(ServerClient):
             Op.APPLY_RESPONSE: self._apply,
             Op.CHECK_FEATURE: self._check,
             Op.READ_JOURNAL: lambda _a: self._structured("GET", "/v1/journal"),
+            # issue 15: floating seats
+            Op.SEAT_CHECKOUT: lambda a: self._structured("POST", "/v1/seat/checkout", a),
+            Op.SEAT_RENEW: lambda a: self._structured("POST", "/v1/seat/renew", a),
+            Op.SEAT_RETURN: lambda a: self._structured("POST", "/v1/seat/return", a),
+            Op.SEAT_LIST: lambda a: self._structured(
+                "GET", f"/v1/seat/list?offset={int(a.get('offset', 0))}"),
         }
 
     def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
@@ -600,8 +625,11 @@ class HttpsClient(ServerClient):
 
     # -- HTTP
 
-    def _structured(self, method: str, path: str) -> Any:
-        body, headers = self._exchange(method, path, accept=CBOR)
+    def _structured(self, method: str, path: str,
+                    args: Mapping[str, Any] | None = None) -> Any:
+        body, headers = self._exchange(
+            method, path, None if args is None else canonical(dict(args)),
+            None if args is None else {"Content-Type": CBOR}, accept=CBOR)
         if headers.get("Content-Type", "").split(";")[0].strip() != CBOR:
             raise TransportError(f"{self.where}{path} did not answer in CBOR")
         try:

@@ -43,6 +43,7 @@ from simulators.fleet.links import LINK_KINDS, ServedLinks
 from simulators.fleet.models import make_facts
 from simulators.fleet.report import Invariant, Latency, Summary
 from simulators.fleet.scenario import FaultSpec, Scenario, load_scenario, parse_scenario
+from simulators.fleet.seat_load import SeatLoad, seats_within_count
 from simulators.fleet.server import ServerHandler, SimServer
 from simulators.licensing_server.vendor import Grant, Vendor
 
@@ -134,7 +135,9 @@ class Fleet(FaultInjection):
         self.by_name: dict[str, SimServer] = {}
         self.served: Counter[str] = Counter()
         self.broker: MosquittoBroker | None = None
-        self.links = ServedLinks(workdir, self.log, sim_line=scenario.load.sim_line)
+        seat_clients = scenario.clients.count
+        self.links = ServedLinks(workdir, self.log, sim_line=scenario.load.sim_line,
+                                 tcp_sessions=seat_clients + 16 if seat_clients else None)
         self.clients = FleetClients(self.links)
         self.vendor: Vendor | None = None
         self.trust: list[PublicKey] = []
@@ -341,7 +344,9 @@ class Fleet(FaultInjection):
         agent = srv.agent()
         req = agent.request(Action.ACTIVATE, list(licenses))
         now = srv.now()
-        resp = self.vendor.issue(req, [Grant(f, n, not_after=now + SUBSCRIPTION)
+        floating = self.scenario.clients.feature  # issue 15: served as seats to [clients]
+        resp = self.vendor.issue(req, [Grant(f, n, not_after=now + SUBSCRIPTION,
+                                             floating=f == floating)
                                        for f, n in licenses.items()], now=now)
         agent.apply(resp)
         (Path(srv.directory) / "activation.resp").write_bytes(resp)
@@ -454,6 +459,28 @@ class Fleet(FaultInjection):
         or after the end, or any left when ``stop`` is set, is recorded as not injected
         (:meth:`missed`): a failure of the run unless the scenario marks it optional.
         """
+        seat_load = self._seat_load()  # issue 15: [clients]
+        seat_load.start()
+        try:
+            self._run(duration, stop)
+        finally:
+            seat_load.stop()
+            failures = seat_load.stats.pop("seat-failures", 0)
+            self.ops.update(seat_load.stats)  # a refusal for want of a seat was answered
+            if failures:
+                self.op_failures["seat"] += failures
+
+    def _seat_load(self) -> SeatLoad:
+        spec = self.scenario.clients
+        holders = [(s, "tcp" if "tcp" in s.links else s.links[0]) for s in self.servers
+                   if spec.feature in self.entitled.get(s.name, {})]
+        timeout = self.scenario.load.timeout
+
+        def connect(srv: SimServer, link: str) -> Any:
+            return self.links.kind(link).connect(srv.addresses[link], timeout, "")
+        return SeatLoad(spec, holders, connect, self.scenario.seed, self.log)
+
+    def _run(self, duration: float | None, stop: threading.Event | None) -> None:
         sc = self.scenario
         stop = stop or threading.Event()
         t0 = time.monotonic()
@@ -511,8 +538,11 @@ class Fleet(FaultInjection):
 
     def invariants(self) -> list[Invariant]:
         """Check every server's store now, and fold in what each fault checked."""
-        return check_invariants(self.servers, self.ready, self.not_ready, self.entitled,
-                                self.reclaimed, self.faults)
+        out = check_invariants(self.servers, self.ready, self.not_ready, self.entitled,
+                               self.reclaimed, self.faults)
+        if self.scenario.clients.count:  # issue 15
+            out.append(seats_within_count(self.servers))
+        return out
 
     def summary(self) -> Summary:
         """The run's report (invariants checked now, or as checked at stop)."""

@@ -190,7 +190,9 @@ class TcpLink(FleetLink):
     cut_what = "tcp connection(s) closed"
 
     def serve(self, name: str, device_id: str, model: str, handler: Handler) -> str:
-        return self._listen(name, hw.listen("tcp://127.0.0.1:0", handler, log=self.links.log))
+        n = self.links.tcp_sessions  # issue 15: [clients] all connect from 127.0.0.1
+        url = f"tcp://127.0.0.1:0?max_per_peer={n}&max_clients={n}" if n else "tcp://127.0.0.1:0"
+        return self._listen(name, hw.listen(url, handler, log=self.links.log))
 
 
 class PtyLink(FleetLink):
@@ -386,8 +388,12 @@ class ServedLinks:
         sim_line: URL options of the faults on the load's ``sim://`` lines.
     """
 
-    def __init__(self, workdir: Path, log: Log, sim_line: str = "") -> None:
+    def __init__(self, workdir: Path, log: Log, sim_line: str = "",
+                 tcp_sessions: int | None = None) -> None:
         self.workdir = workdir
+        #: sessions a tcp listener takes from one address (None: the listener's default);
+        #: the seat clients of a scenario (issue 15) all come from the loopback address
+        self.tcp_sessions = tcp_sessions
         self.mqtt: DeviceEngine | None = None  # the MQTT engine, once start_mqtt() ran
         self.log = log
         self.sim_line = sim_line

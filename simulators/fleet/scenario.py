@@ -15,6 +15,7 @@ from typing import Any
 
 from agent.errors import UsageError
 from simulators.fleet.models import LINKS, MODELS
+from simulators.fleet.seat_load import CLIENT_KEYS, ClientsSpec
 
 __all__ = [
     "FAULT_KINDS",
@@ -39,6 +40,8 @@ TOP_KEYS: Mapping[str, str] = {
     "faults": "an array of scheduled faults, or a table: seed, every, count, kinds, schedule, "
               "optional",
     "load": "a table: rate, ops, links, features, timeout, sim_line",
+    "clients": "a table: count, feature, hold_seconds (issue 15: editors and clients holding "
+               "floating seats of feature; the servers' licenses of it are issued floating)",
 }
 BROKER_KEYS = ("url", "start", "bridge_to")
 SERVER_KEYS = ("model", "count", "links", "licenses", "name")
@@ -120,6 +123,7 @@ class Scenario:
     schedule: tuple[FaultSpec, ...] = ()
     random_faults: RandomFaults = RandomFaults()
     load: LoadSpec = LoadSpec()
+    clients: ClientsSpec = field(default_factory=ClientsSpec)  # issue 15
 
     @property
     def total(self) -> int:
@@ -335,8 +339,18 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
         timeout=c.number(ld.get("timeout", 5.0), "[load] timeout") or 5.0,
         sim_line=_sim_line(c, ld.get("sim_line", "")),
     )
+    cl = c.keys(top.get("clients", {}), "[clients]", CLIENT_KEYS)
+    clients = ClientsSpec(count=c.integer(cl.get("count", 0), "[clients] count"),
+                          feature=c.text(cl["feature"], "[clients] feature") if "feature" in cl
+                          else "",
+                          hold_seconds=c.number(cl.get("hold_seconds", 5.0),
+                                                "[clients] hold_seconds"))
+    if clients.count and not any(clients.feature in g.licenses for g in groups):
+        raise c.fail("[clients] feature", f"{clients.feature or '(missing)'!s} is in no "
+                                          "[[servers]] licenses table: no server serves its "
+                                          "seats")
     return Scenario(site, seed, trust, vendor_key, state_dir, broker, tuple(groups),
-                    tuple(schedule), rnd, load)
+                    tuple(schedule), rnd, load, clients)
 
 
 def load_scenario(path: Path) -> Scenario:

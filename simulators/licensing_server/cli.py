@@ -14,7 +14,7 @@ from pathlib import Path
 from agent.cose import ALG_EDDSA, ALG_ES256, PublicKey, SigningKey
 from agent.durable import FileOps, atomic_write
 from agent.errors import EXIT_OK, UsageError
-from agent.formats import DEVICE_FILE_MAX, RECEIPT_MAX, read_device_info, verify_receipt
+from agent.formats import DEVICE_FILE_MAX, RECEIPT_MAX, iso, read_device_info, verify_receipt
 from agent.messages import License
 from apps.common import (
     add_version,
@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="a license to reclaim (repeat for each)")
     sp.add_argument("--grace-days", type=int, default=0,
                     help="grace period after each granted license's expiry (default 0)")
+    sp.add_argument("--floating", action="store_true",
+                    help="the granted licenses are floating: COUNT seats the device serves to "
+                         "clients (licadmin seat checkout)")
     sp.add_argument("--valid-days", type=int, default=30,
                     help="how long the response may be applied (default 30 days)")
     sp.add_argument("--out", required=True, metavar="RESP",
@@ -159,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
         vendor = Vendor(_load_key(args.key))
         if not 0 <= args.grace_days <= 366:
             raise UsageError("--grace-days must be from 0 to 366")
-        grants = [replace(parse_grant(g), grace=args.grace_days * DAY) for g in args.grant]
+        grants = [replace(parse_grant(g), grace=args.grace_days * DAY, floating=args.floating)
+                  for g in args.grant]
         if args.valid_days < 1:
             raise UsageError("--valid-days must be at least 1")
         data = vendor.issue(read_input(args.request, 64 * 1024, "request file",
@@ -190,6 +194,11 @@ def run(args: argparse.Namespace) -> int:
         removed = ", ".join(f"{x.feature}={x.count}" for x in rc.removed) or "nothing"
         print(f"genuine receipt from device {rc.device_id}: sequence {rc.sequence}, "
               f"removed {removed}")
+        if rc.seats_out:  # issue 15: a reclaim given --force while seats were out
+            print(f"{len(rc.seats_out)} seat(s) still out, the last until "
+                  f"{iso(rc.seats_end)}: " + ", ".join(
+                      f"{s.feature} {s.client} until {iso(s.until)}"
+                      f"{' (borrowed)' if s.borrowed else ''}" for s in rc.seats_out))
         return EXIT_OK
     if args.command in ("serve", "entitle", "report", "token"):
         from simulators.licensing_server._commands import run as run_ledger_command

@@ -43,6 +43,7 @@ class Grant:
     not_after: int | None = None
     not_before: int | None = None
     grace: int = 0
+    floating: bool = False  # issue 15: served as COUNT floating seats by the device
 
 
 class Vendor:
@@ -71,7 +72,7 @@ class Vendor:
         for g in grants:
             op = ChangeOp.UPDATE if g.feature in installed else ChangeOp.ADD
             changes.append(LicenseChange(op, g.feature, g.count, g.not_before, g.not_after,
-                                         g.grace))
+                                         g.grace, floating=g.floating))
         rem = list(removes)
         if not changes and not rem and req.action is Action.RECLAIM:
             rem = list(req.features) or list(installed)

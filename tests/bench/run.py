@@ -191,6 +191,9 @@ def main() -> int:
     from tests.bench.journal import journal_rows
 
     rows += journal_rows()
+    from tests.bench.seats import seats_rows
+
+    rows += seats_rows()  # issue 15: checkouts per second through one agent, memory per seat
     from tests.bench.hal import framing_rows
 
     rows += framing_rows()

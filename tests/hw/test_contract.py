@@ -274,3 +274,43 @@ def test_check_of_an_unknown_feature_is_not_licensed(served: tuple[ServerClient,
     c, _device = served
     r = c.check("no-such-feature")
     assert r["feature"] == "no-such-feature" and r["licensed"] is False
+
+
+# ---------------------------------------------------------------- issue 15: floating seats
+
+
+def test_floating_seats_over_the_link(served: tuple[ServerClient, Device],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Check out until the pool is empty (exit 9), list (one seat a page), renew, return:
+    the store agrees."""
+    monkeypatch.setattr("agent.ops.SEAT_PAGE", 1)
+    c, device = served
+    req = c.request("activate", ["editor"])
+    c.apply(device.vendor.issue(req, [Grant("editor", 2, floating=True)], now=device.clock()))
+    a = c.seat_checkout("editor", "ws-1")
+    b = c.seat_checkout("editor", "ws-2", lease_seconds=60)
+    assert (a.client, a.until - a.since, b.until - b.since, a.borrowed) == ("ws-1", 300, 60,
+                                                                            False)
+    with pytest.raises(RemoteError) as exc:
+        c.seat_checkout("editor", "ws-3")
+    assert exc.value.exit_code == 9 and exc.value.reason == "no-seat"
+    assert str(exc.value).startswith("no seat free: 2 of 2 out; next free at ")
+    first = c.call("seat-list", {})
+    assert len(first["seats"]) == 1 and first["next"] == 1
+    lst = c.seat_list()  # both pages
+    assert lst.pools == [{"feature": "editor", "count": 2, "out": 2, "free": 0,
+                          "next_free": b.until}]
+    assert sorted(s["client"] for s in lst.seats) == ["ws-1", "ws-2"]
+    device.clock.t += 30
+    renewed = c.seat_renew(b.token)
+    assert renewed.until == device.clock() + 300 and renewed.token != b.token
+    back = c.seat_return(a.token)
+    assert back.client == "ws-1"
+    with pytest.raises(RemoteError) as exc:
+        c.seat_return(a.token)  # once only
+    assert exc.value.exit_code == 6 and exc.value.reason == "seat-not-out"
+    assert [s.client for s in device.agent.seat_list()[0]] == ["ws-2"]  # the store's word
+    c.seat_checkout("editor", "ws-3")
+    with pytest.raises(RemoteError) as exc:
+        c.seat_checkout("bacnet", "ws-4")
+    assert exc.value.exit_code == 1  # not installed
