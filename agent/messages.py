@@ -196,9 +196,14 @@ class License:
     not_before: int | None = None
     not_after: int | None = None
     grace: int = 0
+    # issue 14: child servers that may inherit this license (0: none) and a demo license;
+    # written only when not the default, so every older license encodes byte for byte
+    inherit: int = 0
+    demo: bool = False
 
     def __post_init__(self) -> None:
         _feature(self.feature)
+        _uint(self.inherit, "inherit", MAX_COUNT)
         _uint(self.count, "count", MAX_COUNT)
         _opt_time(self.not_before, "not_before")
         _opt_time(self.not_after, "not_after")
@@ -211,13 +216,18 @@ class License:
             raise MalformedError(f"license {self.feature} ends before it starts")
 
     def to_cbor(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "feature": self.feature,
             "count": self.count,
             "not_before": self.not_before,
             "not_after": self.not_after,
             "grace": self.grace,
         }
+        if self.inherit:  # issue 14
+            out["inherit"] = self.inherit
+        if self.demo:
+            out["demo"] = True
+        return out
 
     @cached_property
     def encoded(self) -> Encoded:
@@ -228,13 +238,19 @@ class License:
     @classmethod
     def from_cbor(cls, obj: object) -> License:
         m = _map(obj, "license")
-        _keys(m, "license", ["feature", "count"], ["not_before", "not_after", "grace"])
+        _keys(m, "license", ["feature", "count"],
+              ["not_before", "not_after", "grace", "inherit", "demo"])
+        demo = m.get("demo", False)
+        if demo is not False and demo is not True:
+            raise MalformedError("demo must be true or false")
         return cls(
             feature=_feature(m["feature"]),
             count=_uint(m["count"], "count", MAX_COUNT),
             not_before=_opt_time(m.get("not_before"), "not_before"),
             not_after=_opt_time(m.get("not_after"), "not_after"),
             grace=_uint(m.get("grace", 0), "grace", 366 * 86400),
+            inherit=_uint(m.get("inherit", 0), "inherit", MAX_COUNT),  # issue 14
+            demo=demo,
         )
 
 
@@ -291,12 +307,15 @@ class LicenseChange:
     not_before: int | None = None
     not_after: int | None = None
     grace: int = 0
+    inherit: int = 0  # issue 14, as License's
+    demo: bool = False
 
     def __post_init__(self) -> None:
         self.license()  # validates the fields
 
     def license(self) -> License:
-        return License(self.feature, self.count, self.not_before, self.not_after, self.grace)
+        return License(self.feature, self.count, self.not_before, self.not_after, self.grace,
+                       self.inherit, self.demo)
 
     def to_cbor(self) -> dict[str, Any]:
         if self.op is ChangeOp.REMOVE:
@@ -311,7 +330,8 @@ class LicenseChange:
             _keys(m, "remove change", ["op", "feature"])
             return cls(op, _feature(m["feature"]))
         lic = License.from_cbor({k: v for k, v in m.items() if k != "op"})
-        return cls(op, lic.feature, lic.count, lic.not_before, lic.not_after, lic.grace)
+        return cls(op, lic.feature, lic.count, lic.not_before, lic.not_after, lic.grace,
+                   lic.inherit, lic.demo)
 
 
 # ---------------------------------------------------------------- payloads
@@ -461,6 +481,11 @@ class Receipt(Payload):
     removed: tuple[License, ...]
     licenses: tuple[License, ...]
     applied_at: int
+    #: issue 14: the children's signed grant returns for the licenses that left, and the
+    #: leases still running on children after a forced reclaim ({"child_id", "feature",
+    #: "lease_until"}); written only when not empty
+    returns: tuple[bytes, ...] = ()
+    leases: tuple[Mapping[str, Any], ...] = ()
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -475,6 +500,8 @@ class Receipt(Payload):
             "removed": [lic.to_cbor() for lic in self.removed],
             "licenses": [lic.to_cbor() for lic in self.licenses],
             "applied_at": self.applied_at,
+            **({"returns": list(self.returns)} if self.returns else {}),  # issue 14
+            **({"leases": [dict(x) for x in self.leases]} if self.leases else {}),
         }
 
     def wire_fields(self) -> dict[str, Any]:
@@ -486,7 +513,7 @@ class Receipt(Payload):
     def from_map(cls, m: Mapping[str, Any]) -> Receipt:
         _keys(m, "receipt", ["v", "kind", "device_id", "device_alg", "device_key", "response",
                              "response_digest", "sequence", "state_digest", "applied",
-                             "removed", "licenses", "applied_at"])
+                             "removed", "licenses", "applied_at"], ["returns", "leases"])
         return cls(
             device_id=_device_id(m["device_id"]),
             device_key=_pubkey(m),
@@ -498,7 +525,18 @@ class Receipt(Payload):
             removed=_licenses(m["removed"], "removed"),
             licenses=_licenses(m["licenses"]),
             applied_at=_time(m["applied_at"], "applied_at"),
+            returns=tuple(_bytes(r, "returns", maximum=80 * 1024)
+                          for r in _list(m.get("returns", []), "returns")),
+            leases=tuple(_lease(x) for x in _list(m.get("leases", []), "leases")),
         )
+
+
+def _lease(obj: object) -> dict[str, Any]:
+    """One lease still running on a child after a forced reclaim (issue 14)."""
+    m = _map(obj, "lease")
+    _keys(m, "lease", ["child_id", "feature", "lease_until"])
+    return {"child_id": _device_id(m["child_id"], "child_id"), "feature": _feature(m["feature"]),
+            "lease_until": _time(m["lease_until"], "lease_until")}
 
 
 @record(frozen=True)

@@ -25,9 +25,15 @@ from agent.rpc import (
     LicenseInfoResult,
     NoArgs,
     Op,
+    RenewArgs,
+    RenewResult,
     RequestArgs,
     RequestResult,
+    ReturnArgs,
+    ReturnResult,
     StatusResult,
+    TreeResult,
+    UseArgs,
     read_args,
 )
 from agent.service import Agent
@@ -84,7 +90,7 @@ class AgentOps:
         features = list(args.features)
         if args.license_info is not None:
             features += self.agent.features_from_license_info(args.license_info, args.action)
-        data = self.agent.request(args.action, features, origin)
+        data = self.agent.request(args.action, features, origin, force=args.force)
         self.log(f"create-request action={args.action.value} "
                  f"features={','.join(features) or '-'} origin={origin or 'local'}")
         return RequestResult(data)
@@ -96,7 +102,7 @@ class AgentOps:
         return ApplyResult.of(res, warn)
 
     def _check(self, args: CheckArgs, _origin: str | None) -> FeatureCheck:
-        r = self.agent.check(args.feature)
+        r = self.agent.check_count(args.feature, args.count)
         return FeatureCheck(args.feature, r.licensed, r.message, r.in_grace, r.clock_set_back)
 
     def _journal(self, _args: NoArgs, _origin: str | None) -> JournalResult:
@@ -104,6 +110,31 @@ class AgentOps:
         return JournalResult([{"n": e.n, "time": e.time, "event": e.event,
                                "data": _audit_view(e.data), "digest": e.digest}
                               for e in rep.entries], rep.torn_tail, True)
+
+
+    # ------------------------------------------------------------ issue 14: the system tree
+
+    def _renew(self, args: RenewArgs, _origin: str | None) -> RenewResult:
+        issued, st = self.agent.renew_child(args.info, args.url, dict(args.report or {}))
+        parent_info, _info = self.agent.info()
+        child = issued.event["child"]["device_id"]
+        self.log(f"renew-grants child={child[:12]} granted={len(issued.files)} "
+                 f"recalled={','.join(issued.recalled) or '-'}")
+        return RenewResult(parent_info, st.system.depth, list(issued.files),
+                           list(issued.recalled), list(issued.refused))
+
+    def _return(self, args: ReturnArgs, _origin: str | None) -> ReturnResult:
+        feats = self.agent.accept_return(args.file)
+        self.log(f"return-grants features={','.join(feats)}")
+        return ReturnResult(feats)
+
+    def _use(self, args: UseArgs, _origin: str | None) -> UseArgs:
+        self.agent.use(args.feature, args.count)
+        return args
+
+    def _tree(self, _args: NoArgs, _origin: str | None) -> TreeResult:
+        r = self.agent.tree_report()
+        return TreeResult(*(r[k] for k in TreeResult.KEYS))
 
 
 def _no_log(_line: str) -> None:
@@ -132,6 +163,10 @@ _IMPLS: Mapping[Op, Callable[[AgentOps, Any, str | None], Any]] = {
     Op.APPLY_RESPONSE: AgentOps._apply,
     Op.CHECK_FEATURE: AgentOps._check,
     Op.READ_JOURNAL: AgentOps._journal,
+    Op.RENEW_GRANTS: AgentOps._renew,  # issue 14
+    Op.RETURN_GRANTS: AgentOps._return,
+    Op.USE_FEATURE: AgentOps._use,
+    Op.GET_TREE: AgentOps._tree,
 }
 if set(_IMPLS) != set(Op):  # adding an operation is one table entry plus its handler here
     raise ImportError(f"agent.ops implements no {', '.join(sorted(set(Op) - set(_IMPLS)))}")

@@ -326,6 +326,9 @@ def add_operation_commands(cmd: Callable[[str, str], argparse.ArgumentParser],
     sp.add_argument("--license-info", metavar="FILE", help=helps["license-info"])
     sp.add_argument("--out", required=True, metavar="FILE",
                     help="where to write the signed request file")
+    sp.add_argument("--force", action="store_true",
+                    help="reclaim even though child servers still hold grants of the "
+                         "licenses (their leases run on; the receipt records them)")
 
     sp = cmd("apply", helps["apply"])
     sp.add_argument("response", metavar="RESPONSE_FILE",
@@ -336,6 +339,8 @@ def add_operation_commands(cmd: Callable[[str, str], argparse.ArgumentParser],
 
     sp = cmd("check", helps["check"])
     sp.add_argument("feature", metavar="FEATURE", help="the feature name, e.g. bacnet-ip")
+    sp.add_argument("--count", type=int, default=1, metavar="N",
+                    help="how many units must be licensed (own and inherited; default 1)")
 
 
 def one_line(text: str) -> str:

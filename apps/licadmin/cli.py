@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.errors import EXIT_OK, UsageError
 from agent.formats import LICENSE_INFO_MAX, verify_receipt
-from agent.messages import DeviceInfo
+from agent.messages import Action, DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from agent.rpc import TransportError
 from apps.common import (
@@ -89,6 +89,10 @@ def _parser() -> argparse.ArgumentParser:
         "apply": "send a vendor response file to the server to verify and apply",
         "check": "is FEATURE licensed on the server now? (exit 0 yes, 1 no)",
     })
+    sp = cmd("tree", "show the system under a top server: each server's required, licensed, "
+                     "inherited and available units, and the totals")  # issue 14
+    sp.add_argument("--json", action="store_true",
+                    help='print {"servers": [...], "totals": [...]} as JSON')
     _workflow_parsers(sub)
     return p
 
@@ -434,7 +438,13 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         license_info = (read_input(args.license_info, LICENSE_INFO_MAX,
                                    "license information file", expect="license-info")
                         if args.license_info else None)
-        data = client.request(args.action, args.feature, license_info)
+        if args.force:  # issue 14: reclaim although child servers hold grants
+            from agent.rpc import Op, RequestArgs
+
+            data = client.typed(Op.CREATE_REQUEST, RequestArgs(
+                Action(args.action), tuple(args.feature), license_info, True).to_wire()).file
+        else:
+            data = client.request(args.action, args.feature, license_info)
         write_output(args.out, data)
         print(f"wrote {args.action} request to {args.out}")
         return EXIT_OK
@@ -451,8 +461,17 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         verify_receipt(res.receipt, response=response)  # what send checks, the same way
         show_applied(PROG, res, args.receipt_out)
         return EXIT_OK
+    if c == "tree":  # issue 14
+        from apps.licadmin import tree
+
+        return tree.show(client, lambda url: runner.open_client(url, args.timeout), args.json)
     if c == "check":
-        r = client.check(args.feature)
+        if args.count != 1:  # issue 14: units, own and inherited
+            from agent.rpc import CheckArgs, Op
+
+            r = client.typed(Op.CHECK_FEATURE, CheckArgs(args.feature, args.count).to_wire())
+        else:
+            r = client.check(args.feature)
         return show_check(r.licensed, r.message)
     raise UsageError(f"unknown command {c}")
 

@@ -43,6 +43,8 @@ class Grant:
     not_after: int | None = None
     not_before: int | None = None
     grace: int = 0
+    inherit: int = 0  # issue 14: child servers that may inherit it
+    demo: bool = False
 
 
 class Vendor:
@@ -71,7 +73,7 @@ class Vendor:
         for g in grants:
             op = ChangeOp.UPDATE if g.feature in installed else ChangeOp.ADD
             changes.append(LicenseChange(op, g.feature, g.count, g.not_before, g.not_after,
-                                         g.grace))
+                                         g.grace, g.inherit, g.demo))
         rem = list(removes)
         if not changes and not rem and req.action is Action.RECLAIM:
             rem = list(req.features) or list(installed)
