@@ -464,7 +464,7 @@ def check_units(state: AgentState, feature: str, now: int, count: int, limits: L
             f"{_iso(g.lease_until)}")
         return CheckResult(feature, True, f"{feature}: licensed, count {total} ({parts})",
                            own.license, own.in_grace, own.clock_set_back)
-    if own_units and total < count:
+    if total > 0:  # some units, fewer than asked
         why = f"{count} units asked, {total} licensed"
     else:
         ended = max(grants, key=lambda x: x.lease_until)

@@ -70,6 +70,14 @@ def renew_once(agent: Agent, parent_url: str, own_url: str | None = None,
         if ret is not None:
             client.call(Op.RETURN_GRANTS, ReturnArgs(ret).to_wire())
             returned = tuple(sorted(res.recalled))
+        held = {g.feature for g in st.system.inherited}
+        if attached or returned or set(installed) != held:
+            # what this server holds changed: tell the parent at once (its tree shows the
+            # report sent with a renewal, which was made before these grants)
+            with guard():
+                info, _i = agent.info()
+                report = agent.tree_report()
+            client.call(Op.RENEW_GRANTS, RenewArgs(info, own_url, report).to_wire())
     return RenewOutcome(parent.device_id, attached, tuple(installed),
                         (*res.refused, *refused), returned)
 
