@@ -19,7 +19,7 @@ from agent.errors import (
     UsageError,
     WrongDeviceError,
 )
-from agent.formats import verify_receipt
+from agent.formats import identify, verify_receipt
 from agent.messages import Action
 from apps.licagent.relation import renew_once
 from simulators.licensing_server.vendor import Grant, Vendor
@@ -96,6 +96,7 @@ def test_grant_attacks_are_refused_on_the_child(site: Site, serve: Any) -> None:
     renew_once(a.agent, url)
     renew_once(b.agent, url)
     files_a = grant_files(site, p, a)
+    assert identify(files_a[0]) == "grant"  # named in refusals ("X is a grant file")
     st_b, _w, now = b.agent.state()
     lim = b.agent.limits
     # a's grant given to b: for another child
