@@ -95,6 +95,11 @@ def test_models_have_realistic_deterministic_facts() -> None:
     # an Edge Server is a PC/VM: the LAN only
     assert set(MODELS["Edge-Server"].links) == {"tcp", "mqtt", "sim"}
     assert {"pty", "usbdrop"} <= set(MODELS["AS-B"].links)
+    # issue 14: the Enterprise Server, a PC/VM like the Edge Server, its MACs apart from it
+    ent = make_facts("Enterprise-Server", 1, 1)
+    assert set(MODELS["Enterprise-Server"].links) == {"tcp", "mqtt", "sim"}
+    assert ent.machine_id and (ent.serial or "").startswith("ENT-")
+    assert not set(ent.macs) & set(make_facts("Edge-Server", 1, 1).macs)
 
 
 @pytest.mark.parametrize(("change", "message"), [

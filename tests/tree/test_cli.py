@@ -84,3 +84,23 @@ def test_refusals_name_the_thing_with_their_exit_code(system: System) -> None:
               "--request", str(s.root / "top.req"), "--demo", "--remove", "SNMP",
               "--out", str(s.root / "x.resp"), code=2)
     assert "--demo needs --grant" in p.stderr
+
+
+def test_the_parent_daemon_s_lease_flag_and_the_config_keys(system: System) -> None:
+    s = system
+    s.init("top", "Enterprise-Server")
+    s.init("kid", "AS-P")
+    s.activate("top", "SNMP=1")
+    conf = s.root / "top.toml"
+    conf.write_text('listen = ["tcp://127.0.0.1:0"]\nlease = 3600\n')
+    _t, url = s.daemon("top", "--config", str(conf))
+    s.run("licagent", "attach", *s.store("kid"), "--parent", url)
+    st = json.loads(s.run("licagent", "status", *s.store("kid"), "--json").stdout)
+    assert st["licenses"][0]["lease_until"] == "2027-01-15T09:00:00Z"  # T0 + 3600 s
+    bad = s.root / "bad.toml"
+    bad.write_text('state = "top"\nlisten = ["tcp://127.0.0.1:0"]\nrenew_every = 0\n')
+    p = s.run("licagent", "run", "--config", str(bad), code=2)
+    assert "bad.toml: renew_every must be seconds between renewals with the parent (a whole number), not 0" in p.stderr
+    p = s.run("licagent", "run", *s.store("top"), "--listen", "tcp://127.0.0.1:0",
+              "--lease", "0", code=2)
+    assert p.stderr == "licagent: usage: --lease 0: must be at least 1\n"
