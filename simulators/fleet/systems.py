@@ -116,6 +116,7 @@ def _renew(child: SimServer, run: SystemRun) -> Any:
 def attach_children(fleet: Fleet) -> None:
     """Every child attaches to its top (once the tops are served)."""
     for run in fleet.systems:
+        fleet.log(f"system {run.spec.name}: attaching {len(run.children)} children")
         inherited = 0
         for child in run.children:
             inherited += bool(_renew(child, run).installed)
