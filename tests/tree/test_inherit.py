@@ -283,3 +283,30 @@ def test_grants_survive_an_older_slot_put_back(site: Site, serve: Any) -> None:
     assert [g.child_id for g in p.agent.state()[0].system.granted] == [
         a.agent.state()[0].device_id]
     assert renew_once(b.agent, url).installed == ()
+
+
+def test_https_says_it_does_not_carry_the_tree_and_count(site: Site, tmp_path: Any) -> None:
+    """https:// has no routes for the system tree: said plainly, never answered wrongly
+    (a --count check answered as if for one unit)."""
+    import hw
+    from agent.ops import AgentOps
+    from tests.support.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    p = top(site)
+    activate(p, inherit=True, SNMP=1)
+    lst = hw.listen(f"https://127.0.0.1:0?cert={pki.server_cert}&key={pki.server_key}",
+                    AgentOps(p.agent))
+    lst.start()
+    try:
+        url = f"{lst.address}?ca={pki.ca_cert}"
+        kid = site.device()
+        with pytest.raises(UsageError, match="'renew-grants' is not carried by https://"):
+            renew_once(kid.agent, url)
+        assert kid.agent.state()[0].system.parent is None
+        from agent.rpc import CheckArgs, Op
+
+        with hw.connect(url) as c, pytest.raises(UsageError, match="--count is not carried"):
+            c.typed(Op.CHECK_FEATURE, CheckArgs("SNMP", 2).to_wire())
+    finally:
+        lst.stop()
