@@ -82,6 +82,12 @@ MAX_LEASE = 31 * 86400
 INFO_FRESH = 86400
 #: models that may have child servers
 PARENT_MODELS = ("Enterprise-Server",)
+#: child servers one parent keeps: each is a record in the parent's state slot (at most
+#: MAX_REPORT bytes of its report), and the slot stays below the store's 1 MiB cap
+MAX_CHILDREN = 1000
+#: a child's report kept by its parent, encoded; a larger one is kept without its own
+#: children (licadmin tree then asks that child directly), then without its features
+MAX_REPORT = 256
 
 
 def _iso(t: int) -> str:
@@ -416,10 +422,32 @@ def issue_grants(state: AgentState, info_file: bytes, url: str | None,
     for feature in mine:
         if feature not in {lic.feature for lic in state.licenses if lic.inherit > 0}:
             dropped.append(feature)
-    child = Child(info.device_id, child_key, info.model, url, now, dict(report))
+    known = any(c.device_id == info.device_id for c in sys_.children)
+    if not known and len(sys_.children) >= MAX_CHILDREN:
+        raise UsageError(f"this server already keeps {MAX_CHILDREN} child servers, the most "
+                         f"one parent keeps; attach {info.device_id[:12]}… to another "
+                         f"Enterprise Server")
+    child = Child(info.device_id, child_key, info.model, url, now, _kept_report(report))
     event = {"child": child.to_cbor(), "grants": outs, "dropped": sorted(set(dropped)),
              "expired_before": t}
     return IssuedGrants(event, tuple(files), tuple(recalled), tuple(refused))
+
+
+def _kept_report(report: Mapping[str, Any]) -> dict[str, Any]:
+    """What a parent keeps of a child's report: its name, features and children, within
+    :data:`MAX_REPORT` bytes (identity fields are the child record's own)."""
+    from agent.cose import canonical
+
+    kept: dict[str, Any] = {k: report[k] for k in ("serial", "features", "children")
+                            if k in report}
+    kept["features"] = [[f.get(k) for k in ("feature", "required", "licensed", "inherited",
+                                            "available")]
+                        for f in kept.get("features", []) if isinstance(f, dict)]
+    for drop in ("children", "features"):
+        if len(canonical(kept)) <= MAX_REPORT:
+            break
+        kept.pop(drop, None)
+    return kept if len(canonical(kept)) <= MAX_REPORT else {}
 
 
 def holders(state: AgentState, features: Iterable[str], t: int) -> list[GrantOut]:
@@ -524,9 +552,19 @@ def tree_report(state: AgentState, now: int) -> dict[str, Any]:
     return {"device_id": state.device_id, "model": state.model, "serial": state.serial,
             "parent": None if p is None else p.device_id, "depth": state.system.depth,
             "features": feature_rows(state, now),
-            "children": [{**dict(c.report), "device_id": c.device_id, "model": c.model,
-                          "url": c.url, "seen": c.seen}
-                         for c in state.system.children]}
+            "children": [_child_report(c) for c in state.system.children]}
+
+
+_ROW_KEYS = ("feature", "required", "licensed", "inherited", "available")
+
+
+def _child_report(c: Child) -> dict[str, Any]:
+    """A child's node as its parent last heard it (the rows kept as arrays)."""
+    r = dict(c.report)
+    rows = [dict(zip(_ROW_KEYS, row, strict=False)) if isinstance(row, list) else row
+            for row in r.get("features", [])]
+    return {**r, "features": rows, "children": r.get("children", []), "device_id": c.device_id,
+            "model": c.model, "url": c.url, "seen": c.seen}
 
 
 def grants_summary(sys_: SystemState) -> list[str]:

@@ -310,3 +310,42 @@ def test_https_says_it_does_not_carry_the_tree_and_count(site: Site, tmp_path: A
             c.typed(Op.CHECK_FEATURE, CheckArgs("SNMP", 2).to_wire())
     finally:
         lst.stop()
+
+
+def test_a_parent_keeps_at_most_max_children_within_its_slot(site: Site, serve: Any) -> None:
+    """Each child is a record in the parent's state slot: its report is kept small and the
+    number of children bounded, so the slot stays far below the store's 1 MiB cap."""
+    from agent import store as store_mod
+    from agent.cose import canonical
+
+    big = {"serial": "S" * 40, "features": [{"feature": f"F{i}", "required": 1, "licensed": 1,
+                                             "inherited": 0, "available": 0}
+                                            for i in range(30)],
+           "children": [{"device_id": "0" * 64}] * 10}
+    kept = inherit._kept_report(big)
+    assert len(canonical(kept)) <= inherit.MAX_REPORT and "children" not in kept
+    p = top(site)
+    activate(p, inherit=True, SNMP=2)
+    kids = []
+    for _ in range(20):
+        k = site.device()
+        kids.append(k)
+        info, _i = k.agent.info()
+        p.agent.renew_child(info, None, big)
+    per_child = max((p.directory / n).stat().st_size for n in store_mod.SLOTS) / 20
+    assert per_child * inherit.MAX_CHILDREN < store_mod.MAX_SLOT * 0.9, per_child
+    # the bound itself: a parent that keeps MAX_CHILDREN refuses a new one, not a known one
+    import agent.inherit as inh
+
+    old = inh.MAX_CHILDREN
+    inh.MAX_CHILDREN = 20
+    try:
+        k = site.device()
+        info, _i = k.agent.info()
+        with pytest.raises(UsageError, match="already keeps 20 child servers"):
+            p.agent.renew_child(info, None, {})
+        info, _i = kids[0].agent.info()
+        issued, _st = p.agent.renew_child(info, None, {})  # a known child still renews
+        assert issued.event["child"]["device_id"] == kids[0].agent.state()[0].device_id
+    finally:
+        inh.MAX_CHILDREN = old
