@@ -248,8 +248,9 @@ class Agent:
             }, now)
             return res, warn
 
-    def check(self, feature: str) -> CheckResult:
-        """Is ``feature`` licensed now? Moves the clock mark when the answer depended on it.
+    def check(self, feature: str, count: int = 1) -> CheckResult:
+        """Is ``feature`` licensed now (``count`` units, own and inherited; issue 14)? Moves
+        the clock mark when the answer depended on it.
 
         The mark is committed (a ``clock`` journal record, then the slot) whenever the
         answer at ``now`` differs from the answer at the mark (a license seen expired),
@@ -259,10 +260,10 @@ class Agent:
         with self._open() as (store, now):
             res = protocol.check_feature(store.state, feature, now, self.limits)
             edge = protocol.clock_edge(store.state, feature, now, self.limits)
-            if not res.licensed and store.state.system.inherited:  # issue 14: grants held
+            if count != 1 or (not res.licensed and store.state.system.inherited):  # issue 14
                 from agent import inherit
 
-                res = inherit.check_units(store.state, feature, now, 1, self.limits)
+                res = inherit.check_units(store.state, feature, now, count, self.limits)
                 edge = edge or inherit.grant_edge(store.state, feature, now)
             new, persist = protocol.observe_clock(store.state, now, self.limits)
             if edge is not None:
@@ -409,12 +410,7 @@ class Agent:
         """Are ``count`` units of ``feature`` licensed, own and inherited together?"""
         if count < 1:
             raise UsageError(f"--count {count}: must be at least 1")
-        if count == 1:
-            return self.check(feature)  # the clock mark's path, grants included
-        from agent import inherit
-
-        with self._open() as (store, now):
-            return inherit.check_units(store.state, feature, now, count, self.limits)
+        return self.check(feature, count)  # the clock mark's path, grants included
 
     def tree_report(self) -> dict[str, Any]:
         from agent import inherit

@@ -349,3 +349,17 @@ def test_a_parent_keeps_at_most_max_children_within_its_slot(site: Site, serve: 
         assert issued.event["child"]["device_id"] == kids[0].agent.state()[0].device_id
     finally:
         inh.MAX_CHILDREN = old
+
+
+def test_a_count_check_past_a_lease_moves_the_clock_mark_too(site: Site, serve: Any) -> None:
+    p = top(site)
+    activate(p, inherit=True, SNMP=1)
+    kid = site.device()
+    activate(kid, SNMP=1)
+    renew_once(kid.agent, serve(p).url)
+    assert kid.agent.check_count("SNMP", 2).licensed
+    site.clock.t += 7 * DAY + 1
+    assert not kid.agent.check_count("SNMP", 2).licensed  # the lease ended: 1 unit left
+    site.clock.t -= 2 * DAY  # wound back: the count check committed the mark
+    r = kid.agent.check_count("SNMP", 2)
+    assert not r.licensed and r.clock_set_back
