@@ -399,9 +399,9 @@ def issue_grants(state: AgentState, info_file: bytes, url: str | None,
             if held is not None:
                 recalled.append(lic.feature)
             continue
-        if held is not None and held.until >= t:
+        if held is not None and held.until >= t and held.slot < lic.inherit:
             slot = held.slot
-        else:
+        else:  # new, ended, or a slot beyond a license updated to fewer children
             used = {g.slot for g in sys_.active_grants(lic.feature, t)
                     if g.child_id != info.device_id}
             free = [s for s in range(lic.inherit) if s not in used]

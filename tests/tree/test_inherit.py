@@ -363,3 +363,20 @@ def test_a_count_check_past_a_lease_moves_the_clock_mark_too(site: Site, serve: 
     site.clock.t -= 2 * DAY  # wound back: the count check committed the mark
     r = kid.agent.check_count("SNMP", 2)
     assert not r.licensed and r.clock_set_back
+
+
+def test_a_license_updated_to_fewer_children_never_renews_a_slot_beyond_it(
+        site: Site, serve: Any) -> None:
+    p = top(site)
+    activate(p, inherit=True, SNMP=3)
+    url = serve(p).url
+    kids = [site.device() for _ in range(3)]
+    for k in kids:
+        renew_once(k.agent, url)
+    req = p.agent.request(Action.RENEW, ["SNMP"])
+    p.agent.apply(p.vendor.issue(req, [Grant("SNMP", 1, inherit=1)], now=site.clock()))
+    outs = [renew_once(k.agent, url) for k in kids]
+    assert sum(bool(o.installed) for o in outs) == 1  # only slot 0 is renewed
+    using = [k for k in kids if k.agent.check("SNMP").licensed]
+    assert len(using) == 1
+    assert [g.slot for g in p.agent.state()[0].system.granted] == [0]
