@@ -399,7 +399,10 @@ class Agent:
         """Record what the host application needs of ``feature`` (0 forgets it)."""
         from agent.messages import MAX_COUNT, valid_feature
 
-        valid_feature(feature)
+        try:
+            valid_feature(feature)
+        except LicensingError as exc:  # a name typed by an operator: a usage error
+            raise UsageError(str(exc)) from exc
         if not 0 <= count <= MAX_COUNT:
             raise UsageError(f"count {count} must be from 0 to {MAX_COUNT}")
         with self._open() as (store, now):

@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                      "inherited and available units, and the totals")  # issue 14
     sp.add_argument("--json", action="store_true",
                     help='print {"servers": [...], "totals": [...]} as JSON')
+    sp = cmd("use", "record how many units of FEATURE the server's host application needs")
+    sp.add_argument("use", metavar="FEATURE=COUNT", help="e.g. bacnet-ip=1 (0 forgets it)")
     _workflow_parsers(sub)
     return p
 
@@ -460,6 +462,15 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
                                  f"already applied with the same receipt)") from err
         verify_receipt(res.receipt, response=response)  # what send checks, the same way
         show_applied(PROG, res, args.receipt_out)
+        return EXIT_OK
+    if c == "use":  # issue 14: the daemon operation use-feature
+        from agent.rpc import Op, UseArgs
+
+        feature, eq, count = args.use.partition("=")
+        if not eq or not count.isdigit():
+            raise UsageError(f"{args.use!r}: expected FEATURE=COUNT, e.g. bacnet-ip=1")
+        done: UseArgs = client.typed(Op.USE_FEATURE, UseArgs(feature, int(count)).to_wire())
+        print(f"{done.feature}: {done.count} required")
         return EXIT_OK
     if c == "tree":  # issue 14
         from apps.licadmin import tree

@@ -104,3 +104,18 @@ def test_the_parent_daemon_s_lease_flag_and_the_config_keys(system: System) -> N
     p = s.run("licagent", "run", *s.store("top"), "--listen", "tcp://127.0.0.1:0",
               "--lease", "0", code=2)
     assert p.stderr == "licagent: usage: --lease 0: must be at least 1\n"
+
+
+def test_licadmin_use_over_tcp_reaches_the_tree(system: System) -> None:
+    s = system
+    s.init("top", "Enterprise-Server")
+    s.activate("top", "SNMP=2")
+    _t, url = s.daemon("top", "--listen", "tcp://127.0.0.1:0")
+    assert s.run("licadmin", "use", "--server", url, "SNMP=1").stdout == "SNMP: 1 required\n"
+    p = s.run("licadmin", "use", "--server", url, "bad name=1", code=2)
+    assert p.stderr.startswith("licadmin: usage: feature name 'bad name' is not valid")
+    out = json.loads(s.run("licadmin", "tree", "--server", url, "--json").stdout)
+    assert out["totals"] == [{"feature": "SNMP", "required": 1, "licensed": 2,
+                              "inherited": 0, "available": 1}]
+    p = s.run("licadmin", "check", "--server", url, "SNMP", "--count", "3", code=1)
+    assert "SNMP: 3 units asked, 2 licensed" in p.stdout
