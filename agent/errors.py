@@ -36,6 +36,8 @@ __all__ = [
     "NoSeatError",
     "NotLicensedError",
     "NotYetValidError",
+    "GrantsHeldError",
+    "NotTopServerError",
     "ReadOnlyStoreError",
     "SeatNotOutError",
     "SeatsOutError",
@@ -243,3 +245,20 @@ class SeatsOutError(LicensingError):
 
     exit_code = 9
     reason = "seats-out"
+# ---------------------------------------------------------------- issue 14: the system tree
+
+
+class NotTopServerError(WrongDeviceError):
+    """A demo license, or a child's attach, on a server that cannot take it at its place in
+    the system tree (not the top server, more than three levels, a parent that is no
+    Enterprise Server)."""
+
+    reason = "not-top-server"
+
+
+class GrantsHeldError(LicensingError):
+    """A reclaim of an inheritable license while child servers still hold grants of it
+    (they were asked to return them; ``--force`` reclaims anyway, the leases running on)."""
+
+    exit_code = 1
+    reason = "grants-held"

@@ -92,6 +92,9 @@ _KIND_TEXT = {
     "csv": "a CSV file",
 }
 _CONTENT_TYPES = {k.content_type: k.value for k in Kind}
+# issue 14: the system tree's files (agent/inherit.py), named in refusals
+_CONTENT_TYPES.update({f"application/vnd.bms-license.{k}+cbor": k
+                       for k in ("grant", "grant-return")})
 
 
 def identify(data: bytes) -> str:

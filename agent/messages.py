@@ -198,9 +198,14 @@ class License:
     grace: int = 0
     #: issue 15: served as COUNT floating seats by the agent that holds it (agent.seats)
     floating: bool = False
+    # issue 14: child servers that may inherit this license (0: none) and a demo license;
+    # written only when not the default, so every older license encodes byte for byte
+    inherit: int = 0
+    demo: bool = False
 
     def __post_init__(self) -> None:
         _feature(self.feature)
+        _uint(self.inherit, "inherit", MAX_COUNT)
         _uint(self.count, "count", MAX_COUNT)
         _opt_time(self.not_before, "not_before")
         _opt_time(self.not_after, "not_after")
@@ -222,6 +227,10 @@ class License:
         }
         if self.floating:  # issue 15: written only when set (older files stay byte-identical)
             out["floating"] = True
+        if self.inherit:  # issue 14
+            out["inherit"] = self.inherit
+        if self.demo:
+            out["demo"] = True
         return out
 
     @cached_property
@@ -234,9 +243,12 @@ class License:
     def from_cbor(cls, obj: object) -> License:
         m = _map(obj, "license")
         _keys(m, "license", ["feature", "count"],
-              ["not_before", "not_after", "grace", "floating"])
+              ["not_before", "not_after", "grace", "floating", "inherit", "demo"])
         if "floating" in m and m["floating"] is not True:  # issue 15: true or absent
             raise MalformedError("license floating must be true when present")
+        demo = m.get("demo", False)
+        if demo is not False and demo is not True:
+            raise MalformedError("demo must be true or false")
         return cls(
             feature=_feature(m["feature"]),
             count=_uint(m["count"], "count", MAX_COUNT),
@@ -244,6 +256,8 @@ class License:
             not_after=_opt_time(m.get("not_after"), "not_after"),
             grace=_uint(m.get("grace", 0), "grace", 366 * 86400),
             floating="floating" in m,
+            inherit=_uint(m.get("inherit", 0), "inherit", MAX_COUNT),  # issue 14
+            demo=demo,
         )
 
 
@@ -301,6 +315,8 @@ class LicenseChange:
     not_after: int | None = None
     grace: int = 0
     floating: bool = False  # issue 15
+    inherit: int = 0  # issue 14, as License's
+    demo: bool = False
 
     def __post_init__(self) -> None:
         self.license()  # validates the fields
@@ -310,7 +326,7 @@ class LicenseChange:
         lic: License | None = self.__dict__.get("_license")
         if lic is None:
             lic = License(self.feature, self.count, self.not_before, self.not_after, self.grace,
-                          floating=self.floating)
+                          floating=self.floating, inherit=self.inherit, demo=self.demo)
             self.__dict__["_license"] = lic
         return lic
 
@@ -328,7 +344,7 @@ class LicenseChange:
             return cls(op, _feature(m["feature"]))
         lic = License.from_cbor({k: v for k, v in m.items() if k != "op"})
         return cls(op, lic.feature, lic.count, lic.not_before, lic.not_after, lic.grace,
-                   floating=lic.floating)
+                   floating=lic.floating, inherit=lic.inherit, demo=lic.demo)
 
 
 # ---------------------------------------------------------------- payloads
@@ -511,6 +527,11 @@ class Receipt(Payload):
     @property
     def seats_end(self) -> int | None:
         return max((s.until for s in self.seats_out), default=None)
+    #: issue 14: the children's signed grant returns for the licenses that left, and the
+    #: leases still running on children after a forced reclaim ({"child_id", "feature",
+    #: "lease_until"}); written only when not empty
+    returns: tuple[bytes, ...] = ()
+    leases: tuple[Mapping[str, Any], ...] = ()
 
     def fields(self) -> dict[str, Any]:
         return self._optional(self._fields())
@@ -520,6 +541,10 @@ class Receipt(Payload):
         if self.seats_out:
             out["seats_out"] = [s.to_cbor() for s in self.seats_out]
             out["seats_end"] = self.seats_end
+        if self.returns:  # issue 14
+            out["returns"] = list(self.returns)
+        if self.leases:
+            out["leases"] = [dict(x) for x in self.leases]
         return out
 
     def _fields(self) -> dict[str, Any]:
@@ -557,7 +582,8 @@ class Receipt(Payload):
     def from_map(cls, m: Mapping[str, Any]) -> Receipt:
         _keys(m, "receipt", ["v", "kind", "device_id", "device_alg", "device_key", "response",
                              "response_digest", "sequence", "state_digest", "applied",
-                             "removed", "licenses", "applied_at"], ["seats_out", "seats_end"])
+                             "removed", "licenses", "applied_at"],
+              ["seats_out", "seats_end", "returns", "leases"])
         seats_out = tuple(SeatOut.from_cbor(x) for x in _list(m.get("seats_out", []),
                                                                 "seats_out"))
         if ("seats_out" in m) != ("seats_end" in m) or ("seats_out" in m and (
@@ -575,7 +601,18 @@ class Receipt(Payload):
             licenses=_licenses(m["licenses"]),
             applied_at=_time(m["applied_at"], "applied_at"),
             seats_out=seats_out,
+            returns=tuple(_bytes(r, "returns", maximum=80 * 1024)
+                          for r in _list(m.get("returns", []), "returns")),
+            leases=tuple(_lease(x) for x in _list(m.get("leases", []), "leases")),
         )
+
+
+def _lease(obj: object) -> dict[str, Any]:
+    """One lease still running on a child after a forced reclaim (issue 14)."""
+    m = _map(obj, "lease")
+    _keys(m, "lease", ["child_id", "feature", "lease_until"])
+    return {"child_id": _device_id(m["child_id"], "child_id"), "feature": _feature(m["feature"]),
+            "lease_until": _time(m["lease_until"], "lease_until")}
 
 
 @record(frozen=True)

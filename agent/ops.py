@@ -26,6 +26,8 @@ from agent.rpc import (
     LicenseInfoResult,
     NoArgs,
     Op,
+    RenewArgs,
+    RenewResult,
     RequestArgs,
     RequestResult,
     SeatCheckoutArgs,
@@ -33,7 +35,11 @@ from agent.rpc import (
     SeatListResult,
     SeatResult,
     SeatTokenArgs,
+    ReturnArgs,
+    ReturnResult,
     StatusResult,
+    TreeResult,
+    UseArgs,
     read_args,
 )
 from agent.service import Agent
@@ -102,7 +108,7 @@ class AgentOps:
         return ApplyResult.of(res, warn)
 
     def _check(self, args: CheckArgs, _origin: str | None) -> FeatureCheck:
-        r = self.agent.check(args.feature)
+        r = self.agent.check_count(args.feature, args.count)
         return FeatureCheck(args.feature, r.licensed, r.message, r.in_grace, r.clock_set_back)
 
     def _journal(self, _args: NoArgs, _origin: str | None) -> JournalResult:
@@ -143,6 +149,31 @@ class AgentOps:
             end if end < len(out) else None)
 
 
+    # ------------------------------------------------------------ issue 14: the system tree
+
+    def _renew(self, args: RenewArgs, _origin: str | None) -> RenewResult:
+        issued, st = self.agent.renew_child(args.info, args.url, dict(args.report or {}))
+        parent_info, _info = self.agent.info()
+        child = issued.event["child"]["device_id"]
+        self.log(f"renew-grants child={child[:12]} granted={len(issued.files)} "
+                 f"recalled={','.join(issued.recalled) or '-'}")
+        return RenewResult(parent_info, st.system.depth, list(issued.files),
+                           list(issued.recalled), list(issued.refused))
+
+    def _return(self, args: ReturnArgs, _origin: str | None) -> ReturnResult:
+        feats = self.agent.accept_return(args.file)
+        self.log(f"return-grants features={','.join(feats)}")
+        return ReturnResult(feats)
+
+    def _use(self, args: UseArgs, _origin: str | None) -> UseArgs:
+        self.agent.use(args.feature, args.count)
+        return args
+
+    def _tree(self, _args: NoArgs, _origin: str | None) -> TreeResult:
+        r = self.agent.tree_report()
+        return TreeResult(*(r[k] for k in TreeResult.KEYS))
+
+
 def _no_log(_line: str) -> None:
     pass
 
@@ -174,6 +205,10 @@ _IMPLS: Mapping[Op, Callable[[AgentOps, Any, str | None], Any]] = {
     Op.SEAT_RENEW: AgentOps._seat_renew,
     Op.SEAT_RETURN: AgentOps._seat_return,
     Op.SEAT_LIST: AgentOps._seat_list,
+    Op.RENEW_GRANTS: AgentOps._renew,  # issue 14
+    Op.RETURN_GRANTS: AgentOps._return,
+    Op.USE_FEATURE: AgentOps._use,
+    Op.GET_TREE: AgentOps._tree,
 }
 if set(_IMPLS) != set(Op):  # adding an operation is one table entry plus its handler here
     raise ImportError(f"agent.ops implements no {', '.join(sorted(set(Op) - set(_IMPLS)))}")

@@ -62,6 +62,9 @@ from agent.messages import (
 )
 from agent.record import field, record, replace
 from agent.seats import Seat
+from agent.tree import EMPTY as EMPTY_SYSTEM
+from agent.tree import EVENTS as SYSTEM_EVENTS
+from agent.tree import SystemState, after_changes, apply_event
 
 __all__ = [
     "AgentState",
@@ -111,6 +114,8 @@ class Limits:
     clock_tolerance: int = 300
     #: without an apply, the clock high-water mark is persisted at most this often
     hwm_persist_interval: int = 3600
+    #: issue 14: how long a grant to a child server lasts (renewed by the live relation)
+    grant_lease: int = 7 * 86400
 
 
 DEFAULT_LIMITS = Limits()
@@ -223,6 +228,8 @@ class AgentState:
     dropped: tuple[Dropped, ...] = ()
     #: issue 15: the seats of floating licenses out to clients (agent.seats), sorted
     seats: tuple[Seat, ...] = ()
+    #: issue 14: the system tree (parent, grants held and handed out); absent when empty
+    system: SystemState = EMPTY_SYSTEM
 
     @cached_property
     def digest(self) -> bytes:
@@ -262,6 +269,8 @@ class AgentState:
             out["dropped"] = [d.to_cbor() for d in self.dropped]
         if self.seats:  # issue 15: absent when none is out
             out["seats"] = [x.to_cbor() for x in self.seats]
+        if not self.system.empty():  # issue 14, likewise
+            out["system"] = self.system.to_cbor()
         return out
 
     def encode(self) -> bytes:
@@ -295,6 +304,7 @@ class AgentState:
                 simulated=m.get("simulated", False) is True,
                 dropped=tuple(Dropped.from_cbor(d) for d in m.get("dropped", ())),
                 seats=tuple(Seat.from_cbor(x) for x in m.get("seats", ())),  # issue 15
+                system=SystemState.from_cbor(m.get("system")),  # issue 14
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise MalformedError(f"stored state has the wrong shape: {exc}") from exc
@@ -651,7 +661,15 @@ def apply_response(
     latest = max(now, state.clock_hwm)  # a clock stepped back within tolerance gains nothing
     if latest > resp.expires:
         raise ExpiredError(f"response expired at {_iso(resp.expires)} (now {_iso(latest)})")
+    if state.system.parent is not None and any(c.demo for c in resp.changes):  # issue 14
+        from agent.errors import NotTopServerError
+
+        raise NotTopServerError(
+            f"response installs a demo license ({', '.join(c.feature for c in resp.changes if c.demo)}), "
+            f"but this server is attached to parent {state.system.parent.device_id[:12]}…: demo "
+            f"licenses live on the top server only")
     licenses, removed = _apply_changes(state.licenses, resp.changes)
+    system, returns, leases = after_changes(state.system, resp.changes, data, latest)
     if len(licenses) > MAX_LIST:
         raise MalformedError(
             f"response would leave {len(licenses)} licenses installed; at most {MAX_LIST}"
@@ -669,6 +687,8 @@ def apply_response(
         licenses=licenses,
         applied_at=now,
         seats_out=seats.still_out(licenses, state.seats, latest),  # issue 15, item 6
+        returns=returns,
+        leases=leases,
     )
     receipt_bytes = sign1(receipt.encode(), key, Kind.RECEIPT.content_type)
     applied = (*state.applied, Applied(resp.nonce, resp.sequence, digest))
@@ -681,6 +701,7 @@ def apply_response(
         applied=applied[-limits.max_applied_history:],
         last_receipt=receipt_bytes,
         clock_hwm=max(state.clock_hwm, now),
+        system=system,
     )
     new.__dict__["digest"] = new_digest  # the cached property, already computed above
     return ApplyResult(new, receipt_bytes, resp, already_applied=False, removed=removed)
@@ -772,6 +793,8 @@ def replay_event(state: AgentState, event: str, data: Any, time_: int, key: Sign
         if event == "seat":  # issue 15: a checkout, renew, return or drop of seats
             return evolve(state, seats=seats.redo(state.seats, data, time_),
                           clock_hwm=max(state.clock_hwm, data.get("t", time_)))
+        if event in SYSTEM_EVENTS:  # issue 14: the tree's own events, one pure step each
+            return evolve(state, system=apply_event(state.system, event, data))
         if event == "clock":
             mark = data["clock_hwm"]
             if type(mark) is not int:

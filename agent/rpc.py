@@ -95,6 +95,11 @@ class Op(enum.StrEnum):
     SEAT_RENEW = "seat-renew"
     SEAT_RETURN = "seat-return"
     SEAT_LIST = "seat-list"
+    # issue 14: the system tree
+    RENEW_GRANTS = "renew-grants"
+    RETURN_GRANTS = "return-grants"
+    USE_FEATURE = "use-feature"
+    GET_TREE = "get-tree"
 
 
 OPS = frozenset(o.value for o in Op)
@@ -337,7 +342,8 @@ class RequestArgs:
     action: Action
     features: tuple[str, ...] = ()
     license_info: bytes | None = None
-    #: issue 15: reclaim floating licenses even while seats are out (the receipt records them)
+    #: issue 15: reclaim floating licenses even while seats are out (the receipt records them);
+    #: issue 14: reclaim although child servers hold grants
     force: bool = False
 
     @classmethod
@@ -384,15 +390,21 @@ class CheckArgs:
     """check-feature: the feature's name."""
 
     feature: str
+    count: int = 1  # issue 14: units asked for (absent: 1)
 
     @classmethod
     def from_wire(cls, args: Mapping[str, Any]) -> CheckArgs:
         feature = args.get("feature")
         if not isinstance(feature, str):
             raise UsageError("feature must be a name")
-        return cls(feature)
+        count = args.get("count", 1)
+        if type(count) is not int or not 1 <= count < 2**32:
+            raise UsageError("count must be a whole number from 1")
+        return cls(feature, count)
 
     def to_wire(self) -> dict[str, Any]:
+        if self.count != 1:
+            return {"feature": self.feature, "count": self.count}
         return {"feature": self.feature}
 
 
@@ -680,6 +692,121 @@ class SeatListResult(WireView):
         return cls(d["seats"], d["pools"], nxt if type(nxt) is int else None)
 
 
+# ---------------------------------------------------------------- issue 14: the system tree
+
+
+@record(frozen=True)
+class RenewArgs:
+    """renew-grants: a child's signed device information, where it listens, its report."""
+
+    info: bytes
+    url: str | None = None
+    report: Mapping[str, Any] | None = None
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, Any]) -> RenewArgs:
+        url, report = args.get("url"), args.get("report")
+        if url is not None and (not isinstance(url, str) or len(url) > 512):
+            raise UsageError("url must be a link URL")
+        if report is not None and not isinstance(report, dict):
+            raise UsageError("report must be a map")
+        return cls(_bytes_arg(args, "info"), url, report)
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"info": self.info}
+        if self.url is not None:
+            out["url"] = self.url
+        if self.report is not None:
+            out["report"] = dict(self.report)
+        return out
+
+
+@record(frozen=True)
+class RenewResult(WireView):
+    """renew-grants: the parent, its level, the grants it gives now, those it recalls."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ("parent_info", "depth", "grants", "recalled", "refused")
+    parent_info: bytes
+    depth: int
+    grants: list[bytes]
+    recalled: list[str]
+    refused: list[str]
+
+    @classmethod
+    def from_wire(cls, m: object) -> RenewResult:
+        d = _need(m, {"parent_info": bytes, "depth": int, "grants": list, "recalled": list,
+                      "refused": list}, "renew-grants")
+        if not all(isinstance(g, bytes) for g in d["grants"]) or not all(
+                isinstance(x, str) for x in (*d["recalled"], *d["refused"])):
+            raise MalformedError("the renew-grants answer's lists are of the wrong type")
+        return cls(d["parent_info"], d["depth"], d["grants"], d["recalled"], d["refused"])
+
+
+@record(frozen=True)
+class ReturnArgs:
+    """return-grants: a child's signed grant return."""
+
+    file: bytes
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, Any]) -> ReturnArgs:
+        return cls(_bytes_arg(args, "file"))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"file": self.file}
+
+
+@record(frozen=True)
+class ReturnResult(WireView):
+    KEYS: ClassVar[tuple[str, ...]] = ("features",)
+    features: list[str]
+
+    @classmethod
+    def from_wire(cls, m: object) -> ReturnResult:
+        return cls([str(f) for f in _need(m, {"features": list}, "return-grants")["features"]])
+
+
+@record(frozen=True)
+class UseArgs(WireView):
+    """use-feature: the units of a feature the host application needs (also its result)."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ("feature", "count")
+    feature: str
+    count: int
+
+    @classmethod
+    def from_wire(cls, args: object) -> UseArgs:
+        m = args if isinstance(args, dict) else {}
+        feature, count = m.get("feature"), m.get("count")
+        if not isinstance(feature, str) or type(count) is not int or count < 0:
+            raise UsageError("use-feature takes a feature name and a count from 0")
+        return cls(feature, count)
+
+
+@record(frozen=True)
+class TreeResult(WireView):
+    """get-tree: this server's node, with its children's last reports under it."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ("device_id", "model", "serial", "parent", "depth",
+                                       "features", "children")
+    device_id: str
+    model: str
+    serial: str | None
+    parent: str | None
+    depth: int
+    features: list[dict[str, Any]]
+    children: list[dict[str, Any]]
+
+    @classmethod
+    def from_wire(cls, m: object) -> TreeResult:
+        d = _need(m, {"device_id": str, "model": str, "depth": int, "features": list,
+                      "children": list}, "get-tree")
+        serial, parent = d.get("serial"), d.get("parent")
+        return cls(d["device_id"], d["model"], serial if isinstance(serial, str) else None,
+                   parent if isinstance(parent, str) else None, d["depth"], d["features"],
+                   d["children"])
+
+
 # ---------------------------------------------------------------- the operation table
 
 
@@ -707,6 +834,11 @@ OPERATIONS: Mapping[Op, Operation] = {o.op: o for o in (
     Operation(Op.SEAT_RENEW, SeatTokenArgs.from_wire, SeatResult.from_wire),
     Operation(Op.SEAT_RETURN, SeatTokenArgs.from_wire, SeatResult.from_wire),
     Operation(Op.SEAT_LIST, SeatListArgs.from_wire, SeatListResult.from_wire),
+    # issue 14: the system tree
+    Operation(Op.RENEW_GRANTS, RenewArgs.from_wire, RenewResult.from_wire),
+    Operation(Op.RETURN_GRANTS, ReturnArgs.from_wire, ReturnResult.from_wire),
+    Operation(Op.USE_FEATURE, UseArgs.from_wire, UseArgs.from_wire),
+    Operation(Op.GET_TREE, NoArgs.from_wire, TreeResult.from_wire),
 )}
 
 

@@ -14,21 +14,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agent import protocol, seats
+from agent import protocol, seats, tree
 from agent.cose import PublicKey, SigningKey
 from agent.durable import FileOps
 from agent.errors import ExpiredError, LicensingError, StorageError, UsageError
 from agent.formats import iso
 from agent.identity import FactsProvider, HardwareFacts, host_id, require_identifying
 from agent.journal import JournalReport
-from agent.messages import Action, LicenseInfo, TrustKey, TrustUpdate
+from agent.messages import Action, DeviceInfo, LicenseInfo, TrustKey, TrustUpdate
 from agent.protocol import DEFAULT_LIMITS, ApplyResult, CheckResult, Limits
 from agent.record import record, replace
 from agent.store import KeptLock, OpenStore, Store, store_lock
 
 __all__ = ["Agent", "status_dict"]
 
-MODELS = ("AS-P", "AS-B", "Edge-Server")
+MODELS = ("AS-P", "AS-B", "Edge-Server", "Enterprise-Server")
 
 
 def status_dict(state: protocol.AgentState, now: int, warnings: Iterable[str] = ()) -> dict[str, Any]:
@@ -48,9 +48,10 @@ def status_dict(state: protocol.AgentState, now: int, warnings: Iterable[str] = 
                 "not_after": iso(lic.not_after),
                 "grace_seconds": lic.grace,
                 "licensed_now": protocol.licensed_at(lic, latest),
+                "source": "own",  # issue 14: own, or inherited (below)
             }
             for lic in state.licenses
-        ],
+        ] + _inherited_status(state, now),
         "outstanding_requests": [
             {"nonce": o.nonce.hex(), "action": o.action.value, "features": list(o.features),
              "sequence": o.sequence, "created": iso(o.created),
@@ -66,6 +67,14 @@ def status_dict(state: protocol.AgentState, now: int, warnings: Iterable[str] = 
         "clock_set_back": protocol.clock_set_back(state, now),
         "warnings": list(warnings),
     }
+
+
+def _inherited_status(state: protocol.AgentState, now: int) -> list[dict[str, Any]]:
+    if not state.system.inherited:
+        return []
+    from agent import inherit
+
+    return inherit.status_licenses(state, now)
 
 
 def _wall_clock() -> int:
@@ -190,6 +199,8 @@ class Agent:
         Raises:
             SeatsOutError: a reclaim of a floating license whose seats are out, without
                 ``force`` (issue 15; exit 9).
+            GrantsHeldError: a reclaim of licenses that child servers still hold grants of
+                (the grants are recalled; issue 14), without ``force``.
         """
         features = list(features)
         with self._open() as (store, now):
@@ -201,6 +212,17 @@ class Agent:
                 except LicensingError as err:
                     store.record_refusal(err, "request", now)
                     raise
+            if action is Action.RECLAIM and store.state.system.granted and not force:
+                from agent import inherit
+
+                wanted = features or [lic.feature for lic in store.state.licenses]
+                held = inherit.holders(store.state, wanted, max(now, store.state.clock_hwm))
+                if held:
+                    feats = sorted({g.feature for g in held})
+                    store.commit(replace(store.state, system=tree.apply_event(
+                        store.state.system, "grant-recall", {"features": feats})),
+                        "grant-recall", {"features": feats}, now)
+                    raise inherit.held_refusal(store.state, held, "")
             new, data, req = protocol.create_request(
                 store.state, action, features, os.urandom(16), now, store.key, self.limits,
                 origin,
@@ -237,8 +259,9 @@ class Agent:
             }, now)
             return res, warn
 
-    def check(self, feature: str) -> CheckResult:
-        """Is ``feature`` licensed now? Moves the clock mark when the answer depended on it.
+    def check(self, feature: str, count: int = 1) -> CheckResult:
+        """Is ``feature`` licensed now (``count`` units, own and inherited; issue 14)? Moves
+        the clock mark when the answer depended on it.
 
         The mark is committed (a ``clock`` journal record, then the slot) whenever the
         answer at ``now`` differs from the answer at the mark (a license seen expired),
@@ -248,6 +271,11 @@ class Agent:
         with self._open() as (store, now):
             res = protocol.check_feature(store.state, feature, now, self.limits)
             edge = protocol.clock_edge(store.state, feature, now, self.limits)
+            if count != 1 or (not res.licensed and store.state.system.inherited):  # issue 14
+                from agent import inherit
+
+                res = inherit.check_units(store.state, feature, now, count, self.limits)
+                edge = edge or inherit.grant_edge(store.state, feature, now)
             new, persist = protocol.observe_clock(store.state, now, self.limits)
             if edge is not None:
                 new, persist = protocol.evolve(store.state, clock_hwm=now), True
@@ -370,3 +398,101 @@ class Agent:
             t = max(now, store.state.clock_hwm)
             st = store.state
             return seats.live(st.seats, t), seats.pools(st.licenses, st.seats, t)
+    # ------------------------------------------------------------ issue 14: the system tree
+
+    def _tree_event(self, store: Store, event: str, data: dict[str, Any], now: int) -> None:
+        new = replace(store.state, system=tree.apply_event(store.state.system, event, data))
+        store.commit(new, event, data, now)
+
+    def attach(self, parent_info: bytes, url: str | None, parent_depth: int) -> tree.ParentLink:
+        """Record the parent this server is attached to (its signed device information)."""
+        from agent import inherit
+
+        info, _key = protocol.self_signed_payload(parent_info, DeviceInfo)
+        with self._open() as (store, now):
+            store.require_writable("attach to a parent")
+            link = inherit.parent_link(info, url, parent_depth, now, store.state)
+            self._tree_event(store, "attach", {"parent": link.to_cbor()}, now)
+            return link
+
+    def renew_child(self, info: bytes, url: str | None, report: dict[str, Any]
+                    ) -> tuple[Any, protocol.AgentState]:
+        """The parent's side of a child's renewal: grants by the rules, committed."""
+        from agent import inherit
+
+        with self._open() as (store, now):
+            store.require_writable("grant licenses to a child")
+            issued = inherit.issue_grants(store.state, info, url, report, now, store.key,
+                                          self.limits)
+            self._tree_event(store, "grant-issue", issued.event, now)
+            return issued, store.state
+
+    def install_grants(self, parent_id: str, files: Iterable[bytes], recalled: Iterable[str]
+                       ) -> tuple[list[str], list[str], bytes | None]:
+        """The child's side: verify each grant, keep those that hold, and sign the return of
+        the recalled ones. Returns (installed features, refused lines, the return file)."""
+        from agent import inherit
+
+        with self._open() as (store, now):
+            store.require_writable("install inherited licenses")
+            parent = store.state.system.parent
+            if parent is None or parent.device_id != parent_id:
+                raise UsageError("this server is not attached to that parent "
+                                 "(licagent attach --parent URL first)")
+            good: list[tree.Inherited] = []
+            refused: list[str] = []
+            for f in files:
+                try:
+                    good.append(inherit.verify_grant(store.state, f, now, self.limits))
+                except LicensingError as err:
+                    refused.append(f"{err.reason}: {err}")
+            # a return even for a grant no longer held (a return lost on the way before):
+            # the parent then frees the slot at once instead of at the lease's end
+            back = sorted(set(recalled))
+            ret = None
+            if back:
+                ret, feats = inherit.make_return(store.state, back, store.key, now)
+                self._tree_event(store, "grant-return", {"side": "child",
+                                                        "features": list(feats), "return": ret},
+                                 now)
+            self._tree_event(store, "grant-install", {
+                "parent_id": parent_id, "grants": [g.to_cbor() for g in good]}, now)
+            return [g.feature for g in good], refused, ret
+
+    def accept_return(self, data: bytes) -> list[str]:
+        """The parent records a child's signed return of its grants."""
+        from agent import inherit
+
+        with self._open() as (store, now):
+            store.require_writable("record a grant return")
+            ret = inherit.read_return(store.state, data)
+            self._tree_event(store, "grant-return", {"child_id": ret.child_id,
+                                                    "features": list(ret.features),
+                                                    "return": data}, now)
+            return list(ret.features)
+
+    def use(self, feature: str, count: int) -> None:
+        """Record what the host application needs of ``feature`` (0 forgets it)."""
+        from agent.messages import MAX_COUNT, valid_feature
+
+        try:
+            valid_feature(feature)
+        except LicensingError as exc:  # a name typed by an operator: a usage error
+            raise UsageError(str(exc)) from exc
+        if not 0 <= count <= MAX_COUNT:
+            raise UsageError(f"count {count} must be from 0 to {MAX_COUNT}")
+        with self._open() as (store, now):
+            store.require_writable("record a required count")
+            self._tree_event(store, "use", {"feature": feature, "count": count}, now)
+
+    def check_count(self, feature: str, count: int) -> CheckResult:
+        """Are ``count`` units of ``feature`` licensed, own and inherited together?"""
+        if count < 1:
+            raise UsageError(f"--count {count}: must be at least 1")
+        return self.check(feature, count)  # the clock mark's path, grants included
+
+    def tree_report(self) -> dict[str, Any]:
+        from agent import inherit
+
+        with self._open() as (store, now):
+            return inherit.tree_report(store.state, now)

@@ -327,9 +327,10 @@ def add_operation_commands(cmd: Callable[[str, str], argparse.ArgumentParser],
     sp.add_argument("--out", required=True, metavar="FILE",
                     help="where to write the signed request file")
     sp.add_argument("--force", action="store_true",
-                    help="reclaim floating licenses even while seats are out (without it the "
-                         "request is refused, exit 9, naming each holder; the receipt records "
-                         "the seats still out and when the last one ends)")
+                    help="reclaim even while seats of floating licenses are out or child "
+                         "servers hold grants of the licenses (without it the request is "
+                         "refused naming each holder; the receipt records the seats still out "
+                         "and the leases still running, and when the last one ends)")
 
     sp = cmd("apply", helps["apply"])
     sp.add_argument("response", metavar="RESPONSE_FILE",
@@ -340,6 +341,8 @@ def add_operation_commands(cmd: Callable[[str, str], argparse.ArgumentParser],
 
     sp = cmd("check", helps["check"])
     sp.add_argument("feature", metavar="FEATURE", help="the feature name, e.g. bacnet-ip")
+    sp.add_argument("--count", type=int, default=1, metavar="N",
+                    help="how many units must be licensed (own and inherited; default 1)")
 
 
 def one_line(text: str) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.errors import EXIT_OK, UsageError
 from agent.formats import LICENSE_INFO_MAX, verify_receipt
-from agent.messages import DeviceInfo
+from agent.messages import Action, DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from agent.rpc import TransportError
 from apps.common import (
@@ -104,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
         "check": "is FEATURE licensed on the server now? (exit 0 yes, 1 no)",
     })
     seat.add_parser(sub, server_args)  # issue 15
+    sp = cmd("tree", "show the system under a top server: each server's required, licensed, "
+                     "inherited and available units, and the totals")  # issue 14
+    sp.add_argument("--json", action="store_true",
+                    help='print {"servers": [...], "totals": [...]} as JSON')
+    sp = cmd("use", "record how many units of FEATURE the server's host application needs")
+    sp.add_argument("use", metavar="FEATURE=COUNT", help="e.g. bacnet-ip=1 (0 forgets it)")
     _workflow_parsers(sub)
     return p
 
@@ -469,8 +475,26 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         verify_receipt(res.receipt, response=response)  # what send checks, the same way
         show_applied(PROG, res, args.receipt_out)
         return EXIT_OK
+    if c == "use":  # issue 14: the daemon operation use-feature
+        from agent.rpc import Op, UseArgs
+
+        feature, eq, count = args.use.partition("=")
+        if not eq or not count.isdigit():
+            raise UsageError(f"{args.use!r}: expected FEATURE=COUNT, e.g. bacnet-ip=1")
+        done: UseArgs = client.typed(Op.USE_FEATURE, UseArgs(feature, int(count)).to_wire())
+        print(f"{done.feature}: {done.count} required")
+        return EXIT_OK
+    if c == "tree":  # issue 14
+        from apps.licadmin import tree
+
+        return tree.show(client, lambda url: runner.open_client(url, args.timeout), args.json)
     if c == "check":
-        r = client.check(args.feature)
+        if args.count != 1:  # issue 14: units, own and inherited
+            from agent.rpc import CheckArgs, Op
+
+            r = client.typed(Op.CHECK_FEATURE, CheckArgs(args.feature, args.count).to_wire())
+        else:
+            r = client.check(args.feature)
         return show_check(r.licensed, r.message)
     raise UsageError(f"unknown command {c}")
 

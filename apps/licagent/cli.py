@@ -16,6 +16,8 @@ from agent.cose import jsonable
 from agent.errors import EXIT_OK, UsageError
 from agent.formats import LICENSE_INFO_MAX, iso
 from agent.messages import Action
+from agent.protocol import DEFAULT_LIMITS
+from agent.record import replace
 from agent.service import MODELS, Agent
 from apps.common import (
     add_operation_commands,
@@ -87,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("update", metavar="TRUST_UPDATE_FILE",
                     help="the vendor-signed trust-update file")
 
+    # issue 14: the system tree
+    sp = cmd("attach", "attach this server to its parent once and inherit its licenses")
+    sp.add_argument("--parent", required=True, metavar="URL",
+                    help="the parent server's link URL (tcp://, mqtt://, usbdrop://...)")
+    sp.add_argument("--url", metavar="URL",
+                    help="where this server listens, for the parent's tree (optional)")
+    sp = cmd("use", "record how many units of FEATURE the host application needs")
+    sp.add_argument("use", metavar="FEATURE=COUNT", help="e.g. bacnet-ip=1 (0 forgets it)")
+
     help_ = "serve the store on every --listen URL until SIGTERM (the daemon)"
     sp = sub.add_parser("run", help=help_, description=help_)
     for flag, (metavar, kind, text) in RUN_FLAGS.items():
@@ -111,6 +122,12 @@ RUN_FLAGS: dict[str, tuple[str, str | tuple[str, ...], str]] = {
                                 "initialised without it refuses it)"),
     "--max-clients": ("N", "int", "connections served at once per listener (default 64)"),
     "--log-level": ("L", ("debug", "info", "warning", "error"), "log level (default info)"),
+    # issue 14: the system tree
+    "--parent": ("URL", "text", "the parent server's link URL: keep the relation live and "
+                                "inherit its licenses"),
+    "--renew-every": ("S", "int", "seconds between renewals with the parent (default 3600)"),
+    "--lease": ("S", "int", "seconds a grant to a child server lasts (default 604800, "
+                            "7 days)"),
 }
 
 
@@ -156,22 +173,27 @@ def fast_run_args(argv: Sequence[str]) -> dict[str, Any] | None:
 
 
 def run_daemon(config: str | None, state: str | None, listen: list[str] | None,
-               facts: str | None, max_clients: int | None, log_level: str | None) -> int:
+               facts: str | None, max_clients: int | None, log_level: str | None,
+               parent: str | None = None, renew_every: int | None = None,
+               lease: int | None = None) -> int:
     """``licagent run`` once its flags are parsed."""
     from apps.licagent import daemon
 
     cfg = daemon.resolve_config(
         Path(config) if config else None, state=state, listen=listen,
-        facts=facts, max_clients=max_clients, log_level=log_level)
+        facts=facts, max_clients=max_clients, log_level=log_level, parent=parent,
+        renew_every=renew_every, lease=lease)
+    limits = DEFAULT_LIMITS if cfg.lease == DEFAULT_LIMITS.grant_lease else replace(
+        DEFAULT_LIMITS, grant_lease=cfg.lease)
     # the daemon keeps its store open; each request revalidates it under the lock
     return daemon.serve(Agent(cfg.state, facts_provider(str(cfg.facts) if cfg.facts else None),
-                              clock=tool_clock, keep_open=True), cfg)
+                              clock=tool_clock, keep_open=True, limits=limits), cfg)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.command == "run":
         return run_daemon(args.config, args.state, args.listen, args.facts, args.max_clients,
-                          args.log_level)
+                          args.log_level, args.parent, args.renew_every, args.lease)
     agent = Agent(Path(args.state), facts_provider(args.facts), clock=tool_clock)
     c = args.command
     if c == "init":
@@ -214,8 +236,27 @@ def run(args: argparse.Namespace) -> int:
 
         show_applied(PROG, ApplyResult.of(res, warn), args.receipt_out)
         return EXIT_OK
+    if c == "attach":
+        from apps.licagent.relation import renew_once
+
+        out = renew_once(agent, args.parent, args.url)
+        print(f"attached to parent {out.parent_id} at {args.parent}")
+        print(f"inherited: {', '.join(out.installed) or 'nothing'}")
+        for line in out.refused:
+            print(f"refused: {line}")
+        if out.returned:
+            print(f"returned: {', '.join(out.returned)}")
+        return EXIT_OK
+    if c == "use":
+        feature, eq, count = args.use.partition("=")
+        if not eq or not count.isdigit():
+            raise UsageError(f"{args.use!r}: expected FEATURE=COUNT, e.g. bacnet-ip=1")
+        agent.use(feature, int(count))
+        print(f"{feature}: {int(count)} required")
+        return EXIT_OK
     if c == "check":
-        r = agent.check(args.feature)
+        count = args.count
+        r = agent.check_count(args.feature, count)
         for w in r.warnings:
             print(f"{PROG}: warning: {w}", file=sys.stderr)
         return show_check(r.licensed, r.message)
@@ -272,6 +313,8 @@ def fast_query_args(argv: Sequence[str]) -> Any:
     out: dict[str, Any] = {"command": command, "state": None, "facts": None}
     if command == "status":
         out["json"] = False
+    else:
+        out["count"] = 1  # issue 14: --count N goes to argparse
     rest = list(argv[1:])
     while rest:
         token = rest.pop(0)

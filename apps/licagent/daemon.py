@@ -53,7 +53,14 @@ CONFIG_KEYS: Mapping[str, str] = {
     "max_clients": "connections served at once per listener (a whole number)",
     "max_per_peer": "connections from one address at once per listener (a whole number)",
     "log_level": f"one of {', '.join(LOG_LEVELS)}",
+    # issue 14: the system tree
+    "parent": "the parent server's link URL, to inherit its licenses (text)",
+    "renew_every": "seconds between renewals with the parent (a whole number)",
+    "lease": "seconds a grant to a child server lasts (a whole number)",
 }
+#: issue 14: renewals with the parent, and the grants' lease, by default
+RENEW_EVERY = 3600
+LEASE = 7 * 86400
 #: how long stopping waits for the operation in progress
 STOP_TIMEOUT = 30.0
 #: the C heap's free pages are handed back at most this often while operations come in,
@@ -72,6 +79,9 @@ class DaemonConfig:
     max_clients: int | None = None
     log_level: str = "info"
     max_per_peer: int | None = None
+    parent: str | None = None  # issue 14
+    renew_every: int = RENEW_EVERY
+    lease: int = LEASE
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -91,11 +101,11 @@ def load_config(path: Path) -> dict[str, Any]:
                           f"not {raw[key]!r}")
 
     out: dict[str, Any] = {}
-    for key in ("state", "facts"):
+    for key in ("state", "facts", "parent"):
         if key in raw:
             if not isinstance(raw[key], str) or not raw[key]:
                 raise bad(key)
-            out[key] = path.parent / raw[key]
+            out[key] = raw[key] if key == "parent" else path.parent / raw[key]
     if "listen" in raw:
         urls = raw["listen"]
         if isinstance(urls, str):
@@ -103,7 +113,7 @@ def load_config(path: Path) -> dict[str, Any]:
         if not isinstance(urls, list) or not all(isinstance(u, str) and u for u in urls):
             raise bad("listen")
         out["listen"] = list(urls)
-    for key in ("max_clients", "max_per_peer"):
+    for key in ("max_clients", "max_per_peer", "renew_every", "lease"):
         if key in raw:
             n = raw[key]
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -118,7 +128,9 @@ def load_config(path: Path) -> dict[str, Any]:
 
 def resolve_config(config_file: Path | None = None, *, state: str | None = None,
                    listen: Sequence[str] | None = None, facts: str | None = None,
-                   max_clients: int | None = None, log_level: str | None = None) -> DaemonConfig:
+                   max_clients: int | None = None, log_level: str | None = None,
+                   parent: str | None = None, renew_every: int | None = None,
+                   lease: int | None = None) -> DaemonConfig:
     """The config file's settings with each given flag in place of the file's value.
 
     Raises:
@@ -137,6 +149,13 @@ def resolve_config(config_file: Path | None = None, *, state: str | None = None,
         base["max_clients"] = max_clients
     if log_level is not None:
         base["log_level"] = log_level
+    if parent is not None:
+        base["parent"] = parent
+    for key, n in (("renew_every", renew_every), ("lease", lease)):
+        if n is not None:
+            if n < 1:
+                raise UsageError(f"--{key.replace('_', '-')} {n}: must be at least 1")
+            base[key] = n
     if "state" not in base:
         raise UsageError("no license store given: use --state DIR or state = \"DIR\" in --config")
     if not base.get("listen"):
@@ -149,6 +168,9 @@ def resolve_config(config_file: Path | None = None, *, state: str | None = None,
         max_clients=base.get("max_clients"),
         log_level=base.get("log_level", "info"),
         max_per_peer=base.get("max_per_peer"),
+        parent=base.get("parent"),
+        renew_every=base.get("renew_every", RENEW_EVERY),
+        lease=base.get("lease", LEASE),
     )
 
 
@@ -449,6 +471,15 @@ def serve(agent: Agent, config: DaemonConfig, stop: threading.Event | None = Non
 
     daemon = Daemon(agent, config, log)
     addresses = daemon.start()
+    relation = None
+    if config.parent is not None:  # issue 14: keep the relation to the parent live
+        from apps.licagent.relation import ParentRelation
+
+        # the first listener's address (an MQTT one names the device) is where the
+        # parent's tree reaches this server
+        relation = ParentRelation(agent, config.parent, addresses[0] if addresses else None,
+                                  config.renew_every, daemon.ops.lock, log)
+        relation.start()
     try:
         for a in addresses:
             log.info("listening %s", a)
@@ -466,6 +497,8 @@ def serve(agent: Agent, config: DaemonConfig, stop: threading.Event | None = Non
             sd_notify("STOPPING=1")
         except OSError:
             pass
+        if relation is not None:
+            relation.stop()
         daemon.stop()
     log.info("stopped")
     return EXIT_OK

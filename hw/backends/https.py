@@ -578,6 +578,11 @@ class HttpsClient(ServerClient):
     def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
         fn = self._ops.get(op)
         if fn is None:
+            if op in ("renew-grants", "return-grants", "use-feature", "get-tree"):
+                # issue 14's system tree has no HTTP routes (yet)
+                raise UsageError(f"operation {str(op)!r} is not carried by https://: reach the "
+                                 f"server over tcp://, tls://, mqtt://, a serial line or "
+                                 f"usbdrop:// for the system tree")
             raise UsageError(f"unknown operation {op!r}")
         return fn(args or {})
 
@@ -621,6 +626,9 @@ class HttpsClient(ServerClient):
         feature = args.get("feature")
         if not isinstance(feature, str) or not feature:
             raise UsageError("feature must be a name")
+        if args.get("count", 1) != 1:  # issue 14: GET /v1/check/FEATURE asks for one unit
+            raise UsageError("check --count is not carried by https:// (it would answer for "
+                             "one unit): use tcp://, tls://, mqtt:// or a serial line")
         return self._structured("GET", "/v1/check/" + quote(feature, safe=""))
 
     # -- HTTP

@@ -63,6 +63,8 @@ class FaultInjection:
     not_ready: list[str]
     started_at: float
     ready_at: float
+    #: raised by an injector that finds nothing to act on (recorded as skipped)
+    NoFit = _NoServerFits
 
     def log(self, line: str) -> None:
         raise NotImplementedError
@@ -185,7 +187,8 @@ class FaultInjection:
     def _snapshot(self, srv: SimServer) -> tuple[int, str, dict[str, int]]:
         st = srv.agent().status()
         return (int(st["sequence"]), str(st["state_digest"]),
-                {x["feature"]: int(x["count"]) for x in st["licenses"]})
+                {x["feature"]: int(x["count"]) for x in st["licenses"]
+                 if x.get("source", "own") == "own"})  # inherited ones are not its own
 
     def _fault_power_loss(self, fault: FaultSpec, rec: FaultRecord) -> None:
         assert self.vendor is not None
@@ -355,6 +358,22 @@ class FaultInjection:
         self._check(rec, "replay-refused", held, detail)
         rec["detail"] = f"reclaimed {feature}; receipt {len(res.receipt)} bytes"
 
+    # issue 14: the system faults (simulators/fleet/systems.py)
+    def _fault_parent_offline(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        from simulators.fleet import systems
+
+        systems.fault_parent_offline(self, fault, rec)
+
+    def _fault_parent_reclaim(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        from simulators.fleet import systems
+
+        systems.fault_parent_reclaim(self, fault, rec)
+
+    def _fault_child_moved(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        from simulators.fleet import systems
+
+        systems.fault_child_moved(self, fault, rec)
+
     def _installed(self, srv: SimServer) -> dict[str, int]:
         try:
             return self._snapshot(srv)[2]
@@ -372,5 +391,8 @@ INJECTORS: Mapping[str, Callable[[FaultInjection, FaultSpec, FaultRecord], None]
     "clone-store": FaultInjection._fault_clone_store,
     "broker-restart": FaultInjection._fault_broker_restart,
     "reclaim": FaultInjection._fault_reclaim,
+    "parent-offline": FaultInjection._fault_parent_offline,  # issue 14
+    "parent-reclaim": FaultInjection._fault_parent_reclaim,
+    "child-moved": FaultInjection._fault_child_moved,
 }
 assert set(INJECTORS) == set(FAULT_KINDS), "every fault kind has its injector"

@@ -45,6 +45,12 @@ from simulators.fleet.report import Invariant, Latency, Summary
 from simulators.fleet.scenario import FaultSpec, Scenario, load_scenario, parse_scenario
 from simulators.fleet.seat_load import SeatLoad, seats_within_count
 from simulators.fleet.server import ServerHandler, SimServer
+from simulators.fleet.systems import (
+    SystemRun,
+    attach_children,
+    provision_systems,
+    system_invariants,
+)
 from simulators.licensing_server.vendor import Grant, Vendor
 
 __all__ = ["FaultRecord", "Fleet", "check_capacity"]
@@ -148,6 +154,7 @@ class Fleet(FaultInjection):
         self.load_rng = random.Random(f"{scenario.seed}/load")
         self.faults: list[FaultRecord] = []
         self.entitled: dict[str, dict[str, int]] = {}
+        self.systems: list[SystemRun] = []  # issue 14: [[systems]]
         self.reclaimed: dict[str, set[str]] = {}
         self.ops: Counter[str] = Counter()
         self.op_failures: Counter[str] = Counter()
@@ -240,6 +247,8 @@ class Fleet(FaultInjection):
             self.provisioned_at = time.monotonic()
             self._serve()
             self.ready = self._wait_reachable(ready_timeout)
+            if self.systems:
+                attach_children(self)
             self.ready_at = time.monotonic()
             self.rss_ready = rss_kib()
             self.log(f"ready: {len(self.servers)} servers in "
@@ -336,6 +345,10 @@ class Fleet(FaultInjection):
                 self.entitled[name] = dict(g.licenses)
                 self.servers.append(srv)
                 self.by_name[name] = srv
+        self.systems = provision_systems(self, len(self.servers))
+        for run in self.systems:
+            per_model["Enterprise-Server"] += 1
+            per_model[run.spec.child_model] += len(run.children)
         self.log(f"provisioned {len(self.servers)} servers "
                  f"({', '.join(f'{m} {n}' for m, n in per_model.items())})")
 
@@ -539,7 +552,7 @@ class Fleet(FaultInjection):
     def invariants(self) -> list[Invariant]:
         """Check every server's store now, and fold in what each fault checked."""
         out = check_invariants(self.servers, self.ready, self.not_ready, self.entitled,
-                               self.reclaimed, self.faults)
+                               self.reclaimed, self.faults) + system_invariants(self.systems)
         if self.scenario.clients.count:  # issue 15
             out.append(seats_within_count(self.servers))
         return out

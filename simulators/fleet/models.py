@@ -1,4 +1,5 @@
-"""The simulated server models and their hardware facts: AS-P, AS-B (embedded ARM), Edge Server (PC/VM).
+"""The simulated server models and their hardware facts: AS-P, AS-B (embedded ARM), Edge Server and
+Enterprise Server (PC/VM).
 
 Facts are made from a seeded random stream and the server's index, so the same
 scenario seed gives the same serial numbers, MAC addresses, firmware versions
@@ -55,6 +56,12 @@ MODELS: Mapping[str, ModelSpec] = {
                              ("KVM Standard PC (Q35 + ICH9, 2009)", "VMware7,1",
                               "ProLiant DL20 Gen10"),
                              tuple(f"EBO Edge Server {v} (x86_64)" for v in _EBO), True),
+    # issue 14: the top of a system (Enterprise Server or Enterprise Central): a PC or VM
+    "Enterprise-Server": ModelSpec("Enterprise-Server", ("tcp", "mqtt", "sim"), "ENT-", None, 1,
+                                   ("KVM Standard PC (Q35 + ICH9, 2009)", "VMware7,1",
+                                    "PowerEdge R250"),
+                                   tuple(f"EBO Enterprise Server {v} (x86_64)" for v in _EBO),
+                                   True, 1),
 }
 
 _TAG = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
@@ -86,8 +93,10 @@ def make_facts(model: str, seed: int, index: int) -> HardwareFacts:
     else:
         serial = spec.serial_prefix + "".join(rng.choice(_TAG) for _ in range(6)) + f"{index:04d}"
         # QEMU/KVM's 52:54:00 prefix; unit number and NIC number keep them unique in the fleet
+        # (the family's bit keeps two VM models with the same unit number apart)
         macs = tuple(f"52:54:00:{(index >> 8) & 0xff:02x}:{index & 0xff:02x}:"
-                     f"{n << 5 | rng.randrange(32):02x}" for n in range(spec.nics))
+                     f"{spec.family << 7 | n << 5 | rng.randrange(32):02x}"
+                     for n in range(spec.nics))
     machine_id = f"{rng.getrandbits(128):032x}" if spec.machine_id else None
     return HardwareFacts(model=model, serial=serial, macs=tuple(sorted(set(macs))),
                          board=rng.choice(spec.boards), firmware=rng.choice(spec.firmware),

@@ -25,6 +25,7 @@ __all__ = [
     "RandomFaults",
     "Scenario",
     "ServerGroup",
+    "SystemSpec",
     "load_scenario",
     "parse_scenario",
 ]
@@ -37,6 +38,8 @@ TOP_KEYS: Mapping[str, str] = {
     "state_dir": "where the stores go; kept after the run (text, a path)",
     "broker": "a table: url, start, bridge_to",
     "servers": "an array of tables: model, count, links, licenses",
+    "systems": "an array of tables (issue 14): name, children, child_model, links, "
+               "licenses (inheritable, FEATURE = COUNT), lease",
     "faults": "an array of scheduled faults, or a table: seed, every, count, kinds, schedule, "
               "optional",
     "load": "a table: rate, ops, links, features, timeout, sim_line",
@@ -48,6 +51,7 @@ SERVER_KEYS = ("model", "count", "links", "licenses", "name")
 FAULT_KEYS = ("kind", "at", "server", "link", "seconds", "step", "optional")
 RANDOM_KEYS = ("seed", "every", "count", "kinds", "schedule", "optional")
 LOAD_KEYS = ("rate", "ops", "links", "features", "timeout", "sim_line")
+SYSTEM_KEYS = ("name", "children", "child_model", "links", "licenses", "lease")
 #: fault kind -> what it does (the fleet's inject() implements each)
 FAULT_KINDS: Mapping[str, str] = {
     "power-loss": "power lost during an apply (crash at a store write step), then a restart",
@@ -58,7 +62,16 @@ FAULT_KINDS: Mapping[str, str] = {
     "clone-store": "the store copied to another server of the same model: refused",
     "broker-restart": "the MQTT broker is killed and started again (licsim's own broker)",
     "reclaim": "a license is reclaimed, then the old activation replayed: it stays gone",
+    # issue 14: systems ([[systems]])
+    "parent-offline": "a system's top server is not heard from past the lease: its children "
+                      "lose the inherited licenses and say why; back, they inherit again",
+    "parent-reclaim": "an inheritable license is reclaimed on a top server (forced): its "
+                      "children lose it at their next renewal",
+    "child-moved": "a child is attached to another system's top server: it inherits from "
+                   "that one only",
 }
+#: the fault kinds that act on [[systems]]: drawn at random only when the fleet has some
+SYSTEM_FAULTS = ("parent-offline", "parent-reclaim", "child-moved")
 LOAD_OPS = ("status", "check", "info")
 
 
@@ -77,6 +90,18 @@ class ServerGroup:
     links: tuple[str, ...]
     licenses: Mapping[str, int] = field(default_factory=dict)
     name: str | None = None  # name prefix, default the model in lower case
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """Issue 14: one Enterprise Server (``NAME-top``) with ``children`` servers under it."""
+
+    name: str
+    children: int
+    child_model: str = "AS-P"
+    links: tuple[str, ...] = ("tcp",)
+    licenses: Mapping[str, int] = field(default_factory=dict)  # inheritable: COUNT children
+    lease: int = 7 * 86400
 
 
 @dataclass(frozen=True)
@@ -124,14 +149,16 @@ class Scenario:
     random_faults: RandomFaults = RandomFaults()
     load: LoadSpec = LoadSpec()
     clients: ClientsSpec = field(default_factory=ClientsSpec)  # issue 15
+    systems: tuple[SystemSpec, ...] = ()  # issue 14
 
     @property
     def total(self) -> int:
-        return sum(g.count for g in self.servers)
+        return sum(g.count for g in self.servers) + sum(1 + s.children for s in self.systems)
 
     @property
     def links(self) -> tuple[str, ...]:
-        return tuple(sorted({lk for g in self.servers for lk in g.links}))
+        return tuple(sorted({lk for g in self.servers for lk in g.links}
+                            | {lk for s in self.systems for lk in s.links}))
 
     @property
     def needs_broker(self) -> bool:
@@ -257,7 +284,8 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
 
     groups: list[ServerGroup] = []
     raw_servers = top.get("servers", [])
-    if not isinstance(raw_servers, list) or not raw_servers:
+    systems = _systems(c, top.get("systems", []))
+    if not isinstance(raw_servers, list) or not (raw_servers or systems):
         raise c.fail("[[servers]]", "at least one [[servers]] table (model, count, links) "
                                     "is needed")
     for i, g in enumerate(raw_servers):
@@ -282,12 +310,14 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
         licenses = {str(f): c.integer(n, f"{where} licenses.{f}", 1) for f, n in lic_raw.items()}
         name = c.text(g["name"], f"{where} name") if "name" in g else None
         groups.append(ServerGroup(model, count, links, licenses, name))
-    if "mqtt" in {lk for g in groups for lk in g.links} and url is None and not start:
+    sys_links = {lk for sy in systems for lk in sy.links}
+    if "mqtt" in {lk for g in groups for lk in g.links} | sys_links and url is None \
+            and not start:
         raise c.fail("[broker]", "servers with the mqtt link need [broker] url = "
                                  "\"mqtt://HOST:PORT\" or start = true")
 
     # broker-restart kills licsim's own mosquitto: without one it could never be injected
-    own_broker = start and "mqtt" in {lk for g in groups for lk in g.links}
+    own_broker = start and "mqtt" in {lk for g in groups for lk in g.links} | sys_links
     no_restart = ("broker-restart restarts licsim's own broker, and this fleet has none "
                   "([broker] start = true and servers on the mqtt link): leave it out")
     schedule: list[FaultSpec] = []
@@ -295,7 +325,8 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
     f = top.get("faults", [])
     if isinstance(f, Mapping):
         f = c.keys(f, "[faults]", RANDOM_KEYS)
-        default = [k for k in FAULT_KINDS if own_broker or k != "broker-restart"]
+        default = [k for k in FAULT_KINDS if (own_broker or k != "broker-restart")
+                   and (systems or k not in SYSTEM_FAULTS)]
         kinds = c.names(f.get("kinds", default), "[faults] kinds", FAULT_KINDS, "fault kind")
         if "broker-restart" in kinds and not own_broker:
             raise c.fail("[faults] kinds", no_restart)
@@ -330,7 +361,7 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
                                   c.flag(e.get("optional", False), f"{where} optional")))
 
     ld = c.keys(top.get("load", {}), "[load]", LOAD_KEYS)
-    all_links = sorted({lk for g in groups for lk in g.links})
+    all_links = sorted({lk for g in groups for lk in g.links} | sys_links)
     load = LoadSpec(
         rate=c.number(ld.get("rate", 0), "[load] rate"),
         ops=c.names(ld.get("ops", list(LOAD_OPS)), "[load] ops", LOAD_OPS, "operation"),
@@ -350,7 +381,37 @@ def parse_scenario(raw: Mapping[str, Any], base: Path | None = None,
                                           "[[servers]] licenses table: no server serves its "
                                           "seats")
     return Scenario(site, seed, trust, vendor_key, state_dir, broker, tuple(groups),
-                    tuple(schedule), rnd, load, clients)
+                    tuple(schedule), rnd, load, clients, systems)
+
+
+def _systems(c: _Checker, raw: Any) -> tuple[SystemSpec, ...]:
+    """``[[systems]]`` (issue 14): each an Enterprise Server and its children."""
+    if not isinstance(raw, list):
+        raise c.fail("[[systems]]", "must be an array of tables")
+    out: list[SystemSpec] = []
+    for i, t in enumerate(raw):
+        where = f"[[systems]] #{i + 1}"
+        t = c.keys(t, where, SYSTEM_KEYS)
+        name = c.text(t.get("name", f"system{i + 1}"), f"{where} name")
+        children = c.integer(t.get("children", 1), f"{where} children", 1)
+        child_model = c.text(t.get("child_model", "AS-P"), f"{where} child_model")
+        if child_model not in MODELS:
+            raise c.fail(f"{where} child_model", f"unknown model {child_model!r} "
+                                                 f"(known: {', '.join(MODELS)})")
+        links = c.names(t.get("links", ["tcp"]), f"{where} links", LINKS, "link")
+        for model in ("Enterprise-Server", child_model):
+            for lk in links:
+                if lk not in MODELS[model].links:
+                    raise c.fail(f"{where} links", f"a {model} has no {lk} link ({LINKS[lk]})")
+        if not links:
+            raise c.fail(f"{where} links", "a server needs at least one link")
+        lic_raw = c.keys(t.get("licenses", {}), f"{where} licenses", t.get("licenses", {}))
+        licenses = {str(f): c.integer(n, f"{where} licenses.{f}", 1) for f, n in lic_raw.items()}
+        lease = c.integer(t.get("lease", 7 * 86400), f"{where} lease", 60)
+        if any(s.name == name for s in out):
+            raise c.fail(f"{where} name", f"two systems are named {name!r}")
+        out.append(SystemSpec(name, children, child_model, links, licenses, lease))
+    return tuple(out)
 
 
 def load_scenario(path: Path) -> Scenario:

@@ -38,8 +38,8 @@ class SimServer:
         clock_offset: seconds added to the wall clock (clock-jump faults).
     """
 
-    __slots__ = ("addresses", "clock_offset", "device_id", "directory", "facts", "links",
-                 "model", "name")
+    __slots__ = ("addresses", "clock_offset", "device_id", "directory", "facts", "lease",
+                 "links", "model", "name")
 
     def __init__(self, name: str, model: str, directory: Path, facts: HardwareFacts,
                  links: tuple[str, ...]) -> None:
@@ -51,6 +51,7 @@ class SimServer:
         self.device_id = ""
         self.addresses: dict[str, str] = {}
         self.clock_offset = 0
+        self.lease: int | None = None  # issue 14: a system's top server grants this long
 
     @property
     def state_dir(self) -> Path:
@@ -62,8 +63,15 @@ class SimServer:
     def agent(self, ops: FileOps | None = None, facts: HardwareFacts | None = None,
               directory: Path | None = None) -> Agent:
         """An agent over this server's store (or ``directory``) as this hardware sees it now."""
+        if self.lease is None:
+            return Agent(directory or self.state_dir, StaticFactsProvider(facts or self.facts),
+                         clock=self.now, ops=ops)
+        from agent.protocol import DEFAULT_LIMITS
+        from agent.record import replace
+
         return Agent(directory or self.state_dir, StaticFactsProvider(facts or self.facts),
-                     clock=self.now, ops=ops)
+                     clock=self.now, ops=ops,
+                     limits=replace(DEFAULT_LIMITS, grant_lease=self.lease))
 
     def __repr__(self) -> str:
         return f"SimServer({self.name}, {self.model}, {self.device_id[:12]})"

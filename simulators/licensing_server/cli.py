@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
                          "or date-time (repeat for each)")
     sp.add_argument("--remove", action="append", default=[], metavar="FEATURE",
                     help="a license to reclaim (repeat for each)")
+    sp.add_argument("--inherit", action="store_true",
+                    help="the granted licenses are inheritable: COUNT child servers of the "
+                         "top server that activates them may inherit each")
+    sp.add_argument("--demo", action="store_true",
+                    help="the granted licenses are demo licenses: time-limited (@EXPIRY, "
+                         "else --demo-days), for a top server only")
+    sp.add_argument("--demo-days", type=int, default=30,
+                    help="a demo license's length when --grant gives no @EXPIRY (default 30)")
     sp.add_argument("--grace-days", type=int, default=0,
                     help="grace period after each granted license's expiry (default 0)")
     sp.add_argument("--floating", action="store_true",
@@ -164,6 +172,15 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--grace-days must be from 0 to 366")
         grants = [replace(parse_grant(g), grace=args.grace_days * DAY, floating=args.floating)
                   for g in args.grant]
+        if args.inherit:  # issue 14: COUNT is the number of children that may inherit it
+            grants = [replace(g, inherit=g.count) for g in grants]
+        if args.demo:
+            if not 1 <= args.demo_days <= 366:
+                raise UsageError("--demo-days must be from 1 to 366")
+            if not grants:
+                raise UsageError("--demo needs --grant FEATURE=COUNT[@EXPIRY]")
+            grants = [replace(g, demo=True, not_after=g.not_after if g.not_after is not None
+                              else _now() + args.demo_days * DAY) for g in grants]
         if args.valid_days < 1:
             raise UsageError("--valid-days must be at least 1")
         data = vendor.issue(read_input(args.request, 64 * 1024, "request file",

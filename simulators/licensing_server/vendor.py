@@ -44,6 +44,8 @@ class Grant:
     not_before: int | None = None
     grace: int = 0
     floating: bool = False  # issue 15: served as COUNT floating seats by the device
+    inherit: int = 0  # issue 14: child servers that may inherit it
+    demo: bool = False
 
 
 class Vendor:
@@ -72,7 +74,8 @@ class Vendor:
         for g in grants:
             op = ChangeOp.UPDATE if g.feature in installed else ChangeOp.ADD
             changes.append(LicenseChange(op, g.feature, g.count, g.not_before, g.not_after,
-                                         g.grace, floating=g.floating))
+                                         g.grace, floating=g.floating, inherit=g.inherit,
+                                         demo=g.demo))
         rem = list(removes)
         if not changes and not rem and req.action is Action.RECLAIM:
             rem = list(req.features) or list(installed)

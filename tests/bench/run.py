@@ -212,6 +212,9 @@ def main() -> int:
     from tests.bench.bridged_sites import bridged_rows
 
     rows += bridged_rows()  # issue 18: 100,000 servers as 10 sites bridged to headquarters
+    from tests.bench.tree_system import system_rows
+
+    rows += system_rows()  # issue 14: 1 top server and 1,000 children inheriting
     from tests.bench.qemu import qemu_rows
 
     rows += qemu_rows()  # the agent in the emulated arm64 server (after `make qemu-image`)

@@ -28,6 +28,7 @@ from simulators.fleet import (
     make_facts,
     parse_scenario,
 )
+from simulators.fleet.scenario import SYSTEM_FAULTS
 from simulators.licensing_server.vendor import Grant
 from tests.conftest import Device
 from tests.hw.mosquitto import mosquitto_path
@@ -95,6 +96,11 @@ def test_models_have_realistic_deterministic_facts() -> None:
     # an Edge Server is a PC/VM: the LAN only
     assert set(MODELS["Edge-Server"].links) == {"tcp", "mqtt", "sim"}
     assert {"pty", "usbdrop"} <= set(MODELS["AS-B"].links)
+    # issue 14: the Enterprise Server, a PC/VM like the Edge Server, its MACs apart from it
+    ent = make_facts("Enterprise-Server", 1, 1)
+    assert set(MODELS["Enterprise-Server"].links) == {"tcp", "mqtt", "sim"}
+    assert ent.machine_id and (ent.serial or "").startswith("ENT-")
+    assert not set(ent.macs) & set(make_facts("Edge-Server", 1, 1).macs)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -238,7 +244,7 @@ def test_summary_reports_everything_and_all_invariants_hold(fleet: Fleet) -> Non
                                         "sim": 20}, "ready": True}
     assert j["connect"]["rate_per_s"] > 0
     assert j["faults"]["injected"] == sum(1 for f in fleet.faults if f["injected"])
-    assert set(j["faults"]["by_kind"]) == set(FAULT_KINDS)
+    assert set(j["faults"]["by_kind"]) == set(FAULT_KINDS) - set(SYSTEM_FAULTS)  # no systems
     assert {"lost", "duplicated", "corrupt_frames"} <= set(j["messages"])
     names = {i["name"] for i in j["invariants"]}
     assert {"stores-verify", "journals-verify", "within-entitlement", "reclaimed-gone",
@@ -322,12 +328,13 @@ def test_the_example_scenario_is_valid() -> None:
                        "plant.toml")
     assert sc.total == 20 and sc.broker.start and sc.load.rate > 0
     assert {f.kind for f in sc.schedule} == {"power-loss", "link"}
-    assert set(sc.random_faults.kinds) == set(FAULT_KINDS)
+    assert set(sc.random_faults.kinds) == set(FAULT_KINDS) - set(SYSTEM_FAULTS)
     # without a broker of its own, the default kinds leave broker-restart out (it could
     # never be injected) rather than fail the run on it
     tcp = parse_scenario({"servers": [{"model": "AS-P", "links": ["tcp"]}],
                           "faults": {"count": 1, "every": 1}})
-    assert set(tcp.random_faults.kinds) == set(FAULT_KINDS) - {"broker-restart"}
+    assert set(tcp.random_faults.kinds) == set(FAULT_KINDS) - {"broker-restart",
+                                                                *SYSTEM_FAULTS}
 
 
 def test_an_external_broker_and_a_vendor_key_from_files(tmp_path: Path) -> None:
