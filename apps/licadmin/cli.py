@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.errors import EXIT_OK, UsageError
 from agent.formats import LICENSE_INFO_MAX, verify_receipt
-from agent.messages import Action, DeviceInfo
+from agent.messages import DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from agent.rpc import TransportError
 from apps.common import (
