@@ -348,9 +348,11 @@ class Request(Payload):
     features: tuple[str, ...]
     licenses: tuple[License, ...]
     created: int
+    #: issue 16 (rehost): a reclaim whose licenses move to this device; absent otherwise
+    transfer_to: str | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "device_id": self.device_id,
             "device_alg": self.device_key.alg,
             "device_key": self.device_key.raw,
@@ -363,12 +365,16 @@ class Request(Payload):
             "licenses": [lic.to_cbor() for lic in self.licenses],
             "created": self.created,
         }
+        if self.transfer_to is not None:  # issue 16: written only when set
+            out["transfer_to"] = self.transfer_to
+        return out
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> Request:
         _keys(m, "request", ["v", "kind", "device_id", "device_alg", "device_key", "model",
                              "nonce", "sequence", "state_digest", "action", "features",
-                             "licenses", "created"])
+                             "licenses", "created"], ["transfer_to"])
+        to = m.get("transfer_to")  # issue 16
         return cls(
             device_id=_device_id(m["device_id"]),
             device_key=_pubkey(m),
@@ -380,7 +386,18 @@ class Request(Payload):
             features=tuple(_feature(f) for f in _list(m["features"], "features")),
             licenses=_licenses(m["licenses"]),
             created=_time(m["created"], "created"),
+            transfer_to=None if to is None else _transfer_to(to, m),
         )
+
+
+def _transfer_to(v: object, m: Mapping[str, Any]) -> str:
+    """Issue 16: the device a reclaim moves licenses to (another device, in a reclaim)."""
+    to = _device_id(v, "transfer_to")
+    if to == m.get("device_id"):
+        raise MalformedError("transfer_to names the device itself")
+    if "action" in m and m["action"] != Action.RECLAIM.value:
+        raise MalformedError("transfer_to is only for a reclaim")
+    return to
 
 
 @record(frozen=True)
@@ -397,6 +414,8 @@ class Response(Payload):
     issued: int
     not_before: int
     expires: int
+    #: issue 16 (rehost): the device the removed licenses go to; absent otherwise
+    transfer_to: str | None = None
 
     def __post_init__(self) -> None:
         if self.sequence != self.base_sequence + 1:
@@ -421,12 +440,15 @@ class Response(Payload):
             "issued": self.issued,
             "not_before": self.not_before,
             "expires": self.expires,
+            **({} if self.transfer_to is None else {"transfer_to": self.transfer_to}),
         }
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> Response:
         _keys(m, "response", ["v", "kind", "device_id", "nonce", "base_sequence", "base_digest",
-                              "sequence", "changes", "issued", "not_before", "expires"])
+                              "sequence", "changes", "issued", "not_before", "expires"],
+              ["transfer_to"])
+        to = m.get("transfer_to")  # issue 16
         base = _uint(m["base_sequence"], "base_sequence", MAX_SEQUENCE - 1)
         return cls(
             device_id=_device_id(m["device_id"]),
@@ -438,6 +460,7 @@ class Response(Payload):
             issued=_time(m["issued"], "issued"),
             not_before=_time(m["not_before"], "not_before"),
             expires=_time(m["expires"], "expires"),
+            transfer_to=None if to is None else _transfer_to(to, m),
         )
 
 

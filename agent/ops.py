@@ -84,7 +84,7 @@ class AgentOps:
         features = list(args.features)
         if args.license_info is not None:
             features += self.agent.features_from_license_info(args.license_info, args.action)
-        data = self.agent.request(args.action, features, origin)
+        data = self.agent.request(args.action, features, origin, args.transfer_to)
         self.log(f"create-request action={args.action.value} "
                  f"features={','.join(features) or '-'} origin={origin or 'local'}")
         return RequestResult(data)

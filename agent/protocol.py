@@ -8,6 +8,7 @@ returns; the CLI and daemon only move bytes.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Mapping
 from functools import cached_property
@@ -411,6 +412,7 @@ def create_request(
     key: SigningKey,
     limits: Limits = DEFAULT_LIMITS,
     origin: str | None = None,
+    transfer_to: str | None = None,
 ) -> tuple[AgentState, bytes, Request]:
     """Sign a request on top of the current state and remember it as outstanding.
 
@@ -419,6 +421,7 @@ def create_request(
     of that origin are outstanding, its oldest is dropped, and when more than
     ``max_outstanding_total`` are, the oldest of the origin holding the most. A dropped
     request is remembered, so that applying its response says it was replaced.
+    ``transfer_to`` (issue 16, rehost): a reclaim whose licenses are to move to that device.
 
     Raises:
         UsageError: reclaim or renew of a feature that is not installed.
@@ -438,6 +441,8 @@ def create_request(
             )
         if action is Action.RECLAIM and not installed:
             raise UsageError("nothing to reclaim: no licenses are installed")
+    if transfer_to is not None:  # issue 16
+        _check_transfer_to(state, action, transfer_to)
     req = Request(
         device_id=state.device_id,
         device_key=state.device_key,
@@ -449,6 +454,7 @@ def create_request(
         features=feats,
         licenses=state.licenses,
         created=now,
+        transfer_to=transfer_to,
     )
     data = sign1(req.encode(), key, Kind.REQUEST.content_type)
     if origin is not None and len(origin) > MAX_ORIGIN:
@@ -465,6 +471,18 @@ def create_request(
         clock_hwm=max(state.clock_hwm, now),
     )
     return new, data, req
+
+
+def _check_transfer_to(state: AgentState, action: Action, transfer_to: str) -> None:
+    """Issue 16: a rehost is a reclaim naming another device."""
+    if action is not Action.RECLAIM:
+        raise UsageError(f"--transfer-to is for a reclaim, not {action.value}")
+    if not re.fullmatch(r"[0-9a-f]{64}", transfer_to):
+        raise UsageError(f"--transfer-to {transfer_to[:80]!r}: expected a device ID "
+                         "(64 lowercase hex digits, licadmin info shows it)")
+    if transfer_to == state.device_id:
+        raise UsageError("--transfer-to names this device itself: give the new server's "
+                         "device ID")
 
 
 def _make_room(out: list[Outstanding], limits: Limits

@@ -327,6 +327,8 @@ class RequestArgs:
     action: Action
     features: tuple[str, ...] = ()
     license_info: bytes | None = None
+    #: issue 16 (rehost): the device a reclaim moves the licenses to
+    transfer_to: str | None = None
 
     @classmethod
     def from_wire(cls, args: Mapping[str, Any]) -> RequestArgs:
@@ -339,12 +341,17 @@ class RequestArgs:
                 or not all(isinstance(x, str) for x in f)):
             raise UsageError("features must be a list of names")
         li = _bytes_arg(args, "license_info") if "license_info" in args else None
-        return cls(action, tuple(f), li)
+        to = args.get("transfer_to")  # issue 16
+        if to is not None and not isinstance(to, str):
+            raise UsageError("transfer_to must be a device ID")
+        return cls(action, tuple(f), li, to)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"action": self.action.value, "features": list(self.features)}
         if self.license_info is not None:
             out["license_info"] = self.license_info
+        if self.transfer_to is not None:
+            out["transfer_to"] = self.transfer_to
         return out
 
 

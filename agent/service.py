@@ -182,19 +182,23 @@ class Agent:
             )
             return data, info
 
-    def request(self, action: Action, features: Iterable[str], origin: str | None = None) -> bytes:
+    def request(self, action: Action, features: Iterable[str], origin: str | None = None,
+                transfer_to: str | None = None) -> bytes:
         """Sign a request and keep it outstanding; ``origin`` names the peer that asked
-        (:class:`agent.protocol.Outstanding`), None for the local command line."""
+        (:class:`agent.protocol.Outstanding`), None for the local command line;
+        ``transfer_to`` (issue 16): a reclaim whose licenses move to that device."""
         with self._open() as (store, now):
             store.require_writable("create a request")
             new, data, req = protocol.create_request(
                 store.state, action, features, os.urandom(16), now, store.key, self.limits,
-                origin,
+                origin, transfer_to,
             )
             store.commit(new, "request", {"action": action.value, "nonce": req.nonce.hex(),
                                           "sequence": req.sequence,
                                           "features": list(req.features),
-                                          **({"origin": origin} if origin else {})}, now)
+                                          **({"origin": origin} if origin else {}),
+                                          **({"transfer_to": transfer_to} if transfer_to
+                                             else {})}, now)
             return data
 
     def apply(self, data: bytes) -> tuple[ApplyResult, str | None]:

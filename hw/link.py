@@ -255,10 +255,12 @@ class ServerClient(abc.ABC):
         return result
 
     def request(self, action: str, features: Iterable[str] = (),
-                license_info: bytes | None = None) -> bytes:
+                license_info: bytes | None = None, transfer_to: str | None = None) -> bytes:
         args: dict[str, Any] = {"action": action, "features": list(features)}
         if license_info is not None:
             args["license_info"] = license_info
+        if transfer_to is not None:  # issue 16: a rehost's transfer-out
+            args["transfer_to"] = transfer_to
         result: RequestResult = self.typed(Op.CREATE_REQUEST, args)
         return result.file
 

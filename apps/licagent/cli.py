@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
             features += agent.features_from_license_info(
                 read_input(args.license_info, LICENSE_INFO_MAX, "license information file",
                            expect="license-info"), Action(args.action))
-        data = agent.request(Action(args.action), features)
+        data = agent.request(Action(args.action), features, transfer_to=args.transfer_to)
         write_output(args.out, data)
         print(f"wrote {args.action} request to {args.out}")
         return EXIT_OK

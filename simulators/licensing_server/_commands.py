@@ -181,5 +181,9 @@ def format_report(rep: dict[str, Any]) -> str:
         scope = f" for {', '.join(t['entitlements'])}" if t["entitlements"] else ""
         state = f"revoked {t['revoked']}" if t["revoked"] else "live"
         w(f"  {t['name']}: {t['role']}{scope}, created {t['created']}, {state}")
+    if rep.get("moves"):  # issue 16: shown once a rehost moved something
+        w("moved (rehost: licenses left the first device, proven by its receipt)")
+        for m in rep["moves"]:
+            w(f"  {m['time']}: {m['detail']}")
     w(f"open responses: {rep['open_responses']}; operations recorded: {rep['operations']}")
     return "\n".join(out) + "\n"

@@ -29,8 +29,15 @@ from typing import Any
 
 from agent.digest import sha256
 from agent.errors import LicensingError, MalformedError, StorageError, UsageError
-from agent.formats import SiteInfo, iso, read_device_info, verify_receipt
-from agent.messages import MAX_TIME, ChangeOp, DeviceInfo, License, Request
+from agent.formats import (
+    RECEIPT_MAX,
+    SiteInfo,
+    iso,
+    peek_payload,
+    read_device_info,
+    verify_receipt,
+)
+from agent.messages import MAX_TIME, ChangeOp, DeviceInfo, License, Receipt, Request, Response
 from apps.licensing_api import AssignmentQuery, Confirmation, UploadAnswer, refusal
 from simulators.licensing_server import rules
 from simulators.licensing_server.ledger_sqlite import SqliteStorage
@@ -531,8 +538,17 @@ class Ledger:
             return prev.file
         self._observe(tx, rules.seen_state("request", dev, req.device_key, req.model, None,
                                            req.sequence, req.licenses, now), req.licenses)
-        changes = rules.decide(req, tx.targets(dev))
-        resp = signer.response_for(req, changes, now, self.response_valid)
+        if req.transfer_to is None:
+            changes = rules.decide(req, tx.targets(dev))
+            resp = signer.response_for(req, changes, now, self.response_valid)
+        else:  # issue 16: a rehost's transfer-out; the new device gets them on its receipt
+            to = req.transfer_to
+            self._check_device(tx, to, scope)
+            feats = [x.feature for x in req.licenses]
+            changes = rules.decide_rehost(req, {f: tx.assignment(dev, f) for f in feats},
+                                          {f: tx.assignment(to, f) for f in feats})
+            resp = signer.response_for(req, changes, now, self.response_valid, transfer_to=to)
+            rec["detail"] = f"rehost to {to[:12]}, " + rec["detail"]
         file = signer.sign(resp)
         digest = sha256(file)
         base = {x.feature: x for x in req.licenses}
@@ -581,6 +597,7 @@ class Ledger:
                 tx.drop_reclaims(other)
             freed = tx.reclaims(rc.response_digest)
             tx.drop_reclaims(rc.response_digest)
+            moved = self._move(tx, rc, freed, now)  # issue 16: a rehost's transfer-out
             known = tx.device(dev)
             self._observe(tx, rules.seen_state("receipt", dev, rc.device_key,
                                                known.model if known else "?", None,
@@ -593,7 +610,37 @@ class Ledger:
                 tx.lower_assignment(dev, f, hold.get(f, 0))
             self._drop_released(tx, dev, hold)
             rec["detail"] += ": freed " + (", ".join(f"{f}={n}" for f, n in freed) or "nothing")
+            if moved:
+                rec["detail"] += f"; moved to {moved[:12]}"
             return ReceiptResult(dev, rc.sequence, tuple(freed))
+
+    @staticmethod
+    def _move(tx: LedgerTransaction, rc: Receipt, freed: Sequence[tuple[str, int]],
+              now: int) -> str | None:
+        """Issue 16: a verified receipt of a rehost's transfer-out moves what it freed to the
+        device its response names (that device's assignment grows by the count), and the
+        ledger records the move; the new device's response is issued only from here on.
+
+        Returns:
+            The new device's ID, None for a receipt of another response.
+        """
+        resp, _kid = peek_payload(rc.response, Response, RECEIPT_MAX)  # verified already
+        to = resp.transfer_to
+        if to is None:
+            return None
+        parts = []
+        for f, n in freed:
+            a = tx.assignment(rc.device_id, f)
+            if a is None:  # refused when the transfer-out was issued; kept safe anyway
+                continue
+            b = tx.assignment(to, f)
+            tx.save_assignment(Assignment(to, f, a.entitlement, a.product,
+                                          (b.count if b is not None else 0) + n))
+            parts.append(f"{f}={n}")
+        tx.record(Operation(now, "rehost", rc.device_id, "moved",
+                            f"{', '.join(parts) or 'nothing'} from {rc.device_id} to {to} "
+                            f"(transfer-out receipt, sequence {rc.sequence})"))
+        return to
 
     def confirm(self, receipts: Sequence[bytes], now: int | None = None,
                 vendor: Vendor | None = None, scope: Scope = None) -> Confirmation:
@@ -804,7 +851,11 @@ class Ledger:
                          "entitlements": list(t.entitlements), "created": iso(t.created),
                          "revoked": iso(t.revoked)} for t in tx.tokens()],
                     "open_responses": tx.count_open_responses(),
-                    "operations": tx.count_operations()}
+                    "operations": tx.count_operations(),
+                    # issue 16: licenses moved by a rehost (from, to, what), oldest first
+                    "moves": [{"time": iso(o.time), "from": o.device_id, "detail": o.detail}
+                              for o in tx.operations_of("rehost", 1000)
+                              if o.device_id is None or shown(o.device_id)]}
 
     def operations(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The latest operations, oldest first."""

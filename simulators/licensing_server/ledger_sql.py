@@ -338,3 +338,10 @@ class SqlTransaction:
         rows = self._db.execute("SELECT id, time, kind, device_id, outcome, detail FROM "
                                 "operations ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [Operation(t, k, d, o, x, n) for n, t, k, d, o, x in reversed(rows)]
+
+    def operations_of(self, kind: str, limit: int) -> list[Operation]:
+        """Issue 16: the latest operations of one kind (the report's moves), oldest first."""
+        rows = self._db.execute("SELECT id, time, kind, device_id, outcome, detail FROM "
+                                "operations WHERE kind=? ORDER BY id DESC LIMIT ?",
+                                (kind, limit)).fetchall()
+        return [Operation(t, k, d, o, x, n) for n, t, k, d, o, x in reversed(rows)]

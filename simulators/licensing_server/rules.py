@@ -537,6 +537,39 @@ def decide(req: Request, targets: Mapping[str, License]) -> tuple[LicenseChange,
     return tuple(changes)
 
 
+def decide_rehost(req: Request, old: Mapping[str, Assignment | None],
+                  new: Mapping[str, Assignment | None]) -> tuple[LicenseChange, ...]:
+    """Issue 16: the changes of a rehost's transfer-out (a reclaim naming ``transfer_to``).
+
+    Every named feature (naming none: every installed one) is removed from the old
+    device; its count goes to the new device once the old device's receipt proves the
+    removal. ``old``/``new``: each feature's assignment to the old and the new device.
+
+    Raises:
+        UsageError: a feature not installed, not assigned to the old device, or held by
+            the new device from another entitlement or product.
+    """
+    dev, to = req.device_id, req.transfer_to
+    assert to is not None
+    installed = {x.feature: x for x in req.licenses}
+    moving = sorted(req.features or installed)
+    if not moving:
+        raise UsageError(f"nothing to move: device {dev[:12]}… holds no licenses")
+    for f in moving:
+        if f not in installed:
+            raise UsageError(f"cannot move {f}: device {dev[:12]}… does not hold it")
+        a = old.get(f)
+        if a is None or a.count == 0:
+            raise UsageError(f"cannot move {f}: it is not assigned to device {dev[:12]}… in "
+                             "this ledger, so there is no entitlement to move")
+        b = new.get(f)
+        if b is not None and (b.entitlement, b.product) != (a.entitlement, a.product):
+            raise UsageError(f"cannot move {f} to device {to[:12]}…: it holds {f} from "
+                             f"{b.entitlement}/{b.product}, the licenses to move are from "
+                             f"{a.entitlement}/{a.product}")
+    return tuple(LicenseChange(ChangeOp.REMOVE, f) for f in moving)
+
+
 def apply_changes(base: Iterable[License], changes: Iterable[LicenseChange]
                   ) -> dict[str, License]:
     """What a device holds (feature -> license) once it applies ``changes`` to ``base``."""

@@ -209,6 +209,8 @@ class LedgerTransaction(Protocol):
     def count_operations(self) -> int: ...
     def operations(self, limit: int) -> list[Operation]:
         """The latest ``limit`` operations, oldest first."""
+    def operations_of(self, kind: str, limit: int) -> list[Operation]:
+        """Issue 16: the latest ``limit`` operations of one kind, oldest first."""
 
 
 class LedgerStorage(Protocol):
