@@ -208,3 +208,59 @@ def test_rehost_killed_with_sigkill_between_every_two_steps_is_finished_by_rerun
     assert site.holds("old") == {} and site.holds("new") == total
     assert _assigned(site) == {site.ids["new"]: total}
     assert len(site.report()["moves"]) == 1  # type: ignore[arg-type]
+
+
+def test_rehost_as_file_steps_offline_and_the_new_server_gets_nothing_before_the_proof(
+        site: Site) -> None:
+    old, new = site.ids["old"], site.ids["new"]
+    for d in ("out", "out-resp", "out-rc", "in", "in-resp", "in-rc"):
+        (site.root / d).mkdir()
+    # at the site: the old server signs the transfer-out request naming the new server
+    site.licadmin("request", "--server", site.urls["old"], "reclaim", "--feature", "bacnet-ip",
+                  "--transfer-to", new, "--out", f"out/{old}.req")
+    # a request for another action may not name a target; nor may the server name itself
+    bad = site.licadmin("request", "--server", site.urls["old"], "activate", "--transfer-to",
+                        new, "--out", "x.req", check=False)
+    assert bad.returncode == 2 and "--transfer-to is for a reclaim, not activate" in bad.stderr
+    bad = site.licadmin("request", "--server", site.urls["old"], "reclaim", "--transfer-to",
+                        old, "--out", "x.req", check=False)
+    assert bad.returncode == 2 and "names this device itself" in bad.stderr
+    # at the office: the licensing server answers it (the removal, for the new server)
+    site.licadmin("upload", "--requests", "out", "--out-dir", "out-resp", *site.licensing)
+    # the new server asks before the proof: nothing is assigned to it yet
+    site.licadmin("request", "--server", site.urls["new"], "activate", "--out", f"in/{new}.req")
+    early = site.licadmin("upload", "--requests", "in", "--out-dir", "in-resp", *site.licensing,
+                          check=False)
+    assert early.returncode != 0 and "nothing to activate" in early.stdout + early.stderr
+    assert not list((site.root / "in-resp").iterdir())
+    # at the site: the old server removes it and signs the proof
+    site.licadmin("send", "--server", site.urls["old"], "--responses", "out-resp",
+                  "--receipts-out", "out-rc")
+    assert site.holds("old") == {"trend-log": 50}
+    # at the office: the proof moves the assignment, and only now the new server gets it
+    site.licadmin("confirm", "--receipts", "out-rc", *site.licensing)
+    again = site.licadmin("confirm", "--receipts", "out-rc", *site.licensing)
+    assert "1 already confirmed" in again.stdout  # accepted once: it moves nothing again
+    assert _assigned(site) == {old: {"trend-log": 50}, new: {"bacnet-ip": 200}}
+    site.licadmin("request", "--server", site.urls["new"], "activate", "--out", f"in/{new}.req")
+    site.licadmin("upload", "--requests", "in", "--out-dir", "in-resp", *site.licensing)
+    site.licadmin("send", "--server", site.urls["new"], "--responses", "in-resp",
+                  "--receipts-out", "in-rc")
+    site.licadmin("confirm", "--receipts", "in-rc", *site.licensing)
+    assert site.holds("old") == {"trend-log": 50} and site.holds("new") == {"bacnet-ip": 200}
+    assert len(site.report()["moves"]) == 1  # type: ignore[arg-type]
+    # the old server's transfer-out response is not for the new server
+    bad = site.licadmin("apply", "--server", site.urls["new"], f"out-resp/{old}.resp",
+                        check=False)
+    assert bad.returncode == 5 and "response is for device" in bad.stderr
+
+
+def test_rehost_refuses_a_work_folder_of_another_rehost_and_the_same_server_twice(
+        site: Site) -> None:
+    site.licadmin(*site.rehost("--feature", "trend-log"))
+    assert site.holds("new") == {"trend-log": 50}
+    other = site.licadmin(*site.rehost(), check=False)
+    assert other.returncode == 2 and "holds a rehost from" in other.stderr
+    same = site.licadmin("rehost", "--from", site.urls["old"], "--to", site.urls["old"],
+                         *site.licensing, "--work-dir", "w2", check=False)
+    assert same.returncode == 2 and "reach the same server" in same.stderr
