@@ -207,3 +207,13 @@ class ReadOnlyStoreError(StorageError):
     """A write to a store on a read-only file system (reading still works)."""
 
     reason = "read-only"
+
+
+# issue 16
+
+
+class RevokedError(TrustError):
+    """The vendor declared this device dead (RMA, ``licserver revoke``): its licenses went
+    back to the entitlement, and nothing is sent to it or accepted from it."""
+
+    reason = "revoked"

@@ -35,6 +35,7 @@ __all__ = [
     "Receipt",
     "Request",
     "Response",
+    "Revocation",
     "TrustKey",
     "TrustUpdate",
     "decode_payload",
@@ -334,6 +335,46 @@ class Payload:
 
 
 @record(frozen=True)
+class Revocation:
+    """Issue 16: the vendor declared a device dead (RMA); carried, signed, in later vendor
+    files (responses, license information) for the site."""
+
+    device_id: str
+    revoked_at: int
+    reason: str
+
+    def to_cbor(self) -> dict[str, Any]:
+        return {"device_id": self.device_id, "revoked_at": self.revoked_at,
+                "reason": self.reason}
+
+    @classmethod
+    def from_cbor(cls, obj: object) -> Revocation:
+        m = _map(obj, "revocation")
+        _keys(m, "revocation", ["device_id", "revoked_at", "reason"])
+        return cls(_device_id(m["device_id"]), _time(m["revoked_at"], "revoked_at"),
+                   _text(m["reason"], "reason"))
+
+
+def _revocations(m: Mapping[str, Any]) -> tuple[Revocation, ...]:
+    """Issue 16: the optional ``revoked`` list of a vendor file (absent: none)."""
+    if "revoked" not in m:
+        return ()
+    items = tuple(Revocation.from_cbor(x) for x in _list(m["revoked"], "revoked"))
+    if not items:
+        raise MalformedError("revoked is written only when it names a device")
+    return items
+
+
+def _revoked_field(revoked: tuple[Revocation, ...]) -> dict[str, Any]:
+    return {"revoked": [r.to_cbor() for r in revoked]} if revoked else {}
+
+
+def revocation_of(revoked: Iterable[Revocation], device_id: str) -> Revocation | None:
+    """Issue 16: the revocation of ``device_id`` among ``revoked``, if any."""
+    return next((r for r in revoked if r.device_id == device_id), None)
+
+
+@record(frozen=True)
 class Request(Payload):
     """A device asks the vendor for a change, on top of its exact current state."""
 
@@ -416,6 +457,8 @@ class Response(Payload):
     expires: int
     #: issue 16 (rehost): the device the removed licenses go to; absent otherwise
     transfer_to: str | None = None
+    #: issue 16: devices of the site the vendor declared dead; absent when none
+    revoked: tuple[Revocation, ...] = ()
 
     def __post_init__(self) -> None:
         if self.sequence != self.base_sequence + 1:
@@ -441,13 +484,14 @@ class Response(Payload):
             "not_before": self.not_before,
             "expires": self.expires,
             **({} if self.transfer_to is None else {"transfer_to": self.transfer_to}),
+            **_revoked_field(self.revoked),
         }
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> Response:
         _keys(m, "response", ["v", "kind", "device_id", "nonce", "base_sequence", "base_digest",
                               "sequence", "changes", "issued", "not_before", "expires"],
-              ["transfer_to"])
+              ["transfer_to", "revoked"])
         to = m.get("transfer_to")  # issue 16
         base = _uint(m["base_sequence"], "base_sequence", MAX_SEQUENCE - 1)
         return cls(
@@ -461,6 +505,7 @@ class Response(Payload):
             not_before=_time(m["not_before"], "not_before"),
             expires=_time(m["expires"], "expires"),
             transfer_to=None if to is None else _transfer_to(to, m),
+            revoked=_revocations(m),
         )
 
 
@@ -626,12 +671,15 @@ class LicenseInfo(Payload):
     entries: tuple[LicenseInfoEntry, ...]
     issued: int
     expires: int
+    #: issue 16: devices of the site the vendor declared dead; absent when none
+    revoked: tuple[Revocation, ...] = ()
 
     def fields(self) -> dict[str, Any]:
         return {
             "entries": [e.to_cbor() for e in self.entries],
             "issued": self.issued,
             "expires": self.expires,
+            **_revoked_field(self.revoked),
         }
 
     def for_device(self, device_id: str) -> LicenseInfoEntry | None:
@@ -642,12 +690,12 @@ class LicenseInfo(Payload):
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> LicenseInfo:
-        _keys(m, "license-info", ["v", "kind", "entries", "issued", "expires"])
+        _keys(m, "license-info", ["v", "kind", "entries", "issued", "expires"], ["revoked"])
         entries = tuple(
             LicenseInfoEntry.from_cbor(e) for e in _list(m["entries"], "entries", 100_000)
         )
         return cls(entries=entries, issued=_time(m["issued"], "issued"),
-                   expires=_time(m["expires"], "expires"))
+                   expires=_time(m["expires"], "expires"), revoked=_revocations(m))
 
 
 @record(frozen=True)

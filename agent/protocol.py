@@ -22,6 +22,7 @@ from agent.errors import (
     ExpiredError,
     MalformedError,
     NotYetValidError,
+    RevokedError,
     StaleError,
     TooNewError,
     TrustError,
@@ -43,6 +44,7 @@ from agent.messages import (
     Receipt,
     Request,
     Response,
+    Revocation,
     TrustKey,
     TrustUpdate,
     decode_payload,
@@ -443,6 +445,8 @@ def create_request(
             raise UsageError("nothing to reclaim: no licenses are installed")
     if transfer_to is not None:  # issue 16
         _check_transfer_to(state, action, transfer_to)
+    if state.extra.get("revoked"):  # issue 16
+        raise RevokedError(revoked_message(state))
     req = Request(
         device_id=state.device_id,
         device_key=state.device_key,
@@ -471,6 +475,23 @@ def create_request(
         clock_hwm=max(state.clock_hwm, now),
     )
     return new, data, req
+
+
+def revoke(state: AgentState, rev: Revocation) -> AgentState:
+    """Issue 16: the state of a device the vendor declared dead: no licenses, no outstanding
+    request, and the revocation kept (``extra["revoked"]``) to say why from now on."""
+    return replace(state, licenses=(), outstanding=(), dropped=(),
+                   extra={**state.extra, "revoked": {"at": rev.revoked_at,
+                                                     "reason": rev.reason}})
+
+
+def revoked_message(state: AgentState) -> str:
+    """Issue 16: why a revoked device holds nothing and asks for nothing."""
+    r = state.extra.get("revoked") or {}
+    return (f"device {state.device_id[:12]}… was declared dead by the vendor at "
+            f"{_iso(int(r.get('at', 0)))} ({r.get('reason', '')}): its licenses went back to "
+            f"the entitlement and were removed here; give the new server its licenses "
+            f"(licadmin activate), this one gets none")
 
 
 def _check_transfer_to(state: AgentState, action: Action, transfer_to: str) -> None:
@@ -723,7 +744,7 @@ def replay_event(state: AgentState, event: str, data: Any, time_: int, key: Sign
         if event == "request":
             new, _signed, req = create_request(
                 state, Action(data["action"]), data["features"], bytes.fromhex(data["nonce"]),
-                time_, key, limits, data.get("origin"))
+                time_, key, limits, data.get("origin"), data.get("transfer_to"))
             if req.sequence != data["sequence"]:
                 raise IntegrityError(f"request recorded at sequence {data['sequence']}, the "
                                      f"state is at {req.sequence}")
@@ -748,6 +769,8 @@ def replay_event(state: AgentState, event: str, data: Any, time_: int, key: Sign
             if not isinstance(binding, list) or not all(isinstance(f, str) for f in binding):
                 raise IntegrityError("rebind record has no binding")
             return replace(state, binding=tuple(binding))
+        if event == "revoked":  # issue 16
+            return revoke(state, Revocation(state.device_id, data["at"], data["reason"]))
         if event == "clock":
             mark = data["clock_hwm"]
             if type(mark) is not int:

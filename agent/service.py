@@ -17,11 +17,11 @@ from typing import Any
 from agent import protocol
 from agent.cose import PublicKey, SigningKey
 from agent.durable import FileOps
-from agent.errors import ExpiredError, LicensingError, StorageError, UsageError
+from agent.errors import ExpiredError, LicensingError, RevokedError, StorageError, UsageError
 from agent.formats import iso
 from agent.identity import FactsProvider, HardwareFacts, host_id, require_identifying
 from agent.journal import JournalReport
-from agent.messages import Action, LicenseInfo, TrustKey, TrustUpdate
+from agent.messages import Action, LicenseInfo, Revocation, TrustKey, TrustUpdate, revocation_of
 from agent.protocol import DEFAULT_LIMITS, ApplyResult, CheckResult, Limits
 from agent.record import record, replace
 from agent.store import KeptLock, OpenStore, Store, store_lock
@@ -64,7 +64,8 @@ def status_dict(state: protocol.AgentState, now: int, warnings: Iterable[str] = 
         ],
         "clock_high_water": iso(state.clock_hwm),
         "clock_set_back": protocol.clock_set_back(state, now),
-        "warnings": list(warnings),
+        "warnings": list(warnings) + ([protocol.revoked_message(state)]  # issue 16
+                                      if state.extra.get("revoked") else []),
     }
 
 
@@ -280,6 +281,7 @@ class Agent:
         with self._open() as (store, now):
             lim = replace(self.limits, max_file=16 * 1024 * 1024)
             info, _env = protocol.verify_vendor_file(store.state, data, now, LicenseInfo, lim)
+            self._drop_if_revoked(store, info.revoked, now)  # issue 16
             if now > info.expires:
                 raise ExpiredError(f"license information expired at {iso(info.expires)}")
             entry = info.for_device(store.state.device_id)
@@ -289,6 +291,22 @@ class Agent:
                 )
             lics = entry.reclaim if action is Action.RECLAIM else entry.install
             return [lic.feature for lic in lics]
+
+    @staticmethod
+    def _drop_if_revoked(store: Store, revoked: Iterable[Revocation], now: int) -> None:
+        """Issue 16: a verified vendor file says this device is dead: drop its licenses
+        (journalled) and refuse with why. A device already revoked refuses again."""
+        rev = revocation_of(revoked, store.state.device_id)
+        if rev is None:
+            return
+        new = store.state
+        if not new.extra.get("revoked"):
+            store.require_writable("drop the licenses of a revoked device")
+            dropped = [lic.feature for lic in new.licenses]
+            new = protocol.revoke(new, rev)
+            store.commit(new, "revoked",
+                         {"at": rev.revoked_at, "reason": rev.reason, "dropped": dropped}, now)
+        raise RevokedError(protocol.revoked_message(new))
 
     def journal(self, entries: bool = True) -> JournalReport:
         """The verified journal; ``entries=False`` verifies it all and keeps only the count."""

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from agent.errors import EXIT_OK, UsageError
+from agent.errors import EXIT_OK, RevokedError, UsageError
 from agent.formats import LICENSE_INFO_MAX, verify_receipt
 from agent.messages import DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
@@ -461,6 +461,13 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         _check_folder(args.receipt_out)
         response = read_input(args.response, DEFAULT_LIMITS.max_file, "response file",
                               expect="response")
+        from apps.licadmin.onsite import refuse_revoked, revoked_in
+
+        dead = revoked_in([response])  # issue 16: nothing goes to a device declared dead
+        if dead:
+            dev = client.status().device_id
+            if dev in dead:
+                raise RevokedError(refuse_revoked(dev, dead[dev]))
         try:
             res = client.apply(response)
         except TransportError as err:

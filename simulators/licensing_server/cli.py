@@ -135,6 +135,14 @@ def _parser() -> argparse.ArgumentParser:
     tp = tsub.add_parser("revoke", help="refuse a token from now on (HTTP 401)")
     tp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
     tp.add_argument("--name", required=True, metavar="NAME", help="the token to revoke")
+    sp = sub.add_parser("revoke", help="declare a device dead (RMA): its licenses go back to "
+                                       "the entitlement, and every later vendor file for its "
+                                       "site carries the signed revocation (issue 16)")
+    sp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
+    sp.add_argument("--device", required=True, metavar="DEVICE_ID",
+                    help="the dead server's device ID (licserver report lists them)")
+    sp.add_argument("--reason", required=True, metavar="TEXT",
+                    help="why, for the report and the site (e.g. \"RMA 4711: board failed\")")
     sp = sub.add_parser("report", help="show entitlements, assignments, installed licenses, "
                                        "pending reclaims and tokens")
     sp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
@@ -191,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"genuine receipt from device {rc.device_id}: sequence {rc.sequence}, "
               f"removed {removed}")
         return EXIT_OK
-    if args.command in ("serve", "entitle", "report", "token"):
+    if args.command in ("serve", "entitle", "report", "token", "revoke"):
         from simulators.licensing_server._commands import run as run_ledger_command
 
         return run_ledger_command(args, _load_key, _now)

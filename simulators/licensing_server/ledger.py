@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.digest import sha256
-from agent.errors import LicensingError, MalformedError, StorageError, UsageError
+from agent.errors import LicensingError, MalformedError, RevokedError, StorageError, UsageError
 from agent.formats import (
     RECEIPT_MAX,
     SiteInfo,
@@ -37,7 +37,17 @@ from agent.formats import (
     read_device_info,
     verify_receipt,
 )
-from agent.messages import MAX_TIME, ChangeOp, DeviceInfo, License, Receipt, Request, Response
+from agent.messages import (
+    MAX_LIST,
+    MAX_TIME,
+    ChangeOp,
+    DeviceInfo,
+    License,
+    Receipt,
+    Request,
+    Response,
+    Revocation,
+)
 from apps.licensing_api import AssignmentQuery, Confirmation, UploadAnswer, refusal
 from simulators.licensing_server import rules
 from simulators.licensing_server.ledger_sqlite import SqliteStorage
@@ -55,6 +65,7 @@ from simulators.licensing_server.storage import (
     LedgerStorage,
     LedgerTransaction,
     Operation,
+    RevocationRow,
 )
 from simulators.licensing_server.vendor import DAY, Vendor
 
@@ -408,6 +419,7 @@ class Ledger:
     def _assign_one(self, tx: LedgerTransaction, q: AssignmentQuery, holds: _Holds,
                     uses: dict[tuple[str, str, str], _StockUse]) -> dict[str, Any]:
         dev, feature, count = q.device_id, q.feature, q.count
+        self._refuse_revoked(tx, dev)  # issue 16
         if not tx.has_entitlement(q.entitlement):
             raise UsageError(f"no entitlement {q.entitlement} in the ledger "
                              "(licserver entitle records one)")
@@ -438,6 +450,7 @@ class Ledger:
         with self._operation("device-info", now) as (tx, rec):
             info = read_device_info(data)
             rec["device_id"] = info.device_id
+            self._refuse_revoked(tx, info.device_id)  # issue 16
             rec["outcome"] = self._observe(tx, self._seen_info(info, now), info.licenses)
             rec["detail"] = f"sequence {info.sequence}"
             return info
@@ -489,16 +502,20 @@ class Ledger:
             wanted = rules.wanted_devices(infos, len(files), devices)
             for dev in wanted:
                 self._check_device(tx, dev, scope)
+            dead = {d for d in infos if tx.revocation(d) is not None}  # issue 16
             for info in infos.values():
-                self._observe(tx, self._seen_info(info, now), info.licenses)
+                if info.device_id not in dead:  # a dead device's licenses stay returned
+                    self._observe(tx, self._seen_info(info, now), info.licenses)
             entries: dict[str, tuple[list[License], list[License]]] = {}
             for dev in wanted:
-                entries[dev] = rules.plan(tx.installed(dev), tx.targets(dev))
+                entries[dev] = (([*infos[dev].licenses], []) if dev in dead
+                                else rules.plan(tx.installed(dev), tx.targets(dev)))
+            revoked = self._revoked_for(tx, wanted)
             rec["detail"] = (f"{len(entries)} device(s) of {len(files)} file(s); "
                              + "; ".join(f"{d[:12]}: reclaim {len(r)}, install {len(i)}"
                                          for d, (r, i) in entries.items())[:800])
-            whole = signer.license_info(entries, now, LICENSE_INFO_VALID)
-            one = ({dev: signer.license_info({dev: plan}, now, LICENSE_INFO_VALID)
+            whole = signer.license_info(entries, now, LICENSE_INFO_VALID, revoked)
+            one = ({dev: signer.license_info({dev: plan}, now, LICENSE_INFO_VALID, revoked)
                     for dev, plan in entries.items()} if per_device else {})
             return whole, one
 
@@ -528,6 +545,7 @@ class Ledger:
         """:meth:`answer_request` for a request already verified (``req`` read from ``data``)."""
         dev = rec["device_id"] = req.device_id
         self._check_device(tx, dev, scope)
+        self._refuse_revoked(tx, dev)  # issue 16
         rec["detail"] = f"{req.action.value} on sequence {req.sequence}"
         rdigest = sha256(data)
         prev = tx.response_to(dev, req.nonce)
@@ -538,16 +556,19 @@ class Ledger:
             return prev.file
         self._observe(tx, rules.seen_state("request", dev, req.device_key, req.model, None,
                                            req.sequence, req.licenses, now), req.licenses)
+        revoked = self._revoked_for(tx, [dev])  # issue 16: travels in every vendor file
         if req.transfer_to is None:
             changes = rules.decide(req, tx.targets(dev))
-            resp = signer.response_for(req, changes, now, self.response_valid)
+            resp = signer.response_for(req, changes, now, self.response_valid, revoked=revoked)
         else:  # issue 16: a rehost's transfer-out; the new device gets them on its receipt
             to = req.transfer_to
             self._check_device(tx, to, scope)
+            self._refuse_revoked(tx, to, "the new server of a rehost")
             feats = [x.feature for x in req.licenses]
             changes = rules.decide_rehost(req, {f: tx.assignment(dev, f) for f in feats},
                                           {f: tx.assignment(to, f) for f in feats})
-            resp = signer.response_for(req, changes, now, self.response_valid, transfer_to=to)
+            resp = signer.response_for(req, changes, now, self.response_valid, transfer_to=to,
+                                       revoked=revoked)
             rec["detail"] = f"rehost to {to[:12]}, " + rec["detail"]
         file = signer.sign(resp)
         digest = sha256(file)
@@ -582,6 +603,7 @@ class Ledger:
             rc = verify_receipt(data, [signer.public])  # size cap, signatures, consistency
             dev = rec["device_id"] = rc.device_id
             self._check_device(tx, dev, scope)
+            self._refuse_revoked(tx, dev)  # issue 16
             rec["detail"] = f"sequence {rc.sequence}"
             digest = sha256(data)
             seen_before = tx.receipt_seen(digest)
@@ -688,6 +710,74 @@ class Ledger:
             except LicensingError as err:
                 res.errors[key] = refusal(err)
         return res
+
+    # ------------------------------------------------------------ revocations (issue 16)
+
+    def revoke_device(self, device_id: str, reason: str, now: int | None = None
+                      ) -> dict[str, Any]:
+        """Declare a device dead (RMA): its assignments return to their entitlements, its open
+        responses can no longer be confirmed, and from now on every vendor file for its site
+        carries the signed revocation; the device gets nothing more.
+
+        Returns:
+            ``{"device_id", "reason", "revoked", "returned": {feature: count},
+            "entitlements": [...]}``.
+
+        Raises:
+            UsageError: a bad device ID or reason, a device the ledger does not know, or one
+                revoked already.
+        """
+        now = self._now(now)
+        rules.check_device_id(device_id)
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 256:
+            raise UsageError("--reason: say why, in 1 to 256 characters (e.g. \"RMA 4711: "
+                             "power supply failed\")")
+        with self._operation("revoke", now, device_id) as (tx, rec):
+            prev = tx.revocation(device_id)
+            if prev is not None:
+                raise UsageError(f"device {device_id[:12]}… was revoked already at "
+                                 f"{iso(prev.time)} ({prev.reason})")
+            ents = tx.entitlements_of(device_id)
+            if tx.device(device_id) is None and not ents:
+                raise UsageError(f"no device {device_id[:12]}… in the ledger (licserver "
+                                 "report lists the devices it knows)")
+            returned = {f: lic.count for f, lic in tx.targets(device_id).items() if lic.count}
+            for f in ents:
+                tx.drop_assignment(device_id, f)
+            for o in tx.open_responses(device_id):
+                tx.set_status(o.digest, ResponseStatus.SUPERSEDED)
+                tx.drop_reclaims(o.digest)
+            tx.set_installed(device_id, ())
+            site = tuple(sorted(set(ents.values())))
+            tx.add_revocation(RevocationRow(device_id, reason, now, site))
+            rec["outcome"] = "revoked"
+            rec["detail"] = (f"{reason}; returned "
+                             + (", ".join(f"{f}={n}" for f, n in sorted(returned.items()))
+                                or "nothing") + f" to {', '.join(site) or 'no entitlement'}")
+            return {"device_id": device_id, "reason": reason, "revoked": iso(now),
+                    "returned": returned, "entitlements": list(site)}
+
+    @staticmethod
+    def _refuse_revoked(tx: LedgerTransaction, dev: str, what: str = "device") -> None:
+        r = tx.revocation(dev)
+        if r is not None:
+            raise RevokedError(f"{what} {dev[:12]}… was declared dead at {iso(r.time)} "
+                               f"({r.reason}); the licensing server does nothing for it "
+                               "(its licenses went back to the entitlement)")
+
+    @staticmethod
+    def _revoked_for(tx: LedgerTransaction, devices: Sequence[str]) -> tuple[Revocation, ...]:
+        """The revocations a vendor file for ``devices`` carries: of those devices, and of
+        every device that held licenses of the same entitlements (the site); the latest
+        :data:`MAX_LIST`."""
+        every = tx.revocations()
+        if not every:
+            return ()
+        mine = set(devices)
+        ents = {e for d in mine for e in tx.entitlements_of(d).values()}
+        out = [Revocation(r.device_id, r.time, r.reason) for r in every
+               if r.device_id in mine or ents.intersection(r.entitlements)]
+        return tuple(out[-MAX_LIST:])
 
     # ------------------------------------------------------------ tokens
 
@@ -852,6 +942,12 @@ class Ledger:
                          "revoked": iso(t.revoked)} for t in tx.tokens()],
                     "open_responses": tx.count_open_responses(),
                     "operations": tx.count_operations(),
+                    # issue 16: devices declared dead, oldest first
+                    "revocations": [{"device_id": r.device_id, "reason": r.reason,
+                                     "revoked": iso(r.time),
+                                     "entitlements": list(r.entitlements)}
+                                    for r in tx.revocations()
+                                    if scope is None or scope.intersection(r.entitlements)],
                     # issue 16: licenses moved by a rehost (from, to, what), oldest first
                     "moves": [{"time": iso(o.time), "from": o.device_id, "detail": o.detail}
                               for o in tx.operations_of("rehost", 1000)

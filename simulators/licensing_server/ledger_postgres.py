@@ -127,6 +127,13 @@ _SCHEMA: tuple[str, ...] = (
 )
 
 
+_REVOCATIONS = f"""CREATE TABLE IF NOT EXISTS revocations (
+    device_id    {_T} PRIMARY KEY,
+    reason       {_T} NOT NULL,
+    time         BIGINT NOT NULL,
+    entitlements {_T} NOT NULL)"""
+
+
 def redact(url: str) -> str:
     """``url`` without its password, to name it in a message or a log."""
     parts = urlsplit(url)
@@ -209,6 +216,7 @@ class PostgresStorage:
             elif row[0] != SCHEMA_VERSION:
                 raise StorageError(f"the ledger {self.where} has schema version {row[0]}; "
                                    f"this licserver reads {SCHEMA_VERSION}")
+            conn.execute(_REVOCATIONS)  # issue 16: created when missing, no version change
 
     @contextmanager
     def _tx(self, begin: str, lock: bool, what: str) -> Iterator[_Qmark]:

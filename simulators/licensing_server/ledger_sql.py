@@ -32,6 +32,7 @@ from simulators.licensing_server.storage import (
     Operation,
     PendingReclaim,
     RequestAnswered,
+    RevocationRow,
 )
 
 __all__ = ["SqlConnection", "SqlCursor", "SqlTransaction"]
@@ -338,6 +339,25 @@ class SqlTransaction:
         rows = self._db.execute("SELECT id, time, kind, device_id, outcome, detail FROM "
                                 "operations ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [Operation(t, k, d, o, x, n) for n, t, k, d, o, x in reversed(rows)]
+
+    # ------------------------------------------------------------ revocations (issue 16)
+
+    _REVOCATION = "SELECT device_id, reason, time, entitlements FROM revocations"
+
+    def add_revocation(self, revocation: RevocationRow) -> None:
+        r = revocation
+        self._db.execute("INSERT INTO revocations (device_id, reason, time, entitlements) "
+                         "VALUES (?, ?, ?, ?)",
+                         (r.device_id, r.reason, r.time, json.dumps(list(r.entitlements))))
+
+    def revocation(self, device_id: str) -> RevocationRow | None:
+        row = self._db.execute(self._REVOCATION + " WHERE device_id=?", (device_id,)).fetchone()
+        return None if row is None else RevocationRow(row[0], row[1], row[2],
+                                                      tuple(json.loads(row[3])))
+
+    def revocations(self) -> list[RevocationRow]:
+        return [RevocationRow(d, r, t, tuple(json.loads(e))) for d, r, t, e in self._db.execute(
+            self._REVOCATION + " ORDER BY time, device_id").fetchall()]
 
     def operations_of(self, kind: str, limit: int) -> list[Operation]:
         """Issue 16: the latest operations of one kind (the report's moves), oldest first."""

@@ -127,6 +127,17 @@ CREATE TABLE tokens (
 """
 
 
+#: issue 16: devices declared dead; created when missing at every open (no version change)
+_REVOCATIONS = """
+CREATE TABLE IF NOT EXISTS revocations (
+    device_id    TEXT PRIMARY KEY,
+    reason       TEXT NOT NULL,
+    time         INTEGER NOT NULL,
+    entitlements TEXT NOT NULL
+)
+"""
+
+
 class SqliteStorage:
     """:class:`~simulators.licensing_server.storage.LedgerStorage` in one SQLite file.
 
@@ -168,6 +179,7 @@ class SqliteStorage:
             elif version != SCHEMA_VERSION:
                 raise StorageError(f"the ledger {self.path} has schema version {version}; "
                                    f"this licserver reads {SCHEMA_VERSION}")
+            db.execute(_REVOCATIONS)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

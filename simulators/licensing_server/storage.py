@@ -105,6 +105,17 @@ class DeviceRow:
 
 
 @dataclass(frozen=True)
+class RevocationRow:
+    """Issue 16: a device the vendor declared dead, and the entitlements it held then (the
+    site its revocation travels to)."""
+
+    device_id: str
+    reason: str
+    time: int
+    entitlements: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Operation:
     """One line of the ledger's record of operations."""
 
@@ -211,6 +222,11 @@ class LedgerTransaction(Protocol):
         """The latest ``limit`` operations, oldest first."""
     def operations_of(self, kind: str, limit: int) -> list[Operation]:
         """Issue 16: the latest ``limit`` operations of one kind, oldest first."""
+    def add_revocation(self, revocation: RevocationRow) -> None:
+        """Issue 16: declare a device dead."""
+    def revocation(self, device_id: str) -> RevocationRow | None: ...
+    def revocations(self) -> list[RevocationRow]:
+        """Issue 16: every revocation, oldest first."""
 
 
 class LedgerStorage(Protocol):

@@ -23,6 +23,7 @@ from agent.messages import (
     Payload,
     Request,
     Response,
+    Revocation,
     TrustKey,
     TrustUpdate,
     state_digest,
@@ -124,7 +125,7 @@ class Vendor:
 
     def license_info(
         self, entries: Mapping[str, tuple[Iterable[License], Iterable[License]]], now: int,
-        valid_for: int = 30 * DAY,
+        valid_for: int = 30 * DAY, revoked: tuple[Revocation, ...] = (),
     ) -> bytes:
         """Sign license information: per device ID, (licenses to reclaim, licenses to install)."""
         info = LicenseInfo(
@@ -134,5 +135,6 @@ class Vendor:
             ),
             issued=now,
             expires=now + valid_for,
+            revoked=revoked,  # issue 16
         )
         return self.sign(info)
