@@ -74,6 +74,8 @@ class Action(enum.StrEnum):
     ACTIVATE = "activate"
     RECLAIM = "reclaim"
     RENEW = "renew"
+    #: issue 16: ask the vendor for a certified time (a clock that ran ahead), nothing else
+    CLOCK = "clock"
 
 
 class ChangeOp(enum.StrEnum):
@@ -459,8 +461,12 @@ class Response(Payload):
     transfer_to: str | None = None
     #: issue 16: devices of the site the vendor declared dead; absent when none
     revoked: tuple[Revocation, ...] = ()
+    #: issue 16: the vendor-certified time, answering a ``clock`` request; absent otherwise
+    time: int | None = None
 
     def __post_init__(self) -> None:
+        if self.time is not None and self.changes:
+            raise MalformedError("a response certifying the time changes no license")
         if self.sequence != self.base_sequence + 1:
             raise MalformedError(
                 f"response sequence {self.sequence} must be base sequence "
@@ -485,13 +491,14 @@ class Response(Payload):
             "expires": self.expires,
             **({} if self.transfer_to is None else {"transfer_to": self.transfer_to}),
             **_revoked_field(self.revoked),
+            **({} if self.time is None else {"time": self.time}),
         }
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> Response:
         _keys(m, "response", ["v", "kind", "device_id", "nonce", "base_sequence", "base_digest",
                               "sequence", "changes", "issued", "not_before", "expires"],
-              ["transfer_to", "revoked"])
+              ["transfer_to", "revoked", "time"])
         to = m.get("transfer_to")  # issue 16
         base = _uint(m["base_sequence"], "base_sequence", MAX_SEQUENCE - 1)
         return cls(
@@ -506,6 +513,7 @@ class Response(Payload):
             expires=_time(m["expires"], "expires"),
             transfer_to=None if to is None else _transfer_to(to, m),
             revoked=_revocations(m),
+            time=_opt_time(m.get("time"), "time") if "time" in m else None,
         )
 
 

@@ -355,7 +355,10 @@ def clock_set_back_message(state: AgentState, now: int) -> str:
     """One line: what the clock reads, the latest time seen (ISO 8601), and how to recover."""
     return (f"the clock reads {_iso(now)}, earlier than {_iso(state.clock_hwm)} already "
             f"seen: clock set back; {CLOCK_RECOVERY}; if {_iso(state.clock_hwm)} itself was "
-            f"wrong (a clock that ran ahead), licenses count from it until that time has passed")
+            f"wrong (a clock that ran ahead) and the clock is right now, recover with a "
+            f"vendor-certified time: `licagent request clock --out FILE` (or `licadmin "
+            f"request --server URL clock`), have it answered by the licensing server "
+            f"(licadmin upload), and apply the answer")
 
 
 # ---------------------------------------------------------------- verification
@@ -447,6 +450,11 @@ def create_request(
         _check_transfer_to(state, action, transfer_to)
     if state.extra.get("revoked"):  # issue 16
         raise RevokedError(revoked_message(state))
+    if action is Action.CLOCK:  # issue 16: the way back from a clock that ran ahead
+        if feats:
+            raise UsageError("a clock request names no feature: it asks only for the time")
+    elif clock_set_back(state, now, limits):  # a request now would be refused when answered
+        raise ClockSetBackError(clock_set_back_message(state, now))
     req = Request(
         device_id=state.device_id,
         device_key=state.device_key,
@@ -644,6 +652,10 @@ def apply_response(
         raise StaleError(
             "response was issued against a different installed state (state digest differs)"
         )
+    if (resp.time is not None) != (pending.action is Action.CLOCK):  # issue 16
+        raise MalformedError("a certified time answers a clock request, and only it does")
+    if resp.time is not None:
+        return _apply_certified_time(state, data, resp, now, key, limits)
     if clock_set_back(state, now, limits):
         raise ClockSetBackError(clock_set_back_message(state, now))
     if now < resp.not_before:
@@ -684,6 +696,32 @@ def apply_response(
     )
     new.__dict__["digest"] = new_digest  # the cached property, already computed above
     return ApplyResult(new, receipt_bytes, resp, already_applied=False, removed=removed)
+
+
+def _apply_certified_time(state: AgentState, data: bytes, resp: Response, now: int,
+                          key: SigningKey, limits: Limits) -> ApplyResult:
+    """Issue 16: a vendor-certified time answering this device's own outstanding ``clock``
+    request (so it cannot be replayed) resets a high-water mark pushed into the future,
+    once the clock agrees with it; the chain moves one link, changing no license."""
+    assert resp.time is not None
+    if abs(now - resp.time) > limits.clock_tolerance:
+        raise ClockSetBackError(
+            f"the vendor certifies the time was {_iso(resp.time)} when it answered; this "
+            f"clock reads {_iso(now)}: set the system clock to the right time (NTP, or "
+            f"date -s) and apply this file again (valid until {_iso(resp.expires)}); "
+            f"nothing was changed")
+    if now > resp.expires:
+        raise ExpiredError(f"response expired at {_iso(resp.expires)} (now {_iso(now)})")
+    receipt = Receipt(
+        device_id=state.device_id, device_key=state.device_key, response=data,
+        response_digest=sha256(data), sequence=resp.sequence, state_digest=state.digest,
+        applied=(), removed=(), licenses=state.licenses, applied_at=now)
+    receipt_bytes = sign1(receipt.encode(), key, Kind.RECEIPT.content_type)
+    applied = (*state.applied, Applied(resp.nonce, resp.sequence, receipt.response_digest))
+    new = replace(state, sequence=resp.sequence, outstanding=(), dropped=(),
+                  applied=applied[-limits.max_applied_history:], last_receipt=receipt_bytes,
+                  clock_hwm=max(now, resp.time))
+    return ApplyResult(new, receipt_bytes, resp, already_applied=False)
 
 
 def roll_forward(state: AgentState, applies: Iterable[Mapping[str, Any]]) -> AgentState:

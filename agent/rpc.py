@@ -335,7 +335,7 @@ class RequestArgs:
         try:
             action = Action(str(args.get("action")))
         except ValueError as exc:
-            raise UsageError("action must be activate, reclaim or renew") from exc
+            raise UsageError("action must be activate, reclaim, renew or clock") from exc
         f = args.get("features", [])
         if (not isinstance(f, list) or len(f) > MAX_FEATURES
                 or not all(isinstance(x, str) for x in f)):

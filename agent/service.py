@@ -225,6 +225,10 @@ class Agent:
                 "changes": [c.to_cbor() for c in res.response.changes],
                 "removed": [lic.feature for lic in res.removed],
                 "response": data,  # what a replay after a crash redoes (protocol.replay_event)
+                # issue 16: a vendor-certified time moved the clock mark (maybe back)
+                **({"clock_hwm": {"from": iso(store.state.clock_hwm),
+                                  "to": iso(res.state.clock_hwm)}}
+                   if res.response.time is not None else {}),
             }, now)
             return res, warn
 

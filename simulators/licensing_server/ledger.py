@@ -40,6 +40,7 @@ from agent.formats import (
 from agent.messages import (
     MAX_LIST,
     MAX_TIME,
+    Action,
     ChangeOp,
     DeviceInfo,
     License,
@@ -559,7 +560,8 @@ class Ledger:
         revoked = self._revoked_for(tx, [dev])  # issue 16: travels in every vendor file
         if req.transfer_to is None:
             changes = rules.decide(req, tx.targets(dev))
-            resp = signer.response_for(req, changes, now, self.response_valid, revoked=revoked)
+            resp = signer.response_for(req, changes, now, self.response_valid, revoked=revoked,
+                                       **({"time": now} if req.action is Action.CLOCK else {}))
         else:  # issue 16: a rehost's transfer-out; the new device gets them on its receipt
             to = req.transfer_to
             self._check_device(tx, to, scope)
