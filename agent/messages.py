@@ -37,6 +37,8 @@ __all__ = [
     "Response",
     "Revocation",
     "TrustKey",
+    "Transfer",
+    "TransferReceipt",
     "TrustUpdate",
     "decode_payload",
     "sort_licenses",
@@ -64,6 +66,9 @@ class Kind(enum.StrEnum):
     RESPONSE = "response"
     RECEIPT = "receipt"
     TRUST_UPDATE = "trust-update"
+    # issue 16: direct transfer at the site
+    TRANSFER = "transfer"
+    TRANSFER_RECEIPT = "transfer-receipt"
 
     @property
     def content_type(self) -> str:
@@ -199,6 +204,8 @@ class License:
     not_before: int | None = None
     not_after: int | None = None
     grace: int = 0
+    #: issue 16: may move to another server directly (a transfer file); written only when true
+    transferable: bool = False
 
     def __post_init__(self) -> None:
         _feature(self.feature)
@@ -214,13 +221,16 @@ class License:
             raise MalformedError(f"license {self.feature} ends before it starts")
 
     def to_cbor(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "feature": self.feature,
             "count": self.count,
             "not_before": self.not_before,
             "not_after": self.not_after,
             "grace": self.grace,
         }
+        if self.transferable:  # issue 16: absent when false (digests stay as they were)
+            out["transferable"] = True
+        return out
 
     @cached_property
     def encoded(self) -> Encoded:
@@ -231,13 +241,18 @@ class License:
     @classmethod
     def from_cbor(cls, obj: object) -> License:
         m = _map(obj, "license")
-        _keys(m, "license", ["feature", "count"], ["not_before", "not_after", "grace"])
+        _keys(m, "license", ["feature", "count"],
+              ["not_before", "not_after", "grace", "transferable"])
+        tr = m.get("transferable", False)  # issue 16
+        if "transferable" in m and tr is not True:
+            raise MalformedError("transferable is written only as true")
         return cls(
             feature=_feature(m["feature"]),
             count=_uint(m["count"], "count", MAX_COUNT),
             not_before=_opt_time(m.get("not_before"), "not_before"),
             not_after=_opt_time(m.get("not_after"), "not_after"),
             grace=_uint(m.get("grace", 0), "grace", 366 * 86400),
+            transferable=tr,
         )
 
 
@@ -294,12 +309,14 @@ class LicenseChange:
     not_before: int | None = None
     not_after: int | None = None
     grace: int = 0
+    transferable: bool = False  # issue 16
 
     def __post_init__(self) -> None:
         self.license()  # validates the fields
 
     def license(self) -> License:
-        return License(self.feature, self.count, self.not_before, self.not_after, self.grace)
+        return License(self.feature, self.count, self.not_before, self.not_after, self.grace,
+                       self.transferable)
 
     def to_cbor(self) -> dict[str, Any]:
         if self.op is ChangeOp.REMOVE:
@@ -314,7 +331,8 @@ class LicenseChange:
             _keys(m, "remove change", ["op", "feature"])
             return cls(op, _feature(m["feature"]))
         lic = License.from_cbor({k: v for k, v in m.items() if k != "op"})
-        return cls(op, lic.feature, lic.count, lic.not_before, lic.not_after, lic.grace)
+        return cls(op, lic.feature, lic.count, lic.not_before, lic.not_after, lic.grace,
+                   lic.transferable)
 
 
 # ---------------------------------------------------------------- payloads
@@ -770,6 +788,95 @@ class TrustUpdate(Payload):
                    issued=_time(m["issued"], "issued"))
 
 
+# ---------------------------------------------------------------- issue 16: direct transfer
+
+
+@record(frozen=True)
+class Transfer(Payload):
+    """Signed by the old server: transferable licenses it removed, for one named new server.
+
+    ``evidence`` holds, per license, the vendor response that installed it on the old
+    server (the new server verifies the vendor's signature on it); ``sequence`` and
+    ``state_digest`` are the old server's state after the removal, ``licenses`` what it
+    still holds; ``id`` is fresh randomness, so a transfer applies once.
+    """
+
+    KIND: ClassVar[Kind] = Kind.TRANSFER
+    device_id: str
+    device_key: PublicKey
+    transfer_to: str
+    id: bytes
+    moved: tuple[License, ...]
+    evidence: tuple[bytes, ...]
+    sequence: int
+    state_digest: bytes
+    licenses: tuple[License, ...]
+    created: int
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id, "device_alg": self.device_key.alg,
+            "device_key": self.device_key.raw, "transfer_to": self.transfer_to, "id": self.id,
+            "moved": [lic.to_cbor() for lic in self.moved], "evidence": list(self.evidence),
+            "sequence": self.sequence, "state_digest": self.state_digest,
+            "licenses": [lic.to_cbor() for lic in self.licenses], "created": self.created,
+        }
+
+    @classmethod
+    def from_map(cls, m: Mapping[str, Any]) -> Transfer:
+        _keys(m, "transfer", ["v", "kind", "device_id", "device_alg", "device_key",
+                              "transfer_to", "id", "moved", "evidence", "sequence",
+                              "state_digest", "licenses", "created"])
+        moved = _licenses(m["moved"], "moved")
+        evidence = tuple(_bytes(e, "evidence", maximum=64 * 1024)
+                         for e in _list(m["evidence"], "evidence"))
+        if not moved or len(evidence) != len(moved):
+            raise MalformedError("a transfer moves at least one license, each with its evidence")
+        return cls(
+            device_id=_device_id(m["device_id"]), device_key=_pubkey(m),
+            transfer_to=_transfer_to(m["transfer_to"], m), id=_bytes(m["id"], "id", NONCE_LEN),
+            moved=moved, evidence=evidence, sequence=_uint(m["sequence"], "sequence"),
+            state_digest=_bytes(m["state_digest"], "state_digest", 32),
+            licenses=_licenses(m["licenses"]), created=_time(m["created"], "created"),
+        )
+
+
+@record(frozen=True)
+class TransferReceipt(Payload):
+    """Signed by the new server after applying a transfer: the exact transfer file, and its
+    state after (the vendor reconciles the move from it)."""
+
+    KIND: ClassVar[Kind] = Kind.TRANSFER_RECEIPT
+    device_id: str
+    device_key: PublicKey
+    transfer: bytes
+    sequence: int
+    state_digest: bytes
+    licenses: tuple[License, ...]
+    applied_at: int
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id, "device_alg": self.device_key.alg,
+            "device_key": self.device_key.raw, "transfer": self.transfer,
+            "sequence": self.sequence, "state_digest": self.state_digest,
+            "licenses": [lic.to_cbor() for lic in self.licenses], "applied_at": self.applied_at,
+        }
+
+    @classmethod
+    def from_map(cls, m: Mapping[str, Any]) -> TransferReceipt:
+        _keys(m, "transfer-receipt", ["v", "kind", "device_id", "device_alg", "device_key",
+                                      "transfer", "sequence", "state_digest", "licenses",
+                                      "applied_at"])
+        return cls(
+            device_id=_device_id(m["device_id"]), device_key=_pubkey(m),
+            transfer=_bytes(m["transfer"], "transfer", maximum=256 * 1024),
+            sequence=_uint(m["sequence"], "sequence"),
+            state_digest=_bytes(m["state_digest"], "state_digest", 32),
+            licenses=_licenses(m["licenses"]), applied_at=_time(m["applied_at"], "applied_at"),
+        )
+
+
 _BY_KIND: dict[Kind, Any] = {
     Kind.REQUEST: Request,
     Kind.RESPONSE: Response,
@@ -777,6 +884,8 @@ _BY_KIND: dict[Kind, Any] = {
     Kind.DEVICE_INFO: DeviceInfo,
     Kind.LICENSE_INFO: LicenseInfo,
     Kind.TRUST_UPDATE: TrustUpdate,
+    Kind.TRANSFER: Transfer,  # issue 16
+    Kind.TRANSFER_RECEIPT: TransferReceipt,
 }
 
 P = TypeVar("P", bound=Payload)

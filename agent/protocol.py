@@ -45,6 +45,8 @@ from agent.messages import (
     Request,
     Response,
     Revocation,
+    Transfer,
+    TransferReceipt,
     TrustKey,
     TrustUpdate,
     decode_payload,
@@ -83,7 +85,7 @@ AGENT_VERSION = "0.1.0"
 
 _P = TypeVar("_P", bound=Payload)
 #: the payloads signed by the device key they carry
-_S = TypeVar("_S", Request, Receipt, DeviceInfo)
+_S = TypeVar("_S", Request, Receipt, DeviceInfo, Transfer, TransferReceipt)
 
 
 @record(frozen=True)
@@ -206,6 +208,10 @@ class AgentState:
     simulated: bool = False
     #: requests dropped unanswered since the last apply, oldest first
     dropped: tuple[Dropped, ...] = ()
+    # issue 16 (direct transfer): per transferable license, the vendor response that
+    # installed it (the evidence a transfer file carries); the IDs of transfers applied here
+    evidence: tuple[tuple[str, bytes], ...] = ()
+    transfers_in: tuple[bytes, ...] = ()
 
     @cached_property
     def digest(self) -> bytes:
@@ -238,6 +244,10 @@ class AgentState:
         }
         if self.dropped:  # absent when empty: such a state is byte for byte the older format
             out["dropped"] = [d.to_cbor() for d in self.dropped]
+        if self.evidence:  # issue 16: likewise
+            out["evidence"] = [[f, data] for f, data in self.evidence]
+        if self.transfers_in:
+            out["transfers_in"] = list(self.transfers_in)
         return out
 
     def encode(self) -> bytes:
@@ -270,6 +280,8 @@ class AgentState:
                 # it as real hardware, so that a facts override can never unlock it
                 simulated=m.get("simulated", False) is True,
                 dropped=tuple(Dropped.from_cbor(d) for d in m.get("dropped", ())),
+                evidence=tuple((str(f), bytes(d)) for f, d in m.get("evidence", ())),
+                transfers_in=tuple(bytes(t) for t in m.get("transfers_in", ())),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise MalformedError(f"stored state has the wrong shape: {exc}") from exc
@@ -693,9 +705,22 @@ def apply_response(
         applied=applied[-limits.max_applied_history:],
         last_receipt=receipt_bytes,
         clock_hwm=max(state.clock_hwm, now),
+        evidence=_evidence(state.evidence, resp.changes, data),
     )
     new.__dict__["digest"] = new_digest  # the cached property, already computed above
     return ApplyResult(new, receipt_bytes, resp, already_applied=False, removed=removed)
+
+
+def _evidence(kept: tuple[tuple[str, bytes], ...], changes: Iterable[LicenseChange],
+              response: bytes) -> tuple[tuple[str, bytes], ...]:
+    """Issue 16: the vendor response each transferable license was installed by."""
+    ev = dict(kept)
+    for c in changes:
+        if c.op is not ChangeOp.REMOVE and c.transferable:
+            ev[c.feature] = response
+        else:
+            ev.pop(c.feature, None)
+    return tuple(sorted(ev.items()))
 
 
 def _apply_certified_time(state: AgentState, data: bytes, resp: Response, now: int,
@@ -807,6 +832,26 @@ def replay_event(state: AgentState, event: str, data: Any, time_: int, key: Sign
             if not isinstance(binding, list) or not all(isinstance(f, str) for f in binding):
                 raise IntegrityError("rebind record has no binding")
             return replace(state, binding=tuple(binding))
+        if event == "transfer-out":  # issue 16: the licenses left for another server
+            gone = set(data["features"])
+            left = sort_licenses(x for x in state.licenses if x.feature not in gone)
+            new = replace(state, sequence=state.sequence + 1, licenses=left, outstanding=(),
+                          dropped=(), last_receipt=None,
+                          clock_hwm=max(state.clock_hwm, time_),
+                          evidence=tuple(e for e in state.evidence if e[0] not in gone))
+            if new.sequence != data["sequence"] or new.digest.hex() != data["state_digest"]:
+                raise IntegrityError("transfer-out does not reproduce its recorded state")
+            return new
+        if event == "transfer-in":  # issue 16: licenses that came from another server
+            t, _k = self_signed_payload(data["transfer"], Transfer,
+                                        replace(limits, max_file=256 * 1024))
+            new = replace(state, sequence=state.sequence + 1,
+                          licenses=sort_licenses((*state.licenses, *t.moved)), outstanding=(),
+                          dropped=(), last_receipt=None, clock_hwm=max(state.clock_hwm, time_),
+                          transfers_in=(*state.transfers_in, t.id))
+            if new.sequence != data["sequence"] or new.digest.hex() != data["state_digest"]:
+                raise IntegrityError("transfer-in does not reproduce its recorded state")
+            return new
         if event == "revoked":  # issue 16
             return revoke(state, Revocation(state.device_id, data["at"], data["reason"]))
         if event == "clock":
@@ -916,7 +961,8 @@ def make_device_info(
 
 
 def verify_self_signed(data: bytes, limits: Limits = DEFAULT_LIMITS
-                       ) -> tuple[Request | Receipt | DeviceInfo, PublicKey]:
+                       ) -> tuple[Request | Receipt | DeviceInfo | Transfer | TransferReceipt,
+                                  PublicKey]:
     """Verify a file signed by the device key that it carries (request, receipt, device info).
 
     The key is inside the payload, so the payload is decoded (strictly, size
@@ -939,10 +985,11 @@ def self_signed_payload(data: bytes, expect: type[_S],
 
 
 def _self_signed(data: bytes, expect: type[Payload] | None, limits: Limits
-                 ) -> tuple[Request | Receipt | DeviceInfo, PublicKey]:
+                 ) -> tuple[Request | Receipt | DeviceInfo | Transfer | TransferReceipt,
+                            PublicKey]:
     env = read_signed(data, limits)
     payload = decode_payload(strict_loads(env.payload, max_size=limits.max_file), expect)
-    if not isinstance(payload, Request | Receipt | DeviceInfo):
+    if not isinstance(payload, Request | Receipt | DeviceInfo | Transfer | TransferReceipt):
         raise MalformedError(f"a {payload.KIND.value} file is not signed by a device")
     key = payload.device_key
     if env.kid != key.kid:

@@ -296,6 +296,42 @@ class Agent:
             lics = entry.reclaim if action is Action.RECLAIM else entry.install
             return [lic.feature for lic in lics]
 
+    def transfer_out(self, features: Iterable[str], to: str) -> bytes:
+        """Issue 16: remove transferable licenses for the server ``to``; the signed transfer
+        file (also kept as the last receipt)."""
+        from agent.transfer import transfer_out
+
+        with self._open() as (store, now):
+            store.require_writable("transfer licenses")
+            try:
+                new, data, t = transfer_out(store.state, list(features), to, os.urandom(16),
+                                            now, store.key, self.limits)
+            except LicensingError as err:
+                store.record_refusal(err, "transfer-out", now)
+                raise
+            store.commit(new, "transfer-out", {
+                "features": [lic.feature for lic in t.moved], "to": to, "id": t.id.hex(),
+                "sequence": new.sequence, "state_digest": new.digest.hex()}, now)
+            return data
+
+    def apply_transfer(self, data: bytes) -> tuple[bytes, Any]:
+        """Issue 16: verify and apply a transfer file; the signed transfer-receipt and the
+        transfer."""
+        from agent.transfer import apply_transfer
+
+        with self._open() as (store, now):
+            store.require_writable("apply a transfer")
+            try:
+                new, receipt, t = apply_transfer(store.state, data, now, store.key, self.limits)
+            except LicensingError as err:
+                store.record_refusal(err, "transfer-in", now)
+                raise
+            store.commit(new, "transfer-in", {
+                "from": t.device_id, "features": [lic.feature for lic in t.moved],
+                "id": t.id.hex(), "transfer": data, "sequence": new.sequence,
+                "state_digest": new.digest.hex()}, now)
+            return receipt, t
+
     @staticmethod
     def _drop_if_revoked(store: Store, revoked: Iterable[Revocation], now: int) -> None:
         """Issue 16: a verified vendor file says this device is dead: drop its licenses

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace, load_key: Callable[[str], SigningKey],
             features[f] = features.get(f, 0) + n
         until = parse_time(args.until) if args.until else None
         with Ledger(args.db, clock=clock) as ledger:
-            ent = ledger.entitle(args.entitlement, args.product, features, until)
+            ent = ledger.entitle(args.entitlement, args.product, features, until,
+                                 transferable=args.transferable)
         for p in ent["products"]:
             if p["product"] != args.product:
                 continue

@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="a license to reclaim (repeat for each)")
     sp.add_argument("--grace-days", type=int, default=0,
                     help="grace period after each granted license's expiry (default 0)")
+    sp.add_argument("--transferable", action="store_true",
+                    help="the granted licenses may move to another server directly "
+                         "(licagent transfer; issue 16)")
     sp.add_argument("--valid-days", type=int, default=30,
                     help="how long the response may be applied (default 30 days)")
     sp.add_argument("--out", required=True, metavar="RESP",
@@ -118,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="licenses bought, added to what the product holds (repeat for each)")
     sp.add_argument("--until", metavar="DATE",
                     help="subscription end: ISO date (end of that day, UTC) or date-time")
+    sp.add_argument("--transferable", action="store_true",
+                    help="these features are issued transferable: a server may move them to "
+                         "another directly (licagent transfer; issue 16)")
     sp = sub.add_parser("token", help="bearer tokens of the HTTP API: create, revoke")
     tsub = sp.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     tp = tsub.add_parser("create", help="make a token; its secret goes to --out (mode 0600), "
@@ -167,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         vendor = Vendor(_load_key(args.key))
         if not 0 <= args.grace_days <= 366:
             raise UsageError("--grace-days must be from 0 to 366")
-        grants = [replace(parse_grant(g), grace=args.grace_days * DAY) for g in args.grant]
+        grants = [replace(parse_grant(g), grace=args.grace_days * DAY,
+                          transferable=args.transferable) for g in args.grant]
         if args.valid_days < 1:
             raise UsageError("--valid-days must be at least 1")
         data = vendor.issue(read_input(args.request, 64 * 1024, "request file",

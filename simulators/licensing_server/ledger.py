@@ -28,10 +28,20 @@ from pathlib import Path
 from typing import Any
 
 from agent.digest import sha256
-from agent.errors import LicensingError, MalformedError, RevokedError, StorageError, UsageError
+from agent.errors import (
+    AlreadyAppliedError,
+    LicensingError,
+    MalformedError,
+    RevokedError,
+    SequenceError,
+    StorageError,
+    TrustError,
+    UsageError,
+)
 from agent.formats import (
     RECEIPT_MAX,
     SiteInfo,
+    identify,
     iso,
     peek_payload,
     read_device_info,
@@ -43,12 +53,16 @@ from agent.messages import (
     Action,
     ChangeOp,
     DeviceInfo,
+    Kind,
     License,
     Receipt,
     Request,
     Response,
     Revocation,
+    Transfer,
+    TransferReceipt,
 )
+from agent.protocol import Limits, self_signed_payload, verify_self_signed
 from apps.licensing_api import AssignmentQuery, Confirmation, UploadAnswer, refusal
 from simulators.licensing_server import rules
 from simulators.licensing_server.ledger_sqlite import SqliteStorage
@@ -304,7 +318,8 @@ class Ledger:
     # ------------------------------------------------------------ entitlements
 
     def entitle(self, entitlement: str, product: str, features: Mapping[str, int],
-                until: int | None = None, now: int | None = None) -> dict[str, Any]:
+                until: int | None = None, now: int | None = None,
+                transferable: bool = False) -> dict[str, Any]:
         """Record a purchase: add ``features`` (name -> count) to a product of an entitlement.
 
         Counts add to what the product already holds; ``until`` (POSIX seconds, the
@@ -328,6 +343,8 @@ class Ledger:
             for f, n in sorted(feats.items()):
                 tx.save_stock(rules.add_to_stock(tx.stock(entitlement, product, f),
                                                  entitlement, product, f, n, until))
+                if transferable:  # issue 16: issued transferable from now on
+                    tx.set_transferable(entitlement, product, f)
             rec["detail"] = (f"{entitlement}/{product}: "
                              + ", ".join(f"+{n} {f}" for f, n in sorted(feats.items()))
                              + (f" until {iso(until)}" if until is not None else ""))
@@ -559,7 +576,7 @@ class Ledger:
                                            req.sequence, req.licenses, now), req.licenses)
         revoked = self._revoked_for(tx, [dev])  # issue 16: travels in every vendor file
         if req.transfer_to is None:
-            changes = rules.decide(req, tx.targets(dev))
+            changes = rules.decide(req, self._targets(tx, dev))
             resp = signer.response_for(req, changes, now, self.response_valid, revoked=revoked,
                                        **({"time": now} if req.action is Action.CLOCK else {}))
         else:  # issue 16: a rehost's transfer-out; the new device gets them on its receipt
@@ -675,7 +692,10 @@ class Ledger:
         out = Confirmation()
         for i, data in enumerate(receipts):
             try:
-                rc = self.accept_receipt(data, now, vendor, scope)
+                kind = identify(data)
+                rc = (self.accept_transfer(data, now, vendor, scope)  # issue 16
+                      if kind in (Kind.TRANSFER.value, Kind.TRANSFER_RECEIPT.value)
+                      else self.accept_receipt(data, now, vendor, scope))
                 out.accept(rc.device_id, rc.sequence, rc.freed)
             except StorageError:
                 raise
@@ -758,6 +778,95 @@ class Ledger:
                                 or "nothing") + f" to {', '.join(site) or 'no entitlement'}")
             return {"device_id": device_id, "reason": reason, "revoked": iso(now),
                     "returned": returned, "entitlements": list(site)}
+
+    @staticmethod
+    def _targets(tx: LedgerTransaction, dev: str) -> dict[str, License]:
+        """The device's assigned licenses, marked transferable where their feature is."""
+        out = tx.targets(dev)
+        for f, t in out.items():
+            a = tx.assignment(dev, f)
+            if a is not None and tx.transferable(a.entitlement, a.product, f):
+                out[f] = License(t.feature, t.count, t.not_before, t.not_after, t.grace, True)
+        return out
+
+    def accept_transfer(self, data: bytes, now: int | None = None,
+                        vendor: Vendor | None = None, scope: Scope = None) -> ReceiptResult:
+        """Issue 16: reconcile a direct transfer from the new server's transfer receipt (it
+        carries the old server's signed transfer, which carries the vendor's evidence): the
+        assignment moves from the old server to the new one, once per transfer; both
+        servers' states are adopted. The old server's transfer file alone updates only its
+        state (its assignment still counts until the receipt arrives).
+
+        Raises:
+            MalformedError, TrustError: a file that does not verify, evidence not signed by
+                this vendor for the old server, a receipt of another server than named.
+            AlreadyAppliedError: this transfer was reconciled before.
+            SequenceError: the old server's assignment does not hold what it moved (a
+                second transfer of the same licenses: flagged in the operations).
+        """
+        now = self._now(now)
+        signer = self._vendor(vendor)
+        lim = Limits(max_file=256 * 1024)
+        with self._operation("transfer", now) as (tx, rec):
+            payload, _k = verify_self_signed(data, lim)
+            if isinstance(payload, Transfer):
+                t, rc = payload, None
+            elif isinstance(payload, TransferReceipt):
+                rc = payload
+                t, _k2 = self_signed_payload(rc.transfer, Transfer, lim)
+                if t.transfer_to != rc.device_id:
+                    raise TrustError(f"transfer receipt of device {rc.device_id[:12]}… for a "
+                                     f"transfer to {t.transfer_to[:12]}…")
+            else:
+                raise MalformedError(f"a {payload.KIND.value} file is not a transfer")
+            old, new = t.device_id, t.transfer_to
+            rec["device_id"] = old
+            for d in (old, new):
+                self._check_device(tx, d, scope)
+                self._refuse_revoked(tx, d)
+            for lic, ev in zip(t.moved, t.evidence, strict=True):
+                resp = Vendor.read_response(ev, signer.public)
+                ch = next((c for c in resp.changes if c.feature == lic.feature), None)
+                if (resp.device_id != old or ch is None or ch.op is ChangeOp.REMOVE
+                        or ch.license() != lic or not lic.transferable):
+                    raise TrustError(f"the evidence of {lic.feature} is not this vendor's "
+                                     f"transferable license for device {old[:12]}…")
+            known = tx.device(old)
+            self._observe(tx, rules.seen_state("transfer", old, t.device_key,
+                                               known.model if known else "?", None,
+                                               t.sequence, t.licenses, now), t.licenses, known)
+            if rc is None:
+                rec["detail"] = f"transfer out to {new[:12]} seen; waiting for its receipt"
+                return ReceiptResult(old, t.sequence)
+            if tx.transfer_seen(t.id):
+                raise AlreadyAppliedError(f"transfer {t.id.hex()[:12]}… was reconciled before")
+            parts = []
+            for lic in t.moved:
+                a = tx.assignment(old, lic.feature)
+                if a is None or a.count < lic.count:
+                    raise SequenceError(
+                        f"flagged: device {old[:12]}… transferred {lic.feature}={lic.count} to "
+                        f"{new[:12]}…, but holds no such assignment any more (moved or "
+                        "transferred before): the same licenses went to two servers")
+                b = tx.assignment(new, lic.feature)
+                if b is not None and (b.entitlement, b.product) != (a.entitlement, a.product):
+                    raise UsageError(f"device {new[:12]}… holds {lic.feature} from another "
+                                     "entitlement")
+                tx.save_assignment(Assignment(old, lic.feature, a.entitlement, a.product,
+                                              a.count - lic.count))
+                tx.save_assignment(Assignment(new, lic.feature, a.entitlement, a.product,
+                                              (b.count if b else 0) + lic.count))
+                parts.append(f"{lic.feature}={lic.count}")
+            knew = tx.device(new)
+            self._observe(tx, rules.seen_state("transfer-receipt", new, rc.device_key,
+                                               knew.model if knew else "?", None,
+                                               rc.sequence, rc.licenses, now), rc.licenses, knew)
+            tx.add_transfer(t.id, old, new, now)
+            tx.record(Operation(now, "rehost", old, "moved",
+                                f"{', '.join(parts)} from {old} to {new} (direct transfer "
+                                f"{t.id.hex()[:12]}, both receipts)"))
+            rec["detail"] = f"moved {', '.join(parts)} to {new[:12]}"
+            return ReceiptResult(new, rc.sequence)
 
     @staticmethod
     def _refuse_revoked(tx: LedgerTransaction, dev: str, what: str = "device") -> None:

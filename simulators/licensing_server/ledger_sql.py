@@ -359,6 +359,23 @@ class SqlTransaction:
         return [RevocationRow(d, r, t, tuple(json.loads(e))) for d, r, t, e in self._db.execute(
             self._REVOCATION + " ORDER BY time, device_id").fetchall()]
 
+    def set_transferable(self, entitlement: str, product: str, feature: str) -> None:
+        self._db.execute("INSERT INTO transferable_features (entitlement, product, feature) "
+                         "VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (entitlement, product, feature))
+
+    def transferable(self, entitlement: str, product: str, feature: str) -> bool:
+        return self._db.execute(
+            "SELECT 1 FROM transferable_features WHERE entitlement=? AND product=? AND "
+            "feature=?", (entitlement, product, feature)).fetchone() is not None
+
+    def transfer_seen(self, tid: bytes) -> bool:
+        return self._db.execute("SELECT 1 FROM transfers_seen WHERE id=?",
+                                (tid,)).fetchone() is not None
+
+    def add_transfer(self, tid: bytes, from_device: str, to_device: str, now: int) -> None:
+        self._db.execute("INSERT INTO transfers_seen (id, from_device, to_device, accepted) "
+                         "VALUES (?, ?, ?, ?)", (tid, from_device, to_device, now))
+
     def operations_of(self, kind: str, limit: int) -> list[Operation]:
         """Issue 16: the latest operations of one kind (the report's moves), oldest first."""
         rows = self._db.execute("SELECT id, time, kind, device_id, outcome, detail FROM "

@@ -136,6 +136,14 @@ CREATE TABLE IF NOT EXISTS revocations (
     entitlements TEXT NOT NULL
 )
 """
+_TRANSFERS = (  # issue 16: likewise
+    """CREATE TABLE IF NOT EXISTS transferable_features (
+    entitlement TEXT NOT NULL, product TEXT NOT NULL, feature TEXT NOT NULL,
+    PRIMARY KEY (entitlement, product, feature))""",
+    """CREATE TABLE IF NOT EXISTS transfers_seen (
+    id BLOB PRIMARY KEY, from_device TEXT NOT NULL, to_device TEXT NOT NULL,
+    accepted INTEGER NOT NULL)""",
+)
 
 
 class SqliteStorage:
@@ -180,6 +188,8 @@ class SqliteStorage:
                 raise StorageError(f"the ledger {self.path} has schema version {version}; "
                                    f"this licserver reads {SCHEMA_VERSION}")
             db.execute(_REVOCATIONS)
+            for stmt in _TRANSFERS:
+                db.execute(stmt)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

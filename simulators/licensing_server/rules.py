@@ -499,7 +499,8 @@ def decide(req: Request, targets: Mapping[str, License]) -> tuple[LicenseChange,
             if t.count == 0 or (have is not None and have.count >= t.count):
                 continue
             op = ChangeOp.ADD if have is None else ChangeOp.UPDATE
-            changes.append(LicenseChange(op, f, t.count, t.not_before, t.not_after, 0))
+            changes.append(LicenseChange(op, f, t.count, t.not_before, t.not_after, 0,
+                                         t.transferable))
 
     if req.action is Action.CLOCK:  # issue 16: a certified time, no license changes
         return ()
@@ -515,8 +516,11 @@ def decide(req: Request, targets: Mapping[str, License]) -> tuple[LicenseChange,
             if have is None or target(f) == 0:
                 continue
             until = targets[f].not_after
-            if have.not_after != until or have.not_before is not None or have.grace:
-                changes.append(LicenseChange(ChangeOp.UPDATE, f, have.count, None, until, 0))
+            tr = targets[f].transferable  # issue 16
+            if (have.not_after != until or have.not_before is not None or have.grace
+                    or have.transferable != tr):
+                changes.append(LicenseChange(ChangeOp.UPDATE, f, have.count, None, until, 0,
+                                             tr))
         if not changes:
             raise UsageError(f"nothing to renew on device {dev[:12]}…: its assigned licenses "
                              "already end when their entitlements do")

@@ -227,6 +227,12 @@ class LedgerTransaction(Protocol):
     def revocation(self, device_id: str) -> RevocationRow | None: ...
     def revocations(self) -> list[RevocationRow]:
         """Issue 16: every revocation, oldest first."""
+    def set_transferable(self, entitlement: str, product: str, feature: str) -> None:
+        """Issue 16: a feature of a product issued transferable."""
+    def transferable(self, entitlement: str, product: str, feature: str) -> bool: ...
+    def transfer_seen(self, tid: bytes) -> bool: ...
+    def add_transfer(self, tid: bytes, from_device: str, to_device: str, now: int) -> None:
+        """Issue 16: a direct transfer reconciled (once)."""
 
 
 class LedgerStorage(Protocol):

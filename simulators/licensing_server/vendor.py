@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.cose import PublicKey, SigningKey, sign1
-from agent.errors import MalformedError, UsageError
+from agent.cose import PublicKey, SigningKey, decode_sign1, sign1, strict_loads
+from agent.errors import MalformedError, TrustError, UsageError
 from agent.messages import (
     Action,
     ChangeOp,
@@ -26,6 +26,7 @@ from agent.messages import (
     Revocation,
     TrustKey,
     TrustUpdate,
+    decode_payload,
     state_digest,
 )
 from agent.protocol import self_signed_payload
@@ -44,6 +45,7 @@ class Grant:
     not_after: int | None = None
     not_before: int | None = None
     grace: int = 0
+    transferable: bool = False  # issue 16: --transferable at issue
 
 
 class Vendor:
@@ -64,6 +66,14 @@ class Vendor:
             raise MalformedError("request's license list does not match its state digest")
         return payload
 
+    @staticmethod
+    def read_response(data: bytes, key: PublicKey) -> Response:
+        """Issue 16: verify a response file with this vendor key (a transfer's evidence)."""
+        env = decode_sign1(data, max_size=64 * 1024)
+        if env.kid != key.kid:
+            raise TrustError("the evidence is not signed by this vendor's key")
+        return decode_payload(strict_loads(env.verify_with(key), max_size=64 * 1024), Response)
+
     def changes_for(
         self, req: Request, grants: Iterable[Grant], removes: Iterable[str]
     ) -> tuple[LicenseChange, ...]:
@@ -72,7 +82,7 @@ class Vendor:
         for g in grants:
             op = ChangeOp.UPDATE if g.feature in installed else ChangeOp.ADD
             changes.append(LicenseChange(op, g.feature, g.count, g.not_before, g.not_after,
-                                         g.grace))
+                                         g.grace, g.transferable))
         rem = list(removes)
         if not changes and not rem and req.action is Action.RECLAIM:
             rem = list(req.features) or list(installed)
