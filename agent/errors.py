@@ -217,3 +217,10 @@ class RevokedError(TrustError):
     back to the entitlement, and nothing is sent to it or accepted from it."""
 
     reason = "revoked"
+
+
+class RestoredError(StaleError):
+    """A request made from an older state than one the licensing server verified a receipt
+    for, after that receipt: the device's store was restored from a backup (issue 16)."""
+
+    reason = "restored"

@@ -196,6 +196,10 @@ def format_report(rep: dict[str, Any]) -> str:
         w("revoked (declared dead; their licenses went back to the entitlement)")
         for r in rep["revocations"]:
             w(f"  device {_short(r['device_id'])} at {r['revoked']}: {r['reason']}")
+    if rep.get("restores"):  # issue 16: flagged once a restored store asked for something
+        w("restored from a backup (requests refused: made on an older state than verified)")
+        for r in rep["restores"]:
+            w(f"  device {_short(r['device_id'] or '-')} at {r['time']}")
     if rep.get("moves"):  # issue 16: shown once a rehost moved something
         w("moved (rehost: licenses left the first device, proven by its receipt)")
         for m in rep["moves"]:

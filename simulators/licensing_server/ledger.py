@@ -32,6 +32,7 @@ from agent.errors import (
     AlreadyAppliedError,
     LicensingError,
     MalformedError,
+    RestoredError,
     RevokedError,
     SequenceError,
     StorageError,
@@ -76,6 +77,7 @@ from simulators.licensing_server.rules import (
     Token,
 )
 from simulators.licensing_server.storage import (
+    ChainHead,
     IssuedResponse,
     LedgerStorage,
     LedgerTransaction,
@@ -567,15 +569,28 @@ class Ledger:
         rec["detail"] = f"{req.action.value} on sequence {req.sequence}"
         rdigest = sha256(data)
         prev = tx.response_to(dev, req.nonce)
+        head = tx.chain_head(dev) if prev is None else None  # issue 16: a restored store
+        restored = False
+        try:
+            rules.check_restore(req, head.sequence if head else None,
+                                head.applied_at if head else None)
+        except RestoredError:
+            if req.action is not Action.RECLAIM or req.transfer_to is not None:
+                raise
+            restored = True  # the way back: answered, and flagged
         if rules.check_request(req, rdigest, None if prev is None else prev.request_digest,
-                               tx.device_sequence(dev)):
+                               None if restored else tx.device_sequence(dev)):
             assert prev is not None  # answered again: the same response
             rec["outcome"] = "repeated"
             return prev.file
         self._observe(tx, rules.seen_state("request", dev, req.device_key, req.model, None,
                                            req.sequence, req.licenses, now), req.licenses)
         revoked = self._revoked_for(tx, [dev])  # issue 16: travels in every vendor file
-        if req.transfer_to is None:
+        if restored:
+            changes = rules.decide_restored(req, tx.installed(dev))
+            resp = signer.response_for(req, changes, now, self.response_valid, revoked=revoked)
+            rec["outcome"] = "restored"
+        elif req.transfer_to is None:
             changes = rules.decide(req, self._targets(tx, dev))
             resp = signer.response_for(req, changes, now, self.response_valid, revoked=revoked,
                                        **({"time": now} if req.action is Action.CLOCK else {}))
@@ -632,6 +647,7 @@ class Ledger:
             base = found[1]
             tx.set_status(rc.response_digest, ResponseStatus.CONFIRMED)
             tx.add_receipt(digest, rc.response_digest, dev, rc.sequence, now)
+            tx.set_chain_head(ChainHead(dev, rc.sequence, rc.state_digest, rc.applied_at))
             # every other answer to the same state can no longer be applied
             for other in tx.open_on(dev, base):
                 tx.set_status(other, ResponseStatus.SUPERSEDED)
@@ -862,6 +878,7 @@ class Ledger:
                                                knew.model if knew else "?", None,
                                                rc.sequence, rc.licenses, now), rc.licenses, knew)
             tx.add_transfer(t.id, old, new, now)
+            tx.set_chain_head(ChainHead(new, rc.sequence, rc.state_digest, rc.applied_at))
             tx.record(Operation(now, "rehost", old, "moved",
                                 f"{', '.join(parts)} from {old} to {new} (direct transfer "
                                 f"{t.id.hex()[:12]}, both receipts)"))
@@ -1059,6 +1076,14 @@ class Ledger:
                                      "entitlements": list(r.entitlements)}
                                     for r in tx.revocations()
                                     if scope is None or scope.intersection(r.entitlements)],
+                    # issue 16: requests refused as made from a store restored from a backup
+                    "restores": [{"time": iso(o.time), "device_id": o.device_id,
+                                  "detail": o.detail}
+                                 for o in sorted(
+                                     tx.operations_of("request", 1000, "refused: restored")
+                                     + tx.operations_of("request", 1000, "restored"),
+                                     key=lambda o: o.n)
+                                 if o.device_id is None or shown(o.device_id)],
                     # issue 16: licenses moved by a rehost (from, to, what), oldest first
                     "moves": [{"time": iso(o.time), "from": o.device_id, "detail": o.detail}
                               for o in tx.operations_of("rehost", 1000)

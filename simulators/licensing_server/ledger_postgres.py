@@ -141,6 +141,9 @@ _TRANSFERS = (  # issue 16: created when missing, no version change
     f"""CREATE TABLE IF NOT EXISTS transfers_seen (
     id BYTEA PRIMARY KEY, from_device {_T} NOT NULL, to_device {_T} NOT NULL,
     accepted BIGINT NOT NULL)""",
+    f"""CREATE TABLE IF NOT EXISTS chain_heads (
+    device_id {_T} PRIMARY KEY, sequence BIGINT NOT NULL, digest BYTEA NOT NULL,
+    applied_at BIGINT NOT NULL)""",
 )
 
 

@@ -26,6 +26,7 @@ from simulators.licensing_server.rules import (
     target,
 )
 from simulators.licensing_server.storage import (
+    ChainHead,
     DeviceRow,
     InstalledRow,
     IssuedResponse,
@@ -368,6 +369,19 @@ class SqlTransaction:
             "SELECT 1 FROM transferable_features WHERE entitlement=? AND product=? AND "
             "feature=?", (entitlement, product, feature)).fetchone() is not None
 
+    def chain_head(self, device_id: str) -> ChainHead | None:
+        row = self._db.execute("SELECT device_id, sequence, digest, applied_at FROM chain_heads "
+                               "WHERE device_id=?", (device_id,)).fetchone()
+        return None if row is None else ChainHead(row[0], row[1], bytes(row[2]), row[3])
+
+    def set_chain_head(self, head: ChainHead) -> None:
+        self._db.execute("INSERT INTO chain_heads (device_id, sequence, digest, applied_at) "
+                         "VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+                         "sequence=excluded.sequence, digest=excluded.digest, "
+                         "applied_at=excluded.applied_at WHERE excluded.applied_at > "
+                         "chain_heads.applied_at",
+                         (head.device_id, head.sequence, head.digest, head.applied_at))
+
     def transfer_seen(self, tid: bytes) -> bool:
         return self._db.execute("SELECT 1 FROM transfers_seen WHERE id=?",
                                 (tid,)).fetchone() is not None
@@ -376,9 +390,12 @@ class SqlTransaction:
         self._db.execute("INSERT INTO transfers_seen (id, from_device, to_device, accepted) "
                          "VALUES (?, ?, ?, ?)", (tid, from_device, to_device, now))
 
-    def operations_of(self, kind: str, limit: int) -> list[Operation]:
+    def operations_of(self, kind: str, limit: int, outcome: str | None = None
+                      ) -> list[Operation]:
         """Issue 16: the latest operations of one kind (the report's moves), oldest first."""
-        rows = self._db.execute("SELECT id, time, kind, device_id, outcome, detail FROM "
-                                "operations WHERE kind=? ORDER BY id DESC LIMIT ?",
-                                (kind, limit)).fetchall()
+        cols = "SELECT id, time, kind, device_id, outcome, detail FROM operations WHERE kind=?"
+        rows = (self._db.execute(cols + " ORDER BY id DESC LIMIT ?", (kind, limit))
+                if outcome is None else
+                self._db.execute(cols + " AND outcome=? ORDER BY id DESC LIMIT ?",
+                                 (kind, outcome, limit))).fetchall()
         return [Operation(t, k, d, o, x, n) for n, t, k, d, o, x in reversed(rows)]

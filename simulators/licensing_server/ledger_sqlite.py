@@ -143,6 +143,9 @@ _TRANSFERS = (  # issue 16: likewise
     """CREATE TABLE IF NOT EXISTS transfers_seen (
     id BLOB PRIMARY KEY, from_device TEXT NOT NULL, to_device TEXT NOT NULL,
     accepted INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS chain_heads (
+    device_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL, digest BLOB NOT NULL,
+    applied_at INTEGER NOT NULL)""",
 )
 
 

@@ -26,12 +26,14 @@ from agent.cose import PublicKey
 from agent.errors import (
     AlreadyAppliedError,
     MalformedError,
+    RestoredError,
     SequenceError,
     StaleError,
     TrustError,
     UnknownRequestError,
     UsageError,
 )
+from agent.formats import iso
 from agent.messages import (
     MAX_COUNT,
     Action,
@@ -469,6 +471,45 @@ def check_request(req: Request, request_digest: bytes, answered_digest: bytes | 
         raise StaleError(f"the request was made on sequence {req.sequence}, but the "
                          f"device has reached sequence {known_sequence}; create a new request")
     return False
+
+
+def check_restore(req: Request, head_sequence: int | None, head_applied_at: int | None
+                  ) -> None:
+    """Issue 16: a request made on an older state than the latest one a verified receipt
+    proves, and made after that state was reached (both by the device's own clock): the
+    device went back, its store restored from a backup. (A request made before and
+    uploaded late is only stale: :func:`check_request`.)
+
+    Raises:
+        RestoredError: with what happened and what to do.
+    """
+    if head_sequence is None or head_applied_at is None or req.sequence >= head_sequence:
+        return
+    if req.created <= head_applied_at:  # made before (or in the same second): only late
+        return
+    raise RestoredError(
+        f"device {req.device_id[:12]}… made this request on sequence {req.sequence} at "
+        f"{iso(req.created)}, after it had reached sequence {head_sequence} at "
+        f"{iso(head_applied_at)} (its receipt was verified here): its license store was "
+        "restored from an older backup; restore the newest backup, or make a reclaim request "
+        "(licadmin reclaim, or licagent request reclaim): it is answered with what brings "
+        "the server back to the state its receipt proved, then activate it again; this is "
+        "flagged in the report")
+
+
+def decide_restored(req: Request, head: Mapping[str, License]) -> tuple[LicenseChange, ...]:
+    """Issue 16: the answer to a reclaim from a restored store: back to at most what its
+    latest verified receipt proves (``head``): what it holds beyond is removed or lowered;
+    nothing is added (an activation afterwards installs what is assigned)."""
+    out = []
+    for lic in req.licenses:
+        h = head.get(lic.feature)
+        if h is None or h.count == 0:
+            out.append(LicenseChange(ChangeOp.REMOVE, lic.feature))
+        elif lic != h and lic.count >= h.count:
+            out.append(LicenseChange(ChangeOp.UPDATE, h.feature, h.count, h.not_before,
+                                     h.not_after, h.grace, h.transferable))
+    return tuple(out)
 
 
 def decide(req: Request, targets: Mapping[str, License]) -> tuple[LicenseChange, ...]:

@@ -66,12 +66,12 @@ def _agent(s: Site, *args: str, at: str | None = None, check: bool = False
                           timeout=60, check=check)
 
 
-def _round(s: Site, action: str, tag: str, at: str | None = None) -> Path:
+def _round(s: Site, action: str, tag: str, at: str | None = None, *extra: str) -> Path:
     """request (signed by the device), upload (the licensing server), apply: a response file."""
     dev = s.ids["dev"]
     for d in (f"{tag}-req", f"{tag}-resp", f"{tag}-rc"):
         (s.root / d).mkdir()
-    p = _agent(s, "request", action, "--out", f"{tag}-req/{dev}.req", at=at)
+    p = _agent(s, "request", action, *extra, "--out", f"{tag}-req/{dev}.req", at=at)
     assert p.returncode == 0, p.stderr
     s.licadmin("upload", "--requests", f"{tag}-req", "--out-dir", f"{tag}-resp", *s.licensing)
     resp = s.root / f"{tag}-resp/{dev}.resp"
