@@ -55,6 +55,9 @@ FAULT_KINDS: Mapping[str, str] = {
     "clone-store": "the store copied to another server of the same model: refused",
     "broker-restart": "the MQTT broker is killed and started again (licsim's own broker)",
     "reclaim": "a license is reclaimed, then the old activation replayed: it stays gone",
+    # issue 16
+    "clock-future": "one clock reading in 2038 locks the server out; a vendor-certified time "
+                    "answering its fresh clock request brings it back, once",
 }
 LOAD_OPS = ("status", "check", "info")
 
