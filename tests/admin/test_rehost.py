@@ -264,3 +264,30 @@ def test_rehost_refuses_a_work_folder_of_another_rehost_and_the_same_server_twic
     same = site.licadmin("rehost", "--from", site.urls["old"], "--to", site.urls["old"],
                          *site.licensing, "--work-dir", "w2", check=False)
     assert same.returncode == 2 and "reach the same server" in same.stderr
+
+
+def test_rehost_killed_after_the_old_server_applied_but_before_its_receipt_was_saved(
+        site: Site) -> None:
+    """The kill inside step 3: the old server removed the licenses, the receipt never reached
+    the work folder. The rerun sends the response again and gets the same receipt."""
+    work = site.root / "work"
+    for peer, name in (("ls", "out.req"), ("old", "out.resp")):  # killed up to step 3
+        stopped = site.procs[peer]
+        os.kill(stopped.pid, signal.SIGSTOP)
+        try:
+            proc = subprocess.Popen([str(BIN / "licadmin"), *site.rehost()], cwd=site.root,
+                                    env=site.env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            _wait_for(work / name, proc)
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=WAIT)
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+    # what the killed run's step 3 did on the server, its answer lost with the process
+    site.licadmin("apply", "--server", site.urls["old"], "work/out.resp")
+    assert site.holds("old") == {} and site.holds("new") == {}  # on neither, for now
+    assert not (work / "out.receipt").exists()
+    p = site.licadmin(*site.rehost())
+    assert "3/8 out.receipt: the old server removed them" in p.stdout
+    assert site.holds("new") == {"bacnet-ip": 200, "trend-log": 50}
+    assert _assigned(site) == {site.ids["new"]: {"bacnet-ip": 200, "trend-log": 50}}
