@@ -245,6 +245,8 @@ class SeatsOutError(LicensingError):
 
     exit_code = 9
     reason = "seats-out"
+
+
 # ---------------------------------------------------------------- issue 14: the system tree
 
 
@@ -262,3 +264,20 @@ class GrantsHeldError(LicensingError):
 
     exit_code = 1
     reason = "grants-held"
+
+
+# ---------------------------------------------------------------- issue 16: replacing hardware
+
+
+class RevokedError(TrustError):
+    """The vendor declared this device dead (RMA, ``licserver revoke``): its licenses went
+    back to the entitlement, and nothing is sent to it or accepted from it."""
+
+    reason = "revoked"
+
+
+class RestoredError(StaleError):
+    """A request made from an older state than one the licensing server verified a receipt
+    for, after that receipt: the device's store was restored from a backup (issue 16)."""
+
+    reason = "restored"

@@ -35,7 +35,10 @@ __all__ = [
     "Receipt",
     "Request",
     "Response",
+    "Revocation",
     "TrustKey",
+    "Transfer",
+    "TransferReceipt",
     "TrustUpdate",
     "decode_payload",
     "sort_licenses",
@@ -63,6 +66,9 @@ class Kind(enum.StrEnum):
     RESPONSE = "response"
     RECEIPT = "receipt"
     TRUST_UPDATE = "trust-update"
+    # issue 16: direct transfer at the site
+    TRANSFER = "transfer"
+    TRANSFER_RECEIPT = "transfer-receipt"
 
     @property
     def content_type(self) -> str:
@@ -73,6 +79,8 @@ class Action(enum.StrEnum):
     ACTIVATE = "activate"
     RECLAIM = "reclaim"
     RENEW = "renew"
+    #: issue 16: ask the vendor for a certified time (a clock that ran ahead), nothing else
+    CLOCK = "clock"
 
 
 class ChangeOp(enum.StrEnum):
@@ -202,6 +210,8 @@ class License:
     # written only when not the default, so every older license encodes byte for byte
     inherit: int = 0
     demo: bool = False
+    #: issue 16: may move to another server directly (a transfer file); written only when true
+    transferable: bool = False
 
     def __post_init__(self) -> None:
         _feature(self.feature)
@@ -231,6 +241,8 @@ class License:
             out["inherit"] = self.inherit
         if self.demo:
             out["demo"] = True
+        if self.transferable:  # issue 16: absent when false (digests stay as they were)
+            out["transferable"] = True
         return out
 
     @cached_property
@@ -243,12 +255,16 @@ class License:
     def from_cbor(cls, obj: object) -> License:
         m = _map(obj, "license")
         _keys(m, "license", ["feature", "count"],
-              ["not_before", "not_after", "grace", "floating", "inherit", "demo"])
+              ["not_before", "not_after", "grace", "floating", "inherit", "demo",
+               "transferable"])
         if "floating" in m and m["floating"] is not True:  # issue 15: true or absent
             raise MalformedError("license floating must be true when present")
         demo = m.get("demo", False)
         if demo is not False and demo is not True:
             raise MalformedError("demo must be true or false")
+        tr = m.get("transferable", False)  # issue 16
+        if "transferable" in m and tr is not True:
+            raise MalformedError("transferable is written only as true")
         return cls(
             feature=_feature(m["feature"]),
             count=_uint(m["count"], "count", MAX_COUNT),
@@ -258,6 +274,7 @@ class License:
             floating="floating" in m,
             inherit=_uint(m.get("inherit", 0), "inherit", MAX_COUNT),  # issue 14
             demo=demo,
+            transferable=tr,
         )
 
 
@@ -317,6 +334,7 @@ class LicenseChange:
     floating: bool = False  # issue 15
     inherit: int = 0  # issue 14, as License's
     demo: bool = False
+    transferable: bool = False  # issue 16
 
     def __post_init__(self) -> None:
         self.license()  # validates the fields
@@ -326,7 +344,8 @@ class LicenseChange:
         lic: License | None = self.__dict__.get("_license")
         if lic is None:
             lic = License(self.feature, self.count, self.not_before, self.not_after, self.grace,
-                          floating=self.floating, inherit=self.inherit, demo=self.demo)
+                          floating=self.floating, inherit=self.inherit, demo=self.demo,
+                          transferable=self.transferable)
             self.__dict__["_license"] = lic
         return lic
 
@@ -344,7 +363,8 @@ class LicenseChange:
             return cls(op, _feature(m["feature"]))
         lic = License.from_cbor({k: v for k, v in m.items() if k != "op"})
         return cls(op, lic.feature, lic.count, lic.not_before, lic.not_after, lic.grace,
-                   floating=lic.floating, inherit=lic.inherit, demo=lic.demo)
+                   floating=lic.floating, inherit=lic.inherit, demo=lic.demo,
+                   transferable=lic.transferable)
 
 
 # ---------------------------------------------------------------- payloads
@@ -367,6 +387,46 @@ class Payload:
 
 
 @record(frozen=True)
+class Revocation:
+    """Issue 16: the vendor declared a device dead (RMA); carried, signed, in later vendor
+    files (responses, license information) for the site."""
+
+    device_id: str
+    revoked_at: int
+    reason: str
+
+    def to_cbor(self) -> dict[str, Any]:
+        return {"device_id": self.device_id, "revoked_at": self.revoked_at,
+                "reason": self.reason}
+
+    @classmethod
+    def from_cbor(cls, obj: object) -> Revocation:
+        m = _map(obj, "revocation")
+        _keys(m, "revocation", ["device_id", "revoked_at", "reason"])
+        return cls(_device_id(m["device_id"]), _time(m["revoked_at"], "revoked_at"),
+                   _text(m["reason"], "reason"))
+
+
+def _revocations(m: Mapping[str, Any]) -> tuple[Revocation, ...]:
+    """Issue 16: the optional ``revoked`` list of a vendor file (absent: none)."""
+    if "revoked" not in m:
+        return ()
+    items = tuple(Revocation.from_cbor(x) for x in _list(m["revoked"], "revoked"))
+    if not items:
+        raise MalformedError("revoked is written only when it names a device")
+    return items
+
+
+def _revoked_field(revoked: tuple[Revocation, ...]) -> dict[str, Any]:
+    return {"revoked": [r.to_cbor() for r in revoked]} if revoked else {}
+
+
+def revocation_of(revoked: Iterable[Revocation], device_id: str) -> Revocation | None:
+    """Issue 16: the revocation of ``device_id`` among ``revoked``, if any."""
+    return next((r for r in revoked if r.device_id == device_id), None)
+
+
+@record(frozen=True)
 class Request(Payload):
     """A device asks the vendor for a change, on top of its exact current state."""
 
@@ -381,9 +441,11 @@ class Request(Payload):
     features: tuple[str, ...]
     licenses: tuple[License, ...]
     created: int
+    #: issue 16 (rehost): a reclaim whose licenses move to this device; absent otherwise
+    transfer_to: str | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "device_id": self.device_id,
             "device_alg": self.device_key.alg,
             "device_key": self.device_key.raw,
@@ -396,12 +458,16 @@ class Request(Payload):
             "licenses": [lic.to_cbor() for lic in self.licenses],
             "created": self.created,
         }
+        if self.transfer_to is not None:  # issue 16: written only when set
+            out["transfer_to"] = self.transfer_to
+        return out
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> Request:
         _keys(m, "request", ["v", "kind", "device_id", "device_alg", "device_key", "model",
                              "nonce", "sequence", "state_digest", "action", "features",
-                             "licenses", "created"])
+                             "licenses", "created"], ["transfer_to"])
+        to = m.get("transfer_to")  # issue 16
         return cls(
             device_id=_device_id(m["device_id"]),
             device_key=_pubkey(m),
@@ -413,7 +479,18 @@ class Request(Payload):
             features=tuple(_feature(f) for f in _list(m["features"], "features")),
             licenses=_licenses(m["licenses"]),
             created=_time(m["created"], "created"),
+            transfer_to=None if to is None else _transfer_to(to, m),
         )
+
+
+def _transfer_to(v: object, m: Mapping[str, Any]) -> str:
+    """Issue 16: the device a reclaim moves licenses to (another device, in a reclaim)."""
+    to = _device_id(v, "transfer_to")
+    if to == m.get("device_id"):
+        raise MalformedError("transfer_to names the device itself")
+    if "action" in m and m["action"] != Action.RECLAIM.value:
+        raise MalformedError("transfer_to is only for a reclaim")
+    return to
 
 
 @record(frozen=True)
@@ -430,8 +507,16 @@ class Response(Payload):
     issued: int
     not_before: int
     expires: int
+    #: issue 16 (rehost): the device the removed licenses go to; absent otherwise
+    transfer_to: str | None = None
+    #: issue 16: devices of the site the vendor declared dead; absent when none
+    revoked: tuple[Revocation, ...] = ()
+    #: issue 16: the vendor-certified time, answering a ``clock`` request; absent otherwise
+    time: int | None = None
 
     def __post_init__(self) -> None:
+        if self.time is not None and self.changes:
+            raise MalformedError("a response certifying the time changes no license")
         if self.sequence != self.base_sequence + 1:
             raise MalformedError(
                 f"response sequence {self.sequence} must be base sequence "
@@ -454,12 +539,17 @@ class Response(Payload):
             "issued": self.issued,
             "not_before": self.not_before,
             "expires": self.expires,
+            **({} if self.transfer_to is None else {"transfer_to": self.transfer_to}),
+            **_revoked_field(self.revoked),
+            **({} if self.time is None else {"time": self.time}),
         }
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> Response:
         _keys(m, "response", ["v", "kind", "device_id", "nonce", "base_sequence", "base_digest",
-                              "sequence", "changes", "issued", "not_before", "expires"])
+                              "sequence", "changes", "issued", "not_before", "expires"],
+              ["transfer_to", "revoked", "time"])
+        to = m.get("transfer_to")  # issue 16
         base = _uint(m["base_sequence"], "base_sequence", MAX_SEQUENCE - 1)
         return cls(
             device_id=_device_id(m["device_id"]),
@@ -471,6 +561,9 @@ class Response(Payload):
             issued=_time(m["issued"], "issued"),
             not_before=_time(m["not_before"], "not_before"),
             expires=_time(m["expires"], "expires"),
+            transfer_to=None if to is None else _transfer_to(to, m),
+            revoked=_revocations(m),
+            time=_opt_time(m.get("time"), "time") if "time" in m else None,
         )
 
 
@@ -717,12 +810,15 @@ class LicenseInfo(Payload):
     entries: tuple[LicenseInfoEntry, ...]
     issued: int
     expires: int
+    #: issue 16: devices of the site the vendor declared dead; absent when none
+    revoked: tuple[Revocation, ...] = ()
 
     def fields(self) -> dict[str, Any]:
         return {
             "entries": [e.to_cbor() for e in self.entries],
             "issued": self.issued,
             "expires": self.expires,
+            **_revoked_field(self.revoked),
         }
 
     def for_device(self, device_id: str) -> LicenseInfoEntry | None:
@@ -733,12 +829,12 @@ class LicenseInfo(Payload):
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> LicenseInfo:
-        _keys(m, "license-info", ["v", "kind", "entries", "issued", "expires"])
+        _keys(m, "license-info", ["v", "kind", "entries", "issued", "expires"], ["revoked"])
         entries = tuple(
             LicenseInfoEntry.from_cbor(e) for e in _list(m["entries"], "entries", 100_000)
         )
         return cls(entries=entries, issued=_time(m["issued"], "issued"),
-                   expires=_time(m["expires"], "expires"))
+                   expires=_time(m["expires"], "expires"), revoked=_revocations(m))
 
 
 @record(frozen=True)
@@ -810,6 +906,95 @@ class TrustUpdate(Payload):
                    issued=_time(m["issued"], "issued"))
 
 
+# ---------------------------------------------------------------- issue 16: direct transfer
+
+
+@record(frozen=True)
+class Transfer(Payload):
+    """Signed by the old server: transferable licenses it removed, for one named new server.
+
+    ``evidence`` holds, per license, the vendor response that installed it on the old
+    server (the new server verifies the vendor's signature on it); ``sequence`` and
+    ``state_digest`` are the old server's state after the removal, ``licenses`` what it
+    still holds; ``id`` is fresh randomness, so a transfer applies once.
+    """
+
+    KIND: ClassVar[Kind] = Kind.TRANSFER
+    device_id: str
+    device_key: PublicKey
+    transfer_to: str
+    id: bytes
+    moved: tuple[License, ...]
+    evidence: tuple[bytes, ...]
+    sequence: int
+    state_digest: bytes
+    licenses: tuple[License, ...]
+    created: int
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id, "device_alg": self.device_key.alg,
+            "device_key": self.device_key.raw, "transfer_to": self.transfer_to, "id": self.id,
+            "moved": [lic.to_cbor() for lic in self.moved], "evidence": list(self.evidence),
+            "sequence": self.sequence, "state_digest": self.state_digest,
+            "licenses": [lic.to_cbor() for lic in self.licenses], "created": self.created,
+        }
+
+    @classmethod
+    def from_map(cls, m: Mapping[str, Any]) -> Transfer:
+        _keys(m, "transfer", ["v", "kind", "device_id", "device_alg", "device_key",
+                              "transfer_to", "id", "moved", "evidence", "sequence",
+                              "state_digest", "licenses", "created"])
+        moved = _licenses(m["moved"], "moved")
+        evidence = tuple(_bytes(e, "evidence", maximum=64 * 1024)
+                         for e in _list(m["evidence"], "evidence"))
+        if not moved or len(evidence) != len(moved):
+            raise MalformedError("a transfer moves at least one license, each with its evidence")
+        return cls(
+            device_id=_device_id(m["device_id"]), device_key=_pubkey(m),
+            transfer_to=_transfer_to(m["transfer_to"], m), id=_bytes(m["id"], "id", NONCE_LEN),
+            moved=moved, evidence=evidence, sequence=_uint(m["sequence"], "sequence"),
+            state_digest=_bytes(m["state_digest"], "state_digest", 32),
+            licenses=_licenses(m["licenses"]), created=_time(m["created"], "created"),
+        )
+
+
+@record(frozen=True)
+class TransferReceipt(Payload):
+    """Signed by the new server after applying a transfer: the exact transfer file, and its
+    state after (the vendor reconciles the move from it)."""
+
+    KIND: ClassVar[Kind] = Kind.TRANSFER_RECEIPT
+    device_id: str
+    device_key: PublicKey
+    transfer: bytes
+    sequence: int
+    state_digest: bytes
+    licenses: tuple[License, ...]
+    applied_at: int
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id, "device_alg": self.device_key.alg,
+            "device_key": self.device_key.raw, "transfer": self.transfer,
+            "sequence": self.sequence, "state_digest": self.state_digest,
+            "licenses": [lic.to_cbor() for lic in self.licenses], "applied_at": self.applied_at,
+        }
+
+    @classmethod
+    def from_map(cls, m: Mapping[str, Any]) -> TransferReceipt:
+        _keys(m, "transfer-receipt", ["v", "kind", "device_id", "device_alg", "device_key",
+                                      "transfer", "sequence", "state_digest", "licenses",
+                                      "applied_at"])
+        return cls(
+            device_id=_device_id(m["device_id"]), device_key=_pubkey(m),
+            transfer=_bytes(m["transfer"], "transfer", maximum=256 * 1024),
+            sequence=_uint(m["sequence"], "sequence"),
+            state_digest=_bytes(m["state_digest"], "state_digest", 32),
+            licenses=_licenses(m["licenses"]), applied_at=_time(m["applied_at"], "applied_at"),
+        )
+
+
 _BY_KIND: dict[Kind, Any] = {
     Kind.REQUEST: Request,
     Kind.RESPONSE: Response,
@@ -817,6 +1002,8 @@ _BY_KIND: dict[Kind, Any] = {
     Kind.DEVICE_INFO: DeviceInfo,
     Kind.LICENSE_INFO: LicenseInfo,
     Kind.TRUST_UPDATE: TrustUpdate,
+    Kind.TRANSFER: Transfer,  # issue 16
+    Kind.TRANSFER_RECEIPT: TransferReceipt,
 }
 
 P = TypeVar("P", bound=Payload)

@@ -96,7 +96,8 @@ class AgentOps:
         features = list(args.features)
         if args.license_info is not None:
             features += self.agent.features_from_license_info(args.license_info, args.action)
-        data = self.agent.request(args.action, features, origin, force=args.force)
+        data = self.agent.request(args.action, features, origin, force=args.force,
+                                  transfer_to=args.transfer_to)
         self.log(f"create-request action={args.action.value} "
                  f"features={','.join(features) or '-'} origin={origin or 'local'}")
         return RequestResult(data)

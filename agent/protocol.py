@@ -8,6 +8,7 @@ returns; the CLI and daemon only move bytes.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Mapping
 from functools import cached_property
@@ -32,6 +33,7 @@ from agent.errors import (
     ExpiredError,
     MalformedError,
     NotYetValidError,
+    RevokedError,
     StaleError,
     TooNewError,
     TrustError,
@@ -53,6 +55,9 @@ from agent.messages import (
     Receipt,
     Request,
     Response,
+    Revocation,
+    Transfer,
+    TransferReceipt,
     TrustKey,
     TrustUpdate,
     decode_payload,
@@ -95,7 +100,7 @@ AGENT_VERSION = "0.1.0"
 
 _P = TypeVar("_P", bound=Payload)
 #: the payloads signed by the device key they carry
-_S = TypeVar("_S", Request, Receipt, DeviceInfo)
+_S = TypeVar("_S", Request, Receipt, DeviceInfo, Transfer, TransferReceipt)
 
 
 @record(frozen=True)
@@ -230,6 +235,10 @@ class AgentState:
     seats: tuple[Seat, ...] = ()
     #: issue 14: the system tree (parent, grants held and handed out); absent when empty
     system: SystemState = EMPTY_SYSTEM
+    # issue 16 (direct transfer): per transferable license, the vendor response that
+    # installed it (the evidence a transfer file carries); the IDs of transfers applied here
+    evidence: tuple[tuple[str, bytes], ...] = ()
+    transfers_in: tuple[bytes, ...] = ()
 
     @cached_property
     def digest(self) -> bytes:
@@ -271,6 +280,10 @@ class AgentState:
             out["seats"] = [x.to_cbor() for x in self.seats]
         if not self.system.empty():  # issue 14, likewise
             out["system"] = self.system.to_cbor()
+        if self.evidence:  # issue 16: likewise
+            out["evidence"] = [[f, data] for f, data in self.evidence]
+        if self.transfers_in:
+            out["transfers_in"] = list(self.transfers_in)
         return out
 
     def encode(self) -> bytes:
@@ -305,6 +318,8 @@ class AgentState:
                 dropped=tuple(Dropped.from_cbor(d) for d in m.get("dropped", ())),
                 seats=tuple(Seat.from_cbor(x) for x in m.get("seats", ())),  # issue 15
                 system=SystemState.from_cbor(m.get("system")),  # issue 14
+                evidence=tuple((str(f), bytes(d)) for f, d in m.get("evidence", ())),
+                transfers_in=tuple(bytes(t) for t in m.get("transfers_in", ())),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise MalformedError(f"stored state has the wrong shape: {exc}") from exc
@@ -400,7 +415,10 @@ def clock_set_back_message(state: AgentState, now: int) -> str:
     """One line: what the clock reads, the latest time seen (ISO 8601), and how to recover."""
     return (f"the clock reads {_iso(now)}, earlier than {_iso(state.clock_hwm)} already "
             f"seen: clock set back; {CLOCK_RECOVERY}; if {_iso(state.clock_hwm)} itself was "
-            f"wrong (a clock that ran ahead), licenses count from it until that time has passed")
+            f"wrong (a clock that ran ahead) and the clock is right now, recover with a "
+            f"vendor-certified time: `licagent request clock --out FILE` (or `licadmin "
+            f"request --server URL clock`), have it answered by the licensing server "
+            f"(licadmin upload), and apply the answer")
 
 
 # ---------------------------------------------------------------- verification
@@ -459,6 +477,7 @@ def create_request(
     key: SigningKey,
     limits: Limits = DEFAULT_LIMITS,
     origin: str | None = None,
+    transfer_to: str | None = None,
 ) -> tuple[AgentState, bytes, Request]:
     """Sign a request on top of the current state and remember it as outstanding.
 
@@ -467,6 +486,7 @@ def create_request(
     of that origin are outstanding, its oldest is dropped, and when more than
     ``max_outstanding_total`` are, the oldest of the origin holding the most. A dropped
     request is remembered, so that applying its response says it was replaced.
+    ``transfer_to`` (issue 16, rehost): a reclaim whose licenses are to move to that device.
 
     Raises:
         UsageError: reclaim or renew of a feature that is not installed.
@@ -486,6 +506,15 @@ def create_request(
             )
         if action is Action.RECLAIM and not installed:
             raise UsageError("nothing to reclaim: no licenses are installed")
+    if transfer_to is not None:  # issue 16
+        _check_transfer_to(state, action, transfer_to)
+    if state.extra.get("revoked"):  # issue 16
+        raise RevokedError(revoked_message(state))
+    if action is Action.CLOCK:  # issue 16: the way back from a clock that ran ahead
+        if feats:
+            raise UsageError("a clock request names no feature: it asks only for the time")
+    elif clock_set_back(state, now, limits):  # a request now would be refused when answered
+        raise ClockSetBackError(clock_set_back_message(state, now))
     req = Request(
         device_id=state.device_id,
         device_key=state.device_key,
@@ -497,6 +526,7 @@ def create_request(
         features=feats,
         licenses=state.licenses,
         created=now,
+        transfer_to=transfer_to,
     )
     data = sign1(req.encode(), key, Kind.REQUEST.content_type)
     if origin is not None and len(origin) > MAX_ORIGIN:
@@ -513,6 +543,35 @@ def create_request(
         clock_hwm=max(state.clock_hwm, now),
     )
     return new, data, req
+
+
+def revoke(state: AgentState, rev: Revocation) -> AgentState:
+    """Issue 16: the state of a device the vendor declared dead: no licenses, no outstanding
+    request, and the revocation kept (``extra["revoked"]``) to say why from now on."""
+    return replace(state, licenses=(), outstanding=(), dropped=(),
+                   extra={**state.extra, "revoked": {"at": rev.revoked_at,
+                                                     "reason": rev.reason}})
+
+
+def revoked_message(state: AgentState) -> str:
+    """Issue 16: why a revoked device holds nothing and asks for nothing."""
+    r = state.extra.get("revoked") or {}
+    return (f"device {state.device_id[:12]}… was declared dead by the vendor at "
+            f"{_iso(int(r.get('at', 0)))} ({r.get('reason', '')}): its licenses went back to "
+            f"the entitlement and were removed here; give the new server its licenses "
+            f"(licadmin activate), this one gets none")
+
+
+def _check_transfer_to(state: AgentState, action: Action, transfer_to: str) -> None:
+    """Issue 16: a rehost is a reclaim naming another device."""
+    if action is not Action.RECLAIM:
+        raise UsageError(f"--transfer-to is for a reclaim, not {action.value}")
+    if not re.fullmatch(r"[0-9a-f]{64}", transfer_to):
+        raise UsageError(f"--transfer-to {transfer_to[:80]!r}: expected a device ID "
+                         "(64 lowercase hex digits, licadmin info shows it)")
+    if transfer_to == state.device_id:
+        raise UsageError("--transfer-to names this device itself: give the new server's "
+                         "device ID")
 
 
 def _make_room(out: list[Outstanding], limits: Limits
@@ -653,6 +712,10 @@ def apply_response(
         raise StaleError(
             "response was issued against a different installed state (state digest differs)"
         )
+    if (resp.time is not None) != (pending.action is Action.CLOCK):  # issue 16
+        raise MalformedError("a certified time answers a clock request, and only it does")
+    if resp.time is not None:
+        return _apply_certified_time(state, data, resp, now, key, limits)
     if clock_set_back(state, now, limits):
         raise ClockSetBackError(clock_set_back_message(state, now))
     if now < resp.not_before:
@@ -702,9 +765,48 @@ def apply_response(
         last_receipt=receipt_bytes,
         clock_hwm=max(state.clock_hwm, now),
         system=system,
+        evidence=_evidence(state.evidence, resp.changes, data),
     )
     new.__dict__["digest"] = new_digest  # the cached property, already computed above
     return ApplyResult(new, receipt_bytes, resp, already_applied=False, removed=removed)
+
+
+def _evidence(kept: tuple[tuple[str, bytes], ...], changes: Iterable[LicenseChange],
+              response: bytes) -> tuple[tuple[str, bytes], ...]:
+    """Issue 16: the vendor response each transferable license was installed by."""
+    ev = dict(kept)
+    for c in changes:
+        if c.op is not ChangeOp.REMOVE and c.transferable:
+            ev[c.feature] = response
+        else:
+            ev.pop(c.feature, None)
+    return tuple(sorted(ev.items()))
+
+
+def _apply_certified_time(state: AgentState, data: bytes, resp: Response, now: int,
+                          key: SigningKey, limits: Limits) -> ApplyResult:
+    """Issue 16: a vendor-certified time answering this device's own outstanding ``clock``
+    request (so it cannot be replayed) resets a high-water mark pushed into the future,
+    once the clock agrees with it; the chain moves one link, changing no license."""
+    assert resp.time is not None
+    if abs(now - resp.time) > limits.clock_tolerance:
+        raise ClockSetBackError(
+            f"the vendor certifies the time was {_iso(resp.time)} when it answered; this "
+            f"clock reads {_iso(now)}: set the system clock to the right time (NTP, or "
+            f"date -s) and apply this file again (valid until {_iso(resp.expires)}); "
+            f"nothing was changed")
+    if now > resp.expires:
+        raise ExpiredError(f"response expired at {_iso(resp.expires)} (now {_iso(now)})")
+    receipt = Receipt(
+        device_id=state.device_id, device_key=state.device_key, response=data,
+        response_digest=sha256(data), sequence=resp.sequence, state_digest=state.digest,
+        applied=(), removed=(), licenses=state.licenses, applied_at=now)
+    receipt_bytes = sign1(receipt.encode(), key, Kind.RECEIPT.content_type)
+    applied = (*state.applied, Applied(resp.nonce, resp.sequence, receipt.response_digest))
+    new = replace(state, sequence=resp.sequence, outstanding=(), dropped=(),
+                  applied=applied[-limits.max_applied_history:], last_receipt=receipt_bytes,
+                  clock_hwm=max(now, resp.time))
+    return ApplyResult(new, receipt_bytes, resp, already_applied=False)
 
 
 def roll_forward(state: AgentState, applies: Iterable[Mapping[str, Any]]) -> AgentState:
@@ -765,7 +867,7 @@ def replay_event(state: AgentState, event: str, data: Any, time_: int, key: Sign
         if event == "request":
             new, _signed, req = create_request(
                 state, Action(data["action"]), data["features"], bytes.fromhex(data["nonce"]),
-                time_, key, limits, data.get("origin"))
+                time_, key, limits, data.get("origin"), data.get("transfer_to"))
             if req.sequence != data["sequence"]:
                 raise IntegrityError(f"request recorded at sequence {data['sequence']}, the "
                                      f"state is at {req.sequence}")
@@ -795,6 +897,28 @@ def replay_event(state: AgentState, event: str, data: Any, time_: int, key: Sign
                           clock_hwm=max(state.clock_hwm, data.get("t", time_)))
         if event in SYSTEM_EVENTS:  # issue 14: the tree's own events, one pure step each
             return evolve(state, system=apply_event(state.system, event, data))
+        if event == "transfer-out":  # issue 16: the licenses left for another server
+            gone = set(data["features"])
+            left = sort_licenses(x for x in state.licenses if x.feature not in gone)
+            new = replace(state, sequence=state.sequence + 1, licenses=left, outstanding=(),
+                          dropped=(), last_receipt=None,
+                          clock_hwm=max(state.clock_hwm, time_),
+                          evidence=tuple(e for e in state.evidence if e[0] not in gone))
+            if new.sequence != data["sequence"] or new.digest.hex() != data["state_digest"]:
+                raise IntegrityError("transfer-out does not reproduce its recorded state")
+            return new
+        if event == "transfer-in":  # issue 16: licenses that came from another server
+            t, _k = self_signed_payload(data["transfer"], Transfer,
+                                        replace(limits, max_file=256 * 1024))
+            new = replace(state, sequence=state.sequence + 1,
+                          licenses=sort_licenses((*state.licenses, *t.moved)), outstanding=(),
+                          dropped=(), last_receipt=None, clock_hwm=max(state.clock_hwm, time_),
+                          transfers_in=(*state.transfers_in, t.id))
+            if new.sequence != data["sequence"] or new.digest.hex() != data["state_digest"]:
+                raise IntegrityError("transfer-in does not reproduce its recorded state")
+            return new
+        if event == "revoked":  # issue 16
+            return revoke(state, Revocation(state.device_id, data["at"], data["reason"]))
         if event == "clock":
             mark = data["clock_hwm"]
             if type(mark) is not int:
@@ -902,7 +1026,8 @@ def make_device_info(
 
 
 def verify_self_signed(data: bytes, limits: Limits = DEFAULT_LIMITS
-                       ) -> tuple[Request | Receipt | DeviceInfo, PublicKey]:
+                       ) -> tuple[Request | Receipt | DeviceInfo | Transfer | TransferReceipt,
+                                  PublicKey]:
     """Verify a file signed by the device key that it carries (request, receipt, device info).
 
     The key is inside the payload, so the payload is decoded (strictly, size
@@ -925,10 +1050,11 @@ def self_signed_payload(data: bytes, expect: type[_S],
 
 
 def _self_signed(data: bytes, expect: type[Payload] | None, limits: Limits
-                 ) -> tuple[Request | Receipt | DeviceInfo, PublicKey]:
+                 ) -> tuple[Request | Receipt | DeviceInfo | Transfer | TransferReceipt,
+                            PublicKey]:
     env = read_signed(data, limits)
     payload = decode_payload(strict_loads(env.payload, max_size=limits.max_file), expect)
-    if not isinstance(payload, Request | Receipt | DeviceInfo):
+    if not isinstance(payload, Request | Receipt | DeviceInfo | Transfer | TransferReceipt):
         raise MalformedError(f"a {payload.KIND.value} file is not signed by a device")
     key = payload.device_key
     if env.kid != key.kid:

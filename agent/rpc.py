@@ -345,13 +345,15 @@ class RequestArgs:
     #: issue 15: reclaim floating licenses even while seats are out (the receipt records them);
     #: issue 14: reclaim although child servers hold grants
     force: bool = False
+    #: issue 16 (rehost): the device a reclaim moves the licenses to
+    transfer_to: str | None = None
 
     @classmethod
     def from_wire(cls, args: Mapping[str, Any]) -> RequestArgs:
         try:
             action = Action(str(args.get("action")))
         except ValueError as exc:
-            raise UsageError("action must be activate, reclaim or renew") from exc
+            raise UsageError("action must be activate, reclaim, renew or clock") from exc
         f = args.get("features", [])
         if (not isinstance(f, list) or len(f) > MAX_FEATURES
                 or not all(isinstance(x, str) for x in f)):
@@ -360,7 +362,10 @@ class RequestArgs:
         force = args.get("force", False)
         if not isinstance(force, bool):
             raise UsageError("force must be true or false")
-        return cls(action, tuple(f), li, force)
+        to = args.get("transfer_to")  # issue 16
+        if to is not None and not isinstance(to, str):
+            raise UsageError("transfer_to must be a device ID")
+        return cls(action, tuple(f), li, force, to)
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"action": self.action.value, "features": list(self.features)}
@@ -368,6 +373,8 @@ class RequestArgs:
             out["license_info"] = self.license_info
         if self.force:
             out["force"] = True
+        if self.transfer_to is not None:
+            out["transfer_to"] = self.transfer_to
         return out
 
 

@@ -17,11 +17,19 @@ from typing import Any
 from agent import protocol, seats, tree
 from agent.cose import PublicKey, SigningKey
 from agent.durable import FileOps
-from agent.errors import ExpiredError, LicensingError, StorageError, UsageError
+from agent.errors import ExpiredError, LicensingError, RevokedError, StorageError, UsageError
 from agent.formats import iso
 from agent.identity import FactsProvider, HardwareFacts, host_id, require_identifying
 from agent.journal import JournalReport
-from agent.messages import Action, DeviceInfo, LicenseInfo, TrustKey, TrustUpdate
+from agent.messages import (
+    Action,
+    DeviceInfo,
+    LicenseInfo,
+    Revocation,
+    TrustKey,
+    TrustUpdate,
+    revocation_of,
+)
 from agent.protocol import DEFAULT_LIMITS, ApplyResult, CheckResult, Limits
 from agent.record import record, replace
 from agent.store import KeptLock, OpenStore, Store, store_lock
@@ -65,7 +73,8 @@ def status_dict(state: protocol.AgentState, now: int, warnings: Iterable[str] = 
         ],
         "clock_high_water": iso(state.clock_hwm),
         "clock_set_back": protocol.clock_set_back(state, now),
-        "warnings": list(warnings),
+        "warnings": list(warnings) + ([protocol.revoked_message(state)]  # issue 16
+                                      if state.extra.get("revoked") else []),
     }
 
 
@@ -192,9 +201,10 @@ class Agent:
             return data, info
 
     def request(self, action: Action, features: Iterable[str], origin: str | None = None,
-                force: bool = False) -> bytes:
+                force: bool = False, transfer_to: str | None = None) -> bytes:
         """Sign a request and keep it outstanding; ``origin`` names the peer that asked
-        (:class:`agent.protocol.Outstanding`), None for the local command line.
+        (:class:`agent.protocol.Outstanding`), None for the local command line;
+        ``transfer_to`` (issue 16): a reclaim whose licenses move to that device.
 
         Raises:
             SeatsOutError: a reclaim of a floating license whose seats are out, without
@@ -225,12 +235,14 @@ class Agent:
                     raise inherit.held_refusal(store.state, held, "")
             new, data, req = protocol.create_request(
                 store.state, action, features, os.urandom(16), now, store.key, self.limits,
-                origin,
+                origin, transfer_to,
             )
             store.commit(new, "request", {"action": action.value, "nonce": req.nonce.hex(),
                                           "sequence": req.sequence,
                                           "features": list(req.features),
-                                          **({"origin": origin} if origin else {})}, now)
+                                          **({"origin": origin} if origin else {}),
+                                          **({"transfer_to": transfer_to} if transfer_to
+                                             else {})}, now)
             return data
 
     def apply(self, data: bytes) -> tuple[ApplyResult, str | None]:
@@ -256,6 +268,10 @@ class Agent:
                 "changes": [c.to_cbor() for c in res.response.changes],
                 "removed": [lic.feature for lic in res.removed],
                 "response": data,  # what a replay after a crash redoes (protocol.replay_event)
+                # issue 16: a vendor-certified time moved the clock mark (maybe back)
+                **({"clock_hwm": {"from": iso(store.state.clock_hwm),
+                                  "to": iso(res.state.clock_hwm)}}
+                   if res.response.time is not None else {}),
             }, now)
             return res, warn
 
@@ -318,6 +334,7 @@ class Agent:
         with self._open() as (store, now):
             lim = replace(self.limits, max_file=16 * 1024 * 1024)
             info, _env = protocol.verify_vendor_file(store.state, data, now, LicenseInfo, lim)
+            self._drop_if_revoked(store, info.revoked, now)  # issue 16
             if now > info.expires:
                 raise ExpiredError(f"license information expired at {iso(info.expires)}")
             entry = info.for_device(store.state.device_id)
@@ -327,6 +344,58 @@ class Agent:
                 )
             lics = entry.reclaim if action is Action.RECLAIM else entry.install
             return [lic.feature for lic in lics]
+
+    def transfer_out(self, features: Iterable[str], to: str) -> bytes:
+        """Issue 16: remove transferable licenses for the server ``to``; the signed transfer
+        file (also kept as the last receipt)."""
+        from agent.transfer import transfer_out
+
+        with self._open() as (store, now):
+            store.require_writable("transfer licenses")
+            try:
+                new, data, t = transfer_out(store.state, list(features), to, os.urandom(16),
+                                            now, store.key, self.limits)
+            except LicensingError as err:
+                store.record_refusal(err, "transfer-out", now)
+                raise
+            store.commit(new, "transfer-out", {
+                "features": [lic.feature for lic in t.moved], "to": to, "id": t.id.hex(),
+                "sequence": new.sequence, "state_digest": new.digest.hex()}, now)
+            return data
+
+    def apply_transfer(self, data: bytes) -> tuple[bytes, Any]:
+        """Issue 16: verify and apply a transfer file; the signed transfer-receipt and the
+        transfer."""
+        from agent.transfer import apply_transfer
+
+        with self._open() as (store, now):
+            store.require_writable("apply a transfer")
+            try:
+                new, receipt, t = apply_transfer(store.state, data, now, store.key, self.limits)
+            except LicensingError as err:
+                store.record_refusal(err, "transfer-in", now)
+                raise
+            store.commit(new, "transfer-in", {
+                "from": t.device_id, "features": [lic.feature for lic in t.moved],
+                "id": t.id.hex(), "transfer": data, "sequence": new.sequence,
+                "state_digest": new.digest.hex()}, now)
+            return receipt, t
+
+    @staticmethod
+    def _drop_if_revoked(store: Store, revoked: Iterable[Revocation], now: int) -> None:
+        """Issue 16: a verified vendor file says this device is dead: drop its licenses
+        (journalled) and refuse with why. A device already revoked refuses again."""
+        rev = revocation_of(revoked, store.state.device_id)
+        if rev is None:
+            return
+        new = store.state
+        if not new.extra.get("revoked"):
+            store.require_writable("drop the licenses of a revoked device")
+            dropped = [lic.feature for lic in new.licenses]
+            new = protocol.revoke(new, rev)
+            store.commit(new, "revoked",
+                         {"at": rev.revoked_at, "reason": rev.reason, "dropped": dropped}, now)
+        raise RevokedError(protocol.revoked_message(new))
 
     def journal(self, entries: bool = True) -> JournalReport:
         """The verified journal; ``entries=False`` verifies it all and keeps only the count."""

@@ -324,6 +324,9 @@ def add_operation_commands(cmd: Callable[[str, str], argparse.ArgumentParser],
     sp.add_argument("--feature", action="append", default=[], metavar="F",
                     help="a feature to ask for (repeat for each)")
     sp.add_argument("--license-info", metavar="FILE", help=helps["license-info"])
+    sp.add_argument("--transfer-to", metavar="DEVICE_ID",
+                    help="(reclaim) the new server the licenses move to: the signed "
+                         "transfer-out of a rehost (issue 16)")
     sp.add_argument("--out", required=True, metavar="FILE",
                     help="where to write the signed request file")
     sp.add_argument("--force", action="store_true",

@@ -260,12 +260,15 @@ class ServerClient(abc.ABC):
         return result
 
     def request(self, action: str, features: Iterable[str] = (),
-                license_info: bytes | None = None, force: bool = False) -> bytes:
+                license_info: bytes | None = None, force: bool = False,
+                transfer_to: str | None = None) -> bytes:
         args: dict[str, Any] = {"action": action, "features": list(features)}
         if license_info is not None:
             args["license_info"] = license_info
-        if force:  # issue 15: reclaim floating licenses with seats out
+        if force:  # issue 15: reclaim floating licenses with seats out (issue 14: grants held)
             args["force"] = True
+        if transfer_to is not None:  # issue 16: a rehost's transfer-out
+            args["transfer_to"] = transfer_to
         result: RequestResult = self.typed(Op.CREATE_REQUEST, args)
         return result.file
 

@@ -26,7 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from agent.errors import EXIT_OK, UsageError
+from agent.errors import EXIT_OK, RevokedError, UsageError
 from agent.formats import LICENSE_INFO_MAX, verify_receipt
 from agent.messages import DeviceInfo
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
@@ -232,12 +232,31 @@ def _workflow_parsers(sub: Any) -> None:
     sp.add_argument("--feature", action="append", default=[], metavar="FEATURE=COUNT",
                     help="the device's total of FEATURE (0 releases it); repeat for each "
                          "feature; not with a CSV, whose rows carry their own")
+    sp = sub.add_parser("rehost", help=REHOST_HELP, description=REHOST_HELP)
+    sp.add_argument("--from", dest="src", required=True, metavar="URL",
+                    help="link URL of the old server (the licenses leave it)")
+    sp.add_argument("--to", dest="dst", required=True, metavar="URL",
+                    help="link URL of the new server (the licenses arrive there)")
+    licensing_access.add_options(sp)
+    sp.add_argument("--feature", action="append", default=[], metavar="F",
+                    help="move only these features (default: every license of the old server)")
+    sp.add_argument("--work-dir", metavar="DIR",
+                    help="keep the file of every step here; run the same command again to "
+                         "finish an interrupted rehost (default: rehost-HASH in the current "
+                         "folder, the same for the same two URLs)")
+    sp.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                    help=f"the total time allowed per server operation (default "
+                         f"{DEFAULT_TIMEOUT:g})")
     sp = cmd("show", "print any file of this project with its kind, signer and signature verdict")
     sp.add_argument("file", metavar="FILE",
                     help="a signed file, SITE_INFO bundle or PEM key of this project")
     sp.add_argument("--trust", action="append", default=[], metavar="VENDOR_PUB",
                     help="vendor public key (PEM) to check vendor signatures with")
 
+
+REHOST_HELP = ("move licenses from an old server to a new one, make-before-break: the old "
+               "server's signed removal first, then the new server's activation (issue 16); "
+               "run it again to finish an interrupted one")
 
 #: the site steps: they talk to the servers, and Ctrl-C stops them cleanly
 SITE_STEPS = frozenset({"gather", "requests", "send", "activate", "reclaim"})
@@ -458,7 +477,8 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         license_info = (read_input(args.license_info, LICENSE_INFO_MAX,
                                    "license information file", expect="license-info")
                         if args.license_info else None)
-        data = client.request(args.action, args.feature, license_info, force=args.force)
+        data = client.request(args.action, args.feature, license_info, force=args.force,
+                              transfer_to=args.transfer_to)
         write_output(args.out, data)
         print(f"wrote {args.action} request to {args.out}")
         return EXIT_OK
@@ -466,6 +486,13 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
         _check_folder(args.receipt_out)
         response = read_input(args.response, DEFAULT_LIMITS.max_file, "response file",
                               expect="response")
+        from apps.licadmin.onsite import refuse_revoked, revoked_in
+
+        dead = revoked_in([response])  # issue 16: nothing goes to a device declared dead
+        if dead:
+            dev = client.status().device_id
+            if dev in dead:
+                raise RevokedError(refuse_revoked(dev, dead[dev]))
         try:
             res = client.apply(response)
         except TransportError as err:
@@ -499,10 +526,20 @@ def run(args: argparse.Namespace, client: ServerClient) -> int:
     raise UsageError(f"unknown command {c}")
 
 
+def _rehost(args: argparse.Namespace) -> int:
+    from apps.licadmin.rehost import Rehost, default_work_dir
+
+    work = Path(args.work_dir) if args.work_dir else default_work_dir(args.src, args.dst)
+    return Rehost(args.src, args.dst, licensing_access.client_from(args), args.feature, work,
+                  runner.connector(args.timeout)).run()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def command() -> int:
+        if args.command == "rehost":
+            return _rehost(args)
         if args.command in WORKFLOW:
             return run_workflow(args, list(sys.argv[1:] if argv is None else argv))
         if args.command == "seat" and args.seat_command in seat.OFFLINE:

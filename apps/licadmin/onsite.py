@@ -9,21 +9,22 @@ the rest: a server answers a response it already applied with the same receipt.
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import LicensingError, MalformedError, TrustError, UsageError
+from agent.errors import LicensingError, MalformedError, RevokedError, TrustError, UsageError
 from agent.formats import (
     LICENSE_INFO_MAX,
     RECEIPT_MAX,
     SITE_INFO_MAX,
     SiteInfo,
+    iso,
     peek_payload,
     read_device_info,
     verify_receipt,
 )
-from agent.messages import Action, LicenseInfo, Request, Response
+from agent.messages import Action, LicenseInfo, Request, Response, Revocation
 from agent.protocol import self_signed_payload
 from agent.rpc import TransportError
 from apps.common import read_input
@@ -250,6 +251,7 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
     """
     res = StepResult("send")
     by_dev = _responses_by_device(responses_dir, res)
+    dead = revoked_in(h.data for h in by_dev.values())  # issue 16
     if devices is not None:
         by_dev = {d: h for d, h in by_dev.items() if d in devices}
     # a device of an MQTT site whose presence is not back yet (a broker restart) is
@@ -262,6 +264,11 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
     def job(client: ServerClient, o: Outcome) -> None:
         dev = o.device_id = device_id_of(client)
         held = by_dev.get(dev)
+        if dev in dead:  # issue 16: the vendor declared it dead; it gets nothing
+            with lock:
+                sent.add(dev)
+            o.fail(RevokedError(refuse_revoked(dev, dead[dev])))
+            return
         if held is None:
             o.miss(f"no response for this device in {responses_dir}")
             return
@@ -312,6 +319,26 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
     res.notes.append(f"wrote {n} receipt(s) to {folder}")
     res.facts = {"receipts_dir": str(folder), "receipts": n}
     return res
+
+
+def revoked_in(files: Iterable[bytes]) -> dict[str, Revocation]:
+    """Issue 16: the revocations the vendor responses at hand carry, by device (read without
+    the vendor key, which licadmin does not hold: a forged list can only make it refuse)."""
+    out: dict[str, Revocation] = {}
+    for data in files:
+        try:
+            payload, _kid = peek_payload(data, Response)
+        except LicensingError:
+            continue
+        out.update((r.device_id, r) for r in payload.revoked)
+    return out
+
+
+def refuse_revoked(dev: str, r: Revocation) -> str:
+    """Issue 16: the one line of a refusal to send anything to a device declared dead."""
+    return (f"device {short(dev)} was declared dead by the vendor at {iso(r.revoked_at)} "
+            f"({r.reason}): nothing is sent to it; its licenses went back to the entitlement "
+            f"(activate the server that replaces it)")
 
 
 def _receipt_done(path: Path, response: bytes) -> bool:

@@ -79,6 +79,19 @@ def _parser() -> argparse.ArgumentParser:
         "check": "is FEATURE licensed now? (exit 0 yes, 1 no)",
     })
 
+    sp = cmd("transfer", "move transferable licenses to a named new server directly: write "
+                         "the signed transfer file (issue 16)")
+    sp.add_argument("--feature", action="append", default=[], metavar="F", required=True,
+                    help="a transferable license to move (repeat for each)")
+    sp.add_argument("--to", required=True, metavar="DEVICE_ID",
+                    help="the new server's device ID (licagent info there shows it)")
+    sp.add_argument("--out", required=True, metavar="FILE", help="where to write the transfer file")
+    sp = cmd("apply-transfer", "verify a transfer file for this server and install its "
+                               "licenses (issue 16)")
+    sp.add_argument("transfer", metavar="TRANSFER_FILE", help="the old server's transfer file")
+    sp.add_argument("--receipt-out", metavar="FILE",
+                    help="write the signed transfer receipt here (for licadmin confirm)")
+
     sp = cmd("journal", "print or verify the audit journal")
     sp.add_argument("--verify", action="store_true",
                     help="check the hash chain and MACs (exit 8 if the journal was cut or "
@@ -223,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
             features += agent.features_from_license_info(
                 read_input(args.license_info, LICENSE_INFO_MAX, "license information file",
                            expect="license-info"), Action(args.action))
-        data = agent.request(Action(args.action), features, force=args.force)
+        data = agent.request(Action(args.action), features, force=args.force,
+                             transfer_to=args.transfer_to)
         write_output(args.out, data)
         print(f"wrote {args.action} request to {args.out}")
         return EXIT_OK
@@ -275,6 +289,26 @@ def run(args: argparse.Namespace) -> int:
             print(f"journal OK: {rep.records} entries, hash chain and MACs verified, "
                   f"the record the state slots name in place{tail}",
                   file=sys.stderr if args.json else sys.stdout)
+        return EXIT_OK
+    if c == "transfer":  # issue 16
+        if not Path(args.out).absolute().parent.is_dir():
+            raise UsageError(f"cannot write {args.out}: its folder does not exist")
+        data = agent.transfer_out(args.feature, args.to)
+        write_output(args.out, data)
+        print(f"removed {', '.join(dict.fromkeys(args.feature))} from this server; wrote the "
+              f"transfer for device {args.to[:12]}… to {args.out} (it applies there once; "
+              f"keep it: it is also this server's receipt)")
+        return EXIT_OK
+    if c == "apply-transfer":  # issue 16
+        if args.receipt_out and not Path(args.receipt_out).absolute().parent.is_dir():
+            raise UsageError(f"cannot write {args.receipt_out}: its folder does not exist")
+        receipt, t = agent.apply_transfer(read_input(args.transfer, 256 * 1024,
+                                                     "transfer file", expect="transfer"))
+        if args.receipt_out:
+            write_output(args.receipt_out, receipt)
+        print(f"installed {', '.join(f'{x.feature}={x.count}' for x in t.moved)} from device "
+              f"{t.device_id[:12]}…" + (f"; wrote transfer receipt to {args.receipt_out}"
+                                        if args.receipt_out else ""))
         return EXIT_OK
     if c == "trust-update":
         upd = agent.trust_update(read_input(args.update, agent.limits.max_file,

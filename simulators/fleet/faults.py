@@ -16,7 +16,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from agent.errors import CopiedStoreError, LicensingError, SequenceError, UsageError
+from agent.errors import (
+    ClockSetBackError,
+    CopiedStoreError,
+    LicensingError,
+    SequenceError,
+    UsageError,
+)
 from agent.messages import Action
 from simulators.fleet.broker import MosquittoBroker
 from simulators.fleet.links import ServedLinks, wait_until
@@ -33,6 +39,8 @@ DAY = 86400
 SUBSCRIPTION = 365 * DAY
 #: how far a clock-jump fault moves the clock by default
 CLOCK_JUMP = 400 * DAY
+#: issue 16: the wrong reading of a clock-future fault (2038-01-19T03:14:07Z)
+FUTURE = 2**31 - 1
 #: an upper bound for servers to come back after a fault (a bound, not a measurement)
 RECOVER_WAIT = 30.0
 
@@ -373,6 +381,49 @@ class FaultInjection:
         from simulators.fleet import systems
 
         systems.fault_child_moved(self, fault, rec)
+    def _fault_clock_future(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        """Issue 16: a wrong clock reading far in the future, then the way back."""
+        assert self.vendor is not None
+        srv = self._pick(fault, rec, lambda s: not s.clock_offset and not self._clock_set_back(s))
+        features = sorted(self._snapshot(srv)[2])
+        agent = srv.agent()
+        before = {f: agent.check(f).licensed for f in features}
+        base = srv.clock_offset
+        srv.clock_offset = FUTURE - int(time.time())  # one reading in 2038
+        for f in features or ["bacnet-ip"]:
+            agent.check(f)  # the mark follows what a check decided
+        srv.clock_offset = base
+        st = srv.agent().status()
+        locked = bool(st["clock_set_back"])
+        self._check(rec, "future-reading-seen", locked,
+                    f"high-water mark {st['clock_high_water']}")
+        try:
+            srv.agent().request(Action.RENEW, features[:1])
+            refused, why = False, "a request was signed that would be refused"
+        except ClockSetBackError as exc:
+            refused, why = "licagent request clock" in str(exc), str(exc)[:100]
+        self._check(rec, "request-names-the-way-back", refused, why)
+        req = srv.agent().request(Action.CLOCK, [])
+        resp = self.vendor.issue(req, now=srv.now())
+        srv.agent().apply(resp)
+        st = srv.agent().status()
+        back = not st["clock_set_back"]
+        self._check(rec, "certified-time-recovers", back,
+                    f"high-water mark {st['clock_high_water']}")
+        after = {f: srv.agent().check(f).licensed for f in features}
+        self._check(rec, "licenses-as-before", after == before,
+                    f"licensed before {before}, after {after}")
+        srv.clock_offset = FUTURE - int(time.time())
+        srv.agent().check(features[0] if features else "bacnet-ip")
+        srv.clock_offset = base
+        res, _w = srv.agent().apply(resp)  # the same certified time again: no reset
+        again = bool(srv.agent().status()["clock_set_back"])
+        self._check(rec, "certified-time-applies-once", again and res.already_applied,
+                    "replayed: nothing reset" if again else "the mark was reset again")
+        # leave the server as it was found: a fresh certified time
+        srv.agent().apply(self.vendor.issue(srv.agent().request(Action.CLOCK, []),
+                                            now=srv.now()))
+        rec["detail"] = f"clock read 2038 once; recovered with a certified time ({len(resp)} bytes)"
 
     def _installed(self, srv: SimServer) -> dict[str, int]:
         try:
@@ -394,5 +445,6 @@ INJECTORS: Mapping[str, Callable[[FaultInjection, FaultSpec, FaultRecord], None]
     "parent-offline": FaultInjection._fault_parent_offline,  # issue 14
     "parent-reclaim": FaultInjection._fault_parent_reclaim,
     "child-moved": FaultInjection._fault_child_moved,
+    "clock-future": FaultInjection._fault_clock_future,  # issue 16
 }
 assert set(INJECTORS) == set(FAULT_KINDS), "every fault kind has its injector"

@@ -69,6 +69,9 @@ FAULT_KINDS: Mapping[str, str] = {
                       "children lose it at their next renewal",
     "child-moved": "a child is attached to another system's top server: it inherits from "
                    "that one only",
+    # issue 16
+    "clock-future": "one clock reading in 2038 locks the server out; a vendor-certified time "
+                    "answering its fresh clock request brings it back, once",
 }
 #: the fault kinds that act on [[systems]]: drawn at random only when the fleet has some
 SYSTEM_FAULTS = ("parent-offline", "parent-reclaim", "child-moved")

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace, load_key: Callable[[str], SigningKey],
             features[f] = features.get(f, 0) + n
         until = parse_time(args.until) if args.until else None
         with Ledger(args.db, clock=clock) as ledger:
-            ent = ledger.entitle(args.entitlement, args.product, features, until)
+            ent = ledger.entitle(args.entitlement, args.product, features, until,
+                                 transferable=args.transferable)
         for p in ent["products"]:
             if p["product"] != args.product:
                 continue
@@ -56,6 +57,16 @@ def run(args: argparse.Namespace, load_key: Callable[[str], SigningKey],
         return EXIT_OK
     if args.command == "token":
         return _token(args, clock)
+    if args.command == "revoke":  # issue 16
+        _existing(args.db)
+        with Ledger(args.db, clock=clock) as ledger:
+            r = ledger.revoke_device(args.device, args.reason)
+        back = ", ".join(f"{f}={n}" for f, n in sorted(r["returned"].items())) or "nothing"
+        print(f"device {_short(r['device_id'])} revoked at {r['revoked']} ({r['reason']}): "
+              f"{back} back to {', '.join(r['entitlements']) or 'no entitlement'}")
+        print("every later response and license information for its site carries the signed "
+              "revocation; the licensing server answers nothing more for it")
+        return EXIT_OK
     if args.command == "report":
         _existing(args.db)
         with Ledger(args.db, clock=clock) as ledger:
@@ -181,5 +192,17 @@ def format_report(rep: dict[str, Any]) -> str:
         scope = f" for {', '.join(t['entitlements'])}" if t["entitlements"] else ""
         state = f"revoked {t['revoked']}" if t["revoked"] else "live"
         w(f"  {t['name']}: {t['role']}{scope}, created {t['created']}, {state}")
+    if rep.get("revocations"):  # issue 16: shown once a device was declared dead
+        w("revoked (declared dead; their licenses went back to the entitlement)")
+        for r in rep["revocations"]:
+            w(f"  device {_short(r['device_id'])} at {r['revoked']}: {r['reason']}")
+    if rep.get("restores"):  # issue 16: flagged once a restored store asked for something
+        w("restored from a backup (requests refused: made on an older state than verified)")
+        for r in rep["restores"]:
+            w(f"  device {_short(r['device_id'] or '-')} at {r['time']}")
+    if rep.get("moves"):  # issue 16: shown once a rehost moved something
+        w("moved (rehost: licenses left the first device, proven by its receipt)")
+        for m in rep["moves"]:
+            w(f"  {m['time']}: {m['detail']}")
     w(f"open responses: {rep['open_responses']}; operations recorded: {rep['operations']}")
     return "\n".join(out) + "\n"

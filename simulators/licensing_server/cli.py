@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--floating", action="store_true",
                     help="the granted licenses are floating: COUNT seats the device serves to "
                          "clients (licadmin seat checkout)")
+    sp.add_argument("--transferable", action="store_true",
+                    help="the granted licenses may move to another server directly "
+                         "(licagent transfer; issue 16)")
     sp.add_argument("--valid-days", type=int, default=30,
                     help="how long the response may be applied (default 30 days)")
     sp.add_argument("--out", required=True, metavar="RESP",
@@ -129,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="licenses bought, added to what the product holds (repeat for each)")
     sp.add_argument("--until", metavar="DATE",
                     help="subscription end: ISO date (end of that day, UTC) or date-time")
+    sp.add_argument("--transferable", action="store_true",
+                    help="these features are issued transferable: a server may move them to "
+                         "another directly (licagent transfer; issue 16)")
     sp = sub.add_parser("token", help="bearer tokens of the HTTP API: create, revoke")
     tsub = sp.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     tp = tsub.add_parser("create", help="make a token; its secret goes to --out (mode 0600), "
@@ -146,6 +152,14 @@ def _parser() -> argparse.ArgumentParser:
     tp = tsub.add_parser("revoke", help="refuse a token from now on (HTTP 401)")
     tp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
     tp.add_argument("--name", required=True, metavar="NAME", help="the token to revoke")
+    sp = sub.add_parser("revoke", help="declare a device dead (RMA): its licenses go back to "
+                                       "the entitlement, and every later vendor file for its "
+                                       "site carries the signed revocation (issue 16)")
+    sp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
+    sp.add_argument("--device", required=True, metavar="DEVICE_ID",
+                    help="the dead server's device ID (licserver report lists them)")
+    sp.add_argument("--reason", required=True, metavar="TEXT",
+                    help="why, for the report and the site (e.g. \"RMA 4711: board failed\")")
     sp = sub.add_parser("report", help="show entitlements, assignments, installed licenses, "
                                        "pending reclaims and tokens")
     sp.add_argument("--db", required=True, metavar="FILE|URL", help=DB_HELP)
@@ -170,8 +184,8 @@ def run(args: argparse.Namespace) -> int:
         vendor = Vendor(_load_key(args.key))
         if not 0 <= args.grace_days <= 366:
             raise UsageError("--grace-days must be from 0 to 366")
-        grants = [replace(parse_grant(g), grace=args.grace_days * DAY, floating=args.floating)
-                  for g in args.grant]
+        grants = [replace(parse_grant(g), grace=args.grace_days * DAY, floating=args.floating,
+                          transferable=args.transferable) for g in args.grant]
         if args.inherit:  # issue 14: COUNT is the number of children that may inherit it
             grants = [replace(g, inherit=g.count) for g in grants]
         if args.demo:
@@ -217,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{s.feature} {s.client} until {iso(s.until)}"
                       f"{' (borrowed)' if s.borrowed else ''}" for s in rc.seats_out))
         return EXIT_OK
-    if args.command in ("serve", "entitle", "report", "token"):
+    if args.command in ("serve", "entitle", "report", "token", "revoke"):
         from simulators.licensing_server._commands import run as run_ledger_command
 
         return run_ledger_command(args, _load_key, _now)

@@ -28,9 +28,42 @@ from pathlib import Path
 from typing import Any
 
 from agent.digest import sha256
-from agent.errors import LicensingError, MalformedError, StorageError, UsageError
-from agent.formats import SiteInfo, iso, read_device_info, verify_receipt
-from agent.messages import MAX_TIME, ChangeOp, DeviceInfo, License, Request
+from agent.errors import (
+    AlreadyAppliedError,
+    LicensingError,
+    MalformedError,
+    RestoredError,
+    RevokedError,
+    SequenceError,
+    StorageError,
+    TrustError,
+    UsageError,
+)
+from agent.formats import (
+    RECEIPT_MAX,
+    SiteInfo,
+    identify,
+    iso,
+    peek_payload,
+    read_device_info,
+    verify_receipt,
+)
+from agent.messages import (
+    MAX_LIST,
+    MAX_TIME,
+    Action,
+    ChangeOp,
+    DeviceInfo,
+    Kind,
+    License,
+    Receipt,
+    Request,
+    Response,
+    Revocation,
+    Transfer,
+    TransferReceipt,
+)
+from agent.protocol import Limits, self_signed_payload, verify_self_signed
 from apps.licensing_api import AssignmentQuery, Confirmation, UploadAnswer, refusal
 from simulators.licensing_server import rules
 from simulators.licensing_server.ledger_sqlite import SqliteStorage
@@ -44,10 +77,12 @@ from simulators.licensing_server.rules import (
     Token,
 )
 from simulators.licensing_server.storage import (
+    ChainHead,
     IssuedResponse,
     LedgerStorage,
     LedgerTransaction,
     Operation,
+    RevocationRow,
 )
 from simulators.licensing_server.vendor import DAY, Vendor
 
@@ -285,7 +320,8 @@ class Ledger:
     # ------------------------------------------------------------ entitlements
 
     def entitle(self, entitlement: str, product: str, features: Mapping[str, int],
-                until: int | None = None, now: int | None = None) -> dict[str, Any]:
+                until: int | None = None, now: int | None = None,
+                transferable: bool = False) -> dict[str, Any]:
         """Record a purchase: add ``features`` (name -> count) to a product of an entitlement.
 
         Counts add to what the product already holds; ``until`` (POSIX seconds, the
@@ -309,6 +345,8 @@ class Ledger:
             for f, n in sorted(feats.items()):
                 tx.save_stock(rules.add_to_stock(tx.stock(entitlement, product, f),
                                                  entitlement, product, f, n, until))
+                if transferable:  # issue 16: issued transferable from now on
+                    tx.set_transferable(entitlement, product, f)
             rec["detail"] = (f"{entitlement}/{product}: "
                              + ", ".join(f"+{n} {f}" for f, n in sorted(feats.items()))
                              + (f" until {iso(until)}" if until is not None else ""))
@@ -401,6 +439,7 @@ class Ledger:
     def _assign_one(self, tx: LedgerTransaction, q: AssignmentQuery, holds: _Holds,
                     uses: dict[tuple[str, str, str], _StockUse]) -> dict[str, Any]:
         dev, feature, count = q.device_id, q.feature, q.count
+        self._refuse_revoked(tx, dev)  # issue 16
         if not tx.has_entitlement(q.entitlement):
             raise UsageError(f"no entitlement {q.entitlement} in the ledger "
                              "(licserver entitle records one)")
@@ -431,6 +470,7 @@ class Ledger:
         with self._operation("device-info", now) as (tx, rec):
             info = read_device_info(data)
             rec["device_id"] = info.device_id
+            self._refuse_revoked(tx, info.device_id)  # issue 16
             rec["outcome"] = self._observe(tx, self._seen_info(info, now), info.licenses)
             rec["detail"] = f"sequence {info.sequence}"
             return info
@@ -482,16 +522,20 @@ class Ledger:
             wanted = rules.wanted_devices(infos, len(files), devices)
             for dev in wanted:
                 self._check_device(tx, dev, scope)
+            dead = {d for d in infos if tx.revocation(d) is not None}  # issue 16
             for info in infos.values():
-                self._observe(tx, self._seen_info(info, now), info.licenses)
+                if info.device_id not in dead:  # a dead device's licenses stay returned
+                    self._observe(tx, self._seen_info(info, now), info.licenses)
             entries: dict[str, tuple[list[License], list[License]]] = {}
             for dev in wanted:
-                entries[dev] = rules.plan(tx.installed(dev), tx.targets(dev))
+                entries[dev] = (([*infos[dev].licenses], []) if dev in dead
+                                else rules.plan(tx.installed(dev), tx.targets(dev)))
+            revoked = self._revoked_for(tx, wanted)
             rec["detail"] = (f"{len(entries)} device(s) of {len(files)} file(s); "
                              + "; ".join(f"{d[:12]}: reclaim {len(r)}, install {len(i)}"
                                          for d, (r, i) in entries.items())[:800])
-            whole = signer.license_info(entries, now, LICENSE_INFO_VALID)
-            one = ({dev: signer.license_info({dev: plan}, now, LICENSE_INFO_VALID)
+            whole = signer.license_info(entries, now, LICENSE_INFO_VALID, revoked)
+            one = ({dev: signer.license_info({dev: plan}, now, LICENSE_INFO_VALID, revoked)
                     for dev, plan in entries.items()} if per_device else {})
             return whole, one
 
@@ -521,18 +565,45 @@ class Ledger:
         """:meth:`answer_request` for a request already verified (``req`` read from ``data``)."""
         dev = rec["device_id"] = req.device_id
         self._check_device(tx, dev, scope)
+        self._refuse_revoked(tx, dev)  # issue 16
         rec["detail"] = f"{req.action.value} on sequence {req.sequence}"
         rdigest = sha256(data)
         prev = tx.response_to(dev, req.nonce)
+        head = tx.chain_head(dev) if prev is None else None  # issue 16: a restored store
+        restored = False
+        try:
+            rules.check_restore(req, head.sequence if head else None,
+                                head.applied_at if head else None)
+        except RestoredError:
+            if req.action is not Action.RECLAIM or req.transfer_to is not None:
+                raise
+            restored = True  # the way back: answered, and flagged
         if rules.check_request(req, rdigest, None if prev is None else prev.request_digest,
-                               tx.device_sequence(dev)):
+                               None if restored else tx.device_sequence(dev)):
             assert prev is not None  # answered again: the same response
             rec["outcome"] = "repeated"
             return prev.file
         self._observe(tx, rules.seen_state("request", dev, req.device_key, req.model, None,
                                            req.sequence, req.licenses, now), req.licenses)
-        changes = rules.decide(req, tx.targets(dev))
-        resp = signer.response_for(req, changes, now, self.response_valid)
+        revoked = self._revoked_for(tx, [dev])  # issue 16: travels in every vendor file
+        if restored:
+            changes = rules.decide_restored(req, tx.installed(dev))
+            resp = signer.response_for(req, changes, now, self.response_valid, revoked=revoked)
+            rec["outcome"] = "restored"
+        elif req.transfer_to is None:
+            changes = rules.decide(req, self._targets(tx, dev))
+            resp = signer.response_for(req, changes, now, self.response_valid, revoked=revoked,
+                                       **({"time": now} if req.action is Action.CLOCK else {}))
+        else:  # issue 16: a rehost's transfer-out; the new device gets them on its receipt
+            to = req.transfer_to
+            self._check_device(tx, to, scope)
+            self._refuse_revoked(tx, to, "the new server of a rehost")
+            feats = [x.feature for x in req.licenses]
+            changes = rules.decide_rehost(req, {f: tx.assignment(dev, f) for f in feats},
+                                          {f: tx.assignment(to, f) for f in feats})
+            resp = signer.response_for(req, changes, now, self.response_valid, transfer_to=to,
+                                       revoked=revoked)
+            rec["detail"] = f"rehost to {to[:12]}, " + rec["detail"]
         file = signer.sign(resp)
         digest = sha256(file)
         base = {x.feature: x for x in req.licenses}
@@ -566,6 +637,7 @@ class Ledger:
             rc = verify_receipt(data, [signer.public])  # size cap, signatures, consistency
             dev = rec["device_id"] = rc.device_id
             self._check_device(tx, dev, scope)
+            self._refuse_revoked(tx, dev)  # issue 16
             rec["detail"] = f"sequence {rc.sequence}"
             digest = sha256(data)
             seen_before = tx.receipt_seen(digest)
@@ -575,12 +647,14 @@ class Ledger:
             base = found[1]
             tx.set_status(rc.response_digest, ResponseStatus.CONFIRMED)
             tx.add_receipt(digest, rc.response_digest, dev, rc.sequence, now)
+            tx.set_chain_head(ChainHead(dev, rc.sequence, rc.state_digest, rc.applied_at))
             # every other answer to the same state can no longer be applied
             for other in tx.open_on(dev, base):
                 tx.set_status(other, ResponseStatus.SUPERSEDED)
                 tx.drop_reclaims(other)
             freed = tx.reclaims(rc.response_digest)
             tx.drop_reclaims(rc.response_digest)
+            moved = self._move(tx, rc, freed, now)  # issue 16: a rehost's transfer-out
             known = tx.device(dev)
             self._observe(tx, rules.seen_state("receipt", dev, rc.device_key,
                                                known.model if known else "?", None,
@@ -593,7 +667,37 @@ class Ledger:
                 tx.lower_assignment(dev, f, hold.get(f, 0))
             self._drop_released(tx, dev, hold)
             rec["detail"] += ": freed " + (", ".join(f"{f}={n}" for f, n in freed) or "nothing")
+            if moved:
+                rec["detail"] += f"; moved to {moved[:12]}"
             return ReceiptResult(dev, rc.sequence, tuple(freed))
+
+    @staticmethod
+    def _move(tx: LedgerTransaction, rc: Receipt, freed: Sequence[tuple[str, int]],
+              now: int) -> str | None:
+        """Issue 16: a verified receipt of a rehost's transfer-out moves what it freed to the
+        device its response names (that device's assignment grows by the count), and the
+        ledger records the move; the new device's response is issued only from here on.
+
+        Returns:
+            The new device's ID, None for a receipt of another response.
+        """
+        resp, _kid = peek_payload(rc.response, Response, RECEIPT_MAX)  # verified already
+        to = resp.transfer_to
+        if to is None:
+            return None
+        parts = []
+        for f, n in freed:
+            a = tx.assignment(rc.device_id, f)
+            if a is None:  # refused when the transfer-out was issued; kept safe anyway
+                continue
+            b = tx.assignment(to, f)
+            tx.save_assignment(Assignment(to, f, a.entitlement, a.product,
+                                          (b.count if b is not None else 0) + n))
+            parts.append(f"{f}={n}")
+        tx.record(Operation(now, "rehost", rc.device_id, "moved",
+                            f"{', '.join(parts) or 'nothing'} from {rc.device_id} to {to} "
+                            f"(transfer-out receipt, sequence {rc.sequence})"))
+        return to
 
     def confirm(self, receipts: Sequence[bytes], now: int | None = None,
                 vendor: Vendor | None = None, scope: Scope = None) -> Confirmation:
@@ -604,7 +708,10 @@ class Ledger:
         out = Confirmation()
         for i, data in enumerate(receipts):
             try:
-                rc = self.accept_receipt(data, now, vendor, scope)
+                kind = identify(data)
+                rc = (self.accept_transfer(data, now, vendor, scope)  # issue 16
+                      if kind in (Kind.TRANSFER.value, Kind.TRANSFER_RECEIPT.value)
+                      else self.accept_receipt(data, now, vendor, scope))
                 out.accept(rc.device_id, rc.sequence, rc.freed)
             except StorageError:
                 raise
@@ -641,6 +748,164 @@ class Ledger:
             except LicensingError as err:
                 res.errors[key] = refusal(err)
         return res
+
+    # ------------------------------------------------------------ revocations (issue 16)
+
+    def revoke_device(self, device_id: str, reason: str, now: int | None = None
+                      ) -> dict[str, Any]:
+        """Declare a device dead (RMA): its assignments return to their entitlements, its open
+        responses can no longer be confirmed, and from now on every vendor file for its site
+        carries the signed revocation; the device gets nothing more.
+
+        Returns:
+            ``{"device_id", "reason", "revoked", "returned": {feature: count},
+            "entitlements": [...]}``.
+
+        Raises:
+            UsageError: a bad device ID or reason, a device the ledger does not know, or one
+                revoked already.
+        """
+        now = self._now(now)
+        rules.check_device_id(device_id)
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 256:
+            raise UsageError("--reason: say why, in 1 to 256 characters (e.g. \"RMA 4711: "
+                             "power supply failed\")")
+        with self._operation("revoke", now, device_id) as (tx, rec):
+            prev = tx.revocation(device_id)
+            if prev is not None:
+                raise UsageError(f"device {device_id[:12]}… was revoked already at "
+                                 f"{iso(prev.time)} ({prev.reason})")
+            ents = tx.entitlements_of(device_id)
+            if tx.device(device_id) is None and not ents:
+                raise UsageError(f"no device {device_id[:12]}… in the ledger (licserver "
+                                 "report lists the devices it knows)")
+            returned = {f: lic.count for f, lic in tx.targets(device_id).items() if lic.count}
+            for f in ents:
+                tx.drop_assignment(device_id, f)
+            for o in tx.open_responses(device_id):
+                tx.set_status(o.digest, ResponseStatus.SUPERSEDED)
+                tx.drop_reclaims(o.digest)
+            tx.set_installed(device_id, ())
+            site = tuple(sorted(set(ents.values())))
+            tx.add_revocation(RevocationRow(device_id, reason, now, site))
+            rec["outcome"] = "revoked"
+            rec["detail"] = (f"{reason}; returned "
+                             + (", ".join(f"{f}={n}" for f, n in sorted(returned.items()))
+                                or "nothing") + f" to {', '.join(site) or 'no entitlement'}")
+            return {"device_id": device_id, "reason": reason, "revoked": iso(now),
+                    "returned": returned, "entitlements": list(site)}
+
+    @staticmethod
+    def _targets(tx: LedgerTransaction, dev: str) -> dict[str, License]:
+        """The device's assigned licenses, marked transferable where their feature is."""
+        out = tx.targets(dev)
+        for f, t in out.items():
+            a = tx.assignment(dev, f)
+            if a is not None and tx.transferable(a.entitlement, a.product, f):
+                out[f] = License(t.feature, t.count, t.not_before, t.not_after, t.grace, True)
+        return out
+
+    def accept_transfer(self, data: bytes, now: int | None = None,
+                        vendor: Vendor | None = None, scope: Scope = None) -> ReceiptResult:
+        """Issue 16: reconcile a direct transfer from the new server's transfer receipt (it
+        carries the old server's signed transfer, which carries the vendor's evidence): the
+        assignment moves from the old server to the new one, once per transfer; both
+        servers' states are adopted. The old server's transfer file alone updates only its
+        state (its assignment still counts until the receipt arrives).
+
+        Raises:
+            MalformedError, TrustError: a file that does not verify, evidence not signed by
+                this vendor for the old server, a receipt of another server than named.
+            AlreadyAppliedError: this transfer was reconciled before.
+            SequenceError: the old server's assignment does not hold what it moved (a
+                second transfer of the same licenses: flagged in the operations).
+        """
+        now = self._now(now)
+        signer = self._vendor(vendor)
+        lim = Limits(max_file=256 * 1024)
+        with self._operation("transfer", now) as (tx, rec):
+            payload, _k = verify_self_signed(data, lim)
+            if isinstance(payload, Transfer):
+                t, rc = payload, None
+            elif isinstance(payload, TransferReceipt):
+                rc = payload
+                t, _k2 = self_signed_payload(rc.transfer, Transfer, lim)
+                if t.transfer_to != rc.device_id:
+                    raise TrustError(f"transfer receipt of device {rc.device_id[:12]}… for a "
+                                     f"transfer to {t.transfer_to[:12]}…")
+            else:
+                raise MalformedError(f"a {payload.KIND.value} file is not a transfer")
+            old, new = t.device_id, t.transfer_to
+            rec["device_id"] = old
+            for d in (old, new):
+                self._check_device(tx, d, scope)
+                self._refuse_revoked(tx, d)
+            for lic, ev in zip(t.moved, t.evidence, strict=True):
+                resp = Vendor.read_response(ev, signer.public)
+                ch = next((c for c in resp.changes if c.feature == lic.feature), None)
+                if (resp.device_id != old or ch is None or ch.op is ChangeOp.REMOVE
+                        or ch.license() != lic or not lic.transferable):
+                    raise TrustError(f"the evidence of {lic.feature} is not this vendor's "
+                                     f"transferable license for device {old[:12]}…")
+            known = tx.device(old)
+            self._observe(tx, rules.seen_state("transfer", old, t.device_key,
+                                               known.model if known else "?", None,
+                                               t.sequence, t.licenses, now), t.licenses, known)
+            if rc is None:
+                rec["detail"] = f"transfer out to {new[:12]} seen; waiting for its receipt"
+                return ReceiptResult(old, t.sequence)
+            if tx.transfer_seen(t.id):
+                raise AlreadyAppliedError(f"transfer {t.id.hex()[:12]}… was reconciled before")
+            parts = []
+            for lic in t.moved:
+                a = tx.assignment(old, lic.feature)
+                if a is None or a.count < lic.count:
+                    raise SequenceError(
+                        f"flagged: device {old[:12]}… transferred {lic.feature}={lic.count} to "
+                        f"{new[:12]}…, but holds no such assignment any more (moved or "
+                        "transferred before): the same licenses went to two servers")
+                b = tx.assignment(new, lic.feature)
+                if b is not None and (b.entitlement, b.product) != (a.entitlement, a.product):
+                    raise UsageError(f"device {new[:12]}… holds {lic.feature} from another "
+                                     "entitlement")
+                tx.save_assignment(Assignment(old, lic.feature, a.entitlement, a.product,
+                                              a.count - lic.count))
+                tx.save_assignment(Assignment(new, lic.feature, a.entitlement, a.product,
+                                              (b.count if b else 0) + lic.count))
+                parts.append(f"{lic.feature}={lic.count}")
+            knew = tx.device(new)
+            self._observe(tx, rules.seen_state("transfer-receipt", new, rc.device_key,
+                                               knew.model if knew else "?", None,
+                                               rc.sequence, rc.licenses, now), rc.licenses, knew)
+            tx.add_transfer(t.id, old, new, now)
+            tx.set_chain_head(ChainHead(new, rc.sequence, rc.state_digest, rc.applied_at))
+            tx.record(Operation(now, "rehost", old, "moved",
+                                f"{', '.join(parts)} from {old} to {new} (direct transfer "
+                                f"{t.id.hex()[:12]}, both receipts)"))
+            rec["detail"] = f"moved {', '.join(parts)} to {new[:12]}"
+            return ReceiptResult(new, rc.sequence)
+
+    @staticmethod
+    def _refuse_revoked(tx: LedgerTransaction, dev: str, what: str = "device") -> None:
+        r = tx.revocation(dev)
+        if r is not None:
+            raise RevokedError(f"{what} {dev[:12]}… was declared dead at {iso(r.time)} "
+                               f"({r.reason}); the licensing server does nothing for it "
+                               "(its licenses went back to the entitlement)")
+
+    @staticmethod
+    def _revoked_for(tx: LedgerTransaction, devices: Sequence[str]) -> tuple[Revocation, ...]:
+        """The revocations a vendor file for ``devices`` carries: of those devices, and of
+        every device that held licenses of the same entitlements (the site); the latest
+        :data:`MAX_LIST`."""
+        every = tx.revocations()
+        if not every:
+            return ()
+        mine = set(devices)
+        ents = {e for d in mine for e in tx.entitlements_of(d).values()}
+        out = [Revocation(r.device_id, r.time, r.reason) for r in every
+               if r.device_id in mine or ents.intersection(r.entitlements)]
+        return tuple(out[-MAX_LIST:])
 
     # ------------------------------------------------------------ tokens
 
@@ -804,7 +1069,25 @@ class Ledger:
                          "entitlements": list(t.entitlements), "created": iso(t.created),
                          "revoked": iso(t.revoked)} for t in tx.tokens()],
                     "open_responses": tx.count_open_responses(),
-                    "operations": tx.count_operations()}
+                    "operations": tx.count_operations(),
+                    # issue 16: devices declared dead, oldest first
+                    "revocations": [{"device_id": r.device_id, "reason": r.reason,
+                                     "revoked": iso(r.time),
+                                     "entitlements": list(r.entitlements)}
+                                    for r in tx.revocations()
+                                    if scope is None or scope.intersection(r.entitlements)],
+                    # issue 16: requests refused as made from a store restored from a backup
+                    "restores": [{"time": iso(o.time), "device_id": o.device_id,
+                                  "detail": o.detail}
+                                 for o in sorted(
+                                     tx.operations_of("request", 1000, "refused: restored")
+                                     + tx.operations_of("request", 1000, "restored"),
+                                     key=lambda o: o.n)
+                                 if o.device_id is None or shown(o.device_id)],
+                    # issue 16: licenses moved by a rehost (from, to, what), oldest first
+                    "moves": [{"time": iso(o.time), "from": o.device_id, "detail": o.detail}
+                              for o in tx.operations_of("rehost", 1000)
+                              if o.device_id is None or shown(o.device_id)]}
 
     def operations(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The latest operations, oldest first."""

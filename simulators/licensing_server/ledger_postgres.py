@@ -127,6 +127,26 @@ _SCHEMA: tuple[str, ...] = (
 )
 
 
+_REVOCATIONS = f"""CREATE TABLE IF NOT EXISTS revocations (
+    device_id    {_T} PRIMARY KEY,
+    reason       {_T} NOT NULL,
+    time         BIGINT NOT NULL,
+    entitlements {_T} NOT NULL)"""
+
+
+_TRANSFERS = (  # issue 16: created when missing, no version change
+    f"""CREATE TABLE IF NOT EXISTS transferable_features (
+    entitlement {_T} NOT NULL, product {_T} NOT NULL, feature {_T} NOT NULL,
+    PRIMARY KEY (entitlement, product, feature))""",
+    f"""CREATE TABLE IF NOT EXISTS transfers_seen (
+    id BYTEA PRIMARY KEY, from_device {_T} NOT NULL, to_device {_T} NOT NULL,
+    accepted BIGINT NOT NULL)""",
+    f"""CREATE TABLE IF NOT EXISTS chain_heads (
+    device_id {_T} PRIMARY KEY, sequence BIGINT NOT NULL, digest BYTEA NOT NULL,
+    applied_at BIGINT NOT NULL)""",
+)
+
+
 def redact(url: str) -> str:
     """``url`` without its password, to name it in a message or a log."""
     parts = urlsplit(url)
@@ -209,6 +229,9 @@ class PostgresStorage:
             elif row[0] != SCHEMA_VERSION:
                 raise StorageError(f"the ledger {self.where} has schema version {row[0]}; "
                                    f"this licserver reads {SCHEMA_VERSION}")
+            conn.execute(_REVOCATIONS)  # issue 16: created when missing, no version change
+            for stmt in _TRANSFERS:
+                conn.execute(stmt)
 
     @contextmanager
     def _tx(self, begin: str, lock: bool, what: str) -> Iterator[_Qmark]:

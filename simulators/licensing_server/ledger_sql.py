@@ -26,12 +26,14 @@ from simulators.licensing_server.rules import (
     target,
 )
 from simulators.licensing_server.storage import (
+    ChainHead,
     DeviceRow,
     InstalledRow,
     IssuedResponse,
     Operation,
     PendingReclaim,
     RequestAnswered,
+    RevocationRow,
 )
 
 __all__ = ["SqlConnection", "SqlCursor", "SqlTransaction"]
@@ -337,4 +339,63 @@ class SqlTransaction:
     def operations(self, limit: int) -> list[Operation]:
         rows = self._db.execute("SELECT id, time, kind, device_id, outcome, detail FROM "
                                 "operations ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [Operation(t, k, d, o, x, n) for n, t, k, d, o, x in reversed(rows)]
+
+    # ------------------------------------------------------------ revocations (issue 16)
+
+    _REVOCATION = "SELECT device_id, reason, time, entitlements FROM revocations"
+
+    def add_revocation(self, revocation: RevocationRow) -> None:
+        r = revocation
+        self._db.execute("INSERT INTO revocations (device_id, reason, time, entitlements) "
+                         "VALUES (?, ?, ?, ?)",
+                         (r.device_id, r.reason, r.time, json.dumps(list(r.entitlements))))
+
+    def revocation(self, device_id: str) -> RevocationRow | None:
+        row = self._db.execute(self._REVOCATION + " WHERE device_id=?", (device_id,)).fetchone()
+        return None if row is None else RevocationRow(row[0], row[1], row[2],
+                                                      tuple(json.loads(row[3])))
+
+    def revocations(self) -> list[RevocationRow]:
+        return [RevocationRow(d, r, t, tuple(json.loads(e))) for d, r, t, e in self._db.execute(
+            self._REVOCATION + " ORDER BY time, device_id").fetchall()]
+
+    def set_transferable(self, entitlement: str, product: str, feature: str) -> None:
+        self._db.execute("INSERT INTO transferable_features (entitlement, product, feature) "
+                         "VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (entitlement, product, feature))
+
+    def transferable(self, entitlement: str, product: str, feature: str) -> bool:
+        return self._db.execute(
+            "SELECT 1 FROM transferable_features WHERE entitlement=? AND product=? AND "
+            "feature=?", (entitlement, product, feature)).fetchone() is not None
+
+    def chain_head(self, device_id: str) -> ChainHead | None:
+        row = self._db.execute("SELECT device_id, sequence, digest, applied_at FROM chain_heads "
+                               "WHERE device_id=?", (device_id,)).fetchone()
+        return None if row is None else ChainHead(row[0], row[1], bytes(row[2]), row[3])
+
+    def set_chain_head(self, head: ChainHead) -> None:
+        self._db.execute("INSERT INTO chain_heads (device_id, sequence, digest, applied_at) "
+                         "VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+                         "sequence=excluded.sequence, digest=excluded.digest, "
+                         "applied_at=excluded.applied_at WHERE excluded.applied_at > "
+                         "chain_heads.applied_at",
+                         (head.device_id, head.sequence, head.digest, head.applied_at))
+
+    def transfer_seen(self, tid: bytes) -> bool:
+        return self._db.execute("SELECT 1 FROM transfers_seen WHERE id=?",
+                                (tid,)).fetchone() is not None
+
+    def add_transfer(self, tid: bytes, from_device: str, to_device: str, now: int) -> None:
+        self._db.execute("INSERT INTO transfers_seen (id, from_device, to_device, accepted) "
+                         "VALUES (?, ?, ?, ?)", (tid, from_device, to_device, now))
+
+    def operations_of(self, kind: str, limit: int, outcome: str | None = None
+                      ) -> list[Operation]:
+        """Issue 16: the latest operations of one kind (the report's moves), oldest first."""
+        cols = "SELECT id, time, kind, device_id, outcome, detail FROM operations WHERE kind=?"
+        rows = (self._db.execute(cols + " ORDER BY id DESC LIMIT ?", (kind, limit))
+                if outcome is None else
+                self._db.execute(cols + " AND outcome=? ORDER BY id DESC LIMIT ?",
+                                 (kind, outcome, limit))).fetchall()
         return [Operation(t, k, d, o, x, n) for n, t, k, d, o, x in reversed(rows)]

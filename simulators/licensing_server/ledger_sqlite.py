@@ -127,6 +127,28 @@ CREATE TABLE tokens (
 """
 
 
+#: issue 16: devices declared dead; created when missing at every open (no version change)
+_REVOCATIONS = """
+CREATE TABLE IF NOT EXISTS revocations (
+    device_id    TEXT PRIMARY KEY,
+    reason       TEXT NOT NULL,
+    time         INTEGER NOT NULL,
+    entitlements TEXT NOT NULL
+)
+"""
+_TRANSFERS = (  # issue 16: likewise
+    """CREATE TABLE IF NOT EXISTS transferable_features (
+    entitlement TEXT NOT NULL, product TEXT NOT NULL, feature TEXT NOT NULL,
+    PRIMARY KEY (entitlement, product, feature))""",
+    """CREATE TABLE IF NOT EXISTS transfers_seen (
+    id BLOB PRIMARY KEY, from_device TEXT NOT NULL, to_device TEXT NOT NULL,
+    accepted INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS chain_heads (
+    device_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL, digest BLOB NOT NULL,
+    applied_at INTEGER NOT NULL)""",
+)
+
+
 class SqliteStorage:
     """:class:`~simulators.licensing_server.storage.LedgerStorage` in one SQLite file.
 
@@ -168,6 +190,9 @@ class SqliteStorage:
             elif version != SCHEMA_VERSION:
                 raise StorageError(f"the ledger {self.path} has schema version {version}; "
                                    f"this licserver reads {SCHEMA_VERSION}")
+            db.execute(_REVOCATIONS)
+            for stmt in _TRANSFERS:
+                db.execute(stmt)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

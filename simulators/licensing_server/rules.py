@@ -26,12 +26,14 @@ from agent.cose import PublicKey
 from agent.errors import (
     AlreadyAppliedError,
     MalformedError,
+    RestoredError,
     SequenceError,
     StaleError,
     TrustError,
     UnknownRequestError,
     UsageError,
 )
+from agent.formats import iso
 from agent.messages import (
     MAX_COUNT,
     Action,
@@ -471,6 +473,45 @@ def check_request(req: Request, request_digest: bytes, answered_digest: bytes | 
     return False
 
 
+def check_restore(req: Request, head_sequence: int | None, head_applied_at: int | None
+                  ) -> None:
+    """Issue 16: a request made on an older state than the latest one a verified receipt
+    proves, and made after that state was reached (both by the device's own clock): the
+    device went back, its store restored from a backup. (A request made before and
+    uploaded late is only stale: :func:`check_request`.)
+
+    Raises:
+        RestoredError: with what happened and what to do.
+    """
+    if head_sequence is None or head_applied_at is None or req.sequence >= head_sequence:
+        return
+    if req.created <= head_applied_at:  # made before (or in the same second): only late
+        return
+    raise RestoredError(
+        f"device {req.device_id[:12]}… made this request on sequence {req.sequence} at "
+        f"{iso(req.created)}, after it had reached sequence {head_sequence} at "
+        f"{iso(head_applied_at)} (its receipt was verified here): its license store was "
+        "restored from an older backup; restore the newest backup, or make a reclaim request "
+        "(licadmin reclaim, or licagent request reclaim): it is answered with what brings "
+        "the server back to the state its receipt proved, then activate it again; this is "
+        "flagged in the report")
+
+
+def decide_restored(req: Request, head: Mapping[str, License]) -> tuple[LicenseChange, ...]:
+    """Issue 16: the answer to a reclaim from a restored store: back to at most what its
+    latest verified receipt proves (``head``): what it holds beyond is removed or lowered;
+    nothing is added (an activation afterwards installs what is assigned)."""
+    out = []
+    for lic in req.licenses:
+        h = head.get(lic.feature)
+        if h is None or h.count == 0:
+            out.append(LicenseChange(ChangeOp.REMOVE, lic.feature))
+        elif lic != h and lic.count >= h.count:
+            out.append(LicenseChange(ChangeOp.UPDATE, h.feature, h.count, h.not_before,
+                                     h.not_after, h.grace, h.transferable))
+    return tuple(out)
+
+
 def decide(req: Request, targets: Mapping[str, License]) -> tuple[LicenseChange, ...]:
     """The changes a response to ``req`` makes, given the device's assignments.
 
@@ -499,8 +540,11 @@ def decide(req: Request, targets: Mapping[str, License]) -> tuple[LicenseChange,
             if t.count == 0 or (have is not None and have.count >= t.count):
                 continue
             op = ChangeOp.ADD if have is None else ChangeOp.UPDATE
-            changes.append(LicenseChange(op, f, t.count, t.not_before, t.not_after, 0))
+            changes.append(LicenseChange(op, f, t.count, t.not_before, t.not_after, 0,
+                                         t.transferable))
 
+    if req.action is Action.CLOCK:  # issue 16: a certified time, no license changes
+        return ()
     if req.action is Action.ACTIVATE:
         grow([f for f in targets if not named or f in named])
         if not changes:
@@ -513,8 +557,11 @@ def decide(req: Request, targets: Mapping[str, License]) -> tuple[LicenseChange,
             if have is None or target(f) == 0:
                 continue
             until = targets[f].not_after
-            if have.not_after != until or have.not_before is not None or have.grace:
-                changes.append(LicenseChange(ChangeOp.UPDATE, f, have.count, None, until, 0))
+            tr = targets[f].transferable  # issue 16
+            if (have.not_after != until or have.not_before is not None or have.grace
+                    or have.transferable != tr):
+                changes.append(LicenseChange(ChangeOp.UPDATE, f, have.count, None, until, 0,
+                                             tr))
         if not changes:
             raise UsageError(f"nothing to renew on device {dev[:12]}…: its assigned licenses "
                              "already end when their entitlements do")
@@ -535,6 +582,39 @@ def decide(req: Request, targets: Mapping[str, License]) -> tuple[LicenseChange,
                 changes.append(LicenseChange(ChangeOp.REMOVE, f))
         grow([f for f in targets if f not in gone])
     return tuple(changes)
+
+
+def decide_rehost(req: Request, old: Mapping[str, Assignment | None],
+                  new: Mapping[str, Assignment | None]) -> tuple[LicenseChange, ...]:
+    """Issue 16: the changes of a rehost's transfer-out (a reclaim naming ``transfer_to``).
+
+    Every named feature (naming none: every installed one) is removed from the old
+    device; its count goes to the new device once the old device's receipt proves the
+    removal. ``old``/``new``: each feature's assignment to the old and the new device.
+
+    Raises:
+        UsageError: a feature not installed, not assigned to the old device, or held by
+            the new device from another entitlement or product.
+    """
+    dev, to = req.device_id, req.transfer_to
+    assert to is not None
+    installed = {x.feature: x for x in req.licenses}
+    moving = sorted(req.features or installed)
+    if not moving:
+        raise UsageError(f"nothing to move: device {dev[:12]}… holds no licenses")
+    for f in moving:
+        if f not in installed:
+            raise UsageError(f"cannot move {f}: device {dev[:12]}… does not hold it")
+        a = old.get(f)
+        if a is None or a.count == 0:
+            raise UsageError(f"cannot move {f}: it is not assigned to device {dev[:12]}… in "
+                             "this ledger, so there is no entitlement to move")
+        b = new.get(f)
+        if b is not None and (b.entitlement, b.product) != (a.entitlement, a.product):
+            raise UsageError(f"cannot move {f} to device {to[:12]}…: it holds {f} from "
+                             f"{b.entitlement}/{b.product}, the licenses to move are from "
+                             f"{a.entitlement}/{a.product}")
+    return tuple(LicenseChange(ChangeOp.REMOVE, f) for f in moving)
 
 
 def apply_changes(base: Iterable[License], changes: Iterable[LicenseChange]

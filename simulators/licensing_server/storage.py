@@ -105,6 +105,28 @@ class DeviceRow:
 
 
 @dataclass(frozen=True)
+class RevocationRow:
+    """Issue 16: a device the vendor declared dead, and the entitlements it held then (the
+    site its revocation travels to)."""
+
+    device_id: str
+    reason: str
+    time: int
+    entitlements: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    """Issue 16: a device's state proven by its latest verified receipt, and when (by the
+    device's clock) it was reached."""
+
+    device_id: str
+    sequence: int
+    digest: bytes
+    applied_at: int
+
+
+@dataclass(frozen=True)
 class Operation:
     """One line of the ledger's record of operations."""
 
@@ -209,6 +231,25 @@ class LedgerTransaction(Protocol):
     def count_operations(self) -> int: ...
     def operations(self, limit: int) -> list[Operation]:
         """The latest ``limit`` operations, oldest first."""
+    def operations_of(self, kind: str, limit: int, outcome: str | None = None
+                      ) -> list[Operation]:
+        """Issue 16: the latest ``limit`` operations of one kind (and outcome), oldest first."""
+    def add_revocation(self, revocation: RevocationRow) -> None:
+        """Issue 16: declare a device dead."""
+    def revocation(self, device_id: str) -> RevocationRow | None: ...
+    def revocations(self) -> list[RevocationRow]:
+        """Issue 16: every revocation, oldest first."""
+    def set_transferable(self, entitlement: str, product: str, feature: str) -> None:
+        """Issue 16: a feature of a product issued transferable."""
+    def transferable(self, entitlement: str, product: str, feature: str) -> bool: ...
+    def transfer_seen(self, tid: bytes) -> bool: ...
+    def chain_head(self, device_id: str) -> ChainHead | None:
+        """Issue 16: the latest state of a device proven by a receipt the ledger verified."""
+    def set_chain_head(self, head: ChainHead) -> None:
+        """Issue 16: keep ``head`` if it was reached later (by the device's clock) than the
+        one kept: a restored device's answered reclaim is its newest state."""
+    def add_transfer(self, tid: bytes, from_device: str, to_device: str, now: int) -> None:
+        """Issue 16: a direct transfer reconciled (once)."""
 
 
 class LedgerStorage(Protocol):

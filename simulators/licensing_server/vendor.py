@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.cose import PublicKey, SigningKey, sign1
-from agent.errors import MalformedError, UsageError
+from agent.cose import PublicKey, SigningKey, decode_sign1, sign1, strict_loads
+from agent.errors import MalformedError, TrustError, UsageError
 from agent.messages import (
     Action,
     ChangeOp,
@@ -23,8 +23,10 @@ from agent.messages import (
     Payload,
     Request,
     Response,
+    Revocation,
     TrustKey,
     TrustUpdate,
+    decode_payload,
     state_digest,
 )
 from agent.protocol import self_signed_payload
@@ -46,6 +48,7 @@ class Grant:
     floating: bool = False  # issue 15: served as COUNT floating seats by the device
     inherit: int = 0  # issue 14: child servers that may inherit it
     demo: bool = False
+    transferable: bool = False  # issue 16: --transferable at issue
 
 
 class Vendor:
@@ -66,6 +69,14 @@ class Vendor:
             raise MalformedError("request's license list does not match its state digest")
         return payload
 
+    @staticmethod
+    def read_response(data: bytes, key: PublicKey) -> Response:
+        """Issue 16: verify a response file with this vendor key (a transfer's evidence)."""
+        env = decode_sign1(data, max_size=64 * 1024)
+        if env.kid != key.kid:
+            raise TrustError("the evidence is not signed by this vendor's key")
+        return decode_payload(strict_loads(env.verify_with(key), max_size=64 * 1024), Response)
+
     def changes_for(
         self, req: Request, grants: Iterable[Grant], removes: Iterable[str]
     ) -> tuple[LicenseChange, ...]:
@@ -75,7 +86,7 @@ class Vendor:
             op = ChangeOp.UPDATE if g.feature in installed else ChangeOp.ADD
             changes.append(LicenseChange(op, g.feature, g.count, g.not_before, g.not_after,
                                          g.grace, floating=g.floating, inherit=g.inherit,
-                                         demo=g.demo))
+                                         demo=g.demo, transferable=g.transferable))
         rem = list(removes)
         if not changes and not rem and req.action is Action.RECLAIM:
             rem = list(req.features) or list(installed)
@@ -120,6 +131,8 @@ class Vendor:
         now: int = 0, valid_for: int = 30 * DAY,
     ) -> bytes:
         req = self.read_request(request)
+        if req.action is Action.CLOCK:  # issue 16: the certified time, nothing else
+            return self.sign(self.response_for(req, (), now, valid_for, time=now))
         return self.sign(self.response_for(req, self.changes_for(req, grants, removes), now,
                                            valid_for))
 
@@ -128,7 +141,7 @@ class Vendor:
 
     def license_info(
         self, entries: Mapping[str, tuple[Iterable[License], Iterable[License]]], now: int,
-        valid_for: int = 30 * DAY,
+        valid_for: int = 30 * DAY, revoked: tuple[Revocation, ...] = (),
     ) -> bytes:
         """Sign license information: per device ID, (licenses to reclaim, licenses to install)."""
         info = LicenseInfo(
@@ -138,5 +151,6 @@ class Vendor:
             ),
             issued=now,
             expires=now + valid_for,
+            revoked=revoked,  # issue 16
         )
         return self.sign(info)

@@ -159,7 +159,7 @@ def test_the_table_has_one_entry_per_operation() -> None:
 
 
 @pytest.mark.parametrize(("op", "args", "message"), [
-    ("create-request", {"action": "steal"}, "action must be activate, reclaim or renew"),
+    ("create-request", {"action": "steal"}, "action must be activate, reclaim, renew or clock"),
     ("create-request", {"action": "activate", "features": "bacnet"}, "features must be a list"),
     ("create-request", {"action": "activate", "features": ["f"] * 65}, "features must be a list"),
     ("create-request", {"action": "reclaim", "license_info": "x"}, "'license_info' must be a byte"),

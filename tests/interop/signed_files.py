@@ -20,10 +20,11 @@ from agent.messages import (
     License,
     LicenseInfo,
     LicenseInfoEntry,
+    TransferReceipt,
     TrustKey,
     TrustUpdate,
 )
-from agent.protocol import DEFAULT_LIMITS
+from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from agent.service import Agent
 from hw.facts import StaticFactsProvider
 from simulators.licensing_server.vendor import DAY, Grant, Vendor
@@ -89,7 +90,19 @@ def build_files(root: Path, vendor_alg: int, device_alg: int, tag: str) -> dict[
     trust_bytes = vendor.trust_update(keys, version=2, now=now)
     trust = TrustUpdate(version=2, keys=keys, issued=now)
 
+    # issue 16: a direct transfer of a transferable license to a second device, and its receipt
+    req2 = dev.request(Action.ACTIVATE, ["modbus"])
+    dev.agent.apply(vendor.issue(req2, [Grant("modbus", 2, transferable=True)], now=site.clock()))
+    dev2 = add_device(site, device_alg, tag + "t")
+    to = dev2.agent.state()[0].device_id
+    transfer_bytes = dev.agent.transfer_out(["modbus"], to)
+    transfer_rc, transfer = dev2.agent.apply_transfer(transfer_bytes)
+    transfer_receipt = self_signed_payload(transfer_rc, TransferReceipt)[0]
+
     return {
+        Kind.TRANSFER: SignedFile(transfer_bytes, device_key, transfer.encode()),
+        Kind.TRANSFER_RECEIPT: SignedFile(transfer_rc, dev2.agent.state()[0].device_key,
+                                          transfer_receipt.encode()),
         Kind.DEVICE_INFO: SignedFile(info_bytes, device_key, info.encode()),
         Kind.REQUEST: SignedFile(req_bytes, device_key, Vendor.read_request(req_bytes).encode()),
         Kind.RESPONSE: SignedFile(resp_bytes, vendor.public, result.response.encode()),

@@ -194,6 +194,18 @@ def test_link_faults_on_every_link_recover(fleet: Fleet) -> None:
     assert "dropped" in kinds["mqtt"] or "not connected" in kinds["mqtt"]
 
 
+def test_a_clock_reading_in_2038_is_recovered_with_a_certified_time(fleet: Fleet) -> None:
+    """Issue 16: the clock-future fault and its invariants, on a server of the fleet."""
+    rec = fleet.inject(FaultSpec("clock-future", server="as-p-0002"))
+    assert rec["held"], rec
+    assert {c["name"] for c in rec["checks"] if c["held"]} == {
+        "future-reading-seen", "request-names-the-way-back", "certified-time-recovers",
+        "licenses-as-before", "certified-time-applies-once"}
+    srv = fleet.server("as-p-0002")
+    assert not srv.agent().status()["clock_set_back"]
+    assert fleet.operate(srv, "tcp", "check")
+
+
 def test_clock_nic_clone_reclaim_and_broker_restart(fleet: Fleet) -> None:
     rec = fleet.inject(FaultSpec("clock-jump", server="as-b-0003"))
     assert rec["held"], rec

@@ -300,6 +300,9 @@ def test_a_response_grants_no_more_than_is_assigned(
         ch = rules.decide(req, targets(**assigned))
     except errors.UsageError:
         return
+    if action is Action.CLOCK:  # issue 16: a certified time changes no license
+        assert ch == ()
+        return
     assert ch, "a decision changes something or refuses"
     assert len({c.feature for c in ch}) == len(ch)
     result = after(req, ch)
