@@ -802,7 +802,8 @@ class Ledger:
         for f, t in out.items():
             a = tx.assignment(dev, f)
             if a is not None and tx.transferable(a.entitlement, a.product, f):
-                out[f] = License(t.feature, t.count, t.not_before, t.not_after, t.grace, True)
+                out[f] = License(t.feature, t.count, t.not_before, t.not_after, t.grace,
+                                 transferable=True)
         return out
 
     def accept_transfer(self, data: bytes, now: int | None = None,

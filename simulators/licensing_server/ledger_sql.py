@@ -378,8 +378,8 @@ class SqlTransaction:
         self._db.execute("INSERT INTO chain_heads (device_id, sequence, digest, applied_at) "
                          "VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
                          "sequence=excluded.sequence, digest=excluded.digest, "
-                         "applied_at=excluded.applied_at WHERE excluded.applied_at > "
-                         "chain_heads.applied_at",
+                         "applied_at=excluded.applied_at WHERE (excluded.sequence, "
+                         "excluded.applied_at) > (chain_heads.sequence, chain_heads.applied_at)",
                          (head.device_id, head.sequence, head.digest, head.applied_at))
 
     def transfer_seen(self, tid: bytes) -> bool:

@@ -508,7 +508,7 @@ def decide_restored(req: Request, head: Mapping[str, License]) -> tuple[LicenseC
             out.append(LicenseChange(ChangeOp.REMOVE, lic.feature))
         elif lic != h and lic.count >= h.count:
             out.append(LicenseChange(ChangeOp.UPDATE, h.feature, h.count, h.not_before,
-                                     h.not_after, h.grace, h.transferable))
+                                     h.not_after, h.grace, transferable=h.transferable))
     return tuple(out)
 
 
@@ -541,7 +541,7 @@ def decide(req: Request, targets: Mapping[str, License]) -> tuple[LicenseChange,
                 continue
             op = ChangeOp.ADD if have is None else ChangeOp.UPDATE
             changes.append(LicenseChange(op, f, t.count, t.not_before, t.not_after, 0,
-                                         t.transferable))
+                                         transferable=t.transferable))
 
     if req.action is Action.CLOCK:  # issue 16: a certified time, no license changes
         return ()
@@ -561,7 +561,7 @@ def decide(req: Request, targets: Mapping[str, License]) -> tuple[LicenseChange,
             if (have.not_after != until or have.not_before is not None or have.grace
                     or have.transferable != tr):
                 changes.append(LicenseChange(ChangeOp.UPDATE, f, have.count, None, until, 0,
-                                             tr))
+                                             transferable=tr))
         if not changes:
             raise UsageError(f"nothing to renew on device {dev[:12]}…: its assigned licenses "
                              "already end when their entitlements do")
