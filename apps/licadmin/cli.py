@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
         "check": "is FEATURE licensed on the server now? (exit 0 yes, 1 no)",
     })
     _workflow_parsers(sub)
+    from apps.licadmin.ui import add_parser as add_ui_parser
+
+    add_ui_parser(sub, _timeout, _jobs)
     return p
 
 
@@ -461,6 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def command() -> int:
+        if args.command == "ui":
+            from apps.licadmin.ui import run_ui
+
+            return run_ui(args)
         if args.command in WORKFLOW:
             return run_workflow(args, list(sys.argv[1:] if argv is None else argv))
         client = runner.open_client(args.server, args.timeout)
