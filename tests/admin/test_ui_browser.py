@@ -253,3 +253,84 @@ def test_keyboard_and_labels(site: UiSite, driver: Any) -> None:
     assert box.get_attribute("id") == "srv-0" and box.is_selected()
     box.send_keys(Keys.SPACE)
     assert not d.find_element(by("ID"), "srv-0").is_selected()
+
+
+def _downloaded(folder: Path, name: str) -> bytes:
+    """A file the browser downloaded into ``folder`` (waits for it to be complete)."""
+    import time
+
+    deadline = time.monotonic() + STEP_WAIT
+    path = folder / name
+    while not path.is_file() or list(folder.glob("*.crdownload")):
+        assert time.monotonic() < deadline, f"{name} was not downloaded"
+        time.sleep(0.1)
+    return path.read_bytes()
+
+
+def test_offline_hops_as_file_downloads_and_uploads(site: UiSite, driver: Any,
+                                                   tmp_path: Path) -> None:
+    """licadmin ui without a licensing server: every online step is a file carried to the
+    command line on a computer that is online, and back; the same files as the CLI's."""
+    s, d = site, driver
+    s.assign(1)
+    s.start_ui(online=False)
+    downloads = tmp_path / "downloads"
+    d.get(s.ui_url)
+    settled(d)
+    d.find_element(by("LINK_TEXT"), "Activate").click()
+    submit(d, d.find_element(by("ID"), "start-button"))
+    assert not d.find_elements(by("ID"), "run-license-info")
+    assert "No licensing server given" in d.find_element(by("ID"), "step-license-info").text
+    # step 1's SITE_INFO, downloaded, is the file on disk; the office's licadmin answers it
+    d.find_element(by("LINK_TEXT"), "SITE_INFO (site-info.cbor)").click()
+    site_info = _downloaded(downloads, "site-info.cbor")
+    assert site_info == (s.root / "work/flow/site-info.cbor").read_bytes()
+    (s.root / "office").mkdir()
+    (s.root / "office/site-info.cbor").write_bytes(site_info)
+    s.tool("licadmin", "license-info", "--site-info", "office/site-info.cbor", "--out",
+           "office/license-info.cbor", "--licensing-server", s.licensing)
+    # a wrong file is refused with the command line's line, and nothing is taken
+    d.find_element(by("ID"), "file-license-info").send_keys(str(s.root / "vendor.pub"))
+    submit(d, d.find_element(by("ID"), "upload-license-info"))
+    cli = s.tool("licadmin", "requests", "--servers", "servers.toml", "--license-info",
+                 "vendor.pub", "--out-dir", "cli-requests", code=3).stderr.strip()
+    assert d.find_element(by("ID"), "error").text == cli
+    assert cli == ("licadmin: malformed: vendor.pub is a PEM public key, expected a "
+                   "license-info file")
+    assert not (s.root / "work/flow/license-info.cbor").exists()
+    d.find_element(by("ID"), "file-license-info").send_keys(
+        str(s.root / "office/license-info.cbor"))
+    submit(d, d.find_element(by("ID"), "upload-license-info"))
+    no_error(d)
+    run(d, "requests")
+    (s.root / "office/requests").mkdir()
+    for dev in s.devices.values():
+        d.find_element(by("LINK_TEXT"), f"{dev}.req").click()
+        (s.root / f"office/requests/{dev}.req").write_bytes(_downloaded(downloads,
+                                                                        f"{dev}.req"))
+    s.tool("licadmin", "upload", "--requests", "office/requests", "--out-dir",
+           "office/responses", "--licensing-server", s.licensing)
+    # a request file offered as a response: refused, with the name the browser gave
+    d.find_element(by("ID"), "file-responses").send_keys(
+        str(s.root / f"office/requests/{s.devices[NAMES[0]]}.req"))
+    submit(d, d.find_element(by("ID"), "upload-responses"))
+    assert d.find_element(by("ID"), "error").text == (
+        f"licadmin: malformed: {s.devices[NAMES[0]]}.req is a request file, expected a "
+        f"response file")
+    assert not (s.root / "work/flow/responses").exists()
+    responses = sorted((s.root / "office/responses").iterdir())
+    d.find_element(by("ID"), "file-responses").send_keys("\n".join(str(p) for p in responses))
+    submit(d, d.find_element(by("ID"), "upload-responses"))
+    no_error(d)
+    run(d, "send")
+    assert [r[2] for r in rows(d, "outcome-send")] == ["applied"] * 3
+    (s.root / "office/receipts").mkdir()
+    for dev in s.devices.values():
+        d.find_element(by("LINK_TEXT"), f"{dev}.receipt").click()
+        (s.root / f"office/receipts/{dev}.receipt").write_bytes(
+            _downloaded(downloads, f"{dev}.receipt"))
+    out = s.tool("licadmin", "confirm", "--receipts", "office/receipts",
+                 "--licensing-server", s.licensing).stdout
+    assert "3 confirmed" in out, out
+    assert all(s.holdings(n) == {"bacnet": 1} for n in NAMES)
+    assert set(s.report()["installed"]) == set(s.devices.values())

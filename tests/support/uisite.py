@@ -130,11 +130,11 @@ class UiSite:
         return dict(json.loads(self.licserver.run("report", "--db", self.licserver.db,
                                                   "--json")))
 
-    def start_ui(self, *extra: str) -> str:
+    def start_ui(self, *extra: str, online: bool = True) -> str:
         """``licadmin ui`` on a free loopback port; the start URL it prints (with the token)."""
         args = [str(BIN / "licadmin"), "ui", "--servers", "servers.toml", "--listen",
                 "127.0.0.1:0", "--work-dir", "work", "--timeout", "5", *extra]
-        if self.licensing:
+        if self.licensing and online:
             args += ["--licensing-server", self.licensing]
         proc = subprocess.Popen(args, cwd=self.root, env=self.env, stdout=subprocess.PIPE,
                                 stderr=open(self.root / "ui.log", "ab"))

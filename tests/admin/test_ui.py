@@ -1,0 +1,176 @@
+"""``licadmin ui`` staged attacks over real HTTP (issue 19, item 1): a real ``licadmin ui``
+process on loopback, three real ``licagent run`` daemons behind it.
+
+Without the token nothing is served; a page asked for under another host name (DNS
+rebinding) is refused; a state-changing request without the page's CSRF field, or sent
+from another origin, changes nothing; downloads reach only the flow's own files; a
+non-loopback address is refused at start with one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from simulators.licensing_server.vendor import Vendor
+from tests.simulators.test_licserver_http import BIN
+from tests.support.uisite import UiSite
+
+
+@pytest.fixture
+def ui(tmp_path: Path, vendor: Vendor) -> Iterator[UiSite]:
+    s = UiSite(tmp_path, vendor)
+    try:
+        s.start(licensing=False)
+        s.start_ui()
+        yield s
+    finally:
+        s.close()
+
+
+def _ask(s: UiSite, method: str, path: str, body: bytes = b"",
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+    u = urlsplit(s.ui_url)
+    conn = http.client.HTTPConnection(u.hostname or "", u.port, timeout=30)
+    try:
+        conn.request(method, path, body=body or None, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def _cookie(s: UiSite) -> str:
+    status, headers, _ = _ask(s, "GET", "/?" + urlsplit(s.ui_url).query)
+    assert status == 303 and headers["location"] == "/servers"
+    cookie = headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    return cookie.split(";")[0]
+
+
+def _csrf(s: UiSite, cookie: str) -> str:
+    _st, _h, page = _ask(s, "GET", "/flow", headers={"Cookie": cookie})
+    m = re.search(r'name="csrf" value="([0-9a-f]{64})"', page)
+    assert m, page
+    return m.group(1)
+
+
+def _start_form(s: UiSite, csrf: str | None) -> bytes:
+    from urllib.parse import urlencode
+
+    fields = [("mode", "activate"), *[("server", u) for u in s.urls.values()],
+              ("features", "")]
+    if csrf is not None:
+        fields.append(("csrf", csrf))
+    return urlencode(fields).encode()
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def test_without_the_token_nothing_is_served(ui: UiSite) -> None:
+    for path in ("/", "/servers", "/flow", "/journal?server=0", "/static/ui.css",
+                 "/files/site-info.cbor", "/?token=wrong"):
+        status, headers, page = _ask(ui, "GET", path)
+        assert status == 403, (path, status)
+        assert "licadmin: unauthenticated: no access token: open the URL licadmin ui " \
+               "printed" in page
+        assert "set-cookie" not in headers
+    status, _h, _ = _ask(ui, "POST", "/flow/start", _start_form(ui, None),
+                         {"Content-Type": FORM})
+    assert status == 403
+    assert not (ui.root / "work/flow").exists()
+    # with the cookie the start URL sets, the same pages are served, with a strict policy
+    cookie = _cookie(ui)
+    status, headers, page = _ask(ui, "GET", "/servers", headers={"Cookie": cookie})
+    assert status == 200 and "<h1>Servers</h1>" in page
+    assert "default-src 'self'" in headers["content-security-policy"]
+    assert headers["x-frame-options"] == "DENY"
+    # no asset from elsewhere: every src and href is a path of this server
+    assert not re.search(r'(src|href)="(?!/|#)', page), page
+
+
+def test_another_host_name_is_refused(ui: UiSite) -> None:
+    """DNS rebinding: evil.example resolving to 127.0.0.1 gets nothing, cookie or not."""
+    cookie = _cookie(ui)
+    port = urlsplit(ui.ui_url).port
+    for host in (f"evil.example:{port}", "127.0.0.1:1", ""):
+        status, _h, page = _ask(ui, "GET", "/servers", headers={"Cookie": cookie,
+                                                                "Host": host})
+        assert status == 421, (host, status)
+        assert "licadmin: unauthenticated: this page was asked for as host" in page
+
+
+def test_forms_without_csrf_or_from_another_origin_change_nothing(ui: UiSite) -> None:
+    cookie = _cookie(ui)
+    csrf = _csrf(ui, cookie)
+    origin = ui.ui_url.split("/?")[0]
+    attempts = [
+        ("no CSRF field", _start_form(ui, None), {}),
+        ("a wrong CSRF field", _start_form(ui, "0" * 64), {}),
+        ("another origin", _start_form(ui, csrf), {"Origin": "http://evil.example"}),
+        ("another site", _start_form(ui, csrf), {"Sec-Fetch-Site": "cross-site"}),
+        ("an opaque origin", _start_form(ui, csrf), {"Origin": "null"}),
+    ]
+    for what, body, extra in attempts:
+        status, _h, page = _ask(ui, "POST", "/flow/start", body,
+                                {"Cookie": cookie, "Content-Type": FORM, **extra})
+        assert status == 403, (what, status)
+        assert "licadmin: unauthenticated: " in page, what
+        assert not (ui.root / "work/flow").exists(), what
+    # a GET never changes anything
+    status, _h, _ = _ask(ui, "GET", "/flow/start", headers={"Cookie": cookie})
+    assert status == 405
+    assert not (ui.root / "work/flow").exists()
+    # the same form from the page itself starts the flow (so the refusals above were real)
+    status, headers, _ = _ask(ui, "POST", "/flow/start", _start_form(ui, csrf),
+                              {"Cookie": cookie, "Content-Type": FORM, "Origin": origin,
+                               "Sec-Fetch-Site": "same-origin"})
+    assert status == 303 and headers["location"] == "/flow"
+    assert (ui.root / "work/flow/flow.json").is_file()
+
+
+def test_downloads_reach_only_the_flow_s_own_files(ui: UiSite) -> None:
+    cookie = _cookie(ui)
+    csrf = _csrf(ui, cookie)
+    _ask(ui, "POST", "/flow/start", _start_form(ui, csrf),
+         {"Cookie": cookie, "Content-Type": FORM})
+    for _ in range(600):
+        st, _h, _page = _ask(ui, "GET", "/files/site-info.cbor", headers={"Cookie": cookie})
+        if st == 200:
+            break
+        time.sleep(0.1)
+    assert st == 200
+    (ui.root / "work/flow/requests").mkdir()
+    (ui.root / "work/flow/requests/.hidden.req").write_bytes(b"x")
+    for path in ("/files/../servers.toml", "/files/..%2f..%2fservers.toml",
+                 "/files/requests/..%2f..%2f..%2fservers.toml", "/files/flow.json",
+                 "/files/requests/.hidden.req", "/files/%2fetc%2fpasswd",
+                 "/static/..%2fui.py", "/static/../ui.py"):
+        status, _h, page = _ask(ui, "GET", path, headers={"Cookie": cookie})
+        assert status in (400, 404), (path, status)
+        assert "licadmin: usage: no such" in page, (path, page)
+
+
+def test_only_loopback_addresses_are_served(tmp_path: Path) -> None:
+    (tmp_path / "servers.toml").write_text('[[server]]\nurl = "tcp://127.0.0.1:9"\n')
+    for listen, line in (
+            ("0.0.0.0:0", "licadmin: usage: --listen 0.0.0.0:0: licadmin ui serves on "
+                          "loopback only (127.0.0.0/8 or ::1): its pages change licenses on "
+                          "the site's servers"),
+            ("192.0.2.1:8470", "licadmin: usage: --listen 192.0.2.1:8470: licadmin ui serves "
+                               "on loopback only (127.0.0.0/8 or ::1): its pages change "
+                               "licenses on the site's servers"),
+            ("127.0.0.1", "licadmin: usage: --listen 127.0.0.1: expected HOST:PORT, e.g. "
+                          "127.0.0.1:8470")):
+        p = subprocess.run([str(BIN / "licadmin"), "ui", "--servers", "servers.toml",
+                            "--listen", listen], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=60, check=False)
+        assert (p.returncode, p.stderr, p.stdout) == (2, line + "\n", "")
