@@ -334,3 +334,48 @@ def test_offline_hops_as_file_downloads_and_uploads(site: UiSite, driver: Any,
     assert "3 confirmed" in out, out
     assert all(s.holdings(n) == {"bacnet": 1} for n in NAMES)
     assert set(s.report()["installed"]) == set(s.devices.values())
+
+
+def _progress(d: Any) -> tuple[str, str, str] | None:
+    try:
+        bar = d.find_element(by("ID"), "progress")
+        return (bar.get_attribute("value"), bar.get_attribute("max"),
+                d.find_element(by("ID"), "progress-text").text)
+    except Exception:  # between two pages
+        return None
+
+
+def test_refresh_and_stop_in_the_middle_of_a_step(site: UiSite, driver: Any) -> None:
+    """A server that stops answering (SIGSTOP) holds a step: the progress bar says how far it
+    is, a refresh loses nothing, and Stop starts no further server, like Ctrl-C."""
+    import signal
+
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    s, d = site, driver
+    s.assign(1)
+    s.start_ui("--timeout", "60", "--jobs", "1")
+    d.get(s.ui_url)
+    settled(d)
+    held = s.daemons[NAMES[1]]
+    held.send_signal(signal.SIGSTOP)
+    try:
+        d.find_element(by("LINK_TEXT"), "Activate").click()
+        d.find_element(by("ID"), "start-button").click()
+        want = ("1", "3", "1 of 3 server(s) done")
+        WebDriverWait(d, STEP_WAIT, 0.2).until(lambda drv: _progress(drv) == want)
+        shot(d, "flow-progress")
+        d.refresh()
+        assert _progress(d) == want
+        submit_stop = d.find_element(by("CSS_SELECTOR"), ".job button")
+        assert submit_stop.text == "Stop after the servers in flight"
+        submit_stop.click()
+        assert "stopping: no new server is started" in d.find_element(by("ID"), "note").text
+    finally:
+        held.send_signal(signal.SIGCONT)
+    settled(d)
+    got = {r[0]: r[2] for r in rows(d, "outcome-gather")}
+    assert got == {NAMES[0]: "gathered", NAMES[1]: "gathered", NAMES[2]: "interrupted"}
+    # running the step again finishes it
+    run(d, "gather")
+    assert [r[2] for r in rows(d, "outcome-gather")] == ["gathered"] * 3
