@@ -174,3 +174,35 @@ def test_only_loopback_addresses_are_served(tmp_path: Path) -> None:
                             "--listen", listen], cwd=tmp_path, capture_output=True,
                            text=True, timeout=60, check=False)
         assert (p.returncode, p.stderr, p.stdout) == (2, line + "\n", "")
+
+
+def test_one_step_at_a_time_and_a_huge_form_is_not_read(ui: UiSite) -> None:
+    """While a step runs (a server held with SIGSTOP), another is refused with one line and
+    changes nothing; a form larger than the limit is refused before its body is read."""
+    import signal
+
+    cookie = _cookie(ui)
+    csrf = _csrf(ui, cookie)
+    held = ui.daemons["AS-B roof"]
+    held.send_signal(signal.SIGSTOP)
+    try:
+        status, _h, _ = _ask(ui, "POST", "/flow/start", _start_form(ui, csrf),
+                             {"Cookie": cookie, "Content-Type": FORM})
+        assert status == 303
+        flow = (ui.root / "work/flow/flow.json").read_bytes()
+        for path, body in (("/flow/run/gather", b""), ("/flow/start", _start_form(ui, csrf))):
+            status, headers, _ = _ask(ui, "POST", path, body or f"csrf={csrf}".encode(),
+                                      {"Cookie": cookie, "Content-Type": FORM})
+            assert (status, headers["location"]) == (303, "/flow")
+            _st, _h, page = _ask(ui, "GET", "/flow", headers={"Cookie": cookie})
+            m = re.search(r'<p id="error" class="error" role="alert">([^<]*)</p>', page)
+            assert m and m.group(1).startswith("licadmin: usage: "), page
+            assert "still running" in m.group(1)
+            assert (ui.root / "work/flow/flow.json").read_bytes() == flow
+            assert not list((ui.root / "work").glob("flow-*"))  # no new flow either
+        status, _h, page = _ask(ui, "POST", "/flow/run/requests", b"",
+                                {"Cookie": cookie, "Content-Type": FORM,
+                                 "Content-Length": str(100 * 1024 * 1024)})
+        assert status == 413 and "licadmin: too-large: the body of 104857600 bytes" in page
+    finally:
+        held.send_signal(signal.SIGCONT)

@@ -215,6 +215,13 @@ def test_activation_with_one_server_unreachable(site: UiSite, driver: Any) -> No
     assert marks == ["failed", "done", "done", "done", "done", "done"], marks
     assert s.holdings(NAMES[0]) == s.holdings(NAMES[1]) == {"bacnet": 1}
     assert set(s.report()["installed"]) == {s.devices[NAMES[0]], s.devices[NAMES[1]]}
+    # the dead server's journal: the command line's line for the same failure
+    d.find_element(by("LINK_TEXT"), "Journal").click()
+    d.find_element(by("LINK_TEXT"), NAMES[2]).click()
+    shown = d.find_element(by("ID"), "journal-error").text
+    cli = s.tool("licadmin", "status", "--server", s.urls[NAMES[2]], "--timeout", "5",
+                 code=1).stderr.strip()
+    assert shown.startswith("licadmin: transport: ") and shown == cli, (shown, cli)
 
 
 def test_keyboard_and_labels(site: UiSite, driver: Any) -> None:
@@ -379,3 +386,39 @@ def test_refresh_and_stop_in_the_middle_of_a_step(site: UiSite, driver: Any) -> 
     # running the step again finishes it
     run(d, "gather")
     assert [r[2] for r in rows(d, "outcome-gather")] == ["gathered"] * 3
+
+
+def test_activate_reclaims_only_what_the_technician_allowed(site: UiSite, driver: Any) -> None:
+    """The license information of an activation lists a reclaim: the requests step refuses
+    until "allow these reclaims" is ticked (the browser's --yes), then reclaims that one."""
+    from selenium.webdriver.common.keys import Keys
+
+    s, d = site, driver
+    s.assign(1)
+    s.tool("licadmin", "activate", "--servers", "servers.toml", "--licensing-server",
+           s.licensing, "--yes", "--timeout", "5")
+    north = s.devices[NAMES[0]]
+    s.tool("licadmin", "assign", "--licensing-server", s.licensing, "--entitlement", "E-UI",
+           "--device", north, "--feature", "bacnet=0")
+    s.start_ui()
+    d.get(s.ui_url)
+    settled(d)
+    d.find_element(by("LINK_TEXT"), "Activate").click()
+    submit(d, d.find_element(by("ID"), "start-button"))
+    run(d, "license-info")
+    assert (f"device {north[:12]}…: reclaim bacnet=1; install nothing"
+            in d.find_element(by("ID"), "step-license-info").text)
+    submit(d, d.find_element(by("ID"), "run-requests"))
+    assert d.find_element(by("ID"), "error").text == (
+        "licadmin: usage: activate would reclaim installed licenses from 1 server(s) (listed "
+        "above) that you did not ask to reclaim: nothing was changed; tick \"allow these "
+        "reclaims\" to allow it")
+    assert not (s.root / "work/flow/requests").exists()
+    d.find_element(by("ID"), "allow-reclaim").send_keys(Keys.SPACE)
+    run(d, "requests")
+    assert [r[2] for r in rows(d, "outcome-requests")] == ["reclaim", "skipped", "skipped"]
+    for step in ("upload", "send", "confirm"):
+        run(d, step)
+    assert s.holdings(NAMES[0]) == {}
+    assert s.holdings(NAMES[1]) == s.holdings(NAMES[2]) == {"bacnet": 1}
+    assert north not in s.report()["installed"]
