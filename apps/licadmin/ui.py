@@ -449,7 +449,11 @@ def run_ui(args: argparse.Namespace) -> int:
     server = UiServer((host, port), site, log=log)
     stopping = threading.Event()
 
-    def stop(_signum: int, _frame: Any) -> None:
+    def stop(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        job = site.job
+        if job is not None and job.running:
+            job.stop.request(name)  # a second signal stops waiting for the servers in flight
         if not stopping.is_set():
             stopping.set()
             threading.Thread(target=server.shutdown, daemon=True).start()
@@ -460,6 +464,14 @@ def run_ui(args: argparse.Namespace) -> int:
     print(f"  {server.url}", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
+        if site.busy():
+            # like Ctrl-C in a site step: no further server; the ones in flight finish and
+            # the step's outcome (interrupted for the others) is written to flow.json
+            print("licadmin ui: stopping: waiting for the servers in flight (send the signal "
+                  "again to stop waiting)", flush=True)
+            while site.busy() and not (site.job is not None and site.job.stop.hard):
+                site.wait(0.2)
+            site.wait(1.0)  # the step's outcome being written
     finally:
         for s, h in old.items():
             signal.signal(s, h)

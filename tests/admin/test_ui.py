@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -206,3 +207,112 @@ def test_one_step_at_a_time_and_a_huge_form_is_not_read(ui: UiSite) -> None:
         assert status == 413 and "licadmin: too-large: the body of 104857600 bytes" in page
     finally:
         held.send_signal(signal.SIGCONT)
+
+
+def _results(s: UiSite) -> dict[str, Any]:
+    import json
+
+    d = json.loads((s.root / "work/flow/flow.json").read_text())
+    return dict(d["results"])
+
+
+def _run_step(s: UiSite, cookie: str, csrf: str, step: str) -> dict[str, Any]:
+    """POST the step's form, then wait for its outcome in flow.json."""
+    before = _results(s).get(step)
+    status, _h, _ = _ask(s, "POST", f"/flow/run/{step}", f"csrf={csrf}".encode(),
+                         {"Cookie": cookie, "Content-Type": FORM})
+    assert status == 303
+    return _wait_result(s, step, before)
+
+
+def _wait_result(s: UiSite, step: str, before: Any = None) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while True:
+        now = _results(s).get(step) if (s.root / "work/flow/flow.json").is_file() else None
+        if now is not None and now != before:
+            return dict(now)
+        assert time.monotonic() < deadline, f"{step} did not finish"
+        time.sleep(0.1)
+
+
+def _wait_file(path: Path) -> None:
+    deadline = time.monotonic() + 120
+    while not path.is_file():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_licadmin_ui_stopped_or_killed_in_the_middle_of_send(tmp_path: Path,
+                                                             vendor: Vendor) -> None:
+    """SIGTERM while a server is in flight: the others are not started, the one in flight
+    finishes, the outcome is written, exit 0. SIGKILL while a server is in flight: started
+    again, the same step finishes the site (a server that applied its response answers it
+    again with the same receipt). Nothing issued is lost; the ledger ends with all three installed."""
+    import signal
+
+    s = UiSite(tmp_path, vendor)
+    try:
+        s.start()
+        s.assign(1)
+        s.start_ui("--jobs", "1", "--timeout", "60")
+        cookie = _cookie(s)
+        csrf = _csrf(s, cookie)
+        status, _h, _ = _ask(s, "POST", "/flow/start", _start_form(s, csrf),
+                             {"Cookie": cookie, "Content-Type": FORM})
+        assert status == 303
+        _wait_result(s, "gather")
+        for step in ("license-info", "requests", "upload"):
+            assert _run_step(s, cookie, csrf, step)["code"] == 0
+        north, south, roof = (s.devices[n] for n in ("AS-P north", "AS-P south", "AS-B roof"))
+        receipts = s.root / "work/flow/receipts"
+
+        # SIGTERM with the second server held in flight
+        s.daemons["AS-P south"].send_signal(signal.SIGSTOP)
+        _ask(s, "POST", "/flow/run/send", f"csrf={csrf}".encode(),
+             {"Cookie": cookie, "Content-Type": FORM})
+        _wait_file(receipts / f"{north}.receipt")
+        assert s.ui_proc is not None
+        s.ui_proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        s.daemons["AS-P south"].send_signal(signal.SIGCONT)
+        assert s.ui_proc.wait(60) == 0  # one signal: it waited for south
+        s.ui_proc = None
+        sent = {r["server"]: (r["result"], r["detail"]) for r in _results(s)["send"]["rows"]}
+        assert sent["AS-P north"][0] == sent["AS-P south"][0] == "applied"
+        assert sent["AS-B roof"] == ("interrupted", "not started: interrupted")
+        assert s.holdings("AS-B roof") == {}
+
+        # SIGKILL with the third server held in flight: its apply lands, its receipt not
+        s.start_ui("--jobs", "1", "--timeout", "60")
+        cookie = _cookie(s)
+        csrf = _csrf(s, cookie)
+        s.daemons["AS-B roof"].send_signal(signal.SIGSTOP)
+        written = {d: (receipts / f"{d}.receipt").stat().st_ino for d in (north, south)}
+        _ask(s, "POST", "/flow/run/send", f"csrf={csrf}".encode(),
+             {"Cookie": cookie, "Content-Type": FORM})
+        deadline = time.monotonic() + 60
+        # north and south written again (atomically: a new inode each), so roof is next
+        while any((receipts / f"{d}.receipt").stat().st_ino == ino
+                  for d, ino in written.items()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # roof's apply on its way (not asserted: either way must finish)
+        assert s.ui_proc is not None
+        s.ui_proc.send_signal(signal.SIGKILL)
+        s.ui_proc.wait(30)
+        s.daemons["AS-B roof"].send_signal(signal.SIGCONT)
+        assert not (receipts / f"{roof}.receipt").exists()
+        s.start_ui("--jobs", "1", "--timeout", "60")
+        cookie = _cookie(s)
+        csrf = _csrf(s, cookie)
+        rows = {r["server"]: r["result"] for r in _run_step(s, cookie, csrf, "send")["rows"]}
+        assert rows["AS-P north"] == rows["AS-P south"] == "already applied"
+        assert rows["AS-B roof"] in ("applied", "already applied")
+        assert sorted(p.name for p in receipts.iterdir()) == sorted(
+            f"{d}.receipt" for d in (north, south, roof))
+        confirmed = _run_step(s, cookie, csrf, "confirm")["rows"]
+        assert [r["result"] for r in confirmed] == ["confirmed"] * 3
+        assert set(s.report()["installed"]) == {north, south, roof}
+    finally:
+        s.close()
+
