@@ -41,7 +41,7 @@ from apps.licadmin.ui_flow import STEPS, Site, cli_line
 from apps.licadmin.ui_pages import flow_page, journal_page, layout, licenses_page, servers_page
 from hw.httpjson import Answer, HttpRefusal, JsonHandler, Route
 
-__all__ = ["UiServer", "add_parser", "run_ui"]
+__all__ = ["UiServer", "add_parser", "parse_multipart", "run_ui"]
 
 STATIC = Path(__file__).with_name("ui_static")
 STATIC_TYPES = {".css": "text/css; charset=utf-8"}
@@ -81,6 +81,34 @@ def parse_listen(text: str) -> tuple[str, int]:
         raise UsageError(f"--listen {text}: licadmin ui serves on loopback only (127.0.0.0/8 "
                          f"or ::1): its pages change licenses on the site's servers")
     return host, port
+
+
+def parse_multipart(ctype: str, body: bytes
+                    ) -> tuple[dict[str, list[str]], list[tuple[str, str, bytes]]]:
+    """A ``multipart/form-data`` body: its text fields, and its files as (field, file name,
+    exact bytes); a file chosen with an empty name (no file) is left out.
+
+    Raises:
+        HttpRefusal: not a multipart body (400).
+    """
+    msg = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + ctype.encode("latin-1", "replace") + b"\r\n\r\n" + body)
+    if not msg.is_multipart():
+        raise HttpRefusal(400, 2, "usage", "the form is not multipart/form-data")
+    fields: dict[str, list[str]] = {}
+    files: list[tuple[str, str, bytes]] = []
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        filename = part.get_filename()
+        data = part.get_payload(decode=True)
+        if not isinstance(name, str) or not isinstance(data, bytes):
+            continue
+        if filename is not None:
+            if filename:
+                files.append((name, filename, data))
+        else:
+            fields.setdefault(name, []).append(data.decode("utf-8", "replace"))
+    return fields, files
 
 
 class UiServer(ThreadingHTTPServer):
@@ -182,21 +210,7 @@ class _Handler(JsonHandler):
         if ctype.startswith("application/x-www-form-urlencoded"):
             fields = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
         elif ctype.startswith("multipart/form-data"):
-            msg = BytesParser(policy=HTTP).parsebytes(
-                b"Content-Type: " + ctype.encode("latin-1", "replace") + b"\r\n\r\n" + body)
-            if not msg.is_multipart():
-                raise HttpRefusal(400, 2, "usage", "the form is not multipart/form-data")
-            for part in msg.iter_parts():
-                name = part.get_param("name", header="content-disposition")
-                filename = part.get_filename()
-                data = part.get_payload(decode=True)
-                if not isinstance(name, str) or not isinstance(data, bytes):
-                    continue
-                if filename is not None:
-                    if filename:
-                        files.append((name, filename, data))
-                else:
-                    fields.setdefault(name, []).append(data.decode("utf-8", "replace"))
+            fields, files = parse_multipart(ctype, body)
         else:
             raise HttpRefusal(415, 2, "usage", "send a form (application/x-www-form-"
                                                "urlencoded or multipart/form-data)")
