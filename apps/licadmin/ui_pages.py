@@ -136,7 +136,8 @@ def licenses_page(site: Site, report: dict[str, Any] | None, report_error: str) 
             until = lic.get("not_after") or "no end"
             valid = f"{lic.get('not_before') or 'always'} to {until}"
             state = "licensed" if lic.get("licensed_now") else "not licensed now"
-            rows.append((s.label, lic["feature"], lic["count"], "vendor response", valid, state))
+            rows.append((s.label, lic["feature"], lic["count"], lic.get("source", "vendor"), valid,
+                         state))
     body = _table("Licenses per server", ("Server", "Feature", "Count", "Source", "Validity",
                                           "State"), rows, "licenses")
     required: dict[str, int] = {}
@@ -258,11 +259,12 @@ def flow_page(site: Site, csrf: str, mode: str, new: bool) -> str:
             + (f' of {_e(", ".join(state["features"]))}' if state["features"] else "")
             + f' on {len(chosen)} server(s): {_e(", ".join(chosen))}. '
             f'Files: <code>{_e(flow.folder)}</code></p>')
+    marks = {s: ("failed" if s in results and ("error" in results[s] or results[s].get("code"))
+                 else "done" if s in results else "todo") for s in STEPS}
+    said = {"failed": "not all done", "done": "done", "todo": "not run yet"}
     steps_nav = "".join(
-        f'<li{_current(s == current, "step")} class="'
-        + ("failed" if s in results and ("error" in results[s] or results[s].get("code"))
-           else "done" if s in results else "todo")
-        + f'"><a href="#step-{s}">{k}. {_e(TITLES[s])}</a></li>'
+        f'<li{_current(s == current, "step")} class="{marks[s]}"><a href="#step-{s}">'
+        f'{k}. {_e(TITLES[s])}<span class="sr"> ({said[marks[s]]})</span></a></li>'
         for k, s in enumerate(STEPS, 1))
     out = head + f'<ol class="steps" aria-label="Steps">{steps_nav}</ol>'
     for k, s in enumerate(STEPS, 1):

@@ -213,6 +213,11 @@ def test_activation_with_one_server_unreachable(site: UiSite, driver: Any) -> No
     marks = [li.get_attribute("class")
              for li in d.find_elements(by("CSS_SELECTOR"), "ol.steps li")]
     assert marks == ["failed", "done", "done", "done", "done", "done"], marks
+    # and says so to a screen reader, not only with a colour and a sign
+    said = [li.get_attribute("textContent")
+            for li in d.find_elements(by("CSS_SELECTOR"), "ol.steps li")]
+    assert said[0] == "1. Gather server information (not all done)"
+    assert said[5] == "6. Confirm (done)"
     assert s.holdings(NAMES[0]) == s.holdings(NAMES[1]) == {"bacnet": 1}
     assert set(s.report()["installed"]) == {s.devices[NAMES[0]], s.devices[NAMES[1]]}
     # the dead server's journal: the command line's line for the same failure
