@@ -11,6 +11,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -68,6 +69,7 @@ class UiSite:
         self.licensing = ""
         self.ui_proc: subprocess.Popen[bytes] | None = None
         self.ui_url = ""
+        self.held: list[socket.socket] = []
         (root / "vendor.pub").write_bytes(vendor.public.to_pem())
 
     def tool(self, tool: str, *args: str, code: int = 0,
@@ -121,6 +123,13 @@ class UiSite:
         proc = self.daemons[name]
         proc.send_signal(signal.SIGKILL)
         proc.wait(WAIT)
+        # keep its port bound (never listening) so that no other process on this machine
+        # takes it: connections to it are refused for the rest of the test
+        port = int(self.urls[name].rsplit(":", 1)[1])
+        hold = socket.socket()
+        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        hold.bind(("127.0.0.1", port))
+        self.held.append(hold)
 
     def holdings(self, name: str) -> dict[str, int]:
         out = self.tool("licadmin", "status", "--server", self.urls[name], "--json").stdout
@@ -156,6 +165,8 @@ class UiSite:
         return code
 
     def close(self) -> None:
+        for hold in self.held:
+            hold.close()
         stop_processes(self.procs, WAIT)
         self.licserver.close()
 
