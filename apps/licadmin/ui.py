@@ -133,6 +133,8 @@ class UiServer(ThreadingHTTPServer):
         shown = f"[{host}]" if ":" in host else host
         self.origin = f"http://{shown}:{port}"
         self.hosts = {f"{shown}:{port}", f"localhost:{port}"}
+        #: the origins of this server's own pages (as opened by address or as localhost)
+        self.origins = {f"http://{h}" for h in self.hosts}
 
     @property
     def url(self) -> str:
@@ -190,7 +192,7 @@ class _Handler(JsonHandler):
 
     def _check_same_site(self) -> None:
         origin = self.headers.get("Origin")
-        if origin is not None and origin != self.server.origin:
+        if origin is not None and origin not in self.server.origins:
             raise HttpRefusal(403, 4, "unauthenticated",
                               f"a form sent from {one_line(origin)} was refused: only pages "
                               f"of {self.server.origin} may change anything")

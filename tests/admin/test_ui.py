@@ -136,6 +136,13 @@ def test_forms_without_csrf_or_from_another_origin_change_nothing(ui: UiSite) ->
                                "Sec-Fetch-Site": "same-origin"})
     assert status == 303 and headers["location"] == "/flow"
     assert (ui.root / "work/flow/flow.json").is_file()
+    # the same page opened as localhost is the same server
+    port = urlsplit(ui.ui_url).port
+    status, headers, _ = _ask(ui, "POST", "/stop", f"csrf={csrf}".encode(),
+                              {"Cookie": cookie, "Content-Type": FORM,
+                               "Host": f"localhost:{port}",
+                               "Origin": f"http://localhost:{port}"})
+    assert status == 303
 
 
 def test_downloads_reach_only_the_flow_s_own_files(ui: UiSite) -> None:
