@@ -6,7 +6,8 @@ CWT_VENV := .venv-cwt
 STAMP  := $(VENV)/.installed
 CWT_STAMP := $(CWT_VENV)/.installed
 
-.PHONY: run demo-files test lint unit fuzz bench bench-ratios clean venv broker postgres qemu-tools qemu-image \
+.PHONY: run demo-files test lint unit fuzz bench bench-ratios clean venv broker postgres chromium \
+	screenshots qemu-tools qemu-image \
 	test-qemu test-qemu-user qemu-clean
 
 $(STAMP): pyproject.toml
@@ -50,7 +51,18 @@ postgres:
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update && $$SUDO apt-get install -y postgresql; }
 
-unit: $(STAMP) $(CWT_STAMP) broker postgres
+# licadmin ui's browser tests (tests/admin/test_ui_browser.py) drive a real headless Chromium:
+# Debian's chromium and chromium-driver, through Selenium; no driver is ever downloaded.
+chromium:
+	@{ test -x /usr/bin/chromium && test -x /usr/bin/chromedriver; } || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y chromium chromium-driver; }
+
+# PNGs of each licadmin ui screen into docs/ (shown in the README), taken by the browser tests
+screenshots: $(STAMP) chromium
+	SCREENSHOTS=$(CURDIR)/docs $(PY) -m pytest -q -p no:cacheprovider tests/admin/test_ui_browser.py
+
+unit: $(STAMP) $(CWT_STAMP) broker postgres chromium
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test: lint unit

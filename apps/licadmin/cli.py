@@ -111,6 +111,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = cmd("use", "record how many units of FEATURE the server's host application needs")
     sp.add_argument("use", metavar="FEATURE=COUNT", help="e.g. bacnet-ip=1 (0 forgets it)")
     _workflow_parsers(sub)
+    from apps.licadmin.ui import add_parser as add_ui_parser
+
+    add_ui_parser(sub, _timeout, _jobs)
     return p
 
 
@@ -540,6 +543,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     def command() -> int:
         if args.command == "rehost":
             return _rehost(args)
+        if args.command == "ui":
+            from apps.licadmin.ui import run_ui
+
+            return run_ui(args)
         if args.command in WORKFLOW:
             return run_workflow(args, list(sys.argv[1:] if argv is None else argv))
         if args.command == "seat" and args.seat_command in seat.OFFLINE:
