@@ -699,6 +699,9 @@ class _SiteDevice(ServerClient):
 
     def __init__(self, site: MqttSite, device_id: str) -> None:
         self.site, self.device_id = site, device_id
+        # the session publishes to this device's request topic and takes an answer only from
+        # its response topic (_InFlight.answered), so the caller needs no hello to know it
+        self.routed_device = device_id
 
     def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
         return self.site.call(self.device_id, op, args)

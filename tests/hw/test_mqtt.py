@@ -759,3 +759,44 @@ def test_a_request_of_no_spoken_version_is_answered_with_a_version_error(v: Any)
     with pytest.raises(RemoteError) as e:
         decode_reply(out or b"", 3)
     assert (e.value.exit_code, e.value.reason) == (2, "version")
+
+
+def test_a_site_device_needs_no_hello_its_topic_names_it(mosquitto: Broker, site: Site) -> None:
+    """A device reached through a site session is the device its topic names (requests go to
+    its request topic, an answer counts only from its response topic): licadmin's site steps
+    learn which device it is from that, with no hello round trip (issue 17 item 5: 10,000
+    servers paid one hello per server per step), and every operation still reaches it."""
+    from collections import Counter
+
+    from apps.licadmin.onsite import device_id_of
+    from hw.backends.mqtt import MqttSite
+
+    asked: Counter[str] = Counter()
+
+    def counting(handler: Any) -> Any:
+        def call(op: str, args: Mapping[str, Any], origin: str | None = None) -> Any:
+            asked[op] += 1
+            return handler(op, args, origin)
+        return call
+
+    devices = [site.device(), site.device(model="AS-B")]
+    name = site_name()
+    listeners = [serve(mosquitto, counting(AgentOps(d.agent)), name) for d in devices]
+    asked.clear()  # the listener's own hello at start
+    try:
+        with MqttSite(f"{mosquitto.url}/{name}") as s:
+            for lst in listeners:
+                c = s.client(lst.device_id)
+                assert c.routed_device == lst.device_id
+                assert device_id_of(c) == lst.device_id
+                assert c.status().device_id == lst.device_id  # that very device answers
+        assert asked == Counter({"get-status": 2})
+        # a device named by its own URL (its own session) still says hello: only the
+        # answer can tell which device listens there
+        with hw.connect(listeners[0].address) as one:
+            assert one.routed_device is None
+            assert device_id_of(one) == listeners[0].device_id
+        assert asked["hello"] == 1
+    finally:
+        for lst in listeners:
+            lst.stop()
