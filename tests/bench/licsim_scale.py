@@ -150,7 +150,7 @@ def licsim_rows(n: int = N) -> list[tuple[str, str, str]]:
         rows.append((f"`licadmin gather` over MQTT from a `licsim` fleet of {n:,}",
                      f"{took:.1f} s",
                      f"exit {code}; {len(devices):,} device information files verified "
-                     f"(goal at most {GATHER_GOAL:g} s); {took / gather_floor:.1f} x its floor "
+                     f"(goal at most {GATHER_GOAL:g} s: {'met' if took <= GATHER_GOAL else 'not met'}); {took / gather_floor:.1f} x its floor "
                      f"measured before and after it ({gather_floor:.1f} s: get-info on "
                      f"{FLOOR_SAMPLE} of licsim's servers one after the other in one process, "
                      f"and the check of each answer's signature, scaled to {n:,})"))
@@ -176,7 +176,8 @@ def licsim_rows(n: int = N) -> list[tuple[str, str, str]]:
                      f"exit {code}; {done:,} activations applied and confirmed (receipts "
                      f"verified by the ledger), {len(devices) - done:,} not; gather, license "
                      f"information (one signed file per server), requests, upload in batches "
-                     f"of 1000, send, confirm (goal at most {ACTIVATE_GOAL:g} s); "
+                     f"of 1000, send, confirm (goal at most {ACTIVATE_GOAL:g} s: "
+                     f"{'met' if took <= ACTIVATE_GOAL else 'not met'}); "
                      f"{took / apply_floor:.1f} x the apply floor measured before and after "
                      f"it ({apply_floor:.1f} s: apply-response on {FLOOR_SAMPLE} of licsim's "
                      f"servers one after the other in one process, scaled to {n:,})"))
