@@ -131,7 +131,8 @@ def bridged_rows(sites: int = SITES, per_site: int = PER_SITE) -> list[tuple[str
          f"mosquitto together: {rss / 1024:.0f} MiB; {ready:.1f} s until headquarters listed "
          "every server"),
         (f"`licadmin gather` of the {sites} sites at once through headquarters",
-         f"{wall:.1f} s (goal at most {GATHER_GOAL:g} s)",
+         f"{wall:.1f} s (goal at most {GATHER_GOAL:g} s: "
+         f"{'met' if wall <= GATHER_GOAL and ok == sites else 'not met'})",
          f"{ok} of {sites} exited 0 (the default ?timeout: a listing waits while presence "
          f"keeps coming); per site "
          + ", ".join(f"{t:.1f} s" + ("" if c == 0 else f" (exit {c}: {last[:160]})")
