@@ -157,7 +157,12 @@ def read_input(path: str, limit: int, what: str = "file", expect: str | None = N
     """
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
+            # read(limit + 1) would allocate the whole cap (16 MiB for a license information
+            # file) for every small file: ask for what the file holds, then for any rest
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(min(limit, size) + 1)
+            if size < len(data) <= limit:  # it grew meanwhile: up to the cap, as before
+                data += f.read(limit + 1 - len(data))
     except FileNotFoundError as exc:
         raise UsageError(f"cannot read {what} {path}: no such file") from exc
     except IsADirectoryError as exc:

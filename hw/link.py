@@ -217,6 +217,11 @@ class Link(abc.ABC):
 class ServerClient(abc.ABC):
     """What the administration tool can ask a server, whatever the link."""
 
+    #: the device ID this client's address routes by, when the link itself guarantees that
+    #: only that device answers (a device of an MQTT site session: requests go to its topic,
+    #: answers are matched on its topic); None when only ``hello`` can tell
+    routed_device: str | None = None
+
     @abc.abstractmethod
     def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
         """Run one operation; raise RemoteError/TransportError on failure."""

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import EXIT_OK, LicensingError, UsageError
-from agent.formats import read_device_info
-from agent.messages import LicenseInfo
+from agent.messages import DeviceInfo, LicenseInfo
 from apps.common import read_input
 from apps.licadmin.console import Console
 from apps.licadmin.files import ensure_dir
 from apps.licadmin.inventory import ServerRef
 from apps.licadmin.online import Licensing, confirm, license_info, upload
-from apps.licadmin.onsite import gather, make_requests, send
+from apps.licadmin.onsite import entries_by_device, gather, make_requests, send
 from apps.licadmin.outcome import (
     EXIT_INTERRUPTED,
     FAILED,
@@ -233,11 +232,14 @@ class OneGo:
         info, _kid = peek_payload(read_input(str(li_file), LICENSE_INFO_MAX), LicenseInfo,
                                   LICENSE_INFO_MAX)
         plans: list[ServerPlan] = []
+        entries = entries_by_device(info)
         for o in g.outcomes:
             if o.status != OK or o.device_id is None or o.data is None:
                 continue
-            held = {x.feature: x.count for x in read_device_info(o.data).licenses}
-            e = info.for_device(o.device_id)
+            # these exact bytes were verified by step 1 in this process (read_device_info)
+            device, _kid = peek_payload(o.data, DeviceInfo)
+            held = {x.feature: x.count for x in device.licenses}
+            e = entries.get(o.device_id)
             if self.mode == "reclaim" and self.features:
                 gone = tuple(f"{f}={held[f]}" for f in self.features if f in held)
                 plans.append(ServerPlan(o.who, o.device_id, reclaim=gone))

@@ -24,7 +24,7 @@ from agent.formats import (
     read_device_info,
     verify_receipt,
 )
-from agent.messages import Action, LicenseInfo, Request, Response, Revocation
+from agent.messages import Action, LicenseInfo, LicenseInfoEntry, Request, Response, Revocation
 from agent.protocol import self_signed_payload
 from agent.rpc import TransportError
 from apps.common import read_input
@@ -44,17 +44,30 @@ from apps.licadmin.outcome import FAILED, INTERRUPTED, OK, Outcome, StepResult
 from apps.licadmin.runner import DEFAULT_JOBS, DEFAULT_TIMEOUT, Connect, Stop, each_server
 from hw.link import ServerClient
 
-__all__ = ["device_id_of", "gather", "make_requests", "send"]
+__all__ = ["device_id_of", "entries_by_device", "gather", "make_requests", "send"]
 
 
 def device_id_of(client: ServerClient) -> str:
-    """Which device answers on this link (``hello``; ``status`` if hello does not say)."""
+    """Which device answers on this link: the device its address routes by (a device of an
+    MQTT site: no round trip), else ``hello`` (``status`` if hello does not say)."""
+    if client.routed_device is not None:
+        return client.routed_device
     dev = client.hello().device_id
     if dev is None:
         dev = client.status().device_id
     if not isinstance(dev, str) or len(dev) != 64:
         raise MalformedError("the server did not say which device it is")
     return dev
+
+
+def entries_by_device(info: LicenseInfo) -> dict[str, LicenseInfoEntry]:
+    """The entries of a license information file by device ID, the first one of each (as
+    :meth:`LicenseInfo.for_device` finds it): one look-up per server instead of a scan of
+    every entry (10,000 servers made that 50 million comparisons per step)."""
+    out: dict[str, LicenseInfoEntry] = {}
+    for e in info.entries:
+        out.setdefault(e.device_id, e)
+    return out
 
 
 # ---------------------------------------------------------------- step 1: gather
@@ -141,6 +154,7 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
     data = read_input(license_info_file, LICENSE_INFO_MAX, "license information file",
                       expect="license-info")
     info, _kid = peek_payload(data, LicenseInfo, LICENSE_INFO_MAX)
+    entries = entries_by_device(info)
     folder = ensure_dir(out_dir)
     own_dir = per_device_dir(license_info_file)
 
@@ -153,14 +167,14 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
                          expect="license-info")
         part, _kid = peek_payload(one, LicenseInfo, LICENSE_INFO_MAX)
         if ([e.device_id for e in part.entries] != [dev]
-                or part.for_device(dev) != info.for_device(dev)):
+                or part.for_device(dev) != entries.get(dev)):
             raise UsageError(f"{path} does not match {license_info_file} for this server "
                              f"(files of different runs?); run license-info again")
         return one
 
     def job(client: ServerClient, o: Outcome) -> None:
         dev = o.device_id = device_id_of(client)
-        entry = info.for_device(dev)
+        entry = entries.get(dev)
         wanted: list[str] = []
         li: bytes | None = None
         if mode == "reclaim" and features:

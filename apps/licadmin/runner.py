@@ -94,6 +94,7 @@ class _Bounded(ServerClient):
 
     def __init__(self, inner: ServerClient, deadline: float, total: float) -> None:
         self.inner, self.deadline, self.total = inner, deadline, total
+        self.routed_device = inner.routed_device
         if isinstance(inner, StreamClient):
             inner.deadline = deadline  # stops waiting mid-operation too
 

@@ -11,7 +11,8 @@ and ``key`` (``mqtts`` only; a device's certificate has its device ID as common
 name, the administration tool's has ``admin``), ``keepalive`` (seconds, both
 sides, default 30; the broker announces a silent device offline after 1.5 x
 keepalive), and for clients ``timeout`` (seconds per try, default the caller's
-``timeout``, else 10), ``presence_timeout`` (how long to wait for the device's
+``timeout``, else 10; listing a site, the longest wait for the next retained presence or
+the marker that ends the list), ``presence_timeout`` (how long to wait for the device's
 presence, default :data:`PRESENCE_TIMEOUT` = 10 s).
 
 The device contract (topics, presence, request answering and the answer memory,
@@ -608,6 +609,7 @@ class MqttSite:
         discover_timeout = parsed.seconds("timeout", discover_timeout)
         self.client_id = "licadmin-" + os.urandom(8).hex()
         self._listed = threading.Event()
+        self._retained = 0  # retained presence messages heard (one loop thread counts them)
         self._marker = os.urandom(16)
         self._lost: list[str] = []
         self._loop, self._own = own_loop(loop, f"licadmin-mqtt {site[:12]}", None)
@@ -625,7 +627,7 @@ class MqttSite:
             s.open()
             deadline = time.monotonic() + discover_timeout
             wait_connected(s, discover_timeout)
-            if not self._listed.wait(max(0.0, deadline - time.monotonic())):
+            if not self._wait_listed(deadline, discover_timeout):
                 raise TransportError(
                     f"the MQTT broker {s.broker} did not list the presence of site {site} within "
                     f"{discover_timeout:g} s (the broker may refuse this client reading "
@@ -635,6 +637,25 @@ class MqttSite:
         except BaseException:
             self.close()
             raise
+
+    def _wait_listed(self, deadline: float, timeout: float) -> bool:
+        """Wait for the marker that ends the list; a list still arriving is not stuck.
+
+        The broker sends every retained presence before the marker; a large site through a
+        busy broker (10,000 devices bridged to headquarters, ten sites at once) may take
+        longer than ``timeout`` to list while retained presence keeps coming. Each retained
+        presence heard moves the deadline to ``timeout`` after it, so the time allowed is
+        the longest silence, not the whole listing. Retained messages are the broker's
+        finite store, so this ends.
+        """
+        heard = self._retained
+        while not self._listed.wait(max(0.0, min(deadline - time.monotonic(), 0.5))):
+            if self._retained != heard:
+                heard = self._retained
+                deadline = max(deadline, time.monotonic() + timeout)
+            elif time.monotonic() >= deadline:
+                return False
+        return True
 
     def devices(self) -> list[tuple[str, str, bool]]:
         """``[(device_id, model, online)]`` as the broker listed them, sorted by device ID."""
@@ -691,6 +712,8 @@ class MqttSite:
             return
         p = decode_presence(topic, bytes(msg.payload))
         if p is not None:
+            if getattr(msg, "retain", False):
+                self._retained += 1  # the list is still arriving (_wait_listed)
             self._in_flight.heard(p)
 
 
@@ -699,6 +722,9 @@ class _SiteDevice(ServerClient):
 
     def __init__(self, site: MqttSite, device_id: str) -> None:
         self.site, self.device_id = site, device_id
+        # the session publishes to this device's request topic and takes an answer only from
+        # its response topic (_InFlight.answered), so the caller needs no hello to know it
+        self.routed_device = device_id
 
     def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
         return self.site.call(self.device_id, op, args)

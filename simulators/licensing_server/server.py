@@ -208,6 +208,10 @@ class _HTTPServer(ThreadingHTTPServer):
 
     daemon_threads = False
     block_on_close = True
+    # socketserver's listen backlog is 5: fifty sites connecting at once on a busy machine
+    # overflowed it and a client saw "connection reset by peer"; max_clients still bounds
+    # the connections served at once
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], ledger: Ledger, vendor: Vendor | None,
                  limits: ServerLimits, log: Log, tls: ssl.SSLContext | None) -> None:

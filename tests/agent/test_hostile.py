@@ -504,5 +504,30 @@ def test_read_input_reads_once_and_caps(tmp_path: Path) -> None:
     assert len(capped) == MAX_FILE + 1
     with pytest.raises(errors.MalformedError, match="larger than"):
         decode_sign1(capped, max_size=MAX_FILE)
+
+
+def test_read_input_reads_files_that_do_not_say_their_size(tmp_path: Path) -> None:
+    """read_input asks for what fstat says the file holds (not a buffer of the whole cap for
+    every small file, issue 17 item 5), so a file whose size says nothing, a pipe, must still
+    be read whole, and still capped at limit + 1 bytes."""
+    import os
+    import threading
+
+    for payload, limit, want in ((b"x" * 20_000, MAX_FILE, b"x" * 20_000),
+                                 (b"y" * 5000, 1000, b"y" * 1001)):
+        fifo = tmp_path / f"fifo-{limit}"
+        os.mkfifo(fifo)
+
+        def feed(fifo: Path = fifo, payload: bytes = payload) -> None:
+            with open(fifo, "wb") as w:
+                try:
+                    w.write(payload)
+                except BrokenPipeError:  # the reader stopped at its cap
+                    pass
+
+        t = threading.Thread(target=feed)
+        t.start()
+        assert read_input(str(fifo), limit) == want
+        t.join(10)
     with pytest.raises(errors.UsageError):
         read_input(str(tmp_path / "missing"), 100)

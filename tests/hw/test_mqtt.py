@@ -759,3 +759,134 @@ def test_a_request_of_no_spoken_version_is_answered_with_a_version_error(v: Any)
     with pytest.raises(RemoteError) as e:
         decode_reply(out or b"", 3)
     assert (e.value.exit_code, e.value.reason) == (2, "version")
+
+
+def test_a_site_device_needs_no_hello_its_topic_names_it(mosquitto: Broker, site: Site) -> None:
+    """A device reached through a site session is the device its topic names (requests go to
+    its request topic, an answer counts only from its response topic): licadmin's site steps
+    learn which device it is from that, with no hello round trip (issue 17 item 5: 10,000
+    servers paid one hello per server per step), and every operation still reaches it."""
+    from collections import Counter
+
+    from apps.licadmin.onsite import device_id_of
+    from hw.backends.mqtt import MqttSite
+
+    asked: Counter[str] = Counter()
+
+    def counting(handler: Any) -> Any:
+        def call(op: str, args: Mapping[str, Any], origin: str | None = None) -> Any:
+            asked[op] += 1
+            return handler(op, args, origin)
+        return call
+
+    devices = [site.device(), site.device(model="AS-B")]
+    name = site_name()
+    listeners = [serve(mosquitto, counting(AgentOps(d.agent)), name) for d in devices]
+    asked.clear()  # the listener's own hello at start
+    try:
+        with MqttSite(f"{mosquitto.url}/{name}") as s:
+            for lst in listeners:
+                c = s.client(lst.device_id)
+                assert c.routed_device == lst.device_id
+                assert device_id_of(c) == lst.device_id
+                assert c.status().device_id == lst.device_id  # that very device answers
+        assert asked == Counter({"get-status": 2})
+        # a device named by its own URL (its own session) still says hello: only the
+        # answer can tell which device listens there
+        with hw.connect(listeners[0].address) as one:
+            assert one.routed_device is None
+            assert device_id_of(one) == listeners[0].device_id
+        assert asked["hello"] == 1
+    finally:
+        for lst in listeners:
+            lst.stop()
+
+
+class _Trickle:
+    """A loopback relay to the broker that passes the broker's bytes on ``rate`` bytes a
+    second (a busy headquarters broker listing a large bridged site); once ``stall_after``
+    is set, a new connection gets that many of them and then no more."""
+
+    def __init__(self, port: int, rate: int) -> None:
+        self.rate = rate
+        self.stall_after: int | None = None
+        self._stop = threading.Event()
+        self.sock = __import__("socket").create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.sock.settimeout(0.2)
+        self._target = port
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _accept(self) -> None:
+        import socket
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            up = socket.create_connection(("127.0.0.1", self._target), timeout=5)
+            for a, b, slow in ((conn, up, False), (up, conn, True)):
+                t = threading.Thread(target=self._pump, args=(a, b, slow), daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def _pump(self, src: Any, dst: Any, slow: bool) -> None:
+        src.settimeout(0.2)
+        stall_after, passed = self.stall_after, 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    data = src.recv(256 if slow else 65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                passed += len(data)
+                while slow and stall_after is not None and passed > stall_after:
+                    if self._stop.wait(0.05):
+                        return
+                if slow:
+                    time.sleep(len(data) / self.rate)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with __import__("contextlib").suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        for t in self._threads:
+            t.join(WAIT)
+
+
+def test_a_site_still_listing_is_waited_for_a_stalled_one_is_not(
+        mosquitto: Broker, raw_clients: list[RawClient]) -> None:
+    """Listing a site waits for the marker that ends the retained presence; ?timeout bounds
+    the silence, not the whole list (issue 18 item 5: through a busy headquarters two of ten
+    sites of 10,000 took longer than the 10 s allowed while their presence kept coming).
+    A list that stops arriving still fails after ?timeout, naming the site."""
+    from hw.backends.mqtt import MqttSite
+
+    name = site_name()
+    pub = RawClient(mosquitto)
+    raw_clients.append(pub)
+    ids = [hashlib.sha256(f"{name}-{i}".encode()).hexdigest() for i in range(120)]
+    for d in ids:
+        assert pub.publish(presence_topic(name, d), encode_presence(Presence(d, "AS-P", True)),
+                           retain=True) in ("Success", "No matching subscribers")
+    relay = _Trickle(mosquitto.port, rate=4000)  # about 150 bytes a presence: 4.5 s in all
+    try:
+        url = f"mqtt://127.0.0.1:{relay.port}/{name}?timeout=1.5"
+        t = time.monotonic()
+        with MqttSite(url) as s:
+            assert sorted(d for d, _m, _o in s.devices()) == sorted(ids)
+        assert time.monotonic() - t > 1.5  # the case this test is about: longer than ?timeout
+        relay.stall_after = 1500  # the connection is made, then the list stops coming
+        with pytest.raises(TransportError, match=f"did not list the presence of site {name}"):
+            MqttSite(url)
+    finally:
+        relay.close()
