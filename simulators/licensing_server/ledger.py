@@ -526,6 +526,8 @@ class Ledger:
             for info in infos.values():
                 if info.device_id not in dead:  # a dead device's licenses stay returned
                     self._observe(tx, self._seen_info(info, now), info.licenses)
+            for dev in wanted:  # issue 14 item 5: the system, as each server's signed info says
+                tx.set_parent(dev, infos[dev].parent, infos[dev].created)
             entries: dict[str, tuple[list[License], list[License]]] = {}
             for dev in wanted:
                 entries[dev] = (([*infos[dev].licenses], []) if dev in dead
@@ -1069,6 +1071,7 @@ class Ledger:
                         {"name": t.name, "role": t.role.value,
                          "entitlements": list(t.entitlements), "created": iso(t.created),
                          "revoked": iso(t.revoked)} for t in tx.tokens()],
+                    "systems": _systems(tx.parents(), shown),  # issue 14 item 5
                     "open_responses": tx.count_open_responses(),
                     "operations": tx.count_operations(),
                     # issue 16: devices declared dead, oldest first
@@ -1096,3 +1099,24 @@ class Ledger:
             ops = tx.operations(limit)
         return [{"n": o.n, "time": iso(o.time), "kind": o.kind, "device_id": o.device_id,
                  "outcome": o.outcome, "detail": o.detail} for o in ops]
+
+
+def _systems(parents: list[tuple[str, str | None]], shown: Callable[[str], bool]
+             ) -> list[dict[str, Any]]:
+    """Issue 14 item 5: each top server with the servers under it (device ID and parent),
+    from the parents the servers' signed device information named; a server whose parent
+    the ledger has not seen is shown under that parent as its top."""
+    up = dict(parents)
+
+    def top(dev: str) -> str:
+        seen = {dev}
+        while (p := up.get(dev)) is not None and p not in seen:
+            seen.add(p)
+            dev = p
+        return dev
+
+    systems: dict[str, list[dict[str, Any]]] = {}
+    for dev, parent in sorted(parents):
+        if parent is not None and shown(dev):
+            systems.setdefault(top(dev), []).append({"device_id": dev, "parent": parent})
+    return [{"top": t, "servers": systems[t]} for t in sorted(systems)]

@@ -85,6 +85,16 @@ def test_the_whole_workflow_through_the_top_server_only(tree_site: tuple[
           "--devices-from", "assign.csv")
     admin(s, "license-info", "--licensing-server", lic.url, "--site-info", "site.info",
           "--out", "li.cbor")
+    # the licensing server recorded the system from the servers' own signed information
+    ids = s.ids
+    rep = json.loads(s.run("licserver", "report", "--db", str(tmp_path / "ledger.db"),
+                           "--json").stdout)
+    assert rep["systems"] == [{"top": ids["ec"], "servers": sorted(
+        [{"device_id": ids["es"], "parent": ids["ec"]},
+         {"device_id": ids["as1"], "parent": ids["es"]}], key=lambda d: d["device_id"])}]
+    text = s.run("licserver", "report", "--db", str(tmp_path / "ledger.db")).stdout
+    assert f"top server {ids['ec'][:12]}…: 2 server(s) under it" in text, text
+    assert f"device {ids['as1'][:12]}… under {ids['es'][:12]}…" in text, text
     out = admin(s, "requests", "--server", top, "--tree", "--license-info", "li.cbor",
                 "--out-dir", "requests")
     assert sorted(p.name for p in Path("requests").iterdir()) == sorted(
