@@ -287,9 +287,8 @@ class RestoredError(StaleError):
 # ---------------------------------------------------------------- issue 14 item 5: relay
 
 
-class NotInTreeError(LicensingError):
+class NotInTreeError(WrongDeviceError):
     """A relay to a device that is not under this server (no child of it, nor of its
     children, reported it): the operation is not for any server this one reaches."""
 
-    exit_code = 4
     reason = "not-in-tree"

@@ -122,7 +122,7 @@ def test_relay_refuses_strangers_and_operations_outside_the_site_steps(tree_site
     with hw.connect(urls["ec"], timeout=10) as c:
         with pytest.raises(RemoteError) as err:
             c.call(Op.RELAY, RelayArgs("ab" * 32, "get-info", {}).to_wire())
-        assert err.value.exit_code == 4 and "is not under this server" in str(err.value)
+        assert err.value.exit_code == 5 and "is not under this server" in str(err.value)
         # check-feature, renew-grants, read-journal ... are not relayed
         for op in ("check-feature", "renew-grants", "read-journal", "relay"):
             with pytest.raises(RemoteError) as err:
