@@ -314,7 +314,9 @@ class Ledger:
         outcome, view = rules.observe(known or tx.device(seen.device_id), seen)
         if view is not None:
             tx.save_device(view)
-            tx.set_installed(view.device_id, tuple(licenses))
+            # issue 14: a demo license is the vendor's gift to a top server: it never
+            # counts against an entitlement (nor is it reclaimed as unassigned)
+            tx.set_installed(view.device_id, tuple(x for x in licenses if not x.demo))
         return outcome
 
     # ------------------------------------------------------------ entitlements
@@ -1020,6 +1022,11 @@ class Ledger:
                               "assigned": assigned, "used": used, "free": s.count - used})
             products.append({"product": p, "features": feats})
         return {"entitlement": entitlement, "products": products}
+
+    def parent_of(self, device_id: str) -> str | None:
+        """Issue 14: the parent the device's newest signed information named, or None."""
+        with self._storage.snapshot() as tx:
+            return dict(tx.parents()).get(device_id)
 
     def free(self, entitlement: str, feature: str, product: str | None = None) -> int:
         """What is left of a feature of an entitlement (summed over its products)."""

@@ -144,3 +144,39 @@ def test_relay_refuses_strangers_and_operations_outside_the_site_steps(tree_site
                 "--timeout", "2", code=1)
     assert out.count("\n") == 1 and f"cannot connect to {urls['ec']}" in out, out
     assert not Path("dead.info").exists()
+
+
+def test_demo_licenses_never_count_and_never_go_to_a_child_the_ledger_knows(tree_site: tuple[
+        System, dict[str, str], Ledger, LicensingServer], tmp_path: Path) -> None:
+    s, urls, ledger, lic = tree_site
+    os.chdir(tmp_path)
+    key = str(tmp_path / "vendor" / "vendor.key")
+    admin(s, "gather", "--server", urls["ec"], "--tree", "--out", "site.info")
+    Path("assign.csv").write_text(f"{s.ids['ec']},bacnet=2\n")
+    admin(s, "assign", "--licensing-server", lic.url, "--entitlement", "E-1",
+          "--devices-from", "assign.csv")
+    admin(s, "license-info", "--licensing-server", lic.url, "--site-info", "site.info",
+          "--out", "li.cbor")  # the ledger now knows the system
+    assert ledger.parent_of(s.ids["es"]) == s.ids["ec"]
+    # a demo license for the Enterprise Server, a child: refused, nothing written
+    admin(s, "request", "--server", urls["es"], "activate", "--feature", "trend",
+          "--out", "es.req")
+    p = s.run("licserver", "issue", "--key", key, "--request", "es.req", "--grant", "trend=5",
+              "--demo", "--db", str(tmp_path / "ledger.db"), "--out", "es.resp", code=5)
+    assert p.stderr.count("\n") == 1 and "is a child server of" in p.stderr, p.stderr
+    assert s.ids["es"][:12] in p.stderr and not Path("es.resp").exists()
+    # the top server takes it; the ledger never counts it nor asks for it back
+    admin(s, "request", "--server", urls["ec"], "activate", "--feature", "bacnet",
+          "--out", "ec.req")
+    s.run("licserver", "issue", "--key", key, "--request", "ec.req", "--grant", "bacnet=7",
+          "--demo", "--db", str(tmp_path / "ledger.db"), "--out", "ec.resp")
+    admin(s, "apply", "--server", urls["ec"], "ec.resp")
+    free = ledger.free("E-1", "bacnet")
+    admin(s, "gather", "--server", urls["ec"], "--tree", "--out", "site2.info")
+    out = admin(s, "license-info", "--licensing-server", lic.url, "--site-info", "site2.info",
+                "--out", "li2.cbor")
+    # seen installed (7 units), it is not reclaimed as unassigned, and the entitlement
+    # still lends only the 2 assigned (counted, the demo would have used 7 of 10)
+    assert "0 server(s) with licenses to reclaim" in out, out
+    assert ledger.free("E-1", "bacnet") == free == 8
+    assert ledger.report()["installed"].get(s.ids["ec"], []) == []
