@@ -38,6 +38,7 @@ __all__ = [
     "NotYetValidError",
     "GrantsHeldError",
     "NotTopServerError",
+    "NotInTreeError",
     "ReadOnlyStoreError",
     "SeatNotOutError",
     "SeatsOutError",
@@ -281,3 +282,13 @@ class RestoredError(StaleError):
     for, after that receipt: the device's store was restored from a backup (issue 16)."""
 
     reason = "restored"
+
+
+# ---------------------------------------------------------------- issue 14 item 5: relay
+
+
+class NotInTreeError(WrongDeviceError):
+    """A relay to a device that is not under this server (no child of it, nor of its
+    children, reported it): the operation is not for any server this one reaches."""
+
+    reason = "not-in-tree"

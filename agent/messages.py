@@ -724,9 +724,12 @@ class DeviceInfo(Payload):
     state_digest: bytes
     created: int
     agent_version: str = "0"
+    #: issue 14 item 5: the parent server's device ID, for a server attached under one
+    #: (absent for a server that stands alone: every older file stays byte-identical)
+    parent: str | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "device_id": self.device_id,
             "device_alg": self.device_key.alg,
             "device_key": self.device_key.raw,
@@ -740,12 +743,15 @@ class DeviceInfo(Payload):
             "created": self.created,
             "agent_version": self.agent_version,
         }
+        if self.parent is not None:  # issue 14 item 5
+            out["parent"] = self.parent
+        return out
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> DeviceInfo:
         _keys(m, "device-info", ["v", "kind", "device_id", "device_alg", "device_key", "model",
                                  "serial", "host_id", "hardware", "licenses", "sequence",
-                                 "state_digest", "created", "agent_version"])
+                                 "state_digest", "created", "agent_version"], ["parent"])
         hw = _map(m["hardware"], "hardware")
         return cls(
             device_id=_device_id(m["device_id"]),
@@ -759,6 +765,7 @@ class DeviceInfo(Payload):
             state_digest=_bytes(m["state_digest"], "state_digest", 32),
             created=_time(m["created"], "created"),
             agent_version=_text(m["agent_version"], "agent_version", 32),
+            parent=_device_id(m["parent"], "parent") if "parent" in m else None,
         )
 
 

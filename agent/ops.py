@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from agent.errors import NotInTreeError, UsageError
 from agent.rpc import (
     SEAT_PAGE,
     ApplyArgs,
@@ -26,6 +27,7 @@ from agent.rpc import (
     LicenseInfoResult,
     NoArgs,
     Op,
+    RelayArgs,
     RenewArgs,
     RenewResult,
     RequestArgs,
@@ -57,8 +59,11 @@ class AgentOps:
     fleet simulator holds ten thousand of these.
     """
 
-    def __init__(self, agent: Agent, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, agent: Agent, log: Callable[[str], None] | None = None,
+                 relay: Callable[[str, str, Mapping[str, Any]], Any] | None = None) -> None:
         self.agent = agent
+        #: issue 14 item 5: ``relay(url, op, args)`` runs one operation on a child's link
+        self.relay = relay
         self.lock = threading.Lock()
         self.log = log or _no_log
 
@@ -175,6 +180,33 @@ class AgentOps:
         return TreeResult(*(r[k] for k in TreeResult.KEYS))
 
 
+    def _relay(self, args: RelayArgs, _origin: str | None) -> Any:
+        """Pass ``args.op`` on to the server under this one (issue 14 item 5)."""
+        if self.relay is None:
+            raise UsageError("this server relays no operation (it runs without a daemon)")
+        st, _w, _now = self.agent.state()
+        for child in st.system.children:
+            below = child.device_id == args.device_id
+            if not below and not _under(child.report, args.device_id):
+                continue
+            if not child.url:
+                raise UsageError(f"child server {child.device_id[:12]} reported no link "
+                                 f"URL: it cannot be reached through this server")
+            op, inner = (args.op, args.args) if below else (Op.RELAY.value, args.to_wire())
+            self.log(f"relay {args.op} to={args.device_id[:12]} via={child.device_id[:12]}")
+            return self.relay(child.url, op, inner)
+        raise NotInTreeError(f"device {args.device_id[:12]} is not under this server "
+                               f"(expected one of its children or theirs)")
+
+
+def _under(report: Mapping[str, Any], device_id: str) -> bool:
+    """Whether ``device_id`` is in a child's reported part of the tree."""
+    for c in report.get("children", []) if isinstance(report, dict) else []:
+        if isinstance(c, dict) and (c.get("device_id") == device_id or _under(c, device_id)):
+            return True
+    return False
+
+
 def _no_log(_line: str) -> None:
     pass
 
@@ -210,6 +242,7 @@ _IMPLS: Mapping[Op, Callable[[AgentOps, Any, str | None], Any]] = {
     Op.RETURN_GRANTS: AgentOps._return,
     Op.USE_FEATURE: AgentOps._use,
     Op.GET_TREE: AgentOps._tree,
+    Op.RELAY: AgentOps._relay,  # issue 14 item 5
 }
 if set(_IMPLS) != set(Op):  # adding an operation is one table entry plus its handler here
     raise ImportError(f"agent.ops implements no {', '.join(sorted(set(Op) - set(_IMPLS)))}")

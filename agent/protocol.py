@@ -1021,6 +1021,7 @@ def make_device_info(
         state_digest=state.digest,
         created=now,
         agent_version=AGENT_VERSION,
+        parent=state.system.parent.device_id if state.system.parent is not None else None,
     )
     return sign1(info.encode(), key, Kind.DEVICE_INFO.content_type), info
 

@@ -100,6 +100,8 @@ class Op(enum.StrEnum):
     RETURN_GRANTS = "return-grants"
     USE_FEATURE = "use-feature"
     GET_TREE = "get-tree"
+    # issue 14 item 5: the workflow through the top server
+    RELAY = "relay"
 
 
 OPS = frozenset(o.value for o in Op)
@@ -814,6 +816,40 @@ class TreeResult(WireView):
                    d["children"])
 
 
+#: what a top server relays to a server under it (issue 14 item 5): the site steps only
+RELAYED = frozenset({"hello", "get-info", "get-license-info", "create-request",
+                     "apply-response", "get-tree"})
+
+
+@record(frozen=True)
+class RelayArgs:
+    """relay (issue 14 item 5): run ``op`` on the server ``device_id`` under this one.
+
+    The answer is the server's own, passed back unchanged: every file in it stays signed
+    by the device it describes, so the relaying server can neither forge nor alter it.
+    """
+
+    device_id: str
+    op: str
+    args: Mapping[str, Any]
+
+    @classmethod
+    def from_wire(cls, args: Mapping[str, Any]) -> RelayArgs:
+        dev, op, inner = args.get("device_id"), args.get("op"), args.get("args", {})
+        if not isinstance(dev, str) or not isinstance(op, str) or not isinstance(inner, dict):
+            raise UsageError("relay takes a device_id, an op and its args (a map)")
+        if op not in RELAYED:
+            raise UsageError(f"relay: {op} is not relayed (only {', '.join(sorted(RELAYED))})")
+        return cls(dev, op, inner)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"device_id": self.device_id, "op": self.op, "args": dict(self.args)}
+
+
+def _passed_on(m: object) -> object:
+    return m
+
+
 # ---------------------------------------------------------------- the operation table
 
 
@@ -846,6 +882,8 @@ OPERATIONS: Mapping[Op, Operation] = {o.op: o for o in (
     Operation(Op.RETURN_GRANTS, ReturnArgs.from_wire, ReturnResult.from_wire),
     Operation(Op.USE_FEATURE, UseArgs.from_wire, UseArgs.from_wire),
     Operation(Op.GET_TREE, NoArgs.from_wire, TreeResult.from_wire),
+    # issue 14 item 5: the answer is the relayed operation's own
+    Operation(Op.RELAY, RelayArgs.from_wire, _passed_on),
 )}
 
 

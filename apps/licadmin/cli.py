@@ -145,6 +145,9 @@ def _workflow_parsers(sub: Any) -> None:
                             help=TIMEOUT_HELP.format(default=runner.DEFAULT_TIMEOUT))
             sp.add_argument("--jobs", type=_jobs, default=runner.DEFAULT_JOBS, metavar="N",
                             help=f"servers handled at once (default {runner.DEFAULT_JOBS})")
+            sp.add_argument("--tree", action="store_true",  # issue 14 item 5
+                            help="each --server is a top server: also every server under "
+                                 "it, reached through it (its children's own signed files)")
         if licensing:
             licensing_access.add_options(sp)
         sp.add_argument("--json", action="store_true", help="print a summary as JSON")
@@ -323,6 +326,10 @@ def run_workflow(args: argparse.Namespace, argv: Sequence[str] = ()) -> int:
         if hasattr(args, "servers"):
             servers, site = inventory.servers_from(args.server, args.servers, args.timeout)
             connect = runner.connector(args.timeout)
+            if getattr(args, "tree", False):  # issue 14 item 5
+                from apps.licadmin import tree
+
+                servers = tree.expand(servers, connect)
         try:
             if stop.requested:
                 print(f"{PROG}: interrupted while listing the servers: nothing was done on "

@@ -11,14 +11,15 @@ available one, so the system's available is its own licenses less what it requir
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from agent.errors import LicensingError
-from agent.rpc import Op, TreeResult
+from agent.rpc import Op, RelayArgs, TreeResult
 from apps.common import print_json
+from hw.link import ServerClient
 
-__all__ = ["FEATURE_KEYS", "collect", "show"]
+__all__ = ["FEATURE_KEYS", "Relay", "collect", "expand", "show"]
 
 #: the keys of each feature row in the JSON (a contract)
 FEATURE_KEYS = ("feature", "required", "licensed", "inherited", "available")
@@ -100,3 +101,65 @@ def show(client: Any, open_client: Callable[[str], Any], as_json: bool) -> int:
         print(f"    {f['feature']:<16} required {f['required']:<4} licensed {f['licensed']:<4} "
               f"inherited {f['inherited']:<4} available {f['available']}")
     return 0
+
+
+# ------------------------------------------------ issue 14 item 5: the workflow through the top
+
+
+class _Relayed(ServerClient):
+    """One server under the top server, asked through it (``relay``): every answer is the
+    server's own, its files signed by the server itself, so the top cannot alter them."""
+
+    def __init__(self, top: ServerClient, device_id: str) -> None:
+        self.top = top
+        self.device_id = device_id
+
+    def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
+        return self.top.call(Op.RELAY, RelayArgs(self.device_id, str(op), dict(args or {})
+                                                 ).to_wire())
+
+    def close(self) -> None:
+        self.top.close()
+
+
+class Relay:
+    """The ``via`` of a :class:`ServerRef` reached through a top server (runner)."""
+
+    def __init__(self, url: str, connect: Callable[[str], ServerClient]) -> None:
+        self.url = url
+        self.connect = connect
+
+    def client(self, device_id: str) -> ServerClient:
+        return _Relayed(self.connect(self.url), device_id)
+
+    def close(self) -> None:
+        pass
+
+
+def expand(servers: Sequence[Any], connect: Callable[[str], ServerClient]) -> list[Any]:
+    """``--tree``: each top server followed by every server under it, reached through it.
+
+    Raises:
+        LicensingError: a top server cannot be asked for its tree.
+    """
+    out: list[Any] = []
+    for ref in servers:
+        out.append(ref)
+        with connect(ref.url) as client:
+            top = client.typed(Op.GET_TREE).to_wire()
+        _walk(top, ref, Relay(ref.url, connect), out, 1)
+    return out
+
+
+def _walk(report: Mapping[str, Any], ref: Any, via: Relay, out: list[Any], level: int) -> None:
+    from apps.licadmin.inventory import ServerRef
+
+    if level >= MAX_LEVELS:
+        return
+    for child in report.get("children", []):
+        if isinstance(child, dict) and isinstance(child.get("device_id"), str):
+            dev = child["device_id"]
+            serial = child.get("serial")
+            name = serial if isinstance(serial, str) else dev[:12]
+            out.append(ServerRef(ref.url, f"{name} (via {ref.label})", via=via, device=dev))
+            _walk(child, ref, via, out, level + 1)

@@ -307,7 +307,7 @@ class Daemon:
         self._trimmed_at = 0.0
         self._untrimmed = False
         self._detail = threading.local()
-        self.ops = AgentOps(agent, log=self._note)
+        self.ops = AgentOps(agent, log=self._note, relay=relay_to_child)
 
     @property
     def stopping(self) -> bool:
@@ -438,6 +438,17 @@ def release_free_memory() -> bool:
         return False
     _trim(0)
     return True
+
+
+def relay_to_child(url: str, op: str, args: Mapping[str, Any]) -> Any:
+    """Issue 14 item 5: one operation on a child's link (the URL it reported); the
+    child's answer, or its refusal, goes back unchanged."""
+    with hw.connect(url, timeout=RELAY_TIMEOUT) as client:
+        return client.call(op, args)
+
+
+#: seconds a relayed operation may take on the child's link
+RELAY_TIMEOUT = 10.0
 
 
 def serve(agent: Agent, config: DaemonConfig, stop: threading.Event | None = None,

@@ -578,7 +578,7 @@ class HttpsClient(ServerClient):
     def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
         fn = self._ops.get(op)
         if fn is None:
-            if op in ("renew-grants", "return-grants", "use-feature", "get-tree"):
+            if op in ("renew-grants", "return-grants", "use-feature", "get-tree", "relay"):
                 # issue 14's system tree has no HTTP routes (yet)
                 raise UsageError(f"operation {str(op)!r} is not carried by https://: reach the "
                                  f"server over tcp://, tls://, mqtt://, a serial line or "

@@ -204,5 +204,11 @@ def format_report(rep: dict[str, Any]) -> str:
         w("moved (rehost: licenses left the first device, proven by its receipt)")
         for m in rep["moves"]:
             w(f"  {m['time']}: {m['detail']}")
+    if rep.get("systems"):  # issue 14 item 5: shown once a gathered server named a parent
+        w("systems (from each server's signed device information)")
+        for sy in rep["systems"]:
+            w(f"  top server {_short(sy['top'])}: {len(sy['servers'])} server(s) under it")
+            for sv in sy["servers"]:
+                w(f"    device {_short(sv['device_id'])} under {_short(sv['parent'])}")
     w(f"open responses: {rep['open_responses']}; operations recorded: {rep['operations']}")
     return "\n".join(out) + "\n"

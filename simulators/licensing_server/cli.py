@@ -33,6 +33,24 @@ PROG = "licserver"
 GRANT_RE = re.compile(r"^(?P<feature>[^=@\s]+)=(?P<count>\d+)(?:@(?P<expiry>\S+))?$")
 
 
+def _refuse_child(vendor: Vendor, request: str, db: str) -> None:
+    """Refuse a demo license for a device the ledger knows as a child server."""
+    from agent.errors import NotTopServerError
+    from simulators.licensing_server.ledger import Ledger
+
+    req = vendor.read_request(read_input(request, 64 * 1024, "request file", expect="request"))
+    ledger = Ledger(db)
+    try:
+        parent = ledger.parent_of(req.device_id)
+    finally:
+        ledger.close()
+    if parent is not None:
+        raise NotTopServerError(
+            f"request {request}: device {req.device_id[:12]}… is a child server of "
+            f"{parent[:12]}… in the ledger: a demo license is for a top server only "
+            f"(issue it to the top server; its children inherit it)")
+
+
 def parse_grant(text: str) -> Grant:
     """``FEATURE=COUNT[@EXPIRY]``; EXPIRY is an ISO date (end of that day, UTC) or date-time."""
     m = GRANT_RE.match(text)
@@ -83,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--demo", action="store_true",
                     help="the granted licenses are demo licenses: time-limited (@EXPIRY, "
                          "else --demo-days), for a top server only")
+    sp.add_argument("--db", metavar="FILE|URL",
+                    help="with --demo (issue 14): the ledger; a device it knows as a child "
+                         "server (from its signed device information) is refused")
     sp.add_argument("--demo-days", type=int, default=30,
                     help="a demo license's length when --grant gives no @EXPIRY (default 30)")
     sp.add_argument("--grace-days", type=int, default=0,
@@ -197,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
                               else _now() + args.demo_days * DAY) for g in grants]
         if args.valid_days < 1:
             raise UsageError("--valid-days must be at least 1")
+        if args.db and not args.demo:
+            raise UsageError("--db is read with --demo only")
+        if args.demo and args.db:  # issue 14: a demo license is for a top server only
+            _refuse_child(vendor, args.request, args.db)
         data = vendor.issue(read_input(args.request, 64 * 1024, "request file",
                                        expect="request"), grants, args.remove, _now(),
                             args.valid_days * DAY)

@@ -314,7 +314,9 @@ class Ledger:
         outcome, view = rules.observe(known or tx.device(seen.device_id), seen)
         if view is not None:
             tx.save_device(view)
-            tx.set_installed(view.device_id, tuple(licenses))
+            # issue 14: a demo license is the vendor's gift to a top server: it never
+            # counts against an entitlement (nor is it reclaimed as unassigned)
+            tx.set_installed(view.device_id, tuple(x for x in licenses if not x.demo))
         return outcome
 
     # ------------------------------------------------------------ entitlements
@@ -526,6 +528,8 @@ class Ledger:
             for info in infos.values():
                 if info.device_id not in dead:  # a dead device's licenses stay returned
                     self._observe(tx, self._seen_info(info, now), info.licenses)
+            for dev in wanted:  # issue 14 item 5: the system, as each server's signed info says
+                tx.set_parent(dev, infos[dev].parent, infos[dev].created)
             entries: dict[str, tuple[list[License], list[License]]] = {}
             for dev in wanted:
                 entries[dev] = (([*infos[dev].licenses], []) if dev in dead
@@ -1019,6 +1023,11 @@ class Ledger:
             products.append({"product": p, "features": feats})
         return {"entitlement": entitlement, "products": products}
 
+    def parent_of(self, device_id: str) -> str | None:
+        """Issue 14: the parent the device's newest signed information named, or None."""
+        with self._storage.snapshot() as tx:
+            return dict(tx.parents()).get(device_id)
+
     def free(self, entitlement: str, feature: str, product: str | None = None) -> int:
         """What is left of a feature of an entitlement (summed over its products)."""
         with self._storage.snapshot() as tx:
@@ -1069,6 +1078,7 @@ class Ledger:
                         {"name": t.name, "role": t.role.value,
                          "entitlements": list(t.entitlements), "created": iso(t.created),
                          "revoked": iso(t.revoked)} for t in tx.tokens()],
+                    "systems": _systems(tx.parents(), shown),  # issue 14 item 5
                     "open_responses": tx.count_open_responses(),
                     "operations": tx.count_operations(),
                     # issue 16: devices declared dead, oldest first
@@ -1096,3 +1106,24 @@ class Ledger:
             ops = tx.operations(limit)
         return [{"n": o.n, "time": iso(o.time), "kind": o.kind, "device_id": o.device_id,
                  "outcome": o.outcome, "detail": o.detail} for o in ops]
+
+
+def _systems(parents: list[tuple[str, str | None]], shown: Callable[[str], bool]
+             ) -> list[dict[str, Any]]:
+    """Issue 14 item 5: each top server with the servers under it (device ID and parent),
+    from the parents the servers' signed device information named; a server whose parent
+    the ledger has not seen is shown under that parent as its top."""
+    up = dict(parents)
+
+    def top(dev: str) -> str:
+        seen = {dev}
+        while (p := up.get(dev)) is not None and p not in seen:
+            seen.add(p)
+            dev = p
+        return dev
+
+    systems: dict[str, list[dict[str, Any]]] = {}
+    for dev, parent in sorted(parents):
+        if parent is not None and shown(dev):
+            systems.setdefault(top(dev), []).append({"device_id": dev, "parent": parent})
+    return [{"top": t, "servers": systems[t]} for t in sorted(systems)]

@@ -144,6 +144,9 @@ _TRANSFERS = (  # issue 16: created when missing, no version change
     f"""CREATE TABLE IF NOT EXISTS chain_heads (
     device_id {_T} PRIMARY KEY, sequence BIGINT NOT NULL, digest BYTEA NOT NULL,
     applied_at BIGINT NOT NULL)""",
+    # issue 14 item 5: which server sits under which, from each one's signed device info
+    f"""CREATE TABLE IF NOT EXISTS system_parents (
+    device_id {_T} PRIMARY KEY, parent_id {_T}, created BIGINT NOT NULL)""",
 )
 
 

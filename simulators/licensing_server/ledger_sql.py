@@ -382,6 +382,17 @@ class SqlTransaction:
                          "excluded.applied_at) > (chain_heads.sequence, chain_heads.applied_at)",
                          (head.device_id, head.sequence, head.digest, head.applied_at))
 
+    def set_parent(self, device_id: str, parent: str | None, created: int) -> None:
+        self._db.execute("INSERT INTO system_parents (device_id, parent_id, created) "
+                         "VALUES (?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+                         "parent_id=excluded.parent_id, created=excluded.created "
+                         "WHERE excluded.created >= system_parents.created",
+                         (device_id, parent, created))
+
+    def parents(self) -> list[tuple[str, str | None]]:
+        return [(r[0], r[1]) for r in self._db.execute(
+            "SELECT device_id, parent_id FROM system_parents ORDER BY device_id").fetchall()]
+
     def transfer_seen(self, tid: bytes) -> bool:
         return self._db.execute("SELECT 1 FROM transfers_seen WHERE id=?",
                                 (tid,)).fetchone() is not None

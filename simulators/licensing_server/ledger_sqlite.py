@@ -146,6 +146,9 @@ _TRANSFERS = (  # issue 16: likewise
     """CREATE TABLE IF NOT EXISTS chain_heads (
     device_id TEXT PRIMARY KEY, sequence INTEGER NOT NULL, digest BLOB NOT NULL,
     applied_at INTEGER NOT NULL)""",
+    # issue 14 item 5: which server sits under which, from each one's signed device info
+    """CREATE TABLE IF NOT EXISTS system_parents (
+    device_id TEXT PRIMARY KEY, parent_id TEXT, created INTEGER NOT NULL)""",
 )
 
 

@@ -248,6 +248,11 @@ class LedgerTransaction(Protocol):
     def set_chain_head(self, head: ChainHead) -> None:
         """Issue 16: keep ``head`` if it was reached later (by the device's clock) than the
         one kept: a restored device's answered reclaim is its newest state."""
+    def set_parent(self, device_id: str, parent: str | None, created: int) -> None:
+        """Issue 14 item 5: the parent a device's signed information names (None: it stands
+        alone or is a top server), kept only from information newer than the kept one."""
+    def parents(self) -> list[tuple[str, str | None]]:
+        """Issue 14 item 5: every device recorded with its parent, by device ID."""
     def add_transfer(self, tid: bytes, from_device: str, to_device: str, now: int) -> None:
         """Issue 16: a direct transfer reconciled (once)."""
 
