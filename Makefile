@@ -6,7 +6,7 @@ CWT_VENV := .venv-cwt
 STAMP  := $(VENV)/.installed
 CWT_STAMP := $(CWT_VENV)/.installed
 
-.PHONY: run demo-files test lint unit fuzz bench bench-ratios clean venv broker postgres qemu-tools qemu-image \
+.PHONY: run demo-files test lint unit fuzz bench bench-ratios clean venv broker postgres swtpm qemu-tools qemu-image \
 	test-qemu test-qemu-user qemu-clean
 
 $(STAMP): pyproject.toml
@@ -50,7 +50,14 @@ postgres:
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	    $$SUDO apt-get update && $$SUDO apt-get install -y postgresql; }
 
-unit: $(STAMP) $(CWT_STAMP) broker postgres
+# The TPM key store tests (issue 16 item 6) run a real software TPM (swtpm) and reach it
+# with tpm2-tools; install Debian's packages when their programs are missing.
+swtpm:
+	@{ command -v swtpm && command -v swtpm_setup && command -v tpm2_sign; } >/dev/null || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update && $$SUDO apt-get install -y swtpm swtpm-tools tpm2-tools; }
+
+unit: $(STAMP) $(CWT_STAMP) broker postgres swtpm
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test: lint unit
