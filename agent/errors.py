@@ -281,3 +281,8 @@ class RestoredError(StaleError):
     for, after that receipt: the device's store was restored from a backup (issue 16)."""
 
     reason = "restored"
+
+
+class RestoredStoreError(IntegrityError):
+    """Issue 16 item 6: a TPM-backed store older than the TPM's monotonic counter (restored
+    from a copy), or not this TPM's store; refused at open, nothing written (exit 8)."""

@@ -54,7 +54,8 @@ class SoftTpm:
         return f"tpm+swtpm://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.port = _free_port_pair()
+        """Start swtpm; a restart keeps its port (as a TPM device keeps its path)."""
+        self.port = self.port or _free_port_pair()
         self.proc = subprocess.Popen(
             ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.state}",
              "--server", f"type=tcp,port={self.port},bindaddr=127.0.0.1",

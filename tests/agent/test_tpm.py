@@ -11,7 +11,7 @@ import pytest
 
 from agent.cose import ALG_ES256, PublicKey
 from agent.errors import StorageError, UsageError
-from hw.tpm import Tpm, tcti_for_url
+from agent.tpm import Tpm, tcti_for_url
 from tests.support.swtpm import SoftTpm
 
 

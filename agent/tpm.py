@@ -24,15 +24,24 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from agent.errors import StorageError, UsageError
+from agent.cose import ALG_ES256, PublicKey, SigningKey, canonical, strict_loads
+from agent.digest import sha256
+from agent.errors import (
+    IntegrityError,
+    LicensingError,
+    MalformedError,
+    RestoredStoreError,
+    StorageError,
+    UsageError,
+)
 
-__all__ = ["DEFAULT_COUNTER", "DEFAULT_KEY_HANDLE", "Tpm", "tcti_for_url"]
+__all__ = ["DEFAULT_COUNTER", "DEFAULT_KEY_HANDLE", "TPM_FILE", "Tpm", "TpmSigningKey",
+           "create_key", "load_key", "tcti_for_url"]
 
 #: persistent handle of the device key (owner hierarchy, persistent range 0x81000000-)
 DEFAULT_KEY_HANDLE = 0x81010016
@@ -44,22 +53,22 @@ _COUNTER_ATTRS = "ownerread|ownerwrite|authread|authwrite|nt=counter"
 
 
 def tcti_for_url(url: str) -> str:
-    """The TCTI string for a key-store URL; an unknown scheme or form names itself (exit 2)."""
-    parts = urlsplit(url)
-    if parts.scheme == "tpm":
-        if parts.netloc or not parts.path.startswith("/dev/"):
+    """The TCTI string for a key-store URL; an unknown scheme or form names itself (exit 2).
+
+    Parsed by hand: the device core imports no ``urllib`` (import-linter).
+    """
+    scheme, sep, rest = url.partition("://")
+    if scheme == "tpm" and sep:
+        if not rest.startswith("/dev/") or "/" in rest[5:] or len(rest) == 5:
             raise UsageError(f"key store {url!r}: expected tpm:///dev/tpmrm0 (a TPM device path)")
-        return f"device:{parts.path}"
-    if parts.scheme == "tpm+swtpm":
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError as exc:
-            raise UsageError(f"key store {url!r}: bad port ({exc})") from exc
-        if not host or not port or parts.path not in ("", "/"):
+        return f"device:{rest}"
+    if scheme == "tpm+swtpm" and sep:
+        host, colon, port = rest.rstrip("/").rpartition(":")
+        if not colon or not host or "/" in host or not port.isdigit() or not 0 < int(port) < 65536:
             raise UsageError(f"key store {url!r}: expected tpm+swtpm://HOST:PORT")
-        return f"swtpm:host={host},port={port}"
+        return f"swtpm:host={host},port={int(port)}"
     raise UsageError(
-        f"key store {url!r}: unknown scheme {parts.scheme!r} (expected tpm:// or tpm+swtpm://)"
+        f"key store {url!r}: unknown scheme {scheme!r} (expected tpm:// or tpm+swtpm://)"
     )
 
 
@@ -183,3 +192,124 @@ class Tpm:
         if len(data) != 8:
             raise StorageError(f"TPM {self.url}: NV counter {self.counter:#x} read {len(data)} bytes")
         return int.from_bytes(data, "big")
+
+
+# ------------------------------------------------------------------ the store's TPM file
+
+#: the file a TPM-backed store holds in place of ``device.key``: which TPM, which key and
+#: counter, and the counter's value at generation 0; signed by the TPM key itself
+TPM_FILE = "device.tpm"
+_TPM_MAGIC = "licagent-tpm"
+MAX_TPM_FILE = 4096
+
+
+class TpmSigningKey(SigningKey):
+    """The device key when it lives in a TPM: signs there; ``to_pem`` is refused.
+
+    The store's MAC keys (``secret_digest``) come from a random secret kept in
+    ``device.tpm``, not from the private key (which cannot be read): a copy of the store
+    can be edited by whoever has it, as with the file key store, but cannot sign.
+    """
+
+    def __init__(self, tpm: Tpm, public: PublicKey, mac_secret: bytes, base: int) -> None:
+        self._key = None  # type: ignore[assignment]
+        self.public = public
+        self.tpm = tpm
+        self.mac_secret = mac_secret
+        #: the counter's value at generation 0: generation g is current iff the TPM
+        #: counter reads ``base + g``
+        self.base = base
+
+    def sign(self, message: bytes) -> bytes:
+        return self.tpm.sign_es256(message)
+
+    def to_pem(self) -> bytes:
+        raise UsageError(f"the device key lives in the TPM {self.tpm.url} and cannot be exported")
+
+    def secret_digest(self, label: bytes) -> bytes:
+        return sha256(b"licagent-derive-tpm\x00" + label + b"\x00" + self.mac_secret)
+
+    # ---------------------------------------------------------------- the file
+
+    def _body(self) -> list[object]:
+        return [_TPM_MAGIC, 1, self.tpm.url, self.tpm.key_handle, self.tpm.counter, self.base,
+                self.mac_secret, self.public.raw]
+
+    def to_file(self) -> bytes:
+        body = self._body()
+        return canonical([*body, self.sign(canonical(body))])
+
+    # ---------------------------------------------------------------- the generation
+
+    def check_generation(self, generation: int, path: str) -> None:
+        """Refuse a store older than the TPM's counter; catch up one interrupted save.
+
+        ``base + generation`` is what the counter reads after the save of ``generation``;
+        ``base + generation - 1`` is a save killed between its slot and its increment
+        (the slot is committed: the counter catches up now).
+
+        Raises:
+            RestoredStoreError: the counter is past this store (restored from an older
+                copy) or behind it (another TPM, or a file edited): exit 8.
+        """
+        value = self.tpm.read_counter()
+        expected = self.base + generation
+        if value == expected - 1:
+            self.tpm.increment()
+            return
+        if value > expected:
+            raise RestoredStoreError(
+                f"{path} is generation {generation} but the TPM's counter says generation "
+                f"{value - self.base} was saved: this store was restored from an older copy; "
+                f"refused (nothing written; restore the newest copy or re-provision with the vendor)"
+            )
+        if value != expected:
+            raise RestoredStoreError(
+                f"{path} is generation {generation} but the TPM's counter reads "
+                f"{value}, behind it (expected {expected}): not this TPM's store; refused"
+            )
+
+    def advance(self, generation: int) -> None:
+        """After the slot of ``generation`` is written: move the counter to it."""
+        self.tpm.increment()
+
+
+def create_key(url: str) -> TpmSigningKey:
+    """``licagent init --key-store URL``: a new key and counter in the TPM (exit 8 if taken)."""
+    tpm = Tpm(url)
+    pem = tpm.create_key()
+    base = tpm.define_counter()
+    return TpmSigningKey(tpm, _public_from_pem(pem), os.urandom(32), base)
+
+
+def load_key(data: bytes, path: str) -> TpmSigningKey:
+    """The key of a ``device.tpm`` file: checked against the TPM it names (exit 8 if not)."""
+    try:
+        m = strict_loads(data, max_size=MAX_TPM_FILE)
+        ok = (isinstance(m, list) and len(m) == 9 and m[0] == _TPM_MAGIC and m[1] == 1
+              and isinstance(m[2], str) and all(isinstance(x, int) for x in m[3:6])
+              and isinstance(m[6], bytes) and len(m[6]) == 32 and isinstance(m[7], bytes)
+              and isinstance(m[8], bytes))
+    except MalformedError as exc:
+        raise IntegrityError(f"{path} is damaged: {exc}") from exc
+    if not ok:
+        raise IntegrityError(f"{path} is not a licagent TPM key file")
+    tpm = Tpm(m[2], m[3], m[4])
+    public = _public_from_pem(tpm.public_pem())
+    if public.raw != m[7]:
+        raise RestoredStoreError(f"{path} names the key at {m[3]:#x} of {m[2]}, which holds "
+                                 f"another key: not this TPM's store; refused")
+    key = TpmSigningKey(tpm, public, m[6], m[5])
+    try:
+        public.verify(m[8], canonical(m[:8]))
+    except LicensingError as exc:
+        raise IntegrityError(f"{path} is not signed by the TPM's device key: {exc}") from exc
+    return key
+
+
+def _public_from_pem(pem: bytes) -> PublicKey:
+    key = serialization.load_pem_public_key(pem)
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise StorageError("the TPM's device key is not a P-256 key")
+    return PublicKey(ALG_ES256, key.public_bytes(serialization.Encoding.X962,
+                                                 serialization.PublicFormat.UncompressedPoint))
