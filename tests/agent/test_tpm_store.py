@@ -161,3 +161,22 @@ def test_bad_key_store_url_is_a_usage_error(tmp_path: Path, vendor: Vendor) -> N
     assert done.returncode == 2, done.stdout + done.stderr
     assert "expected tpm+swtpm://HOST:PORT" in done.stderr
     assert not (tmp_path / "s" / TPM_FILE).exists()
+
+
+def test_device_tpm_file_is_as_documented(provisioned: tuple[Path, Path, Agent, Clock],
+                                          soft_tpm: SoftTpm) -> None:
+    """docs/protocol.md section 28, checked with cbor2 and cryptography alone."""
+    import cbor2
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    state, _, _, _ = provisioned
+    assert (state / TPM_FILE).stat().st_mode & 0o777 == 0o600
+    m = cbor2.loads((state / TPM_FILE).read_bytes())
+    assert m[:5] == ["licagent-tpm", 1, soft_tpm.url, 0x81010016, 0x01500016]
+    assert isinstance(m[5], int) and len(m[6]) == 32 and len(m[7]) == 65 and len(m[8]) == 64
+    pub = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), m[7])
+    der = encode_dss_signature(int.from_bytes(m[8][:32], "big"), int.from_bytes(m[8][32:], "big"))
+    pub.verify(der, cbor2.dumps(m[:8], canonical=True), ec.ECDSA(hashes.SHA256()))
+    assert Tpm(soft_tpm.url).read_counter() == m[5] + Store.open(state, None).generation
