@@ -425,6 +425,58 @@ class FaultInjection:
                                             now=srv.now()))
         rec["detail"] = f"clock read 2038 once; recovered with a certified time ({len(resp)} bytes)"
 
+    def _fault_restore_backup(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        """Issue 16: a server's store put back from an older copy, judged by a real ledger.
+
+        licsim signs with the vendor key directly and keeps no ledger, so this fault opens
+        a real one (an SQLite file in a scratch folder) over the same vendor: it issues a
+        license, verifies the receipt (the chain head), and then sees the restored store.
+        """
+        assert self.vendor is not None
+        from agent.errors import RestoredError
+        from agent.store import store_lock
+        from simulators.licensing_server.ledger import Ledger
+
+        srv = self._pick(fault, rec, self._can_request)
+        feature = "restore-test"
+        scratch = Path(tempfile.mkdtemp(prefix="licsim-restore-"))
+        try:
+            with Ledger(scratch / "ledger.db", self.vendor, clock=srv.now) as led:
+                led.entitle("licsim-restore", "sim", {feature: 1})
+                led.assign("licsim-restore", srv.device_id, feature, 1)
+                before = self._snapshot(srv)
+                with store_lock(srv.state_dir):  # a consistent copy, as a backup tool takes
+                    shutil.copytree(srv.state_dir, scratch / "backup", symlinks=True)
+                agent = srv.agent()
+                res, _w = agent.apply(led.answer_request(agent.request(Action.ACTIVATE,
+                                                                       [feature])))
+                led.accept_receipt(res.receipt)
+                self._check(rec, "receipt-verified", agent.check(feature).licensed,
+                            f"{feature} applied, its receipt verified by the ledger")
+                time.sleep(1.1)  # the rule compares whole seconds of the device's clock
+                with store_lock(srv.state_dir):
+                    for f in (scratch / "backup").iterdir():
+                        shutil.copy2(f, srv.state_dir / f.name)
+                restored = self._snapshot(srv)
+                self._check(rec, "backup-put-back", restored[:2] == before[:2],
+                            f"sequence {restored[0]} (was {before[0]} at the copy)")
+                try:
+                    led.answer_request(srv.agent().request(Action.RENEW, []))
+                    refused, why = False, "a request from the restored store was answered"
+                except RestoredError as exc:
+                    refused, why = "restored from an older backup" in str(exc), str(exc)[:120]
+                self._check(rec, "restore-detected", refused, why)
+                flagged = led.report().get("restores", [])
+                self._check(rec, "restore-flagged", bool(flagged), f"{len(flagged)} flagged")
+                after = self._snapshot(srv)
+                self._check(rec, "no-license-beyond-the-backup",
+                            not srv.agent().check(feature).licensed and after[2] == before[2],
+                            f"holds {after[2]} (at the copy {before[2]})")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        rec["detail"] = ("store put back from a copy older than a verified receipt: refused "
+                         "by the ledger as restored and flagged; it holds what the copy held")
+
     def _installed(self, srv: SimServer) -> dict[str, int]:
         try:
             return self._snapshot(srv)[2]
@@ -446,5 +498,6 @@ INJECTORS: Mapping[str, Callable[[FaultInjection, FaultSpec, FaultRecord], None]
     "parent-reclaim": FaultInjection._fault_parent_reclaim,
     "child-moved": FaultInjection._fault_child_moved,
     "clock-future": FaultInjection._fault_clock_future,  # issue 16
+    "restore-backup": FaultInjection._fault_restore_backup,
 }
 assert set(INJECTORS) == set(FAULT_KINDS), "every fault kind has its injector"

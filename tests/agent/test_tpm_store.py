@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import RestoredStoreError, StorageError
+from agent.errors import RestoredStoreError, StorageError, UnsafeFileError
 from agent.identity import HardwareFacts
 from agent.messages import Action
 from agent.service import Agent
@@ -76,6 +76,15 @@ def test_no_private_key_in_the_store_and_licenses_apply(
         provisioned: tuple[Path, Path, Agent, Clock], vendor: Vendor) -> None:
     state, facts, agent, clock = provisioned
     assert not (state / "device.key").exists()
+    from agent.store import STATE_FILES, check_state_dir
+
+    check_state_dir(state)  # device.tpm is checked like every state file (private, regular)
+    present = sorted(n for n in os.listdir(state) if not n.startswith("."))
+    assert TPM_FILE in present and set(present) <= set(STATE_FILES) - {"device.key"}
+    os.chmod(state / TPM_FILE, 0o620)
+    with pytest.raises(UnsafeFileError, match=f"{state / TPM_FILE} has mode 0620"):
+        agent.status()
+    os.chmod(state / TPM_FILE, 0o600)
     assert (state / TPM_FILE).exists()
     blob = b"".join(p.read_bytes() for p in state.iterdir() if p.is_file())
     assert b"PRIVATE KEY" not in blob

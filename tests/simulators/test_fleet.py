@@ -206,6 +206,19 @@ def test_a_clock_reading_in_2038_is_recovered_with_a_certified_time(fleet: Fleet
     assert fleet.operate(srv, "tcp", "check")
 
 
+def test_a_store_restored_from_a_backup_is_refused_by_a_real_ledger(fleet: Fleet) -> None:
+    """Issue 16 item 7: the restore-backup fault, judged by a real ledger file."""
+    srv = fleet.server("as-p-0002")
+    before = srv.agent().status()["licenses"]
+    rec = fleet.inject(FaultSpec("restore-backup", server=srv.name))
+    assert rec["held"], rec
+    assert {c["name"] for c in rec["checks"] if c["held"]} == {
+        "receipt-verified", "backup-put-back", "restore-detected", "restore-flagged",
+        "no-license-beyond-the-backup"}
+    assert srv.agent().status()["licenses"] == before
+    assert fleet.operate(srv, "tcp", "check")
+
+
 def test_clock_nic_clone_reclaim_and_broker_restart(fleet: Fleet) -> None:
     rec = fleet.inject(FaultSpec("clock-jump", server="as-b-0003"))
     assert rec["held"], rec
