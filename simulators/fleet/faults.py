@@ -477,6 +477,73 @@ class FaultInjection:
         rec["detail"] = ("store put back from a copy older than a verified receipt: refused "
                          "by the ledger as restored and flagged; it holds what the copy held")
 
+    def _fault_server_dead(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        """Issue 16: a server declared dead (revoked) in a real ledger; its licenses return,
+        another server of its site gets them, and the box, back, drops what it held.
+
+        Like restore-backup, a real ledger file over the same vendor key. The dead server's
+        store is copied first and put back at the end, so the fleet runs on with it.
+        """
+        assert self.vendor is not None
+        from agent.errors import RevokedError
+        from agent.formats import SiteInfo
+        from agent.store import store_lock
+        from simulators.licensing_server.ledger import Ledger
+
+        dead = self._pick(fault, rec, self._can_request)
+        others = [s for s in self.servers if s is not dead and self._can_request(s)]
+        if not others:
+            raise _NoServerFits("skipped: no second server to take the dead one's licenses")
+        heir = others[0]
+        feature, ent = "dead-test", "licsim-dead"
+        scratch = Path(tempfile.mkdtemp(prefix="licsim-dead-"))
+        try:
+            with store_lock(dead.state_dir):
+                shutil.copytree(dead.state_dir, scratch / "dead", symlinks=True)
+            with Ledger(scratch / "ledger.db", self.vendor, clock=dead.now) as led:
+                led.entitle(ent, "sim", {feature: 2})
+                led.assign(ent, dead.device_id, feature, 2)
+                res, _w = dead.agent().apply(led.answer_request(
+                    dead.agent().request(Action.ACTIVATE, [feature])))
+                led.accept_receipt(res.receipt)
+                led.revoke_device(dead.device_id, "licsim: server-dead fault")
+                free = led.free(ent, feature)
+                self._check(rec, "licenses-returned", free == 2, f"{free} of 2 free after revoke")
+                try:
+                    led.answer_request(dead.agent().request(Action.RENEW, [feature]))
+                    refused, why = False, "the ledger answered the dead server"
+                except RevokedError as exc:
+                    refused, why = True, str(exc)[:120]
+                self._check(rec, "dead-gets-nothing", refused, why)
+                led.assign(ent, heir.device_id, feature, 2)
+                resp = led.answer_request(heir.agent().request(Action.ACTIVATE, [feature]))
+                res, _w = heir.agent().apply(resp)
+                led.accept_receipt(res.receipt)
+                got = heir.agent().check(feature).licensed
+                self._check(rec, "heir-gets-them", got, f"{heir.name} licensed for {feature}")
+                site = SiteInfo("licsim", heir.now(), (heir.agent().info()[0],)).encode()
+                info = led.license_info(site)
+                try:
+                    dead.agent().features_from_license_info(info, Action.RECLAIM)
+                    dropped, why = False, "the dead server took its site's license information"
+                except RevokedError as exc:
+                    dropped = not dead.agent().check(feature).licensed
+                    why = str(exc)[:120]
+                self._check(rec, "box-drops-on-return", dropped, why)
+                # the heir gives the test license back (a plain reclaim)
+                res, _w = heir.agent().apply(led.answer_request(
+                    heir.agent().request(Action.RECLAIM, [feature])))
+                led.accept_receipt(res.receipt)
+        finally:
+            if (scratch / "dead").exists():
+                with store_lock(dead.state_dir):
+                    for f in (scratch / "dead").iterdir():
+                        shutil.copy2(f, dead.state_dir / f.name)
+            shutil.rmtree(scratch, ignore_errors=True)
+        rec["detail"] = (f"{dead.name} revoked in a real ledger: 2 {feature} returned, "
+                         f"{heir.name} took them, the box dropped its licenses on return "
+                         f"(its store then put back for the fleet)")
+
     def _installed(self, srv: SimServer) -> dict[str, int]:
         try:
             return self._snapshot(srv)[2]
@@ -499,5 +566,6 @@ INJECTORS: Mapping[str, Callable[[FaultInjection, FaultSpec, FaultRecord], None]
     "child-moved": FaultInjection._fault_child_moved,
     "clock-future": FaultInjection._fault_clock_future,  # issue 16
     "restore-backup": FaultInjection._fault_restore_backup,
+    "server-dead": FaultInjection._fault_server_dead,
 }
 assert set(INJECTORS) == set(FAULT_KINDS), "every fault kind has its injector"

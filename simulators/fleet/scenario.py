@@ -75,6 +75,9 @@ FAULT_KINDS: Mapping[str, str] = {
     "restore-backup": "a store put back from a copy older than a receipt a real ledger "
                       "verified: the ledger refuses its request as restored and flags it; the "
                       "server holds what the copy held",
+    "server-dead": "a server declared dead (revoked) in a real ledger: its licenses return, "
+                   "the ledger answers it nothing, another server takes them, and the box, "
+                   "shown its site's license information, drops what it held",
 }
 #: the fault kinds that act on [[systems]]: drawn at random only when the fleet has some
 SYSTEM_FAULTS = ("parent-offline", "parent-reclaim", "child-moved")

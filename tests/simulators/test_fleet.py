@@ -219,6 +219,17 @@ def test_a_store_restored_from_a_backup_is_refused_by_a_real_ledger(fleet: Fleet
     assert fleet.operate(srv, "tcp", "check")
 
 
+def test_a_dead_server_is_revoked_and_its_licenses_go_to_another(fleet: Fleet) -> None:
+    """Issue 16 item 7: the server-dead fault, judged by a real ledger file."""
+    srv = fleet.server("as-p-0002")
+    rec = fleet.inject(FaultSpec("server-dead", server=srv.name))
+    assert rec["held"], rec
+    assert {c["name"] for c in rec["checks"] if c["held"]} == {
+        "licenses-returned", "dead-gets-nothing", "heir-gets-them", "box-drops-on-return"}
+    assert not srv.agent().status()["warnings"]  # its store put back for the fleet
+    assert fleet.operate(srv, "tcp", "check")
+
+
 def test_clock_nic_clone_reclaim_and_broker_restart(fleet: Fleet) -> None:
     rec = fleet.inject(FaultSpec("clock-jump", server="as-b-0003"))
     assert rec["held"], rec
