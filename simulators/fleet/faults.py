@@ -454,9 +454,7 @@ class FaultInjection:
                 self._check(rec, "receipt-verified", agent.check(feature).licensed,
                             f"{feature} applied, its receipt verified by the ledger")
                 time.sleep(1.1)  # the rule compares whole seconds of the device's clock
-                with store_lock(srv.state_dir):
-                    for f in (scratch / "backup").iterdir():
-                        shutil.copy2(f, srv.state_dir / f.name)
+                _put_back(srv.state_dir, scratch / "backup")
                 restored = self._snapshot(srv)
                 self._check(rec, "backup-put-back", restored[:2] == before[:2],
                             f"sequence {restored[0]} (was {before[0]} at the copy)")
@@ -536,9 +534,7 @@ class FaultInjection:
                 led.accept_receipt(res.receipt)
         finally:
             if (scratch / "dead").exists():
-                with store_lock(dead.state_dir):
-                    for f in (scratch / "dead").iterdir():
-                        shutil.copy2(f, dead.state_dir / f.name)
+                _put_back(dead.state_dir, scratch / "dead")
             shutil.rmtree(scratch, ignore_errors=True)
         rec["detail"] = (f"{dead.name} revoked in a real ledger: 2 {feature} returned, "
                          f"{heir.name} took them, the box dropped its licenses on return "
@@ -550,6 +546,22 @@ class FaultInjection:
         except LicensingError:
             return {}
 
+
+
+def _put_back(state: Path, copy: Path) -> None:
+    """Put a store directory back from a copy, as a restore of the folder does: each file
+    of the copy, and no file the copy did not have (a newer slot would name a longer
+    journal), under the store lock."""
+    from agent.store import STATE_FILES, store_lock
+
+    with store_lock(state):
+        kept = {f.name for f in copy.iterdir()}
+        for name in STATE_FILES:
+            if name not in kept and name != "lock":
+                (state / name).unlink(missing_ok=True)
+        for f in copy.iterdir():
+            if f.name != "lock":
+                shutil.copy2(f, state / f.name)
 
 
 #: the injector of each fault kind
