@@ -77,6 +77,9 @@ class FaultInjection:
     def log(self, line: str) -> None:
         raise NotImplementedError
 
+    def load_once(self) -> bool:  # Fleet's: one operation of the scenario's load mix
+        raise NotImplementedError
+
     def server(self, name: str) -> SimServer:
         raise NotImplementedError
 
@@ -540,6 +543,68 @@ class FaultInjection:
                          f"{heir.name} took them, the box dropped its licenses on return "
                          f"(its store then put back for the fleet)")
 
+    def _fault_server_replaced(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        """Issue 16: a server replaced by another (rehost) under load, in a real ledger.
+
+        The old server's transfer-out reclaim names the new one; once its receipt is
+        verified the ledger moves the assignment; the new server activates it. A round of
+        the scenario's load runs between every two steps.
+        """
+        assert self.vendor is not None
+        from simulators.licensing_server.ledger import Ledger
+
+        old = self._pick(fault, rec, self._can_request)
+        others = [s for s in self.servers if s is not old and self._can_request(s)]
+        if not others:
+            raise _NoServerFits("skipped: no second server to replace it")
+        new = others[-1]
+        feature, ent = "rehost-test", "licsim-rehost"
+        scratch = Path(tempfile.mkdtemp(prefix="licsim-rehost-"))
+        loaded = 0
+
+        def load() -> None:
+            nonlocal loaded
+            for _ in range(3):
+                loaded += self.load_once()
+
+        try:
+            with Ledger(scratch / "ledger.db", self.vendor, clock=old.now) as led:
+                led.entitle(ent, "sim", {feature: 2})
+                led.assign(ent, old.device_id, feature, 2)
+                res, _w = old.agent().apply(led.answer_request(
+                    old.agent().request(Action.ACTIVATE, [feature])))
+                led.accept_receipt(res.receipt)
+                led.observe_device_info(new.agent().info()[0])
+                load()
+                req = old.agent().request(Action.RECLAIM, [feature], transfer_to=new.device_id)
+                load()
+                resp = led.answer_request(req)
+                load()
+                res, _w = old.agent().apply(resp)
+                load()
+                led.accept_receipt(res.receipt)
+                gone = not old.agent().check(feature).licensed
+                self._check(rec, "old-holds-none", gone, f"{old.name}: {feature} gone")
+                load()
+                res, _w = new.agent().apply(led.answer_request(
+                    new.agent().request(Action.ACTIVATE, [feature])))
+                led.accept_receipt(res.receipt)
+                got = self._installed(new).get(feature, 0)
+                self._check(rec, "new-gets-them", got == 2, f"{new.name} holds {got} {feature}")
+                free = led.free(ent, feature)
+                self._check(rec, "counted-once", free == 0, f"{free} free of 2 after the move")
+                again, _w = old.agent().apply(resp)  # the transfer-out replayed: nothing back
+                self._check(rec, "replay-gives-nothing",
+                            not old.agent().check(feature).licensed,
+                            "already applied" if again.already_applied else "applied again")
+                res, _w = new.agent().apply(led.answer_request(
+                    new.agent().request(Action.RECLAIM, [feature])))
+                led.accept_receipt(res.receipt)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        rec["detail"] = (f"{old.name} rehosted to {new.name} in a real ledger, "
+                         f"{loaded} load operations between the steps")
+
     def _installed(self, srv: SimServer) -> dict[str, int]:
         try:
             return self._snapshot(srv)[2]
@@ -579,5 +644,6 @@ INJECTORS: Mapping[str, Callable[[FaultInjection, FaultSpec, FaultRecord], None]
     "clock-future": FaultInjection._fault_clock_future,  # issue 16
     "restore-backup": FaultInjection._fault_restore_backup,
     "server-dead": FaultInjection._fault_server_dead,
+    "server-replaced": FaultInjection._fault_server_replaced,
 }
 assert set(INJECTORS) == set(FAULT_KINDS), "every fault kind has its injector"

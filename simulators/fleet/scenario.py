@@ -78,6 +78,9 @@ FAULT_KINDS: Mapping[str, str] = {
     "server-dead": "a server declared dead (revoked) in a real ledger: its licenses return, "
                    "the ledger answers it nothing, another server takes them, and the box, "
                    "shown its site's license information, drops what it held",
+    "server-replaced": "a server replaced by another under load (rehost in a real ledger): "
+                       "the old one holds none, the new one all, counted once, a replay "
+                       "gives nothing back",
 }
 #: the fault kinds that act on [[systems]]: drawn at random only when the fleet has some
 SYSTEM_FAULTS = ("parent-offline", "parent-reclaim", "child-moved")
