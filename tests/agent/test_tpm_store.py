@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import RestoredStoreError, StorageError, UnsafeFileError
+from agent.cose import decode_sign1
+from agent.errors import LicensingError, RestoredStoreError, StorageError, UnsafeFileError
 from agent.identity import HardwareFacts
 from agent.messages import Action
 from agent.service import Agent
@@ -92,9 +93,16 @@ def test_no_private_key_in_the_store_and_licenses_apply(
     done = licagent(state, facts, clock(), "status", "--json")
     assert done.returncode == 0, done.stderr
     assert "BACnet" in done.stdout
-    # the device's signed files verify with the TPM key the store names (ES256)
+    # the device's signed files are signed in the TPM and verify with its key (ES256)
     st = Store.open(state, None).state
     assert st.device_key.alg == -7
+    data, _info = agent.info()
+    env = decode_sign1(data, max_size=1 << 20)
+    assert env.verify_with(st.device_key)
+    tampered = bytearray(data)
+    tampered[-1] ^= 1
+    with pytest.raises(LicensingError):
+        decode_sign1(bytes(tampered), max_size=1 << 20).verify_with(st.device_key)
 
 
 def test_store_restored_from_an_older_copy_is_refused(
