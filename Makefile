@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CWT_STAMP := $(CWT_VENV)/.installed
 
 .PHONY: run demo-files test lint unit fuzz bench bench-ratios clean venv broker postgres chromium \
-	screenshots qemu-tools qemu-image \
+	swtpm screenshots qemu-tools qemu-image \
 	test-qemu test-qemu-user qemu-clean
 
 $(STAMP): pyproject.toml
@@ -62,7 +62,14 @@ chromium:
 screenshots: $(STAMP) chromium
 	SCREENSHOTS=$(CURDIR)/docs $(PY) -m pytest -q -p no:cacheprovider tests/admin/test_ui_browser.py
 
-unit: $(STAMP) $(CWT_STAMP) broker postgres chromium
+# The TPM key store tests (issue 16 item 6) run a real software TPM (swtpm) and reach it
+# with tpm2-tools; install Debian's packages when their programs are missing.
+swtpm:
+	@{ command -v swtpm && command -v swtpm_setup && command -v tpm2_sign; } >/dev/null || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y swtpm swtpm-tools tpm2-tools; }
+
+unit: $(STAMP) $(CWT_STAMP) broker postgres chromium swtpm
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test: lint unit

@@ -292,3 +292,8 @@ class NotInTreeError(WrongDeviceError):
     children, reported it): the operation is not for any server this one reaches."""
 
     reason = "not-in-tree"
+
+
+class RestoredStoreError(IntegrityError):
+    """Issue 16 item 6: a TPM-backed store older than the TPM's monotonic counter (restored
+    from a copy), or not this TPM's store; refused at open, nothing written (exit 8)."""

@@ -158,7 +158,7 @@ class Agent:
     # ------------------------------------------------------------ operations
 
     def init(self, model: str, serial: str | None, trust: Iterable[PublicKey],
-             alg: int | None = None) -> Store:
+             alg: int | None = None, key_store: str | None = None) -> Store:
         now = self.clock()
         hw = self.hardware()
         if hw.model and hw.model != model:
@@ -169,7 +169,17 @@ class Agent:
         # a serial typed at provisioning names the device but is no hardware fact.
         hw = replace(hw, model=model)
         require_identifying(hw.binding_facts(), self.facts.origin)
-        key = SigningKey.generate() if alg is None else SigningKey.generate(alg)
+        key: SigningKey
+        if key_store is not None:  # issue 16 item 6: the key is made inside a TPM (ES256)
+            from agent.store import KEY_FILE, TPM_FILE
+            from agent.tpm import create_key
+
+            if any(os.path.lexists(self.directory / n) for n in (KEY_FILE, TPM_FILE)):
+                raise UsageError(f"{self.directory} already holds a license store; "
+                                 f"refusing to overwrite it")
+            key = create_key(key_store)
+        else:
+            key = SigningKey.generate() if alg is None else SigningKey.generate(alg)
         state = protocol.new_state(
             key.public, model, serial or hw.serial, hw.binding_facts(),
             [TrustKey(k) for k in trust], now, simulated=self.facts.simulated,

@@ -3,6 +3,8 @@
 Layout of a state directory::
 
     device.key   the device's private key (PEM PKCS#8, mode 0600); never leaves the store
+    device.tpm   instead of device.key when the key lives in a TPM (agent/tpm.py): which
+                 TPM, key and monotonic counter; a slot older than the counter is refused
     state.0      slot 0 } the state alternates between two slots, each written with the
     state.1      slot 1 } recipe below and holding two MAC-protected copies of the state
     journal.log  append-only, hash-chained, MAC-protected audit journal
@@ -94,7 +96,8 @@ JOURNAL_FILE = "journal.log"
 LOCK_FILE = "lock"
 #: every file of a state directory: each is checked (regular, private, same filesystem)
 #: before the store is used, and read only through :func:`read_state_file`
-STATE_FILES = (KEY_FILE, *SLOTS, JOURNAL_FILE, LOCK_FILE)
+STATE_FILES = (KEY_FILE, *SLOTS, JOURNAL_FILE, LOCK_FILE, "device.tpm")
+TPM_FILE = "device.tpm"  # agent.tpm.TPM_FILE, named here so opening imports agent.tpm only for it
 MAX_KEY = 64 * 1024
 
 
@@ -329,12 +332,15 @@ class Store:
         ops = ops or FileOps()
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         check_state_dir(directory)
-        if any(os.path.lexists(directory / n) for n in (KEY_FILE, *SLOTS)):
+        if any(os.path.lexists(directory / n) for n in (KEY_FILE, TPM_FILE, *SLOTS)):
             raise UsageError(
                 f"{directory} already holds a license store; refusing to overwrite it"
             )
         _require_writable_dir(directory, "initialise a license store")
-        atomic_write(ops, directory / KEY_FILE, key.to_pem(), 0o600)
+        tpm_file = getattr(key, "to_file", None)  # a TPM key (issue 16 item 6)
+        key_name = KEY_FILE if tpm_file is None else TPM_FILE
+        atomic_write(ops, directory / key_name, key.to_pem() if tpm_file is None
+                     else tpm_file(), 0o600)
         store = cls(directory, key, state, 0, 1, ops, LoadReport(1, 0))
         try:
             # a journal left by an init that failed before its slot belongs to no store
@@ -345,7 +351,7 @@ class Store:
             store.save(state)
         except (StorageError, OSError) as exc:
             # a half-provisioned directory would block a retried init: take it all back
-            for n in (SLOTS[0], JOURNAL_FILE, KEY_FILE):
+            for n in (SLOTS[0], JOURNAL_FILE, key_name):
                 try:
                     (directory / n).unlink()
                 except OSError:
@@ -381,21 +387,32 @@ class Store:
         """
         ops = ops or FileOps()
         key_path = directory / KEY_FILE
+        tpm_data: bytes | None = None
         try:
             check_state_dir(directory)
-            pem = read_state_file(directory, KEY_FILE, MAX_KEY)
+            try:
+                pem = read_state_file(directory, KEY_FILE, MAX_KEY)
+            except FileNotFoundError:
+                key_path = directory / TPM_FILE
+                tpm_data = read_state_file(directory, TPM_FILE, MAX_KEY)
         except FileNotFoundError as exc:
             raise UsageError(
                 f"no license store in {directory} (run 'licagent init' first)"
             ) from exc
         except OSError as exc:
             raise StorageError(f"cannot read {key_path}: {exc}") from exc
-        if len(pem) > MAX_KEY:
-            raise IntegrityError(f"device key {key_path} is larger than {MAX_KEY} bytes")
-        try:
-            key = SigningKey.from_pem(pem)
-        except MalformedError as exc:
-            raise IntegrityError(f"device key {key_path} is damaged: {exc}") from exc
+        key: SigningKey
+        if tpm_data is not None:
+            from agent.tpm import load_key  # only for a TPM store: subprocess, tempfile
+
+            key = load_key(tpm_data, str(key_path))
+        else:
+            if len(pem) > MAX_KEY:
+                raise IntegrityError(f"device key {key_path} is larger than {MAX_KEY} bytes")
+            try:
+                key = SigningKey.from_pem(pem)
+            except MalformedError as exc:
+                raise IntegrityError(f"device key {key_path} is damaged: {exc}") from exc
         if writable is None:
             writable = not _read_only(directory)
         mac_key = key.secret_digest(b"store-mac")
@@ -434,6 +451,9 @@ class Store:
             raise IntegrityError(f"stored state does not decode: {exc}") from exc
         if state.device_key != key.public:
             raise IntegrityError("stored state belongs to a different device key")
+        check_generation = getattr(key, "check_generation", None)
+        if check_generation is not None:  # the TPM's counter: a restored store is refused
+            check_generation(gen, f"{directory / SLOTS[idx]}")
         if missing and gen >= 2:
             # after two saves both slots exist: one vanished
             warnings.extend(f"{n} is missing" for n in missing)
@@ -611,6 +631,9 @@ class Store:
         head = self.journal.head()
         data = encode_slot(self.mac_key, gen, state.encode(), head)
         atomic_write(self.ops, self.directory / SLOTS[slot], data)
+        advance = getattr(self.key, "advance", None)
+        if advance is not None:  # the TPM's counter follows the slot (caught up at open)
+            advance(gen)
         self.state, self.generation, self.slot, self.head = state, gen, slot, head
         self.saved = (gen, slot, data)
         self.journal.anchor(head)  # as a fresh open of this slot would (refusals counted on)
@@ -793,8 +816,8 @@ class OpenStore:
         """The store and its files now (under the lock); None when it cannot be kept (a slot
         of format 1, or more past the head than is compared). ``prev``: the one it
         replaces, whose buffer and open files it takes over."""
-        if store.head is None:
-            return None
+        if store.head is None or hasattr(store.key, "check_generation"):
+            return None  # a TPM store is opened afresh each time: its counter checked each time
         try:
             files = _files(store.directory, store.head.start)
         except (OSError, LicensingError):

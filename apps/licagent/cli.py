@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="PEM public key of the vendor (repeat for several)", action="append")
     sp.add_argument("--alg", choices=("Ed25519", "ES256"), default="Ed25519",
                     help="device key algorithm (default Ed25519)")
+    sp.add_argument("--key-store", metavar="URL",
+                    help="keep the device key (ES256) and the store's generation in a TPM 2.0: "
+                         "tpm:///dev/tpmrm0, or tpm+swtpm://HOST:PORT (default: device.key in "
+                         "the store)")
 
     add_operation_commands(cmd, {
         "info": "write or show the signed device-information file",
@@ -214,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
         from agent.cose import ALG_EDDSA, ALG_ES256
 
         store = agent.init(args.model, args.serial, keys,
-                           ALG_ES256 if args.alg == "ES256" else ALG_EDDSA)
+                           ALG_ES256 if args.alg == "ES256" or args.key_store else ALG_EDDSA,
+                           key_store=args.key_store)
         print(f"initialised {args.model} store in {args.state}")
         print(f"device_id {store.state.device_id}")
         if store.state.simulated:

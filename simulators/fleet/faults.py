@@ -77,6 +77,9 @@ class FaultInjection:
     def log(self, line: str) -> None:
         raise NotImplementedError
 
+    def load_once(self) -> bool:  # Fleet's: one operation of the scenario's load mix
+        raise NotImplementedError
+
     def server(self, name: str) -> SimServer:
         raise NotImplementedError
 
@@ -425,12 +428,205 @@ class FaultInjection:
                                             now=srv.now()))
         rec["detail"] = f"clock read 2038 once; recovered with a certified time ({len(resp)} bytes)"
 
+    def _fault_restore_backup(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        """Issue 16: a server's store put back from an older copy, judged by a real ledger.
+
+        licsim signs with the vendor key directly and keeps no ledger, so this fault opens
+        a real one (an SQLite file in a scratch folder) over the same vendor: it issues a
+        license, verifies the receipt (the chain head), and then sees the restored store.
+        """
+        assert self.vendor is not None
+        from agent.errors import RestoredError
+        from agent.store import store_lock
+        from simulators.licensing_server.ledger import Ledger
+
+        srv = self._pick(fault, rec, self._can_request)
+        feature = "restore-test"
+        scratch = Path(tempfile.mkdtemp(prefix="licsim-restore-"))
+        try:
+            with Ledger(scratch / "ledger.db", self.vendor, clock=srv.now) as led:
+                led.entitle("licsim-restore", "sim", {feature: 1})
+                led.assign("licsim-restore", srv.device_id, feature, 1)
+                before = self._snapshot(srv)
+                with store_lock(srv.state_dir):  # a consistent copy, as a backup tool takes
+                    shutil.copytree(srv.state_dir, scratch / "backup", symlinks=True)
+                agent = srv.agent()
+                res, _w = agent.apply(led.answer_request(agent.request(Action.ACTIVATE,
+                                                                       [feature])))
+                led.accept_receipt(res.receipt)
+                self._check(rec, "receipt-verified", agent.check(feature).licensed,
+                            f"{feature} applied, its receipt verified by the ledger")
+                time.sleep(1.1)  # the rule compares whole seconds of the device's clock
+                _put_back(srv.state_dir, scratch / "backup")
+                restored = self._snapshot(srv)
+                self._check(rec, "backup-put-back", restored[:2] == before[:2],
+                            f"sequence {restored[0]} (was {before[0]} at the copy)")
+                try:
+                    led.answer_request(srv.agent().request(Action.RENEW, []))
+                    refused, why = False, "a request from the restored store was answered"
+                except RestoredError as exc:
+                    refused, why = "restored from an older backup" in str(exc), str(exc)[:120]
+                self._check(rec, "restore-detected", refused, why)
+                flagged = led.report().get("restores", [])
+                self._check(rec, "restore-flagged", bool(flagged), f"{len(flagged)} flagged")
+                after = self._snapshot(srv)
+                self._check(rec, "no-license-beyond-the-backup",
+                            not srv.agent().check(feature).licensed and after[2] == before[2],
+                            f"holds {after[2]} (at the copy {before[2]})")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        rec["detail"] = ("store put back from a copy older than a verified receipt: refused "
+                         "by the ledger as restored and flagged; it holds what the copy held")
+
+    def _fault_server_dead(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        """Issue 16: a server declared dead (revoked) in a real ledger; its licenses return,
+        another server of its site gets them, and the box, back, drops what it held.
+
+        Like restore-backup, a real ledger file over the same vendor key. The dead server's
+        store is copied first and put back at the end, so the fleet runs on with it.
+        """
+        assert self.vendor is not None
+        from agent.errors import RevokedError
+        from agent.formats import SiteInfo
+        from agent.store import store_lock
+        from simulators.licensing_server.ledger import Ledger
+
+        dead = self._pick(fault, rec, self._can_request)
+        others = [s for s in self.servers if s is not dead and self._can_request(s)]
+        if not others:
+            raise _NoServerFits("skipped: no second server to take the dead one's licenses")
+        heir = others[0]
+        feature, ent = "dead-test", "licsim-dead"
+        scratch = Path(tempfile.mkdtemp(prefix="licsim-dead-"))
+        try:
+            with store_lock(dead.state_dir):
+                shutil.copytree(dead.state_dir, scratch / "dead", symlinks=True)
+            with Ledger(scratch / "ledger.db", self.vendor, clock=dead.now) as led:
+                led.entitle(ent, "sim", {feature: 2})
+                led.assign(ent, dead.device_id, feature, 2)
+                res, _w = dead.agent().apply(led.answer_request(
+                    dead.agent().request(Action.ACTIVATE, [feature])))
+                led.accept_receipt(res.receipt)
+                led.revoke_device(dead.device_id, "licsim: server-dead fault")
+                free = led.free(ent, feature)
+                self._check(rec, "licenses-returned", free == 2, f"{free} of 2 free after revoke")
+                try:
+                    led.answer_request(dead.agent().request(Action.RENEW, [feature]))
+                    refused, why = False, "the ledger answered the dead server"
+                except RevokedError as exc:
+                    refused, why = True, str(exc)[:120]
+                self._check(rec, "dead-gets-nothing", refused, why)
+                led.assign(ent, heir.device_id, feature, 2)
+                resp = led.answer_request(heir.agent().request(Action.ACTIVATE, [feature]))
+                res, _w = heir.agent().apply(resp)
+                led.accept_receipt(res.receipt)
+                got = heir.agent().check(feature).licensed
+                self._check(rec, "heir-gets-them", got, f"{heir.name} licensed for {feature}")
+                site = SiteInfo("licsim", heir.now(), (heir.agent().info()[0],)).encode()
+                info = led.license_info(site)
+                try:
+                    dead.agent().features_from_license_info(info, Action.RECLAIM)
+                    dropped, why = False, "the dead server took its site's license information"
+                except RevokedError as exc:
+                    dropped = not dead.agent().check(feature).licensed
+                    why = str(exc)[:120]
+                self._check(rec, "box-drops-on-return", dropped, why)
+                # the heir gives the test license back (a plain reclaim)
+                res, _w = heir.agent().apply(led.answer_request(
+                    heir.agent().request(Action.RECLAIM, [feature])))
+                led.accept_receipt(res.receipt)
+        finally:
+            if (scratch / "dead").exists():
+                _put_back(dead.state_dir, scratch / "dead")
+            shutil.rmtree(scratch, ignore_errors=True)
+        rec["detail"] = (f"{dead.name} revoked in a real ledger: 2 {feature} returned, "
+                         f"{heir.name} took them, the box dropped its licenses on return "
+                         f"(its store then put back for the fleet)")
+
+    def _fault_server_replaced(self, fault: FaultSpec, rec: FaultRecord) -> None:
+        """Issue 16: a server replaced by another (rehost) under load, in a real ledger.
+
+        The old server's transfer-out reclaim names the new one; once its receipt is
+        verified the ledger moves the assignment; the new server activates it. A round of
+        the scenario's load runs between every two steps.
+        """
+        assert self.vendor is not None
+        from simulators.licensing_server.ledger import Ledger
+
+        old = self._pick(fault, rec, self._can_request)
+        others = [s for s in self.servers if s is not old and self._can_request(s)]
+        if not others:
+            raise _NoServerFits("skipped: no second server to replace it")
+        new = others[-1]
+        feature, ent = "rehost-test", "licsim-rehost"
+        scratch = Path(tempfile.mkdtemp(prefix="licsim-rehost-"))
+        loaded = 0
+
+        def load() -> None:
+            nonlocal loaded
+            for _ in range(3):
+                loaded += self.load_once()
+
+        try:
+            with Ledger(scratch / "ledger.db", self.vendor, clock=old.now) as led:
+                led.entitle(ent, "sim", {feature: 2})
+                led.assign(ent, old.device_id, feature, 2)
+                res, _w = old.agent().apply(led.answer_request(
+                    old.agent().request(Action.ACTIVATE, [feature])))
+                led.accept_receipt(res.receipt)
+                led.observe_device_info(new.agent().info()[0])
+                load()
+                req = old.agent().request(Action.RECLAIM, [feature], transfer_to=new.device_id)
+                load()
+                resp = led.answer_request(req)
+                load()
+                res, _w = old.agent().apply(resp)
+                load()
+                led.accept_receipt(res.receipt)
+                gone = not old.agent().check(feature).licensed
+                self._check(rec, "old-holds-none", gone, f"{old.name}: {feature} gone")
+                load()
+                res, _w = new.agent().apply(led.answer_request(
+                    new.agent().request(Action.ACTIVATE, [feature])))
+                led.accept_receipt(res.receipt)
+                got = self._installed(new).get(feature, 0)
+                self._check(rec, "new-gets-them", got == 2, f"{new.name} holds {got} {feature}")
+                free = led.free(ent, feature)
+                self._check(rec, "counted-once", free == 0, f"{free} free of 2 after the move")
+                again, _w = old.agent().apply(resp)  # the transfer-out replayed: nothing back
+                self._check(rec, "replay-gives-nothing",
+                            not old.agent().check(feature).licensed,
+                            "already applied" if again.already_applied else "applied again")
+                res, _w = new.agent().apply(led.answer_request(
+                    new.agent().request(Action.RECLAIM, [feature])))
+                led.accept_receipt(res.receipt)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        rec["detail"] = (f"{old.name} rehosted to {new.name} in a real ledger, "
+                         f"{loaded} load operations between the steps")
+
     def _installed(self, srv: SimServer) -> dict[str, int]:
         try:
             return self._snapshot(srv)[2]
         except LicensingError:
             return {}
 
+
+
+def _put_back(state: Path, copy: Path) -> None:
+    """Put a store directory back from a copy, as a restore of the folder does: each file
+    of the copy, and no file the copy did not have (a newer slot would name a longer
+    journal), under the store lock."""
+    from agent.store import STATE_FILES, store_lock
+
+    with store_lock(state):
+        kept = {f.name for f in copy.iterdir()}
+        for name in STATE_FILES:
+            if name not in kept and name != "lock":
+                (state / name).unlink(missing_ok=True)
+        for f in copy.iterdir():
+            if f.name != "lock":
+                shutil.copy2(f, state / f.name)
 
 
 #: the injector of each fault kind
@@ -446,5 +642,8 @@ INJECTORS: Mapping[str, Callable[[FaultInjection, FaultSpec, FaultRecord], None]
     "parent-reclaim": FaultInjection._fault_parent_reclaim,
     "child-moved": FaultInjection._fault_child_moved,
     "clock-future": FaultInjection._fault_clock_future,  # issue 16
+    "restore-backup": FaultInjection._fault_restore_backup,
+    "server-dead": FaultInjection._fault_server_dead,
+    "server-replaced": FaultInjection._fault_server_replaced,
 }
 assert set(INJECTORS) == set(FAULT_KINDS), "every fault kind has its injector"

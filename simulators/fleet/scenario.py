@@ -72,6 +72,15 @@ FAULT_KINDS: Mapping[str, str] = {
     # issue 16
     "clock-future": "one clock reading in 2038 locks the server out; a vendor-certified time "
                     "answering its fresh clock request brings it back, once",
+    "restore-backup": "a store put back from a copy older than a receipt a real ledger "
+                      "verified: the ledger refuses its request as restored and flags it; the "
+                      "server holds what the copy held",
+    "server-dead": "a server declared dead (revoked) in a real ledger: its licenses return, "
+                   "the ledger answers it nothing, another server takes them, and the box, "
+                   "shown its site's license information, drops what it held",
+    "server-replaced": "a server replaced by another under load (rehost in a real ledger): "
+                       "the old one holds none, the new one all, counted once, a replay "
+                       "gives nothing back",
 }
 #: the fault kinds that act on [[systems]]: drawn at random only when the fleet has some
 SYSTEM_FAULTS = ("parent-offline", "parent-reclaim", "child-moved")
