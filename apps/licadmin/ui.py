@@ -24,7 +24,8 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Mapping
+import traceback
+from collections.abc import Callable, Mapping
 from email.parser import BytesParser
 from email.policy import HTTP
 from http.server import ThreadingHTTPServer
@@ -35,10 +36,17 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from agent.errors import EXIT_OK, LicensingError, UsageError, listen_error
 from agent.formats import DEVICE_FILE_MAX
 from apps.common import one_line, read_input
-from apps.licadmin import inventory, online
+from apps.licadmin import inventory, online, ui_rehost, ui_seats, ui_system
 from apps.licadmin.runner import DEFAULT_JOBS, DEFAULT_TIMEOUT, open_client
 from apps.licadmin.ui_flow import STEPS, Site, cli_line
-from apps.licadmin.ui_pages import flow_page, journal_page, layout, licenses_page, servers_page
+from apps.licadmin.ui_pages import (
+    Routes,
+    flow_page,
+    journal_page,
+    layout,
+    licenses_page,
+    servers_page,
+)
 from hw.httpjson import Answer, HttpRefusal, JsonHandler, Route
 
 __all__ = ["UiServer", "add_parser", "parse_multipart", "run_ui"]
@@ -142,6 +150,9 @@ class UiServer(ThreadingHTTPServer):
         return f"{self.origin}/?token={quote(self.token)}"
 
     def log(self, line: str) -> None:
+        """A line of the UI log; inside an ``except`` block, with the traceback."""
+        if sys.exc_info()[0] is not None:
+            line += "\n" + traceback.format_exc().rstrip()
         if self._log is not None:
             self._log(line)
 
@@ -240,6 +251,8 @@ class _Handler(JsonHandler):
     def _page(self, title: str, body: str, current: str) -> Answer:
         flash, self.server.flash = self.server.flash, None
         site = self.server.site
+        if flash is None and site.failure is not None:
+            flash, site.failure = ("error", site.failure), None
         return Answer(layout(title, body, current, flash, site.job, self.server.csrf).encode(),
                       HTML, 200)
 
@@ -253,7 +266,27 @@ class _Handler(JsonHandler):
     def after_send(self, answer: Answer) -> None:
         self.server.log(f"{self.command} {urlsplit(self.path).path} {answer.status}")
 
+    # ------------------------------------------------------------ for the screen modules
+
+    def query(self) -> dict[str, list[str]]:
+        return self._query()
+
+    def form(self) -> tuple[dict[str, list[str]], list[tuple[str, str, bytes]]]:
+        return self._form()
+
+    def page(self, title: str, body: str, current: str) -> Answer:
+        return self._page(title, body, current)
+
+    def acted(self, to: str, fn: Callable[[], Any]) -> Answer:
+        return self._acted(to, fn)
+
+    def download(self, data: bytes, name: str) -> Answer:
+        return Answer(data, "application/octet-stream", 200, {
+            "Content-Disposition": f'attachment; filename="{name}"'})
+
     # ------------------------------------------------------------ routes
+
+    SCREENS: tuple[Routes, ...] = (ui_rehost.routes, ui_seats.routes)
 
     def routes(self, path: str) -> Mapping[str, Route]:
         if self._query().get("token") and self.command in ("GET", "HEAD"):
@@ -274,6 +307,10 @@ class _Handler(JsonHandler):
             "/flow/upload/license-info": self._upload_license_info,
             "/flow/upload/responses": self._upload_responses,
         }
+        for screen in self.SCREENS:
+            own = screen(self, path)
+            if own:
+                return own
         if path in get:
             return {"GET": get[path], "HEAD": get[path]}
         if path in post:
@@ -304,7 +341,9 @@ class _Handler(JsonHandler):
         site = self.server.site
         if site.views is None and not site.busy():
             site.read_servers()  # reading status changes nothing on a server
-        return self._page("Servers", servers_page(site, self.server.csrf), "/servers")
+        return self._page("Servers", servers_page(site, self.server.csrf,
+                                                  ui_system.place(site))
+                          + ui_system.servers_section(site), "/servers")
 
     def _read_servers(self) -> Answer:
         self._form()
@@ -320,7 +359,8 @@ class _Handler(JsonHandler):
                 report = site.licensing.report()  # type: ignore[attr-defined]
             except LicensingError as err:
                 error = cli_line(err)
-        return self._page("Show Licenses", licenses_page(site, report, error), "/licenses")
+        return self._page("Show Licenses", licenses_page(site, report, error)
+                          + ui_system.licenses_section(site), "/licenses")
 
     def _flow(self) -> Answer:
         q = self._query()
@@ -343,7 +383,8 @@ class _Handler(JsonHandler):
             if site.busy():
                 raise UsageError("a step is still running: wait for it to finish")
             site.new_flow((fields.get("mode") or [""])[0], fields.get("server", []),
-                          (fields.get("features") or [""])[0].split(","))
+                          (fields.get("features") or [""])[0].split(","),
+                          (fields.get("force") or [""])[0] == "1")
             site.run_step("gather")
 
         return self._acted("/flow", start)
@@ -385,8 +426,7 @@ class _Handler(JsonHandler):
     def _download(self, rel: str) -> Answer:
         path = self.server.site.flow.file_path(rel)
         data = read_input(str(path), 16 * 1024 * 1024 if "/" not in rel else DEVICE_FILE_MAX)
-        return Answer(data, "application/octet-stream", 200, {
-            "Content-Disposition": f'attachment; filename="{path.name}"'})
+        return self.download(data, path.name)
 
     def _static(self, name: str) -> Answer:
         if name not in {p.name for p in STATIC.iterdir()} or name.startswith("."):

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,13 +26,21 @@ from typing import Any
 from agent.errors import LicensingError, MalformedError, UsageError
 from agent.formats import DEVICE_FILE_MAX, LICENSE_INFO_MAX, expect_kind, peek_payload
 from agent.messages import LicenseInfo, Response
+from agent.rpc import Op
 from apps.common import one_line, write_output
-from apps.licadmin import online, onsite
+from apps.licadmin import online, onsite, tree
 from apps.licadmin.console import Console
 from apps.licadmin.files import SUFFIX, device_file, ensure_dir, per_device_dir, short
 from apps.licadmin.inventory import ServerRef
 from apps.licadmin.outcome import FAILED, NOT_DONE, OK, Outcome, StepResult, summary_lines
-from apps.licadmin.runner import DEFAULT_JOBS, DEFAULT_TIMEOUT, Stop, connector, each_server
+from apps.licadmin.runner import (
+    DEFAULT_JOBS,
+    DEFAULT_TIMEOUT,
+    Stop,
+    connector,
+    each_server,
+    open_client,
+)
 
 __all__ = ["ONLINE", "STEPS", "TITLES", "Flow", "Job", "Site", "cli_line"]
 
@@ -93,6 +103,8 @@ class ServerView:
     reachable: bool | None = None
     status: Any = None
     error: str = ""
+    #: its get-tree answer (issue 14), None when it could not say
+    tree: dict[str, Any] | None = None
 
 
 def rows_of(res: StepResult) -> list[dict[str, Any]]:
@@ -118,8 +130,17 @@ class Site:
         self.timeout = timeout
         self.jobs = jobs
         self.views: list[ServerView] | None = None
+        #: the system under each server of the site that has servers under it (issue 14):
+        #: (its index, :func:`apps.licadmin.tree.collect`'s answer), read with the servers
+        self.systems: list[tuple[int, dict[str, Any]]] = []
         self.job: Job | None = None
+        #: the line of a job that failed on a bug (its traceback is in the log)
+        self.failure: str | None = None
         self._lock = threading.Lock()
+
+    def log(self, text: str) -> None:
+        """The UI log (licadmin ui's standard error)."""
+        print(text, file=sys.stderr, flush=True)
 
     @property
     def flow(self) -> Flow:
@@ -142,6 +163,10 @@ class Site:
         def run() -> None:
             try:
                 work(job)
+            except Exception:  # a bug: its traceback to the log, one line to the browser
+                self.log(f"internal error in {title}:\n{traceback.format_exc().rstrip()}")
+                self.failure = (f"{PROG}: internal: internal error in licadmin ui while "
+                                f"{title}; see its log")
             finally:
                 job.running = False
 
@@ -165,6 +190,10 @@ class Site:
             st = client.status()
             o.device_id = st.device_id
             by_url[o.url or ""].status = st
+            try:
+                by_url[o.url or ""].tree = client.typed(Op.GET_TREE).to_wire()
+            except LicensingError:
+                pass  # a server that keeps no tree: no system shown for it
 
         def work(j: Job) -> None:
             outs = each_server(self.servers, job, connector(self.timeout), UiConsole(j),
@@ -174,13 +203,32 @@ class Site:
                 v.reachable = o.status == OK
                 if o.status != OK:
                     v.error = one_line(f"{o.reason}: {o.detail}")
+            self.systems = self._systems(views)
             self.views = views
 
         self.start("reading the servers", work)
 
+    def _systems(self, views: Sequence[ServerView]) -> list[tuple[int, dict[str, Any]]]:
+        """The system under each server with servers under it whose own parent is not a
+        server of the site (that one's system shows it), as ``licadmin tree`` shows it."""
+        ids = {v.tree["device_id"] for v in views if v.tree is not None}
+
+        def ask(url: str) -> dict[str, Any] | None:
+            try:
+                with open_client(url, self.timeout) as c:
+                    answer: dict[str, Any] = c.typed(Op.GET_TREE).to_wire()
+                    return answer
+            except LicensingError:
+                return None
+
+        return [(k, tree.collect(v.tree, ask)) for k, v in enumerate(views)
+                if v.tree is not None and v.tree.get("children")
+                and v.tree.get("parent") not in ids]
+
     # ------------------------------------------------------------ the guided flow
 
-    def new_flow(self, mode: str, urls: Sequence[str], features: Sequence[str]) -> None:
+    def new_flow(self, mode: str, urls: Sequence[str], features: Sequence[str],
+                 force: bool = False) -> None:
         if mode not in MODES:
             raise UsageError(f"unknown flow {mode!r}: choose activate or reclaim")
         known = {s.url for s in self.servers}
@@ -188,7 +236,7 @@ class Site:
         if not chosen or len(chosen) != len(urls):
             raise UsageError("select at least one server of the site")
         feats = [f for f in (x.strip() for x in features) if f]
-        self.flow.begin(mode, chosen, feats)
+        self.flow.begin(mode, chosen, feats, force and mode == "reclaim")
 
     def run_step(self, step: str, allow_reclaim: bool = False) -> None:
         """Start ``step`` of the current flow as the job (the command line's function)."""
@@ -240,7 +288,8 @@ class Site:
         if step == "requests":
             return onsite.make_requests(servers, str(w / "license-info.cbor"),
                                         str(w / "requests"), connect, console, self.jobs,
-                                        state["mode"], state["features"], stop, self.timeout)
+                                        state["mode"], state["features"], stop, self.timeout,
+                                        force=bool(state.get("force")))
         if step == "upload":
             assert self.licensing is not None
             return online.upload(str(w / "requests"), str(w / "responses"), None,
@@ -276,7 +325,8 @@ class Flow:
     def _save(self, d: dict[str, Any]) -> None:
         write_output(str(self.state_file), (json.dumps(d, indent=1) + "\n").encode())
 
-    def begin(self, mode: str, urls: Sequence[str], features: Sequence[str]) -> None:
+    def begin(self, mode: str, urls: Sequence[str], features: Sequence[str],
+              force: bool = False) -> None:
         """A new flow; the files of an earlier one are kept beside it, never deleted."""
         if self.folder.exists():
             stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
@@ -289,7 +339,7 @@ class Flow:
         ensure_dir(self.folder.parent)
         ensure_dir(self.folder)
         self._save({"mode": mode, "servers": list(urls), "features": list(features),
-                    "results": {}})
+                    "force": force, "results": {}})
 
     def record(self, step: str, result: dict[str, Any]) -> None:
         d = self.state() or {}

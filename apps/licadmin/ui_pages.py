@@ -10,24 +10,61 @@ column headers, every control a label, and errors are the command line's one lin
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from html import escape
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 from agent.formats import iso
 from apps.licadmin.files import short
 from apps.licadmin.ui_flow import ONLINE, STEPS, TITLES, Flow, Job, ServerView, Site
 
-__all__ = ["NAV", "flow_page", "journal_page", "layout", "licenses_page", "servers_page"]
+__all__ = ["NAV", "Screen", "csrf_field", "e", "flow_page", "journal_page", "layout",
+           "licenses_page", "server_links", "servers_page", "table"]
 
-#: the screens, in the order of the navigation (rehost and seat pools come later)
+#: the screens, in the order of the navigation
 NAV = (("/servers", "Servers"), ("/licenses", "Show Licenses"), ("/flow", "Activate"),
-       ("/flow?mode=reclaim", "Reclaim"), ("/journal", "Journal"))
+       ("/flow?mode=reclaim", "Reclaim"), ("/rehost", "Rehost"), ("/seats", "Seat pools"),
+       ("/journal", "Journal"))
 
 
-def _e(x: Any) -> str:
+class Served(Protocol):
+    """What a screen reads of the server: the site and the page's CSRF field."""
+
+    @property
+    def site(self) -> Site: ...
+
+    @property
+    def csrf(self) -> str: ...
+
+
+class Screen(Protocol):
+    """What a screen module (``ui_seats``, ``ui_rehost``) asks of the request handler."""
+
+    @property
+    def server(self) -> Served: ...
+
+    def query(self) -> dict[str, list[str]]: ...
+
+    def form(self) -> tuple[dict[str, list[str]], list[tuple[str, str, bytes]]]: ...
+
+    def page(self, title: str, body: str, current: str) -> Any: ...
+
+    def acted(self, to: str, fn: Callable[[], Any]) -> Any: ...
+
+    def download(self, data: bytes, name: str) -> Any: ...
+
+
+#: a screen's routes for a path: method to handler (empty when the path is not its own)
+Routes = Callable[[Screen, str], Mapping[str, Any]]
+
+
+def e(x: Any) -> str:
+    """``x`` as HTML text (quotes escaped too)."""
     return escape(str(x), quote=True)
+
+
+_e = e
 
 
 def _current(yes: bool, what: str = "page") -> str:
@@ -79,7 +116,7 @@ def layout(title: str, body: str, current: str, flash: tuple[str, str] | None = 
         '</main></body></html>\n')
 
 
-def _table(caption: str, head: Sequence[str], rows: Sequence[Sequence[Any]],
+def table(caption: str, head: Sequence[str], rows: Sequence[Sequence[Any]],
            ident: str = "", raw: frozenset[int] = frozenset()) -> str:
     """A table with a caption and column headers; ``raw`` columns hold HTML already."""
     idattr = f' id="{_e(ident)}"' if ident else ""
@@ -96,7 +133,8 @@ def _table(caption: str, head: Sequence[str], rows: Sequence[Sequence[Any]],
 # ---------------------------------------------------------------- Servers
 
 
-def servers_page(site: Site, csrf: str) -> str:
+def servers_page(site: Site, csrf: str, places: Sequence[str] = ()) -> str:
+    """The site's servers; ``places``: each one's place in a system tree (ui_system)."""
     views = site.views
     rows = []
     for k, s in enumerate(site.servers):
@@ -106,11 +144,12 @@ def servers_page(site: Site, csrf: str) -> str:
                  else "yes" if v.reachable else f"no: {v.error}")
         rows.append((s.name or "-", st.model if st else "-", st.device_id if st else "-",
                      s.url, reach, st.sequence if st else "-",
+                     places[k] if k < len(places) else "-",
                      f'<a href="/journal?server={k}">journal</a>'))
-    body = (_table(f"The site's {len(site.servers)} server(s)"
-                   + (f" ({site.site})" if site.site else ""),
-                   ("Name", "Model", "Device ID", "Link", "Reachable", "Sequence", "Journal"),
-                   rows, "servers", raw=frozenset({6}))
+    body = (table(f"The site's {len(site.servers)} server(s)"
+                  + (f" ({site.site})" if site.site else ""),
+                  ("Name", "Model", "Device ID", "Link", "Reachable", "Sequence", "System",
+                   "Journal"), rows, "servers", raw=frozenset({7}))
             + button_form("/servers/read", "Read the servers again", csrf, ident="read"))
     return body
 
@@ -138,7 +177,7 @@ def licenses_page(site: Site, report: dict[str, Any] | None, report_error: str) 
             state = "licensed" if lic.get("licensed_now") else "not licensed now"
             rows.append((s.label, lic["feature"], lic["count"], lic.get("source", "vendor"), valid,
                          state))
-    body = _table("Licenses per server", ("Server", "Feature", "Count", "Source", "Validity",
+    body = table("Licenses per server", ("Server", "Feature", "Count", "Source", "Validity",
                                           "State"), rows, "licenses")
     required: dict[str, int] = {}
     available: dict[str, int] = {}
@@ -155,7 +194,7 @@ def licenses_page(site: Site, report: dict[str, Any] | None, report_error: str) 
     feats = sorted(set(held) | set(required))
     site_rows = [(f, required.get(f, "-") if report is not None else "-", held.get(f, 0),
                   available.get(f, "-") if report is not None else "-") for f in feats]
-    body += _table("The site: required (assigned at the licensing server), licensed "
+    body += table("The site: required (assigned at the licensing server), licensed "
                    "(installed on the servers), available (free in the entitlements)",
                    ("Feature", "Required", "Licensed", "Available"), site_rows, "site")
     if report_error:
@@ -186,6 +225,10 @@ def _start_form(site: Site, mode: str, csrf: str) -> str:
         '<div class="field"><label for="features">Features to reclaim, separated by commas '
         '(reclaim only; empty: what the license information lists)</label>'
         '<input type="text" id="features" name="features" autocomplete="off"></div>'
+        '<div class="field-box"><input type="checkbox" name="force" value="1" id="force">'
+        '<label for="force">Reclaim even while seats are out (reclaim only: floating '
+        'licenses; the receipt records the seats, which run to their end; the command '
+        'line\'s --force)</label></div>'
         '<button type="submit" class="primary" id="start-button">Start: gather server '
         'information</button></form>')
 
@@ -203,7 +246,7 @@ def _result_html(step: str, result: dict[str, Any] | None) -> str:
     rows = [(r["server"], short(r.get("device_id")), r["result"], r["detail"])
             for r in result.get("rows", [])]
     if rows:
-        out += _table(f"{TITLES[step]}: outcome per server", ("Server", "Device", "Result",
+        out += table(f"{TITLES[step]}: outcome per server", ("Server", "Device", "Result",
                                                               "Detail"), rows,
                       f"outcome-{step}")
     for d in result.get("details", []):
@@ -257,6 +300,7 @@ def flow_page(site: Site, csrf: str, mode: str, new: bool) -> str:
     chosen = [s.label for s in site.servers if s.url in state["servers"]]
     head = (f'<p id="flow-mode">Flow: <strong>{_e(state["mode"])}</strong>'
             + (f' of {_e(", ".join(state["features"]))}' if state["features"] else "")
+            + (" even while seats are out (--force)" if state.get("force") else "")
             + f' on {len(chosen)} server(s): {_e(", ".join(chosen))}. '
             f'Files: <code>{_e(flow.folder)}</code></p>')
     marks = {s: ("failed" if s in results and ("error" in results[s] or results[s].get("code"))
@@ -296,13 +340,18 @@ def flow_page(site: Site, csrf: str, mode: str, new: bool) -> str:
 # ---------------------------------------------------------------- Journal
 
 
-def journal_page(site: Site, index: int | None, entries: list[dict[str, Any]] | None,
-                 error: str) -> str:
+def server_links(site: Site, screen: str, index: int | None) -> str:
+    """The site's servers as links to ``screen?server=K`` (the chosen one marked)."""
     links = "".join(
-        f'<li><a href="/journal?server={k}"'
+        f'<li><a href="{screen}?server={k}"'
         f'{_current(k == index)}>{_e(s.label)}</a></li>'
         for k, s in enumerate(site.servers))
-    out = f'<nav aria-label="Servers"><ul class="servers">{links}</ul></nav>'
+    return f'<nav aria-label="Servers"><ul class="servers">{links}</ul></nav>'
+
+
+def journal_page(site: Site, index: int | None, entries: list[dict[str, Any]] | None,
+                 error: str) -> str:
+    out = server_links(site, "/journal", index)
     if index is None:
         return out + '<p>Choose a server to read its journal.</p>'
     who = site.servers[index].label
@@ -311,7 +360,7 @@ def journal_page(site: Site, index: int | None, entries: list[dict[str, Any]] | 
     rows = [(e.get("n"), iso(e["time"]) if isinstance(e.get("time"), int) else "-",
              e.get("event"), json.dumps(e.get("data"), default=_plain, sort_keys=True))
             for e in entries or []]
-    return out + _table(f"Journal of {who}: {len(rows)} record(s), verified",
+    return out + table(f"Journal of {who}: {len(rows)} record(s), verified",
                         ("#", "Time", "Event", "Data"), rows, "journal")
 
 
