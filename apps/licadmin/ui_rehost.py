@@ -233,7 +233,10 @@ def _detail(site: Site, ident: str, csrf: str) -> str:
 
 def rehost_page(site: Site, ident: str | None, csrf: str) -> str:
     out = ""
-    if ident:
+    if ident and _ID.fullmatch(ident) and site.busy() and not (_base(site) / ident /
+                                                                PLAN).is_file():
+        out += '<p class="note">The rehost is starting: reading both servers.</p>'
+    elif ident:
         out += _detail(site, ident, csrf)
     base = _base(site)
     known = sorted(p.name for p in base.iterdir()

@@ -10,7 +10,9 @@ non-loopback address is refused at start with one line and exit 2.
 from __future__ import annotations
 
 import http.client
+import json
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from simulators.licensing_server.vendor import Vendor
+from tests.conftest import stop_processes
 from tests.simulators.test_licserver_http import BIN
 from tests.support.uisite import UiSite
 
@@ -323,3 +326,361 @@ def test_licadmin_ui_stopped_or_killed_in_the_middle_of_send(tmp_path: Path,
     finally:
         s.close()
 
+
+
+# ---------------------------------------------------------------- issue 19 items 1-3
+
+BOUNDARY = "----licadminUiTest7MA4YWxkTrZu0gW"
+
+
+def _multipart(fields: list[tuple[str, str]], files: list[tuple[str, str, bytes]]
+               ) -> tuple[bytes, dict[str, str]]:
+    out = b""
+    for name, value in fields:
+        out += (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
+                f"{value}\r\n").encode()
+    for name, filename, data in files:
+        out += (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; "
+                f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                ).encode() + data + b"\r\n"
+    return out + f"--{BOUNDARY}--\r\n".encode(), {
+        "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+
+
+def _post(s: UiSite, cookie: str, path: str, fields: list[tuple[str, str]],
+          files: list[tuple[str, str, bytes]] | None = None) -> str:
+    """POST a form the way the page does; the Location it redirects to."""
+    from urllib.parse import urlencode
+
+    if files is None:
+        body, headers = urlencode(fields).encode(), {"Content-Type": FORM}
+    else:
+        body, headers = _multipart(fields, files)
+    status, h, page = _ask(s, "POST", path, body, {"Cookie": cookie, **headers})
+    assert status == 303, (path, status, page)
+    return h["location"]
+
+
+def _idle_page(s: UiSite, cookie: str, path: str) -> str:
+    """GET ``path`` once no job runs any more (the page shows no progress bar)."""
+    deadline = time.monotonic() + 120
+    while True:
+        status, _h, page = _ask(s, "GET", path, headers={"Cookie": cookie})
+        assert status == 200, (path, status, page)
+        if 'id="progress"' not in page:
+            return page
+        assert time.monotonic() < deadline, f"{path}: the job never finished"
+        time.sleep(0.1)
+
+
+def _said(page: str, ident: str) -> str:
+    import html
+
+    m = re.search(rf'<p id="{ident}" class="\w+" role="\w+">([^<]*)</p>', page)
+    assert m, page
+    return html.unescape(m.group(1))
+
+
+def _cells(page: str, table_id: str) -> list[list[str]]:
+    import html
+
+    m = re.search(rf'<table id="{table_id}">.*?<tbody>(.*?)</tbody>', page, re.S)
+    assert m, (table_id, page)
+    return [[html.unescape(re.sub(r"<[^>]+>", "", c)).strip()
+             for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+            for row in re.findall(r"<tr>(.*?)</tr>", m.group(1), re.S)]
+
+
+@pytest.fixture
+def online_ui(tmp_path: Path, vendor: Vendor) -> Iterator[UiSite]:
+    s = UiSite(tmp_path, vendor)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.close()
+
+
+def _floating(s: UiSite, name: str, count: int) -> None:
+    """``editor`` with ``count`` floating seats on ``name``: the command line's steps."""
+    url = s.urls[name]
+    s.tool("licadmin", "request", "--server", url, "activate", "--feature", "editor", "--out",
+           "fl.req")
+    s.licserver.run("issue", "--key", str(s.licserver.key), "--request", str(s.root / "fl.req"),
+                    "--grant", f"editor={count}", "--floating", "--out", str(s.root / "fl.resp"))
+    s.tool("licadmin", "apply", "--server", url, "fl.resp")
+
+
+def test_seat_pools_listed_and_a_seat_returned_by_its_token(online_ui: UiSite) -> None:
+    s = online_ui
+    _floating(s, "AS-P north", 2)
+    url = s.urls["AS-P north"]
+    for ws in ("ws-1", "ws-2"):
+        s.tool("licadmin", "seat", "checkout", "--server", url, "editor", "--client", ws,
+               "--out", f"{ws}.seat")
+    s.start_ui()
+    cookie = _cookie(s)
+    csrf = _csrf(s, cookie)
+    _st, _h, page = _ask(s, "GET", "/seats?server=0", headers={"Cookie": cookie})
+    assert _cells(page, "pools") == [["editor", "2", "2", "0"]]
+    cli = json.loads(s.tool("licadmin", "seat", "list", "--server", url, "--json").stdout)
+    assert [(r[0], r[1], r[2], r[3], r[4]) for r in _cells(page, "seats")] == [
+        (x["feature"], x["client"], x["since"], x["until"], "leased") for x in cli["seats"]]
+    # a file that is no seat token: the command line's line, and nothing changes
+    (s.root / "junk.seat").write_bytes(b"\xa1\x01\x02")
+    line = s.tool("licadmin", "seat", "return", "--server", url, "junk.seat",
+                  code=3).stderr.strip()
+    to = _post(s, cookie, "/seats/return", [("csrf", csrf), ("server", "0")],
+               [("token", "junk.seat", b"\xa1\x01\x02")])
+    assert to == "/seats?server=0"
+    _st, _h, page = _ask(s, "GET", to, headers={"Cookie": cookie})
+    assert _said(page, "error") == line
+    # without the page's CSRF field: refused, the seat stays out
+    body, headers = _multipart([("server", "0")],
+                               [("token", "ws-1.seat", (s.root / "ws-1.seat").read_bytes())])
+    status, _h, _ = _ask(s, "POST", "/seats/return", body, {"Cookie": cookie, **headers})
+    assert status == 403
+    assert _cells(_ask(s, "GET", "/seats?server=0", headers={"Cookie": cookie})[2],
+                  "pools") == [["editor", "2", "2", "0"]]
+    # the token file uploaded: the seat is free at once, the line is licadmin seat return's
+    to = _post(s, cookie, "/seats/return", [("csrf", csrf), ("server", "0")],
+               [("token", "ws-1.seat", (s.root / "ws-1.seat").read_bytes())])
+    _st, _h, page = _ask(s, "GET", to, headers={"Cookie": cookie})
+    assert _said(page, "note") == "returned seat of editor for ws-1"
+    assert _cells(page, "pools") == [["editor", "2", "1", "1"]]
+    assert [r[1] for r in _cells(page, "seats")] == ["ws-2"]
+    # returned once: the command line finds it gone too
+    assert s.tool("licadmin", "seat", "return", "--server", url, "ws-1.seat",
+                  code=None).returncode != 0
+    # a server without floating licenses, and a server index that does not exist
+    _st, _h, page = _ask(s, "GET", "/seats?server=2", headers={"Cookie": cookie})
+    assert _cells(page, "pools") == [["none"]]
+    status, _h, page = _ask(s, "GET", "/seats?server=9", headers={"Cookie": cookie})
+    assert status == 400 and "licadmin: usage: no server 9 in the site" in page
+
+
+def test_reclaim_with_seats_out_needs_the_force_box(online_ui: UiSite) -> None:
+    """The reclaim flow refuses a floating license with seats out, as licadmin requests
+    does (exit 9); with "reclaim even while seats are out" (--force) it goes through."""
+    s = online_ui
+    _floating(s, "AS-P north", 2)
+    s.tool("licadmin", "seat", "checkout", "--server", s.urls["AS-P north"], "editor",
+           "--client", "ws-1", "--out", "ws-1.seat")
+    s.start_ui()
+    cookie = _cookie(s)
+    csrf = _csrf(s, cookie)
+    north = s.urls["AS-P north"]
+    for force, want in ((False, "FAILED"), (True, "reclaim")):
+        fields = [("csrf", csrf), ("mode", "reclaim"), ("server", north),
+                  ("features", "editor")] + ([("force", "1")] if force else [])
+        _post(s, cookie, "/flow/start", fields)
+        _wait_result(s, "gather")
+        assert _run_step(s, cookie, csrf, "license-info")["code"] == 0
+        row = _run_step(s, cookie, csrf, "requests")["rows"][0]
+        assert row["result"] == want, row
+        if not force:
+            assert row["code"] == 9 and "ws-1" in row["detail"], row
+    assert json.loads((s.root / "work/flow/flow.json").read_text())["force"] is True
+
+
+def _rehost_id(location: str) -> str:
+    m = re.fullmatch(r"/rehost\?id=(rehost-[0-9a-f]{12})", location)
+    assert m, location
+    return m.group(1)
+
+
+def test_rehost_screen_moves_the_licenses_as_licadmin_rehost_does(online_ui: UiSite) -> None:
+    s = online_ui
+    north, roof = s.devices["AS-P north"], s.devices["AS-B roof"]
+    s.tool("licadmin", "assign", "--licensing-server", s.licensing, "--entitlement", "E-UI",
+           "--device", north, "--feature", "bacnet=2")
+    s.tool("licadmin", "activate", "--servers", "servers.toml", "--licensing-server",
+           s.licensing, "--yes", "--timeout", "5")
+    assert s.holdings("AS-P north") == {"bacnet": 2}
+    s.start_ui()
+    cookie = _cookie(s)
+    csrf = _csrf(s, cookie)
+    src, dst = s.urls["AS-P north"], s.urls["AS-B roof"]
+    # the same server twice: one line, nothing started
+    assert _post(s, cookie, "/rehost/start", [("csrf", csrf), ("from", src), ("to", src),
+                                              ("features", "")]) == "/rehost"
+    page = _idle_page(s, cookie, "/rehost")
+    assert _said(page, "error") == ("licadmin: usage: the old and the new server are the "
+                                    "same: choose the new server as the one the licenses "
+                                    "move to")
+    assert not (s.root / "work/rehost").exists()
+    ident = _rehost_id(_post(s, cookie, "/rehost/start", [("csrf", csrf), ("from", src),
+                                                         ("to", dst), ("features", "")]))
+    page = _idle_page(s, cookie, f"/rehost?id={ident}")
+    assert "Done: the licenses are on the new server" in page, page
+    assert [r[3] for r in _cells(page, "rehost-steps")] == ["done"] * 8
+    assert s.holdings("AS-P north") == {} and s.holdings("AS-B roof") == {"bacnet": 2}
+    moves = s.report()["moves"]
+    assert len(moves) == 1, moves
+    # the same folder as the command line's: licadmin rehost finds every step done
+    folder = f"work/rehost/{ident}"
+    out = s.tool("licadmin", "rehost", "--from", src, "--to", dst, "--licensing-server",
+                 s.licensing, "--work-dir", folder).stdout
+    assert out.count("done before") == 8, out
+    assert f"moved bacnet=2 from {north[:12]}… to {roof[:12]}…" in out
+    # each step's file is downloadable, byte for byte; nothing else is
+    for name in ("plan.json", "out.req", "out.receipt", "in.resp"):
+        status, h, _ = _ask(s, "GET", f"/rehost/files/{ident}/{name}",
+                            headers={"Cookie": cookie})
+        assert status == 200 and f'filename="{name}"' in h["content-disposition"]
+        assert int(h["content-length"]) == (s.root / folder / name).stat().st_size
+    for path in (f"/rehost/files/{ident}/outcome.json", f"/rehost/files/{ident}/..%2f..%2fflow",
+                 "/rehost/files/rehost-0123456789ab/plan.json", "/rehost/files/../servers.toml",
+                 f"/rehost/files/{ident}/../../servers.toml"):
+        status, _h, page = _ask(s, "GET", path, headers={"Cookie": cookie})
+        assert status in (400, 404), (path, status)
+        assert "licadmin: usage: no " in page, (path, page)
+
+
+def test_rehost_offline_hops_carried_as_files(tmp_path: Path, vendor: Vendor) -> None:
+    """licadmin ui without a licensing server: the rehost stops at each hop to it, its
+    request is downloaded and its response uploaded (a wrong one refused), each receipt is
+    confirmed on the command line elsewhere; the licenses end on the new server."""
+    s = UiSite(tmp_path, vendor)
+    try:
+        s.start()
+        north, roof = s.devices["AS-P north"], s.devices["AS-B roof"]
+        s.tool("licadmin", "assign", "--licensing-server", s.licensing, "--entitlement",
+               "E-UI", "--device", north, "--feature", "bacnet=1")
+        s.tool("licadmin", "activate", "--servers", "servers.toml", "--licensing-server",
+               s.licensing, "--yes", "--timeout", "5")
+        s.start_ui(online=False)
+        cookie = _cookie(s)
+        csrf = _csrf(s, cookie)
+        src, dst = s.urls["AS-P north"], s.urls["AS-B roof"]
+        ident = _rehost_id(_post(s, cookie, "/rehost/start", [
+            ("csrf", csrf), ("from", src), ("to", dst), ("features", "bacnet")]))
+        view = f"/rehost?id={ident}"
+        office = s.root / "office"
+
+        def carry_request(name: str, dev: str) -> bytes:
+            page = _idle_page(s, cookie, view)
+            assert "no licensing server given: download the request file" in page, page
+            status, _h, _ = _ask(s, "GET", f"/rehost/files/{ident}/{name}",
+                                 headers={"Cookie": cookie})
+            assert status == 200
+            req = (s.root / f"work/rehost/{ident}/{name}").read_bytes()
+            shutil.rmtree(office, ignore_errors=True)
+            (office / "req").mkdir(parents=True)
+            (office / f"req/{dev}.req").write_bytes(req)
+            s.tool("licadmin", "upload", "--requests", "office/req", "--out-dir",
+                   "office/resp", "--licensing-server", s.licensing)
+            return (office / f"resp/{dev}.resp").read_bytes()
+
+        def carry_receipt(name: str, dev: str) -> None:
+            page = _idle_page(s, cookie, view)
+            assert "run licadmin confirm --receipts DIR" in page, page
+            (office / "rc").mkdir(exist_ok=True)
+            (office / f"rc/{dev}.receipt").write_bytes(
+                (s.root / f"work/rehost/{ident}/{name}").read_bytes())
+            s.tool("licadmin", "confirm", "--receipts", "office/rc", "--licensing-server",
+                   s.licensing)
+            _post(s, cookie, "/rehost/confirmed", [("csrf", csrf), ("id", ident)])
+            _post(s, cookie, "/rehost/run", [("csrf", csrf), ("id", ident)])
+
+        out_resp = carry_request("out.req", north)
+        # the response for another device is refused and nothing is taken
+        _post(s, cookie, "/rehost/upload", [("csrf", csrf), ("id", ident)],
+              [("file", "x.resp", b"not a response")])
+        assert _said(_idle_page(s, cookie, view), "error").startswith("licadmin: malformed: ")
+        assert not (s.root / f"work/rehost/{ident}/out.resp").exists()
+        _post(s, cookie, "/rehost/upload", [("csrf", csrf), ("id", ident)],
+              [("file", f"{north}.resp", out_resp)])
+        _post(s, cookie, "/rehost/run", [("csrf", csrf), ("id", ident)])
+        carry_receipt("out.receipt", north)
+        assert s.holdings("AS-P north") == {}
+        in_resp = carry_request("in.req", roof)
+        _post(s, cookie, "/rehost/upload", [("csrf", csrf), ("id", ident)],
+              [("file", f"{north}.resp", out_resp)])  # the old server's: wrong device
+        page = _idle_page(s, cookie, view)
+        assert _said(page, "error") == (
+            f"licadmin: usage: {north}.resp answers device {north[:12]}…, this step waits "
+            f"for the response to in.req of device {roof[:12]}…: nothing was taken")
+        _post(s, cookie, "/rehost/upload", [("csrf", csrf), ("id", ident)],
+              [("file", f"{roof}.resp", in_resp)])
+        _post(s, cookie, "/rehost/run", [("csrf", csrf), ("id", ident)])
+        carry_receipt("in.receipt", roof)
+        page = _idle_page(s, cookie, view)
+        assert "Done: the licenses are on the new server" in page, page
+        assert s.holdings("AS-B roof") == {"bacnet": 1} and s.holdings("AS-P north") == {}
+        assert set(s.report()["installed"]) == {roof}
+    finally:
+        s.close()
+
+
+def test_the_system_tree_on_servers_and_show_licenses(tmp_path: Path) -> None:
+    """A top Enterprise Server lending snmp to two children (real daemons): the Servers
+    screen shows the system, Show Licenses its numbers, the same as licadmin tree --json."""
+    from tests.support.uisite import _first_line
+    from tests.tree.test_system_daemons import System, until
+
+    sy = System(tmp_path)
+    try:
+        sy.init("es", "Enterprise-Server")
+        sy.init("asp", "AS-P")
+        sy.init("asb", "AS-B")
+        sy.activate("es", "snmp=2")
+        _es, es_url = sy.daemon("es", "--listen", "tcp://127.0.0.1:0")
+        _asp, asp_url = sy.daemon("asp", "--listen", "tcp://127.0.0.1:0", "--parent", es_url,
+                                  "--renew-every", "1")
+        _asb, asb_url = sy.daemon("asb", "--listen", "tcp://127.0.0.1:0", "--parent", es_url,
+                                  "--renew-every", "1")
+
+        def inherited() -> bool:
+            top = json.loads(sy.run("licadmin", "tree", "--server", es_url,
+                                    "--json").stdout)
+            return sum(f["inherited"] for f in top["totals"]) == 2
+
+        until("both children inherit snmp", inherited)
+        cli = json.loads(sy.run("licadmin", "tree", "--server", es_url, "--json").stdout)
+        (tmp_path / "servers.toml").write_text(
+            "".join(f'[[server]]\nurl = "{u}"\nname = "{n}"\n\n'
+                    for n, u in (("ES", es_url), ("ASP", asp_url), ("ASB", asb_url))))
+        proc = subprocess.Popen(
+            [str(BIN / "licadmin"), "ui", "--servers", "servers.toml", "--listen",
+             "127.0.0.1:0", "--work-dir", "work"], cwd=tmp_path, env=sy.env,
+            stdout=subprocess.PIPE, stderr=open(tmp_path / "ui.log", "ab"))
+        sy.procs.append(proc)
+        s = UiSite.__new__(UiSite)
+        s.ui_url = _first_line(proc, "licadmin ui", 2)[1].strip()
+        cookie = _cookie(s)
+        page = _idle_page(s, cookie, "/servers")
+        page = _idle_page(s, cookie, "/servers")  # read: now with the systems
+        assert [r[6] for r in _cells(page, "servers")] == [
+            "top of 3 server(s)", "under SN-es", "under SN-es"]
+        shown = _cells(page, "system-0")
+        assert [(r[0], r[2], r[3]) for r in shown] == [("SN-es", sy.ids["es"], "yes")] + [
+            (f"{x['name']} (level 2)", x["device_id"], "yes") for x in cli["servers"][1:]]
+        assert {x["device_id"] for x in cli["servers"][1:]} == {sy.ids["asp"], sy.ids["asb"]}
+        _st, _h, page = _ask(s, "GET", "/licenses", headers={"Cookie": cookie})
+        got = _cells(page, "system-licenses-0")
+        want = []
+        for srv in cli["servers"]:
+            for f in srv["features"]:
+                want.append([f["feature"]] + [str(f[k]) for k in
+                                              ("required", "licensed", "inherited",
+                                               "available")])
+        want += [[t["feature"]] + [str(t[k]) for k in ("required", "licensed", "inherited",
+                                                       "available")] for t in cli["totals"]]
+        assert [r[1:] for r in got] == want
+        assert got[-1][0] == "system total" and got[-1][1:] == ["snmp", "0", "4", "2", "2"]
+    finally:
+        stop_processes(sy.procs, 30)
+
+
+def test_a_bug_is_one_line_in_the_browser_and_a_traceback_in_the_log(ui: UiSite) -> None:
+    """A flow.json that is a folder (no code path expects it) makes the page fail: the
+    browser gets one line, the UI log the traceback."""
+    cookie = _cookie(ui)
+    (ui.root / "work/flow/flow.json").mkdir(parents=True)
+    status, _h, page = _ask(ui, "GET", "/flow", headers={"Cookie": cookie})
+    assert status == 500
+    assert "licadmin: internal: internal error in licadmin ui; see its log" in page
+    log = (ui.root / "ui.log").read_text()
+    assert "internal error on GET /flow: IsADirectoryError" in log
+    assert "Traceback (most recent call last):" in log and "read_bytes" in log
