@@ -684,3 +684,27 @@ def test_a_bug_is_one_line_in_the_browser_and_a_traceback_in_the_log(ui: UiSite)
     log = (ui.root / "ui.log").read_text()
     assert "internal error on GET /flow: IsADirectoryError" in log
     assert "Traceback (most recent call last):" in log and "read_bytes" in log
+
+
+def test_every_form_of_the_new_screens_needs_the_csrf_field(ui: UiSite) -> None:
+    """Rehost and Seat pools: without the page's CSRF field, or sent from another origin,
+    each POST is refused and nothing is written."""
+    cookie = _cookie(ui)
+    csrf = _csrf(ui, cookie)
+    src, dst = ui.urls["AS-P north"], ui.urls["AS-B roof"]
+    forms = {"/rehost/start": [("from", src), ("to", dst), ("features", "")],
+             "/rehost/run": [("id", "rehost-0123456789ab")],
+             "/rehost/upload": [("id", "rehost-0123456789ab")],
+             "/rehost/confirmed": [("id", "rehost-0123456789ab")],
+             "/seats/return": [("server", "0")]}
+    for path, fields in forms.items():
+        for extra_fields, headers in (([], {}), ([("csrf", "0" * 64)], {}),
+                                      ([("csrf", csrf)], {"Origin": "http://evil.example"})):
+            body, h = _multipart(fields + extra_fields, [("token", "t.seat", b"\xa0")])
+            status, _h, page = _ask(ui, "POST", path, body, {"Cookie": cookie, **h, **headers})
+            assert status == 403, (path, headers, status)
+            assert "licadmin: unauthenticated: " in page
+    assert not (ui.root / "work/rehost").exists()
+    # a GET changes nothing either
+    for path in forms:
+        assert _ask(ui, "GET", path, headers={"Cookie": cookie})[0] == 405, path

@@ -238,7 +238,7 @@ def test_keyboard_and_labels(site: UiSite, driver: Any) -> None:
     settled(d)
     base = s.ui_url.split("/?")[0]
     for path in ("/servers", "/licenses", "/flow", "/flow?mode=reclaim", "/journal",
-                 "/journal?server=1"):
+                 "/journal?server=1", "/rehost", "/seats", "/seats?server=0"):
         d.get(base + path)
         settled(d)
         # the first Tab reaches the skip link, and Enter on it moves to the content
@@ -254,6 +254,10 @@ def test_keyboard_and_labels(site: UiSite, driver: Any) -> None:
             assert ident and d.find_elements(by("CSS_SELECTOR"), f"label[for='{ident}']"), path
         for b in d.find_elements(by("TAG_NAME"), "button"):
             assert b.text.strip(), path
+        # every form that changes something carries the page's CSRF field
+        for f in d.find_elements(by("CSS_SELECTOR"), "form"):
+            assert f.get_attribute("method") == "post", path
+            assert f.find_elements(by("CSS_SELECTOR"), "input[type=hidden][name=csrf]"), path
         # nothing from elsewhere: every asset is this server's own
         for el in d.find_elements(by("CSS_SELECTOR"), "[src], link[href], script"):
             src = el.get_attribute("src") or el.get_attribute("href") or ""
@@ -427,3 +431,131 @@ def test_activate_reclaims_only_what_the_technician_allowed(site: UiSite, driver
     assert s.holdings(NAMES[0]) == {}
     assert s.holdings(NAMES[1]) == s.holdings(NAMES[2]) == {"bacnet": 1}
     assert north not in s.report()["installed"]
+
+
+def test_rehost_from_the_keyboard(site: UiSite, driver: Any) -> None:
+    """The Rehost screen: old and new server chosen with the arrow keys, started with
+    Enter; the licenses move and every step's file is listed for download."""
+    from selenium.webdriver.common.keys import Keys
+
+    s, d = site, driver
+    north = s.devices[NAMES[0]]
+    s.tool("licadmin", "assign", "--licensing-server", s.licensing, "--entitlement", "E-UI",
+           "--device", north, "--feature", "bacnet=2")
+    s.tool("licadmin", "activate", "--servers", "servers.toml", "--licensing-server",
+           s.licensing, "--yes", "--timeout", "5")
+    s.start_ui()
+    d.get(s.ui_url)
+    settled(d)
+    d.find_element(by("LINK_TEXT"), "Rehost").click()
+    shot(d, "rehost-start")
+    old = d.find_element(by("ID"), "from")
+    assert old.get_attribute("value") == s.urls[NAMES[0]]
+    to = d.find_element(by("ID"), "to")
+    to.send_keys(Keys.ARROW_DOWN)  # from AS-P south to AS-B roof
+    assert to.get_attribute("value") == s.urls[NAMES[2]]
+    submit(d, d.find_element(by("ID"), "rehost-features"), "bacnet", Keys.ENTER)
+    no_error(d)
+    assert "Done: the licenses are on the new server" in d.find_element(
+        by("ID"), "rehost-done").text
+    steps = rows(d, "rehost-steps")
+    assert [r[1] for r in steps] == ["out.req", "out.resp", "out.receipt", "out.confirmed",
+                                     "in.req", "in.resp", "in.receipt", "in.confirmed"]
+    assert [r[3] for r in steps] == ["done"] * 8
+    assert len(d.find_elements(by("CSS_SELECTOR"), "#rehost-steps a[download]")) == 8
+    lines = d.find_element(by("ID"), "rehost-lines").text
+    assert f"moved bacnet=2 from {north[:12]}…" in lines, lines
+    shot(d, "rehost-done")
+    assert s.holdings(NAMES[0]) == {} and s.holdings(NAMES[2]) == {"bacnet": 2}
+
+
+def test_seat_pools_and_a_seat_returned(site: UiSite, driver: Any, tmp_path: Path) -> None:
+    s, d = site, driver
+    url = s.urls[NAMES[0]]
+    s.tool("licadmin", "request", "--server", url, "activate", "--feature", "editor", "--out",
+           "fl.req")
+    s.licserver.run("issue", "--key", str(s.licserver.key), "--request", str(s.root / "fl.req"),
+                    "--grant", "editor=3", "--floating", "--out", str(s.root / "fl.resp"))
+    s.tool("licadmin", "apply", "--server", url, "fl.resp")
+    for ws in ("ws-1", "ws-2"):
+        s.tool("licadmin", "seat", "checkout", "--server", url, "editor", "--client", ws,
+               "--out", f"{ws}.seat")
+    s.start_ui()
+    d.get(s.ui_url)
+    settled(d)
+    d.find_element(by("LINK_TEXT"), "Seat pools").click()
+    d.find_element(by("LINK_TEXT"), NAMES[0]).click()
+    assert rows(d, "pools") == [["editor", "3", "2", "1"]]
+    assert [r[1] for r in rows(d, "seats")] == ["ws-1", "ws-2"]
+    shot(d, "seats")
+    d.find_element(by("ID"), "file-token").send_keys(str(s.root / "ws-2.seat"))
+    submit(d, d.find_element(by("ID"), "return-seat"))
+    assert d.find_element(by("ID"), "note").text == "returned seat of editor for ws-2"
+    assert rows(d, "pools") == [["editor", "3", "1", "2"]]
+
+
+def test_the_system_tree_in_the_browser(tmp_path: Path, driver: Any) -> None:
+    """A top Enterprise Server and two children inheriting from it (real daemons): the
+    Servers screen shows the system, Show Licenses its required / licensed / available."""
+    import json
+    import subprocess
+
+    from tests.conftest import stop_processes
+    from tests.simulators.test_licserver_http import BIN
+    from tests.support.uisite import _first_line
+    from tests.tree.test_system_daemons import System, until
+
+    sy = System(tmp_path)
+    try:
+        sy.init("es", "Enterprise-Server")
+        sy.init("asp", "AS-P")
+        sy.init("asb", "AS-B")
+        sy.activate("es", "snmp=2")
+        _p, es_url = sy.daemon("es", "--listen", "tcp://127.0.0.1:0")
+        _p, asp_url = sy.daemon("asp", "--listen", "tcp://127.0.0.1:0", "--parent", es_url,
+                                "--renew-every", "1")
+        _p, asb_url = sy.daemon("asb", "--listen", "tcp://127.0.0.1:0", "--parent", es_url,
+                                "--renew-every", "1")
+        sy.run("licagent", "use", *sy.store("asp"), "snmp=1")
+
+        def system() -> dict[str, Any]:
+            out = sy.run("licadmin", "tree", "--server", es_url, "--json").stdout
+            return dict(json.loads(out))
+
+        until("both children inherit snmp, asp requires it",
+              lambda: system()["totals"][0]["inherited"] == 2
+              and system()["totals"][0]["required"] == 1)
+        (tmp_path / "servers.toml").write_text(
+            'site = "Campus 14"\n\n' + "".join(
+                f'[[server]]\nurl = "{u}"\nname = "{n}"\n\n'
+                for n, u in (("Enterprise Server", es_url), ("AS-P hall", asp_url),
+                             ("AS-B hall", asb_url))))
+        proc = subprocess.Popen(
+            [str(BIN / "licadmin"), "ui", "--servers", "servers.toml", "--listen",
+             "127.0.0.1:0", "--work-dir", "work"], cwd=tmp_path, env=sy.env,
+            stdout=subprocess.PIPE, stderr=open(tmp_path / "ui.log", "ab"))
+        sy.procs.append(proc)
+        d = driver
+        d.get(_first_line(proc, "licadmin ui", 2)[1].strip())
+        settled(d)
+        d.refresh()
+        assert [r[6] for r in rows(d, "servers")] == [
+            "top of 3 server(s)", "under SN-es", "under SN-es"]
+        assert [r[3] for r in rows(d, "system-0")] == ["yes"] * 3
+        shot(d, "servers-system")
+        d.find_element(by("LINK_TEXT"), "Show Licenses").click()
+        settled(d)
+        got = rows(d, "system-licenses-0")
+        cli = system()
+        assert got[-1] == ["system total", "snmp"] + [
+            str(cli["totals"][0][k]) for k in ("required", "licensed", "inherited",
+                                               "available")]
+        assert got[-1][2] == "1"  # what licagent use recorded on the AS-P
+        # each server's rows are licadmin tree's too
+        assert [r[1:] for r in got[:-1]] == [
+            [f["feature"]] + [str(f[k]) for k in ("required", "licensed", "inherited",
+                                                  "available")]
+            for srv in cli["servers"] for f in srv["features"]]
+        shot(d, "licenses-system")
+    finally:
+        stop_processes(sy.procs, 30)
