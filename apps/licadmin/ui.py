@@ -11,7 +11,10 @@ CSRF field of the page it came from, and is refused when its ``Origin`` (or
 sheet: no script, nothing from the Internet (``Content-Security-Policy: default-src
 'self'``).
 
-Every action calls the command line's own step functions (:mod:`apps.licadmin.ui_flow`).
+Every action calls the command line's own step functions (:mod:`apps.licadmin.ui_flow`);
+the Rehost and Seat pools screens live in modules of their own (:mod:`ui_rehost`,
+:mod:`ui_seats`), asked for their routes in turn. An exception no route expected is one
+line in the browser and its traceback in the log (standard error).
 """
 
 from __future__ import annotations
@@ -460,8 +463,8 @@ def add_parser(sub: Any, timeout_type: Any, jobs_type: Any) -> None:
     sp = sub.add_parser(
         "ui", help="the administration tool in a browser (a local web application)",
         description="Serve the administration screens on loopback: Servers, Show Licenses, "
-                    "the guided activation and reclaim, each server's journal. Open the URL "
-                    "printed at start (it carries the access token).")
+                    "the guided activation and reclaim, rehost, seat pools, each server's "
+                    "journal. Open the URL printed at start (it carries the access token).")
     sp.add_argument("--servers", required=True, metavar="FILE.toml",
                     help='the site\'s servers: [[server]] tables with url = "..." and an '
                          'optional name = "..."')

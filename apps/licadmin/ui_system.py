@@ -27,9 +27,16 @@ def _levels(system: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
-def _name(level: int, s: dict[str, Any]) -> str:
-    # indented with no-break spaces, and said as "level N" to a screen reader
-    return ("\u00a0\u00a0" * level + e(s["name"])
+def _labels(site: Site) -> dict[str, str]:
+    """Device ID to the name the site's file gives the server (if it lists it)."""
+    return {v.status.device_id: site.servers[k].label
+            for k, v in enumerate(site.views or []) if v.status is not None}
+
+
+def _name(level: int, s: dict[str, Any], labels: dict[str, str]) -> str:
+    # the site's name for it, else its serial; indented with no-break spaces, and said as
+    # "level N" to a screen reader
+    return ("\u00a0\u00a0" * level + e(labels.get(s["device_id"], s["name"]))
             + (f'<span class="sr"> (level {level + 1})</span>' if level else ""))
 
 
@@ -37,9 +44,11 @@ def place(site: Site) -> list[str]:
     """Each site server's place in a system: "top of N server(s)", "under NAME", or "-"."""
     ids = [v.status.device_id if v.status is not None else None for v in site.views or []]
     said = ["-"] * len(site.servers)
+    labels = _labels(site)
     for k, system in site.systems:
         said[k] = f"top of {len(system['servers'])} server(s)"
-        names = {s["device_id"]: s["name"] for s in system["servers"]}
+        names = {s["device_id"]: labels.get(s["device_id"], s["name"])
+                 for s in system["servers"]}
         for s in system["servers"][1:]:
             for j, dev in enumerate(ids):
                 if dev == s["device_id"] and said[j] == "-":
@@ -49,8 +58,9 @@ def place(site: Site) -> list[str]:
 
 def servers_section(site: Site) -> str:
     out = ""
+    labels = _labels(site)
     for k, system in site.systems:
-        rows = [(_name(level, s), s["model"] or "-", s["device_id"],
+        rows = [(_name(level, s, labels), s["model"] or "-", s["device_id"],
                  "yes" if s["reachable"] else "no: its last report to its parent",
                  s["url"] or "-")
                 for level, s in _levels(system)]
@@ -62,12 +72,13 @@ def servers_section(site: Site) -> str:
 
 def licenses_section(site: Site) -> str:
     out = ""
+    labels = _labels(site)
     for k, system in site.systems:
         rows = []
         for level, s in _levels(system):
             feats = s["features"] or [dict.fromkeys(FEATURE_KEYS, "")]
             for n, f in enumerate(feats):
-                rows.append((_name(level, s) if n == 0 else "",
+                rows.append((_name(level, s, labels) if n == 0 else "",
                              f["feature"] or "(none)",
                              *(f[key] for key in FEATURE_KEYS[1:])))
         for t in system["totals"]:

@@ -652,10 +652,12 @@ def test_the_system_tree_on_servers_and_show_licenses(tmp_path: Path) -> None:
         page = _idle_page(s, cookie, "/servers")
         page = _idle_page(s, cookie, "/servers")  # read: now with the systems
         assert [r[6] for r in _cells(page, "servers")] == [
-            "top of 3 server(s)", "under SN-es", "under SN-es"]
+            "top of 3 server(s)", "under ES", "under ES"]
         shown = _cells(page, "system-0")
-        assert [(r[0], r[2], r[3]) for r in shown] == [("SN-es", sy.ids["es"], "yes")] + [
-            (f"{x['name']} (level 2)", x["device_id"], "yes") for x in cli["servers"][1:]]
+        named = {sy.ids["es"]: "ES", sy.ids["asp"]: "ASP", sy.ids["asb"]: "ASB"}
+        assert [(r[0], r[2], r[3]) for r in shown] == [("ES", sy.ids["es"], "yes")] + [
+            (f"{named[x['device_id']]} (level 2)", x["device_id"], "yes")
+            for x in cli["servers"][1:]]
         assert {x["device_id"] for x in cli["servers"][1:]} == {sy.ids["asp"], sy.ids["asb"]}
         _st, _h, page = _ask(s, "GET", "/licenses", headers={"Cookie": cookie})
         got = _cells(page, "system-licenses-0")

@@ -76,7 +76,8 @@ def shot(d: Any, name: str) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
         height = d.execute_script("return document.body.scrollHeight")
-        d.set_window_size(1366, max(700, min(int(height) + 40, 2400)))
+        frame = d.execute_script("return window.outerHeight - window.innerHeight")
+        d.set_window_size(1366, max(700, min(int(height) + int(frame) + 20, 2600)))
         d.save_screenshot(str(Path(SHOTS) / f"ui-{name}.png"))
         d.set_window_size(1366, 900)
 
@@ -386,7 +387,17 @@ def test_refresh_and_stop_in_the_middle_of_a_step(site: UiSite, driver: Any) -> 
         submit_stop = d.find_element(by("CSS_SELECTOR"), ".job button")
         assert submit_stop.text == "Stop after the servers in flight"
         submit_stop.click()
-        assert "stopping: no new server is started" in d.find_element(by("ID"), "note").text
+
+        def noted(drv: Any) -> bool:
+            # the click does not wait for the next page, which refreshes itself each second
+            # while the step runs: look for the line until a page shows it
+            try:
+                return any("stopping: no new server is started" in n.text
+                           for n in drv.find_elements(by("ID"), "note"))
+            except Exception:  # the page refreshed under us
+                return False
+
+        WebDriverWait(d, STEP_WAIT, 0.1).until(noted)
     finally:
         held.send_signal(signal.SIGCONT)
     settled(d)
@@ -540,7 +551,7 @@ def test_the_system_tree_in_the_browser(tmp_path: Path, driver: Any) -> None:
         settled(d)
         d.refresh()
         assert [r[6] for r in rows(d, "servers")] == [
-            "top of 3 server(s)", "under SN-es", "under SN-es"]
+            "top of 3 server(s)", "under Enterprise Server", "under Enterprise Server"]
         assert [r[3] for r in rows(d, "system-0")] == ["yes"] * 3
         shot(d, "servers-system")
         d.find_element(by("LINK_TEXT"), "Show Licenses").click()
