@@ -36,10 +36,11 @@ def seats_page(site: Site, index: int | None, lst: Any, error: str, csrf: str) -
     who = site.servers[index].label
     pools = [(p["feature"], p["count"], p["out"], p["free"]) for p in lst.pools]
     pooled = {p["feature"] for p in lst.pools}
+    # the order a technician reads: by feature, then who has held a seat longest
     seats = [(s["feature"], s["client"], iso(s["since"]), iso(s["until"]),
               "borrowed" if s["borrowed"] else "leased",
               "" if s["feature"] in pooled else "reclaimed: runs to its end, never renewed")
-             for s in lst.seats]
+             for s in sorted(lst.seats, key=lambda s: (s["feature"], s["since"], s["client"]))]
     out += table(f"Floating licenses of {who}", ("Feature", "Seats", "Out", "Free"), pools,
                  "pools")
     out += table(f"Seats out on {who}", ("Feature", "Client", "Since", "Until", "Kind", "Note"),
