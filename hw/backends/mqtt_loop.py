@@ -34,6 +34,7 @@ from paho.mqtt.properties import Properties as _PahoProperties
 
 from agent.rpc import TransportError
 from hw.backends.mqtt_contract import MAX_PACKET, Backoff, Log
+from hw.backends.mqtt_props import FastProperties, install
 from hw.link import netloc
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ __all__ = [
 # reached through this untyped alias and the few adapters below.
 _paho: Any = _paho_client
 _Properties: Any = _PahoProperties
+install()  # paho's decoder makes properties without rebuilding its tables each time
 try:
     from paho.mqtt.enums import CallbackAPIVersion as _CallbackAPIVersion
 
@@ -481,7 +483,7 @@ class Session:
 def publish_props(correlation: bytes, reply_to: str | None = None,
                   expiry: int | None = None) -> Any:
     """The MQTT 5 properties of a PUBLISH: correlation data, response topic, message expiry."""
-    props = _Properties(PacketTypes.PUBLISH)
+    props = FastProperties(PacketTypes.PUBLISH)
     props.CorrelationData = correlation
     if reply_to is not None:
         props.ResponseTopic = reply_to

@@ -44,7 +44,7 @@ from simulators.fleet.models import make_facts
 from simulators.fleet.report import Invariant, Latency, Summary
 from simulators.fleet.scenario import FaultSpec, Scenario, load_scenario, parse_scenario
 from simulators.fleet.seat_load import SeatLoad, seats_within_count
-from simulators.fleet.server import ServerHandler, SimServer
+from simulators.fleet.server import ServerHandler, SimServer, device_info
 from simulators.fleet.systems import (
     SystemRun,
     attach_children,
@@ -342,6 +342,7 @@ class Fleet(FaultInjection):
                     if g.licenses:
                         self._activate(srv, dict(g.licenses))
                 srv.device_id = str(st["device_id"])
+                device_info(srv)  # signed now, as its state is new; handed out until it changes
                 self.entitled[name] = dict(g.licenses)
                 self.servers.append(srv)
                 self.by_name[name] = srv

@@ -5,10 +5,22 @@ KiB per server at 10,000 servers): each operation makes an
 :class:`agent.service.Agent` over the server's directory, with the server's
 hardware facts and clock, and :class:`ServerHandler` runs it through the
 agent's operation table (:class:`agent.ops.AgentOps`), as ``licagent run`` does.
+
+One exception, because a site's ``gather`` asks every server for it at once: the
+signed device information. The last one a server signed is kept with a digest
+of every byte of its state files (:class:`SignedInfo`) and handed out again, as
+long as the files hold exactly those bytes, the hardware facts, clock offset and
+lease are the same, and it was signed less than :data:`INFO_REUSE` seconds ago
+by the server's clock (never once the clock went back). Reading the files (the
+same checks and reads opening the store makes, without decoding, MAC checks or a
+signature) costs a fraction of opening the store and signing; anything that
+changed the store, a fault included, shows in some byte and the next one is
+opened and signed afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -16,12 +28,66 @@ from pathlib import Path
 from typing import Any
 
 from agent.durable import FileOps
+from agent.errors import LicensingError
 from agent.identity import HardwareFacts
 from agent.ops import AgentOps
+from agent.rpc import InfoResult
 from agent.service import Agent
+from agent.store import STATE_FILES, check_state_dir, read_state_file
 from hw.facts import StaticFactsProvider
 
-__all__ = ["ServerHandler", "SimServer"]
+__all__ = ["INFO_REUSE", "ServerHandler", "SignedInfo", "SimServer", "device_info",
+           "state_digest"]
+
+#: seconds (by the server's clock) a signed device information is handed out again
+INFO_REUSE = 600
+#: a state file larger than this (a long journal) is not digested: the store is opened
+_DIGEST_CAP = 64 * 1024
+
+
+def state_digest(directory: Path) -> bytes | None:
+    """SHA-256 of the name, length and bytes of every state file (a missing one marked as
+    such), after :func:`agent.store.check_state_dir`'s checks; None if a check fails, a
+    file cannot be read or one is larger than the cap (then the store is opened)."""
+    h = hashlib.sha256()
+    try:
+        check_state_dir(directory)
+        for name in STATE_FILES:
+            try:
+                data = read_state_file(directory, name, _DIGEST_CAP)
+            except FileNotFoundError:
+                h.update(f"{name}:-;".encode())
+                continue
+            if len(data) > _DIGEST_CAP:
+                return None
+            h.update(f"{name}:{len(data)};".encode())
+            h.update(data)
+    except (OSError, LicensingError):
+        return None
+    return h.digest()
+
+
+class SignedInfo:
+    """The device information a server signed last, and what it was signed from."""
+
+    __slots__ = ("clock_offset", "created", "data", "device_id", "digest", "facts", "lease")
+
+    def __init__(self, srv: SimServer, created: int, digest: bytes, result: InfoResult
+                 ) -> None:
+        self.facts = srv.facts
+        self.clock_offset = srv.clock_offset
+        self.lease = srv.lease
+        self.created = created  # at most the time inside the file (taken before signing)
+        self.digest = digest
+        self.data = result.file
+        # the server's own string when it is the same (one copy per server, not two)
+        self.device_id = srv.device_id if srv.device_id == result.device_id else result.device_id
+
+    def fits(self, srv: SimServer, now: int, digest: bytes | None) -> bool:
+        """Whether opening the store now would sign the same information (but its time)."""
+        return (digest == self.digest and srv.facts is self.facts
+                and srv.clock_offset == self.clock_offset and srv.lease == self.lease
+                and 0 <= now - self.created < INFO_REUSE)
 
 
 class SimServer:
@@ -39,7 +105,7 @@ class SimServer:
     """
 
     __slots__ = ("addresses", "clock_offset", "device_id", "directory", "facts", "lease",
-                 "links", "model", "name")
+                 "links", "model", "name", "signed_info")
 
     def __init__(self, name: str, model: str, directory: Path, facts: HardwareFacts,
                  links: tuple[str, ...]) -> None:
@@ -52,6 +118,7 @@ class SimServer:
         self.addresses: dict[str, str] = {}
         self.clock_offset = 0
         self.lease: int | None = None  # issue 14: a system's top server grants this long
+        self.signed_info: SignedInfo | None = None  # the last get-info answer (see above)
 
     @property
     def state_dir(self) -> Path:
@@ -87,7 +154,28 @@ class ServerHandler:
         self.counts = counts
 
     def __call__(self, op: str, args: Mapping[str, Any]) -> Any:
-        result = AgentOps(self.server.agent())(op, args)
+        if op == "get-info" and not args:
+            result: Any = self._info()
+        else:  # a change it makes to the store shows in the files' digest
+            result = AgentOps(self.server.agent())(op, args)
         self.counts[op] += 1
         return result
 
+    def _info(self) -> InfoResult:
+        return device_info(self.server)
+
+
+def device_info(srv: SimServer) -> InfoResult:
+    """``get-info`` on ``srv``: the kept answer while it fits, else signed afresh (and kept
+    if the files held the same bytes before and after: nothing changed them meanwhile)."""
+    now = srv.now()
+    before = state_digest(srv.state_dir)
+    kept = srv.signed_info
+    if kept is not None and kept.fits(srv, now, before):
+        return InfoResult(kept.data, kept.device_id)
+    srv.signed_info = None
+    result = AgentOps(srv.agent())("get-info", {})
+    assert isinstance(result, InfoResult)
+    if before is not None and state_digest(srv.state_dir) == before:
+        srv.signed_info = SignedInfo(srv, now, before, result)
+    return result

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.digest import sha256
 from agent.errors import (
@@ -104,6 +104,7 @@ TOKEN_MAX = 256
 
 Scope = frozenset[str] | None  # the entitlements a caller may touch; None: every one
 RESPONSE_VALID = 30 * DAY
+_R = TypeVar("_R")
 LICENSE_INFO_VALID = 30 * DAY
 
 
@@ -241,28 +242,43 @@ class Ledger:
 
     # ------------------------------------------------------------ operations
 
-    @contextmanager
-    def _operation(self, kind: str, now: int, device_id: str | None = None
-                   ) -> Iterator[tuple[LedgerTransaction, dict[str, Any]]]:
-        """A transaction recorded in ``operations``; a refusal is recorded after the rollback.
+    def _operation(self, body: Callable[[LedgerTransaction, dict[str, Any]], _R], kind: str,
+                   now: int, device_id: str | None = None) -> _R:
+        """``body`` as one transaction recorded in ``operations``; a refusal is recorded
+        after the rollback.
 
-        The body may set ``rec["device_id"]``, ``rec["outcome"]`` and ``rec["detail"]``.
+        ``body`` may set ``rec["device_id"]``, ``rec["outcome"]`` and ``rec["detail"]``.
+        The storage may run it more than once (a conflict with another worker on
+        PostgreSQL: :meth:`~simulators.licensing_server.storage.LedgerStorage.run`),
+        each time from a fresh ``rec`` and on a rolled-back transaction; only the
+        last run's answer and record count.
         """
-        rec: dict[str, Any] = {"device_id": device_id, "outcome": "ok", "detail": ""}
+        rec: dict[str, Any] = {}
+
+        def attempt(tx: LedgerTransaction) -> _R:
+            rec.clear()
+            rec.update(device_id=device_id, outcome="ok", detail="")
+            out = body(tx, rec)
+            tx.record(Operation(now, kind, rec["device_id"], rec["outcome"], rec["detail"]))
+            return out
+
         try:
-            with self._storage.transaction(kind) as tx:
-                yield tx, rec
-                tx.record(Operation(now, kind, rec["device_id"], rec["outcome"], rec["detail"]))
+            return self._storage.run(kind, attempt)
         except LicensingError as err:
             if isinstance(err, StorageError):
                 raise
+            refused = Operation(now, kind, rec.get("device_id", device_id),
+                                f"refused: {err.reason}", str(err)[:1000])
             try:
-                with self._storage.transaction(kind) as tx:
-                    tx.record(Operation(now, kind, rec["device_id"],
-                                        f"refused: {err.reason}", str(err)[:1000]))
+                self._storage.run(kind, lambda tx: tx.record(refused))
             except LicensingError:
                 pass  # the refusal itself is what the caller must see
             raise
+
+    def _answering(self, req: Request, data: bytes, now: int, signer: Vendor, scope: Scope
+                   ) -> Callable[[LedgerTransaction, dict[str, Any]], bytes]:
+        """The body of a request's operation (:meth:`_answer` on this request)."""
+        return lambda tx, rec: self._answer(tx, rec, req, data, now, signer, scope)
 
     def _now(self, now: int | None) -> int:
         return self.clock() if now is None else now
@@ -342,7 +358,7 @@ class Ledger:
                  for f, n in features.items()}
         if until is not None and not 0 <= until <= MAX_TIME:
             raise UsageError("until must be a time from 1970 to 2^40 seconds")
-        with self._operation("entitle", now) as (tx, rec):
+        def _body(tx: LedgerTransaction, rec: dict[str, Any]) -> dict[str, Any]:
             tx.add_entitlement(entitlement, product, now)
             for f, n in sorted(feats.items()):
                 tx.save_stock(rules.add_to_stock(tx.stock(entitlement, product, f),
@@ -353,6 +369,7 @@ class Ledger:
                              + ", ".join(f"+{n} {f}" for f, n in sorted(feats.items()))
                              + (f" until {iso(until)}" if until is not None else ""))
             return self._entitlement_json(tx, entitlement)
+        return self._operation(_body, "entitle", now)
 
     def assign(self, entitlement: str, device_id: str, feature: str, count: int,
                product: str | None = None, now: int | None = None,
@@ -409,8 +426,7 @@ class Ledger:
                 if first != i:
                     raise UsageError(f"the same device and feature as assignment #{first}: "
                                      "give each device's total once")
-        with self._operation("assign", now, None if many else wanted[0].device_id
-                             ) as (tx, rec):
+        def _body(tx: LedgerTransaction, rec: dict[str, Any]) -> list[dict[str, Any]]:
             holds = _Holds(tx)  # assignments do not change what a device may hold
             uses: dict[tuple[str, str, str], _StockUse] = {}
             out = []
@@ -424,6 +440,7 @@ class Ledger:
             if many:
                 rec["detail"] = f"{len(out)} assignments: " + rec["detail"]
             return out
+        return self._operation(_body, "assign", now, None if many else wanted[0].device_id)
 
     @staticmethod
     @contextmanager
@@ -469,13 +486,14 @@ class Ledger:
     def observe_device_info(self, data: bytes, now: int | None = None) -> DeviceInfo:
         """Verify a device-information file and update the ledger's view of that device."""
         now = self._now(now)
-        with self._operation("device-info", now) as (tx, rec):
+        def _body(tx: LedgerTransaction, rec: dict[str, Any]) -> DeviceInfo:
             info = read_device_info(data)
             rec["device_id"] = info.device_id
             self._refuse_revoked(tx, info.device_id)  # issue 16
             rec["outcome"] = self._observe(tx, self._seen_info(info, now), info.licenses)
             rec["detail"] = f"sequence {info.sequence}"
             return info
+        return self._operation(_body, "device-info", now)
 
     @staticmethod
     def _seen_info(info: DeviceInfo, now: int) -> rules.KnownDevice:
@@ -520,7 +538,7 @@ class Ledger:
             except LicensingError:
                 continue
         infos = rules.latest_infos(verified)
-        with self._operation("license-info", now) as (tx, rec):
+        def _body(tx: LedgerTransaction, rec: dict[str, Any]) -> tuple[bytes, dict[str, bytes]]:
             wanted = rules.wanted_devices(infos, len(files), devices)
             for dev in wanted:
                 self._check_device(tx, dev, scope)
@@ -542,6 +560,7 @@ class Ledger:
             one = ({dev: signer.license_info({dev: plan}, now, LICENSE_INFO_VALID, revoked)
                     for dev, plan in entries.items()} if per_device else {})
             return whole, one
+        return self._operation(_body, "license-info", now)
 
     # ------------------------------------------------------------ step 4: requests
 
@@ -561,8 +580,9 @@ class Ledger:
         signer = self._vendor(vendor)
         if len(data) > REQUEST_MAX:
             raise MalformedError(f"request file larger than {REQUEST_MAX} bytes")
-        with self._operation("request", now) as (tx, rec):
+        def _body(tx: LedgerTransaction, rec: dict[str, Any]) -> bytes:
             return self._answer(tx, rec, Vendor.read_request(data), data, now, signer, scope)
+        return self._operation(_body, "request", now)
 
     def _answer(self, tx: LedgerTransaction, rec: dict[str, Any], req: Request, data: bytes,
                 now: int, signer: Vendor, scope: Scope = None) -> bytes:
@@ -637,7 +657,7 @@ class Ledger:
         """
         now = self._now(now)
         signer = self._vendor(vendor)
-        with self._operation("receipt", now) as (tx, rec):
+        def _body(tx: LedgerTransaction, rec: dict[str, Any]) -> ReceiptResult:
             rc = verify_receipt(data, [signer.public])  # size cap, signatures, consistency
             dev = rec["device_id"] = rc.device_id
             self._check_device(tx, dev, scope)
@@ -674,6 +694,7 @@ class Ledger:
             if moved:
                 rec["detail"] += f"; moved to {moved[:12]}"
             return ReceiptResult(dev, rc.sequence, tuple(freed))
+        return self._operation(_body, "receipt", now)
 
     @staticmethod
     def _move(tx: LedgerTransaction, rc: Receipt, freed: Sequence[tuple[str, int]],
@@ -745,8 +766,8 @@ class Ledger:
                                      "this upload; send one per device")
                 key = req.device_id
                 at, signer = self._now(now), self._vendor(vendor)
-                with self._operation("request", at) as (tx, rec):
-                    res.responses[key] = self._answer(tx, rec, req, data, at, signer, scope)
+                res.responses[key] = self._operation(
+                    self._answering(req, data, at, signer, scope), "request", at)
             except StorageError:
                 raise
             except LicensingError as err:
@@ -774,7 +795,7 @@ class Ledger:
         if not isinstance(reason, str) or not reason.strip() or len(reason) > 256:
             raise UsageError("--reason: say why, in 1 to 256 characters (e.g. \"RMA 4711: "
                              "power supply failed\")")
-        with self._operation("revoke", now, device_id) as (tx, rec):
+        def _body(tx: LedgerTransaction, rec: dict[str, Any]) -> dict[str, Any]:
             prev = tx.revocation(device_id)
             if prev is not None:
                 raise UsageError(f"device {device_id[:12]}… was revoked already at "
@@ -798,6 +819,7 @@ class Ledger:
                                 or "nothing") + f" to {', '.join(site) or 'no entitlement'}")
             return {"device_id": device_id, "reason": reason, "revoked": iso(now),
                     "returned": returned, "entitlements": list(site)}
+        return self._operation(_body, "revoke", now, device_id)
 
     @staticmethod
     def _targets(tx: LedgerTransaction, dev: str) -> dict[str, License]:
@@ -828,7 +850,7 @@ class Ledger:
         now = self._now(now)
         signer = self._vendor(vendor)
         lim = Limits(max_file=256 * 1024)
-        with self._operation("transfer", now) as (tx, rec):
+        def _body(tx: LedgerTransaction, rec: dict[str, Any]) -> ReceiptResult:
             payload, _k = verify_self_signed(data, lim)
             if isinstance(payload, Transfer):
                 t, rc = payload, None
@@ -889,6 +911,7 @@ class Ledger:
                                 f"{t.id.hex()[:12]}, both receipts)"))
             rec["detail"] = f"moved {', '.join(parts)} to {new[:12]}"
             return ReceiptResult(new, rc.sequence)
+        return self._operation(_body, "transfer", now)
 
     @staticmethod
     def _refuse_revoked(tx: LedgerTransaction, dev: str, what: str = "device") -> None:
@@ -952,7 +975,7 @@ class Ledger:
             raise UsageError("a site-admin token needs the entitlements it may use: "
                              "--entitlement ID (repeat for each)")
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        with self._operation("token", now) as (tx, rec):
+        def _body(tx: LedgerTransaction, rec: dict[str, Any]) -> None:
             if tx.token_named(name) is not None:
                 raise UsageError(f"a token named {name!r} exists already (choose another "
                                  "--name; revoked names stay taken)")
@@ -963,6 +986,7 @@ class Ledger:
             tx.add_token(Token(name, r, ents, sha256(secret.encode()), now))
             rec["detail"] = f"created {name} ({r.value}" + (
                 f": {', '.join(ents)})" if ents else ")")
+        self._operation(_body, "token", now)
         return secret
 
     def revoke_token(self, name: str, now: int | None = None) -> Token:
@@ -975,7 +999,7 @@ class Ledger:
             UsageError: no token of that name.
         """
         now = self._now(now)
-        with self._operation("token", now) as (tx, rec):
+        def _body(tx: LedgerTransaction, rec: dict[str, Any]) -> Token:
             tok = tx.token_named(name)
             if tok is None:
                 raise UsageError(f"no token named {name!r} in the ledger "
@@ -983,6 +1007,7 @@ class Ledger:
             tx.revoke_token(name, now)
             rec["detail"] = f"revoked {name}" + (" (already revoked)" if tok.revoked else "")
             return tok
+        return self._operation(_body, "token", now)
 
     def authenticate(self, secret: str | None) -> Token:
         """The live token a bearer secret stands for.

@@ -8,35 +8,45 @@ the SQLite storage runs; this module owns only what differs: the column types
 a transaction starts.
 
 Several ``licserver serve`` processes may share one database. Every write
-transaction first takes one transaction-level advisory lock
-(``pg_advisory_xact_lock``), so the ledger's operations run one after another
-across all of them, as they do on one SQLite file under ``BEGIN IMMEDIATE``: an
-operation reads what every earlier one committed, and no two can both spend the
-same free licenses or answer the same request. The lock goes with the
-transaction: a process killed in the middle loses its connection, PostgreSQL
-rolls its transaction back and the next waits no longer. Reads (the report)
-take a ``REPEATABLE READ READ ONLY`` snapshot and do not wait.
+transaction runs ``SERIALIZABLE``: PostgreSQL lets operations on different
+devices and stocks run side by side, and when two could not have run one after
+the other with the same result (both spending the same free licenses, both
+answering one request, both crediting one receipt) it fails one of them with a
+serialization failure. That one is rolled back and run again from the start
+(:meth:`PostgresStorage.run`, with a short random pause, at most
+:data:`~simulators.licensing_server.storage.ATTEMPTS` times), and then reads what
+the other committed. A process killed in the middle loses its connection;
+PostgreSQL rolls its transaction back. Reads (the report) take a ``REPEATABLE
+READ READ ONLY`` snapshot and do not wait. Only creating the schema takes an
+advisory lock (``pg_advisory_xact_lock``), so two workers starting on an empty
+database do not both create it.
 """
 
 from __future__ import annotations
 
+import random
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
 from agent.errors import StorageError
 from simulators.licensing_server.ledger_sql import SqlCursor, SqlTransaction
+from simulators.licensing_server.storage import ATTEMPTS, ConflictError, LedgerTransaction
 
 __all__ = ["LOCK_KEY", "SCHEMA_VERSION", "PostgresStorage", "redact"]
 
 SCHEMA_VERSION = 2
-#: the advisory lock every write transaction takes ("lic18" in ASCII)
+#: the advisory lock creating the schema takes ("lic18" in ASCII)
 LOCK_KEY = 0x6C69633138
+#: what PostgreSQL says when a transaction collided with another: run it again
+_CONFLICTS = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected)
+_R = TypeVar("_R")
 
 _T = 'TEXT COLLATE "C"'
 _SCHEMA: tuple[str, ...] = (
@@ -188,7 +198,7 @@ class PostgresStorage:
     """:class:`~simulators.licensing_server.storage.LedgerStorage` in one PostgreSQL database.
 
     Safe to share between threads: one connection, transactions serialise on a
-    lock; between processes, on the advisory lock. A lost connection (a database
+    lock; between processes, ``SERIALIZABLE`` transactions run again on conflict. A lost connection (a database
     restart) is opened again at the next transaction.
 
     Raises:
@@ -221,7 +231,8 @@ class PostgresStorage:
                 self._conn.close()
 
     def _migrate(self) -> None:
-        with self.transaction("opening the ledger") as _tx, self._lock:
+        with self._tx("BEGIN ISOLATION LEVEL READ COMMITTED", True, "opening the ledger"
+                      ) as _db, self._lock:
             conn = self._connection()
             conn.execute("CREATE TABLE IF NOT EXISTS ledger_schema (version INTEGER NOT NULL)")
             row = conn.execute("SELECT version FROM ledger_schema").fetchone()
@@ -250,6 +261,10 @@ class PostgresStorage:
                                    f"{str(exc).strip()}") from exc
             try:
                 yield _Qmark(conn)
+            except _CONFLICTS as exc:
+                self._rollback(conn)
+                raise ConflictError(f"ledger {self.where}: {what} collided with another "
+                                    f"worker's: {str(exc).strip()}") from exc
             except psycopg.Error as exc:
                 self._rollback(conn)
                 raise StorageError(f"ledger {self.where}: {what} failed: "
@@ -259,6 +274,10 @@ class PostgresStorage:
                 raise
             try:
                 conn.execute("COMMIT")
+            except _CONFLICTS as exc:
+                self._rollback(conn)
+                raise ConflictError(f"ledger {self.where}: {what} collided with another "
+                                    f"worker's at commit: {str(exc).strip()}") from exc
             except psycopg.Error as exc:
                 self._rollback(conn)
                 raise StorageError(f"cannot commit to the ledger {self.where}: "
@@ -275,8 +294,28 @@ class PostgresStorage:
 
     @contextmanager
     def transaction(self, what: str) -> Iterator[SqlTransaction]:
-        with self._tx("BEGIN ISOLATION LEVEL READ COMMITTED", True, what) as db:
+        """One ``SERIALIZABLE`` attempt: ConflictError when it collided (see :meth:`run`)."""
+        with self._tx("BEGIN ISOLATION LEVEL SERIALIZABLE", False, what) as db:
             yield SqlTransaction(db)
+
+    def run(self, what: str, body: Callable[[LedgerTransaction], _R]) -> _R:
+        """``body`` in a ``SERIALIZABLE`` transaction, run again after a conflict.
+
+        Between attempts a random pause that doubles each time (from about a
+        millisecond, at most about a quarter second), so two workers colliding
+        again and again drift apart. The thread lock is not held while waiting.
+        """
+        pause = 0.001
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                with self.transaction(what) as tx:
+                    return body(tx)
+            except ConflictError:
+                if attempt == ATTEMPTS:
+                    raise
+            time.sleep(random.uniform(0, pause))
+            pause = min(pause * 2, 0.25)
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     @contextmanager
     def snapshot(self) -> Iterator[SqlTransaction]:

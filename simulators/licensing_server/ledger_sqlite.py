@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from agent.errors import StorageError
 from simulators.licensing_server.ledger_sql import SqlTransaction
+from simulators.licensing_server.storage import LedgerTransaction
 
 __all__ = ["SCHEMA_VERSION", "SqliteStorage", "SqliteTransaction"]
+
+_R = TypeVar("_R")
 
 #: the transactions on an SQLite connection: the SQL both storages share
 SqliteTransaction = SqlTransaction
@@ -225,6 +229,12 @@ class SqliteStorage:
                 yield SqliteTransaction(db)
         except sqlite3.Error as exc:
             raise StorageError(f"ledger {self.path}: {what} failed: {exc}") from exc
+
+    def run(self, what: str, body: Callable[[LedgerTransaction], _R]) -> _R:
+        """``body`` in one write transaction: ``BEGIN IMMEDIATE`` already runs it alone
+        (another process waits for the file's write lock), so there is nothing to retry."""
+        with self.transaction(what) as tx:
+            return body(tx)
 
     @contextmanager
     def snapshot(self) -> Iterator[SqliteTransaction]:

@@ -14,10 +14,12 @@ passes through unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from agent.errors import StorageError
 from agent.messages import License
 from simulators.licensing_server.rules import (
     Assignment,
@@ -29,6 +31,8 @@ from simulators.licensing_server.rules import (
 )
 
 __all__ = [
+    "ATTEMPTS",
+    "ConflictError",
     "DeviceRow",
     "InstalledRow",
     "IssuedResponse",
@@ -38,6 +42,17 @@ __all__ = [
     "PendingReclaim",
     "RequestAnswered",
 ]
+
+
+_T = TypeVar("_T")
+
+#: how many times a write transaction runs before a conflict is reported (PostgreSQL)
+ATTEMPTS = 50
+
+
+class ConflictError(StorageError):
+    """A write transaction collided with another one (a serialization failure or a
+    deadlock) and was rolled back: running it again from the start is safe."""
 
 
 @dataclass(frozen=True)
@@ -266,6 +281,21 @@ class LedgerStorage(Protocol):
         Raises:
             StorageError: the transaction cannot start or commit, or the storage
                 failed inside it (the message names ``what``).
+        """
+    def run(self, what: str, body: Callable[[LedgerTransaction], _T]) -> _T:
+        """``body`` in a write transaction, committed after it returns; its answer.
+
+        The ledger's operations go through here. A storage shared by several
+        processes runs each one as if alone (PostgreSQL: ``SERIALIZABLE``); when it
+        collides with another (:class:`ConflictError`), it is rolled back and
+        ``body`` runs again from the start, at most :data:`ATTEMPTS` times, so
+        ``body`` must do nothing outside the transaction that a second run would
+        repeat wrongly (it only reads and writes through its transaction and
+        computes, signs or draws random numbers).
+
+        Raises:
+            StorageError: as :meth:`transaction`; ConflictError after the last attempt.
+            Any exception ``body`` raises, after the rollback.
         """
     def snapshot(self) -> AbstractContextManager[LedgerTransaction]:
         """A consistent read, even while another process writes (StorageError on failure)."""

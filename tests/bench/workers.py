@@ -4,8 +4,8 @@ Real parts only: a PostgreSQL server (tests/support/postgres.py), `licserver ser
 processes on one database, 8 client threads uploading batches of 250 requests spread over
 the workers. The requests are signed by 10,000 device keys with the device's own pure
 protocol code (no stores on disk). Reports requests per second and the ratio of two
-workers to one (a measured ratio, not a goal: writes run one after another under the
-ledger's advisory lock, so two workers gain only what they overlap outside it).
+workers to one (a measured ratio, not a goal: writes run side by side as SERIALIZABLE
+transactions, a collision is run again).
 
 Run alone: `.venv/bin/python tests/bench/workers.py [N]` (prints the rows).
 """
@@ -118,7 +118,7 @@ def workers_rows(n: int = 10_000) -> list[tuple[str, str, str]]:
              f"{one:.0f} requests/s", how),
             (f"licensing server upload of {n:,} requests, 2 workers on one PostgreSQL",
              f"{two:.0f} requests/s ({two / one:.2f} x one worker)",
-             how + "; writes serialise on the ledger's advisory lock")]
+             how + "; SERIALIZABLE transactions side by side, a collision run again")]
 
 
 if __name__ == "__main__":
