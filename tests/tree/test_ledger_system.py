@@ -5,6 +5,7 @@ the system and the returns."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from simulators.licensing_server.ledger import Ledger
 from simulators.licensing_server.vendor import Vendor
 from tests.conftest import T0, Site
 from tests.tree.conftest import activate, top
+from tests.tree.test_workflow_tree import tree_site  # noqa: F401 (a fixture)
 
 BIN = Path(sys.executable).parent
 
@@ -137,3 +139,38 @@ def _kid_key(dev: Any) -> SigningKey:
     with dev.agent._open() as (store, _now):
         return store.key  # type: ignore[no-any-return]
 
+
+
+def test_activate_and_reclaim_in_one_go_through_the_top_server(tree_site: Any,
+                                                               tmp_path: Path) -> None:
+    """``licadmin activate --tree`` and ``reclaim --tree`` (all six steps in one go) reach
+    every server through the top server alone, and the ledger records the system."""
+    import hw
+
+    s, urls, ledger, lic = tree_site
+    os.chdir(tmp_path)
+    ids = s.ids
+    Path("assign.csv").write_text("".join(f"{d},bacnet=1\n" for d in ids.values()))
+    s.run("licadmin", "assign", "--licensing-server", lic.url, "--entitlement", "E-1",
+              "--devices-from", "assign.csv")
+    out = s.run("licadmin", "activate", "--server", urls["ec"], "--tree", "--licensing-server",
+                lic.url, "--work-dir", "act", "--yes", "--json").stdout
+    res = json.loads(out[out.index("{"):])
+    assert res["exit_code"] == 0, out
+    for name in ("ec", "es", "as1"):
+        with hw.connect(urls[name], timeout=10) as c:
+            assert c.check("bacnet").licensed, name
+    assert ledger.free("E-1", "bacnet") == 7
+    rep = ledger.report()
+    assert {(x["device_id"], x["parent"]) for sy in rep["systems"] for x in sy["servers"]} == {
+        (ids["es"], ids["ec"]), (ids["as1"], ids["es"])}
+    # and back: the reclaim in one go through the top server frees all three
+    for d in ids.values():
+        ledger.assign("E-1", d, "bacnet", 0)
+    out = s.run("licadmin", "reclaim", "--server", urls["ec"], "--tree", "--licensing-server",
+                lic.url, "--work-dir", "rec", "--json").stdout
+    assert json.loads(out[out.index("{"):])["exit_code"] == 0, out
+    for name in ("ec", "es", "as1"):
+        with hw.connect(urls[name], timeout=10) as c:
+            assert not c.check("bacnet").licensed, name
+    assert ledger.free("E-1", "bacnet") == 10
