@@ -141,7 +141,7 @@ def _kid_key(dev: Any) -> SigningKey:
 
 
 
-def test_activate_and_reclaim_in_one_go_through_the_top_server(tree_site: Any,
+def test_activate_and_reclaim_in_one_go_through_the_top_server(tree_site: Any,  # noqa: F811
                                                                tmp_path: Path) -> None:
     """``licadmin activate --tree`` and ``reclaim --tree`` (all six steps in one go) reach
     every server through the top server alone, and the ledger records the system."""
