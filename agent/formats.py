@@ -94,7 +94,8 @@ _KIND_TEXT = {
 _CONTENT_TYPES = {k.content_type: k.value for k in Kind}
 # issue 14: the system tree's files (agent/inherit.py), named in refusals
 _CONTENT_TYPES.update({f"application/vnd.bms-license.{k}+cbor": k
-                       for k in ("grant", "grant-return")})
+                       for k in ("grant", "grant-return",
+                                 "attach-request", "attach-answer")})  # item 2: carried
 
 
 def identify(data: bytes) -> str:

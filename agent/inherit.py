@@ -66,6 +66,7 @@ __all__ = [
     "issue_grants",
     "make_return",
     "parent_link",
+    "read_receipt_return",
     "read_return",
     "status_licenses",
     "verify_grant",
@@ -295,6 +296,25 @@ def read_return(state: AgentState, data: bytes) -> GrantReturn:
     if ret.child_key != child.key or env.kid != child.key.kid:
         raise TrustError("grant return is not signed by the child's key")
     env.verify_with(child.key)
+    return ret
+
+
+def read_receipt_return(data: bytes, parent_id: str) -> GrantReturn:
+    """A grant return carried in ``parent_id``'s receipt, checked without the parent's state
+    (the licensing server's side): signed by the key it carries, which the child's device ID
+    is the SHA-256 of, and addressed to ``parent_id``.
+
+    Raises:
+        MalformedError, TrustError, WrongDeviceError: not a genuine return to that server.
+    """
+    env = _open(data, RETURN_CONTENT_TYPE, "grant return", RETURN_MAX)
+    ret = GrantReturn.decode(env.payload)
+    if ret.child_key.kid.hex() != ret.child_id or env.kid != ret.child_key.kid:
+        raise TrustError("grant return is not signed by the key of the child it names")
+    if ret.parent_id != parent_id:
+        raise WrongDeviceError(f"grant return is addressed to {ret.parent_id[:12]}…, not "
+                               f"{parent_id[:12]}…")
+    env.verify_with(ret.child_key)
     return ret
 
 

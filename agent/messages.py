@@ -443,6 +443,9 @@ class Request(Payload):
     created: int
     #: issue 16 (rehost): a reclaim whose licenses move to this device; absent otherwise
     transfer_to: str | None = None
+    #: issue 14 item 3: the parent server's device ID, for a server attached under one
+    #: (absent for a server that stands alone: every older request stays byte-identical)
+    parent: str | None = None
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -460,13 +463,15 @@ class Request(Payload):
         }
         if self.transfer_to is not None:  # issue 16: written only when set
             out["transfer_to"] = self.transfer_to
+        if self.parent is not None:  # issue 14 item 3: written only when attached
+            out["parent"] = self.parent
         return out
 
     @classmethod
     def from_map(cls, m: Mapping[str, Any]) -> Request:
         _keys(m, "request", ["v", "kind", "device_id", "device_alg", "device_key", "model",
                              "nonce", "sequence", "state_digest", "action", "features",
-                             "licenses", "created"], ["transfer_to"])
+                             "licenses", "created"], ["transfer_to", "parent"])
         to = m.get("transfer_to")  # issue 16
         return cls(
             device_id=_device_id(m["device_id"]),
@@ -480,6 +485,7 @@ class Request(Payload):
             licenses=_licenses(m["licenses"]),
             created=_time(m["created"], "created"),
             transfer_to=None if to is None else _transfer_to(to, m),
+            parent=_device_id(m["parent"], "parent") if "parent" in m else None,
         )
 
 

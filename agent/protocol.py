@@ -527,6 +527,7 @@ def create_request(
         licenses=state.licenses,
         created=now,
         transfer_to=transfer_to,
+        parent=state.system.parent.device_id if state.system.parent is not None else None,
     )
     data = sign1(req.encode(), key, Kind.REQUEST.content_type)
     if origin is not None and len(origin) > MAX_ORIGIN:

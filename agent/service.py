@@ -538,6 +538,56 @@ class Agent:
                 "parent_id": parent_id, "grants": [g.to_cbor() for g in good]}, now)
             return [g.feature for g in good], refused, ret
 
+    # ------------------------------------------------ issue 14 item 2: a carried USB stick
+
+    def attach_request(self) -> bytes:
+        """The child's signed attach request (agent.carried), to be carried to the parent."""
+        from agent import carried
+
+        info, _i = self.info()
+        report = self.tree_report()
+        with self._open() as (store, now):
+            return carried.make_request(store.state.device_id, info, report, store.key, now)
+
+    def answer_attach(self, request: bytes) -> tuple[bytes, Any]:
+        """The parent's side of a carried attach: the renewal's rules for the request's
+        child, committed, and the signed answer. Returns (answer file, the issued grants)."""
+        from agent import carried, inherit
+        from agent.digest import sha256
+
+        req, _info = carried.read_request(request)
+        with self._open() as (store, now):
+            store.require_writable("answer an attach request")
+            issued = inherit.issue_grants(store.state, req.info, None, dict(req.report), now,
+                                          store.key, self.limits)
+            self._tree_event(store, "grant-issue", issued.event, now)
+            st = store.state
+            hw_map = self.hardware().as_dict()
+            hw_map["model"] = st.model
+            parent_info, _p = protocol.make_device_info(st, hw_map, host_id(st.binding), now,
+                                                        store.key)
+            answer = carried.AttachAnswer(st.device_id, req.child_id, sha256(request),
+                                          parent_info, st.system.depth, tuple(issued.files),
+                                          tuple(issued.recalled), tuple(issued.refused), now)
+            return carried.sign_answer(answer, store.key), issued
+
+    def apply_attach_answer(self, answer: bytes, request: bytes, url: str
+                            ) -> tuple[str, list[str], list[str], bytes | None]:
+        """The child applies the parent's answer from the stick: checked in full first
+        (agent.carried.read_answer), then the parent recorded and the grants installed.
+        Returns (parent device ID, installed, refused lines, the signed return of the
+        recalled features, for the parent, or None)."""
+        from agent import carried
+
+        with self._open() as (store, now):
+            ans, parent = carried.read_answer(answer, request, store.state.device_id,
+                                              store.state.system,
+                                              max(now, store.state.clock_hwm))
+        self.attach(ans.parent_info, url, ans.depth)
+        installed, refused, ret = self.install_grants(parent.device_id, ans.grants,
+                                                      ans.recalled)
+        return parent.device_id, installed, [*ans.refused, *refused], ret
+
     def accept_return(self, data: bytes) -> list[str]:
         """The parent records a child's signed return of its grants."""
         from agent import inherit

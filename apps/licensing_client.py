@@ -276,7 +276,9 @@ class LicensingClient:
             "devices": [{"device_id", "model", "serial", "sequence", "state_digest",
             "source", "updated"}],
             "tokens": [{"name", "role", "entitlements", "created", "revoked"}],
-            "open_responses": int, "operations": int}``; times are ISO 8601 text or null.
+            "open_responses": int, "operations": int, "systems": [{"top", "servers":
+            [{"device_id", "parent"}]}], "grant_returns": [{"time", "child", "detail"}],
+            ...}``; times are ISO 8601 text or null.
             A site administrator's token sees only its entitlements, their assignments and
             devices, and no tokens.
             ``used`` is what assignments take (the larger of the assigned count and what

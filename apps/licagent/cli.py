@@ -112,6 +112,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="the parent server's link URL (tcp://, mqtt://, usbdrop://...)")
     sp.add_argument("--url", metavar="URL",
                     help="where this server listens, for the parent's tree (optional)")
+    sp.add_argument("--carried", action="store_true",
+                    help="the usbdrop:// stick is carried to the parent and back (no daemon "
+                         "serves it): write this server's attach request on it, or apply "
+                         "the parent's answer it brings back")
+    sp = cmd("answer-attach", "on the parent server: answer the attach requests on a carried "
+                              "stick (and take the children's returns)")
+    sp.add_argument("--stick", required=True, metavar="URL|DIR",
+                    help="the stick: usbdrop:///media/usb0 or its folder")
     sp = cmd("use", "record how many units of FEATURE the host application needs")
     sp.add_argument("use", metavar="FEATURE=COUNT", help="e.g. bacnet-ip=1 (0 forgets it)")
 
@@ -255,6 +263,16 @@ def run(args: argparse.Namespace) -> int:
 
         show_applied(PROG, ApplyResult.of(res, warn), args.receipt_out)
         return EXIT_OK
+    if c == "attach" and args.carried:  # issue 14 item 2
+        from apps.licagent.carried import attach_carried
+
+        if args.url:
+            raise UsageError("--url is for a live link: a carried stick has no address")
+        return attach_carried(agent, args.parent, PROG)
+    if c == "answer-attach":
+        from apps.licagent.carried import answer_attach
+
+        return answer_attach(agent, args.stick)
     if c == "attach":
         from apps.licagent.relation import renew_once
 

@@ -40,6 +40,13 @@ as CBOR instead, with byte strings kept as bytes rather than hex):
 ``GET  /v1/check/FEATURE`` ``{"feature", "licensed", "message", "in_grace", "clock_set_back"}``,
                            always HTTP 200: the answer is the ``licensed`` flag
 ``GET  /v1/journal``       ``{"entries": [...], "torn_tail": n, "verified": true}``
+``POST /v1/seat/...``      issue 15's floating seats: ``checkout``, ``renew``, ``return``
+                           (body: the CBOR argument map); ``GET /v1/seat/list?offset=N``
+``POST /v1/tree/renew``    issue 14's system tree: ``renew-grants``, the body its CBOR
+                           argument map; likewise ``POST /v1/tree/return``
+                           (``return-grants``), ``POST /v1/use`` (``use-feature``) and
+                           ``POST /v1/relay`` (``relay``); ``GET /v1/tree`` (``get-tree``);
+                           ``GET /v1/check/FEATURE?count=N`` asks for N units
 =========================  ========================================================
 
 A refusal is a JSON body ``{"code": EXIT_CODE, "reason": ..., "message": ...}``
@@ -135,6 +142,12 @@ class _RequestHandler(JsonHandler):
             "/v1/seat/renew": {"POST": lambda: self._seat(Op.SEAT_RENEW)},
             "/v1/seat/return": {"POST": lambda: self._seat(Op.SEAT_RETURN)},
             "/v1/seat/list": {"GET": self._seat_list},
+            # issue 14: the system tree (the body is the operation's CBOR argument map)
+            "/v1/tree/renew": {"POST": lambda: self._cbor_op(Op.RENEW_GRANTS)},
+            "/v1/tree/return": {"POST": lambda: self._cbor_op(Op.RETURN_GRANTS)},
+            "/v1/use": {"POST": lambda: self._cbor_op(Op.USE_FEATURE)},
+            "/v1/relay": {"POST": lambda: self._cbor_op(Op.RELAY)},
+            "/v1/tree": {"GET": lambda: self._structured(self._op(Op.GET_TREE, {}))},
         }
         if path.startswith("/v1/check/"):
             return {"GET": self._check}
@@ -174,7 +187,14 @@ class _RequestHandler(JsonHandler):
         if not raw or "/" in raw:  # an encoded %2F is part of the name, a bare / is not
             raise HttpRefusal(404, 2, "usage", "name one feature: GET /v1/check/FEATURE")
         feature = unquote(raw)
-        return self._structured(self._op(Op.CHECK_FEATURE, {"feature": feature}))
+        args: dict[str, Any] = {"feature": feature}
+        counts = parse_qs(urlsplit(self.path).query).get("count")
+        if counts:  # issue 14: how many units are asked for (absent: one)
+            raw_count = counts[-1]
+            if not raw_count.isdigit() or len(raw_count) > 10:
+                raise HttpRefusal(400, 2, "usage", "count must be a whole number from 1")
+            args["count"] = int(raw_count)
+        return self._structured(self._op(Op.CHECK_FEATURE, args))
 
     def _journal(self) -> Answer:
         return self._structured(self._op(Op.READ_JOURNAL, {}))
@@ -186,9 +206,13 @@ class _RequestHandler(JsonHandler):
         return self._structured(self._op(Op.SEAT_LIST, {"offset": int(raw)}))
 
     def _seat(self, op: str) -> Answer:
+        return self._cbor_op(op)
+
+    def _cbor_op(self, op: str) -> Answer:
+        """An operation whose body is its CBOR argument map (seats, the system tree)."""
         args = strict_loads(self.read_body(self.server.max_body), max_size=self.server.max_body)
         if not isinstance(args, dict):
-            raise MalformedError("the seat request body must be a CBOR map of arguments")
+            raise MalformedError(f"the {op} request body must be a CBOR map of arguments")
         return self._structured(self._op(op, args))
 
     # -- helpers
@@ -573,16 +597,17 @@ class HttpsClient(ServerClient):
             Op.SEAT_RETURN: lambda a: self._structured("POST", "/v1/seat/return", a),
             Op.SEAT_LIST: lambda a: self._structured(
                 "GET", f"/v1/seat/list?offset={int(a.get('offset', 0))}"),
+            # issue 14: the system tree
+            Op.RENEW_GRANTS: lambda a: self._structured("POST", "/v1/tree/renew", a),
+            Op.RETURN_GRANTS: lambda a: self._structured("POST", "/v1/tree/return", a),
+            Op.USE_FEATURE: lambda a: self._structured("POST", "/v1/use", a),
+            Op.RELAY: lambda a: self._structured("POST", "/v1/relay", a),
+            Op.GET_TREE: lambda _a: self._structured("GET", "/v1/tree"),
         }
 
     def call(self, op: str, args: Mapping[str, Any] | None = None) -> Any:
         fn = self._ops.get(op)
         if fn is None:
-            if op in ("renew-grants", "return-grants", "use-feature", "get-tree", "relay"):
-                # issue 14's system tree has no HTTP routes (yet)
-                raise UsageError(f"operation {str(op)!r} is not carried by https://: reach the "
-                                 f"server over tcp://, tls://, mqtt://, a serial line or "
-                                 f"usbdrop:// for the system tree")
             raise UsageError(f"unknown operation {op!r}")
         return fn(args or {})
 
@@ -626,10 +651,11 @@ class HttpsClient(ServerClient):
         feature = args.get("feature")
         if not isinstance(feature, str) or not feature:
             raise UsageError("feature must be a name")
-        if args.get("count", 1) != 1:  # issue 14: GET /v1/check/FEATURE asks for one unit
-            raise UsageError("check --count is not carried by https:// (it would answer for "
-                             "one unit): use tcp://, tls://, mqtt:// or a serial line")
-        return self._structured("GET", "/v1/check/" + quote(feature, safe=""))
+        count = args.get("count", 1)
+        if type(count) is not int or not 1 <= count < 2**32:
+            raise UsageError("count must be a whole number from 1")
+        query = f"?count={count}" if count != 1 else ""  # issue 14: units asked for
+        return self._structured("GET", "/v1/check/" + quote(feature, safe="") + query)
 
     # -- HTTP
 

@@ -205,10 +205,15 @@ def format_report(rep: dict[str, Any]) -> str:
         for m in rep["moves"]:
             w(f"  {m['time']}: {m['detail']}")
     if rep.get("systems"):  # issue 14 item 5: shown once a gathered server named a parent
-        w("systems (from each server's signed device information)")
+        w("systems (from each server's signed device information, requests and its parent's "
+          "receipts)")
         for sy in rep["systems"]:
             w(f"  top server {_short(sy['top'])}: {len(sy['servers'])} server(s) under it")
             for sv in sy["servers"]:
                 w(f"    device {_short(sv['device_id'])} under {_short(sv['parent'])}")
+    if rep.get("grant_returns"):  # issue 14 item 3: children's returns in their parents' receipts
+        w("grant returns (each child's signed return, carried in its parent's receipt)")
+        for g in rep["grant_returns"]:
+            w(f"  {g['time']}: {g['detail']}")
     w(f"open responses: {rep['open_responses']}; operations recorded: {rep['operations']}")
     return "\n".join(out) + "\n"

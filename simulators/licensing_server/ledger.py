@@ -491,6 +491,7 @@ class Ledger:
             rec["device_id"] = info.device_id
             self._refuse_revoked(tx, info.device_id)  # issue 16
             rec["outcome"] = self._observe(tx, self._seen_info(info, now), info.licenses)
+            tx.set_parent(info.device_id, info.parent, info.created)  # issue 14 item 3
             rec["detail"] = f"sequence {info.sequence}"
             return info
         return self._operation(_body, "device-info", now)
@@ -609,6 +610,7 @@ class Ledger:
             return prev.file
         self._observe(tx, rules.seen_state("request", dev, req.device_key, req.model, None,
                                            req.sequence, req.licenses, now), req.licenses)
+        tx.set_parent(dev, req.parent, req.created)  # issue 14 item 3: as the request says
         revoked = self._revoked_for(tx, [dev])  # issue 16: travels in every vendor file
         if restored:
             changes = rules.decide_restored(req, tx.installed(dev))
@@ -691,6 +693,7 @@ class Ledger:
                 tx.lower_assignment(dev, f, hold.get(f, 0))
             self._drop_released(tx, dev, hold)
             rec["detail"] += ": freed " + (", ".join(f"{f}={n}" for f, n in freed) or "nothing")
+            rec["detail"] += self._record_children(tx, rc, now)  # issue 14 item 3
             if moved:
                 rec["detail"] += f"; moved to {moved[:12]}"
             return ReceiptResult(dev, rc.sequence, tuple(freed))
@@ -723,6 +726,31 @@ class Ledger:
                             f"{', '.join(parts) or 'nothing'} from {rc.device_id} to {to} "
                             f"(transfer-out receipt, sequence {rc.sequence})"))
         return to
+
+    @staticmethod
+    def _record_children(tx: LedgerTransaction, rc: Receipt, now: int) -> str:
+        """Issue 14 item 3: a top server's receipt of a reclaim carries its children's signed
+        grant returns and the leases a forced reclaim left running: each names a child of
+        the receipt's device, recorded as its parent relation (unless a newer signed file
+        said otherwise) and, for a return, as a ``grant-return`` operation. A return that
+        does not verify is left out (the receipt itself stays good: it is the device's)."""
+        from agent.inherit import read_receipt_return
+
+        dev, bad = rc.device_id, 0
+        for data in rc.returns:
+            try:
+                ret = read_receipt_return(data, dev)
+            except LicensingError:
+                bad += 1
+                continue
+            tx.set_parent(ret.child_id, dev, ret.returned)
+            tx.record(Operation(now, "grant-return", ret.child_id, "recorded",
+                                f"{', '.join(ret.features)} returned by {ret.child_id} to "
+                                f"{dev} (its signed return, sequence {rc.sequence})"))
+        for lease in rc.leases:
+            tx.set_parent(str(lease["child_id"]), dev, rc.applied_at)
+        extra = f"; {len(rc.returns) - bad} grant return(s)" if rc.returns else ""
+        return extra + (f", {bad} not verified (left out)" if bad else "")
 
     def confirm(self, receipts: Sequence[bytes], now: int | None = None,
                 vendor: Vendor | None = None, scope: Scope = None) -> Confirmation:
@@ -1123,7 +1151,12 @@ class Ledger:
                     # issue 16: licenses moved by a rehost (from, to, what), oldest first
                     "moves": [{"time": iso(o.time), "from": o.device_id, "detail": o.detail}
                               for o in tx.operations_of("rehost", 1000)
-                              if o.device_id is None or shown(o.device_id)]}
+                              if o.device_id is None or shown(o.device_id)],
+                    # issue 14 item 3: children's signed grant returns, from receipts
+                    "grant_returns": [{"time": iso(o.time), "child": o.device_id,
+                                       "detail": o.detail}
+                                      for o in tx.operations_of("grant-return", 1000)
+                                      if o.device_id is None or shown(o.device_id)]}
 
     def operations(self, limit: int = 1000) -> list[dict[str, Any]]:
         """The latest operations, oldest first."""

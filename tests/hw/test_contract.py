@@ -18,9 +18,23 @@ from typing import Any
 
 import pytest
 
+from agent.errors import GrantsHeldError
 from agent.formats import read_device_info
+from agent.messages import Action
 from agent.ops import AgentOps
-from agent.rpc import RemoteError, hello_args
+from agent.rpc import (
+    CheckArgs,
+    Op,
+    RelayArgs,
+    RemoteError,
+    RenewArgs,
+    RenewResult,
+    ReturnArgs,
+    TreeResult,
+    UseArgs,
+    hello_args,
+)
+from apps.licagent.daemon import relay_to_child
 from hw import connect, listen
 from hw.backends.loop import LoopFabric
 from hw.backends.sim import SimFabric
@@ -314,3 +328,84 @@ def test_floating_seats_over_the_link(served: tuple[ServerClient, Device],
     with pytest.raises(RemoteError) as exc:
         c.seat_checkout("bacnet", "ws-4")
     assert exc.value.exit_code == 1  # not installed
+
+
+# ---------------------------------------------------------------- issue 14: the system tree
+
+
+@pytest.fixture(params=BACKENDS)
+def served_top(request: pytest.FixtureRequest, site: Site,
+               tmp_path: Path) -> Iterator[tuple[ServerClient, Device]]:
+    """A top Enterprise Server (relaying to its children over their own links) served by
+    backend ``request.param``, and a client of it."""
+    before = set(threading.enumerate())
+    top = site.device("Enterprise-Server", macs=("52:54:00:00:10:01",))
+    env = Env(tmp_path, lambda: request.getfixturevalue("module_pki"), request.getfixturevalue)
+    lst, make_client = STARTERS[request.param](AgentOps(top.agent, relay=relay_to_child), env)
+    try:
+        client = make_client()
+        try:
+            yield client, top
+        finally:
+            client.close()
+    finally:
+        lst.stop()
+    for t in set(threading.enumerate()) - before:
+        t.join(timeout=5)
+        assert not t.is_alive(), f"{request.param}: thread {t.name} outlived its listener"
+
+
+def test_the_system_tree_over_the_link(served_top: tuple[ServerClient, Device],
+                                       site: Site) -> None:
+    """A child renews, inherits, is relayed to and seen in the tree; use and check --count;
+    a recall comes back as the child's signed return: every tree operation over the link."""
+    c, top = served_top
+    req = top.agent.request(Action.ACTIVATE, ["SNMP"])
+    top.agent.apply(top.vendor.issue(req, [Grant("SNMP", 2, inherit=2)], now=top.clock()))
+    top_id = top.agent.state()[0].device_id
+    kid = site.device()
+    kid_id = kid.agent.state()[0].device_id
+    kid_lst = listen("tcp://127.0.0.1:0", AgentOps(kid.agent))  # the top relays over it
+    kid_lst.start()
+    try:
+        info, _i = kid.agent.info()
+        res = RenewResult.from_wire(c.call(Op.RENEW_GRANTS, RenewArgs(
+            info, kid_lst.address, kid.agent.tree_report()).to_wire()))
+        assert read_device_info(res.parent_info).device_id == top_id and res.depth == 0
+        kid.agent.attach(res.parent_info, "contract://top", res.depth)
+        installed, refused, ret = kid.agent.install_grants(top_id, res.grants, res.recalled)
+        assert (installed, refused, ret) == (["SNMP"], [], None)
+        assert kid.agent.check("SNMP").licensed  # verified on the child: vendor -> top -> kid
+
+        assert c.typed(Op.USE_FEATURE, UseArgs("SNMP", 2).to_wire()) == UseArgs("SNMP", 2)
+        assert c.typed(Op.CHECK_FEATURE, CheckArgs("SNMP", 2).to_wire())["licensed"] is True
+        three = c.typed(Op.CHECK_FEATURE, CheckArgs("SNMP", 3).to_wire())
+        assert three["licensed"] is False  # answered for three units, not for one
+        assert c.check("SNMP")["licensed"] is True
+
+        tree: TreeResult = c.typed(Op.GET_TREE)
+        assert (tree.device_id, tree.model, tree.depth) == (top_id, "Enterprise-Server", 0)
+        assert [ch["device_id"] for ch in tree.children] == [kid_id]
+        assert [(f["feature"], f["required"]) for f in tree.features] == [("SNMP", 2)]
+
+        relayed = c.call(Op.RELAY, RelayArgs(kid_id, "get-license-info", {}).to_wire())
+        st = kid.agent.state()[0]
+        assert (relayed["device_id"], relayed["sequence"]) == (kid_id, st.sequence)
+        kid_tree = c.call(Op.RELAY, RelayArgs(kid_id, "get-tree", {}).to_wire())
+        assert (kid_tree["device_id"], kid_tree["parent"]) == (kid_id, top_id)
+        with pytest.raises(RemoteError) as err:
+            c.call(Op.RELAY, RelayArgs("0" * 64, "get-tree", {}).to_wire())
+        assert "is not under this server" in str(err.value)
+
+        with pytest.raises(GrantsHeldError):  # children hold grants: the reclaim recalls them
+            top.agent.request(Action.RECLAIM, ["SNMP"])
+        res = RenewResult.from_wire(c.call(Op.RENEW_GRANTS, RenewArgs(
+            info, kid_lst.address, kid.agent.tree_report()).to_wire()))
+        assert res.recalled == ["SNMP"] and res.grants == []
+        _inst, _ref, ret = kid.agent.install_grants(top_id, res.grants, res.recalled)
+        assert ret is not None
+        assert c.call(Op.RETURN_GRANTS, ReturnArgs(ret).to_wire()) == {"features": ["SNMP"]}
+        assert top.agent.state()[0].system.granted == ()  # the top's own record
+        assert not kid.agent.check("SNMP").licensed
+    finally:
+        kid_lst.stop()

@@ -167,3 +167,43 @@ def test_a_grant_link_signed_by_the_wrong_parent_key_is_refused(tmp_path: Path) 
         p.device_id, impostor, p.model, p.url, p.depth, p.attached)))
     with pytest.raises(TrustError, match="not signed by the parent's key"):
         inherit.verify_grant(fake, issued.files[0], site.clock(), child.agent.limits)
+
+
+@pytest.mark.parametrize(("parent_alg", "child_alg"), COMBOS, ids=IDS)
+def test_pycose_and_cwt_read_a_carried_attach_request_and_answer(
+        tmp_path: Path, parent_alg: int, child_alg: int) -> None:
+    """Issue 14 item 2: the attach request (signed by the child) and the attach answer
+    (signed by the parent) of a carried stick verify in pycose and python-cwt; the answer
+    carries the parent's device information and a grant pycose verifies as well."""
+    from agent import carried
+    from agent.digest import sha256
+
+    site, parent, _attached = _system(tmp_path, parent_alg, child_alg)
+    child = add_device(site, child_alg, "CARRIED")
+    request = child.agent.attach_request()
+    answer, _issued = parent.agent.answer_attach(request)
+    pkey = parent.agent.state()[0].device_key
+    ckey = child.agent.state()[0].device_key
+    for data, key, ctype, cls in (
+            (request, ckey, carried.REQUEST_CONTENT_TYPE, carried.AttachRequest),
+            (answer, pkey, carried.ANSWER_CONTENT_TYPE, carried.AttachAnswer)):
+        msg = pycose_decode(data)
+        assert msg.phdr[Algorithm] is PYCOSE_ALG[key.alg]
+        assert msg.phdr[KID] == key.kid
+        assert msg.phdr[ContentType] == ctype
+        assert pycose_verifies(data, key) is True
+        assert pycose_verifies(flip_signature(data), key) is False
+        assert cls.decode(msg.payload).encode() == msg.payload  # canonical, byte for byte
+        out = cwt_verify(tmp_path, data, key)
+        assert out is not None and bytes.fromhex(out["payload"]) == msg.payload
+        assert out["content_type"] == ctype and set(out["protected"]) == {"1", "3", "4"}
+        assert cwt_verify(tmp_path, flip_signature(data), key) is None
+    ans = carried.AttachAnswer.decode(pycose_decode(answer).payload)
+    assert ans.request == sha256(request) and ans.child_id == child.agent.state()[0].device_id
+    assert pycose_verifies(ans.parent_info, pkey) is True
+    (grant,) = ans.grants
+    assert pycose_verifies(grant, pkey) is True
+    # and the child takes it
+    pid, installed, refused, ret = child.agent.apply_attach_answer(answer, request, "usbdrop:///x")
+    assert (pid, installed, refused, ret) == (parent.agent.state()[0].device_id, ["SNMP"], [],
+                                              None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,3 +120,69 @@ def test_licadmin_use_over_tcp_reaches_the_tree(system: System) -> None:
                               "inherited": 0, "available": 1}]
     p = s.run("licadmin", "check", "--server", url, "SNMP", "--count", "3", code=1)
     assert "SNMP: 3 units asked, 2 licensed" in p.stdout
+
+
+def _stand_in_children(parent: object, like: object, n: int, now: int) -> None:
+    """``n`` children with genuine self-signed device information (each its own key and
+    device ID) renewed on ``parent``'s store directly: how 1,000 children are had in
+    seconds rather than the minutes of 1,000 initialised stores (tests/bench/tree_system.py
+    measures that)."""
+    from agent import protocol
+    from agent.cose import SigningKey
+    from agent.record import replace
+
+    st = like.agent.state()[0]  # type: ignore[attr-defined]
+    hw_map = like.agent.hardware().as_dict()  # type: ignore[attr-defined]
+    hw_map["model"] = st.model
+    for i in range(n):
+        key = SigningKey.generate()
+        info, _i = protocol.make_device_info(
+            replace(st, device_id=key.public.kid.hex(), device_key=key.public), hw_map,
+            f"{i:064x}", now, key)
+        parent.agent.renew_child(info, None, {})  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_at_the_children_cap_a_new_child_hears_one_line_and_nothing_changes(
+        system: System, site: Any) -> None:
+    """A parent keeping MAX_CHILDREN (1,000) child servers refuses a 1,001st with one line
+    and exit code 2 (on the child's ``licagent attach``, over a real tcp link); neither
+    store changes; a child it already keeps still renews."""
+    import hw
+    from agent import inherit
+    from agent.ops import AgentOps
+    from apps.licagent.relation import renew_once
+    from tests.tree.conftest import activate, top
+
+    s = system
+    p = top(site)
+    activate(p, inherit=True, SNMP=1)
+    known = site.device()
+    lst = hw.listen("tcp://127.0.0.1:0", AgentOps(p.agent))
+    lst.start()
+    try:
+        assert renew_once(known.agent, lst.address).installed == ("SNMP",)
+        _stand_in_children(p, known, inherit.MAX_CHILDREN - 1, site.clock())
+        assert len(p.agent.state()[0].system.children) == inherit.MAX_CHILDREN == 1000
+        s.init("kid", "AS-P")
+        parent_before, kid_before = _files_of(p.directory), _files(s, "kid")
+        r = s.run("licagent", "attach", *s.store("kid"), "--parent", lst.address, code=2)
+        kid_id = s.ids["kid"]
+        assert r.stderr == (f"licagent: usage: this server already keeps 1000 child servers, "
+                            f"the most one parent keeps; attach {kid_id[:12]}… to another "
+                            f"Enterprise Server\n")
+        assert r.stdout == ""
+        assert _files_of(p.directory) == parent_before  # nothing recorded on the parent
+        assert _files(s, "kid") == kid_before  # nor on the child: not attached
+        st = json.loads(s.run("licagent", "status", *s.store("kid"), "--json").stdout)
+        assert st["licenses"] == []
+        # a child the parent already keeps is no new child: it still renews, keeps its grant
+        out = renew_once(known.agent, lst.address)
+        assert out.installed == ("SNMP",) and out.refused == ()
+        assert len(p.agent.state()[0].system.children) == 1000
+    finally:
+        lst.stop()
+
+
+def _files_of(d: Path) -> dict[str, bytes]:
+    return {q.name: q.read_bytes() for q in sorted(d.iterdir()) if q.is_file()}

@@ -285,11 +285,18 @@ def test_grants_survive_an_older_slot_put_back(site: Site, serve: Any) -> None:
     assert renew_once(b.agent, url).installed == ()
 
 
-def test_https_says_it_does_not_carry_the_tree_and_count(site: Site, tmp_path: Any) -> None:
-    """https:// has no routes for the system tree: said plainly, never answered wrongly
-    (a --count check answered as if for one unit)."""
+def test_https_carries_the_tree_and_a_bad_count_is_one_clear_refusal(site: Site,
+                                                                      tmp_path: Any) -> None:
+    """https:// carries renew-grants and check --count (tests/hw/test_contract.py runs the
+    whole tree over it); a count in the URL that is not a whole number from 1 is refused
+    with exit code 2 and one line, never answered as if for one unit."""
+    import http.client
+    import json
+    import ssl
+
     import hw
     from agent.ops import AgentOps
+    from agent.rpc import CheckArgs, Op
     from tests.support.pki import make_pki
 
     pki = make_pki(tmp_path / "pki")
@@ -301,13 +308,22 @@ def test_https_says_it_does_not_carry_the_tree_and_count(site: Site, tmp_path: A
     try:
         url = f"{lst.address}?ca={pki.ca_cert}"
         kid = site.device()
-        with pytest.raises(UsageError, match="'renew-grants' is not carried by https://"):
-            renew_once(kid.agent, url)
-        assert kid.agent.state()[0].system.parent is None
-        from agent.rpc import CheckArgs, Op
-
-        with hw.connect(url) as c, pytest.raises(UsageError, match="--count is not carried"):
-            c.typed(Op.CHECK_FEATURE, CheckArgs("SNMP", 2).to_wire())
+        assert renew_once(kid.agent, url).installed == ("SNMP",)
+        with hw.connect(url) as c:
+            assert c.typed(Op.CHECK_FEATURE, CheckArgs("SNMP", 2).to_wire()).licensed is False
+            assert c.typed(Op.CHECK_FEATURE, CheckArgs("SNMP", 1).to_wire()).licensed is True
+        host, port = lst.address.removeprefix("https://").rsplit(":", 1)
+        ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+        for bad in ("0", "-1", "two", "99999999999"):
+            conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=10)
+            try:
+                conn.request("GET", f"/v1/check/SNMP?count={bad}")
+                resp = conn.getresponse()
+                body = json.loads(resp.read())
+            finally:
+                conn.close()
+            assert (resp.status, body["code"], body["reason"]) == (400, 2, "usage"), bad
+            assert "\n" not in body["message"] and "count" in body["message"]
     finally:
         lst.stop()
 

@@ -19,7 +19,7 @@ import pytest
 
 import hw
 from agent.cose import PublicKey
-from agent.formats import verify_receipt
+from agent.formats import SiteInfo, read_device_info, verify_receipt
 from tests.conftest import T0, stop_processes
 from tests.hw.mosquitto import Broker
 
@@ -210,3 +210,52 @@ def test_three_level_system_over_tcp_and_mqtt(system: System, broker: Broker) ->
     assert rc.leases == ({"child_id": s.ids["as1"], "feature": "PROTO",
                           "lease_until": T0 + 14 * DAY + 60},)
     until("as1 drops PROTO at its next renewal", lambda: not licensed(as1_url, "PROTO"))
+
+
+def test_a_system_whose_top_server_listens_on_https_only(system: System, tmp_path: Path) -> None:
+    """The top server has only an https:// listener: its children renew, inherit and return
+    over it, licadmin sees the tree, asks --count, and gathers the system through it."""
+    from tests.support.pki import make_pki
+
+    s = system
+    pki = make_pki(tmp_path / "pki")
+    for name, model in (("es", "Enterprise-Server"), ("as1", "AS-P"), ("as2", "AS-B")):
+        s.init(name, model)
+    s.activate("es", "SNMP=2")
+    _es, es_url = s.daemon("es", "--listen",
+                           f"https://127.0.0.1:0?cert={pki.server_cert}&key={pki.server_key}")
+    assert es_url.startswith("https://")
+    top = f"{es_url}?ca={pki.ca_cert}"
+    kids = {}
+    for name in ("as1", "as2"):
+        _p, kids[name] = s.daemon(name, "--listen", "tcp://127.0.0.1:0", "--parent", top,
+                                  "--renew-every", "1")
+    for name, url in kids.items():
+        until(f"{name} inherits SNMP over https", lambda url=url: licensed(url, "SNMP"))
+
+    s.run("licadmin", "use", "--server", top, "SNMP=2")
+    assert "licensed" in s.run("licadmin", "check", "--server", top, "SNMP", "--count",
+                               "2").stdout
+    s.run("licadmin", "check", "--server", top, "SNMP", "--count", "3", code=1)
+
+    def servers() -> int:
+        out = json.loads(s.run("licadmin", "tree", "--server", top, "--json").stdout)
+        return len(out["servers"])
+
+    until("both children in the tree", lambda: servers() == 3)
+    out = json.loads(s.run("licadmin", "tree", "--server", top, "--json").stdout)
+    assert {x["device_id"]: x["parent"] for x in out["servers"]} == {
+        s.ids["es"]: None, s.ids["as1"]: s.ids["es"], s.ids["as2"]: s.ids["es"]}
+    # the site step through the top server: relayed over https to each child
+    s.run("licadmin", "gather", "--server", top, "--tree", "--out", str(tmp_path / "site.info"))
+    bundle = SiteInfo.decode((tmp_path / "site.info").read_bytes())
+    assert {read_device_info(d).device_id for d in bundle.devices} == set(s.ids.values())
+
+    # a reclaim recalls the grants; the children give them back over https
+    s.reclaim_via(top, "SNMP", code=1)
+    for name, url in kids.items():
+        until(f"{name} gave SNMP back over https", lambda url=url: not licensed(url, "SNMP"))
+    s.reclaim_via(top, "SNMP")
+    vendor_pub = PublicKey.from_pem((s.root / "vendor" / "vendor.pub").read_bytes())
+    rc = verify_receipt((s.root / "reclaim-SNMP.receipt").read_bytes(), [vendor_pub])
+    assert len(rc.returns) == 2 and rc.leases == ()
