@@ -241,12 +241,21 @@ class TpmSigningKey(SigningKey):
 
     # ---------------------------------------------------------------- the generation
 
-    def check_generation(self, generation: int, path: str) -> None:
+    def check_generation(self, generation: int, path: str, newest_lost: bool = False) -> bool:
         """Refuse a store older than the TPM's counter; catch up one interrupted save.
 
         ``base + generation`` is what the counter reads after the save of ``generation``;
         ``base + generation - 1`` is a save killed between its slot and its increment
         (the slot is committed: the counter catches up now).
+
+        Args:
+            newest_lost: the other slot is damaged or missing. A counter exactly one
+                generation ahead is then that lost slot, not a restore: True is returned
+                and the caller must roll the state forward from the journal to it, or
+                refuse.
+
+        Returns:
+            True when the newest generation is the lost slot (``generation + 1``).
 
         Raises:
             RestoredStoreError: the counter is past this store (restored from an older
@@ -256,7 +265,9 @@ class TpmSigningKey(SigningKey):
         expected = self.base + generation
         if value == expected - 1:
             self.tpm.increment()
-            return
+            return False
+        if newest_lost and value == expected + 1:
+            return True
         if value > expected:
             raise RestoredStoreError(
                 f"{path} is generation {generation} but the TPM's counter says generation "
@@ -268,6 +279,7 @@ class TpmSigningKey(SigningKey):
                 f"{path} is generation {generation} but the TPM's counter reads "
                 f"{value}, behind it (expected {expected}): not this TPM's store; refused"
             )
+        return False
 
     def advance(self, generation: int) -> None:
         """After the slot of ``generation`` is written: move the counter to it."""
