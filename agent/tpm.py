@@ -136,6 +136,11 @@ class Tpm:
                       "-c", f"{self.key_handle:#x}", "-f", "pem", "-o", str(out))
             return out.read_bytes()
 
+    def holds_key(self) -> bool:
+        """Whether the TPM has a persistent object at the key handle (it answers either way)."""
+        out = self._run("list the persistent handles", "tpm2_getcap", "handles-persistent")
+        return f"{self.key_handle:#x}" in out.decode(errors="replace").lower().split()
+
     def public_key(self) -> ec.EllipticCurvePublicKey:
         key = serialization.load_pem_public_key(self.public_pem())
         if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
@@ -307,7 +312,16 @@ def load_key(data: bytes, path: str) -> TpmSigningKey:
     if not ok:
         raise IntegrityError(f"{path} is not a licagent TPM key file")
     tpm = Tpm(m[2], m[3], m[4])
-    public = _public_from_pem(tpm.public_pem())
+    try:
+        pem = tpm.public_pem()
+    except StorageError:
+        if tpm.holds_key():
+            raise  # the key is there but cannot be read: the TPM's own failure
+        raise RestoredStoreError(
+            f"{path} names the key at {m[3]:#x} of {m[2]}, which this TPM does not hold: the "
+            f"store was copied from another server (or this TPM was cleared); refused "
+            f"(nothing written)") from None
+    public = _public_from_pem(pem)
     if public.raw != m[7]:
         raise RestoredStoreError(f"{path} names the key at {m[3]:#x} of {m[2]}, which holds "
                                  f"another key: not this TPM's store; refused")

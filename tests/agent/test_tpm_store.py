@@ -199,6 +199,31 @@ def test_device_tpm_file_is_as_documented(provisioned: tuple[Path, Path, Agent, 
     assert Tpm(soft_tpm.url).read_counter() == m[5] + Store.open(state, None).generation
 
 
+def test_a_store_copied_to_another_tpm_is_refused_at_open(
+        provisioned: tuple[Path, Path, Agent, Clock], vendor: Vendor, soft_tpm: SoftTpm) -> None:
+    """The whole store copied to another server, whose TPM answers at the same URL: that
+    TPM holds no such key, so nothing can be signed there; refused (exit 8), one line."""
+    state, facts, agent, clock = provisioned
+    activate(agent, vendor, clock, BACnet=2)
+    soft_tpm.stop()
+    other = SoftTpm()  # a fresh TPM (its own state) where the old one answered
+    other.port = soft_tpm.port
+    other.start()
+    try:
+        files = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+        done = licagent(state, facts, clock(), "status")
+        assert done.returncode == 8, done.stdout + done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "which this TPM does not hold" in lines[0], lines
+        assert "copied from another server" in lines[0]
+        assert {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()} == files
+    finally:
+        other.close()
+    soft_tpm.start()  # the store's own TPM back: it opens again
+    done = licagent(state, facts, clock(), "status")
+    assert done.returncode == 0 and "BACnet" in done.stdout, done.stderr
+
+
 # ---------------------------------------------------------------- item 2: a damaged newest slot
 
 
