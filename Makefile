@@ -117,7 +117,7 @@ qemu-image: $(STAMP) qemu-tools
 
 # the HAL contract suite, activation + reclaim with licadmin/licserver, and power cuts,
 # against the agent in the guest (tests/qemu; `make test` reports them as skipped)
-test-qemu: qemu-image
+test-qemu: qemu-image swtpm
 	LICQEMU_TESTS=1 $(PY) -m pytest -q -p no:cacheprovider tests/qemu
 
 # the fast lane: the guest's arm64 CPython under qemu-aarch64 user-mode emulation

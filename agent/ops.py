@@ -19,6 +19,7 @@ from agent.rpc import (
     SEAT_PAGE,
     ApplyArgs,
     ApplyResult,
+    ApplyTransferResult,
     CheckArgs,
     FeatureCheck,
     Handler,
@@ -40,6 +41,8 @@ from agent.rpc import (
     SeatResult,
     SeatTokenArgs,
     StatusResult,
+    TransferArgs,
+    TransferResult,
     TreeResult,
     UseArgs,
     read_args,
@@ -199,6 +202,22 @@ class AgentOps:
                                f"(expected one of its children or theirs)")
 
 
+    # ------------------------------------------------------------ issue 16: direct transfer
+
+    def _transfer(self, args: TransferArgs, origin: str | None) -> TransferResult:
+        data, again = self.agent.transfer_out_again(args.features, args.to)
+        self.log(f"transfer features={','.join(args.features)} to={args.to[:12]} "
+                 f"{'again' if again else 'done'} origin={origin or 'local'}")
+        return TransferResult(data, again)
+
+    def _apply_transfer(self, args: ApplyArgs, _origin: str | None) -> ApplyTransferResult:
+        receipt, t, again = self.agent.apply_transfer_again(args.file)
+        self.log(f"apply-transfer from={t.device_id[:12]} "
+                 f"{'already-applied' if again else 'applied'}")
+        return ApplyTransferResult(receipt, again, t.device_id,
+                                   [f"{lic.feature}={lic.count}" for lic in t.moved])
+
+
 def _under(report: Mapping[str, Any], device_id: str) -> bool:
     """Whether ``device_id`` is in a child's reported part of the tree."""
     for c in report.get("children", []) if isinstance(report, dict) else []:
@@ -243,6 +262,8 @@ _IMPLS: Mapping[Op, Callable[[AgentOps, Any, str | None], Any]] = {
     Op.USE_FEATURE: AgentOps._use,
     Op.GET_TREE: AgentOps._tree,
     Op.RELAY: AgentOps._relay,  # issue 14 item 5
+    Op.TRANSFER: AgentOps._transfer,  # issue 16
+    Op.APPLY_TRANSFER: AgentOps._apply_transfer,
 }
 if set(_IMPLS) != set(Op):  # adding an operation is one table entry plus its handler here
     raise ImportError(f"agent.ops implements no {', '.join(sorted(set(Op) - set(_IMPLS)))}")

@@ -61,6 +61,9 @@ __all__ = [
     "SeatResult",
     "SeatTokenArgs",
     "StatusResult",
+    "TransferArgs",
+    "TransferResult",
+    "ApplyTransferResult",
     "TransportError",
     "answer",
     "for_origin",
@@ -102,6 +105,9 @@ class Op(enum.StrEnum):
     GET_TREE = "get-tree"
     # issue 14 item 5: the workflow through the top server
     RELAY = "relay"
+    # issue 16: direct transfer at the site between two live servers (licadmin transfer)
+    TRANSFER = "transfer"
+    APPLY_TRANSFER = "apply-transfer"
 
 
 OPS = frozenset(o.value for o in Op)
@@ -863,6 +869,65 @@ class Operation:
 
 
 #: every operation a server offers over any link
+@record(frozen=True)
+class TransferArgs(WireView):
+    """transfer (issue 16): the transferable features to move, and the new server's device ID."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ("features", "to")
+    features: tuple[str, ...]
+    to: str
+
+    @classmethod
+    def from_wire(cls, args: object) -> TransferArgs:
+        m = args if isinstance(args, dict) else {}
+        f, to = m.get("features"), m.get("to")
+        if (not isinstance(f, list) or not 1 <= len(f) <= MAX_FEATURES
+                or not all(isinstance(x, str) for x in f)):
+            raise UsageError("features must be a list of 1 to "
+                             f"{MAX_FEATURES} names")
+        if not isinstance(to, str) or not to:
+            raise UsageError("to must be the new server's device ID")
+        return cls(tuple(f), to)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"features": list(self.features), "to": self.to}
+
+
+@record(frozen=True)
+class TransferResult(WireView):
+    """transfer: the signed transfer file; ``already`` when it was made before (the same
+    transfer asked again while it is the server's last receipt: nothing changed)."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ("file", "already")
+    file: bytes
+    already: bool
+
+    @classmethod
+    def from_wire(cls, m: object) -> TransferResult:
+        d = _need(m, {"file": bytes, "already": bool}, "transfer")
+        return cls(d["file"], d["already"])
+
+
+@record(frozen=True)
+class ApplyTransferResult(WireView):
+    """apply-transfer: the signed transfer receipt, the old server, the features installed;
+    ``already_applied`` when this transfer was applied here before and its receipt is
+    still the server's last (the same receipt again, nothing changed)."""
+
+    KEYS: ClassVar[tuple[str, ...]] = ("receipt", "already_applied", "from_device", "features")
+    receipt: bytes
+    already_applied: bool
+    from_device: str
+    features: list[str]
+
+    @classmethod
+    def from_wire(cls, m: object) -> ApplyTransferResult:
+        d = _need(m, {"receipt": bytes, "already_applied": bool, "from_device": str,
+                      "features": list}, "apply-transfer")
+        return cls(d["receipt"], d["already_applied"], d["from_device"],
+                   [str(x) for x in d["features"]])
+
+
 OPERATIONS: Mapping[Op, Operation] = {o.op: o for o in (
     Operation(Op.HELLO, NoArgs.from_wire, HelloResult.from_wire),
     Operation(Op.GET_INFO, NoArgs.from_wire, InfoResult.from_wire),
@@ -884,6 +949,9 @@ OPERATIONS: Mapping[Op, Operation] = {o.op: o for o in (
     Operation(Op.GET_TREE, NoArgs.from_wire, TreeResult.from_wire),
     # issue 14 item 5: the answer is the relayed operation's own
     Operation(Op.RELAY, RelayArgs.from_wire, _passed_on),
+    # issue 16: direct transfer between two live servers
+    Operation(Op.TRANSFER, TransferArgs.from_wire, TransferResult.from_wire),
+    Operation(Op.APPLY_TRANSFER, ApplyArgs.from_wire, ApplyTransferResult.from_wire),
 )}
 
 

@@ -358,9 +358,21 @@ class Agent:
     def transfer_out(self, features: Iterable[str], to: str) -> bytes:
         """Issue 16: remove transferable licenses for the server ``to``; the signed transfer
         file (also kept as the last receipt)."""
-        from agent.transfer import transfer_out
+        return self.transfer_out_again(features, to, again_ok=False)[0]
 
+    def transfer_out_again(self, features: Iterable[str], to: str, again_ok: bool = True
+                           ) -> tuple[bytes, bool]:
+        """:meth:`transfer_out`; with ``again_ok``, the same transfer asked again (its file
+        still the last receipt) gets the same file back, nothing changed: the ``transfer``
+        operation of a link, so that a lost answer strands nothing. Second: whether so."""
+        from agent.transfer import transfer_out, transferred_before
+
+        features = list(features)
         with self._open() as (store, now):
+            again = transferred_before(store.state, features, to, self.limits) \
+                if again_ok else None
+            if again is not None:
+                return again, True
             store.require_writable("transfer licenses")
             try:
                 new, data, t = transfer_out(store.state, list(features), to, os.urandom(16),
@@ -371,14 +383,25 @@ class Agent:
             store.commit(new, "transfer-out", {
                 "features": [lic.feature for lic in t.moved], "to": to, "id": t.id.hex(),
                 "sequence": new.sequence, "state_digest": new.digest.hex()}, now)
-            return data
+            return data, False
 
     def apply_transfer(self, data: bytes) -> tuple[bytes, Any]:
         """Issue 16: verify and apply a transfer file; the signed transfer-receipt and the
-        transfer."""
-        from agent.transfer import apply_transfer
+        transfer. Applied before: refused (replay, exit 6)."""
+        receipt, t, _again = self.apply_transfer_again(data, again_ok=False)
+        return receipt, t
+
+    def apply_transfer_again(self, data: bytes, again_ok: bool = True
+                             ) -> tuple[bytes, Any, bool]:
+        """:meth:`apply_transfer`; with ``again_ok``, a transfer applied here whose receipt
+        is still the last one gets that receipt back, nothing changed (the link's
+        ``apply-transfer``, like ``apply-response``). Third: whether so."""
+        from agent.transfer import applied_before, apply_transfer
 
         with self._open() as (store, now):
+            again = applied_before(store.state, data, self.limits) if again_ok else None
+            if again is not None:
+                return again[0], again[1], True
             store.require_writable("apply a transfer")
             try:
                 new, receipt, t = apply_transfer(store.state, data, now, store.key, self.limits)
@@ -389,7 +412,7 @@ class Agent:
                 "from": t.device_id, "features": [lic.feature for lic in t.moved],
                 "id": t.id.hex(), "transfer": data, "sequence": new.sequence,
                 "state_digest": new.digest.hex()}, now)
-            return receipt, t
+            return receipt, t, False
 
     @staticmethod
     def _drop_if_revoked(store: Store, revoked: Iterable[Revocation], now: int) -> None:

@@ -59,6 +59,7 @@ from agent.errors import (
     LicensingError,
     MalformedError,
     ReadOnlyStoreError,
+    RestoredStoreError,
     StorageError,
     UnsafeFileError,
     UsageError,
@@ -452,8 +453,12 @@ class Store:
         if state.device_key != key.public:
             raise IntegrityError("stored state belongs to a different device key")
         check_generation = getattr(key, "check_generation", None)
+        lost_newest = False
         if check_generation is not None:  # the TPM's counter: a restored store is refused
-            check_generation(gen, f"{directory / SLOTS[idx]}")
+            # the other slot damaged or gone: the counter may be one ahead, for that slot
+            other_lost = SLOTS[1 - idx] in missing or any(
+                w.startswith(SLOTS[1 - idx] + " ") for w in warnings)
+            lost_newest = check_generation(gen, f"{directory / SLOTS[idx]}", other_lost)
         if missing and gen >= 2:
             # after two saves both slots exist: one vanished
             warnings.extend(f"{n} is missing" for n in missing)
@@ -470,6 +475,8 @@ class Store:
             if warnings and writable:
                 store._recover_from_journal(now)
         else:
+            if lost_newest:
+                store._roll_to_lost_newest(pending)
             store._catch_up(pending, now)
         if warnings and writable:
             store.journal.append("recovered", {"warnings": warnings, "generation": gen}, now)
@@ -493,6 +500,30 @@ class Store:
                 f"{exc}. Nothing is changed until the journal is restored from a backup "
                 f"together with the slots (state.0, state.1), or the device is re-provisioned"
             ) from exc
+
+    def _roll_to_lost_newest(self, pending: list[JournalEntry]) -> None:
+        """A TPM store whose newest slot is lost: only the journal may bring it back.
+
+        The counter proves generation ``g + 1`` was saved. The journal records past this
+        slot's head must change the state (the commit that made ``g + 1``); the rebuilt
+        state is then saved as ``g + 2`` (the counter moves with it). With no such record
+        the newest state cannot be rebuilt and an older one is never used: refused.
+        """
+        state = self.state
+        for e in pending:
+            try:
+                state = protocol.replay_event(state, e.event, e.data, e.time, self.key,
+                                              self.limits)
+            except IntegrityError:
+                break  # _catch_up names the record
+        if state == self.state:
+            raise RestoredStoreError(
+                f"{self.directory / SLOTS[self.slot]} is generation {self.generation}, the other "
+                f"slot is damaged and the journal holds no commit to rebuild generation "
+                f"{self.generation + 1}, which the TPM's counter says was saved: refused (nothing "
+                f"written; restore the newest copy of the store, journal included, or "
+                f"re-provision the device with the vendor)")
+        self.generation += 1  # the lost slot's generation: the next save is past it
 
     def _catch_up(self, pending: list[JournalEntry], now: int) -> None:
         """Redo the commits journaled after the slot's head (write-ahead: the slot lags).

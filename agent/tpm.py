@@ -136,6 +136,11 @@ class Tpm:
                       "-c", f"{self.key_handle:#x}", "-f", "pem", "-o", str(out))
             return out.read_bytes()
 
+    def holds_key(self) -> bool:
+        """Whether the TPM has a persistent object at the key handle (it answers either way)."""
+        out = self._run("list the persistent handles", "tpm2_getcap", "handles-persistent")
+        return f"{self.key_handle:#x}" in out.decode(errors="replace").lower().split()
+
     def public_key(self) -> ec.EllipticCurvePublicKey:
         key = serialization.load_pem_public_key(self.public_pem())
         if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
@@ -241,12 +246,21 @@ class TpmSigningKey(SigningKey):
 
     # ---------------------------------------------------------------- the generation
 
-    def check_generation(self, generation: int, path: str) -> None:
+    def check_generation(self, generation: int, path: str, newest_lost: bool = False) -> bool:
         """Refuse a store older than the TPM's counter; catch up one interrupted save.
 
         ``base + generation`` is what the counter reads after the save of ``generation``;
         ``base + generation - 1`` is a save killed between its slot and its increment
         (the slot is committed: the counter catches up now).
+
+        Args:
+            newest_lost: the other slot is damaged or missing. A counter exactly one
+                generation ahead is then that lost slot, not a restore: True is returned
+                and the caller must roll the state forward from the journal to it, or
+                refuse.
+
+        Returns:
+            True when the newest generation is the lost slot (``generation + 1``).
 
         Raises:
             RestoredStoreError: the counter is past this store (restored from an older
@@ -256,7 +270,9 @@ class TpmSigningKey(SigningKey):
         expected = self.base + generation
         if value == expected - 1:
             self.tpm.increment()
-            return
+            return False
+        if newest_lost and value == expected + 1:
+            return True
         if value > expected:
             raise RestoredStoreError(
                 f"{path} is generation {generation} but the TPM's counter says generation "
@@ -268,6 +284,7 @@ class TpmSigningKey(SigningKey):
                 f"{path} is generation {generation} but the TPM's counter reads "
                 f"{value}, behind it (expected {expected}): not this TPM's store; refused"
             )
+        return False
 
     def advance(self, generation: int) -> None:
         """After the slot of ``generation`` is written: move the counter to it."""
@@ -295,7 +312,16 @@ def load_key(data: bytes, path: str) -> TpmSigningKey:
     if not ok:
         raise IntegrityError(f"{path} is not a licagent TPM key file")
     tpm = Tpm(m[2], m[3], m[4])
-    public = _public_from_pem(tpm.public_pem())
+    try:
+        pem = tpm.public_pem()
+    except StorageError:
+        if tpm.holds_key():
+            raise  # the key is there but cannot be read: the TPM's own failure
+        raise RestoredStoreError(
+            f"{path} names the key at {m[3]:#x} of {m[2]}, which this TPM does not hold: the "
+            f"store was copied from another server (or this TPM was cleared); refused "
+            f"(nothing written)") from None
+    public = _public_from_pem(pem)
     if public.raw != m[7]:
         raise RestoredStoreError(f"{path} names the key at {m[3]:#x} of {m[2]}, which holds "
                                  f"another key: not this TPM's store; refused")

@@ -22,6 +22,7 @@ from agent.cose import SigningKey, sign1
 from agent.errors import (
     AlreadyAppliedError,
     ClockSetBackError,
+    LicensingError,
     MalformedError,
     RevokedError,
     TrustError,
@@ -53,7 +54,8 @@ from agent.protocol import (
 )
 from agent.record import replace
 
-__all__ = ["MAX_TRANSFERS_IN", "apply_transfer", "transfer_out"]
+__all__ = ["MAX_TRANSFERS_IN", "apply_transfer", "applied_before", "transfer_out",
+           "transferred_before"]
 
 #: transfers remembered on the new server (each applies once); beyond it, the vendor's way
 MAX_TRANSFERS_IN = 256
@@ -170,3 +172,49 @@ def apply_transfer(state: AgentState, data: bytes, now: int, key: SigningKey,
                   last_receipt=receipt, clock_hwm=max(state.clock_hwm, now),
                   transfers_in=(*state.transfers_in, t.id))
     return new, receipt, t
+
+
+def _file_limits(limits: Limits) -> Limits:
+    return replace(limits, max_file=max(limits.max_file, 256 * 1024))
+
+
+def transferred_before(state: AgentState, features: list[str], to: str,
+                       limits: Limits = DEFAULT_LIMITS) -> bytes | None:
+    """The transfer file this device signed last, if it moved exactly ``features`` to ``to``.
+
+    A transfer asked again (``licadmin transfer`` rerun after the old server's answer was
+    lost) gets the same file back, so the licenses are never stranded: the file is the
+    device's last receipt, and none of the features is installed any more.
+    """
+    feats = set(features)
+    if not state.last_receipt or not feats or any(lic.feature in feats
+                                                  for lic in state.licenses):
+        return None
+    try:
+        t, _k = self_signed_payload(state.last_receipt, Transfer, _file_limits(limits))
+    except LicensingError:
+        return None  # the last receipt is of another kind: no transfer to hand back
+    if (t.device_id != state.device_id or t.transfer_to != to
+            or {lic.feature for lic in t.moved} != feats):
+        return None
+    return state.last_receipt
+
+
+def applied_before(state: AgentState, data: bytes,
+                   limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, Transfer] | None:
+    """The transfer receipt this device signed last and its transfer, if it was for exactly
+    ``data``.
+
+    A transfer applies once; asked again while its receipt is still the last one (the
+    answer was lost), the same receipt is handed back instead of a refusal.
+    """
+    if not state.last_receipt:
+        return None
+    try:
+        rc, _k = self_signed_payload(state.last_receipt, TransferReceipt, _file_limits(limits))
+    except LicensingError:
+        return None
+    if rc.device_id != state.device_id or rc.transfer != data:
+        return None
+    t, _k = self_signed_payload(data, Transfer, _file_limits(limits))
+    return state.last_receipt, t

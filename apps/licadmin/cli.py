@@ -253,6 +253,20 @@ def _workflow_parsers(sub: Any) -> None:
     sp.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                     help=f"the total time allowed per server operation (default "
                          f"{DEFAULT_TIMEOUT:g})")
+    sp = sub.add_parser("transfer", help=TRANSFER_HELP, description=TRANSFER_HELP)
+    sp.add_argument("--from", dest="src", required=True, metavar="URL",
+                    help="link URL of the old server (the licenses leave it)")
+    sp.add_argument("--to", dest="dst", required=True, metavar="URL",
+                    help="link URL of the new server (the licenses arrive there)")
+    sp.add_argument("--feature", action="append", default=[], metavar="F", required=True,
+                    help="a transferable license to move (repeat for each)")
+    sp.add_argument("--work-dir", metavar="DIR",
+                    help="keep the transfer file and the receipt here; run the same command "
+                         "again to finish an interrupted transfer (default: transfer-HASH in "
+                         "the current folder, the same for the same two URLs)")
+    sp.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                    help=f"the total time allowed per server operation (default "
+                         f"{DEFAULT_TIMEOUT:g})")
     sp = cmd("show", "print any file of this project with its kind, signer and signature verdict")
     sp.add_argument("file", metavar="FILE",
                     help="a signed file, SITE_INFO bundle or PEM key of this project")
@@ -263,6 +277,10 @@ def _workflow_parsers(sub: Any) -> None:
 REHOST_HELP = ("move licenses from an old server to a new one, make-before-break: the old "
                "server's signed removal first, then the new server's activation (issue 16); "
                "run it again to finish an interrupted one")
+TRANSFER_HELP = ("move licenses issued transferable from one live server to another "
+                 "directly, without a vendor trip (issue 16): the old server's signed transfer "
+                 "file, then the new server's receipt; run it again to finish an interrupted "
+                 "one")
 
 #: the site steps: they talk to the servers, and Ctrl-C stops them cleanly
 SITE_STEPS = frozenset({"gather", "requests", "send", "activate", "reclaim"})
@@ -544,12 +562,22 @@ def _rehost(args: argparse.Namespace) -> int:
                   runner.connector(args.timeout)).run()
 
 
+def _transfer(args: argparse.Namespace) -> int:
+    from apps.licadmin.site_transfer import SiteTransfer, default_work_dir
+
+    work = Path(args.work_dir) if args.work_dir else default_work_dir(args.src, args.dst)
+    return SiteTransfer(args.src, args.dst, args.feature, work,
+                        runner.connector(args.timeout)).run()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
     def command() -> int:
         if args.command == "rehost":
             return _rehost(args)
+        if args.command == "transfer":
+            return _transfer(args)
         if args.command == "ui":
             from apps.licadmin.ui import run_ui
 

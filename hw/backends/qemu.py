@@ -28,6 +28,15 @@ state disk's path, so the hardware binding holds across boots), ``time=`` (the
 guest agent's clock, LICAGENT_TIME), ``memory=`` (MiB, 512), ``boot_timeout=``
 (seconds, 300), ``console=FILE`` (a copy of the serial console), ``timeout=`` and
 ``tries=`` (per RPC try, as on the other links).
+
+``tpm=1`` gives the guest a TPM 2.0: a software TPM (``swtpm socket``, Debian package
+``swtpm``) started with the guest and reached by qemu's ``-tpmdev emulator`` on the arm64
+virt machine's MMIO TPM (``-device tpm-tis-device``: a device-tree node
+``tcg,tpm-tis-mmio``, driven by the guest kernel's ``tpm_tis`` module, seen as
+``/dev/tpmrm0``). Its state is a folder next to the state disk (``STATE.tpm``): the TPM
+is part of the server, so it is kept with its disk; a state disk copied elsewhere meets
+another TPM. A new state disk of a TPM guest is provisioned with
+``licagent init --key-store tpm:///dev/tpmrm0``.
 """
 
 from __future__ import annotations
@@ -58,7 +67,7 @@ QEMU = "qemu-system-aarch64"
 GUEST_PORT = 7700
 MODELS = ("AS-P", "AS-B", "Edge-Server")
 _OPTIONS = ("image", "state", "trust", "model", "serial", "mac", "time", "memory",
-            "boot_timeout", "console", "link", "timeout", "tries")
+            "boot_timeout", "console", "link", "timeout", "tries", "tpm")
 _SAFE = re.compile(r"[A-Za-z0-9._:+-]{1,64}")
 _MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 _PTY = re.compile(r"char device redirected to (\S+) \(label lic\)")
@@ -107,12 +116,14 @@ class QemuGuest:
         time: LICAGENT_TIME for the guest agent (POSIX seconds or ISO 8601).
         memory: guest RAM in MiB.
         console: a file receiving a copy of the serial console.
+        tpm: give the guest a TPM (swtpm; its state in ``STATE.tpm``); a new state disk
+            keeps its device key there.
     """
 
     def __init__(self, state: Path, image: Path | None = None, *, trust: Path | None = None,
                  model: str = "AS-P", serial: str | None = None, mac: str | None = None,
                  time: str | None = None, memory: int = 512,
-                 console: Path | None = None) -> None:
+                 console: Path | None = None, tpm: bool = False) -> None:
         self.image = (image or default_image_dir()).expanduser()
         self.manifest = load_manifest(self.image)
         self.state = Path(state).resolve()
@@ -130,6 +141,9 @@ class QemuGuest:
         self.mac = mac.lower()
         self.memory = memory
         self.console_path = console
+        self.tpm = tpm
+        self._swtpm: subprocess.Popen[bytes] | None = None
+        self._swtpm_dir: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.pty = ""
@@ -175,6 +189,8 @@ class QemuGuest:
                 env.append(f"SERIAL={self.serial}")
             if self.time:
                 env.append(f"export LICAGENT_TIME={self.time}")
+            if self.tpm:
+                env.append("KEY_STORE=tpm:///dev/tpmrm0")
             (Path(seed) / "guest.env").write_text("\n".join(env) + "\n")
             self.state.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.state.with_name(self.state.name + ".tmp")
@@ -187,10 +203,63 @@ class QemuGuest:
                                      f"{p.stderr.strip() or p.stdout.strip()}")
             tmp.rename(self.state)
 
+    # ------------------------------------------------------------ TPM
+
+    @property
+    def tpm_state(self) -> Path:
+        """The guest's TPM (swtpm's state folder), kept next to its state disk."""
+        return self.state.with_name(self.state.name + ".tpm")
+
+    def _start_swtpm(self) -> str:
+        """Start the guest's software TPM; the path of its control socket for qemu."""
+        if shutil.which("swtpm") is None:
+            raise UsageError("qemu://arm64?tpm=1 needs swtpm (apt-get install swtpm; "
+                             "`make swtpm` installs it)")
+        self.tpm_state.mkdir(mode=0o700, exist_ok=True)
+        # a short folder: a unix socket path is limited to about 100 bytes
+        self._swtpm_dir = tempfile.mkdtemp(prefix="licswtpm-")
+        sock = os.path.join(self._swtpm_dir, "ctrl")
+        # --terminate: swtpm ends when qemu closes the control channel (or dies)
+        self._swtpm = subprocess.Popen(
+            ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.tpm_state}",
+             "--ctrl", f"type=unixio,path={sock}", "--terminate"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            if self._swtpm.poll() is not None or time.monotonic() > deadline:
+                err = self._swtpm.stderr.read().decode() if self._swtpm.stderr else ""
+                self._stop_swtpm()
+                raise TransportError(f"swtpm for {self.state.name} did not start: {err.strip()}")
+            time.sleep(0.02)
+        return sock
+
+    def _stop_swtpm(self) -> None:
+        p = self._swtpm
+        if p is not None:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            if p.stderr is not None:
+                p.stderr.close()
+            self._swtpm = None
+        if self._swtpm_dir is not None:
+            shutil.rmtree(self._swtpm_dir, ignore_errors=True)
+            self._swtpm_dir = None
+
     # ------------------------------------------------------------ boot
 
-    def command(self) -> list[str]:
+    def command(self, tpm_socket: str | None = None) -> list[str]:
         m = self.manifest
+        tpm = [] if tpm_socket is None else [
+            "-chardev", f"socket,id=chrtpm,path={tpm_socket}",
+            "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+            "-device", "tpm-tis-device,tpmdev=tpm0",
+        ]
         return [
             QEMU, "-M", "virt", "-cpu", "cortex-a57", "-smp", "1", "-m", str(self.memory),
             "-display", "none", "-monitor", "none", "-no-reboot", "-nodefaults",
@@ -205,6 +274,7 @@ class QemuGuest:
             "-device", f"virtio-net-device,netdev=lan,mac={self.mac}",
             "-device", "virtio-serial-device",
             "-chardev", "pty,id=lic", "-device", "virtconsole,chardev=lic",
+            *tpm,
         ]
 
     def start(self, timeout: float = 300.0) -> None:
@@ -228,15 +298,21 @@ class QemuGuest:
             self._console_file = open(self.console_path, "a", encoding="utf-8",
                                       errors="replace")
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        sock = self._start_swtpm() if self.tpm else None
+        try:
+            self.proc = subprocess.Popen(self.command(sock), stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        except BaseException:
+            self._stop_swtpm()
+            raise
         self._reader = threading.Thread(target=self._read_console, name="qemu-console",
                                         daemon=True)
         self._reader.start()
-        ok = self.wait_for(lambda: self._listening(), timeout)
-        if not ok:
+        ok = self.wait_for(lambda: self._listening() or self._agent_ended(), timeout)
+        if not ok or self._agent_ended():
             why = ("qemu exited" if self.proc.poll() is not None
+                   else "its agent ended (see the console)" if self._agent_ended()
                    else f"no agent ready within {timeout:.0f} s")
             self.kill()
             tail = "\n".join(list(self.lines)[-15:])
@@ -246,6 +322,9 @@ class QemuGuest:
     def _listening(self) -> bool:
         return bool(self.pty) and any(x.startswith("listening tcp://") for x in self.lines) and \
             any(x.startswith("listening serial://") for x in self.lines)
+
+    def _agent_ended(self) -> bool:
+        return any(x.startswith("licguest: licagent run ended") for x in self.lines)
 
     def _read_console(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -371,6 +450,7 @@ class QemuGuest:
         if self._console_file is not None:
             self._console_file.close()
             self._console_file = None
+        self._stop_swtpm()  # after qemu: the TPM's state is saved as the guest left it
         self.proc = None
         self._reader = None
 
@@ -419,6 +499,13 @@ def _num(url: LinkURL, name: str, default: float, lo: float) -> float:
     return v
 
 
+def _flag(url: LinkURL, name: str) -> bool:
+    raw = url.option(name, "0")
+    if raw not in ("0", "1"):
+        raise UsageError(f"{url.text}: {name} must be 0 or 1, not {raw!r}")
+    return raw == "1"
+
+
 def guest_from_url(url: LinkURL) -> tuple[QemuGuest, tempfile.TemporaryDirectory[str] | None]:
     """The :class:`QemuGuest` a ``qemu://arm64?...`` URL describes (not started)."""
     url.check_options(_OPTIONS)
@@ -438,7 +525,7 @@ def guest_from_url(url: LinkURL) -> tuple[QemuGuest, tempfile.TemporaryDirectory
         model=url.option("model", "AS-P") or "AS-P", serial=url.option("serial"),
         mac=url.option("mac"), time=url.option("time"),
         memory=int(_num(url, "memory", 512, 128)),
-        console=Path(console) if console else None)
+        console=Path(console) if console else None, tpm=_flag(url, "tpm"))
     return guest, cleanup
 
 

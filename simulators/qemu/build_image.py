@@ -39,15 +39,18 @@ SUITE = "bookworm"
 MIRROR = os.environ.get("LICQEMU_MIRROR", "http://deb.debian.org/debian")
 PIP_INDEX = os.environ.get("LICQEMU_PIP_INDEX", "https://pypi.org/simple")
 #: Debian packages inside the guest, besides the minbase system
-INCLUDE = ["python3", "python3-serial", "python3-paho-mqtt"]
+#: (tpm2-tools for the TPM key store, issue 16; tpm-udev named because debootstrap does not
+#: resolve the virtual package the TSS libraries depend on)
+INCLUDE = ["python3", "python3-serial", "python3-paho-mqtt", "tpm2-tools", "tpm-udev"]
 #: aarch64 wheels from PyPI (with their dependencies: cffi, pycparser) for what Debian
 #: bookworm has too old: python3-cbor2 5.4 lacks the decoder options the agent uses and
 #: python3-cryptography 38 lacks public_bytes_raw; the same versions as the host's venv
 WHEELS = ["cbor2==6.3.0", "cryptography==50.0.2"]
 #: kernel modules the initramfs loads (with their dependencies, from modules.dep)
-MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng"]
+MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
+           "tpm_tis"]  # the TPM of `-device tpm-tis-device` (device tree tcg,tpm-tis-mmio)
 #: bumped when the recipe changes in a way the package versions do not show
-RECIPE = "3"
+RECIPE = "4"
 #: trimmed from the image: documentation, translations, the apt cache
 TRIM = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
         "var/cache/apt/archives", "debootstrap", "usr/share/lintian"]

@@ -145,7 +145,8 @@ def _toml(data: bytes) -> object:
 
 #: operations that would write the store: answered with a refusal in this fuzz, so that a
 #: million inputs do not become a million fsyncs (test_fuzz.py applies to a real store)
-WRITING_OPS = {rpc.Op.CREATE_REQUEST.value, rpc.Op.APPLY_RESPONSE.value}
+WRITING_OPS = {rpc.Op.CREATE_REQUEST.value, rpc.Op.APPLY_RESPONSE.value,
+               rpc.Op.TRANSFER.value, rpc.Op.APPLY_TRANSFER.value}
 
 
 def read_only(w: World) -> Callable[..., object]:

@@ -197,3 +197,127 @@ def test_device_tpm_file_is_as_documented(provisioned: tuple[Path, Path, Agent, 
     der = encode_dss_signature(int.from_bytes(m[8][:32], "big"), int.from_bytes(m[8][32:], "big"))
     pub.verify(der, cbor2.dumps(m[:8], canonical=True), ec.ECDSA(hashes.SHA256()))
     assert Tpm(soft_tpm.url).read_counter() == m[5] + Store.open(state, None).generation
+
+
+def test_a_store_copied_to_another_tpm_is_refused_at_open(
+        provisioned: tuple[Path, Path, Agent, Clock], vendor: Vendor, soft_tpm: SoftTpm) -> None:
+    """The whole store copied to another server, whose TPM answers at the same URL: that
+    TPM holds no such key, so nothing can be signed there; refused (exit 8), one line."""
+    state, facts, agent, clock = provisioned
+    activate(agent, vendor, clock, BACnet=2)
+    soft_tpm.stop()
+    other = SoftTpm()  # a fresh TPM (its own state) where the old one answered
+    other.port = soft_tpm.port
+    other.start()
+    try:
+        files = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+        done = licagent(state, facts, clock(), "status")
+        assert done.returncode == 8, done.stdout + done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "which this TPM does not hold" in lines[0], lines
+        assert "copied from another server" in lines[0]
+        assert {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()} == files
+    finally:
+        other.close()
+    soft_tpm.start()  # the store's own TPM back: it opens again
+    done = licagent(state, facts, clock(), "status")
+    assert done.returncode == 0 and "BACnet" in done.stdout, done.stderr
+
+
+# ---------------------------------------------------------------- item 2: a damaged newest slot
+
+
+def _newest_and_older(state: Path) -> tuple[Path, Path]:
+    s = Store.open(state, None)
+    return state / SLOTS[s.slot], state / SLOTS[1 - s.slot]
+
+
+def _features(state: Path) -> set[str]:
+    return {lic.feature for lic in Store.open(state, None).state.licenses}
+
+
+@pytest.mark.parametrize("damage", ["garbage", "missing", "cut"])
+def test_a_damaged_newest_slot_rolls_forward_from_the_journal(
+        provisioned: tuple[Path, Path, Agent, Clock], vendor: Vendor, soft_tpm: SoftTpm,
+        damage: str) -> None:
+    """As on the file store: the older slot plus the journal give back the newest state,
+    and the TPM's counter is moved past the lost generation (so the next open agrees)."""
+    state, facts, agent, clock = provisioned
+    activate(agent, vendor, clock, BACnet=2)
+    activate(agent, vendor, clock, Modbus=1)
+    newest_state = Store.open(state, None).state
+    gen = Store.open(state, None).generation
+    tpm = Tpm(soft_tpm.url)
+    counter = tpm.read_counter()
+    slot, _older = _newest_and_older(state)
+    data = slot.read_bytes()
+    if damage == "garbage":
+        slot.write_bytes(bytes(b ^ 0x5A for b in data))
+    elif damage == "missing":
+        slot.unlink()
+    else:
+        slot.write_bytes(data[:7])
+    done = licagent(state, facts, clock(), "status")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "BACnet" in done.stdout and "Modbus" in done.stdout
+    s = Store.open(state, None)
+    assert s.report.warnings == []  # the lost slot was rewritten
+    assert s.state.licenses == newest_state.licenses
+    assert s.state.sequence == newest_state.sequence
+    assert s.generation == gen + 1 and tpm.read_counter() == counter + 1
+    assert s.journal.read().entries[-1].event == "recovered"
+    activate(agent, vendor, clock, KNX=1)  # and it goes on as before
+    assert _features(state) == {"BACnet", "Modbus", "KNX"}
+
+
+def test_a_damaged_older_slot_is_just_ignored(
+        provisioned: tuple[Path, Path, Agent, Clock], vendor: Vendor, soft_tpm: SoftTpm) -> None:
+    state, facts, agent, clock = provisioned
+    activate(agent, vendor, clock, BACnet=2)
+    activate(agent, vendor, clock, Modbus=1)
+    counter = Tpm(soft_tpm.url).read_counter()
+    _newest, older = _newest_and_older(state)
+    older.write_bytes(b"\x00" * older.stat().st_size)
+    done = licagent(state, facts, clock(), "status")
+    assert done.returncode == 0, done.stderr
+    assert "BACnet" in done.stdout and "Modbus" in done.stdout
+    assert Tpm(soft_tpm.url).read_counter() == counter
+
+
+def test_newest_slot_lost_with_the_journals_last_commit_is_refused(
+        provisioned: tuple[Path, Path, Agent, Clock], vendor: Vendor, soft_tpm: SoftTpm) -> None:
+    """Where the TPM store differs from the file store: there the older slot is the last
+    good state (tests/agent/test_crash.py); here the TPM's counter says a newer state was
+    saved, and nothing on disk can rebuild it, so the store is refused (exit 8)."""
+    state, facts, agent, clock = provisioned
+    activate(agent, vendor, clock, BACnet=2)
+    journal = state / "journal.log"
+    req = agent.request(Action.ACTIVATE, {"Modbus": 1})
+    before = journal.read_bytes()  # the older slot's head is the journal's end
+    agent.apply(vendor.issue(req, [Grant("Modbus", 1)], now=clock()))
+    slot, _older = _newest_and_older(state)
+    slot.write_bytes(bytes(b ^ 0xFF for b in slot.read_bytes()))
+    journal.write_bytes(before)
+    counter = Tpm(soft_tpm.url).read_counter()
+    files = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+    done = licagent(state, facts, clock(), "status")
+    assert done.returncode == 8, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "TPM's counter says was saved" in lines[0], lines
+    assert "journal holds no commit" in lines[0]
+    assert {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()} == files
+    assert Tpm(soft_tpm.url).read_counter() == counter
+    with pytest.raises(RestoredStoreError):
+        Store.open(state, None)
+
+
+def test_both_slots_lost_is_refused_and_nothing_is_reset(
+        provisioned: tuple[Path, Path, Agent, Clock], vendor: Vendor) -> None:
+    state, facts, agent, clock = provisioned
+    activate(agent, vendor, clock, BACnet=2)
+    for name in SLOTS:
+        (state / name).write_bytes(b"x")
+    done = licagent(state, facts, clock(), "status")
+    assert done.returncode == 8, done.stdout + done.stderr
+    assert "NOT reset" in done.stderr
+    assert all((state / n).read_bytes() == b"x" for n in SLOTS)
