@@ -32,6 +32,7 @@ def fake_image(tmp: Path) -> Path:
     ("qemu://arm64?link=usb", ["serial or tcp", "usb"]),
     ("qemu://arm64?memory=lots", ["memory", "number"]),
     ("qemu://arm64?boot_timeout=0", ["boot_timeout", "at least"]),
+    ("qemu://arm64?tpm=yes", ["tpm must be 0 or 1", "'yes'"]),
 ])
 def test_bad_options_are_usage_errors_naming_them(url: str, words: list[str]) -> None:
     with pytest.raises(UsageError) as err:
@@ -72,3 +73,18 @@ def test_the_mac_address_is_stable_per_state_disk(tmp_path: Path) -> None:
 def test_qemu_is_not_a_daemon_listener() -> None:
     with pytest.raises(UsageError, match="client-side"):
         hw.listen("qemu://arm64", lambda op, args: None)
+
+
+def test_a_tpm_guest_gets_the_tpm_device_and_keeps_its_tpm_beside_the_disk(
+        tmp_path: Path) -> None:
+    """tpm=1: qemu reaches swtpm's control socket as the virt machine's MMIO TPM, and the
+    TPM's state is the state disk's (STATE.tpm); without it, no TPM device at all."""
+    image = fake_image(tmp_path)
+    g = QemuGuest(tmp_path / "as-p.img", image, tpm=True)
+    assert g.tpm_state == tmp_path / "as-p.img.tpm"
+    cmd = g.command("/tmp/licswtpm-x/ctrl")
+    i = cmd.index("-tpmdev")
+    assert cmd[i - 2:i + 4] == ["-chardev", "socket,id=chrtpm,path=/tmp/licswtpm-x/ctrl",
+                                "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                                "-device", "tpm-tis-device,tpmdev=tpm0"]
+    assert "-tpmdev" not in QemuGuest(tmp_path / "b.img", image).command()
