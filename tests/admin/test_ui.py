@@ -236,7 +236,9 @@ def _run_step(s: UiSite, cookie: str, csrf: str, step: str) -> dict[str, Any]:
 
 
 def _wait_result(s: UiSite, step: str, before: Any = None) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
+    # a guard against a hang, not a time limit: a full `make test` beside other builds has
+    # seen a three-server upload take more than two minutes at a load average above 30
+    deadline = time.monotonic() + 600
     while True:
         now = _results(s).get(step) if (s.root / "work/flow/flow.json").is_file() else None
         if now is not None and now != before:
