@@ -8,19 +8,21 @@ agent's operation table (:class:`agent.ops.AgentOps`), as ``licagent run`` does.
 
 One exception, because a site's ``gather`` asks every server for it at once: the
 signed device information. The last one a server signed is kept with a digest
-of every byte of its state files (:class:`SignedInfo`) and handed out again, as
-long as the files hold exactly those bytes, the hardware facts, clock offset and
-lease are the same, and it was signed less than :data:`INFO_REUSE` seconds ago
-by the server's clock (never once the clock went back). Reading the files (the
-same checks and reads opening the store makes, without decoding, MAC checks or a
-signature) costs a fraction of opening the store and signing; anything that
-changed the store, a fault included, shows in some byte and the next one is
-opened and signed afresh.
+of every byte of its state files, and of their owners and modes
+(:func:`state_digest`, :class:`SignedInfo`), and handed out again as long as the
+digest is the same, the hardware facts, clock offset and lease are the same, and
+it was signed less than :data:`INFO_REUSE` seconds ago by the server's clock
+(never once the clock went back). Reading the files (what opening the store
+reads, without decoding, MAC checks or a signature) costs a fraction of opening
+the store and signing; anything that changed the store, a fault included, shows
+in the digest and the next one is opened and signed afresh.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -28,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.durable import FileOps
-from agent.errors import LicensingError
 from agent.identity import HardwareFacts
 from agent.ops import AgentOps
 from agent.rpc import InfoResult
 from agent.service import Agent
-from agent.store import STATE_FILES, check_state_dir, read_state_file
+from agent.store import STATE_FILES
 from hw.facts import StaticFactsProvider
 
 __all__ = ["INFO_REUSE", "ServerHandler", "SignedInfo", "SimServer", "device_info",
@@ -45,25 +46,50 @@ INFO_REUSE = 600
 _DIGEST_CAP = 64 * 1024
 
 
-def state_digest(directory: Path) -> bytes | None:
-    """SHA-256 of the name, length and bytes of every state file (a missing one marked as
-    such), after :func:`agent.store.check_state_dir`'s checks; None if a check fails, a
-    file cannot be read or one is larger than the cap (then the store is opened)."""
+_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def state_digest(directory: str) -> bytes | None:
+    """SHA-256 of the state directory's owner and mode, and of every state file's name,
+    owner, mode, filesystem and bytes (a missing one marked as such); None if one is not
+    a regular file, cannot be read or is larger than the cap (then the store is opened).
+
+    What :func:`agent.store.check_state_dir` checks is part of the digest rather than
+    checked here: a file that changed owner or mode, or moved to another filesystem,
+    changes the digest, and the fresh open that follows refuses it as it would anyway.
+    A file is opened only after an ``lstat`` found a regular file, never through a
+    symbolic link, never blocking on a FIFO.
+    """
     h = hashlib.sha256()
     try:
-        check_state_dir(directory)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(dfd)
+        h.update(f"{st.st_uid}:{st.st_mode}:{st.st_dev};".encode())
         for name in STATE_FILES:
             try:
-                data = read_state_file(directory, name, _DIGEST_CAP)
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
             except FileNotFoundError:
                 h.update(f"{name}:-;".encode())
                 continue
-            if len(data) > _DIGEST_CAP:
+            if not stat.S_ISREG(st.st_mode) or st.st_size > _DIGEST_CAP:
                 return None
-            h.update(f"{name}:{len(data)};".encode())
+            fd = os.open(name, _OPEN, dir_fd=dfd)
+            try:
+                st = os.fstat(fd)
+                data = os.read(fd, _DIGEST_CAP + 1)
+            finally:
+                os.close(fd)
+            if not stat.S_ISREG(st.st_mode) or len(data) > _DIGEST_CAP:
+                return None
+            h.update(f"{name}:{st.st_uid}:{st.st_mode}:{st.st_dev}:{len(data)};".encode())
             h.update(data)
-    except (OSError, LicensingError):
+    except OSError:
         return None
+    finally:
+        os.close(dfd)
     return h.digest()
 
 
@@ -169,13 +195,14 @@ def device_info(srv: SimServer) -> InfoResult:
     """``get-info`` on ``srv``: the kept answer while it fits, else signed afresh (and kept
     if the files held the same bytes before and after: nothing changed them meanwhile)."""
     now = srv.now()
-    before = state_digest(srv.state_dir)
+    where = os.path.join(srv.directory, "state")  # srv.state_dir, without building a Path
+    before = state_digest(where)
     kept = srv.signed_info
     if kept is not None and kept.fits(srv, now, before):
         return InfoResult(kept.data, kept.device_id)
     srv.signed_info = None
     result = AgentOps(srv.agent())("get-info", {})
     assert isinstance(result, InfoResult)
-    if before is not None and state_digest(srv.state_dir) == before:
+    if before is not None and state_digest(where) == before:
         srv.signed_info = SignedInfo(srv, now, before, result)
     return result

@@ -8,6 +8,7 @@ state as a fresh open reads it.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -131,7 +132,7 @@ def test_a_kept_file_is_handed_out_for_a_bounded_time(handler: ServerHandler,
 
 def test_the_digest_covers_every_state_file(handler: ServerHandler) -> None:
     state = handler.server.state_dir
-    d0 = server_mod.state_digest(state)
+    d0 = server_mod.state_digest(str(state))
     assert d0 is not None
     for name in ("device.key", *SLOTS, "journal.log"):
         p = state / name
@@ -139,9 +140,16 @@ def test_the_digest_covers_every_state_file(handler: ServerHandler) -> None:
             continue
         data = p.read_bytes()
         p.write_bytes(data + b"\0")
-        assert server_mod.state_digest(state) != d0, name
+        assert server_mod.state_digest(str(state)) != d0, name
         p.write_bytes(data)
-        assert server_mod.state_digest(state) == d0, name
+        assert server_mod.state_digest(str(state)) == d0, name
+        p.chmod(0o620)  # group-writable: opening the store refuses it
+        assert server_mod.state_digest(str(state)) != d0, name
+        p.chmod(0o600)
+        assert server_mod.state_digest(str(state)) == d0, name
     (state / "journal.log").unlink(missing_ok=True)
     (state / "journal.log").symlink_to(state / SLOTS[0])
-    assert server_mod.state_digest(state) is None  # refused, as opening the store refuses it
+    assert server_mod.state_digest(str(state)) is None  # a symbolic link: never followed
+    (state / "journal.log").unlink()
+    os.mkfifo(state / "journal.log", 0o600)
+    assert server_mod.state_digest(str(state)) is None  # a FIFO: never opened
