@@ -5,7 +5,9 @@
 A complete reclaim of the three-server site through the guided flow, with a browser
 refresh and a restart of ``licadmin ui`` in the middle (nothing lost: the step's files
 are on disk); an activation with one server unreachable (the outcome tables say which,
-with the command line's own line); keyboard and label checks. With ``SCREENSHOTS=DIR``
+with the command line's own line); a rehost chosen from the keyboard, a seat returned by
+its token file, the system tree of an Enterprise Server and two children; keyboard,
+label and CSRF-field checks on every screen. With ``SCREENSHOTS=DIR``
 (``make screenshots``) each screen is saved as a PNG there.
 """
 
