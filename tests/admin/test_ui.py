@@ -5,6 +5,12 @@ Without the token nothing is served; a page asked for under another host name (D
 rebinding) is refused; a state-changing request without the page's CSRF field, or sent
 from another origin, changes nothing; downloads reach only the flow's own files; a
 non-loopback address is refused at start with one line and exit 2.
+
+The screens of items 1-3 over the same real processes: Seat pools (list, a seat returned
+by its token file, the reclaim flow's --force box), Rehost (online, in the folder
+``licadmin rehost`` finishes, and offline with its hops carried as files), the system
+tree against ``licadmin tree --json``; a bug is one line in the browser and a traceback
+in the UI log.
 """
 
 from __future__ import annotations

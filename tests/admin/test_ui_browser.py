@@ -5,7 +5,9 @@
 A complete reclaim of the three-server site through the guided flow, with a browser
 refresh and a restart of ``licadmin ui`` in the middle (nothing lost: the step's files
 are on disk); an activation with one server unreachable (the outcome tables say which,
-with the command line's own line); keyboard and label checks. With ``SCREENSHOTS=DIR``
+with the command line's own line); a rehost chosen from the keyboard, a seat returned by
+its token file, the system tree of an Enterprise Server and two children; keyboard,
+label and CSRF-field checks on every screen. With ``SCREENSHOTS=DIR``
 (``make screenshots``) each screen is saved as a PNG there.
 """
 
@@ -497,6 +499,7 @@ def test_seat_pools_and_a_seat_returned(site: UiSite, driver: Any, tmp_path: Pat
     d.find_element(by("LINK_TEXT"), "Seat pools").click()
     d.find_element(by("LINK_TEXT"), NAMES[0]).click()
     assert rows(d, "pools") == [["editor", "3", "2", "1"]]
+    # both checked out at the same (test) time: the screen orders them by client then
     assert [r[1] for r in rows(d, "seats")] == ["ws-1", "ws-2"]
     shot(d, "seats")
     d.find_element(by("ID"), "file-token").send_keys(str(s.root / "ws-2.seat"))
