@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from agent.errors import NotInTreeError, UsageError
+from agent.errors import LicensingError, NotInTreeError, UsageError
 from agent.rpc import (
     SEAT_PAGE,
     ApplyArgs,
@@ -198,9 +198,20 @@ class AgentOps:
             op, inner = (args.op, args.args) if below else (Op.RELAY.value, args.to_wire())
             self.log(f"relay {args.op} to={args.device_id[:12]} via={child.device_id[:12]}")
             return self.relay(child.url, op, inner)
+        # a child Enterprise Server whose kept report lost its own children (reports are
+        # kept within agent.inherit.MAX_REPORT bytes): it is asked, and says if not its
+        for child in st.system.children:
+            if child.model not in _PARENT_MODELS or "children" in child.report or not child.url:
+                continue
+            self.log(f"relay {args.op} to={args.device_id[:12]} via={child.device_id[:12]} "
+                     f"(its report is kept without its children)")
+            try:
+                return self.relay(child.url, Op.RELAY.value, args.to_wire())
+            except LicensingError as err:
+                if err.reason != NotInTreeError.reason:
+                    raise
         raise NotInTreeError(f"device {args.device_id[:12]} is not under this server "
                                f"(expected one of its children or theirs)")
-
 
     # ------------------------------------------------------------ issue 16: direct transfer
 
@@ -216,6 +227,11 @@ class AgentOps:
                  f"{'already-applied' if again else 'applied'}")
         return ApplyTransferResult(receipt, again, t.device_id,
                                    [f"{lic.feature}={lic.count}" for lic in t.moved])
+
+
+#: the models that may have children (agent.inherit.PARENT_MODELS, without importing the
+#: grant rules into every daemon)
+_PARENT_MODELS = ("Enterprise-Server",)
 
 
 def _under(report: Mapping[str, Any], device_id: str) -> bool:

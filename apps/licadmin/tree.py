@@ -162,4 +162,21 @@ def _walk(report: Mapping[str, Any], ref: Any, via: Relay, out: list[Any], level
             serial = child.get("serial")
             name = serial if isinstance(serial, str) else dev[:12]
             out.append(ServerRef(ref.url, f"{name} (via {ref.label})", via=via, device=dev))
-            _walk(child, ref, via, out, level + 1)
+            _walk(_own_tree(child, via, level), ref, via, out, level + 1)
+
+
+def _own_tree(child: Mapping[str, Any], via: Relay, level: int) -> Mapping[str, Any]:
+    """An Enterprise Server under the top, asked for its own tree through the top: the
+    report its parent keeps of it may have lost its children (a report is kept within
+    agent.inherit.MAX_REPORT bytes; the features go in first). Unreachable: the last
+    report, as the top heard it."""
+    from agent.inherit import PARENT_MODELS
+
+    if child.get("model") not in PARENT_MODELS or level + 1 >= MAX_LEVELS:
+        return child
+    try:
+        with via.client(str(child["device_id"])) as c:
+            own: TreeResult = c.typed(Op.GET_TREE)
+            return own.to_wire()
+    except LicensingError:
+        return child

@@ -101,8 +101,13 @@ def attach_carried(agent: Agent, parent: str, prog: str) -> int:
                 request = _read(REQUEST, mine, carried.REQUEST_MAX, f"{label}/{REQUEST}")
                 answer = _read(ANSWER, mine, carried.ANSWER_MAX, f"{label}/{ANSWER}")
                 if request is not None and answer is not None:
-                    pid, installed, refused, ret = agent.apply_attach_answer(answer, request,
-                                                                             parent)
+                    try:
+                        pid, installed, refused, ret = agent.apply_attach_answer(
+                            answer, request, parent)
+                    except LicensingError as err:
+                        err.args = (f"{err} ({label}/{ANSWER} is left as it was: remove it "
+                                    f"and run again to write a new request)",)
+                        raise
                     if ret is not None:  # for the parent's technician, at the next visit
                         atomic_write_at(ops, mine, RETURN, ret, label=f"{label}/{RETURN}")
                     _unlink(ANSWER, mine)
