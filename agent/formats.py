@@ -214,8 +214,6 @@ def loads_json(data: bytes, name: str, expected: str = "a JSON document") -> Any
     Raises:
         MalformedError: ``NAME is WHAT, expected EXPECTED: detail``.
     """
-    import json  # the daemon's RPC is CBOR; JSON only at the tools' and HTTP's edges
-
     def refuse(detail: str) -> MalformedError:
         return MalformedError(f"{name} is {describe_kind(identify(data))}, expected "
                               f"{expected}: {detail}")
@@ -224,14 +222,61 @@ def loads_json(data: bytes, name: str, expected: str = "a JSON document") -> Any
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise refuse(f"not UTF-8 text at byte {exc.start}") from exc
-
-    def no_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not a JSON number")
+    ok, obj = _scan_json(text)
+    if ok:
+        return obj
+    import json  # the daemon's RPC is CBOR; JSON only at the tools' and HTTP's edges
 
     try:
-        return json.loads(text, parse_constant=no_constant)
+        return json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
         raise refuse(str(exc) or type(exc).__name__) from exc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+class _ScanContext:
+    """What ``json.JSONDecoder`` gives its C scanner, for ``json.loads(text, parse_constant=_no_constant)``."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = staticmethod(_no_constant)
+
+
+_JSON_SPACE = " \t\n\r"  # json.decoder.WHITESPACE
+
+
+def _scan_json(text: str) -> tuple[bool, Any]:
+    """``(True, json.loads(text, ...))`` by the json package's own C scanner, without importing
+    the package, or ``(False, None)``: then :func:`json.loads` decides, with its own message.
+
+    Importing ``json`` compiles six regular expressions and loads its encoder: about a
+    twentieth of a ``licagent check`` process of a simulated server, which reads its facts
+    file (issue 17 item 3). The scanner (``_json``, what ``json`` itself uses when present)
+    parses the same way; everything but one well-formed document (a byte order mark, an
+    error, NaN or Infinity, data after it) and a Python without the accelerator go to
+    ``json.loads``, so what is accepted and every refusal's words are exactly its own.
+    """
+    try:
+        from _json import make_scanner
+    except ImportError:
+        return False, None
+    if text.startswith("\ufeff"):
+        return False, None
+    start = len(text) - len(text.lstrip(_JSON_SPACE))
+    try:
+        # typeshed types the context as the scanner itself: it reads the attributes above
+        obj, end = make_scanner(_ScanContext())(text, start)  # type: ignore[arg-type]
+    except Exception:  # StopIteration, a decode error, RecursionError: json.loads says which
+        return False, None
+    if text[end:].strip(_JSON_SPACE):
+        return False, None
+    return True, obj
 
 
 def describe_kind(kind: str) -> str:

@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.cose import SigningKey
 from agent.errors import MalformedError
@@ -67,3 +71,55 @@ def test_loads_json_turns_every_failure_into_a_malformed_error() -> None:
             loads_json(bad, "body")
     with pytest.raises(RecursionError):  # what it guards against
         json.loads(b"[" * 200_000)
+
+
+def _json_loads_as_before(data: bytes) -> tuple[str, object]:
+    """What loads_json gave when it always went through json.loads: the value, or the refusal's
+    detail (after "expected a JSON document: ")."""
+    def no_constant(name: str) -> object:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return "ok", json.loads(data.decode("utf-8"), parse_constant=no_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        return "refused", str(exc) or type(exc).__name__
+
+
+_JSON_TOKENS = ['{', '}', '[', ']', ',', ':', ' ', '\n', '\t', '"a"', '"\\u00e9"', '"\\ud800"',
+                '"x\\n"', '"\\q"', '"\x01"', '1', '-0', '1.5e3', '1e999', '01', '-', 'true',
+                'null', 'NaN', '-Infinity', 'Infinity', '\ufeff', '"é"', 'x', '9' * 30]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.one_of(
+    st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                 | st.text(max_size=8),
+                 lambda kids: st.lists(kids, max_size=4)
+                 | st.dictionaries(st.text(max_size=4), kids, max_size=4), max_leaves=12)
+    .map(lambda v: json.dumps(v, ensure_ascii=False)),
+    st.lists(st.sampled_from(_JSON_TOKENS), max_size=12).map("".join),
+), st.sampled_from(["", " ", "\n\t", "\r "]), st.sampled_from(["", " ", "\n", "x", "]", " 1"]))
+def test_loads_json_accepts_and_refuses_exactly_as_json_loads(text: str, before: str,
+                                                              after: str) -> None:
+    """Issue 17 item 3: documents go through json's C scanner without importing json (a
+    twentieth of `licagent check` with a facts file); what is accepted, the value, and every
+    refusal's words stay json.loads's own."""
+    data = (before + text + after).encode("utf-8", "surrogatepass")
+    want = _json_loads_as_before(data)
+    try:
+        got: tuple[str, object] = ("ok", loads_json(data, "body"))
+    except MalformedError as exc:
+        got = ("refused", str(exc).split("expected a JSON document: ", 1)[1])
+    assert got == want
+    if want[0] == "ok":
+        assert type(got[1]) is type(want[1])
+
+
+def test_a_well_formed_document_needs_no_json_package() -> None:
+    code = ("import sys\nfrom agent.formats import loads_json\n"
+            "assert loads_json(b' {\"model\": \"AS-P\", \"macs\": [\"00:80:f4:00:00:0a\"]}\\n',"
+            " 'f') == {'model': 'AS-P', 'macs': ['00:80:f4:00:00:0a']}\n"
+            "print('json' in sys.modules)\n"
+            )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"

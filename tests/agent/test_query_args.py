@@ -133,6 +133,8 @@ def test_check_and_status_processes_load_nothing_they_do_not_use(tmp_path: Path,
     loaded = _modules(r.stderr)
     assert "agent.store" in loaded and "agent.store" not in floor  # it really opened the store
     assert not NEVER & loaded, sorted(NEVER & loaded)
+    if "--json" not in args:  # the facts file is read without the json package
+        assert "json" not in loaded and "_json" in loaded
     extra = sorted(loaded - floor - _budget())
     assert not extra, (
         f"licagent {args[0]} now imports {len(extra)} module(s) beyond its budget: "
