@@ -135,17 +135,44 @@ def _make_init(cls: type, all_fields: tuple[Field, ...]) -> Callable[..., None]:
     n = len(init_fields)
     slots = any("__slots__" in vars(k) for k in cls.__mro__[:-1])
 
+    def _by_name(self: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Fill the instance dict from ``args`` then ``kwargs`` if every keyword names a field
+        after the positional ones and every required field is given (True); else nothing
+        is kept (False: the general path below fills it, or raises its error)."""
+        d = self.__dict__
+        for f, v in zip(init_fields, args, strict=False):
+            d[f.name] = v
+        used = 0
+        for f in init_fields[len(args):]:
+            name = f.name
+            if name in kwargs:
+                d[name] = kwargs[name]
+                used += 1
+            elif f.default is not MISSING:
+                d[name] = f.default
+            elif f.default_factory is not MISSING:
+                d[name] = f.default_factory()
+            else:
+                d.clear()
+                return False  # a required field missing: the general path names it
+        if used != len(kwargs):  # a keyword naming no field, or a positional one again
+            d.clear()
+            return False
+        return True
+
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        if not kwargs and len(args) <= n and not slots:
-            # the common call (positional arguments): straight into the instance dict, which
-            # is what object.__setattr__ does for a field (no descriptors), at a third the cost
-            d = self.__dict__
-            for f, v in zip(init_fields, args, strict=False):  # the rest take their defaults
-                d[f.name] = v
-            for f in init_fields[len(args):]:
-                d[f.name] = f.value(owner)
+        if not slots and len(args) <= n and (not kwargs or _by_name(self, args, kwargs)):
+            # the common calls (positional arguments; keywords naming the fields after them,
+            # every required one given): straight into the instance dict, which is what
+            # object.__setattr__ does for a field (no descriptors), at a third the cost
+            if not kwargs:
+                d = self.__dict__
+                for f, v in zip(init_fields, args, strict=False):  # the rest: their defaults
+                    d[f.name] = v
+                for f in init_fields[len(args):]:
+                    d[f.name] = f.value(owner)
             for f in later:
-                d[f.name] = f.value(owner)
+                self.__dict__[f.name] = f.value(owner)
             if post_init:
                 self.__post_init__()
             return

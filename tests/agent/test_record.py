@@ -39,7 +39,8 @@ def both(frozen: bool = False, order: bool = False) -> list[Any]:
 def test_init_repr_eq_like_dataclasses(frozen: bool) -> None:
     dc, rc = both(frozen=frozen)
     for args, kwargs in (((1,), {}), ((1, 2), {}), ((), {"x": 3, "tags": ["a"]}),
-                         ((4,), {"y": 5})):
+                         ((4,), {"y": 5}), ((), {"y": 6, "x": 7}),
+                         ((), {"x": 8, "y": 9, "tags": ["b"]})):
         a, b = dc(*args, **kwargs), rc(*args, **kwargs)
         assert repr(a) == repr(b)
         assert (a.x, a.y, a.tags, a.cache) == (b.x, b.y, b.tags, b.cache)
@@ -58,6 +59,10 @@ def test_init_repr_eq_like_dataclasses(frozen: bool) -> None:
     lambda c: c(1, x=2),                # twice
     lambda c: c(1, cache={}),           # init=False field
     lambda c: c(-1),                    # __post_init__ refuses
+    lambda c: c(y=2),                   # by keyword, a required field missing
+    lambda c: c(x=1, z=3),              # by keyword, one unknown
+    lambda c: c(x=1, cache={}),         # by keyword, an init=False field
+    lambda c: c(x=-1),                  # by keyword, __post_init__ refuses
 ])
 def test_bad_calls_fail_like_dataclasses(call: Any) -> None:
     dc, rc = both()
