@@ -56,6 +56,7 @@ MAX_COUNT = 2**32 - 1  # a license's count
 MAX_LIST = 256
 MAX_TEXT = 256
 FEATURE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,63}")
+_DEVICE_ID_RE = re.compile(r"[0-9a-f]{64}")
 NONCE_LEN = 16
 
 
@@ -100,7 +101,13 @@ def _map(obj: object, what: str) -> Mapping[str, Any]:
     return obj
 
 
-def _keys(m: Mapping[str, Any], what: str, required: Iterable[str], optional: Iterable[str] = ()) -> None:
+def _keys(m: Mapping[str, Any], what: str, required: Sequence[str],
+          optional: Sequence[str] = ()) -> None:
+    # the common case first, without building sets: every required key there and each other
+    # key an optional one (counted: the lists name each key once, a map holds it once)
+    if all(k in m for k in required) and len(m) == len(required) + sum(
+            1 for k in optional if k in m):
+        return
     req = set(required)
     allowed = req | set(optional)
     missing = req - m.keys()
@@ -150,7 +157,7 @@ def _list(v: object, what: str, maximum: int = MAX_LIST) -> list[Any]:
 
 
 def _device_id(v: object, what: str = "device_id") -> str:
-    if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{64}", v):
+    if not isinstance(v, str) or not _DEVICE_ID_RE.fullmatch(v):
         raise MalformedError(f"{what} must be 64 lowercase hex digits")
     return v
 
@@ -362,9 +369,12 @@ class LicenseChange:
             _keys(m, "remove change", ["op", "feature"])
             return cls(op, _feature(m["feature"]))
         lic = License.from_cbor({k: v for k, v in m.items() if k != "op"})
-        return cls(op, lic.feature, lic.count, lic.not_before, lic.not_after, lic.grace,
-                   floating=lic.floating, inherit=lic.inherit, demo=lic.demo,
-                   transferable=lic.transferable)
+        change = cls.__new__(cls)
+        change.__dict__["_license"] = lic  # made and checked just now: not made again
+        change.__init__(op, lic.feature, lic.count, lic.not_before,  # type: ignore[misc]
+                        lic.not_after, lic.grace, lic.floating, lic.inherit, lic.demo,
+                        lic.transferable)
+        return change
 
 
 # ---------------------------------------------------------------- payloads

@@ -100,3 +100,41 @@ def test_licenses_encoded_once_are_the_same_bytes(a: list[License], b: list[Lice
     assert r.encode() == cbor2.dumps({"v": FORMAT_VERSION, "kind": "receipt", **r.fields()},
                                      canonical=True)
     assert Receipt.from_map(cbor2.loads(r.encode())) == r
+
+
+KEYS = ["v", "kind", "a", "bb", "c", "op"]
+
+
+@settings(max_examples=400)
+@given(st.lists(st.sampled_from(KEYS), unique=True), st.lists(st.sampled_from(KEYS), unique=True),
+       st.sets(st.sampled_from([*KEYS, "zz", "extra"])))
+def test_field_check_without_sets_answers_as_with_them(required: list[str], optional: list[str],
+                                                       present: set[str]) -> None:
+    from agent.errors import MalformedError
+    from agent.messages import _keys
+
+    optional = [k for k in optional if k not in required]  # each key named once, as the callers do
+    m = dict.fromkeys(present, 0)
+    want = set(required) <= present and present <= set(required) | set(optional)
+    try:
+        _keys(m, "thing", required, optional)
+        got = True
+    except MalformedError as exc:
+        got = False
+        assert ("lacks" in str(exc)) == (not set(required) <= present)
+    assert got == want
+
+
+@settings(max_examples=200)
+@given(licenses())
+def test_a_decoded_change_carries_the_license_its_fields_make(lics: list[License]) -> None:
+    from agent.messages import ChangeOp, LicenseChange
+
+    for lic in lics:
+        for op in (ChangeOp.ADD, ChangeOp.UPDATE):
+            got = LicenseChange.from_cbor({"op": op.value, **lic.to_cbor()})
+            made = LicenseChange(op, lic.feature, lic.count, lic.not_before, lic.not_after,
+                                 lic.grace)
+            assert got == made and hash(got) == hash(made)
+            assert got.license() == made.license() == lic
+            assert got.to_cbor() == made.to_cbor()
