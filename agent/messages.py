@@ -41,6 +41,7 @@ __all__ = [
     "TransferReceipt",
     "TrustUpdate",
     "decode_payload",
+    "encoded_licenses",
     "sort_licenses",
     "state_digest",
     "valid_count",
@@ -322,10 +323,33 @@ def state_digest(licenses: Iterable[License]) -> bytes:
     last = _LAST_DIGEST[0]
     if licenses is last[0]:
         return last[1]
-    digest = sha256(encoded_array(lic.encoded for lic in sort_licenses(licenses)).data)
+    ordered = sort_licenses(licenses)
     if type(licenses) is tuple and all(type(lic) is License for lic in licenses):
+        # a state's licenses are sorted already: the array as the state and its receipt
+        # encode it next (encoded_licenses), made once for all three
+        same = len(ordered) == len(licenses) and all(
+            a is b for a, b in zip(ordered, licenses, strict=True))
+        digest = sha256((encoded_licenses(licenses) if same else
+                         encoded_array(lic.encoded for lic in ordered)).data)
         _LAST_DIGEST[0] = (licenses, digest)  # held: its id cannot be reused meanwhile
-    return digest
+        return digest
+    return sha256(encoded_array(lic.encoded for lic in ordered).data)
+
+
+#: the last tuple of licenses encoded as an array, and that array (as :data:`_LAST_DIGEST`)
+_LAST_ENCODED: list[tuple[Any, Encoded]] = [(None, Encoded(b""))]
+
+
+def encoded_licenses(licenses: tuple[License, ...]) -> Encoded:
+    """``encoded_array`` of the licenses' encodings, in their order; the last tuple's
+    remembered (an apply digests, saves and signs a receipt of the same tuple)."""
+    last = _LAST_ENCODED[0]
+    if licenses is last[0]:
+        return last[1]
+    enc = encoded_array(lic.encoded for lic in licenses)
+    if type(licenses) is tuple:
+        _LAST_ENCODED[0] = (licenses, enc)  # held: its id cannot be reused meanwhile
+    return enc
 
 
 @record(frozen=True)
@@ -683,7 +707,7 @@ class Receipt(Payload):
             "state_digest": self.state_digest,
             "applied": [c.to_cbor() for c in self.applied],
             "removed": encoded_array(lic.encoded for lic in self.removed),
-            "licenses": encoded_array(lic.encoded for lic in self.licenses),
+            "licenses": encoded_licenses(self.licenses),
             "applied_at": self.applied_at,
         })
 

@@ -61,6 +61,7 @@ from agent.messages import (
     TrustKey,
     TrustUpdate,
     decode_payload,
+    encoded_licenses,
     licenses_from,
     sort_licenses,
     state_digest,
@@ -289,7 +290,7 @@ class AgentState:
     def encode(self) -> bytes:
         """``to_cbor()`` in canonical CBOR; each license as encoded once (the same bytes)."""
         return canonical(self._map(encoded_array(k.encoded for k in self.trust),
-                                   encoded_array(lic.encoded for lic in self.licenses),
+                                   encoded_licenses(self.licenses),
                                    encoded_array(a.encoded for a in self.applied)))
 
     @classmethod

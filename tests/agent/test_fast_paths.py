@@ -138,3 +138,18 @@ def test_a_decoded_change_carries_the_license_its_fields_make(lics: list[License
             assert got == made and hash(got) == hash(made)
             assert got.license() == made.license() == lic
             assert got.to_cbor() == made.to_cbor()
+
+
+@settings(max_examples=200)
+@given(licenses(), licenses())
+def test_licenses_array_remembered_is_the_array(a: list[License], b: list[License]) -> None:
+    """The state's and the receipt's array of licenses, remembered for the last tuple (and
+    shared with the digest when the tuple is sorted), is the array encoded afresh."""
+    from agent.cose import encoded_array
+    from agent.messages import encoded_licenses
+
+    for lics in (tuple(a), sort_licenses(a), tuple(b), sort_licenses(a)):
+        want = encoded_array(lic.encoded for lic in lics).data
+        assert state_digest(lics) == state_digest(list(lics))  # list: never remembered
+        assert encoded_licenses(lics).data == want
+        assert encoded_licenses(lics).data == want  # the remembered one
