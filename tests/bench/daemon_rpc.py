@@ -50,7 +50,7 @@ if mode == "empty":
     canned = {"check": agent.check("f0"), "status": agent.status(), "state": agent.state()}
 
     class NoStore(Agent):
-        def check(self, feature):
+        def check(self, feature, count=1):
             return canned["check"]
 
         def status(self):
