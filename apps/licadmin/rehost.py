@@ -25,7 +25,6 @@ files carried by hand: ``licadmin request --server OLD reclaim --transfer-to NEW
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,10 +32,11 @@ from typing import Any
 
 from agent.errors import UsageError
 from agent.formats import peek_payload, verify_receipt
-from agent.messages import ChangeOp, DeviceInfo, Request, Response
+from agent.messages import ChangeOp, Request, Response
 from agent.protocol import self_signed_payload
 from agent.rpc import RemoteError
 from apps.common import write_output
+from apps.licadmin.moveplan import MovePlan, short, work_dir_for
 from apps.licadmin.online import Licensing
 from hw.link import ServerClient
 
@@ -45,23 +45,17 @@ __all__ = ["STEPS", "Rehost", "default_work_dir"]
 #: the files of the steps, in order (a step is done when its file exists)
 STEPS = ("out.req", "out.resp", "out.receipt", "out.confirmed",
          "in.req", "in.resp", "in.receipt", "in.confirmed")
-PLAN = "plan.json"
 
 
 def default_work_dir(src: str, dst: str) -> Path:
     """The same folder for the same two URLs, so that a rerun finds the earlier steps."""
-    tag = hashlib.sha256(f"{src}\n{dst}".encode()).hexdigest()[:12]
-    return Path(f"rehost-{tag}")
+    return work_dir_for("rehost", src, dst)
 
 
 def _remote_error(refusal: dict[str, Any]) -> RemoteError:
     """A refusal ``{"code", "reason", "message"}`` in the licensing server's answer."""
     return RemoteError(int(refusal.get("code", 1)), str(refusal.get("reason", "failure")),
                        str(refusal.get("message", "")))
-
-
-def _short(dev: str) -> str:
-    return dev[:12] + "…"
 
 
 class Rehost:
@@ -88,43 +82,17 @@ class Rehost:
 
     # ------------------------------------------------------------ plan
 
-    def _device_id(self, url: str) -> str:
-        with self.connect(url) as client:
-            info, _key = self_signed_payload(client.info(), DeviceInfo)
-        return info.device_id
-
     def _plan(self) -> None:
-        f = self.work / PLAN
-        if f.exists():
-            try:
-                plan = json.loads(f.read_text())
-                keep = (plan["from"], plan["to"], plan["features"])
-                self.src_id, self.dst_id = str(plan["from_id"]), str(plan["to_id"])
-            except (ValueError, KeyError, TypeError, OSError) as exc:
-                raise UsageError(f"{f} is not a rehost plan ({exc}); give another "
-                                 "--work-dir") from exc
-            if keep != (self.src, self.dst, self.features):
-                raise UsageError(
-                    f"{self.work} holds a rehost from {plan['from']} to {plan['to']} of "
-                    f"{', '.join(plan['features']) or 'every license'}; finish it with those "
-                    f"arguments, or give another --work-dir")
-            return
-        self.src_id = self._device_id(self.src)
-        self.dst_id = self._device_id(self.dst)
-        if self.src_id == self.dst_id:
-            raise UsageError(f"--from and --to reach the same server (device "
-                             f"{_short(self.src_id)}): give the new server as --to")
-        self.work.mkdir(parents=True, exist_ok=True)
-        write_output(f, json.dumps({
-            "from": self.src, "to": self.dst, "from_id": self.src_id, "to_id": self.dst_id,
-            "features": self.features}, indent=1).encode() + b"\n")
+        plan = MovePlan("rehost", self.src, self.dst, self.features, self.work, self.connect)
+        plan.load_or_make()
+        self.src_id, self.dst_id = plan.src_id, plan.dst_id
 
     # ------------------------------------------------------------ steps
 
     def run(self) -> int:
         """Do every step not done yet; 0 when the licenses are on the new server."""
         self._plan()
-        self.say(f"rehost from {_short(self.src_id)} ({self.src}) to {_short(self.dst_id)} "
+        self.say(f"rehost from {short(self.src_id)} ({self.src}) to {short(self.dst_id)} "
                  f"({self.dst}); files of every step in {self.work}")
         steps: list[Callable[[], str]] = [
             self._out_request, self._out_response, self._out_receipt, self._out_confirm,
@@ -135,7 +103,7 @@ class Rehost:
                 continue
             self.say(f"{n}/{len(STEPS)} {step()}")
         moved = self._moved()
-        self.say(f"moved {moved} from {_short(self.src_id)} to {_short(self.dst_id)}; "
+        self.say(f"moved {moved} from {short(self.src_id)} to {short(self.dst_id)}; "
                  "both receipts confirmed")
         return 0
 
@@ -155,8 +123,8 @@ class Rehost:
             data = client.request(action, features, transfer_to=transfer_to)
         req, _key = self_signed_payload(data, Request)
         if req.device_id != dev:
-            raise UsageError(f"{url} is now device {_short(req.device_id)}, the rehost in "
-                             f"{self.work} was started with device {_short(dev)}: is the URL "
+            raise UsageError(f"{url} is now device {short(req.device_id)}, the rehost in "
+                             f"{self.work} was started with device {short(dev)}: is the URL "
                              "right?")
         write_output(self._path(name), data)
         return data
@@ -197,12 +165,12 @@ class Rehost:
     def _out_request(self) -> str:
         self._request(self.src, self.src_id, "reclaim", self.features, "out.req",
                       transfer_to=self.dst_id)
-        return f"out.req: the old server signed the transfer-out request naming {_short(self.dst_id)}"
+        return f"out.req: the old server signed the transfer-out request naming {short(self.dst_id)}"
 
     def _out_response(self) -> str:
         resp = self._upload("out.req", self.src_id, "out.resp")
         return ("out.resp: the licensing server answered: remove "
-                + ", ".join(c.feature for c in resp.changes) + f", for {_short(self.dst_id)}")
+                + ", ".join(c.feature for c in resp.changes) + f", for {short(self.dst_id)}")
 
     def _out_receipt(self) -> str:
         self._apply(self.src, "out.resp", "out.receipt")
@@ -211,7 +179,7 @@ class Rehost:
     def _out_confirm(self) -> str:
         self._confirm("out.receipt", "out.confirmed")
         return ("out.confirmed: the licensing server verified the proof and assigned them to "
-                f"{_short(self.dst_id)}")
+                f"{short(self.dst_id)}")
 
     def _in_request(self) -> str:
         resp, _ = peek_payload(self._read("out.resp"), Response)

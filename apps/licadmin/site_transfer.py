@@ -17,24 +17,22 @@ answer lost on the way strands nothing. The folder then holds both receipts, for
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent.errors import UsageError
-from agent.messages import DeviceInfo, Transfer, TransferReceipt
+from agent.messages import Transfer, TransferReceipt
 from agent.protocol import DEFAULT_LIMITS, self_signed_payload
 from agent.record import replace
 from agent.rpc import ApplyArgs, ApplyTransferResult, Op, TransferArgs, TransferResult
 from apps.common import write_output
+from apps.licadmin.moveplan import MovePlan, short, work_dir_for
 from hw.link import ServerClient
 
 __all__ = ["STEPS", "SiteTransfer", "default_work_dir"]
 
 #: the files of the steps, in order (a step is done when its file exists)
 STEPS = ("out.receipt", "in.receipt")
-PLAN = "plan.json"
 #: a transfer file carries the vendor's evidence for each license: up to 256 KiB
 _LIMITS = replace(DEFAULT_LIMITS, max_file=max(DEFAULT_LIMITS.max_file, 256 * 1024))
 #: links with no route for the transfer operations
@@ -43,12 +41,7 @@ _NOT_CARRIED = ("https",)
 
 def default_work_dir(src: str, dst: str) -> Path:
     """The same folder for the same two URLs, so that a rerun finds the earlier steps."""
-    tag = hashlib.sha256(f"{src}\n{dst}".encode()).hexdigest()[:12]
-    return Path(f"transfer-{tag}")
-
-
-def _short(dev: str) -> str:
-    return dev[:12] + "…"
+    return work_dir_for("transfer", src, dst)
 
 
 class SiteTransfer:
@@ -83,43 +76,17 @@ class SiteTransfer:
 
     # ------------------------------------------------------------ plan
 
-    def _device_id(self, url: str) -> str:
-        with self.connect(url) as client:
-            info, _key = self_signed_payload(client.info(), DeviceInfo)
-        return info.device_id
-
     def _plan(self) -> None:
-        f = self.work / PLAN
-        if f.exists():
-            try:
-                plan = json.loads(f.read_text())
-                keep = (plan["from"], plan["to"], plan["features"])
-                self.src_id, self.dst_id = str(plan["from_id"]), str(plan["to_id"])
-            except (ValueError, KeyError, TypeError, OSError) as exc:
-                raise UsageError(f"{f} is not a transfer plan ({exc}); give another "
-                                 "--work-dir") from exc
-            if keep != (self.src, self.dst, self.features):
-                raise UsageError(
-                    f"{self.work} holds a transfer from {plan['from']} to {plan['to']} of "
-                    f"{', '.join(plan['features'])}; finish it with those arguments, or give "
-                    f"another --work-dir")
-            return
-        self.src_id = self._device_id(self.src)
-        self.dst_id = self._device_id(self.dst)
-        if self.src_id == self.dst_id:
-            raise UsageError(f"--from and --to reach the same server (device "
-                             f"{_short(self.src_id)}): give the new server as --to")
-        self.work.mkdir(parents=True, exist_ok=True)
-        write_output(f, json.dumps({
-            "from": self.src, "to": self.dst, "from_id": self.src_id, "to_id": self.dst_id,
-            "features": self.features}, indent=1).encode() + b"\n")
+        plan = MovePlan("transfer", self.src, self.dst, self.features, self.work, self.connect)
+        plan.load_or_make()
+        self.src_id, self.dst_id = plan.src_id, plan.dst_id
 
     # ------------------------------------------------------------ steps
 
     def run(self) -> int:
         """Do every step not done yet; 0 when the licenses are on the new server."""
         self._plan()
-        self.say(f"transfer from {_short(self.src_id)} ({self.src}) to {_short(self.dst_id)} "
+        self.say(f"transfer from {short(self.src_id)} ({self.src}) to {short(self.dst_id)} "
                  f"({self.dst}); files of every step in {self.work}")
         steps: list[Callable[[], str]] = [self._out, self._in]
         for n, (name, step) in enumerate(zip(STEPS, steps, strict=True), 1):
@@ -129,7 +96,7 @@ class SiteTransfer:
             self.say(f"{n}/{len(STEPS)} {step()}")
         t = self._transfer()
         moved = ", ".join(f"{lic.feature}={lic.count}" for lic in t.moved)
-        self.say(f"moved {moved} from {_short(self.src_id)} to {_short(self.dst_id)} without "
+        self.say(f"moved {moved} from {short(self.src_id)} to {short(self.dst_id)} without "
                  f"a vendor trip; the licensing server reconciles it from both receipts: "
                  f"licadmin confirm --receipts {self.work}")
         return 0
@@ -143,9 +110,9 @@ class SiteTransfer:
             data = name.read_bytes()
         t, _key = self_signed_payload(data, Transfer, _LIMITS)
         if t.device_id != self.src_id or t.transfer_to != self.dst_id:
-            raise UsageError(f"{name}: a transfer from {_short(t.device_id)} to "
-                             f"{_short(t.transfer_to)}, not the one this plan makes (from "
-                             f"{_short(self.src_id)} to {_short(self.dst_id)})")
+            raise UsageError(f"{name}: a transfer from {short(t.device_id)} to "
+                             f"{short(t.transfer_to)}, not the one this plan makes (from "
+                             f"{short(self.src_id)} to {short(self.dst_id)})")
         if {lic.feature for lic in t.moved} != set(self.features):
             raise UsageError(f"{name}: the transfer moves "
                              f"{', '.join(lic.feature for lic in t.moved)}, not "
@@ -160,7 +127,7 @@ class SiteTransfer:
         write_output(self.work / "out.receipt", r.file)
         again = " (it had done so before: the same file)" if r.already else ""
         return (f"out.receipt: the old server removed {', '.join(self.features)} and signed "
-                f"the transfer for {_short(self.dst_id)}{again}")
+                f"the transfer for {short(self.dst_id)}{again}")
 
     def _in(self) -> str:
         data = (self.work / "out.receipt").read_bytes()
@@ -170,7 +137,7 @@ class SiteTransfer:
         rc, _key = self_signed_payload(r.receipt, TransferReceipt, _LIMITS)
         if rc.device_id != self.dst_id or rc.transfer != data:
             raise UsageError(f"{self.dst} answered with a receipt of device "
-                             f"{_short(rc.device_id)} for another transfer: is the URL right?")
+                             f"{short(rc.device_id)} for another transfer: is the URL right?")
         write_output(self.work / "in.receipt", r.receipt)
         again = " (applied before: the same receipt)" if r.already_applied else ""
         return (f"in.receipt: the new server installed "

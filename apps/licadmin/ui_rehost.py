@@ -20,7 +20,8 @@ from agent.errors import EXIT_OK, LicensingError, UsageError
 from agent.formats import DEVICE_FILE_MAX, expect_kind, peek_payload
 from agent.messages import Response
 from apps.common import one_line, read_input, write_output
-from apps.licadmin.rehost import PLAN, STEPS, Rehost, default_work_dir
+from apps.licadmin.moveplan import PLAN
+from apps.licadmin.rehost import STEPS, Rehost, default_work_dir
 from apps.licadmin.runner import connector
 from apps.licadmin.ui_flow import Job, Site, cli_line
 from apps.licadmin.ui_pages import Screen, csrf_field, e, table
