@@ -381,6 +381,19 @@ def _idle_page(s: UiSite, cookie: str, path: str) -> str:
         time.sleep(0.1)
 
 
+def _page_with(s: UiSite, cookie: str, path: str, text: str) -> str:
+    """GET ``path`` once idle, again until it shows ``text``: a screen's body can be built
+    just before its job ends and the page's frame just after (no progress bar, and the body
+    still the running one's); flash lines are read from the first page, not through this."""
+    deadline = time.monotonic() + 120
+    while True:
+        page = _idle_page(s, cookie, path)
+        if text in page:
+            return page
+        assert time.monotonic() < deadline, page
+        time.sleep(0.1)
+
+
 def _said(page: str, ident: str) -> str:
     import html
 
@@ -521,8 +534,7 @@ def test_rehost_screen_moves_the_licenses_as_licadmin_rehost_does(online_ui: UiS
     assert not (s.root / "work/rehost").exists()
     ident = _rehost_id(_post(s, cookie, "/rehost/start", [("csrf", csrf), ("from", src),
                                                          ("to", dst), ("features", "")]))
-    page = _idle_page(s, cookie, f"/rehost?id={ident}")
-    assert "Done: the licenses are on the new server" in page, page
+    page = _page_with(s, cookie, f"/rehost?id={ident}", "Done: the licenses are on the new server")
     assert [r[3] for r in _cells(page, "rehost-steps")] == ["done"] * 8
     assert s.holdings("AS-P north") == {} and s.holdings("AS-B roof") == {"bacnet": 2}
     moves = s.report()["moves"]
@@ -583,8 +595,7 @@ def test_rehost_offline_hops_carried_as_files(tmp_path: Path, vendor: Vendor) ->
             return (office / f"resp/{dev}.resp").read_bytes()
 
         def carry_receipt(name: str, dev: str) -> None:
-            page = _idle_page(s, cookie, view)
-            assert "run licadmin confirm --receipts DIR" in page, page
+            _page_with(s, cookie, view, "run licadmin confirm --receipts DIR")
             (office / "rc").mkdir(exist_ok=True)
             (office / f"rc/{dev}.receipt").write_bytes(
                 (s.root / f"work/rehost/{ident}/{name}").read_bytes())
@@ -615,8 +626,7 @@ def test_rehost_offline_hops_carried_as_files(tmp_path: Path, vendor: Vendor) ->
               [("file", f"{roof}.resp", in_resp)])
         _post(s, cookie, "/rehost/run", [("csrf", csrf), ("id", ident)])
         carry_receipt("in.receipt", roof)
-        page = _idle_page(s, cookie, view)
-        assert "Done: the licenses are on the new server" in page, page
+        _page_with(s, cookie, view, "Done: the licenses are on the new server")
         assert s.holdings("AS-B roof") == {"bacnet": 1} and s.holdings("AS-P north") == {}
         assert set(s.report()["installed"]) == {roof}
     finally:
