@@ -365,7 +365,8 @@ def exit_code_of(prog: str, command: Callable[[], int]) -> int:
     """Run a tool's command and turn what it raises into the documented exit code.
 
     ``not licensed`` exits 1 silently (``check``); any other LicensingError prints
-    ``PROG: REASON: MESSAGE`` and exits with its code; Ctrl-C exits 130. Anything else
+    ``PROG: REASON: MESSAGE`` and exits with its code; Ctrl-C (a KeyboardInterrupt no
+    step handled itself) prints ``PROG: interrupted: ...`` and exits 130. Anything else
     is a bug of the tool: one line ``PROG: internal: ...`` and exit 1, never a traceback
     (``LICENSING_TRACEBACK=1`` shows it, for a bug report).
     """
@@ -377,6 +378,7 @@ def exit_code_of(prog: str, command: Callable[[], int]) -> int:
         print(f"{prog}: {err.reason}: {one_line(str(err))}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
+        print(f"{prog}: interrupted: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
         return 130
     except Exception as exc:
         if os.environ.get("LICENSING_TRACEBACK"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -558,22 +558,32 @@ def _rehost(args: argparse.Namespace) -> int:
     from apps.licadmin.rehost import Rehost, default_work_dir
 
     work = Path(args.work_dir) if args.work_dir else default_work_dir(args.src, args.dst)
-    return Rehost(args.src, args.dst, licensing_access.client_from(args), args.feature, work,
-                  runner.connector(args.timeout)).run()
+    return _resumable(work, Rehost(args.src, args.dst, licensing_access.client_from(args),
+                                   args.feature, work, runner.connector(args.timeout)).run)
 
 
 def _transfer(args: argparse.Namespace) -> int:
     from apps.licadmin.site_transfer import SiteTransfer, default_work_dir
 
     work = Path(args.work_dir) if args.work_dir else default_work_dir(args.src, args.dst)
-    return SiteTransfer(args.src, args.dst, args.feature, work,
-                        runner.connector(args.timeout)).run()
+    return _resumable(work, SiteTransfer(args.src, args.dst, args.feature, work,
+                                         runner.connector(args.timeout)).run)
+
+
+def _resumable(work: Path, run: Callable[[], int]) -> int:
+    """Run a rehost or transfer; Ctrl-C says how it is finished (its work folder keeps
+    every file written so far, and each server answers a repeated step with the same file)."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted: stopped by Ctrl-C (SIGINT); the same command finishes it "
+              f"(work folder {work})", file=sys.stderr)
+        return outcome.EXIT_INTERRUPTED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-
     def command() -> int:
+        args = _parser().parse_args(argv)  # inside: Ctrl-C while it loads is one line too
         if args.command == "rehost":
             return _rehost(args)
         if args.command == "transfer":

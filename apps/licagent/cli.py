@@ -419,8 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     query = fast_query_args(argv)
     if query is not None:
         return exit_code_of(PROG, lambda: run(query))
-    args = _parser().parse_args(argv)
-    return exit_code_of(PROG, lambda: run(args))
+    return exit_code_of(PROG, lambda: run(_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

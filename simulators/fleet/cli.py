@@ -113,9 +113,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-
     def command() -> int:
+        args = _parser().parse_args(argv)  # inside: Ctrl-C while it loads is one line too
         try:
             return run(args)
         except OSError as exc:  # a folder or port licsim itself could not use

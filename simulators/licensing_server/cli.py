@@ -264,8 +264,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    return exit_code_of(PROG, lambda: run(args))
+    return exit_code_of(PROG, lambda: run(_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

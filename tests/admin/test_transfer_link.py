@@ -130,6 +130,37 @@ def test_transfer_killed_between_the_steps_is_finished_by_rerunning(live: Site) 
     assert _holds(s, "new") == {FEATURE: 20} and _holds(s, "old") == {"trend-log": 5}
 
 
+def test_ctrl_c_while_the_new_server_is_silent_says_how_to_finish(live: Site) -> None:
+    """The tired technician's Ctrl-C: the new server is silent (SIGSTOP) when a real SIGINT
+    reaches licadmin waiting on it; one line naming the work folder, exit 130, the old
+    server's half done and kept in the folder, and the same command finishes it."""
+    s = live
+    work = s.root / "work"
+    work.mkdir()
+    (work / "plan.json").write_text(json.dumps({
+        "from": s.urls["old"], "to": s.urls["new"], "from_id": s.ids["old"],
+        "to_id": s.ids["new"], "features": [FEATURE]}))
+    os.kill(s.procs["new"].pid, signal.SIGSTOP)
+    try:
+        proc = subprocess.Popen([str(BIN / "licadmin"), *_transfer(s)], cwd=s.root,
+                                env=s.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        _wait_for(work / "out.receipt", proc)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=WAIT)
+    finally:
+        os.kill(s.procs["new"].pid, signal.SIGCONT)
+    assert proc.returncode == 130, err
+    assert err.splitlines() == [
+        "licadmin: interrupted: stopped by Ctrl-C (SIGINT); the same command finishes it "
+        "(work folder work)"], err
+    assert not (work / "in.receipt").exists()
+    assert _holds(s, "old") == {"trend-log": 5} and _holds(s, "new") == {}
+    p = s.licadmin(*_transfer(s))
+    assert "2/2 in.receipt: the new server installed" in p.stdout
+    assert _holds(s, "new") == {FEATURE: 20} and _holds(s, "old") == {"trend-log": 5}
+
+
 def test_answers_lost_after_each_server_committed_are_handed_again(live: Site) -> None:
     """A run killed after a server committed but before the answer reached the folder: the
     operation asked again answers the same file, marked as done before."""
