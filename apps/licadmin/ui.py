@@ -167,10 +167,12 @@ class _Handler(JsonHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        self.dispatch()
+        with self.server.site.one_view():
+            self.dispatch()
 
     def do_HEAD(self) -> None:
-        self.dispatch()
+        with self.server.site.one_view():
+            self.dispatch()
 
     def do_POST(self) -> None:
         self.dispatch()
@@ -256,7 +258,8 @@ class _Handler(JsonHandler):
         site = self.server.site
         if flash is None and site.failure is not None:
             flash, site.failure = ("error", site.failure), None
-        return Answer(layout(title, body, current, flash, site.job, self.server.csrf).encode(),
+        return Answer(layout(title, body, current, flash, site.shown_job(),
+                             self.server.csrf).encode(),
                       HTML, 200)
 
     def _redirect(self, to: str, cookie: bool = False) -> Answer:

@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +137,8 @@ class Site:
         #: the line of a job that failed on a bug (its traceback is in the log)
         self.failure: str | None = None
         self._lock = threading.Lock()
+        #: per request thread: the job as the page being built shows it (:meth:`one_view`)
+        self._view = threading.local()
 
     def log(self, text: str) -> None:
         """The UI log (licadmin ui's standard error)."""
@@ -149,16 +151,46 @@ class Site:
     # ------------------------------------------------------------ jobs
 
     def busy(self) -> bool:
+        """Whether a job runs, as the page being built shows it (see :meth:`one_view`)."""
+        job = self.shown_job()
+        return job is not None and job.running
+
+    def _running(self) -> bool:
+        """Whether a job runs now (not the page's snapshot)."""
         return self.job is not None and self.job.running
+
+    def shown_job(self) -> Job | None:
+        """The job as the page being built in this thread shows it: the snapshot
+        :meth:`one_view` took, or the job itself outside a page."""
+        job: Job | None = getattr(self._view, "job", self.job)
+        return job
+
+    @contextmanager
+    def one_view(self) -> Iterator[None]:
+        """Build one page from one snapshot of the job: the screen's body and the page's
+        frame (progress, refresh) read the same state, so a job that ends while the page
+        is built cannot give a body of a running job in the frame of a finished one (no
+        refresh, no Done line) or the reverse."""
+        self._view.job = self._snapshot(self.job)
+        try:
+            yield
+        finally:
+            del self._view.job
+
+    @staticmethod
+    def _snapshot(job: Job | None) -> Job | None:
+        return None if job is None else replace(job, lines=list(job.lines))
 
     def start(self, title: str, work: Callable[[Job], None]) -> None:
         """Run ``work`` in a thread as the one job; refused while another runs."""
         with self._lock:
-            if self.busy():
+            if self._running():
                 assert self.job is not None
                 raise UsageError(f"{self.job.title} is still running: wait for it to finish "
                                  f"(this page shows its progress)")
             job = self.job = Job(title)
+            if hasattr(self._view, "job"):  # started by a page: the page shows it running
+                self._view.job = self._snapshot(job)
 
         def run() -> None:
             try:
@@ -175,9 +207,9 @@ class Site:
     def wait(self, timeout: float) -> bool:
         """Wait for the job to finish (tests, screenshots); whether it did."""
         deadline = time.monotonic() + timeout
-        while self.busy() and time.monotonic() < deadline:
+        while self._running() and time.monotonic() < deadline:
             time.sleep(0.05)
-        return not self.busy()
+        return not self._running()
 
     # ------------------------------------------------------------ the Servers screen
 
