@@ -153,3 +153,34 @@ def test_the_digest_covers_every_state_file(handler: ServerHandler) -> None:
     (state / "journal.log").unlink()
     os.mkfifo(state / "journal.log", 0o600)
     assert server_mod.state_digest(str(state)) is None  # a FIFO: never opened
+
+
+@pytest.mark.parametrize("harm", ["other bytes", "damaged", "gone", "symlink"])
+def test_a_kept_file_changed_on_the_server_s_disk_is_signed_afresh(
+        handler: ServerHandler, tmp_path: Path, harm: str) -> None:
+    """The kept device information lives in the server's folder (only its length and hash
+    in memory): a file replaced, damaged, removed or turned into a symbolic link there is
+    never handed out; the server signs afresh and keeps the new one."""
+    first = info(handler)
+    srv = handler.server
+    kept = srv.signed_info
+    assert kept is not None
+    path = Path(srv.directory) / server_mod.INFO_FILE
+    assert path.read_bytes() == first
+    other = tmp_path / "other.cbor"
+    other.write_bytes(first[:-1] + bytes([first[-1] ^ 1]))
+    if harm == "other bytes":
+        path.write_bytes(first + b"\0")
+    elif harm == "damaged":
+        path.write_bytes(other.read_bytes())
+    elif harm == "gone":
+        path.unlink()
+    else:
+        path.unlink()
+        path.symlink_to(other)
+    again = info(handler)
+    assert again != other.read_bytes()
+    read_device_info(again)  # a genuine signed file
+    assert srv.signed_info is not None and srv.signed_info is not kept
+    assert not path.is_symlink() and path.read_bytes() == again
+    assert info(handler) == again  # kept again
