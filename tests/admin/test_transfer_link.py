@@ -15,9 +15,7 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -25,7 +23,7 @@ import hw
 from agent.formats import peek_payload
 from agent.messages import Transfer, TransferReceipt
 from agent.rpc import ApplyArgs, Op, TransferArgs
-from tests.admin.test_rehost import BIN, WAIT, Site, _assigned
+from tests.admin.test_rehost import BIN, WAIT, Site, _assigned, _wait_for
 from tests.admin.test_transfer import FEATURE, three  # noqa: F401  (the fixture)
 
 STEPS = ("out.receipt", "in.receipt")
@@ -92,16 +90,9 @@ def test_transfer_in_one_go_between_two_live_servers_then_confirmed(live: Site) 
     assert _holds(s, "new") == {FEATURE: 20} and _holds(s, "other") == {}
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + WAIT
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
-
-
-def test_transfer_killed_between_the_steps_is_finished_by_rerunning(live: Site) -> None:
-    s = live
+def _signalled_at_the_second_step(s: Site, sig: signal.Signals) -> tuple[int, str]:
+    """Run ``licadmin transfer`` with the new server silent (SIGSTOP) and send it ``sig``
+    once the first step's file is in the work folder; its exit code and standard error."""
     work = s.root / "work"
     # the plan as a first run writes it (section 31), so that the run below needs the new
     # server only at its second step
@@ -115,12 +106,18 @@ def test_transfer_killed_between_the_steps_is_finished_by_rerunning(live: Site) 
                                 env=s.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         _wait_for(work / "out.receipt", proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=WAIT)
-        assert proc.returncode == -signal.SIGKILL
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=WAIT)
     finally:
         os.kill(s.procs["new"].pid, signal.SIGCONT)
     assert not (work / "in.receipt").exists()
+    return proc.returncode, err
+
+
+def test_transfer_killed_between_the_steps_is_finished_by_rerunning(live: Site) -> None:
+    s = live
+    code, _err = _signalled_at_the_second_step(s, signal.SIGKILL)
+    assert code == -signal.SIGKILL
     # between the steps: off the old server, not yet on the new one, the file in the folder
     assert _holds(s, "old") == {"trend-log": 5}
     assert _holds(s, "new") == {}
@@ -135,26 +132,11 @@ def test_ctrl_c_while_the_new_server_is_silent_says_how_to_finish(live: Site) ->
     reaches licadmin waiting on it; one line naming the work folder, exit 130, the old
     server's half done and kept in the folder, and the same command finishes it."""
     s = live
-    work = s.root / "work"
-    work.mkdir()
-    (work / "plan.json").write_text(json.dumps({
-        "from": s.urls["old"], "to": s.urls["new"], "from_id": s.ids["old"],
-        "to_id": s.ids["new"], "features": [FEATURE]}))
-    os.kill(s.procs["new"].pid, signal.SIGSTOP)
-    try:
-        proc = subprocess.Popen([str(BIN / "licadmin"), *_transfer(s)], cwd=s.root,
-                                env=s.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        _wait_for(work / "out.receipt", proc)
-        proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=WAIT)
-    finally:
-        os.kill(s.procs["new"].pid, signal.SIGCONT)
-    assert proc.returncode == 130, err
+    code, err = _signalled_at_the_second_step(s, signal.SIGINT)
+    assert code == 130, err
     assert err.splitlines() == [
         "licadmin: interrupted: stopped by Ctrl-C (SIGINT); the same command finishes it "
         "(work folder work)"], err
-    assert not (work / "in.receipt").exists()
     assert _holds(s, "old") == {"trend-log": 5} and _holds(s, "new") == {}
     p = s.licadmin(*_transfer(s))
     assert "2/2 in.receipt: the new server installed" in p.stdout
