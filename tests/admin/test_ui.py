@@ -31,7 +31,7 @@ import pytest
 from simulators.licensing_server.vendor import Vendor
 from tests.conftest import stop_processes
 from tests.simulators.test_licserver_http import BIN
-from tests.support.uisite import UiSite
+from tests.support.uisite import BOUNDARY, UiSite, multipart_body
 
 
 @pytest.fixture
@@ -338,20 +338,9 @@ def test_licadmin_ui_stopped_or_killed_in_the_middle_of_send(tmp_path: Path,
 
 # ---------------------------------------------------------------- issue 19 items 1-3
 
-BOUNDARY = "----licadminUiTest7MA4YWxkTrZu0gW"
-
-
 def _multipart(fields: list[tuple[str, str]], files: list[tuple[str, str, bytes]]
                ) -> tuple[bytes, dict[str, str]]:
-    out = b""
-    for name, value in fields:
-        out += (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
-                f"{value}\r\n").encode()
-    for name, filename, data in files:
-        out += (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; "
-                f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
-                ).encode() + data + b"\r\n"
-    return out + f"--{BOUNDARY}--\r\n".encode(), {
+    return multipart_body(fields, files), {
         "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 
 
@@ -636,20 +625,13 @@ def test_rehost_offline_hops_carried_as_files(tmp_path: Path, vendor: Vendor) ->
 def test_the_system_tree_on_servers_and_show_licenses(tmp_path: Path) -> None:
     """A top Enterprise Server lending snmp to two children (real daemons): the Servers
     screen shows the system, Show Licenses its numbers, the same as licadmin tree --json."""
-    from tests.support.uisite import _first_line
+    from tests.support.uisite import lend_snmp, start_ui_of
     from tests.tree.test_system_daemons import System, until
 
     sy = System(tmp_path)
     try:
-        sy.init("es", "Enterprise-Server")
-        sy.init("asp", "AS-P")
-        sy.init("asb", "AS-B")
-        sy.activate("es", "snmp=2")
-        _es, es_url = sy.daemon("es", "--listen", "tcp://127.0.0.1:0")
-        _asp, asp_url = sy.daemon("asp", "--listen", "tcp://127.0.0.1:0", "--parent", es_url,
-                                  "--renew-every", "1")
-        _asb, asb_url = sy.daemon("asb", "--listen", "tcp://127.0.0.1:0", "--parent", es_url,
-                                  "--renew-every", "1")
+        urls = lend_snmp(sy)
+        es_url = urls["es"]
 
         def inherited() -> bool:
             top = json.loads(sy.run("licadmin", "tree", "--server", es_url,
@@ -658,16 +640,9 @@ def test_the_system_tree_on_servers_and_show_licenses(tmp_path: Path) -> None:
 
         until("both children inherit snmp", inherited)
         cli = json.loads(sy.run("licadmin", "tree", "--server", es_url, "--json").stdout)
-        (tmp_path / "servers.toml").write_text(
-            "".join(f'[[server]]\nurl = "{u}"\nname = "{n}"\n\n'
-                    for n, u in (("ES", es_url), ("ASP", asp_url), ("ASB", asb_url))))
-        proc = subprocess.Popen(
-            [str(BIN / "licadmin"), "ui", "--servers", "servers.toml", "--listen",
-             "127.0.0.1:0", "--work-dir", "work"], cwd=tmp_path, env=sy.env,
-            stdout=subprocess.PIPE, stderr=open(tmp_path / "ui.log", "ab"))
-        sy.procs.append(proc)
         s = UiSite.__new__(UiSite)
-        s.ui_url = _first_line(proc, "licadmin ui", 2)[1].strip()
+        s.ui_url = start_ui_of(sy, tmp_path, [("ES", es_url), ("ASP", urls["asp"]),
+                                              ("ASB", urls["asb"])])
         cookie = _cookie(s)
         page = _idle_page(s, cookie, "/servers")
         page = _idle_page(s, cookie, "/servers")  # read: now with the systems

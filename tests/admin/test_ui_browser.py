@@ -512,24 +512,15 @@ def test_the_system_tree_in_the_browser(tmp_path: Path, driver: Any) -> None:
     """A top Enterprise Server and two children inheriting from it (real daemons): the
     Servers screen shows the system, Show Licenses its required / licensed / available."""
     import json
-    import subprocess
 
     from tests.conftest import stop_processes
-    from tests.simulators.test_licserver_http import BIN
-    from tests.support.uisite import _first_line
+    from tests.support.uisite import lend_snmp, start_ui_of
     from tests.tree.test_system_daemons import System, until
 
     sy = System(tmp_path)
     try:
-        sy.init("es", "Enterprise-Server")
-        sy.init("asp", "AS-P")
-        sy.init("asb", "AS-B")
-        sy.activate("es", "snmp=2")
-        _p, es_url = sy.daemon("es", "--listen", "tcp://127.0.0.1:0")
-        _p, asp_url = sy.daemon("asp", "--listen", "tcp://127.0.0.1:0", "--parent", es_url,
-                                "--renew-every", "1")
-        _p, asb_url = sy.daemon("asb", "--listen", "tcp://127.0.0.1:0", "--parent", es_url,
-                                "--renew-every", "1")
+        urls = lend_snmp(sy)
+        es_url = urls["es"]
         sy.run("licagent", "use", *sy.store("asp"), "snmp=1")
 
         def system() -> dict[str, Any]:
@@ -539,18 +530,11 @@ def test_the_system_tree_in_the_browser(tmp_path: Path, driver: Any) -> None:
         until("both children inherit snmp, asp requires it",
               lambda: system()["totals"][0]["inherited"] == 2
               and system()["totals"][0]["required"] == 1)
-        (tmp_path / "servers.toml").write_text(
-            'site = "Campus 14"\n\n' + "".join(
-                f'[[server]]\nurl = "{u}"\nname = "{n}"\n\n'
-                for n, u in (("Enterprise Server", es_url), ("AS-P hall", asp_url),
-                             ("AS-B hall", asb_url))))
-        proc = subprocess.Popen(
-            [str(BIN / "licadmin"), "ui", "--servers", "servers.toml", "--listen",
-             "127.0.0.1:0", "--work-dir", "work"], cwd=tmp_path, env=sy.env,
-            stdout=subprocess.PIPE, stderr=open(tmp_path / "ui.log", "ab"))
-        sy.procs.append(proc)
+        url = start_ui_of(sy, tmp_path, [("Enterprise Server", es_url),
+                                         ("AS-P hall", urls["asp"]),
+                                         ("AS-B hall", urls["asb"])], 'site = "Campus 14"\n\n')
         d = driver
-        d.get(_first_line(proc, "licadmin ui", 2)[1].strip())
+        d.get(url)
         settled(d)
         d.refresh()
         assert [r[6] for r in rows(d, "servers")] == [

@@ -11,24 +11,10 @@ from hypothesis import strategies as st
 
 from apps.licadmin.ui import parse_multipart
 from hw.httpjson import HttpRefusal
+from tests.support.uisite import BOUNDARY
+from tests.support.uisite import multipart_body as _body
 
 EXAMPLES = int(os.environ.get("UI_FORM_EXAMPLES", "150"))
-BOUNDARY = "----licadminFormBoundary7MA4YWxkTrZu0gW"
-
-
-def _body(fields: list[tuple[str, str]], files: list[tuple[str, str, bytes]]) -> bytes:
-    """What Chromium sends for a form with these fields and files."""
-    out = b""
-    for name, value in fields:
-        out += (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
-                f"{value}\r\n").encode()
-    for name, filename, data in files:
-        out += (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; "
-                f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
-                ).encode() + data + b"\r\n"
-    return out + f"--{BOUNDARY}--\r\n".encode()
-
-
 CTYPE = f"multipart/form-data; boundary={BOUNDARY}"
 tricky = st.lists(st.sampled_from([b"\r\n", b"\n", b"\r", b"\x00", b"--", b"\r\n\r\n",
                                    b"Content-Type: text/plain\r\n", b"\xff\xfe", b"=?utf-8?",

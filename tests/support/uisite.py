@@ -29,6 +29,24 @@ E, P = "E-UI", "BACnet-bundle"
 NAMES = ("AS-P north", "AS-P south", "AS-B roof")
 
 
+#: the multipart boundary Chromium-like forms of the tests use
+BOUNDARY = "----licadminFormBoundary7MA4YWxkTrZu0gW"
+
+
+def multipart_body(fields: list[tuple[str, str]], files: list[tuple[str, str, bytes]]
+                   ) -> bytes:
+    """What Chromium sends for a form with these fields and files (boundary BOUNDARY)."""
+    out = b""
+    for name, value in fields:
+        out += (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n"
+                f"{value}\r\n").encode()
+    for name, filename, data in files:
+        out += (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"; "
+                f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+                ).encode() + data + b"\r\n"
+    return out + f"--{BOUNDARY}--\r\n".encode()
+
+
 def need_browser() -> None:
     """The browser tests need Debian's chromium and chromium-driver (``make chromium``)."""
     try:
@@ -198,3 +216,31 @@ def clean_dir(path: Path) -> Path:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
+
+
+def lend_snmp(sy: Any) -> dict[str, str]:
+    """In ``sy`` (a :class:`tests.tree.test_system_daemons.System`): a top Enterprise Server
+    ``es`` holding snmp=2 and an AS-P ``asp`` and an AS-B ``asb`` under it, each a real
+    ``licagent run`` on loopback (the children renew every second); their URLs by name."""
+    sy.init("es", "Enterprise-Server")
+    sy.init("asp", "AS-P")
+    sy.init("asb", "AS-B")
+    sy.activate("es", "snmp=2")
+    urls = {"es": sy.daemon("es", "--listen", "tcp://127.0.0.1:0")[1]}
+    for name in ("asp", "asb"):
+        urls[name] = sy.daemon(name, "--listen", "tcp://127.0.0.1:0", "--parent", urls["es"],
+                               "--renew-every", "1")[1]
+    return urls
+
+
+def start_ui_of(sy: Any, root: Path, servers: list[tuple[str, str]], head: str = "") -> str:
+    """``licadmin ui`` (a subprocess of ``sy``, stopped with it) on ``servers`` (name, URL),
+    ``head`` first in its servers.toml; the URL it printed."""
+    (root / "servers.toml").write_text(head + "".join(
+        f'[[server]]\nurl = "{u}"\nname = "{n}"\n\n' for n, u in servers))
+    proc = subprocess.Popen(
+        [str(BIN / "licadmin"), "ui", "--servers", "servers.toml", "--listen", "127.0.0.1:0",
+         "--work-dir", "work"], cwd=root, env=sy.env, stdout=subprocess.PIPE,
+        stderr=open(root / "ui.log", "ab"))
+    sy.procs.append(proc)
+    return _first_line(proc, "licadmin ui", 2)[1].strip()
