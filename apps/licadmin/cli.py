@@ -239,34 +239,14 @@ def _workflow_parsers(sub: Any) -> None:
                     help="the device's total of FEATURE (0 releases it); repeat for each "
                          "feature; not with a CSV, whose rows carry their own")
     sp = sub.add_parser("rehost", help=REHOST_HELP, description=REHOST_HELP)
-    sp.add_argument("--from", dest="src", required=True, metavar="URL",
-                    help="link URL of the old server (the licenses leave it)")
-    sp.add_argument("--to", dest="dst", required=True, metavar="URL",
-                    help="link URL of the new server (the licenses arrive there)")
+    _move_options(sp, "the file of every step", "rehost")
     licensing_access.add_options(sp)
     sp.add_argument("--feature", action="append", default=[], metavar="F",
                     help="move only these features (default: every license of the old server)")
-    sp.add_argument("--work-dir", metavar="DIR",
-                    help="keep the file of every step here; run the same command again to "
-                         "finish an interrupted rehost (default: rehost-HASH in the current "
-                         "folder, the same for the same two URLs)")
-    sp.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                    help=f"the total time allowed per server operation (default "
-                         f"{DEFAULT_TIMEOUT:g})")
     sp = sub.add_parser("transfer", help=TRANSFER_HELP, description=TRANSFER_HELP)
-    sp.add_argument("--from", dest="src", required=True, metavar="URL",
-                    help="link URL of the old server (the licenses leave it)")
-    sp.add_argument("--to", dest="dst", required=True, metavar="URL",
-                    help="link URL of the new server (the licenses arrive there)")
+    _move_options(sp, "the transfer file and the receipt", "transfer")
     sp.add_argument("--feature", action="append", default=[], metavar="F", required=True,
                     help="a transferable license to move (repeat for each)")
-    sp.add_argument("--work-dir", metavar="DIR",
-                    help="keep the transfer file and the receipt here; run the same command "
-                         "again to finish an interrupted transfer (default: transfer-HASH in "
-                         "the current folder, the same for the same two URLs)")
-    sp.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                    help=f"the total time allowed per server operation (default "
-                         f"{DEFAULT_TIMEOUT:g})")
     sp = cmd("show", "print any file of this project with its kind, signer and signature verdict")
     sp.add_argument("file", metavar="FILE",
                     help="a signed file, SITE_INFO bundle or PEM key of this project")
@@ -560,6 +540,21 @@ def _rehost(args: argparse.Namespace) -> int:
     work = Path(args.work_dir) if args.work_dir else default_work_dir(args.src, args.dst)
     return _resumable(work, Rehost(args.src, args.dst, licensing_access.client_from(args),
                                    args.feature, work, runner.connector(args.timeout)).run)
+
+
+def _move_options(sp: argparse.ArgumentParser, kept: str, what: str) -> None:
+    """--from, --to, --work-dir and --timeout of a move of licenses (rehost, transfer)."""
+    sp.add_argument("--from", dest="src", required=True, metavar="URL",
+                    help="link URL of the old server (the licenses leave it)")
+    sp.add_argument("--to", dest="dst", required=True, metavar="URL",
+                    help="link URL of the new server (the licenses arrive there)")
+    sp.add_argument("--work-dir", metavar="DIR",
+                    help=f"keep {kept} here; run the same command again to finish an "
+                         f"interrupted {what} (default: {what}-HASH in the current folder, "
+                         f"the same for the same two URLs)")
+    sp.add_argument("--timeout", type=_timeout, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                    help=f"the total time allowed per server operation (default "
+                         f"{DEFAULT_TIMEOUT:g})")
 
 
 def _transfer(args: argparse.Namespace) -> int:
