@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -12,13 +13,24 @@ import hw
 from agent.messages import Action
 from agent.ops import AgentOps
 from simulators.licensing_server.vendor import Grant
-from tests.conftest import Device, Site
+from tests.conftest import Device, Site, stop_processes
+from tests.tree.test_system_daemons import System
 
 
 @dataclass
 class Served:
     device: Device
     url: str
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[System]:
+    """A system of real ``licagent`` daemons and tools (:class:`System`), stopped after."""
+    s = System(tmp_path)
+    try:
+        yield s
+    finally:
+        stop_processes(s.procs, 30)
 
 
 @pytest.fixture

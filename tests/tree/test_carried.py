@@ -9,24 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import T0, stop_processes
+from tests.conftest import T0
 from tests.tree.test_system_daemons import System
 
 DAY = 86400
-
-
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[System]:
-    s = System(tmp_path)
-    try:
-        yield s
-    finally:
-        stop_processes(s.procs, 30)
 
 
 def _files(d: Path) -> dict[str, bytes]:

@@ -5,23 +5,12 @@ exit code, the store unchanged."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import stop_processes
 from tests.tree.test_system_daemons import System
-
-
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[System]:
-    s = System(tmp_path)
-    try:
-        yield s
-    finally:
-        stop_processes(s.procs, 30)
 
 
 def _files(s: System, name: str) -> dict[str, bytes]:

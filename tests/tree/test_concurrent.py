@@ -9,25 +9,11 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from tests.conftest import stop_processes
 from tests.tree.test_system_daemons import BIN, System
 
 N = 6
 COUNT = 2
-
-
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[System]:
-    s = System(tmp_path)
-    try:
-        yield s
-    finally:
-        stop_processes(s.procs, 30)
 
 
 def _attach_all(s: System, url: str) -> list[subprocess.Popen[str]]:

@@ -20,7 +20,7 @@ import pytest
 import hw
 from agent.cose import PublicKey
 from agent.formats import SiteInfo, read_device_info, verify_receipt
-from tests.conftest import T0, stop_processes
+from tests.conftest import T0
 from tests.hw.mosquitto import Broker
 
 BIN = Path(sys.executable).parent
@@ -104,15 +104,6 @@ def until(what: str, cond: Callable[[], bool]) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"never: {what}"
         time.sleep(0.2)
-
-
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[System]:
-    s = System(tmp_path)
-    try:
-        yield s
-    finally:
-        stop_processes(s.procs, 30)
 
 
 @pytest.fixture
