@@ -76,6 +76,22 @@ def _grant_and_return(site: Site, parent: Device, child: Device) -> tuple[bytes,
     return grant, ret
 
 
+def _both_read(tmp_path: Path, data: bytes, key: PublicKey, ctype: str, cls: type) -> None:
+    """pycose and python-cwt read ``data`` (signed with ``key``, content type ``ctype``) and
+    refuse it with a flipped signature; its payload is ``cls`` encoded canonically."""
+    msg = pycose_decode(data)
+    assert msg.phdr[Algorithm] is PYCOSE_ALG[key.alg]
+    assert msg.phdr[KID] == key.kid == hashlib.sha256(key.raw).digest()
+    assert msg.phdr[ContentType] == ctype
+    assert pycose_verifies(data, key) is True
+    assert pycose_verifies(flip_signature(data), key) is False
+    assert cls.decode(msg.payload).encode() == msg.payload  # canonical, byte for byte
+    out = cwt_verify(tmp_path, data, key)
+    assert out is not None and bytes.fromhex(out["payload"]) == msg.payload
+    assert out["content_type"] == ctype and set(out["protected"]) == {"1", "3", "4"}
+    assert cwt_verify(tmp_path, flip_signature(data), key) is None
+
+
 @pytest.mark.parametrize(("parent_alg", "child_alg"), COMBOS, ids=IDS)
 def test_pycose_and_cwt_read_grants_and_returns(tmp_path: Path, parent_alg: int,
                                                 child_alg: int) -> None:
@@ -85,17 +101,7 @@ def test_pycose_and_cwt_read_grants_and_returns(tmp_path: Path, parent_alg: int,
     ckey = child.agent.state()[0].device_key
     for data, key, ctype, cls in ((grant, pkey, inherit.GRANT_CONTENT_TYPE, inherit.Grant),
                                   (ret, ckey, inherit.RETURN_CONTENT_TYPE, inherit.GrantReturn)):
-        msg = pycose_decode(data)
-        assert msg.phdr[Algorithm] is PYCOSE_ALG[key.alg]
-        assert msg.phdr[KID] == key.kid == hashlib.sha256(key.raw).digest()
-        assert msg.phdr[ContentType] == ctype
-        assert pycose_verifies(data, key) is True
-        assert pycose_verifies(flip_signature(data), key) is False
-        assert cls.decode(msg.payload).encode() == msg.payload  # canonical, byte for byte
-        out = cwt_verify(tmp_path, data, key)
-        assert out is not None and bytes.fromhex(out["payload"]) == msg.payload
-        assert out["content_type"] == ctype and set(out["protected"]) == {"1", "3", "4"}
-        assert cwt_verify(tmp_path, flip_signature(data), key) is None
+        _both_read(tmp_path, data, key, ctype, cls)
     # the grant carries the vendor's response exactly: pycose verifies that link too
     g = inherit.Grant.decode(decode_sign1(grant, max_size=MAX).payload)
     assert pycose_verifies(g.license, site.vendor.public) is True
@@ -187,17 +193,7 @@ def test_pycose_and_cwt_read_a_carried_attach_request_and_answer(
     for data, key, ctype, cls in (
             (request, ckey, carried.REQUEST_CONTENT_TYPE, carried.AttachRequest),
             (answer, pkey, carried.ANSWER_CONTENT_TYPE, carried.AttachAnswer)):
-        msg = pycose_decode(data)
-        assert msg.phdr[Algorithm] is PYCOSE_ALG[key.alg]
-        assert msg.phdr[KID] == key.kid
-        assert msg.phdr[ContentType] == ctype
-        assert pycose_verifies(data, key) is True
-        assert pycose_verifies(flip_signature(data), key) is False
-        assert cls.decode(msg.payload).encode() == msg.payload  # canonical, byte for byte
-        out = cwt_verify(tmp_path, data, key)
-        assert out is not None and bytes.fromhex(out["payload"]) == msg.payload
-        assert out["content_type"] == ctype and set(out["protected"]) == {"1", "3", "4"}
-        assert cwt_verify(tmp_path, flip_signature(data), key) is None
+        _both_read(tmp_path, data, key, ctype, cls)
     ans = carried.AttachAnswer.decode(pycose_decode(answer).payload)
     assert ans.request == sha256(request) and ans.child_id == child.agent.state()[0].device_id
     assert pycose_verifies(ans.parent_info, pkey) is True
