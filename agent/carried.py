@@ -194,12 +194,21 @@ def read_request(data: bytes) -> tuple[AttachRequest, DeviceInfo]:
     """
     env = _open(data, REQUEST_CONTENT_TYPE, "attach request", REQUEST_MAX)
     req = AttachRequest.decode(env.payload)
-    info, key = self_signed_payload(req.info, DeviceInfo)
-    if info.device_id != req.child_id or env.kid != key.kid:
-        raise TrustError("attach request is not signed by the device whose information it "
-                         "carries")
+    return req, _signer(env, req.info, req.child_id, "attach request", "device")
+
+
+def _signer(env: Any, info_file: bytes, claimed: str, what: str, who: str) -> DeviceInfo:
+    """The self-signed device information ``info_file`` that a carried file (``env``) holds:
+    its ID must be ``claimed`` and its key must have signed ``env``.
+
+    Raises:
+        MalformedError, TrustError: it is not.
+    """
+    info, key = self_signed_payload(info_file, DeviceInfo)
+    if info.device_id != claimed or env.kid != key.kid:
+        raise TrustError(f"{what} is not signed by the {who} whose information it carries")
     env.verify_with(key)
-    return req, info
+    return info
 
 
 def sign_answer(answer: AttachAnswer, key: SigningKey) -> bytes:
@@ -221,11 +230,7 @@ def read_answer(data: bytes, request: bytes, device_id: str, system: SystemState
     """
     env = _open(data, ANSWER_CONTENT_TYPE, "attach answer", ANSWER_MAX)
     ans = AttachAnswer.decode(env.payload)
-    parent, pkey = self_signed_payload(ans.parent_info, DeviceInfo)
-    if parent.device_id != ans.parent_id or env.kid != pkey.kid:
-        raise TrustError("attach answer is not signed by the parent whose information it "
-                         "carries")
-    env.verify_with(pkey)
+    parent = _signer(env, ans.parent_info, ans.parent_id, "attach answer", "parent")
     if ans.child_id != device_id:
         raise WrongDeviceError(f"attach answer is for device {ans.child_id[:12]}…, not this "
                                f"server ({device_id[:12]}…)")
