@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent.errors import UsageError
@@ -82,3 +82,15 @@ class MovePlan:
         write_output(f, json.dumps({
             "from": self.src, "to": self.dst, "from_id": self.src_id, "to_id": self.dst_id,
             "features": self.features}, indent=1).encode() + b"\n")
+
+    def walk(self, say: Callable[[str], None],
+             steps: Sequence[tuple[str, Callable[[], str]]]) -> None:
+        """Say where the files go, then do each step whose file is not in the folder yet
+        (a step returns its line; a step done before says so)."""
+        say(f"{self.kind} from {short(self.src_id)} ({self.src}) to {short(self.dst_id)} "
+            f"({self.dst}); files of every step in {self.work}")
+        for n, (name, step) in enumerate(steps, 1):
+            if (self.work / name).exists():
+                say(f"{n}/{len(steps)} {name}: done before")
+                continue
+            say(f"{n}/{len(steps)} {step()}")

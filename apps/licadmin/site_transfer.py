@@ -76,24 +76,15 @@ class SiteTransfer:
 
     # ------------------------------------------------------------ plan
 
-    def _plan(self) -> None:
-        plan = MovePlan("transfer", self.src, self.dst, self.features, self.work, self.connect)
-        plan.load_or_make()
-        self.src_id, self.dst_id = plan.src_id, plan.dst_id
-
     # ------------------------------------------------------------ steps
 
     def run(self) -> int:
         """Do every step not done yet; 0 when the licenses are on the new server."""
-        self._plan()
-        self.say(f"transfer from {short(self.src_id)} ({self.src}) to {short(self.dst_id)} "
-                 f"({self.dst}); files of every step in {self.work}")
+        plan = MovePlan("transfer", self.src, self.dst, self.features, self.work, self.connect)
+        plan.load_or_make()
+        self.src_id, self.dst_id = plan.src_id, plan.dst_id
         steps: list[Callable[[], str]] = [self._out, self._in]
-        for n, (name, step) in enumerate(zip(STEPS, steps, strict=True), 1):
-            if (self.work / name).exists():
-                self.say(f"{n}/{len(STEPS)} {name}: done before")
-                continue
-            self.say(f"{n}/{len(STEPS)} {step()}")
+        plan.walk(self.say, list(zip(STEPS, steps, strict=True)))
         t = self._transfer()
         moved = ", ".join(f"{lic.feature}={lic.count}" for lic in t.moved)
         self.say(f"moved {moved} from {short(self.src_id)} to {short(self.dst_id)} without "
