@@ -654,12 +654,14 @@ class Store:
         if not self.writable:
             raise ReadOnlyStoreError(_read_only_message(self.directory, what))
 
-    def save(self, state: AgentState) -> None:
-        """Persist ``state`` into the older slot, with the journal's head as it is now."""
+    def save(self, state: AgentState, head: JournalHead | None = None) -> None:
+        """Persist ``state`` into the older slot, with the journal's head as it is now
+        (``head``: as :meth:`commit`'s append just left it, known without reading)."""
         self.require_writable("save the license state")
         gen = self.generation + 1
         slot = 1 - self.slot
-        head = self.journal.head()
+        if head is None:
+            head = self.journal.head()
         data = encode_slot(self.mac_key, gen, state.encode(), head)
         atomic_write(self.ops, self.directory / SLOTS[slot], data)
         advance = getattr(self.key, "advance", None)
@@ -679,10 +681,14 @@ class Store:
         error now: nothing is committed without its record).
         """
         self.require_writable(f"save the {event} change")
-        before = self.journal.head()
         self.journal.append(event, details, now)
+        # where the record just appended begins: the journal's end before it (torn bytes
+        # of an earlier crash cut off), what a failed save takes the journal back to
+        written = self.journal.written()
+        assert written is not None  # set by every append that returns
+        before = written[0]
         try:
-            self.save(state)
+            self.save(state, self.journal.appended_head())
         except StorageError:
             if not self._slot_holds(self.generation + 1):
                 try:
