@@ -153,3 +153,31 @@ def test_licenses_array_remembered_is_the_array(a: list[License], b: list[Licens
         assert state_digest(lics) == state_digest(list(lics))  # list: never remembered
         assert encoded_licenses(lics).data == want
         assert encoded_licenses(lics).data == want  # the remembered one
+
+
+def _cbor_items(encoded: type) -> st.SearchStrategy[object]:
+    keys = st.one_of(st.text(max_size=30), st.sampled_from(["n", "mac", "a", "b", "aa", "é", "\x00"]))
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+                        st.binary(max_size=40), st.text(max_size=30),
+                        st.floats(allow_nan=False), st.binary(max_size=20).map(encoded))
+    return st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=5), st.lists(inner, max_size=5).map(tuple),
+        st.dictionaries(keys, inner, max_size=6),
+        st.dictionaries(st.integers(-30, 30), inner, max_size=4),
+        st.frozensets(st.integers(0, 9), max_size=3)), max_leaves=25)
+
+
+@settings(max_examples=500)
+@given(st.data())
+def test_canonical_in_key_order_is_cbor2s_canonical_mode(data: st.DataObject) -> None:
+    """Issue 17: maps put in canonical key order and written by cbor2's plain mode are the
+    bytes of cbor2's canonical mode, whatever they hold (the rest goes through that mode)."""
+    import cbor2
+
+    from agent.cose import Encoded, _write_encoded, canonical
+
+    obj = data.draw(_cbor_items(lambda b: Encoded(cbor2.dumps(b))))
+    assert canonical(obj) == cbor2.dumps(obj, canonical=True, default=_write_encoded)
+    for _ in range(2):  # the key orders remembered give the same bytes
+        assert canonical({"k": obj, "kk": [obj], "": {"z": obj}}) == cbor2.dumps(
+            {"k": obj, "kk": [obj], "": {"z": obj}}, canonical=True, default=_write_encoded)
