@@ -322,6 +322,7 @@ class Store:
         #: (generation, slot index, bytes) of the last slot this object wrote
         self.saved: tuple[int, int, bytes] | None = None
         self.mac_key = key.secret_digest(b"store-mac")
+        self._slot_paths = (os.path.join(directory, SLOTS[0]), os.path.join(directory, SLOTS[1]))
         self.journal = Journal(directory / JOURNAL_FILE, key.secret_digest(b"journal-mac"), ops)
 
     # ------------------------------------------------------------ creation / loading
@@ -663,7 +664,7 @@ class Store:
         if head is None:
             head = self.journal.head()
         data = encode_slot(self.mac_key, gen, state.encode(), head)
-        atomic_write(self.ops, self.directory / SLOTS[slot], data)
+        atomic_write(self.ops, self._slot_paths[slot], data)
         advance = getattr(self.key, "advance", None)
         if advance is not None:  # the TPM's counter follows the slot (caught up at open)
             advance(gen)
