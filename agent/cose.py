@@ -447,18 +447,44 @@ class SigningKey:
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
+def _bstr_head(n: int) -> bytes:
+    """The shortest head of a CBOR byte string of ``n`` bytes (major type 2)."""
+    if n < 24:
+        return _BSTR_HEADS[n]
+    if n < 0x100:
+        return bytes((0x58, n))
+    if n < 0x10000:
+        return b"\x59" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\x5a" + n.to_bytes(4, "big")
+    return b"\x5b" + n.to_bytes(8, "big")
+
+
+_BSTR_HEADS = tuple(bytes((0x40 + n,)) for n in range(24))
+#: an array of four, then the text "Signature1" (RFC 9052 section 4.4)
+_SIG_STRUCTURE_HEAD = b"\x84\x6aSignature1"
+#: tag 18 (COSE_Sign1), then an array of four
+_SIGN1_HEAD = b"\xd2\x84"
+
+
 def _sig_structure(protected: bytes, payload: bytes) -> bytes:
-    return cbor2.dumps(["Signature1", protected, b"", payload])
+    """``cbor2.dumps(["Signature1", protected, b"", payload])``, written out (the heads in
+    their shortest forms, as cbor2 writes them): the payload copied once, not twice."""
+    return b"".join((_SIG_STRUCTURE_HEAD, _bstr_head(len(protected)), protected, b"\x40",
+                     _bstr_head(len(payload)), payload))
 
 
 def sign1(payload: bytes, key: SigningKey, content_type: str) -> bytes:
     """Wrap ``payload`` in a tagged COSE_Sign1 signed by ``key``.
 
     The protected header carries ``alg`` (1), ``content type`` (3) and ``kid`` (4).
+    The envelope is ``cbor2.dumps(CBORTag(18, [protected, {}, payload, signature]))``
+    written out: the shortest-form encoding :func:`decode_sign1` requires.
     """
     protected = key.protected_header(content_type)
     signature = key.sign(_sig_structure(protected, payload))
-    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
+    return b"".join((_SIGN1_HEAD, _bstr_head(len(protected)), protected, b"\xa0",
+                     _bstr_head(len(payload)), payload, _bstr_head(len(signature)), signature))
 
 
 @record(frozen=True)
