@@ -204,3 +204,19 @@ def test_sign1_written_out_is_cbor2s_encoding(size: int, seed: bytes) -> None:
 
 
 _KEYS = (SigningKey.generate(), SigningKey.generate(-7))
+
+
+@settings(max_examples=200)
+@given(licenses(), licenses())
+def test_digest_of_licenses_sorted_by_apply_is_the_state_digest(a: list[License],
+                                                               b: list[License]) -> None:
+    """Issue 17: an apply's licenses (sorted, one per feature) digested without sorting them
+    again: the state digest of the same licenses in any order, remembered or not."""
+    from agent.messages import sorted_state_digest
+
+    for lics in (a, b, a):
+        ordered = sort_licenses(lics)
+        want = state_digest(list(reversed(lics)))  # a list: never remembered
+        assert sorted_state_digest(ordered) == want
+        assert sorted_state_digest(ordered) == want  # the remembered one
+        assert state_digest(ordered) == want
