@@ -164,7 +164,16 @@ def _make_init(cls: type, all_fields: tuple[Field, ...]) -> Callable[..., None]:
         return True
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        if not args and not slots and len(kwargs) == n and tuple(kwargs) == in_order:
+        if slots:
+            pass  # the general path below (object.__setattr__ into the slots)
+        elif len(args) == n and not kwargs:  # every field positionally (as replace() calls)
+            self.__dict__.update(zip(in_order, args, strict=True))
+            for f in later:
+                self.__dict__[f.name] = f.value(owner)
+            if post_init:
+                self.__post_init__()
+            return
+        elif not args and len(kwargs) == n and tuple(kwargs) == in_order:
             self.__dict__.update(kwargs)
             for f in later:
                 self.__dict__[f.name] = f.value(owner)
