@@ -162,8 +162,65 @@ _ARRAY_HEADS = tuple(bytes([0x80 + n]) for n in range(24))
 
 
 def canonical(obj: object) -> bytes:
-    """Deterministic CBOR encoding (RFC 8949 core deterministic: sorted keys, shortest forms)."""
-    return cbor2.dumps(obj, canonical=True, default=_write_encoded)
+    """Deterministic CBOR encoding (RFC 8949 core deterministic: sorted keys, shortest forms).
+
+    cbor2's canonical mode sorts every map by encoding its keys each time (a third of
+    an apply's encoding time). Maps with text keys only, of text, byte strings,
+    integers, booleans, None, :class:`Encoded` and arrays and maps of these, are put in
+    canonical key order here (each set of keys sorted once) and written by cbor2's
+    plain mode, whose heads are the shortest forms too: the same bytes. Anything else
+    (a float, a set, a tag, an integer key) goes through the canonical mode as a whole.
+    """
+    try:
+        ready = _in_key_order(obj)
+    except (_NotPlain, RecursionError):
+        return cbor2.dumps(obj, canonical=True, default=_write_encoded)
+    return cbor2.dumps(ready, default=_write_encoded)
+
+
+class _NotPlain(Exception):
+    """An item :func:`canonical` leaves to cbor2's canonical mode."""
+
+
+#: the types cbor2 writes alike in its canonical and its plain mode (shortest heads in both)
+_PLAIN = frozenset({str, bytes, int, bool, type(None), Encoded})
+#: a map's keys (in the order given) -> the same keys in canonical order; bounded
+_KEY_ORDERS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_MAX_KEY_ORDERS = 512
+
+
+def _key_rank(key: str) -> tuple[int, bytes]:
+    # RFC 8949 4.2.1: bytewise order of the encoded keys; for text keys the head grows with
+    # the length, so that is by UTF-8 length, then bytewise
+    b = key.encode()
+    return len(b), b
+
+
+def _in_key_order(v: Any) -> Any:
+    """``v`` with every map's keys in canonical order (raises :class:`_NotPlain` if it holds
+    anything cbor2 writes differently in its canonical mode)."""
+    t = type(v)
+    if t is dict:
+        keys = tuple(v)
+        order = _KEY_ORDERS.get(keys)
+        if order is None:
+            for k in keys:
+                if type(k) is not str:
+                    raise _NotPlain
+            order = tuple(sorted(keys, key=_key_rank))
+            if len(_KEY_ORDERS) < _MAX_KEY_ORDERS:
+                _KEY_ORDERS[keys] = order
+        plain = _PLAIN
+        return {k: x if type(x := v[k]) in plain else _in_key_order(x) for k in order}
+    if t is list or t is tuple:
+        plain = _PLAIN
+        for x in v:
+            if type(x) not in plain:
+                return [x if type(x) in plain else _in_key_order(x) for x in v]
+        return v
+    if t in _PLAIN:
+        return v
+    raise _NotPlain
 
 
 def jsonable(v: Any) -> Any:
@@ -390,18 +447,44 @@ class SigningKey:
         return r.to_bytes(32, "big") + s.to_bytes(32, "big")
 
 
+def _bstr_head(n: int) -> bytes:
+    """The shortest head of a CBOR byte string of ``n`` bytes (major type 2)."""
+    if n < 24:
+        return _BSTR_HEADS[n]
+    if n < 0x100:
+        return bytes((0x58, n))
+    if n < 0x10000:
+        return b"\x59" + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return b"\x5a" + n.to_bytes(4, "big")
+    return b"\x5b" + n.to_bytes(8, "big")
+
+
+_BSTR_HEADS = tuple(bytes((0x40 + n,)) for n in range(24))
+#: an array of four, then the text "Signature1" (RFC 9052 section 4.4)
+_SIG_STRUCTURE_HEAD = b"\x84\x6aSignature1"
+#: tag 18 (COSE_Sign1), then an array of four
+_SIGN1_HEAD = b"\xd2\x84"
+
+
 def _sig_structure(protected: bytes, payload: bytes) -> bytes:
-    return cbor2.dumps(["Signature1", protected, b"", payload])
+    """``cbor2.dumps(["Signature1", protected, b"", payload])``, written out (the heads in
+    their shortest forms, as cbor2 writes them): the payload copied once, not twice."""
+    return b"".join((_SIG_STRUCTURE_HEAD, _bstr_head(len(protected)), protected, b"\x40",
+                     _bstr_head(len(payload)), payload))
 
 
 def sign1(payload: bytes, key: SigningKey, content_type: str) -> bytes:
     """Wrap ``payload`` in a tagged COSE_Sign1 signed by ``key``.
 
     The protected header carries ``alg`` (1), ``content type`` (3) and ``kid`` (4).
+    The envelope is ``cbor2.dumps(CBORTag(18, [protected, {}, payload, signature]))``
+    written out: the shortest-form encoding :func:`decode_sign1` requires.
     """
     protected = key.protected_header(content_type)
     signature = key.sign(_sig_structure(protected, payload))
-    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
+    return b"".join((_SIGN1_HEAD, _bstr_head(len(protected)), protected, b"\xa0",
+                     _bstr_head(len(payload)), payload, _bstr_head(len(signature)), signature))
 
 
 @record(frozen=True)

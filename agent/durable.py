@@ -95,33 +95,36 @@ def write_all(ops: FileOps, fd: int, data: bytes) -> None:
         off += n
 
 
-def fsync_dir(ops: FileOps, directory: Path) -> None:
-    fd = ops.open(str(directory), os.O_RDONLY | os.O_DIRECTORY)
+def fsync_dir(ops: FileOps, directory: Path | str) -> None:
+    fd = ops.open(os.fspath(directory), os.O_RDONLY | os.O_DIRECTORY)
     try:
         ops.fsync(fd)
     finally:
         ops.close(fd)
 
 
-def atomic_write(ops: FileOps, path: Path, data: bytes, mode: int = 0o600) -> None:
+def atomic_write(ops: FileOps, path: Path | str, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves exactly the old or the new file.
 
     A failure at any step raises :class:`StorageError` (never retried: after a
     failed fsync the kernel may have dropped the dirty pages) and leaves no
     temporary file behind.
     """
+    # the names as strings, built once (pathlib's joins cost more than the syscalls on tmpfs)
+    dst = os.fspath(path)
+    parent, name = os.path.split(dst)
     # unique per call: a temp file left by a crashed process whose PID is reused
     # (daemon restarted after a reboot, PID 1 in a container) must not block O_EXCL forever
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{os.urandom(4).hex()}")
+    tmp = os.path.join(parent, f".{name}.tmp{os.getpid()}.{os.urandom(4).hex()}")
     fd = -1
     try:
-        fd = ops.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_TRUNC, mode)
+        fd = ops.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_TRUNC, mode)
         write_all(ops, fd, data)
         ops.fsync(fd)
         closing, fd = fd, -1  # never close twice: after a failed close(2) the fd is gone
         ops.close(closing)
-        ops.replace(str(tmp), str(path))
-        fsync_dir(ops, path.parent)
+        ops.replace(tmp, dst)
+        fsync_dir(ops, parent or ".")
     except OSError as exc:
         if fd >= 0:
             try:
@@ -129,11 +132,11 @@ def atomic_write(ops: FileOps, path: Path, data: bytes, mode: int = 0o600) -> No
             except OSError:
                 pass
         try:
-            ops.unlink(str(tmp))
+            ops.unlink(tmp)
         except OSError:
             pass
         raise StorageError(
-            f"could not write {path.name}: {exc.strerror or exc} (errno {exc.errno}); "
+            f"could not write {name}: {exc.strerror or exc} (errno {exc.errno}); "
             f"the previous state is kept"
         ) from exc
 

@@ -452,6 +452,21 @@ class Journal:
             return h
         return JournalHead(h.count, h.start, h.end, h.digest, ident)
 
+    def appended_head(self) -> JournalHead | None:
+        """:meth:`head` right after this process's own append (the slot a commit writes
+        next names it), from memory: that append's tail and the file's identity taken by
+        ``fstat`` after its fsync; None if anything was appended, taken back or re-read
+        since, or the journal is not anchored (then :meth:`head` reads the file again)."""
+        w = self._written
+        t = self._tail
+        if w is None or t is None or w[0] is not t or t.torn or not self._start.count:
+            return None  # (a journal not anchored at a store's head trusts no memory)
+        h = t.head()
+        ident = self.identity()
+        if ident is None or not h.count:
+            return h
+        return JournalHead(h.count, h.start, h.end, h.digest, ident)
+
     def append(self, event: str, data: Any, now: int) -> JournalEntry:
         """Append one entry and fsync it; a torn tail from an earlier crash is cut off first.
 
@@ -479,12 +494,13 @@ class Journal:
                                {"limit": limit, "window_seconds": REFUSAL_WINDOW}, now)
         return None
 
-    def truncate_to(self, head: JournalHead) -> None:
-        """Take back records appended after ``head`` (a commit whose slot write failed)."""
+    def truncate_to(self, end: int) -> None:
+        """Take back records appended from offset ``end`` on (where the first of them
+        begins: a commit whose slot write failed)."""
         fd = -1
         try:
             fd = self.ops.open(str(self.path), os.O_WRONLY | os.O_NOFOLLOW)
-            self.ops.ftruncate(fd, head.end)
+            self.ops.ftruncate(fd, end)
             self.ops.fsync(fd)
         except OSError as exc:
             raise StorageError(f"could not take back the journal record: {exc}") from exc

@@ -43,6 +43,7 @@ __all__ = [
     "decode_payload",
     "encoded_licenses",
     "sort_licenses",
+    "sorted_state_digest",
     "state_digest",
     "valid_count",
     "valid_device_id",
@@ -334,6 +335,17 @@ def state_digest(licenses: Iterable[License]) -> bytes:
         _LAST_DIGEST[0] = (licenses, digest)  # held: its id cannot be reused meanwhile
         return digest
     return sha256(encoded_array(lic.encoded for lic in ordered).data)
+
+
+def sorted_state_digest(licenses: tuple[License, ...]) -> bytes:
+    """:func:`state_digest` of licenses that :func:`sort_licenses` returned, each feature
+    once (an apply's new licenses), without sorting and comparing them again."""
+    last = _LAST_DIGEST[0]
+    if licenses is last[0]:
+        return last[1]
+    digest = sha256(encoded_licenses(licenses).data)
+    _LAST_DIGEST[0] = (licenses, digest)  # held: its id cannot be reused meanwhile
+    return digest
 
 
 #: the last tuple of licenses encoded as an array, and that array (as :data:`_LAST_DIGEST`)

@@ -64,6 +64,7 @@ from agent.messages import (
     encoded_licenses,
     licenses_from,
     sort_licenses,
+    sorted_state_digest,
     state_digest,
 )
 from agent.record import field, record, replace
@@ -739,7 +740,7 @@ def apply_response(
         raise MalformedError(
             f"response would leave {len(licenses)} licenses installed; at most {MAX_LIST}"
         )
-    new_digest = state_digest(licenses)
+    new_digest = sorted_state_digest(licenses)  # _apply_changes sorted them, one per feature
     receipt = Receipt(
         device_id=state.device_id,
         device_key=state.device_key,

@@ -134,6 +134,9 @@ def _make_init(cls: type, all_fields: tuple[Field, ...]) -> Callable[..., None]:
 
     n = len(init_fields)
     slots = any("__slots__" in vars(k) for k in cls.__mro__[:-1])
+    #: the field names in order: keywords naming each field once, in this order, are the
+    #: instance dict as it is (one update; the decoders and the pure core call so)
+    in_order = tuple(f.name for f in init_fields)
 
     def _by_name(self: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Fill the instance dict from ``args`` then ``kwargs`` if every keyword names a field
@@ -161,6 +164,22 @@ def _make_init(cls: type, all_fields: tuple[Field, ...]) -> Callable[..., None]:
         return True
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if slots:
+            pass  # the general path below (object.__setattr__ into the slots)
+        elif len(args) == n and not kwargs:  # every field positionally (as replace() calls)
+            self.__dict__.update(zip(in_order, args, strict=True))
+            for f in later:
+                self.__dict__[f.name] = f.value(owner)
+            if post_init:
+                self.__post_init__()
+            return
+        elif not args and len(kwargs) == n and tuple(kwargs) == in_order:
+            self.__dict__.update(kwargs)
+            for f in later:
+                self.__dict__[f.name] = f.value(owner)
+            if post_init:
+                self.__post_init__()
+            return
         if not slots and len(args) <= n and (not kwargs or _by_name(self, args, kwargs)):
             # the common calls (positional arguments; keywords naming the fields after them,
             # every required one given): straight into the instance dict, which is what

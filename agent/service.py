@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from agent import protocol, seats, tree
@@ -90,6 +91,64 @@ def _wall_clock() -> int:
     return int(time.time())
 
 
+class _KeptOperation:
+    """One operation of an agent that keeps its store open (the daemon): the lock file
+    stays open too (verified after each flock), and the store is reused while its files
+    hold what they held after the last operation (:class:`agent.store.OpenStore`).
+
+    A class rather than a generator: it is on each of the daemon's requests.
+    """
+
+    __slots__ = ("agent", "clean", "kept", "lock", "store")
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def __enter__(self) -> tuple[Store, int]:
+        agent = self.agent
+        now = agent.clock()
+        held = agent.__dict__
+        lock: KeptLock | None = held.get("_lock")
+        if lock is None:
+            lock = held.setdefault("_lock", KeptLock(agent.directory))
+        writable = lock.acquire()
+        try:
+            kept: OpenStore | None = held.pop("_kept", None)
+            store = kept.reuse(writable) if kept is not None else None
+            facts = agent.hardware().binding_facts()
+            if store is None:
+                store = Store.open(
+                    agent.directory, facts, ops=agent.ops, now=now,
+                    facts_simulated=agent.facts.simulated, writable=writable,
+                    limits=agent.limits,
+                )
+                # a store whose opening warned (a damaged copy, a replay) is not kept: the
+                # next operation opens it again and says so again, as a fresh process would
+                clean = not store.report.warnings
+            else:
+                # the files are byte for byte those a fresh open read: the facts' source
+                # and the binding are checked again, as Store.open does each time
+                store.check_hardware(facts, agent.facts.simulated, now)
+                clean = True
+        except BaseException:
+            lock.release()
+            raise
+        self.lock, self.kept, self.store, self.clean = lock, kept, store, clean
+        return store, now
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            # only after a whole operation (an exception drops the kept store: the next
+            # operation opens from scratch), with the lock still held
+            if exc_type is None and self.clean:
+                kept, store = self.kept, self.store
+                self.agent.__dict__["_kept"] = (kept.after(store) if kept is not None
+                                                else OpenStore.snapshot(store))
+        finally:
+            self.lock.release()
+
+
 @record
 class Agent:
     """Operations on the license store in ``directory``.
@@ -115,45 +174,20 @@ class Agent:
     def hardware(self) -> HardwareFacts:
         return self.facts.read()
 
+    def _open(self) -> AbstractContextManager[tuple[Store, int]]:
+        """``with self._open() as (store, now)``: the store under its lock for one operation."""
+        if self.keep_open:
+            return _KeptOperation(self)
+        return self._open_fresh()
+
     @contextmanager
-    def _open(self) -> Iterator[tuple[Store, int]]:
+    def _open_fresh(self) -> Iterator[tuple[Store, int]]:
         now = self.clock()
-        lock = store_lock(self.directory)
-        if self.keep_open:  # the lock file stays open too (verified after each flock)
-            kept_lock: KeptLock | None = self.__dict__.get("_lock")
-            if kept_lock is None:
-                kept_lock = self.__dict__.setdefault("_lock", KeptLock(self.directory))
-            lock = kept_lock.hold()
-        with lock as writable:
-            if not self.keep_open:
-                yield Store.open(
-                    self.directory, self.hardware().binding_facts(), ops=self.ops, now=now,
-                    facts_simulated=self.facts.simulated, writable=writable,
-                    limits=self.limits,
-                ), now
-                return
-            kept: OpenStore | None = self.__dict__.pop("_kept", None)
-            store = kept.reuse(writable) if kept is not None else None
-            facts = self.hardware().binding_facts()
-            if store is None:
-                store = Store.open(
-                    self.directory, facts, ops=self.ops, now=now,
-                    facts_simulated=self.facts.simulated, writable=writable, limits=self.limits,
-                )
-                # a store whose opening warned (a damaged copy, a replay) is not kept: the
-                # next operation opens it again and says so again, as a fresh process would
-                clean = not store.report.warnings
-            else:
-                # the files are byte for byte those a fresh open read: the facts' source
-                # and the binding are checked again, as Store.open does each time
-                store.check_hardware(facts, self.facts.simulated, now)
-                clean = True
-            yield store, now
-            # only after a whole operation (an exception drops the kept store: the next
-            # operation opens from scratch), with the lock still held
-            if clean:
-                self.__dict__["_kept"] = (kept.after(store) if kept is not None
-                                          else OpenStore.snapshot(store))
+        with store_lock(self.directory) as writable:
+            yield Store.open(
+                self.directory, self.hardware().binding_facts(), ops=self.ops, now=now,
+                facts_simulated=self.facts.simulated, writable=writable, limits=self.limits,
+            ), now
 
     # ------------------------------------------------------------ operations
 

@@ -322,6 +322,7 @@ class Store:
         #: (generation, slot index, bytes) of the last slot this object wrote
         self.saved: tuple[int, int, bytes] | None = None
         self.mac_key = key.secret_digest(b"store-mac")
+        self._slot_paths = (os.path.join(directory, SLOTS[0]), os.path.join(directory, SLOTS[1]))
         self.journal = Journal(directory / JOURNAL_FILE, key.secret_digest(b"journal-mac"), ops)
 
     # ------------------------------------------------------------ creation / loading
@@ -654,14 +655,16 @@ class Store:
         if not self.writable:
             raise ReadOnlyStoreError(_read_only_message(self.directory, what))
 
-    def save(self, state: AgentState) -> None:
-        """Persist ``state`` into the older slot, with the journal's head as it is now."""
+    def save(self, state: AgentState, head: JournalHead | None = None) -> None:
+        """Persist ``state`` into the older slot, with the journal's head as it is now
+        (``head``: as :meth:`commit`'s append just left it, known without reading)."""
         self.require_writable("save the license state")
         gen = self.generation + 1
         slot = 1 - self.slot
-        head = self.journal.head()
+        if head is None:
+            head = self.journal.head()
         data = encode_slot(self.mac_key, gen, state.encode(), head)
-        atomic_write(self.ops, self.directory / SLOTS[slot], data)
+        atomic_write(self.ops, self._slot_paths[slot], data)
         advance = getattr(self.key, "advance", None)
         if advance is not None:  # the TPM's counter follows the slot (caught up at open)
             advance(gen)
@@ -679,10 +682,14 @@ class Store:
         error now: nothing is committed without its record).
         """
         self.require_writable(f"save the {event} change")
-        before = self.journal.head()
         self.journal.append(event, details, now)
+        # where the record just appended begins: the journal's end before it (torn bytes
+        # of an earlier crash cut off), what a failed save takes the journal back to
+        written = self.journal.written()
+        assert written is not None  # set by every append that returns
+        before = written[0]
         try:
-            self.save(state)
+            self.save(state, self.journal.appended_head())
         except StorageError:
             if not self._slot_holds(self.generation + 1):
                 try:
@@ -1081,6 +1088,8 @@ class KeptLock:
         import threading  # only a daemon keeps its lock: check and status never load it
 
         self.threads = threading.Lock()
+        #: whether the current operation holds the flock (released by :meth:`release`)
+        self.flocked = False
 
     def _open(self) -> None:
         fd, writable = open_lock_file(self.directory)
@@ -1097,34 +1106,59 @@ class KeptLock:
     def __del__(self) -> None:
         self.close()
 
+    def acquire(self) -> bool:
+        """Take the lock for one operation; returns whether the store is writable. Every
+        :meth:`acquire` that returns is followed by one :meth:`release` (a method pair, not
+        a generator: this is on each of the daemon's requests)."""
+        self.threads.acquire()
+        try:
+            return self._flock()
+        except BaseException:
+            self.threads.release()
+            raise
+
+    def _flock(self) -> bool:
+        """:func:`store_lock` on the kept descriptor (this thread holds :attr:`threads`)."""
+        self.flocked = False
+        for _ in range(3):
+            if self.fd < 0:
+                if not self.directory.is_dir():  # asked only when the lock is not kept
+                    return True
+                self._open()
+                if self.fd < 0:  # read-only, no lock file: nothing to lock
+                    return False
+            fcntl.flock(self.fd, fcntl.LOCK_EX if self.writable else fcntl.LOCK_SH)
+            try:
+                st = os.stat(self.lock_path, follow_symlinks=False)
+                same = (st.st_dev, st.st_ino) == self.ident and st.st_nlink == 1
+            except OSError:
+                same = False
+            if same:
+                break
+            self.close()  # the name names another file now: lock that one instead
+        else:
+            raise StorageError(f"the lock file in {self.directory} keeps being replaced")
+        self.flocked = True
+        return self.writable and not _read_only(self.directory)
+
+    def release(self) -> None:
+        """End the operation :meth:`acquire` began."""
+        try:
+            if self.flocked:
+                self.flocked = False
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self.threads.release()
+
     @contextmanager
     def hold(self) -> Iterator[bool]:
-        """:func:`store_lock` on the kept descriptor; yields whether the store is writable."""
-        with self.threads:
-            for _ in range(3):
-                if self.fd < 0:
-                    if not self.directory.is_dir():  # asked only when the lock is not kept
-                        yield True
-                        return
-                    self._open()
-                    if self.fd < 0:  # read-only, no lock file: nothing to lock
-                        yield False
-                        return
-                fcntl.flock(self.fd, fcntl.LOCK_EX if self.writable else fcntl.LOCK_SH)
-                try:
-                    st = os.stat(self.lock_path, follow_symlinks=False)
-                    same = (st.st_dev, st.st_ino) == self.ident and st.st_nlink == 1
-                except OSError:
-                    same = False
-                if same:
-                    break
-                self.close()  # the name names another file now: lock that one instead
-            else:
-                raise StorageError(f"the lock file in {self.directory} keeps being replaced")
-            try:
-                yield self.writable and not _read_only(self.directory)
-            finally:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
+        """:meth:`acquire` and :meth:`release` around a block; yields whether the store is
+        writable."""
+        writable = self.acquire()
+        try:
+            yield writable
+        finally:
+            self.release()
 
 
 @contextmanager

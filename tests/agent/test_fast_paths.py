@@ -153,3 +153,70 @@ def test_licenses_array_remembered_is_the_array(a: list[License], b: list[Licens
         assert state_digest(lics) == state_digest(list(lics))  # list: never remembered
         assert encoded_licenses(lics).data == want
         assert encoded_licenses(lics).data == want  # the remembered one
+
+
+def _cbor_items(encoded: type) -> st.SearchStrategy[object]:
+    keys = st.one_of(st.text(max_size=30), st.sampled_from(["n", "mac", "a", "b", "aa", "é", "\x00"]))
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70),
+                        st.binary(max_size=40), st.text(max_size=30),
+                        st.floats(allow_nan=False), st.binary(max_size=20).map(encoded))
+    return st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=5), st.lists(inner, max_size=5).map(tuple),
+        st.dictionaries(keys, inner, max_size=6),
+        st.dictionaries(st.integers(-30, 30), inner, max_size=4),
+        st.frozensets(st.integers(0, 9), max_size=3)), max_leaves=25)
+
+
+@settings(max_examples=500)
+@given(st.data())
+def test_canonical_in_key_order_is_cbor2s_canonical_mode(data: st.DataObject) -> None:
+    """Issue 17: maps put in canonical key order and written by cbor2's plain mode are the
+    bytes of cbor2's canonical mode, whatever they hold (the rest goes through that mode)."""
+    import cbor2
+
+    from agent.cose import Encoded, _write_encoded, canonical
+
+    obj = data.draw(_cbor_items(lambda b: Encoded(cbor2.dumps(b))))
+    assert canonical(obj) == cbor2.dumps(obj, canonical=True, default=_write_encoded)
+    for _ in range(2):  # the key orders remembered give the same bytes
+        assert canonical({"k": obj, "kk": [obj], "": {"z": obj}}) == cbor2.dumps(
+            {"k": obj, "kk": [obj], "": {"z": obj}}, canonical=True, default=_write_encoded)
+
+
+@settings(max_examples=60)
+@given(st.sampled_from([0, 1, 23, 24, 25, 255, 256, 65535, 65536, 70000]), st.binary(max_size=8))
+def test_sign1_written_out_is_cbor2s_encoding(size: int, seed: bytes) -> None:
+    """Issue 17: the COSE_Sign1 envelope and the signed structure, written byte by byte, are
+    what cbor2 encodes (across every length of the byte strings' heads), and verify."""
+    import cbor2
+
+    from agent.cose import _sig_structure, decode_sign1, sign1
+
+    payload = (seed or b"p") * (size // max(len(seed), 1) + 1)
+    payload = payload[:size]
+    for key in (_KEYS[0], _KEYS[1]):
+        prot = key.protected_header("application/x")
+        assert _sig_structure(prot, payload) == cbor2.dumps(["Signature1", prot, b"", payload])
+        data = sign1(payload, key, "application/x")
+        env = decode_sign1(data, max_size=1 << 20)  # also: the shortest form, re-encoded
+        assert env.verify_with(key.public) == payload
+        assert data == cbor2.dumps(cbor2.CBORTag(18, [prot, {}, payload, env.signature]))
+
+
+_KEYS = (SigningKey.generate(), SigningKey.generate(-7))
+
+
+@settings(max_examples=200)
+@given(licenses(), licenses())
+def test_digest_of_licenses_sorted_by_apply_is_the_state_digest(a: list[License],
+                                                               b: list[License]) -> None:
+    """Issue 17: an apply's licenses (sorted, one per feature) digested without sorting them
+    again: the state digest of the same licenses in any order, remembered or not."""
+    from agent.messages import sorted_state_digest
+
+    for lics in (a, b, a):
+        ordered = sort_licenses(lics)
+        want = state_digest(list(reversed(lics)))  # a list: never remembered
+        assert sorted_state_digest(ordered) == want
+        assert sorted_state_digest(ordered) == want  # the remembered one
+        assert state_digest(ordered) == want

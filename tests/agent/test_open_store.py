@@ -308,3 +308,25 @@ def test_kept_files_are_closed_when_the_kept_store_is_dropped(setup: Any) -> Non
     del kept.__dict__["_kept"]
     del k
     assert open_in_store() == []
+
+
+def test_the_head_a_commit_names_without_reading_is_the_head_read_from_the_file(
+        setup: Any) -> None:
+    """Issue 17: a commit's slot names the journal head its own append left, taken from
+    memory; it must be the head reading the file gives (count, place, digest, identity),
+    and a journal changed since that append (here: another append) is read again."""
+    from agent.store import Store
+
+    kept, _fresh, vendor, clock, _facts = setup
+    activate(kept, vendor, clock, "f0")  # the journal anchored at a store's head
+    store = Store.open(kept.directory, HW.binding_facts(), now=clock.t)
+    for i in range(3):
+        store.journal.append("reapply", {"sequence": 0, "i": i}, clock.t)
+        got = store.journal.appended_head()
+        assert got is not None and got == store.journal.head()
+        assert got.file is not None  # the identity known: the append's own fstat
+    other = Store.open(kept.directory, HW.binding_facts(), now=clock.t)
+    other.journal.append("reapply", {"sequence": 0, "i": 9}, clock.t)
+    assert store.journal.appended_head() is not None  # memory alone cannot know ...
+    store.journal.head()  # ... but reading the file finds the other record: re-read
+    assert store.journal.appended_head() is None
