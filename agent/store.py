@@ -1113,8 +1113,8 @@ class KeptLock:
         self.threads.acquire()
         try:
             return self._flock()
-        except BaseException:
-            self.threads.release()
+        except BaseException:  # (a Ctrl-C after the flock too: nothing stays held)
+            self.release()
             raise
 
     def _flock(self) -> bool:
