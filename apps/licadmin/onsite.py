@@ -91,7 +91,7 @@ def gather(servers: Sequence[ServerRef], out: str, site: str | None, connect: Co
     def job(client: ServerClient, o: Outcome) -> None:
         data = client.info()
         info = read_device_info(data)  # a bundle holds only self-signatures that verify
-        o.device_id, o.data = info.device_id, data
+        o.device_id, o.data, o.payload = info.device_id, data, info
         o.detail = (f"{info.model} {info.serial or '-'}, sequence {info.sequence}, "
                     f"licenses: {features_text(info.licenses)}")
         o.result = "gathered"
