@@ -102,10 +102,13 @@ class AgentOps:
 
     def _request(self, args: RequestArgs, origin: str | None) -> RequestResult:
         features = list(args.features)
-        if args.license_info is not None:
-            features += self.agent.features_from_license_info(args.license_info, args.action)
-        data = self.agent.request(args.action, features, origin, force=args.force,
-                                  transfer_to=args.transfer_to)
+        if args.license_info is not None:  # one opening of the store for both
+            data, features = self.agent.request_from_license_info(
+                args.action, features, args.license_info, origin, force=args.force,
+                transfer_to=args.transfer_to)
+        else:
+            data = self.agent.request(args.action, features, origin, force=args.force,
+                                      transfer_to=args.transfer_to)
         self.log(f"create-request action={args.action.value} "
                  f"features={','.join(features) or '-'} origin={origin or 'local'}")
         return RequestResult(data)

@@ -256,38 +256,57 @@ class Agent:
             GrantsHeldError: a reclaim of licenses that child servers still hold grants of
                 (the grants are recalled; issue 14), without ``force``.
         """
-        features = list(features)
         with self._open() as (store, now):
-            store.require_writable("create a request")
-            if action is Action.RECLAIM and not force:  # issue 15, item 6
-                try:
-                    seats.check_reclaim(store.state.licenses, store.state.seats, features,
-                                        max(now, store.state.clock_hwm))
-                except LicensingError as err:
-                    store.record_refusal(err, "request", now)
-                    raise
-            if action is Action.RECLAIM and store.state.system.granted and not force:
-                from agent import inherit
+            return self._request_in(store, now, action, list(features), origin, force,
+                                    transfer_to)
 
-                wanted = features or [lic.feature for lic in store.state.licenses]
-                held = inherit.holders(store.state, wanted, max(now, store.state.clock_hwm))
-                if held:
-                    feats = sorted({g.feature for g in held})
-                    store.commit(replace(store.state, system=tree.apply_event(
-                        store.state.system, "grant-recall", {"features": feats})),
-                        "grant-recall", {"features": feats}, now)
-                    raise inherit.held_refusal(store.state, held, "")
-            new, data, req = protocol.create_request(
-                store.state, action, features, os.urandom(16), now, store.key, self.limits,
-                origin, transfer_to,
-            )
-            store.commit(new, "request", {"action": action.value, "nonce": req.nonce.hex(),
-                                          "sequence": req.sequence,
-                                          "features": list(req.features),
-                                          **({"origin": origin} if origin else {}),
-                                          **({"transfer_to": transfer_to} if transfer_to
-                                             else {})}, now)
-            return data
+    def request_from_license_info(self, action: Action, features: Iterable[str],
+                                  license_info: bytes, origin: str | None = None,
+                                  force: bool = False, transfer_to: str | None = None
+                                  ) -> tuple[bytes, list[str]]:
+        """:meth:`features_from_license_info`, then :meth:`request` with those features
+        added, on one opening of the store (the link's ``create-request`` with license
+        information); the request and every feature asked.
+
+        Raises: as the two do, in that order.
+        """
+        with self._open() as (store, now):
+            features = [*features, *self._features_in(store, now, license_info, action)]
+            return self._request_in(store, now, action, features, origin, force,
+                                    transfer_to), features
+
+    def _request_in(self, store: Store, now: int, action: Action, features: list[str],
+                    origin: str | None, force: bool, transfer_to: str | None) -> bytes:
+        store.require_writable("create a request")
+        if action is Action.RECLAIM and not force:  # issue 15, item 6
+            try:
+                seats.check_reclaim(store.state.licenses, store.state.seats, features,
+                                    max(now, store.state.clock_hwm))
+            except LicensingError as err:
+                store.record_refusal(err, "request", now)
+                raise
+        if action is Action.RECLAIM and store.state.system.granted and not force:
+            from agent import inherit
+
+            wanted = features or [lic.feature for lic in store.state.licenses]
+            held = inherit.holders(store.state, wanted, max(now, store.state.clock_hwm))
+            if held:
+                feats = sorted({g.feature for g in held})
+                store.commit(replace(store.state, system=tree.apply_event(
+                    store.state.system, "grant-recall", {"features": feats})),
+                    "grant-recall", {"features": feats}, now)
+                raise inherit.held_refusal(store.state, held, "")
+        new, data, req = protocol.create_request(
+            store.state, action, features, os.urandom(16), now, store.key, self.limits,
+            origin, transfer_to,
+        )
+        store.commit(new, "request", {"action": action.value, "nonce": req.nonce.hex(),
+                                      "sequence": req.sequence,
+                                      "features": list(req.features),
+                                      **({"origin": origin} if origin else {}),
+                                      **({"transfer_to": transfer_to} if transfer_to
+                                         else {})}, now)
+        return data
 
     def apply(self, data: bytes) -> tuple[ApplyResult, str | None]:
         """Verify and apply a response; returns the result and a journal warning if any."""
@@ -376,18 +395,21 @@ class Agent:
             UsageError: the license information names nothing for this device.
         """
         with self._open() as (store, now):
-            lim = replace(self.limits, max_file=16 * 1024 * 1024)
-            info, _env = protocol.verify_vendor_file(store.state, data, now, LicenseInfo, lim)
-            self._drop_if_revoked(store, info.revoked, now)  # issue 16
-            if now > info.expires:
-                raise ExpiredError(f"license information expired at {iso(info.expires)}")
-            entry = info.for_device(store.state.device_id)
-            if entry is None:
-                raise UsageError(
-                    f"license information names nothing for device {store.state.device_id[:12]}…"
-                )
-            lics = entry.reclaim if action is Action.RECLAIM else entry.install
-            return [lic.feature for lic in lics]
+            return self._features_in(store, now, data, action)
+
+    def _features_in(self, store: Store, now: int, data: bytes, action: Action) -> list[str]:
+        lim = replace(self.limits, max_file=16 * 1024 * 1024)
+        info, _env = protocol.verify_vendor_file(store.state, data, now, LicenseInfo, lim)
+        self._drop_if_revoked(store, info.revoked, now)  # issue 16
+        if now > info.expires:
+            raise ExpiredError(f"license information expired at {iso(info.expires)}")
+        entry = info.for_device(store.state.device_id)
+        if entry is None:
+            raise UsageError(
+                f"license information names nothing for device {store.state.device_id[:12]}…"
+            )
+        lics = entry.reclaim if action is Action.RECLAIM else entry.install
+        return [lic.feature for lic in lics]
 
     def transfer_out(self, features: Iterable[str], to: str) -> bytes:
         """Issue 16: remove transferable licenses for the server ``to``; the signed transfer

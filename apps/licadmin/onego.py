@@ -236,8 +236,10 @@ class OneGo:
         for o in g.outcomes:
             if o.status != OK or o.device_id is None or o.data is None:
                 continue
-            # these exact bytes were verified by step 1 in this process (read_device_info)
-            device, _kid = peek_payload(o.data, DeviceInfo)
+            # these exact bytes were verified and decoded by step 1 in this process
+            # (read_device_info)
+            device = o.payload if isinstance(o.payload, DeviceInfo) else \
+                peek_payload(o.data, DeviceInfo)[0]
             held = {x.feature: x.count for x in device.licenses}
             e = entries.get(o.device_id)
             if self.mode == "reclaim" and self.features:

@@ -91,7 +91,7 @@ def gather(servers: Sequence[ServerRef], out: str, site: str | None, connect: Co
     def job(client: ServerClient, o: Outcome) -> None:
         data = client.info()
         info = read_device_info(data)  # a bundle holds only self-signatures that verify
-        o.device_id, o.data = info.device_id, data
+        o.device_id, o.data, o.payload = info.device_id, data, info
         o.detail = (f"{info.model} {info.serial or '-'}, sequence {info.sequence}, "
                     f"licenses: {features_text(info.licenses)}")
         o.result = "gathered"
@@ -221,6 +221,8 @@ def make_requests(servers: Sequence[ServerRef], license_info_file: str, out_dir:
 class _Held:
     path: Path
     data: bytes
+    #: the revocations its payload carries (issue 16), read once with the rest of it
+    revoked: tuple[Revocation, ...] = ()
 
 
 def _responses_by_device(responses_dir: str, res: StepResult) -> dict[str, _Held]:
@@ -243,7 +245,7 @@ def _responses_by_device(responses_dir: str, res: StepResult) -> dict[str, _Held
         if held is not None and held.data != data:
             clash.setdefault(dev, [held.path.name]).append(path.name)
         elif held is None:
-            by_dev[dev] = _Held(path, data)
+            by_dev[dev] = _Held(path, data, payload.revoked)
     for dev, names in clash.items():
         del by_dev[dev]
         o = Outcome(", ".join(names), device_id=dev)
@@ -265,7 +267,7 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
     """
     res = StepResult("send")
     by_dev = _responses_by_device(responses_dir, res)
-    dead = revoked_in(h.data for h in by_dev.values())  # issue 16
+    dead = {r.device_id: r for h in by_dev.values() for r in h.revoked}  # issue 16 (revoked_in)
     if devices is not None:
         by_dev = {d: h for d, h in by_dev.items() if d in devices}
     # a device of an MQTT site whose presence is not back yet (a broker restart) is

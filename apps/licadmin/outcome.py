@@ -60,6 +60,8 @@ class Outcome:
     code: int = EXIT_OK
     reason: str = ""
     data: bytes | None = field(default=None, repr=False)
+    #: what this process decoded from ``data`` after verifying it (gather: the DeviceInfo)
+    payload: Any = field(default=None, repr=False, compare=False)
     result: str = "ok"  # the word in the result table: ok, applied, already applied, ...
 
     def fail(self, err: LicensingError) -> None:

@@ -68,6 +68,71 @@ CLEAN_START_FIRST_ONLY: Any = _paho.MQTT_CLEAN_START_FIRST_ONLY
 #: loop_misc (keepalive pings, ping timeouts) runs this often for every client
 MISC_INTERVAL = 1.0
 
+#: bytes asked of a socket at once (paho asks for one packet's pieces, a few bytes each)
+RECV_SIZE = 256 * 1024
+#: the most bytes of queued packets joined into one send
+SEND_JOIN = 256 * 1024
+_PUBLISH, _DISCONNECT = 0x30, 0xE0
+
+
+class _Client(_paho.Client):  # type: ignore[misc]  # (paho's class, untyped)
+    """paho's client reading its socket in large pieces and writing its queue in few sends.
+
+    paho reads each packet with at least three ``recv`` calls (its type byte, each byte
+    of its length, the rest) and writes each queued packet with a ``send`` of its own: a
+    site session of 10,000 devices hears and sends several packets per device. Here
+    ``_sock_recv`` serves paho's small reads from one large ``recv`` of what has
+    arrived (:meth:`buffered` tells the loop that bytes wait there, which epoll cannot
+    see), and ``_packet_write`` joins the packets waiting to go into one send. paho
+    reads and writes the same bytes in the same order, and decides everything else.
+    """
+
+    _rbuf = b""
+    _rpos = 0
+    _rsock: Any = None
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        buf, pos = self._rbuf, self._rpos
+        if pos >= len(buf) or self._rsock is not self._sock:
+            self._rbuf, self._rpos, self._rsock = b"", 0, None  # never a closed socket's bytes
+            buf = super()._sock_recv(RECV_SIZE)  # raises as paho expects (would block, lost)
+            if len(buf) <= bufsize:
+                return bytes(buf)
+            self._rsock, pos = self._sock, 0
+        out = buf[pos:pos + bufsize]
+        pos += len(out)
+        if pos >= len(buf):
+            self._rbuf, self._rpos = b"", 0
+        else:
+            self._rbuf, self._rpos = buf, pos
+        return bytes(out)
+
+    def buffered(self) -> bool:
+        """Whether bytes already received wait for paho to read them."""
+        return self._rpos < len(self._rbuf) and self._rsock is self._sock
+
+    def _packet_write(self) -> Any:
+        q = self._out_packet
+        if len(q) > 1:
+            taken: list[Any] = []
+            size = 0
+            while q and size < SEND_JOIN:
+                p = q[0]
+                cmd = p["command"] & 0xF0
+                if p["pos"] or cmd == _DISCONNECT or (cmd == _PUBLISH and p["qos"] == 0):
+                    break  # paho acts when these are written: left to it, one by one
+                taken.append(q.popleft())
+                size += len(p["packet"])
+            if len(taken) > 1:
+                joined = b"".join(bytes(p["packet"]) for p in taken)
+                # paho does nothing once a packet of this kind is written (a QoS 1
+                # publish is done at its PUBACK): the joined bytes go as one packet
+                q.appendleft({"command": 0x40, "mid": 0, "qos": 1, "pos": 0,
+                              "to_process": len(joined), "packet": joined, "info": None})
+            elif taken:
+                q.appendleft(taken[0])
+        return super()._packet_write()
+
 
 # ---------------------------------------------------------------- the event loop
 
@@ -255,8 +320,9 @@ class MqttLoop:
         c = s.client
         if mask & selectors.EVENT_READ and c.socket() is sock:
             c.loop_read()
-            # TLS may hold whole decrypted records that epoll cannot see
-            while c.socket() is sock and getattr(sock, "pending", None) and sock.pending() > 0:
+            # bytes read ahead, or whole decrypted TLS records, that epoll cannot see
+            while c.socket() is sock and (c.buffered() or (
+                    getattr(sock, "pending", None) and sock.pending() > 0)):
                 c.loop_read()
         self._update(s)  # writes, whether or not this was a write event
 
@@ -301,9 +367,9 @@ class Session:
         self.broker = netloc(host, port)
         self.log: Log = log or (lambda _line: None)
         if _VERSION2 is not None:
-            c = _paho.Client(_VERSION2, client_id=client_id, protocol=_paho.MQTTv5)
+            c = _Client(_VERSION2, client_id=client_id, protocol=_paho.MQTTv5)
         else:
-            c = _paho.Client(client_id=client_id, protocol=_paho.MQTTv5)
+            c = _Client(client_id=client_id, protocol=_paho.MQTTv5)
         self.client: Any = c
         if tls is not None:
             c.tls_set_context(tls)
