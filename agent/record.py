@@ -164,37 +164,27 @@ def _make_init(cls: type, all_fields: tuple[Field, ...]) -> Callable[..., None]:
         return True
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        if slots:
-            pass  # the general path below (object.__setattr__ into the slots)
-        elif len(args) == n and not kwargs:  # every field positionally (as replace() calls)
-            self.__dict__.update(zip(in_order, args, strict=True))
-            for f in later:
-                self.__dict__[f.name] = f.value(owner)
-            if post_init:
-                self.__post_init__()
-            return
-        elif not args and len(kwargs) == n and tuple(kwargs) == in_order:
-            self.__dict__.update(kwargs)
-            for f in later:
-                self.__dict__[f.name] = f.value(owner)
-            if post_init:
-                self.__post_init__()
-            return
-        if not slots and len(args) <= n and (not kwargs or _by_name(self, args, kwargs)):
-            # the common calls (positional arguments; keywords naming the fields after them,
-            # every required one given): straight into the instance dict, which is what
+        if not slots:
+            # the common calls go straight into the instance dict, which is what
             # object.__setattr__ does for a field (no descriptors), at a third the cost
-            if not kwargs:
-                d = self.__dict__
-                for f, v in zip(init_fields, args, strict=False):  # the rest: their defaults
+            d = self.__dict__
+            if len(args) == n and not kwargs:  # every field positionally (as replace() calls)
+                d.update(zip(in_order, args, strict=True))
+            elif not args and len(kwargs) == n and tuple(kwargs) == in_order:
+                d.update(kwargs)  # every field by keyword, in order (the decoders)
+            elif len(args) <= n and not kwargs:  # the first fields; the rest their defaults
+                for f, v in zip(init_fields, args, strict=False):
                     d[f.name] = v
                 for f in init_fields[len(args):]:
                     d[f.name] = f.value(owner)
-            for f in later:
-                self.__dict__[f.name] = f.value(owner)
-            if post_init:
-                self.__post_init__()
-            return
+            elif len(args) > n or not _by_name(self, args, kwargs):
+                d = None  # the general path below fills it, or raises its error
+            if d is not None:
+                for f in later:
+                    d[f.name] = f.value(owner)
+                if post_init:
+                    self.__post_init__()
+                return
         if len(args) > len(init_fields):
             raise TypeError(f"{owner}.__init__() takes {len(init_fields)} arguments "
                             f"but {len(args)} were given")
