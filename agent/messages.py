@@ -328,10 +328,10 @@ def state_digest(licenses: Iterable[License]) -> bytes:
     if type(licenses) is tuple and all(type(lic) is License for lic in licenses):
         # a state's licenses are sorted already: the array as the state and its receipt
         # encode it next (encoded_licenses), made once for all three
-        same = len(ordered) == len(licenses) and all(
-            a is b for a, b in zip(ordered, licenses, strict=True))
-        digest = sha256((encoded_licenses(licenses) if same else
-                         encoded_array(lic.encoded for lic in ordered)).data)
+        if len(ordered) == len(licenses) and all(
+                a is b for a, b in zip(ordered, licenses, strict=True)):
+            return sorted_state_digest(licenses)
+        digest = sha256(encoded_array(lic.encoded for lic in ordered).data)
         _LAST_DIGEST[0] = (licenses, digest)  # held: its id cannot be reused meanwhile
         return digest
     return sha256(encoded_array(lic.encoded for lic in ordered).data)
