@@ -267,7 +267,7 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
     """
     res = StepResult("send")
     by_dev = _responses_by_device(responses_dir, res)
-    dead = {r.device_id: r for h in by_dev.values() for r in h.revoked}  # issue 16 (revoked_in)
+    dead = by_device(h.revoked for h in by_dev.values())  # issue 16
     if devices is not None:
         by_dev = {d: h for d, h in by_dev.items() if d in devices}
     # a device of an MQTT site whose presence is not back yet (a broker restart) is
@@ -340,14 +340,20 @@ def send(servers: Sequence[ServerRef], responses_dir: str, receipts_out: str,
 def revoked_in(files: Iterable[bytes]) -> dict[str, Revocation]:
     """Issue 16: the revocations the vendor responses at hand carry, by device (read without
     the vendor key, which licadmin does not hold: a forged list can only make it refuse)."""
-    out: dict[str, Revocation] = {}
+    lists = []
     for data in files:
         try:
             payload, _kid = peek_payload(data, Response)
         except LicensingError:
             continue
-        out.update((r.device_id, r) for r in payload.revoked)
-    return out
+        lists.append(payload.revoked)
+    return by_device(lists)
+
+
+def by_device(lists: Iterable[Iterable[Revocation]]) -> dict[str, Revocation]:
+    """Revocations by device, the later list's winning (:func:`revoked_in`, or lists read
+    with their responses already)."""
+    return {r.device_id: r for revoked in lists for r in revoked}
 
 
 def refuse_revoked(dev: str, r: Revocation) -> str:
